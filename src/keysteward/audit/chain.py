@@ -1,0 +1,149 @@
+"""The audit hash chain, as pure functions: build the next link, verify a sequence of links.
+
+Each tenant has its own chain. A link is a canonical JSON *body*::
+
+    {"seq": n, "prev": <hash of link n-1 or 64 zeros>, "ts": ..., "actor": ..., "action": ...,
+     "target": ..., "outcome": "ok" | "denied" | "error", "reason": <code or "">, "details": {...}}
+
+``hash = sha256(body)`` and ``signature = Ed25519(b"keysteward-audit-v1" | tenant | seq | hash)``
+signs the chain head as of that link. Links written while the server is sealed carry no
+signature; the next signed link covers them through the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from keysteward.errors import KeystewardError
+
+GENESIS = "0" * 64
+SIGNING_CONTEXT = b"keysteward-audit-v1"
+OUTCOMES = ("ok", "denied", "error")
+
+
+class ChainBroken(KeystewardError):
+    code = "audit_chain_broken"
+    status = 409
+    title = "Audit chain broken"
+
+    def __init__(self, message: str, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+@dataclass(frozen=True)
+class Link:
+    tenant_id: str
+    seq: int
+    body: str
+    hash: str
+    signature: bytes | None
+
+
+def canonical(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def make_body(
+    *,
+    seq: int,
+    prev: str,
+    ts: str,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: str,
+    reason: str,
+    details: Mapping[str, Any],
+) -> str:
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {OUTCOMES}")
+    return canonical(
+        {
+            "seq": seq,
+            "prev": prev,
+            "ts": ts,
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "reason": reason,
+            "details": dict(details),
+        }
+    )
+
+
+def link_hash(body: str) -> str:
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def signed_message(tenant_id: str, seq: int, hash_hex: str) -> bytes:
+    return b"|".join([SIGNING_CONTEXT, tenant_id.encode(), str(seq).encode(), hash_hex.encode()])
+
+
+def sign(key: Ed25519PrivateKey, tenant_id: str, seq: int, hash_hex: str) -> bytes:
+    return key.sign(signed_message(tenant_id, seq, hash_hex))
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    records: int
+    signed: int
+    head_seq: int
+    head_hash: str
+    unsigned_tail: int
+
+
+def verify(
+    links: Iterable[Link], public_key: Ed25519PublicKey, *, start_seq: int = 1, start_prev: str = GENESIS
+) -> VerifyReport:
+    """Check every link; raise :class:`ChainBroken` naming the first bad record.
+
+    Detects a modified body (hash mismatch), a modified hash or a deleted, inserted or
+    reordered record (sequence gap or ``prev`` mismatch), and forged signatures.
+    """
+    expected_seq, prev = start_seq, start_prev
+    count = signed = unsigned_tail = 0
+    tenant = None
+    for link in links:
+        if tenant is None:
+            tenant = link.tenant_id
+        elif link.tenant_id != tenant:
+            raise ChainBroken(f"record {link.seq} belongs to another tenant's chain", link.seq)
+        if link.seq != expected_seq:
+            raise ChainBroken(
+                f"record {expected_seq} is missing or out of order (found {link.seq} in its place)",
+                expected_seq,
+            )
+        if link_hash(link.body) != link.hash:
+            raise ChainBroken(f"record {link.seq} was modified: its hash does not match its body", link.seq)
+        try:
+            body = json.loads(link.body)
+        except ValueError as exc:
+            raise ChainBroken(f"record {link.seq} body is not JSON", link.seq) from exc
+        if not isinstance(body, dict) or body.get("seq") != link.seq:
+            raise ChainBroken(f"record {link.seq} body names another sequence number", link.seq)
+        if body.get("prev") != prev:
+            raise ChainBroken(
+                f"record {link.seq} does not follow record {link.seq - 1} (inserted, deleted or reordered)",
+                link.seq,
+            )
+        if link.signature is not None:
+            try:
+                public_key.verify(link.signature, signed_message(link.tenant_id, link.seq, link.hash))
+            except InvalidSignature as exc:
+                raise ChainBroken(f"record {link.seq} has a signature that does not verify", link.seq) from exc
+            signed += 1
+            unsigned_tail = 0
+        else:
+            unsigned_tail += 1
+        prev, expected_seq = link.hash, expected_seq + 1
+        count += 1
+    return VerifyReport(count, signed, expected_seq - 1, prev, unsigned_tail)

@@ -1,0 +1,71 @@
+"""keysteward ca init|import|show|issue: the tenant CA for machine identities."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from keysteward.cli.context import JsonFlag, client
+from keysteward.cli.output import console, emit
+
+app = typer.Typer(help="The tenant CA that issues agent and host certificates.", no_args_is_help=True)
+
+
+@app.command("init")
+def ca_init(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Make a CA for this tenant (its key is kept wrapped under the root key)."""
+    emit(client(ctx).post("/ca/init"), as_json, lambda d: console.print(d["cert_pem"]))
+
+
+@app.command("import")
+def ca_import(
+    ctx: typer.Context,
+    cert: Annotated[Path, typer.Option(help="The CA certificate (PEM).")],
+    key: Annotated[Path | None, typer.Option(help="Its private key (PEM), to let keysteward issue.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Use your own CA (with its key, keysteward can issue; without, it only verifies)."""
+    body = {"cert_pem": cert.read_text(), "key_pem": key.read_text() if key else None}
+    emit(
+        client(ctx).post("/ca/import", body),
+        as_json,
+        lambda d: console.print(f"CA imported; keysteward can issue: {d['can_issue']}"),
+    )
+
+
+@app.command("show")
+def ca_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    emit(client(ctx).get("/ca"), as_json, lambda d: console.print(d["cert_pem"]))
+
+
+@app.command("issue")
+def ca_issue(
+    ctx: typer.Context,
+    name: str,
+    role: Annotated[str, typer.Option(help="agent or host.")] = "agent",
+    out_dir: Annotated[Path, typer.Option(help="Where to write NAME.pem, NAME.key and ca.pem.")] = Path("."),
+    csr: Annotated[Path | None, typer.Option(help="Sign this CSR instead of making a key.")] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+    as_json: JsonFlag = False,
+) -> None:
+    """Issue a machine certificate; the key (if made here) is written 0600 and never printed."""
+    body = {"name": name, "role": role, "days": days, "csr_pem": csr.read_text() if csr else None}
+    data: dict[str, Any] = client(ctx).post("/ca/issue", body)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.pem").write_text(data["cert_pem"])
+    (out_dir / "ca.pem").write_text(data["ca_pem"])
+    written = {
+        "cert": str(out_dir / f"{name}.pem"),
+        "ca": str(out_dir / "ca.pem"),
+        "serial": data["serial"],
+        "not_after": data["not_after"],
+    }
+    if data.get("key_pem"):
+        fd = os.open(out_dir / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(data["key_pem"])
+        written["key"] = str(out_dir / f"{name}.key")
+    emit(written, as_json, lambda d: console.print(f"issued {role} certificate for {name}: {d}"))

@@ -1,0 +1,100 @@
+"""The CLI's HTTP client: one place that turns problem+json answers into one-line errors."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from keysteward.errors import KeystewardError, Unavailable
+
+
+class ApiError(KeystewardError):
+    """An error the server answered with (its code and detail are carried over)."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail, code=code)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    url: str
+    token: str | None
+    ca_file: str | None
+    cert: str | None
+    key: str | None
+    timeout: float = 30.0
+
+    @classmethod
+    def resolve(
+        cls,
+        url: str | None,
+        token: str | None,
+        ca_file: str | None,
+        cert: str | None,
+        key: str | None,
+        data_dir: str | None,
+    ) -> ClientOptions:
+        """Options given on the command line win; then the server's data directory fills gaps."""
+        if data_dir and (not url or not ca_file):
+            config = Path(data_dir) / "keysteward.toml"
+            if config.exists():
+                server = tomllib.loads(config.read_text()).get("server", {})
+                scheme = "https" if server.get("tls", True) else "http"
+                host = server.get("listen_host", "127.0.0.1")
+                host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host  # noqa: S104 - mapping a wildcard
+                url = url or f"{scheme}://{host}:{server.get('listen_port', 8443)}"
+                ca_file = ca_file or server.get("tls_ca") or None
+        return cls(url=url or "https://127.0.0.1:8443", token=token, ca_file=ca_file, cert=cert, key=key)
+
+
+class Client:
+    def __init__(self, options: ClientOptions) -> None:
+        self.options = options
+        verify: Any = options.ca_file if options.ca_file else True
+        cert = (options.cert, options.key) if options.cert and options.key else None
+        headers = {"authorization": f"Bearer {options.token}"} if options.token else {}
+        self._http = httpx.Client(
+            base_url=options.url.rstrip("/") + "/v1", verify=verify, cert=cert, headers=headers, timeout=options.timeout
+        )
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self._http.request(method, path, json=json, params=params)
+        except httpx.ConnectError as exc:
+            raise Unavailable(
+                f"cannot reach the key manager at {self.options.url}: {exc}", code="server_unreachable"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"request to {self.options.url} failed: {exc}", code="server_unreachable") from exc
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                raise ApiError(
+                    response.status_code,
+                    str(body.get("code", "error")),
+                    str(body.get("detail", response.reason_phrase)),
+                )
+            except ValueError:
+                raise ApiError(response.status_code, "http_error", response.reason_phrase) from None
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return self.request("POST", path, json={} if json is None else json, **kw)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+
+def env(name: str) -> str | None:
+    return os.environ.get(name) or None

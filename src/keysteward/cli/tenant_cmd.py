@@ -1,0 +1,63 @@
+"""keysteward tenant create|list, token create|list|revoke, whoami."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from keysteward.cli.context import JsonFlag, client
+from keysteward.cli.output import console, emit, fields, table
+
+tenant_app = typer.Typer(help="Tenants (system admins).", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens for people (tenant admins).", no_args_is_help=True)
+
+
+@tenant_app.command("create")
+def tenant_create(
+    ctx: typer.Context,
+    name: str,
+    first_admin: Annotated[str, typer.Option(help="Name of the first admin token.")] = "admin",
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a tenant; prints its first admin token once."""
+    data = client(ctx).post("/tenants", {"name": name, "first_admin": first_admin})
+
+    def human(d: dict[str, dict[str, object]]) -> None:
+        console.print(f"tenant [bold]{d['tenant']['name']}[/bold] created ({d['tenant']['id']})")
+        console.print(f"admin token (shown once): {d['admin_token']['token']}")
+
+    emit(data, as_json, human)
+
+
+@tenant_app.command("list")
+def tenant_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    emit(client(ctx).get("/tenants"), as_json, lambda d: table(d, ["name", "id", "created_at"]))
+
+
+@token_app.command("create")
+def token_create(
+    ctx: typer.Context,
+    name: str,
+    role: Annotated[str, typer.Option(help="admin, security-officer or auditor.")] = "auditor",
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an API token; the secret is shown once."""
+    data = client(ctx).post("/tokens", {"name": name, "role": role})
+    emit(data, as_json, lambda d: fields(d, ["id", "name", "role", "token"]))
+
+
+@token_app.command("list")
+def token_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    emit(client(ctx).get("/tokens"), as_json, lambda d: table(d, ["id", "name", "role", "created_at", "revoked"]))
+
+
+@token_app.command("revoke")
+def token_revoke(ctx: typer.Context, token_id: str, as_json: JsonFlag = False) -> None:
+    client(ctx).delete(f"/tokens/{token_id}")
+    emit({"revoked": token_id}, as_json, lambda d: console.print(f"token {token_id} revoked"))
+
+
+def whoami(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Show the identity the server sees."""
+    emit(client(ctx).get("/whoami"), as_json, lambda d: fields(d, ["tenant", "role", "name", "kind"]))

@@ -1,0 +1,106 @@
+"""Locked, wipeable buffers for key material.
+
+A :class:`SecretBuffer` lives in its own anonymous memory mapping: the pages are locked
+(``mlock``) so they never reach swap, excluded from core dumps (``MADV_DONTDUMP``), and zeroed
+by :meth:`SecretBuffer.wipe`. Python and OpenSSL may still hold transient copies while a
+primitive runs; keysteward keeps its own long-lived copies only here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import resource
+from types import TracebackType
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def disable_core_dumps() -> None:
+    """Keep this process's memory out of core files (called at server and agent start)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+class SecretBuffer:
+    """A fixed-size buffer of secret bytes, locked in RAM and wiped on close."""
+
+    __slots__ = ("_c", "_len", "_locked", "_map", "_view")
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size > 1 << 20:
+            raise ValueError("secret buffer size out of range")
+        self._len = size
+        self._map: mmap.mmap | None = mmap.mmap(-1, max(size, mmap.PAGESIZE))
+        self._c = (ctypes.c_char * size).from_buffer(self._map)
+        addr = ctypes.addressof(self._c)
+        self._locked = _libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(size)) == 0
+        if hasattr(mmap, "MADV_DONTDUMP"):
+            self._map.madvise(mmap.MADV_DONTDUMP)
+        self._view: memoryview | None = memoryview(self._map)[:size]
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> SecretBuffer:
+        """Copy ``data`` in; a ``bytearray`` source is zeroed afterwards."""
+        buf = cls(len(data))
+        buf.view()[:] = data
+        if isinstance(data, bytearray):
+            wipe_bytearray(data)
+        return buf
+
+    @property
+    def locked(self) -> bool:
+        return bool(self._locked)
+
+    @property
+    def closed(self) -> bool:
+        return self._map is None
+
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("secret buffer is wiped")
+        return self._view
+
+    def bytes(self) -> bytes:
+        """An immutable copy, for APIs that insist on ``bytes``; prefer :meth:`view`."""
+        return bytes(self.view())
+
+    def wipe(self) -> None:
+        if self._map is None:
+            return
+        ctypes.memset(ctypes.addressof(self._c), 0, self._len)
+        if self._locked:
+            _libc.munlock(ctypes.c_void_p(ctypes.addressof(self._c)), ctypes.c_size_t(self._len))
+        assert self._view is not None
+        self._view.release()
+        self._view = None
+        del self._c
+        self._map.close()
+        self._map = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        state = "wiped" if self._map is None else f"{self._len} bytes"
+        return f"<SecretBuffer {state}>"
+
+    def __enter__(self) -> SecretBuffer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.wipe()
+
+    def __del__(self) -> None:
+        try:
+            self.wipe()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown; nothing left to report to
+            pass
+
+
+def wipe_bytearray(data: bytearray) -> None:
+    """Zero a bytearray in place."""
+    if data:
+        ctypes.memset((ctypes.c_char * len(data)).from_buffer(data), 0, len(data))

@@ -1,0 +1,201 @@
+"""Tenants and their API tokens (humans); machine identities come from tenant CA certificates."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from keysteward.audit.log import AuditLog
+from keysteward.errors import BadRequest, Conflict, NotFound, Unauthenticated
+from keysteward.identity.principal import HUMAN_ROLES, SYSTEM_TENANT, Principal, check_name
+from keysteward.store.db import Database
+from keysteward.store.models import ApiToken, Tenant
+
+TOKEN_PREFIX = "kst_"  # noqa: S105 - the public prefix of tokens
+MAX_TOKEN_TEXT = 256
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    id: str
+    name: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    tenant: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked: bool
+
+
+@dataclass(frozen=True, repr=False)
+class NewToken:
+    info: TokenInfo
+    secret: str  # shown once
+
+    def __repr__(self) -> str:
+        return f"NewToken({self.info.id})"
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+class Tenants:
+    def __init__(self, db: Database, audit: AuditLog) -> None:
+        self.db = db
+        self.audit = audit
+
+    # -- tenants -----------------------------------------------------------------------------
+    def create(self, name: str, *, actor: Principal | None, first_admin: str = "admin") -> tuple[TenantInfo, NewToken]:
+        """Create a tenant and its first admin token (returned once)."""
+        check_name("tenant", name)
+        tenant_id = str(uuid.uuid4())
+        now = datetime.now(UTC)
+        try:
+            with self.db.write() as conn:
+                conn.execute(insert(Tenant).values(id=tenant_id, name=name, created_at=now))
+                self.audit.ensure_head(conn, tenant_id)
+                token = self._issue(conn, tenant_id, name, first_admin, "admin", now)
+                actor_text = actor.describe() if actor else "init"
+                self.audit.append(conn, tenant_id, actor=actor_text, action="tenant.create", target=f"tenant:{name}")
+                self.audit.append(
+                    conn,
+                    tenant_id,
+                    actor=actor_text,
+                    action="token.create",
+                    target=f"token:{token.info.id}",
+                    details={"name": first_admin, "role": "admin"},
+                )
+                if actor is not None:
+                    self.audit.append(
+                        conn,
+                        actor.tenant_id,
+                        actor=actor.describe(),
+                        action="tenant.create",
+                        target=f"tenant:{name}",
+                    )
+        except IntegrityError as exc:
+            raise Conflict(f"tenant '{name}' exists already", code="tenant_exists") from exc
+        return TenantInfo(tenant_id, name, now), token
+
+    def list_tenants(self) -> list[TenantInfo]:
+        with self.db.read() as conn:
+            rows = conn.execute(select(Tenant.id, Tenant.name, Tenant.created_at).order_by(Tenant.name)).all()
+        return [TenantInfo(r.id, r.name, r.created_at) for r in rows]
+
+    def get(self, name: str) -> TenantInfo:
+        with self.db.read() as conn:
+            row = conn.execute(select(Tenant.id, Tenant.name, Tenant.created_at).where(Tenant.name == name)).first()
+        if row is None:
+            raise NotFound(f"no tenant '{name}'", code="tenant_not_found")
+        return TenantInfo(row.id, row.name, row.created_at)
+
+    # -- tokens ------------------------------------------------------------------------------
+    def _issue(self, conn, tenant_id: str, tenant: str, name: str, role: str, now: datetime) -> NewToken:  # type: ignore[no-untyped-def]
+        check_name("token", name)
+        if role not in HUMAN_ROLES:
+            raise BadRequest(
+                f"tokens are for people ({', '.join(HUMAN_ROLES)}); machines use certificates from 'ca issue'",
+                code="bad_role",
+            )
+        token_id = base64.b32encode(secrets.token_bytes(10)).decode().lower()
+        secret = secrets.token_urlsafe(32)
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(ApiToken).values(
+                        id=token_id,
+                        tenant_id=tenant_id,
+                        name=name,
+                        role=role,
+                        secret_hash=_hash(secret),
+                        created_at=now,
+                    )
+                )
+        except IntegrityError as exc:
+            raise Conflict(f"a token named '{name}' exists already", code="token_exists") from exc
+        return NewToken(TokenInfo(token_id, tenant, name, role, now, False), f"{TOKEN_PREFIX}{token_id}.{secret}")
+
+    def create_token(self, actor: Principal, name: str, role: str) -> NewToken:
+        now = datetime.now(UTC)
+        with self.db.write() as conn:
+            token = self._issue(conn, actor.tenant_id, actor.tenant, name, role, now)
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="token.create",
+                target=f"token:{token.info.id}",
+                details={"name": name, "role": role},
+            )
+        return token
+
+    def bootstrap_system(self) -> NewToken:
+        """At init: the system tenant and its root admin token."""
+        _, token = self.create(SYSTEM_TENANT, actor=None, first_admin="root")
+        return token
+
+    def list_tokens(self, actor: Principal) -> list[TokenInfo]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(ApiToken).where(ApiToken.tenant_id == actor.tenant_id).order_by(ApiToken.created_at)
+            ).all()
+        return [TokenInfo(r.id, actor.tenant, r.name, r.role, r.created_at, r.revoked_at is not None) for r in rows]
+
+    def revoke_token(self, actor: Principal, token_id: str) -> None:
+        with self.db.write() as conn:
+            result = conn.execute(
+                update(ApiToken)
+                .where(
+                    ApiToken.tenant_id == actor.tenant_id,
+                    ApiToken.id == token_id,
+                    ApiToken.revoked_at.is_(None),
+                )
+                .values(revoked_at=datetime.now(UTC))
+            )
+            if result.rowcount != 1:
+                raise NotFound(f"no live token '{token_id}'", code="token_not_found")
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="token.revoke",
+                target=f"token:{token_id}",
+            )
+
+    def authenticate(self, text: str) -> Principal:
+        """Resolve a bearer token to its principal; every failure reads the same to the caller."""
+        bad = Unauthenticated("the API token is not valid", code="bad_token")
+        if len(text) > MAX_TOKEN_TEXT or not text.startswith(TOKEN_PREFIX) or "." not in text:
+            raise bad
+        token_id, _, secret = text[len(TOKEN_PREFIX) :].partition(".")
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(
+                    ApiToken.secret_hash,
+                    ApiToken.role,
+                    ApiToken.name,
+                    ApiToken.revoked_at,
+                    Tenant.id,
+                    Tenant.name,
+                )
+                .join(Tenant, Tenant.id == ApiToken.tenant_id)
+                .where(ApiToken.id == token_id)
+            ).first()
+        expected = row.secret_hash if row is not None else bytes(32)
+        if not hmac.compare_digest(expected, _hash(secret)) or row is None or row.revoked_at is not None:
+            raise bad
+        return Principal(tenant_id=row[4], tenant=row[5], role=row.role, name=row.name, kind="token")

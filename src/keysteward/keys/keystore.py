@@ -1,0 +1,406 @@
+"""Tenant keys (KEKs) and their versions: create, rotate, disable, destroy; stored DEKs.
+
+Every mutation writes its audit record in the same transaction. Key material leaves this
+module only as wrapped bytes, except through :meth:`KeyStore.kek`, which the envelope
+operations and the (future) release service use.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from keysteward.audit.log import AuditLog
+from keysteward.crypto import aead
+from keysteward.crypto.aead import AeadKey
+from keysteward.crypto.secret import SecretBuffer
+from keysteward.errors import BadRequest, Conflict, NotFound
+from keysteward.identity.principal import Principal, check_name
+from keysteward.keys.root import RootOfTrust
+from keysteward.keys.wrapping import KekCache, dek_aad, kek_aad
+from keysteward.store.db import Database, checkpoint, for_update
+from keysteward.store.models import DataKey, Key, KeyVersion, RotationJob
+
+ENABLED, DISABLED, DESTROYED = "enabled", "disabled", "destroyed"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    state: str
+    created_at: datetime
+    destroyed_at: datetime | None
+    data_keys: int
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    name: str
+    description: str
+    state: str
+    primary_version: int
+    created_at: datetime
+    versions: list[VersionInfo] = field(default_factory=list)
+    rotation: dict[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class DataKeyInfo:
+    id: str
+    name: str
+    key: str
+    kek_version: int
+    created_at: datetime
+    shredded: bool
+
+
+class KeyStore:
+    def __init__(self, db: Database, root: RootOfTrust, audit: AuditLog) -> None:
+        self.db = db
+        self.root = root
+        self.audit = audit
+        self.cache = KekCache()
+        root.on_seal(self.cache.clear)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _key_row(self, conn: Connection, tenant_id: str, name: str, *, lock: bool = False) -> Key:
+        stmt = select(Key.__table__).where(Key.tenant_id == tenant_id, Key.name == name)
+        row = conn.execute(for_update(stmt, self.db) if lock else stmt).first()
+        if row is None:
+            raise NotFound(f"no key '{name}'", code="key_not_found")
+        return row  # type: ignore[return-value]
+
+    def key_by_id(self, conn: Connection, tenant_id: str, key_id: str) -> Key | None:
+        row = conn.execute(select(Key.__table__).where(Key.tenant_id == tenant_id, Key.id == key_id)).first()
+        return row  # type: ignore[return-value]
+
+    def _info(self, conn: Connection, row: Key, *, versions: bool) -> KeyInfo:
+        vinfo: list[VersionInfo] = []
+        rotation = None
+        if versions:
+            counts = dict(
+                conn.execute(
+                    select(DataKey.kek_version, func.count())
+                    .where(DataKey.key_id == row.id, DataKey.wrapped.is_not(None))
+                    .group_by(DataKey.kek_version)
+                ).all()
+            )
+            for v in conn.execute(
+                select(KeyVersion.version, KeyVersion.state, KeyVersion.created_at, KeyVersion.destroyed_at)
+                .where(KeyVersion.key_id == row.id)
+                .order_by(KeyVersion.version)
+            ):
+                vinfo.append(
+                    VersionInfo(v.version, v.state, v.created_at, v.destroyed_at, int(counts.get(v.version, 0)))
+                )
+            job = conn.execute(
+                select(RotationJob.id, RotationJob.state, RotationJob.target_version, RotationJob.rewrapped)
+                .where(RotationJob.key_id == row.id)
+                .order_by(RotationJob.created_at.desc())
+                .limit(1)
+            ).first()
+            if job is not None:
+                rotation = {
+                    "job": job.id,
+                    "state": job.state,
+                    "target_version": job.target_version,
+                    "rewrapped": job.rewrapped,
+                }
+        return KeyInfo(
+            row.id, row.name, row.description, row.state, row.primary_version, row.created_at, vinfo, rotation
+        )
+
+    def list_keys(self, actor: Principal) -> list[KeyInfo]:
+        with self.db.read() as conn:
+            rows = conn.execute(select(Key.__table__).where(Key.tenant_id == actor.tenant_id).order_by(Key.name)).all()
+            return [self._info(conn, r, versions=False) for r in rows]  # type: ignore[arg-type]
+
+    def describe(self, actor: Principal, name: str) -> KeyInfo:
+        with self.db.read() as conn:
+            return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+
+    # -- KEK material ------------------------------------------------------------------------
+    def _new_version(self, conn: Connection, tenant_id: str, key_id: str, version: int) -> None:
+        material = aead.random_key()
+        wrapped = self.root.root().seal(material, kek_aad(tenant_id, key_id, version))
+        material[:] = bytes(len(material))
+        conn.execute(
+            insert(KeyVersion).values(
+                key_id=key_id, version=version, state=ENABLED, wrapped=wrapped, created_at=datetime.now(UTC)
+            )
+        )
+
+    def kek(self, conn: Connection, tenant_id: str, key_id: str, version: int) -> AeadKey:
+        """The usable KEK version, or an error naming why not (destroyed, unknown)."""
+        row = conn.execute(
+            select(KeyVersion.state, KeyVersion.wrapped).where(
+                KeyVersion.key_id == key_id, KeyVersion.version == version
+            )
+        ).first()
+        if row is None:
+            raise NotFound(f"key version {version} does not exist", code="key_version_not_found")
+        if row.state == DESTROYED or row.wrapped is None:
+            self.cache.evict(key_id, version)
+            raise Conflict(
+                f"key version {version} was destroyed; data under it is unrecoverable",
+                code="key_version_destroyed",
+            )
+        cached = self.cache.get(key_id, version)
+        if cached is not None:
+            return cached
+        material = self.root.root().open(row.wrapped, kek_aad(tenant_id, key_id, version))
+        return self.cache.put(key_id, version, material)
+
+    @staticmethod
+    def require_enabled(row: Key) -> None:
+        if row.state == DISABLED:
+            raise Conflict(f"key '{row.name}' is disabled", code="key_disabled")
+        if row.state == DESTROYED:
+            raise Conflict(f"key '{row.name}' was destroyed", code="key_destroyed")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def create(self, actor: Principal, name: str, description: str = "") -> KeyInfo:
+        check_name("key", name)
+        if len(description) > 1024:
+            raise BadRequest("description is longer than 1024 characters", code="bad_description")
+        key_id = str(uuid.uuid4())
+        now = datetime.now(UTC)
+        self.root.root()
+        try:
+            with self.db.write() as conn:
+                conn.execute(
+                    insert(Key).values(
+                        id=key_id,
+                        tenant_id=actor.tenant_id,
+                        name=name,
+                        description=description,
+                        state=ENABLED,
+                        primary_version=1,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                self._new_version(conn, actor.tenant_id, key_id, 1)
+                self.audit.append(
+                    conn,
+                    actor.tenant_id,
+                    actor=actor.describe(),
+                    action="key.create",
+                    target=f"key:{name}",
+                    details={"key_id": key_id, "version": 1},
+                )
+                return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+        except IntegrityError as exc:
+            raise Conflict(f"a key named '{name}' exists already", code="key_exists") from exc
+
+    def rotate(self, actor: Principal, name: str) -> KeyInfo:
+        """New primary version; a rewrap job moves the stored DEKs to it in the background."""
+        self.root.root()
+        with self.db.write() as conn:
+            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            self.require_enabled(row)
+            latest = conn.execute(select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id)).scalar_one()
+            version = int(latest) + 1
+            self._new_version(conn, actor.tenant_id, row.id, version)
+            conn.execute(
+                update(Key).where(Key.id == row.id).values(primary_version=version, updated_at=datetime.now(UTC))
+            )
+            conn.execute(
+                update(RotationJob)
+                .where(RotationJob.key_id == row.id, RotationJob.state == "running")
+                .values(state="superseded", finished_at=datetime.now(UTC))
+            )
+            job_id = str(uuid.uuid4())
+            conn.execute(
+                insert(RotationJob).values(
+                    id=job_id,
+                    tenant_id=actor.tenant_id,
+                    key_id=row.id,
+                    target_version=version,
+                    state="running",
+                    rewrapped=0,
+                    created_at=datetime.now(UTC),
+                )
+            )
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="key.rotate",
+                target=f"key:{name}",
+                details={"version": version, "rewrap_job": job_id},
+            )
+            return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+
+    def set_enabled(self, actor: Principal, name: str, enabled: bool) -> KeyInfo:
+        with self.db.write() as conn:
+            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            if row.state == DESTROYED:
+                raise Conflict(f"key '{name}' was destroyed", code="key_destroyed")
+            state = ENABLED if enabled else DISABLED
+            conn.execute(update(Key).where(Key.id == row.id).values(state=state, updated_at=datetime.now(UTC)))
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="key.enable" if enabled else "key.disable",
+                target=f"key:{name}",
+            )
+            return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+
+    def destroy_version(self, actor: Principal, name: str, version: int, *, force: bool = False) -> KeyInfo:
+        """Crypto-shred one version: its material and the DEKs wrapped under it are gone for good."""
+        with self.db.write() as conn:
+            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            vrow = conn.execute(
+                select(KeyVersion.state).where(KeyVersion.key_id == row.id, KeyVersion.version == version)
+            ).first()
+            if vrow is None:
+                raise NotFound(f"key '{name}' has no version {version}", code="key_version_not_found")
+            if vrow.state == DESTROYED:
+                raise Conflict(f"version {version} of '{name}' is destroyed already", code="key_version_destroyed")
+            if version == row.primary_version and row.state != DESTROYED:
+                raise Conflict(
+                    f"version {version} is the primary version of '{name}': rotate first, or destroy the whole key",
+                    code="destroy_primary_version",
+                )
+            deks = self._shred(conn, actor, row, version, force=force)
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="key.version.destroy",
+                target=f"key:{name}",
+                details={"version": version, "data_keys_shredded": deks},
+            )
+        self._after_shred(row.id, version)
+        return self.describe(actor, name)
+
+    def destroy(self, actor: Principal, name: str) -> KeyInfo:
+        """Crypto-shred the whole key: every version and every DEK under it."""
+        with self.db.write() as conn:
+            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            versions = [
+                v
+                for (v,) in conn.execute(
+                    select(KeyVersion.version).where(KeyVersion.key_id == row.id, KeyVersion.state != DESTROYED)
+                )
+            ]
+            deks = sum(self._shred(conn, actor, row, v, force=True) for v in versions)
+            conn.execute(update(Key).where(Key.id == row.id).values(state=DESTROYED, updated_at=datetime.now(UTC)))
+            conn.execute(
+                update(RotationJob)
+                .where(RotationJob.key_id == row.id, RotationJob.state == "running")
+                .values(state="cancelled", finished_at=datetime.now(UTC))
+            )
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="key.destroy",
+                target=f"key:{name}",
+                details={"versions": versions, "data_keys_shredded": deks},
+            )
+        self._after_shred(row.id, None)
+        return self.describe(actor, name)
+
+    def _shred(self, conn: Connection, actor: Principal, row: Key, version: int, *, force: bool) -> int:
+        live = conn.execute(
+            select(func.count())
+            .select_from(DataKey)
+            .where(DataKey.key_id == row.id, DataKey.kek_version == version, DataKey.wrapped.is_not(None))
+        ).scalar_one()
+        if live and not force:
+            raise Conflict(
+                f"{live} stored data key(s) are still wrapped under version {version} (rewrap not finished); "
+                "destroying it shreds them: pass force to do so",
+                code="version_in_use",
+            )
+        conn.execute(
+            update(DataKey).where(DataKey.key_id == row.id, DataKey.kek_version == version).values(wrapped=None)
+        )
+        conn.execute(
+            update(KeyVersion)
+            .where(KeyVersion.key_id == row.id, KeyVersion.version == version)
+            .values(state=DESTROYED, wrapped=None, destroyed_at=datetime.now(UTC))
+        )
+        return int(live)
+
+    def _after_shred(self, key_id: str, version: int | None) -> None:
+        self.cache.evict(key_id, version)
+        checkpoint(self.db)
+
+    # -- stored data keys ---------------------------------------------------------------------
+    def create_data_key(self, actor: Principal, key_name: str, name: str) -> DataKeyInfo:
+        check_name("data key", name)
+        dek_id = str(uuid.uuid4())
+        now = datetime.now(UTC)
+        try:
+            with self.db.write() as conn:
+                row = self._key_row(conn, actor.tenant_id, key_name)
+                self.require_enabled(row)
+                kek = self.kek(conn, actor.tenant_id, row.id, row.primary_version)
+                with SecretBuffer.from_bytes(bytearray(os.urandom(64))) as dek:
+                    wrapped = kek.seal(dek.view(), dek_aad(actor.tenant_id, row.id, row.primary_version, dek_id))
+                conn.execute(
+                    insert(DataKey).values(
+                        id=dek_id,
+                        tenant_id=actor.tenant_id,
+                        key_id=row.id,
+                        name=name,
+                        kek_version=row.primary_version,
+                        wrapped=wrapped,
+                        created_at=now,
+                    )
+                )
+                self.audit.append(
+                    conn,
+                    actor.tenant_id,
+                    actor=actor.describe(),
+                    action="data_key.create",
+                    target=f"data_key:{name}",
+                    details={"key": key_name, "kek_version": row.primary_version, "id": dek_id},
+                )
+        except IntegrityError as exc:
+            raise Conflict(f"key '{key_name}' already has a data key named '{name}'", code="data_key_exists") from exc
+        return DataKeyInfo(dek_id, name, key_name, row.primary_version, now, False)
+
+    def list_data_keys(self, actor: Principal, key_name: str) -> list[DataKeyInfo]:
+        with self.db.read() as conn:
+            row = self._key_row(conn, actor.tenant_id, key_name)
+            rows = conn.execute(
+                select(
+                    DataKey.id,
+                    DataKey.name,
+                    DataKey.kek_version,
+                    DataKey.created_at,
+                    DataKey.wrapped.is_(None).label("shredded"),
+                )
+                .where(DataKey.key_id == row.id)
+                .order_by(DataKey.name)
+            ).all()
+        return [DataKeyInfo(r.id, r.name, key_name, r.kek_version, r.created_at, bool(r.shredded)) for r in rows]
+
+    def unwrap_data_key(self, tenant_id: str, dek_id: str) -> SecretBuffer:
+        """The plaintext DEK in a locked buffer, for the release service (the caller wipes it)."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(DataKey.__table__).where(DataKey.tenant_id == tenant_id, DataKey.id == dek_id)
+            ).first()
+            if row is None:
+                raise NotFound("no such data key", code="data_key_not_found")
+            if row.wrapped is None:
+                raise Conflict("this data key was crypto-shredded", code="data_key_shredded")
+            key = self.key_by_id(conn, tenant_id, row.key_id)
+            assert key is not None
+            self.require_enabled(key)
+            kek = self.kek(conn, tenant_id, row.key_id, row.kek_version)
+            return SecretBuffer.from_bytes(
+                kek.open(row.wrapped, dek_aad(tenant_id, row.key_id, row.kek_version, dek_id))
+            )

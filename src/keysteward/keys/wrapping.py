@@ -1,0 +1,80 @@
+"""AAD rules for every wrap in the key hierarchy, and the cache of unwrapped KEK versions.
+
+root key  ──wraps──> KEK version   AAD "keysteward/v1/kek|tenant|key id|version"
+KEK version ─wraps─> stored DEK    AAD "keysteward/v1/dek|tenant|key id|version|dek id"
+KEK version ─seals─> envelope data AAD "keysteward/v1/envelope|tenant|key id|version|context"
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+
+from keysteward.crypto.aead import AeadKey
+from keysteward.crypto.secret import SecretBuffer
+from keysteward.errors import BadRequest
+
+MAX_CONTEXT_BYTES = 8192
+
+
+def kek_aad(tenant_id: str, key_id: str, version: int) -> bytes:
+    return f"keysteward/v1/kek|{tenant_id}|{key_id}|{version}".encode()
+
+
+def dek_aad(tenant_id: str, key_id: str, version: int, dek_id: str) -> bytes:
+    return f"keysteward/v1/dek|{tenant_id}|{key_id}|{version}|{dek_id}".encode()
+
+
+def canonical_context(context: Mapping[str, str] | None) -> bytes:
+    if not context:
+        return b"{}"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in context.items()):
+        raise BadRequest("encryption context must map strings to strings", code="bad_context")
+    text = json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > MAX_CONTEXT_BYTES:
+        raise BadRequest("encryption context is larger than 8 KiB", code="bad_context")
+    return text
+
+
+def envelope_aad(tenant_id: str, key_id: str, version: int, context: Mapping[str, str] | None) -> bytes:
+    return f"keysteward/v1/envelope|{tenant_id}|{key_id}|{version}|".encode() + canonical_context(context)
+
+
+class KekCache:
+    """Unwrapped KEK versions, in locked buffers, dropped on seal and on destroy."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], tuple[SecretBuffer, AeadKey]] = {}
+
+    def get(self, key_id: str, version: int) -> AeadKey | None:
+        entry = self._entries.get((key_id, version))
+        return entry[1] if entry else None
+
+    def put(self, key_id: str, version: int, material: bytearray) -> AeadKey:
+        buf = SecretBuffer.from_bytes(material)
+        aead_key = AeadKey(buf.view())
+        with self._lock:
+            old = self._entries.pop((key_id, version), None)
+            self._entries[(key_id, version)] = (buf, aead_key)
+        if old is not None:
+            old[1].drop()
+            old[0].wipe()
+        return aead_key
+
+    def evict(self, key_id: str, version: int | None = None) -> None:
+        with self._lock:
+            doomed = [k for k in self._entries if k[0] == key_id and (version is None or k[1] == version)]
+            entries = [self._entries.pop(k) for k in doomed]
+        for buf, aead_key in entries:
+            aead_key.drop()
+            buf.wipe()
+
+    def clear(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for buf, aead_key in entries:
+            aead_key.drop()
+            buf.wipe()

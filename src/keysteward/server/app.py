@@ -1,0 +1,115 @@
+"""The FastAPI application: routers under /v1, problem+json errors, body limits, metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from keysteward import __version__
+from keysteward.server import problems
+from keysteward.server.routers import audit, ca, crypto, keys, system, tenants
+from keysteward.server.services import Services
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413, before the app reads them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _send_413(send, self.limit)
+                return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _send_413(send, self.limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_413(send: Any, limit: int) -> None:
+    response = problems.problem(
+        413, "payload_too_large", "Payload too large", f"request bodies are limited to {limit} bytes"
+    )
+    await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def create_app(svc: Services) -> FastAPI:
+    app = FastAPI(
+        title="keysteward",
+        version=__version__,
+        description="Key manager API: seal, tenants, keys, envelope operations, tenant CA, audit.",
+        openapi_url="/v1/openapi.json",
+        docs_url="/v1/docs",
+        redoc_url=None,
+    )
+    app.state.services = svc
+    problems.install(app)
+    for module in (system, tenants, keys, crypto, ca, audit):
+        app.include_router(module.router, prefix="/v1")
+
+    registry = CollectorRegistry()
+    requests = Counter(
+        "keysteward_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "keysteward_http_request_seconds",
+        "HTTP request latency",
+        ["method", "route"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    )
+    sealed = Gauge("keysteward_sealed", "1 while the server is sealed", registry=registry)
+    sealed.set_function(lambda: 1.0 if svc.root.sealed else 0.0)
+
+    @app.middleware("http")
+    async def _metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=svc.settings.server.max_body_bytes)
+    return app

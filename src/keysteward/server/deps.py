@@ -1,0 +1,55 @@
+"""Request dependencies: the services, the calling principal, and permission checks (denials are audited)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from keysteward.errors import KeystewardError, Unauthenticated
+from keysteward.identity.principal import Permission, Principal
+from keysteward.server.services import Services
+from keysteward.server.tls import client_cert_der
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def principal(request: Request) -> Principal:
+    svc = services(request)
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("use 'Authorization: Bearer <token>'", code="bad_token")
+        return svc.tenants.authenticate(token.strip())
+    der = client_cert_der(request)
+    if der:
+        return svc.cas.authenticate(der)
+    raise Unauthenticated("send an API token (Authorization: Bearer) or a client certificate", code="no_credentials")
+
+
+def authorize(request: Request, permission: Permission) -> Principal:
+    who = principal(request)
+    try:
+        who.require(permission)
+    except KeystewardError as exc:
+        services(request).audit.record(
+            who.tenant_id,
+            actor=who.describe(),
+            action=permission.value,
+            target=request.url.path,
+            outcome="denied",
+            reason=exc.code,
+        )
+        raise
+    return who
+
+
+def need(permission: Permission):  # type: ignore[no-untyped-def]
+    """``Depends(need(Permission.X))`` in a route signature."""
+
+    def dependency(request: Request) -> Principal:
+        return authorize(request, permission)
+
+    return dependency

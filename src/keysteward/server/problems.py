@@ -1,0 +1,56 @@
+"""RFC 9457 problem+json for every error, with keysteward's stable codes; no tracebacks, no secrets."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keysteward.errors import KeystewardError
+
+log = logging.getLogger("keysteward.server")
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, code: str, title: str, detail: str, instance: str = "") -> JSONResponse:
+    body = {
+        "type": f"https://keysteward.dev/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if instance:
+        body["instance"] = instance
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(KeystewardError)
+    async def _keysteward(request: Request, exc: KeystewardError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("%s %s -> %s", request.method, request.url.path, exc.diagnostics())
+        return problem(exc.status, exc.code, exc.title, exc.message, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        return problem(422, "invalid_request", "Invalid request", "; ".join(parts), request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        return problem(exc.status_code, code, str(exc.detail), str(exc.detail), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return problem(500, "internal_error", "Internal error", "the server failed; see its log", request.url.path)

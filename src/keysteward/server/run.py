@@ -1,0 +1,191 @@
+"""Start-up: ``server init`` (create a key manager in a data directory) and ``server start``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from keysteward.audit.log import AuditLog
+from keysteward.crypto import x509ca
+from keysteward.crypto.secret import disable_core_dumps, wipe_bytearray
+from keysteward.errors import BadRequest, Conflict
+from keysteward.identity.tenants import NewToken, Tenants
+from keysteward.keys import root as root_module
+from keysteward.server.app import create_app
+from keysteward.server.services import Services
+from keysteward.server.tls import add_client_ca, server_ssl_context, uvicorn_server
+from keysteward.settings import CONFIG_NAME, Settings, render
+from keysteward.store.db import Database
+
+log = logging.getLogger("keysteward.server")
+CA_REFRESH_SECONDS = 15.0
+_ANY_V4 = "0.0.0.0"  # noqa: S104 - only to leave the wildcard out of certificate names
+
+
+@dataclass(repr=False)
+class InitOutput:
+    settings: Settings
+    result: root_module.InitResult
+    root_token: NewToken
+    ca_file: Path
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.settings.server.tls else "http"
+        return f"{scheme}://{self.settings.server.listen_host}:{self.settings.server.listen_port}"
+
+
+def _write_private(path: Path, data: bytes | bytearray) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _make_tls(settings: Settings) -> tuple[Settings, Path]:
+    tls_dir = settings.tls_dir
+    tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_pem, ca_key = x509ca.new_ca("keysteward server CA")
+    try:
+        hosts = sorted({"localhost", socket.gethostname(), settings.server.listen_host} - {_ANY_V4, "::"})
+        ips = sorted(
+            {"127.0.0.1", "::1"}
+            | ({settings.server.listen_host} if _is_ip(settings.server.listen_host) else set()) - {_ANY_V4, "::"}
+        )
+        hostnames = [h for h in hosts if not _is_ip(h)]
+        issued = x509ca.issue_server_cert(ca_pem, ca_key, hostnames=hostnames, ips=ips)
+    finally:
+        wipe_bytearray(ca_key)  # the server CA signs once; its key is not kept
+    (tls_dir / "ca.pem").write_text(ca_pem)
+    (tls_dir / "server.pem").write_text(issued.cert_pem + ca_pem)
+    assert issued.key_pem is not None
+    _write_private(tls_dir / "server.key", issued.key_pem)
+    wipe_bytearray(issued.key_pem)
+    server = dataclasses.replace(
+        settings.server,
+        tls_cert=str(tls_dir / "server.pem"),
+        tls_key=str(tls_dir / "server.key"),
+        tls_ca=str(tls_dir / "ca.pem"),
+    )
+    return dataclasses.replace(settings, server=server), tls_dir / "ca.pem"
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in value else socket.AF_INET, value)
+    except OSError:
+        return False
+    return True
+
+
+def initialize(settings: Settings, seal_type: str, *, threshold: int, shares: int, allow_dev_seal: bool) -> InitOutput:
+    if seal_type == "dev" and not allow_dev_seal:
+        raise BadRequest(
+            "the dev seal keeps the unseal key in a local file; pass --insecure-dev-seal to accept that (demos only)",
+            code="dev_seal_refused",
+        )
+    if (settings.data_dir / CONFIG_NAME).exists():
+        raise Conflict(f"{settings.data_dir} holds a keysteward configuration already", code="already_initialized")
+    if not settings.server.tls and settings.server.listen_host not in {"127.0.0.1", "::1", "localhost"}:
+        raise BadRequest("plain HTTP is only allowed on loopback", code="tls_required")
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_file = Path(settings.server.tls_ca) if settings.server.tls_ca else Path()
+    if settings.server.tls and not settings.server.tls_cert:
+        settings, ca_file = _make_tls(settings)
+    seal = settings.seal
+    if seal_type == "dev" and not seal.dev_key_file:
+        seal = dataclasses.replace(seal, dev_key_file=str(settings.data_dir / "dev-unseal.key"))
+        settings = dataclasses.replace(settings, seal=seal)
+    db = Database(settings.database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
+    try:
+        db.migrate()
+        result = root_module.initialize(
+            db,
+            seal_type,
+            seal,
+            dev_key_file=Path(seal.dev_key_file) if seal.dev_key_file else None,
+            threshold=threshold,
+            share_count=shares,
+        )
+        audit = AuditLog(db)
+        token = Tenants(db, audit).bootstrap_system()
+        system_id = Tenants(db, audit).get("system").id
+        audit.record(
+            system_id,
+            actor="init",
+            action="seal.init",
+            target="cluster",
+            details={
+                "seal_type": seal_type,
+                "cluster_id": result.cluster_id,
+                "threshold": result.threshold,
+                "shares": len(result.shares),
+            },
+        )
+    finally:
+        db.dispose()
+    (settings.data_dir / CONFIG_NAME).write_text(render(settings))
+    return InitOutput(settings, result, token, ca_file)
+
+
+def build_services(settings: Settings) -> Services:
+    svc = Services.build(settings)
+    if svc.root.seal_type != "shamir":
+        svc.root.auto_unseal()
+        system_id = svc.tenants.get("system").id
+        svc.audit.record(
+            system_id,
+            actor="server",
+            action="seal.auto_unseal",
+            target="cluster",
+            details={"seal_type": svc.root.seal_type},
+        )
+    return svc
+
+
+def _refresh_cas(svc: Services, ctx: ssl.SSLContext, stop: threading.Event) -> None:
+    """Other servers on the same database may add tenant CAs: trust them here too."""
+    known: set[str] = set()
+    while not stop.wait(CA_REFRESH_SECONDS):
+        try:
+            for pem in svc.cas.trusted_pems():
+                if pem not in known:
+                    add_client_ca(ctx, pem)
+                    known.add(pem)
+        except Exception:  # noqa: BLE001 - keep refreshing; the next round may succeed
+            log.warning("could not refresh tenant CAs from the database")
+
+
+def serve(settings: Settings) -> None:
+    disable_core_dumps()
+    svc = build_services(settings)
+    app = create_app(svc)
+    stop = threading.Event()
+    svc.rewrapper.start()
+    try:
+        server_kw: dict[str, Any] = {
+            "log_level": settings.server.log_level,
+            "access_log": False,
+            "timeout_keep_alive": 30,
+        }
+        if settings.server.tls:
+            ctx = server_ssl_context(settings.server.tls_cert, settings.server.tls_key, svc.cas.trusted_pems())
+            svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
+            threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
+            server = uvicorn_server(app, settings.server.listen_host, settings.server.listen_port, ctx, **server_kw)
+        else:
+            server = uvicorn.Server(
+                uvicorn.Config(app, host=settings.server.listen_host, port=settings.server.listen_port, **server_kw)
+            )
+        server.run()
+    finally:
+        stop.set()
+        svc.close()

@@ -1,0 +1,58 @@
+"""Wiring: the services one server process holds, built from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keysteward.audit.log import AuditLog
+from keysteward.identity.tenants import Tenants
+from keysteward.keys.ca import CertificateAuthorities
+from keysteward.keys.envelope import Envelope
+from keysteward.keys.keystore import KeyStore
+from keysteward.keys.rewrap import Rewrapper
+from keysteward.keys.root import RootOfTrust
+from keysteward.settings import Settings
+from keysteward.store.db import Database
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    root: RootOfTrust
+    audit: AuditLog
+    tenants: Tenants
+    keys: KeyStore
+    envelope: Envelope
+    cas: CertificateAuthorities
+    rewrapper: Rewrapper
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        db = Database(
+            settings.database_url,
+            sqlite_synchronous=settings.storage.sqlite_synchronous,
+            pool_size=settings.storage.pool_size,
+        )
+        db.migrate()
+        audit = AuditLog(db)
+        root = RootOfTrust(db, settings.seal)
+        root.on_unseal(lambda r: audit.set_signer(r.signer))
+        root.on_seal(lambda: audit.set_signer(None))
+        keys = KeyStore(db, root, audit)
+        return cls(
+            settings=settings,
+            db=db,
+            root=root,
+            audit=audit,
+            tenants=Tenants(db, audit),
+            keys=keys,
+            envelope=Envelope(keys, audit),
+            cas=CertificateAuthorities(db, root, audit),
+            rewrapper=Rewrapper(keys, settings.rewrap),
+        )
+
+    def close(self) -> None:
+        self.rewrapper.stop()
+        self.root.seal()
+        self.db.dispose()

@@ -1,0 +1,148 @@
+"""Configuration: one TOML file plus ``KEYSTEWARD_<SECTION>_<NAME>`` environment overrides.
+
+Settings are built once in ``main()`` (CLI) and passed down; nothing reads them at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keysteward.errors import BadRequest
+
+CONFIG_NAME = "keysteward.toml"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8443
+    database_url: str = ""
+    tls: bool = True
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    max_body_bytes: int = 65536
+    workers: int = 1
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class SealSettings:
+    dev_key_file: str = ""
+    pkcs11_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    pkcs11_token_label: str = "keysteward"  # noqa: S105 - a label
+    pkcs11_key_label: str = "keysteward-root-seal"
+    pkcs11_pin_file: str = ""
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    sqlite_synchronous: str = "FULL"
+    pool_size: int = 20
+
+
+@dataclass(frozen=True)
+class RewrapSettings:
+    batch_size: int = 200
+    interval: float = 0.0
+    lease_seconds: float = 30.0
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    server: ServerSettings = field(default_factory=ServerSettings)
+    seal: SealSettings = field(default_factory=SealSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    rewrap: RewrapSettings = field(default_factory=RewrapSettings)
+
+    @property
+    def database_url(self) -> str:
+        return self.server.database_url or f"sqlite:///{self.data_dir / 'keysteward.db'}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    def path(self, value: str, default: str) -> Path:
+        return Path(value) if value else self.data_dir / default
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "seal": SealSettings,
+    "storage": StorageSettings,
+    "rewrap": RewrapSettings,
+}
+
+
+def _coerce(section: str, name: str, kind: Any, value: Any) -> Any:
+    try:
+        if kind in (bool, "bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in {"1", "true", "yes", "on"}:
+                return True
+            if str(value).lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if kind in (int, "int"):
+            return int(value)
+        if kind in (float, "float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"setting {section}.{name} has a bad value", code="bad_setting") from exc
+
+
+def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read ``<data_dir>/keysteward.toml`` (if present) and apply environment overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    path = data_dir / CONFIG_NAME
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"{path} is not valid TOML: {exc}", code="bad_config") from exc
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise BadRequest(f"[{section}] in {path} must be a table", code="bad_config")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            env_name = f"KEYSTEWARD_{section.upper()}_{f.name.upper()}"
+            if env_name in env:
+                values[f.name] = _coerce(section, f.name, f.type, env[env_name])
+            elif f.name in given:
+                values[f.name] = _coerce(section, f.name, f.type, given[f.name])
+        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise BadRequest(f"unknown setting(s) in [{section}]: {', '.join(sorted(unknown))}", code="bad_config")
+        sections[section] = cls(**values)
+    return Settings(data_dir=data_dir, **sections)
+
+
+def render(settings: Settings) -> str:
+    """The TOML text of ``settings`` (for ``server init``)."""
+    lines: list[str] = []
+    for section in _SECTIONS:
+        lines.append(f"[{section}]")
+        for key, value in dataclasses.asdict(getattr(settings, section)).items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, int | float):
+                lines.append(f"{key} = {value}")
+            else:
+                escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{key} = "{escaped}"')
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""SQLAlchemy 2 models: the schema of the key manager's database (SQLite or PostgreSQL).
+
+Key material appears here only in wrapped form (``wrapped`` columns): KEK versions under the
+root key, DEKs under their KEK version, the tenant CA key and the audit signing key under the
+root key, and the root key under the seal. API token secrets are stored as SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Cluster(Base):
+    """One row: the sealed root key and what is needed to unseal it."""
+
+    __tablename__ = "cluster"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_id: Mapped[str] = mapped_column(String(16))
+    seal_type: Mapped[str] = mapped_column(String(16))
+    seal_params: Mapped[str] = mapped_column(Text, default="{}")
+    sealed_root: Mapped[bytes] = mapped_column(LargeBinary)
+    audit_public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    audit_private_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(24), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(32))
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_token_name"),)
+
+
+class Key(Base):
+    """A tenant key encryption key (KEK): a name with versions."""
+
+    __tablename__ = "keys"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(16))
+    primary_version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_key_name"),)
+
+
+class KeyVersion(Base):
+    __tablename__ = "key_versions"
+    key_id: Mapped[str] = mapped_column(ForeignKey("keys.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    wrapped: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DataKey(Base):
+    """A data key (DEK) created and held by the server, stored wrapped under a KEK version."""
+
+    __tablename__ = "data_keys"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("keys.id"))
+    name: Mapped[str] = mapped_column(String(128))
+    kek_version: Mapped[int] = mapped_column(Integer)
+    wrapped: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        UniqueConstraint("key_id", "name", name="uq_data_key_name"),
+        Index("ix_data_keys_key_version", "key_id", "kek_version"),
+    )
+
+
+class RotationJob(Base):
+    """Rewrap of a key's DEKs to a new version: resumable, leased to one server at a time."""
+
+    __tablename__ = "rotation_jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("keys.id"), index=True)
+    target_version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    rewrapped: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TenantCA(Base):
+    __tablename__ = "tenant_cas"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    key_wrapped: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    source: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IssuedCert(Base):
+    __tablename__ = "issued_certs"
+    serial: Mapped[str] = mapped_column(String(48), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(32))
+    not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditHead(Base):
+    __tablename__ = "audit_heads"
+    tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditRecord(Base):
+    """One link of a tenant's hash chain; see :mod:`keysteward.audit.chain`."""
+
+    __tablename__ = "audit_records"
+    tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    body: Mapped[str] = mapped_column(Text)
+    hash: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
