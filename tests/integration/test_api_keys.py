@@ -41,7 +41,9 @@ def test_key_lifecycle_and_envelope(manager: Manager) -> None:
     # re-encrypt moves it to v2 without the plaintext crossing the API
     re = call(admin, "POST", "/v1/re-encrypt", json={"ciphertext": gen["ciphertext"], "context": {"app": "orders"}})
     assert re.status_code == 200 and re.json()["version"] == 2 and "plaintext" not in re.json()
-    dec2 = call(admin, "POST", "/v1/decrypt", json={"ciphertext": re.json()["ciphertext"], "context": {"app": "orders"}})
+    dec2 = call(
+        admin, "POST", "/v1/decrypt", json={"ciphertext": re.json()["ciphertext"], "context": {"app": "orders"}}
+    )
     assert dec2.json()["plaintext"] == gen["plaintext"] and dec2.json()["version"] == 2
 
     enc = call(admin, "POST", "/v1/keys/orders/encrypt", json={"plaintext": b64(b"card 4111")}).json()
@@ -60,8 +62,9 @@ def test_key_lifecycle_and_envelope(manager: Manager) -> None:
 def test_tampered_ciphertext_is_refused(manager: Manager) -> None:
     admin = manager.tenant("acme")
     manager.call(admin, "POST", "/v1/keys", json={"name": "k"})
-    ct = base64.b64decode(manager.call(admin, "POST", "/v1/keys/k/encrypt", json={"plaintext": b64(b"x" * 40)})
-                          .json()["ciphertext"])
+    ct = base64.b64decode(
+        manager.call(admin, "POST", "/v1/keys/k/encrypt", json={"plaintext": b64(b"x" * 40)}).json()["ciphertext"]
+    )
     for i in (0, 3, 20, 23, 30, len(ct) - 1):
         bad = bytearray(ct)
         bad[i] ^= 1
@@ -86,8 +89,10 @@ def test_tenants_are_isolated(manager: Manager) -> None:
     # tenant admins cannot manage tenants; the system admin cannot use tenant keys
     assert manager.call(a, "GET", "/v1/tenants").status_code == 403
     assert manager.call(manager.root_token, "GET", "/v1/keys").status_code == 403
-    assert manager.call(manager.root_token, "POST", "/v1/decrypt", json={"ciphertext": ct["ciphertext"]}
-                        ).status_code == 403
+    assert (
+        manager.call(manager.root_token, "POST", "/v1/decrypt", json={"ciphertext": ct["ciphertext"]}).status_code
+        == 403
+    )
 
 
 def test_roles_and_tokens(manager: Manager) -> None:
@@ -122,8 +127,12 @@ def test_bad_input_changes_nothing(manager: Manager) -> None:
         ("POST", "/v1/keys", {"json": {"name": "UPPER"}}, 422),
         ("POST", "/v1/keys", {"json": {"name": "ok", "extra": 1}}, 422),
         ("POST", "/v1/keys", {"json": {"name": "x" * 65}}, 422),
-        ("POST", "/v1/keys", {"content": b"{" + b" " * 70000 + b"}", "headers": {"content-type": "application/json"}},
-         413),
+        (
+            "POST",
+            "/v1/keys",
+            {"content": b"{" + b" " * 70000 + b"}", "headers": {"content-type": "application/json"}},
+            413,
+        ),
         ("POST", "/v1/keys/nope/rotate", {}, 404),
         ("POST", "/v1/decrypt", {"json": {"ciphertext": "***"}}, 422),
         ("POST", "/v1/keys/k/encrypt", {"json": {"plaintext": b64(b"x" * 5000)}}, 400),
@@ -146,14 +155,20 @@ def test_sealed_server_serves_nothing_that_touches_keys(manager: Manager) -> Non
     assert manager.call(admin, "POST", "/v1/sys/seal").status_code == 403  # tenant admins do not hold the seal
     assert manager.call(manager.root_token, "POST", "/v1/sys/seal").json()["sealed"] is True
     assert manager.svc.keys.cache.get("x", 1) is None and manager.svc.root._root is None
-    for method, path, body in (("POST", "/v1/decrypt", {"ciphertext": ct}), ("POST", "/v1/keys/k/rotate", None),
-                               ("POST", "/v1/keys", {"name": "k2"}), ("POST", "/v1/ca/init", None)):
+    for method, path, body in (
+        ("POST", "/v1/decrypt", {"ciphertext": ct}),
+        ("POST", "/v1/keys/k/rotate", None),
+        ("POST", "/v1/keys", {"name": "k2"}),
+        ("POST", "/v1/ca/init", None),
+    ):
         r = manager.call(admin, method, path, json=body)
         assert r.status_code == 503 and r.json()["code"] == "sealed", (path, r.text)
     assert manager.client.get("/v1/sys/status").json()["sealed"] is True
     manager.svc.root.auto_unseal()
-    assert base64.b64decode(manager.call(admin, "POST", "/v1/decrypt", json={"ciphertext": ct}).json()["plaintext"]
-                            ) == b"hello"
+    assert (
+        base64.b64decode(manager.call(admin, "POST", "/v1/decrypt", json={"ciphertext": ct}).json()["plaintext"])
+        == b"hello"
+    )
 
 
 def test_openapi_and_metrics(manager: Manager) -> None:

@@ -205,9 +205,7 @@ def test_split_matches_reference_interpolation(scheme: tuple[bytes, int, int]) -
     st.lists(st.integers(0, 255), min_size=2, max_size=6).flatmap(
         lambda coeffs: st.tuples(
             st.just(coeffs),
-            st.lists(
-                st.integers(1, 255), min_size=len(coeffs), max_size=len(coeffs), unique=True
-            ),
+            st.lists(st.integers(1, 255), min_size=len(coeffs), max_size=len(coeffs), unique=True),
         )
     )
 )

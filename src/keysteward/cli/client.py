@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +57,12 @@ class ClientOptions:
 class Client:
     def __init__(self, options: ClientOptions) -> None:
         self.options = options
-        verify: Any = options.ca_file if options.ca_file else True
-        cert = (options.cert, options.key) if options.cert and options.key else None
+        verify = ssl.create_default_context(cafile=options.ca_file)
+        if options.cert and options.key:
+            verify.load_cert_chain(options.cert, options.key)
         headers = {"authorization": f"Bearer {options.token}"} if options.token else {}
         self._http = httpx.Client(
-            base_url=options.url.rstrip("/") + "/v1", verify=verify, cert=cert, headers=headers, timeout=options.timeout
+            base_url=options.url.rstrip("/") + "/v1", verify=verify, headers=headers, timeout=options.timeout
         )
 
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
