@@ -6,6 +6,7 @@ Settings are built once in ``main()`` (CLI) and passed down; nothing reads them 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -94,8 +95,12 @@ def _coerce(section: str, name: str, kind: Any, value: Any) -> Any:
                 return False
             raise ValueError(value)
         if kind in (int, "int"):
+            if isinstance(value, bool | float):
+                raise ValueError(value)
             return int(value)
         if kind in (float, "float"):
+            if isinstance(value, bool):
+                raise ValueError(value)
             return float(value)
         return str(value)
     except (TypeError, ValueError) as exc:
@@ -112,6 +117,12 @@ def load(data_dir: Path, env: Mapping[str, str] | None = None) -> Settings:
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise BadRequest(f"{path} is not valid TOML: {exc}", code="bad_config") from exc
+    stray = set(raw) - set(_SECTIONS)
+    if stray:
+        raise BadRequest(
+            f"unknown table(s) or key(s) in {path}: {', '.join(sorted(stray))} (tables: {', '.join(_SECTIONS)})",
+            code="bad_config",
+        )
     sections: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         given = raw.get(section, {})
@@ -142,7 +153,6 @@ def render(settings: Settings) -> str:
             elif isinstance(value, int | float):
                 lines.append(f"{key} = {value}")
             else:
-                escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-                lines.append(f'{key} = "{escaped}"')
+                lines.append(f"{key} = {json.dumps(str(value), ensure_ascii=False)}")  # a valid TOML basic string
         lines.append("")
     return "\n".join(lines)

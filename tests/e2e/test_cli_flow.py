@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from keysteward.settings import load
-from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port
+from tests.fixtures.keysteward import KEYSTEWARD, SecretRegistry, ServerProcess, free_port
+from tests.fixtures.softhsm import SoftHsmToken
 
 pytestmark = pytest.mark.e2e
 
@@ -87,3 +89,45 @@ def test_newcomer_path(
         "crypto", "decrypt", "--ciphertext", gen["ciphertext"], "-c", "app=orders", token=admin, check=False
     )
     assert sealed.returncode == 1 and "sealed" in sealed.stderr
+
+
+def test_hsm_seal_through_the_cli(
+    tmp_path: Path, softhsm: SoftHsmToken, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    data = tmp_path / "ks"
+    pin_file = tmp_path / "pin"
+    pin_file.write_text(softhsm.pin)
+    server = server_factory(data, start=False)
+    init = json.loads(
+        server.cli(
+            "server",
+            "init",
+            "--data-dir",
+            str(data),
+            "--seal",
+            "pkcs11",
+            "--pkcs11-module",
+            softhsm.module_path,
+            "--pkcs11-token-label",
+            softhsm.token_label,
+            "--pkcs11-pin-file",
+            str(pin_file),
+            "--listen-port",
+            str(free_port()),
+            "--json",
+        ).stdout
+    )
+    assert init["seal_type"] == "pkcs11" and init["unseal_shares"] == []
+    server.settings = load(data, env={})
+    # a wrong PIN: the server refuses to start with one clear line, and the PIN is not echoed
+    wrong = subprocess.run(
+        [KEYSTEWARD, "server", "start"],
+        env={**server.env, "KEYSTEWARD_PKCS11_PIN": "31337"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 1 and "hsm_pin_incorrect" in wrong.stderr and "31337" not in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    server.start()  # the right PIN from the file: unsealed at start through the HSM
+    assert server.cli_json("server", "status")["sealed"] is False

@@ -330,16 +330,10 @@ def test_other_tenants_link_relabelled_with_a_matching_prev_fails_on_signature()
     assert broken_at(links) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: verify() takes its tenant from the first link, so another tenant's record 1 spliced "
-    "in at the start is accepted and the break is reported at record 2",
-)
 def test_link_from_another_tenant_spliced_in_at_the_start() -> None:
     links = build()
     links[0] = build(tenant="tenant-b")[0]
-    assert broken_at(links) == 1  # currently 2
+    assert broken_at(links, tenant_id="tenant-a") == 1
 
 
 # --- unsigned links --------------------------------------------------------------------------
@@ -433,12 +427,6 @@ def test_chain_broken_is_a_keysteward_error() -> None:
     assert exc.diagnostics() == "audit_chain_broken: record 3 was modified"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="src bug: a body (or tenant id) holding a lone surrogate, which json.loads produces from an "
-    "exported line with '\\ud800', makes verify() raise UnicodeEncodeError instead of ChainBroken",
-)
 def test_body_with_a_lone_surrogate_is_chain_broken() -> None:
     links = build()
     exported = json.dumps({"body": links[5].body.replace("key.decrypt", "key.decrypt\ud800")})
@@ -475,9 +463,8 @@ def test_fuzz_any_single_field_change_is_detected_at_or_before_that_record(
         value = data.draw(st.binary(max_size=80).filter(lambda s: s != original.signature))
     links[index] = dataclasses.replace(original, **{field: value})
     with pytest.raises(ChainBroken) as info:
-        chain.verify(links, PUB)
-    # a tenant change on the first record is reported at record 2 (see the xfail above)
-    assert info.value.seq <= original.seq + (1 if field == "tenant_id" and index == 0 else 0)
+        chain.verify(links, PUB, tenant_id=original.tenant_id)
+    assert info.value.seq <= original.seq
 
 
 @BOUNDED
@@ -515,12 +502,7 @@ def test_fuzz_garbage_links_only_raise_chain_broken(links: list[Link]) -> None:
         assert links == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="src bug: the tenant check reports the foreign link's own seq, not the position it occupies",
-)
 def test_foreign_link_with_another_seq_is_named_by_its_position() -> None:
     links = build()
     links[4] = build(30, tenant="tenant-b")[25]
-    assert broken_at(links) == 5  # currently 26
+    assert broken_at(links) == 5

@@ -102,27 +102,37 @@ class VerifyReport:
 
 
 def verify(
-    links: Iterable[Link], public_key: Ed25519PublicKey, *, start_seq: int = 1, start_prev: str = GENESIS
+    links: Iterable[Link],
+    public_key: Ed25519PublicKey,
+    *,
+    tenant_id: str | None = None,
+    start_seq: int = 1,
+    start_prev: str = GENESIS,
 ) -> VerifyReport:
     """Check every link; raise :class:`ChainBroken` naming the first bad record.
 
     Detects a modified body (hash mismatch), a modified hash or a deleted, inserted or
-    reordered record (sequence gap or ``prev`` mismatch), and forged signatures.
+    reordered record (sequence gap or ``prev`` mismatch), forged signatures, and records of another
+    tenant's chain. Pass ``tenant_id`` to pin whose chain this is; otherwise the first link names it.
     """
     expected_seq, prev = start_seq, start_prev
     count = signed = unsigned_tail = 0
-    tenant = None
+    tenant = tenant_id
     for link in links:
         if tenant is None:
             tenant = link.tenant_id
         elif link.tenant_id != tenant:
-            raise ChainBroken(f"record {link.seq} belongs to another tenant's chain", link.seq)
+            raise ChainBroken(f"record {expected_seq} belongs to another tenant's chain", expected_seq)
         if link.seq != expected_seq:
             raise ChainBroken(
                 f"record {expected_seq} is missing or out of order (found {link.seq} in its place)",
                 expected_seq,
             )
-        if link_hash(link.body) != link.hash:
+        try:
+            digest = link_hash(link.body)
+        except UnicodeEncodeError as exc:
+            raise ChainBroken(f"record {link.seq} body is not valid text", link.seq) from exc
+        if digest != link.hash:
             raise ChainBroken(f"record {link.seq} was modified: its hash does not match its body", link.seq)
         try:
             body = json.loads(link.body)

@@ -20,7 +20,7 @@ app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 PAGE = 1000
 
 
-def _pages(api: Client) -> tuple[str, Iterator[dict[str, Any]]]:
+def _pages(api: Client) -> tuple[str, str, Iterator[dict[str, Any]]]:
     first = api.get("/audit", params={"after": 0, "limit": PAGE})
 
     def records() -> Iterator[dict[str, Any]]:
@@ -31,7 +31,7 @@ def _pages(api: Client) -> tuple[str, Iterator[dict[str, Any]]]:
                 return
             page = api.get("/audit", params={"after": page["records"][-1]["seq"], "limit": PAGE})
 
-    return first["public_key"], records()
+    return first["public_key"], first["tenant_id"], records()
 
 
 def _link(r: dict[str, Any]) -> chain.Link:
@@ -45,7 +45,7 @@ def audit_list(
     as_json: JsonFlag = False,
     last: Annotated[int, typer.Option(help="Show the last N records (0 = all).")] = 50,
 ) -> None:
-    _, records = _pages(client(ctx))
+    _, _, records = _pages(client(ctx))
     rows = [dict(json.loads(r["body"]), signed=r["signature"] is not None) for r in records]
     rows = rows[-last:] if last else rows
     emit(rows, as_json, lambda d: table(d, ["seq", "ts", "actor", "action", "target", "outcome", "reason", "signed"]))
@@ -56,7 +56,7 @@ def audit_export(
     ctx: typer.Context, output: Annotated[Path | None, typer.Option(help="File to write (default: stdout).")] = None
 ) -> None:
     """Write every record as one JSON line: tenant_id, seq, body, hash, signature."""
-    _, records = _pages(client(ctx))
+    _, _, records = _pages(client(ctx))
     out = output.open("w") if output else sys.stdout
     try:
         for r in records:
@@ -77,16 +77,16 @@ def audit_verify(
     if file is not None:
         if not public_key:
             fail("verifying an export needs --public-key")
-        key_hex = public_key or ""
+        key_hex, tenant_id = public_key or "", None
         lines = (json.loads(line) for line in file.read_text().splitlines() if line.strip())
         links = (_link(r) for r in lines)
     else:
-        key_hex, records = _pages(client(ctx))
+        key_hex, tenant_id, records = _pages(client(ctx))
         if public_key and public_key.lower() != key_hex:
             fail("the server's audit public key differs from the pinned one")
         links = (_link(r) for r in records)
     try:
-        report = chain.verify(links, Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex)))
+        report = chain.verify(links, Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex)), tenant_id=tenant_id)
     except chain.ChainBroken as exc:
         if as_json:
             sys.stdout.write(json.dumps({"ok": False, "first_bad_seq": exc.seq, "detail": exc.message}) + "\n")

@@ -71,12 +71,17 @@ class SecretBuffer:
         ctypes.memset(ctypes.addressof(self._c), 0, self._len)
         if self._locked:
             _libc.munlock(ctypes.c_void_p(ctypes.addressof(self._c)), ctypes.c_size_t(self._len))
-        assert self._view is not None
-        self._view.release()
-        self._view = None
+        view, mapping = self._view, self._map
+        self._view, self._map = None, None
         del self._c
-        self._map.close()
-        self._map = None
+        try:
+            if view is not None:
+                view.release()
+            mapping.close()
+        except BufferError:
+            # a caller still holds a slice of view(): the bytes are zeroed already; the mapping
+            # is unmapped when that last slice goes away
+            pass
 
     def __len__(self) -> int:
         return self._len

@@ -31,7 +31,10 @@ def canonical_context(context: Mapping[str, str] | None) -> bytes:
         return b"{}"
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in context.items()):
         raise BadRequest("encryption context must map strings to strings", code="bad_context")
-    text = json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        text = json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise BadRequest("encryption context must be valid Unicode text", code="bad_context") from exc
     if len(text) > MAX_CONTEXT_BYTES:
         raise BadRequest("encryption context is larger than 8 KiB", code="bad_context")
     return text
