@@ -4,6 +4,10 @@ A caller that changes state appends its record inside its own write transaction,
 change and its record commit together or not at all. A caller that only reads (decrypt)
 writes its record with :meth:`AuditLog.record` before it answers. Either way, if the record
 cannot be written the request fails with ``audit_unavailable``.
+
+``record`` commits in groups: concurrent callers hand their records to one writer thread,
+which appends a whole batch in one transaction (one fsync) and then releases every caller.
+No caller returns before its record is durable, and a failed batch fails all of its callers.
 """
 
 from __future__ import annotations
@@ -33,11 +37,31 @@ def _check_details(details: Mapping[str, Any]) -> None:
             raise TypeError(f"audit detail {key!r} must be a string, number, boolean or a list of them")
 
 
+_UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
+BATCH = 512
+WAIT_SECONDS = 30.0
+
+
+class _Pending:
+    __slots__ = ("done", "error", "fields", "seq", "tenant_id")
+
+    def __init__(self, tenant_id: str, fields: dict[str, Any]) -> None:
+        self.tenant_id = tenant_id
+        self.fields = fields
+        self.done = threading.Event()
+        self.seq = 0
+        self.error: KeystewardError | None = None
+
+
 class AuditLog:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._signer: Ed25519PrivateKey | None = None
         self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._closed = False
 
     def set_signer(self, key: Ed25519PrivateKey | None) -> None:
         with self._lock:
@@ -94,24 +118,56 @@ class AuditLog:
             )
             conn.execute(update(AuditHead).where(AuditHead.tenant_id == tenant_id).values(seq=seq, hash=digest))
         except (SQLAlchemyError, KeystewardError) as exc:
-            raise Unavailable(
-                "the audit record could not be written, so the request was not carried out",
-                code="audit_unavailable",
-            ) from exc
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
         return seq
 
     def record(self, tenant_id: str, **fields: Any) -> int:
-        """Append one record in a transaction of its own (for requests that change nothing)."""
-        try:
-            with self.db.write() as conn:
-                return self.append(conn, tenant_id, **fields)
-        except (SQLAlchemyError, KeystewardError) as exc:
-            if isinstance(exc, Unavailable) and exc.code == "audit_unavailable":
-                raise
-            raise Unavailable(
-                "the audit record could not be written, so the request was not carried out",
-                code="audit_unavailable",
-            ) from exc
+        """Append one record and wait until it is committed (group commit with concurrent callers)."""
+        _check_details(fields.get("details") or {})
+        pending = _Pending(tenant_id, fields)
+        with self._wake:
+            if self._closed:
+                raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
+            self._queue.append(pending)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_batches, name="keysteward-audit", daemon=True)
+                self._writer.start()
+            self._wake.notify()
+        if not pending.done.wait(WAIT_SECONDS):
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
+        if pending.error is not None:
+            raise pending.error
+        return pending.seq
+
+    def _write_batches(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+            error: KeystewardError | None = None
+            try:
+                with self.db.write() as conn:
+                    for pending in batch:
+                        pending.seq = self.append(conn, pending.tenant_id, **pending.fields)
+            except (SQLAlchemyError, KeystewardError) as exc:
+                error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
+                error.__cause__ = exc
+            except Exception as exc:  # noqa: BLE001 - whatever it was, every waiter must hear of it
+                error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
+                error.__cause__ = exc
+            for pending in batch:
+                pending.error = error
+                pending.done.set()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
 
     def links(self, tenant_id: str, *, after: int = 0, limit: int = 1000) -> list[chain.Link]:
         with self.db.read() as conn:

@@ -54,5 +54,6 @@ class Services:
 
     def close(self) -> None:
         self.rewrapper.stop()
+        self.audit.close()
         self.root.seal()
         self.db.dispose()
