@@ -165,3 +165,15 @@ def test_two_servers_share_one_postgresql(
     assert seqs == list(range(1, len(seqs) + 1))
     verify = a.cli("audit", "verify", "--json", token=admin)
     assert json.loads(verify.stdout)["ok"] is True
+    # a key disabled, and a token revoked, on one server stop working on the other within a second
+    with a.http(admin) as ca, b.http(admin) as cb:
+        ct = cb.post("/keys/shared/encrypt", json={"plaintext": "aGVsbG8="}).json()["ciphertext"]
+        assert cb.post("/decrypt", json={"ciphertext": ct}).status_code == 200
+        officer = ca.post("/tokens", json={"name": "o1", "role": "auditor"}).json()
+        with b.http(officer["token"]) as co:
+            assert co.get("/keys").status_code == 200
+            assert ca.post("/keys/shared/disable").status_code == 200
+            assert ca.delete(f"/tokens/{officer['id']}").status_code == 204
+            time.sleep(1.2)
+            assert cb.post("/decrypt", json={"ciphertext": ct}).json()["code"] == "key_disabled"
+            assert co.get("/keys").json()["code"] == "bad_token"

@@ -88,38 +88,61 @@ class AuditLog:
         details: Mapping[str, Any] | None = None,
     ) -> int:
         """Append one record inside the caller's write transaction; returns its sequence number."""
-        details = details or {}
-        _check_details(details)
+        fields = {
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "reason": reason,
+            "details": details or {},
+        }
+        return self.append_many(conn, [(tenant_id, fields)])[0]
+
+    def append_many(self, conn: Connection, entries: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Append records in order; each tenant's head row is locked and moved once for the lot."""
+        for _, fields in entries:
+            _check_details(fields.get("details") or {})
+        seqs = [0] * len(entries)
+        by_tenant: dict[str, list[int]] = {}
+        for i, (tenant_id, _) in enumerate(entries):
+            by_tenant.setdefault(tenant_id, []).append(i)
+        signer = self._signer
         try:
-            head = conn.execute(
-                for_update(select(AuditHead.seq, AuditHead.hash).where(AuditHead.tenant_id == tenant_id), self.db)
-            ).one_or_none()
-            if head is None:
-                self.ensure_head(conn, tenant_id)
-                seq, prev = 1, chain.GENESIS
-            else:
-                seq, prev = head.seq + 1, head.hash
-            body = chain.make_body(
-                seq=seq,
-                prev=prev,
-                ts=datetime.now(UTC).isoformat(timespec="microseconds"),
-                actor=actor,
-                action=action,
-                target=target,
-                outcome=outcome,
-                reason=reason,
-                details=details,
-            )
-            digest = chain.link_hash(body)
-            signer = self._signer
-            signature = chain.sign(signer, tenant_id, seq, digest) if signer is not None else None
-            conn.execute(
-                insert(AuditRecord).values(tenant_id=tenant_id, seq=seq, body=body, hash=digest, signature=signature)
-            )
-            conn.execute(update(AuditHead).where(AuditHead.tenant_id == tenant_id).values(seq=seq, hash=digest))
+            for tenant_id, indexes in by_tenant.items():
+                head = conn.execute(
+                    for_update(select(AuditHead.seq, AuditHead.hash).where(AuditHead.tenant_id == tenant_id), self.db)
+                ).one_or_none()
+                if head is None:
+                    self.ensure_head(conn, tenant_id)
+                    seq, prev = 0, chain.GENESIS
+                else:
+                    seq, prev = head.seq, head.hash
+                rows = []
+                for i in indexes:
+                    fields = entries[i][1]
+                    seq += 1
+                    body = chain.make_body(
+                        seq=seq,
+                        prev=prev,
+                        ts=datetime.now(UTC).isoformat(timespec="microseconds"),
+                        actor=fields["actor"],
+                        action=fields["action"],
+                        target=fields.get("target", ""),
+                        outcome=fields.get("outcome", "ok"),
+                        reason=fields.get("reason", ""),
+                        details=fields.get("details") or {},
+                    )
+                    prev = chain.link_hash(body)
+                    signature = chain.sign(signer, tenant_id, seq, prev) if signer is not None else None
+                    rows.append(
+                        {"tenant_id": tenant_id, "seq": seq, "body": body, "hash": prev, "signature": signature}
+                    )
+                    seqs[i] = seq
+                conn.execute(insert(AuditRecord), rows)
+                conn.execute(update(AuditHead).where(AuditHead.tenant_id == tenant_id).values(seq=seq, hash=prev))
         except (SQLAlchemyError, KeystewardError) as exc:
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
-        return seq
+        return seqs
 
     def record(self, tenant_id: str, **fields: Any) -> int:
         """Append one record and wait until it is committed (group commit with concurrent callers)."""
@@ -150,8 +173,9 @@ class AuditLog:
             error: KeystewardError | None = None
             try:
                 with self.db.write() as conn:
-                    for pending in batch:
-                        pending.seq = self.append(conn, pending.tenant_id, **pending.fields)
+                    seqs = self.append_many(conn, [(p.tenant_id, p.fields) for p in batch])
+                for pending, seq in zip(batch, seqs, strict=True):
+                    pending.seq = seq
             except (SQLAlchemyError, KeystewardError) as exc:
                 error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
                 error.__cause__ = exc

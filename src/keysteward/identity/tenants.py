@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from keysteward.store.models import ApiToken, Tenant
 
 TOKEN_PREFIX = "kst_"  # noqa: S105 - the public prefix of tokens
 MAX_TOKEN_TEXT = 256
+SEEN_TTL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Tenants:
     def __init__(self, db: Database, audit: AuditLog) -> None:
         self.db = db
         self.audit = audit
+        self._seen: dict[bytes, tuple[float, Principal, str]] = {}
 
     # -- tenants -----------------------------------------------------------------------------
     def create(self, name: str, *, actor: Principal | None, first_admin: str = "admin") -> tuple[TenantInfo, NewToken]:
@@ -175,27 +178,34 @@ class Tenants:
                 action="token.revoke",
                 target=f"token:{token_id}",
             )
+        for digest in [d for d, (_, _, tid) in list(self._seen.items()) if tid == token_id]:
+            self._seen.pop(digest, None)
 
     def authenticate(self, text: str) -> Principal:
-        """Resolve a bearer token to its principal; every failure reads the same to the caller."""
+        """Resolve a bearer token to its principal; every failure reads the same to the caller.
+
+        A token seen valid within the last second is not looked up again; revocation here drops it
+        at once, revocation on another server within that second.
+        """
         bad = Unauthenticated("the API token is not valid", code="bad_token")
         if len(text) > MAX_TOKEN_TEXT or not text.startswith(TOKEN_PREFIX) or "." not in text:
             raise bad
+        digest = hashlib.sha256(text.encode()).digest()
+        hit = self._seen.get(digest)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
         token_id, _, secret = text[len(TOKEN_PREFIX) :].partition(".")
         with self.db.read() as conn:
             row = conn.execute(
-                select(
-                    ApiToken.secret_hash,
-                    ApiToken.role,
-                    ApiToken.name,
-                    ApiToken.revoked_at,
-                    Tenant.id,
-                    Tenant.name,
-                )
+                select(ApiToken.secret_hash, ApiToken.role, ApiToken.name, ApiToken.revoked_at, Tenant.id, Tenant.name)
                 .join(Tenant, Tenant.id == ApiToken.tenant_id)
                 .where(ApiToken.id == token_id)
             ).first()
         expected = row.secret_hash if row is not None else bytes(32)
         if not hmac.compare_digest(expected, _hash(secret)) or row is None or row.revoked_at is not None:
             raise bad
-        return Principal(tenant_id=row[4], tenant=row[5], role=row.role, name=row.name, kind="token")
+        principal = Principal(tenant_id=row[4], tenant=row[5], role=row.role, name=row.name, kind="token")
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[digest] = (time.monotonic() + SEEN_TTL_SECONDS, principal, token_id)
+        return principal

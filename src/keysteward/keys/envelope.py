@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from keysteward.audit.log import AuditLog
 from keysteward.crypto.aead import AuthenticationFailed
-from keysteward.errors import BadRequest, InvalidCiphertext, KeystewardError
+from keysteward.errors import BadRequest, InvalidCiphertext, KeystewardError, NotFound
 from keysteward.formats import ciphertext as blob_codec
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import KeyStore
@@ -67,30 +67,30 @@ class Envelope:
     def _seal(
         self, actor: Principal, key_name: str, plaintext: bytes | bytearray, context: Mapping[str, str] | None
     ) -> tuple[bytes, int]:
-        with self.keys.db.read() as conn:
-            row = self.keys._key_row(conn, actor.tenant_id, key_name)
-            self.keys.require_enabled(row)
-            version = row.primary_version
-            kek = self.keys.kek(conn, actor.tenant_id, row.id, version)
-        sealed = kek.seal(plaintext, envelope_aad(actor.tenant_id, row.id, version, context))
-        return blob_codec.encode(blob_codec.CiphertextBlob(uuid.UUID(row.id), version, sealed)), version
+        ref = self.keys.key_ref(actor.tenant_id, name=key_name)
+        if ref is None:
+            raise NotFound(f"no key '{key_name}'", code="key_not_found")
+        self.keys.require_enabled(ref)
+        version = ref.primary_version
+        kek = self.keys.usable_kek(actor.tenant_id, ref.id, version)
+        sealed = kek.seal(plaintext, envelope_aad(actor.tenant_id, ref.id, version, context))
+        return blob_codec.encode(blob_codec.CiphertextBlob(uuid.UUID(ref.id), version, sealed)), version
 
     def _open(self, actor: Principal, data: bytes, context: Mapping[str, str] | None) -> Decrypted:
         blob = blob_codec.decode(data)
         key_id = str(blob.key_id)
-        with self.keys.db.read() as conn:
-            row = self.keys.key_by_id(conn, actor.tenant_id, key_id)
-            if row is None:  # another tenant's ciphertext reads as no ciphertext at all
-                raise InvalidCiphertext("the ciphertext does not name a key of this tenant")
-            self.keys.require_enabled(row)
-            kek = self.keys.kek(conn, actor.tenant_id, key_id, blob.version)
+        ref = self.keys.key_ref(actor.tenant_id, key_id=key_id)
+        if ref is None:  # another tenant's ciphertext reads as no ciphertext at all
+            raise InvalidCiphertext("the ciphertext does not name a key of this tenant")
+        self.keys.require_enabled(ref)
+        kek = self.keys.usable_kek(actor.tenant_id, key_id, blob.version)
         try:
             plaintext = kek.open(blob.sealed, envelope_aad(actor.tenant_id, key_id, blob.version, context))
         except AuthenticationFailed as exc:
             raise InvalidCiphertext(
                 "the ciphertext does not open: it was altered, or the encryption context differs",
             ) from exc
-        return Decrypted(plaintext, row.name, blob.version)
+        return Decrypted(plaintext, ref.name, blob.version)
 
     def generate_data_key(
         self,

@@ -8,6 +8,7 @@ operations and the (future) release service use.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,13 +61,65 @@ class DataKeyInfo:
     shredded: bool
 
 
+STATE_TTL_SECONDS = 1.0  # how long another server's disable/rotate/destroy may take to reach this one
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    id: str
+    name: str
+    state: str
+    primary_version: int
+
+
 class KeyStore:
     def __init__(self, db: Database, root: RootOfTrust, audit: AuditLog) -> None:
         self.db = db
         self.root = root
         self.audit = audit
         self.cache = KekCache()
+        # key rows and live versions seen recently, so envelope operations need no database read;
+        # changes made here drop them at once, changes made by another server within STATE_TTL_SECONDS
+        self._refs: dict[tuple[str, str], tuple[float, KeyRef]] = {}
+        self._live_versions: dict[tuple[str, int], float] = {}
         root.on_seal(self.cache.clear)
+        root.on_seal(self._forget_all)
+
+    def _forget_all(self) -> None:
+        self._refs.clear()
+        self._live_versions.clear()
+
+    def _forget(self, key_id: str) -> None:
+        for k in [k for k, (_, ref) in list(self._refs.items()) if ref.id == key_id]:
+            self._refs.pop(k, None)
+        for live in [live for live in list(self._live_versions) if live[0] == key_id]:
+            self._live_versions.pop(live, None)
+
+    def key_ref(self, tenant_id: str, *, name: str | None = None, key_id: str | None = None) -> KeyRef | None:
+        """The key's id, state and primary version, from a short-lived cache or the database."""
+        cache_key = (tenant_id, f"name:{name}" if name is not None else f"id:{key_id}")
+        hit = self._refs.get(cache_key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        with self.db.read() as conn:
+            stmt = select(Key.id, Key.name, Key.state, Key.primary_version).where(Key.tenant_id == tenant_id)
+            stmt = stmt.where(Key.name == name) if name is not None else stmt.where(Key.id == key_id)
+            row = conn.execute(stmt).first()
+        if row is None:
+            return None
+        ref = KeyRef(row.id, row.name, row.state, row.primary_version)
+        self._refs[cache_key] = (time.monotonic() + STATE_TTL_SECONDS, ref)
+        return ref
+
+    def usable_kek(self, tenant_id: str, key_id: str, version: int) -> AeadKey:
+        """The KEK version for an envelope operation; checks its state at most once per TTL."""
+        cached = self.cache.get(key_id, version)
+        if cached is not None and self._live_versions.get((key_id, version), 0.0) > time.monotonic():
+            return cached
+        with self.db.read() as conn:
+            kek = self.kek(conn, tenant_id, key_id, version)
+        self._live_versions[(key_id, version)] = time.monotonic() + STATE_TTL_SECONDS
+        return kek
 
     # -- reading -----------------------------------------------------------------------------
     def _key_row(self, conn: Connection, tenant_id: str, name: str, *, lock: bool = False) -> Key:
@@ -158,7 +211,7 @@ class KeyStore:
         return self.cache.put(key_id, version, material)
 
     @staticmethod
-    def require_enabled(row: Key) -> None:
+    def require_enabled(row: Key | KeyRef) -> None:
         if row.state == DISABLED:
             raise Conflict(f"key '{row.name}' is disabled", code="key_disabled")
         if row.state == DESTROYED:
@@ -236,7 +289,9 @@ class KeyStore:
                 target=f"key:{name}",
                 details={"version": version, "rewrap_job": job_id},
             )
-            return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+            info = self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+        self._forget(row.id)
+        return info
 
     def set_enabled(self, actor: Principal, name: str, enabled: bool) -> KeyInfo:
         with self.db.write() as conn:
@@ -252,7 +307,9 @@ class KeyStore:
                 action="key.enable" if enabled else "key.disable",
                 target=f"key:{name}",
             )
-            return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+            info = self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+        self._forget(row.id)
+        return info
 
     def destroy_version(self, actor: Principal, name: str, version: int, *, force: bool = False) -> KeyInfo:
         """Crypto-shred one version: its material and the DEKs wrapped under it are gone for good."""
@@ -333,6 +390,7 @@ class KeyStore:
         return int(live)
 
     def _after_shred(self, key_id: str, version: int | None) -> None:
+        self._forget(key_id)
         self.cache.evict(key_id, version)
         checkpoint(self.db)
 

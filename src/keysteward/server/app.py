@@ -6,7 +6,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -57,6 +57,35 @@ class BodyLimit:
             await _send_413(send, self.limit)
 
 
+class Metrics:
+    """Count requests and time them per route (a plain ASGI middleware: no per-request task switching)."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], path, str(status)).inc()
+            self.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -97,19 +126,10 @@ def create_app(svc: Services) -> FastAPI:
     sealed = Gauge("keysteward_sealed", "1 while the server is sealed", registry=registry)
     sealed.set_function(lambda: 1.0 if svc.root.sealed else 0.0)
 
-    @app.middleware("http")
-    async def _metrics(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        requests.labels(request.method, path, str(response.status_code)).inc()
-        latency.labels(request.method, path).observe(time.perf_counter() - start)
-        return response
-
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(Metrics, requests=requests, latency=latency)
     app.add_middleware(BodyLimit, limit=svc.settings.server.max_body_bytes)
     return app

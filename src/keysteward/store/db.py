@@ -33,7 +33,7 @@ class Database:
             )
             _configure_sqlite(self.engine, sqlite_synchronous)
         elif url.startswith("postgresql"):
-            self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=300)
         else:
             raise ValueError("database_url must be sqlite:/// or postgresql+psycopg://")
         self._writer: Engine = self.engine.execution_options(ks_write=True)
