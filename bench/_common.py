@@ -259,11 +259,11 @@ class KeystewardServer:
             raise BenchError(f"keysteward {' '.join(args[:2])} failed ({done.returncode}): {done.stderr.strip()}")
         return json.loads(done.stdout)
 
-    def start(self, cleanup: Cleanup, timeout: float = 60.0) -> None:
+    def start(self, cleanup: Cleanup, timeout: float = 60.0, workers: int = 1) -> None:
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*keysteward_cli(), "server", "start"],
-            env=_clean_env(KEYSTEWARD_DATA_DIR=str(self.data_dir)),
+            env=_clean_env(KEYSTEWARD_DATA_DIR=str(self.data_dir), KEYSTEWARD_SERVER_WORKERS=str(workers)),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

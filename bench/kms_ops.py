@@ -37,6 +37,7 @@ from _common import (
     KeystewardServer,
     PgCluster,
     WrkResult,
+    children,
     children_cpu_seconds,
     emit_json,
     figure,
@@ -126,7 +127,8 @@ def measure(
     run_wrk(url, script, warmup, connections=CONNECTIONS, threads=THREADS)  # connections, caches, JIT-free warm
     assert server.proc is not None
     pg_pids = pg.pids() if pg else []
-    cpu0 = process_cpu_seconds([server.proc.pid])
+    server_pids = [server.proc.pid, *children(server.proc.pid)]  # the supervisor and its workers
+    cpu0 = process_cpu_seconds(server_pids)
     db0 = process_cpu_seconds(pg_pids)
     wrk0 = children_cpu_seconds()
     busy0, total0 = machine_cpu()
@@ -136,7 +138,7 @@ def measure(
     return OpResult(
         op=op,
         wrk=result,
-        server_cpu=process_cpu_seconds([server.proc.pid]) - cpu0,
+        server_cpu=process_cpu_seconds(server_pids) - cpu0,
         db_cpu=max(0.0, process_cpu_seconds(pg_pids_after) - db0),
         client_cpu=children_cpu_seconds() - wrk0,
         machine_busy=(busy1 - busy0) / max(1.0, total1 - total0),
@@ -161,7 +163,9 @@ def report(engine: str, r: OpResult, ref: Reference) -> None:
     )
 
 
-def run_engine(engine: str, cleanup: Cleanup, ref: Reference, seconds: float, warmup: float) -> list[dict[str, Any]]:
+def run_engine(
+    engine: str, cleanup: Cleanup, ref: Reference, seconds: float, warmup: float, workers: int
+) -> list[dict[str, Any]]:
     mark = cleanup.mark()
     try:
         pg: PgCluster | None = None
@@ -173,7 +177,7 @@ def run_engine(engine: str, cleanup: Cleanup, ref: Reference, seconds: float, wa
             say(f"[{engine}] PostgreSQL 15 cluster on 127.0.0.1:{pg.port} ({time.monotonic() - started:.1f} s)")
         started = time.monotonic()
         server = KeystewardServer.init(cleanup, database_url=database_url)
-        server.start(cleanup)
+        server.start(cleanup, workers=workers)
         tenant = server.cli(["tenant", "create", "acme", "--json"], token=server.root_token)
         admin = tenant["admin_token"]["token"]
         server.cli(["key", "create", KEY_NAME, "--json"], token=admin)
@@ -247,6 +251,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--duration", type=float, default=None, help="seconds per wrk measurement (default 20, or 5 with --quick)"
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="server worker processes (server.workers; default: one per core)",
+    )
+    parser.add_argument(
         "--engines",
         default=",".join(ENGINES),
         help="comma-separated database engines to run (default: sqlite,postgresql)",
@@ -294,7 +304,7 @@ def main(argv: list[str]) -> int:
         )
         figures: list[dict[str, Any]] = []
         for engine in args.engines:
-            figures += run_engine(engine, cleanup, ref, args.duration, warmup)
+            figures += run_engine(engine, cleanup, ref, args.duration, warmup, args.workers)
     except BenchError as exc:
         print(f"{BENCH}: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +15,7 @@ import pytest
 from keysteward.identity.principal import Principal
 from keysteward.server.run import build_services
 from keysteward.settings import load
-from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
+from tests.fixtures.keysteward import KEYSTEWARD, SecretRegistry, ServerProcess, free_port, init_manager
 
 pytestmark = pytest.mark.e2e
 
@@ -177,3 +179,39 @@ def test_two_servers_share_one_postgresql(
             time.sleep(1.2)
             assert cb.post("/decrypt", json={"ciphertext": ct}).json()["code"] == "key_disabled"
             assert co.get("/keys").json()["code"] == "bad_token"
+
+
+def test_workers_share_a_socket_and_seal_together(
+    tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    out = init_manager(tmp_path / "ks", secret_registry)
+    server = server_factory(tmp_path / "ks", env={"KEYSTEWARD_SERVER_WORKERS": "2"})
+    admin = bootstrap(server, out.root_token.secret)
+    with server.http(admin) as c:
+        c.post("/keys", json={"name": "k"})
+        ct = c.post("/keys/k/encrypt", json={"plaintext": "aGVsbG8="}).json()["ciphertext"]
+    processes = set()
+    for _ in range(60):  # new connections land on both workers
+        with server.http(admin) as c:
+            assert c.post("/decrypt", json={"ciphertext": ct}).status_code == 200
+            processes.add(c.get("/health").json()["process"])
+    assert len(processes) == 2
+    with server.http(out.root_token.secret) as c:
+        assert c.post("/sys/seal").json()["sealed"] is True
+    time.sleep(0.5)
+    sealed_in = set()
+    for _ in range(60):  # every worker is sealed now, whichever one took the seal request
+        with server.http(admin) as c:
+            health = c.get("/health").json()
+            assert health["sealed"] is True
+            sealed_in.add(health["process"])
+            assert c.post("/decrypt", json={"ciphertext": ct}).json()["code"] == "sealed"
+    assert sealed_in == processes
+
+
+def test_workers_refuse_shamir(tmp_path: Path, secret_registry: SecretRegistry) -> None:
+    init_manager(tmp_path / "ks", secret_registry, seal="shamir")
+    env = {**os.environ, "KEYSTEWARD_DATA_DIR": str(tmp_path / "ks"), "KEYSTEWARD_SERVER_WORKERS": "2"}
+    result = subprocess.run([KEYSTEWARD, "server", "start"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "workers_need_auto_unseal" in result.stderr
+    assert "Traceback" not in result.stderr

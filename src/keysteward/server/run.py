@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +24,14 @@ from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
+from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, supervise
 from keysteward.server.tls import add_client_ca, server_ssl_context, uvicorn_server
-from keysteward.settings import CONFIG_NAME, Settings, render
+from keysteward.settings import CONFIG_NAME, Settings, load, render
 from keysteward.store.db import Database
 
 log = logging.getLogger("keysteward.server")
 CA_REFRESH_SECONDS = 15.0
+SWITCH_INTERVAL = 0.0005
 _ANY_V4 = "0.0.0.0"  # noqa: S104 - only to leave the wildcard out of certificate names
 
 
@@ -164,11 +168,19 @@ def _refresh_cas(svc: Services, ctx: ssl.SSLContext, stop: threading.Event) -> N
             log.warning("could not refresh tenant CAs from the database")
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, listen_fd: int | None = None) -> None:
+    """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes."""
+    if settings.server.workers > 1 and listen_fd is None:
+        raise SystemExit(supervise(settings))
     disable_core_dumps()
+    # request threads, the audit writer and the event loop hand the GIL around constantly; the default
+    # 5 ms switch interval would add whole milliseconds of queueing to each hand-off
+    sys.setswitchinterval(SWITCH_INTERVAL)
     svc = build_services(settings)
     app = create_app(svc)
     stop = threading.Event()
+    if listen_fd is not None:
+        _join_worker_seal(svc)
     svc.rewrapper.start()
     try:
         server_kw: dict[str, Any] = {
@@ -176,16 +188,41 @@ def serve(settings: Settings) -> None:
             "access_log": False,
             "timeout_keep_alive": 30,
         }
+        host, port = settings.server.listen_host, settings.server.listen_port
         if settings.server.tls:
             ctx = server_ssl_context(settings.server.tls_cert, settings.server.tls_key, svc.cas.trusted_pems())
             svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
             threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
-            server = uvicorn_server(app, settings.server.listen_host, settings.server.listen_port, ctx, **server_kw)
+            server = uvicorn_server(app, host, port, ctx, **server_kw)
         else:
-            server = uvicorn.Server(
-                uvicorn.Config(app, host=settings.server.listen_host, port=settings.server.listen_port, **server_kw)
-            )
-        server.run()
+            server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **server_kw))
+        server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
     finally:
         stop.set()
         svc.close()
+
+
+def _join_worker_seal(svc: Services) -> None:
+    """A worker seals when any worker seals: it tells the supervisor, which tells every worker."""
+    from_supervisor = threading.local()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        if not svc.root.sealed:
+            from_supervisor.active = True
+            try:
+                svc.root.seal()
+            finally:
+                from_supervisor.active = False
+
+    def on_seal() -> None:
+        if not getattr(from_supervisor, "active", False):
+            os.kill(os.getppid(), SEAL_SIGNAL)
+
+    signal.signal(SEAL_SIGNAL, on_signal)
+    svc.root.on_seal(on_seal)
+
+
+def worker_main() -> None:
+    """Entry point of a worker process started by :func:`keysteward.server.supervisor.supervise`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(load(Path(os.environ["KEYSTEWARD_DATA_DIR"])), listen_fd=int(os.environ[WORKER_FD]))

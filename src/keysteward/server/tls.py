@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 from starlette.requests import HTTPConnection
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from keysteward.errors import BadRequest
 
@@ -30,6 +31,7 @@ __all__ = [
     "CLIENT_CERT_DER_KEY",
     "TLS_EXTENSION",
     "ClientCertH11Protocol",
+    "ClientCertHttpToolsProtocol",
     "add_client_ca",
     "client_cert_der",
     "server_ssl_context",
@@ -90,6 +92,13 @@ def _with_client_cert(app: ASGIApp, cert_der: bytes | None) -> ASGIApp:
     return app_with_client_cert
 
 
+def _peer_cert(transport: asyncio.Transport) -> bytes | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return ssl_object.getpeercert(binary_form=True)
+    return None
+
+
 class ClientCertH11Protocol(H11Protocol):
     """uvicorn's h11 protocol that gives the app the TLS client certificate of the connection.
 
@@ -101,11 +110,15 @@ class ClientCertH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        cert_der: bytes | None = None
-        ssl_object = transport.get_extra_info("ssl_object")
-        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
-            cert_der = ssl_object.getpeercert(binary_form=True)
-        self.app = _with_client_cert(self.config.loaded_app, cert_der)
+        self.app = _with_client_cert(self.config.loaded_app, _peer_cert(transport))
+
+
+class ClientCertHttpToolsProtocol(HttpToolsProtocol):
+    """The same for uvicorn's httptools protocol (C parser: the faster one, used when installed)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.app = _with_client_cert(self.config.loaded_app, _peer_cert(transport))
 
 
 def uvicorn_server(
@@ -130,7 +143,9 @@ def uvicorn_server(
             return ssl_context_factory
         return ssl_context_factory()
 
-    config = uvicorn.Config(app, host=host, port=port, http=ClientCertH11Protocol, ssl_context_factory=factory, **kw)
+    config = uvicorn.Config(
+        app, host=host, port=port, http=ClientCertHttpToolsProtocol, ssl_context_factory=factory, **kw
+    )
     return uvicorn.Server(config)
 
 

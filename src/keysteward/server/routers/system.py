@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -34,7 +35,7 @@ def _status(request: Request) -> SealStatus:
 @router.get("/health")
 def health(request: Request) -> dict[str, object]:
     root = services(request).root
-    return {"status": "ok", "sealed": root.sealed}
+    return {"status": "ok", "sealed": root.sealed, "process": os.getpid()}
 
 
 @router.get("/sys/status")

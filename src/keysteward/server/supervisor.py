@@ -1,0 +1,101 @@
+"""Several server processes on one listening socket, for machines with more than one core.
+
+The supervisor binds the socket, migrates the database once, and starts ``workers`` processes
+that each unseal on their own (so only the auto-unsealing seals, pkcs11 and dev, may run more
+than one) and serve the same socket. A seal on any worker reaches every worker: the worker
+signals the supervisor (SIGUSR1), which passes the signal on to all of them. If a worker dies,
+the supervisor stops the rest and exits non-zero, for systemd to restart the whole server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from keysteward.errors import BadRequest
+from keysteward.settings import Settings
+from keysteward.store.db import Database
+from keysteward.store.models import Cluster
+
+log = logging.getLogger("keysteward.server")
+WORKER_FD = "KEYSTEWARD_WORKER_FD"
+SEAL_SIGNAL = signal.SIGUSR1
+
+
+def _seal_type(settings: Settings) -> str:
+    db = Database(settings.database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
+    try:
+        db.migrate()
+        with db.read() as conn:
+            from sqlalchemy import select
+
+            return str(conn.execute(select(Cluster.seal_type)).scalar_one())
+    finally:
+        db.dispose()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket of its own per worker: with SO_REUSEPORT the kernel spreads connections evenly."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def supervise(settings: Settings) -> int:
+    count = settings.server.workers
+    if _seal_type(settings) == "shamir":
+        raise BadRequest(
+            "server.workers > 1 needs a seal that unseals by itself (pkcs11): with Shamir shares every worker "
+            "would need its own unseal; run one process per server and add servers on PostgreSQL instead",
+            code="workers_need_auto_unseal",
+        )
+    sockets = [bind(settings.server.listen_host, settings.server.listen_port) for _ in range(count)]
+    argv = [sys.executable, "-c", "from keysteward.server.run import worker_main; worker_main()"]
+    workers = [
+        subprocess.Popen(
+            argv,
+            env={**os.environ, "KEYSTEWARD_DATA_DIR": str(settings.data_dir), WORKER_FD: str(sock.fileno())},
+            pass_fds=(sock.fileno(),),
+        )
+        for sock in sockets
+    ]
+    stopping = False
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum != SEAL_SIGNAL:
+            stopping = True
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM if signum != SEAL_SIGNAL else SEAL_SIGNAL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, SEAL_SIGNAL):
+        signal.signal(sig, forward)
+    log.info("supervising %d workers on %s:%d", count, settings.server.listen_host, settings.server.listen_port)
+    try:
+        while not stopping:
+            if any(w.poll() is not None for w in workers):
+                log.error("a worker exited; stopping the others")
+                forward(signal.SIGTERM, None)
+                break
+            time.sleep(0.2)
+    finally:
+        for w in workers:
+            try:
+                w.wait(15)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        for sock in sockets:
+            sock.close()
+    return 0 if stopping and all(w.returncode in (0, -signal.SIGTERM) for w in workers) else 1
