@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from keysteward.crypto import aead
 from keysteward.crypto.aead import AeadKey, AuthenticationFailed
 from keysteward.crypto.secret import SecretBuffer, wipe_bytearray
-from keysteward.errors import KeystewardError
+from keysteward.errors import KeystewardError, Unavailable
 
 pytestmark = pytest.mark.unit
 
@@ -149,9 +149,9 @@ def test_dropped_key_cannot_be_used() -> None:
     key = AeadKey(KEY)
     blob = key.seal(PLAINTEXT, AAD)
     key.drop()
-    with pytest.raises(ValueError):
+    with pytest.raises(Unavailable):
         key.seal(PLAINTEXT, AAD)
-    with pytest.raises(ValueError):
+    with pytest.raises(Unavailable):
         key.open(blob, AAD)
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keysteward.crypto.aead import AeadKey, AuthenticationFailed
-from keysteward.errors import BadRequest
+from keysteward.errors import BadRequest, Unavailable
 from keysteward.keys import wrapping
 from keysteward.keys.wrapping import KekCache, canonical_context, dek_aad, envelope_aad, kek_aad
 
@@ -226,7 +226,7 @@ def test_put_replaces_and_wipes_the_old_entry() -> None:
     new_key, _ = _put(cache, KEY_ID, 1)
     assert cache.get(KEY_ID, 1) is new_key
     assert old_buf.closed
-    with pytest.raises(ValueError):
+    with pytest.raises(Unavailable):
         old_key.seal(b"x", b"aad")
     new_key.seal(b"x", b"aad")
     cache.clear()
@@ -244,9 +244,9 @@ def test_evict_one_version_wipes_and_drops_it() -> None:
     assert buf1.closed
     with pytest.raises(ValueError):
         buf1.view()
-    with pytest.raises(ValueError):
+    with pytest.raises(Unavailable):
         v1.seal(b"dek", b"aad")
-    with pytest.raises(ValueError):
+    with pytest.raises(Unavailable):
         v1.open(sealed, b"aad")
     # the other entries stay usable
     assert cache.get(KEY_ID, 2) is v2
@@ -265,7 +265,7 @@ def test_evict_all_versions_of_a_key() -> None:
     for v, key, buf in zip((1, 2, 3), keys, bufs, strict=True):
         assert cache.get(KEY_ID, v) is None
         assert buf.closed
-        with pytest.raises(ValueError):
+        with pytest.raises(Unavailable):
             key.seal(b"x", b"aad")
     assert cache.get(OTHER_KEY_ID, 1) is other
     cache.clear()
@@ -288,7 +288,18 @@ def test_clear_wipes_and_drops_everything() -> None:
     assert cache._entries == {}
     assert all(buf.closed for buf in bufs)
     for key in keys:
-        with pytest.raises(ValueError):
+        with pytest.raises(Unavailable):
             key.seal(b"x", b"aad")
     assert cache.get(KEY_ID, 1) is None
     cache.clear()  # idempotent
+
+
+def test_sweep_drops_old_material_but_lets_inflight_operations_finish() -> None:
+    cache = KekCache()
+    held = cache.put("k1", 1, bytearray(b"\x07" * 32))
+    buf = cache._entries[("k1", 1)][0]
+    cache.sweep(max_age=3600)
+    assert cache.get("k1", 1) is held  # young entries stay
+    cache.sweep(max_age=0)
+    assert cache.get("k1", 1) is None and buf.closed  # the locked copy is wiped
+    assert held.open(held.seal(b"x", b"aad"), b"aad") == bytearray(b"x")  # an operation holding it completes

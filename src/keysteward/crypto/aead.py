@@ -11,7 +11,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from keysteward.errors import KeystewardError
+from keysteward.errors import KeystewardError, Unavailable
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -41,7 +41,7 @@ class AeadKey:
 
     def _get(self) -> AESGCM:
         if self._aead is None:
-            raise ValueError("key was dropped")
+            raise Unavailable("the key was dropped (sealed or destroyed) during the operation", code="key_dropped")
         return self._aead
 
     def seal(self, plaintext: Buffer, aad: bytes) -> bytes:

@@ -22,6 +22,7 @@ from keysteward.settings import RewrapSettings
 from keysteward.store.models import DataKey, Key, KeyVersion, RotationJob
 
 log = logging.getLogger("keysteward.rewrap")
+KEK_MAX_AGE_SECONDS = 60.0  # a version destroyed on another server leaves this one's memory within this
 
 
 class Rewrapper:
@@ -44,6 +45,7 @@ class Rewrapper:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.keys.cache.sweep(KEK_MAX_AGE_SECONDS)
             try:
                 worked = self.run_once()
             except KeystewardError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Mapping
 
 from keysteward.crypto.aead import AeadKey
@@ -45,11 +46,27 @@ def envelope_aad(tenant_id: str, key_id: str, version: int, context: Mapping[str
 
 
 class KekCache:
-    """Unwrapped KEK versions, in locked buffers, dropped on seal and on destroy."""
+    """Unwrapped KEK versions, in locked buffers, dropped on seal, on destroy, and when they get old.
+
+    The age limit matters when another server destroys a version: this server drops its copy at
+    the next use of that version, or at the latest when :meth:`sweep` finds it older than the limit.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, int], tuple[SecretBuffer, AeadKey]] = {}
+        self._born: dict[tuple[str, int], float] = {}
+
+    def sweep(self, max_age: float) -> None:
+        """Drop every entry unwrapped more than ``max_age`` seconds ago."""
+        limit = time.monotonic() - max_age
+        with self._lock:
+            old = [k for k, born in self._born.items() if born < limit]
+            entries = [self._entries.pop(k) for k in old if k in self._entries]
+            for k in old:
+                self._born.pop(k, None)
+        for buf, _ in entries:
+            buf.wipe()  # an operation that holds the AeadKey right now still finishes; the next one unwraps again
 
     def get(self, key_id: str, version: int) -> AeadKey | None:
         entry = self._entries.get((key_id, version))
@@ -61,6 +78,7 @@ class KekCache:
         with self._lock:
             old = self._entries.pop((key_id, version), None)
             self._entries[(key_id, version)] = (buf, aead_key)
+            self._born[(key_id, version)] = time.monotonic()
         if old is not None:
             old[1].drop()
             old[0].wipe()
@@ -73,11 +91,15 @@ class KekCache:
         for buf, aead_key in entries:
             aead_key.drop()
             buf.wipe()
+        with self._lock:
+            for k in doomed:
+                self._born.pop(k, None)
 
     def clear(self) -> None:
         with self._lock:
             entries = list(self._entries.values())
             self._entries.clear()
+            self._born.clear()
         for buf, aead_key in entries:
             aead_key.drop()
             buf.wipe()
