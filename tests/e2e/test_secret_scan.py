@@ -54,7 +54,7 @@ def test_no_secret_at_rest(secret_registry: SecretRegistry, tmp_path: Path) -> N
     files = _files(places)
     labels = set(secret_registry.secrets.values())
     # the run must have produced what this test is about, or it proves nothing
-    assert {"root key", "KEK version", "stored DEK"} <= labels, labels
+    assert {"root key", "KEK version", "stored DEK", "generated data key"} <= labels, labels
     assert len(secret_registry.secrets) >= 20 and len(files) >= 20
     assert any(f.name == "keysteward.db" for f in files) and any(f.suffix == ".log" for f in files)
     needles = [(form, label) for secret, label in secret_registry.secrets.items() for form in _forms(secret)]
