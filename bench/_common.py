@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import pwd
 import re
 import resource
 import shutil
@@ -29,16 +28,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-PG_BINDIR = Path(os.environ.get("KEYSTEWARD_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
-PG_USER = "postgres"
-PG_SETTINGS = {
-    "listen_addresses": "'127.0.0.1'",
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
-    "max_connections": "300",
-    "shared_buffers": "32MB",
-}
+sys.path.insert(0, str(REPO))  # bench scripts share the tests' PostgreSQL helper
+
+from tests.support import pgcluster  # noqa: E402
 
 
 class BenchError(Exception):
@@ -117,88 +109,32 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 15.0) -> None:
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 
-def _pg_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL tool; as the ``postgres`` system user when we are root (postgres refuses root)."""
-    prefix = ["runuser", "-u", PG_USER, "--"] if os.geteuid() == 0 else []
-    return subprocess.run(prefix + args, cwd=cwd, capture_output=True, text=True, check=False, timeout=120)
-
-
 @dataclass
 class PgCluster:
-    """A throw-away PostgreSQL cluster on 127.0.0.1: trust auth, fsync off (same settings as the tests)."""
+    """The tests' throw-away PostgreSQL cluster (tests/support/pgcluster.py), stopped by the bench's cleanup."""
 
-    base: Path
-    data: Path
-    port: int = 0
-    host: str = "127.0.0.1"
-    user: str = PG_USER
+    cluster: pgcluster.PgCluster
 
     @classmethod
     def start(cls, cleanup: Cleanup) -> PgCluster:
-        missing = [t for t in ("initdb", "pg_ctl", "postgres") if not (PG_BINDIR / t).is_file()]
-        if missing:
-            raise BenchError(f"PostgreSQL binaries {missing} not in {PG_BINDIR}: run `bash scripts/bootstrap.sh`")
-        base = make_temp_dir(cleanup, "ks-bench-pg-")
-        if os.geteuid() == 0:
-            try:
-                pw = pwd.getpwnam(PG_USER)
-            except KeyError as exc:
-                raise BenchError(f"no `{PG_USER}` system user: run `bash scripts/bootstrap.sh`") from exc
-            os.chown(base, pw.pw_uid, pw.pw_gid)
-        cluster = cls(base=base, data=base / "data")
-        init = _pg_run(
-            [
-                str(PG_BINDIR / "initdb"),
-                "-D",
-                str(cluster.data),
-                "-U",
-                PG_USER,
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--no-locale",
-                "--no-sync",
-            ],
-            cwd=base,
-        )
-        if init.returncode != 0:
-            raise BenchError(f"initdb failed:\n{init.stdout}{init.stderr}")
-        cleanup.push("stop PostgreSQL", cluster.stop)  # before starting: a half-started cluster is stopped too
-        with (cluster.data / "postgresql.conf").open("a") as conf:
-            conf.write(f"unix_socket_directories = '{base}'\n")
-            conf.writelines(f"{k} = {v}\n" for k, v in PG_SETTINGS.items())
-        log = base / "server.log"
-        started = None
-        for _attempt in range(3):  # the free port can be taken between probing and binding
-            port = free_port()
-            ctl = [str(PG_BINDIR / "pg_ctl"), "-D", str(cluster.data), "-l", str(log), "-w", "-t", "60"]
-            started = _pg_run([*ctl, "-o", f"-p {port}", "start"], cwd=base)
-            if started.returncode == 0:
-                cluster.port = port
-                return cluster
-        text = log.read_text(errors="replace") if log.exists() else ""
-        assert started is not None
-        raise BenchError(f"pg_ctl start failed:\n{started.stdout}{started.stderr}\n{text}")
+        try:
+            cluster = pgcluster.start(prefix="ks-bench-pg-")
+        except pgcluster.PgUnavailable as exc:
+            raise BenchError(str(exc)) from exc
+        cleanup.push("stop PostgreSQL", cluster.stop)
+        return cls(cluster)
 
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            _pg_run([str(PG_BINDIR / "pg_ctl"), "-D", str(self.data), "stop", "-m", "immediate", "-w"], cwd=self.base)
+    @property
+    def port(self) -> int:
+        return self.cluster.port
 
     def create_database(self, name: str) -> str:
-        import psycopg  # a keysteward dependency; imported here so SQLite-only runs do not need it
-        from psycopg import sql
-
-        with psycopg.connect(
-            host=self.host, port=self.port, user=self.user, dbname="postgres", autocommit=True
-        ) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return f"postgresql+psycopg://{self.user}@{self.host}:{self.port}/{name}"
+        return self.cluster.create_database(name)
 
     def pids(self) -> list[int]:
         """The postmaster and all its children (backends, background workers)."""
         try:
-            master = int((self.data / "postmaster.pid").read_text().split()[0])
+            master = int((self.cluster.data_dir / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return []
         return [master, *children(master)]
