@@ -12,8 +12,9 @@ No caller returns before its record is durable, and a failed batch fails all of 
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,14 +44,22 @@ WAIT_SECONDS = 30.0
 
 
 class _Pending:
-    __slots__ = ("done", "error", "fields", "seq", "tenant_id")
+    """One record waiting for its batch: a thread waits on ``done``; a coroutine gets ``notify`` called."""
 
-    def __init__(self, tenant_id: str, fields: dict[str, Any]) -> None:
+    __slots__ = ("done", "error", "fields", "notify", "seq", "tenant_id")
+
+    def __init__(self, tenant_id: str, fields: dict[str, Any], notify: Callable[[], object] | None = None) -> None:
         self.tenant_id = tenant_id
         self.fields = fields
         self.done = threading.Event()
+        self.notify = notify
         self.seq = 0
         self.error: KeystewardError | None = None
+
+    def result(self) -> int:
+        if self.error is not None:
+            raise self.error
+        return self.seq
 
 
 class AuditLog:
@@ -146,8 +155,29 @@ class AuditLog:
 
     def record(self, tenant_id: str, **fields: Any) -> int:
         """Append one record and wait until it is committed (group commit with concurrent callers)."""
-        _check_details(fields.get("details") or {})
-        pending = _Pending(tenant_id, fields)
+        pending = self._enqueue(_Pending(tenant_id, fields))
+        if not pending.done.wait(WAIT_SECONDS):
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
+        return pending.result()
+
+    async def record_async(self, tenant_id: str, **fields: Any) -> int:
+        """:meth:`record` for the event loop: waits for the commit without holding a thread."""
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not committed.done():
+                committed.set_result(None)
+
+        pending = self._enqueue(_Pending(tenant_id, fields, lambda: loop.call_soon_threadsafe(wake)))
+        try:
+            await asyncio.wait_for(committed, WAIT_SECONDS)
+        except TimeoutError as exc:
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
+        return pending.result()
+
+    def _enqueue(self, pending: _Pending) -> _Pending:
+        _check_details(pending.fields.get("details") or {})
         with self._wake:
             if self._closed:
                 raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
@@ -156,11 +186,7 @@ class AuditLog:
                 self._writer = threading.Thread(target=self._write_batches, name="keysteward-audit", daemon=True)
                 self._writer.start()
             self._wake.notify()
-        if not pending.done.wait(WAIT_SECONDS):
-            raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
-        if pending.error is not None:
-            raise pending.error
-        return pending.seq
+        return pending
 
     def _write_batches(self) -> None:
         while True:
@@ -185,6 +211,11 @@ class AuditLog:
             for pending in batch:
                 pending.error = error
                 pending.done.set()
+                if pending.notify is not None:
+                    try:
+                        pending.notify()
+                    except RuntimeError:  # its event loop has closed: nobody is waiting any more
+                        pass
 
     def close(self) -> None:
         with self._wake:

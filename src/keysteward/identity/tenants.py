@@ -181,6 +181,11 @@ class Tenants:
         for digest in [d for d, (_, _, tid) in list(self._seen.items()) if tid == token_id]:
             self._seen.pop(digest, None)
 
+    def seen(self, text: str) -> Principal | None:
+        """The principal of a token authenticated within the last second, without a database read."""
+        hit = self._seen.get(hashlib.sha256(text.encode()).digest())
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
     def authenticate(self, text: str) -> Principal:
         """Resolve a bearer token to its principal; every failure reads the same to the caller.
 
@@ -190,10 +195,10 @@ class Tenants:
         bad = Unauthenticated("the API token is not valid", code="bad_token")
         if len(text) > MAX_TOKEN_TEXT or not text.startswith(TOKEN_PREFIX) or "." not in text:
             raise bad
+        seen = self.seen(text)
+        if seen is not None:
+            return seen
         digest = hashlib.sha256(text.encode()).digest()
-        hit = self._seen.get(digest)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
         token_id, _, secret = text[len(TOKEN_PREFIX) :].partition(".")
         with self.db.read() as conn:
             row = conn.execute(

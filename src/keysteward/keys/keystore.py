@@ -111,6 +111,18 @@ class KeyStore:
         self._refs[cache_key] = (time.monotonic() + STATE_TTL_SECONDS, ref)
         return ref
 
+    def is_warm(
+        self, tenant_id: str, *, name: str | None = None, key_id: str | None = None, version: int | None = None
+    ) -> bool:
+        """Whether :meth:`key_ref` and :meth:`usable_kek` would answer from memory right now."""
+        now = time.monotonic()
+        hit = self._refs.get((tenant_id, f"name:{name}" if name is not None else f"id:{key_id}"))
+        if hit is None or hit[0] <= now:
+            return False
+        ref = hit[1]
+        version = ref.primary_version if version is None else version
+        return self.cache.get(ref.id, version) is not None and self._live_versions.get((ref.id, version), 0.0) > now
+
     def usable_kek(self, tenant_id: str, key_id: str, version: int) -> AeadKey:
         """The KEK version for an envelope operation; checks its state at most once per TTL."""
         cached = self.cache.get(key_id, version)
