@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.audit.log import AuditLog
@@ -107,7 +107,7 @@ class Tenants:
         return TenantInfo(row.id, row.name, row.created_at)
 
     # -- tokens ------------------------------------------------------------------------------
-    def _issue(self, conn, tenant_id: str, tenant: str, name: str, role: str, now: datetime) -> NewToken:  # type: ignore[no-untyped-def]
+    def _issue(self, conn: Connection, tenant_id: str, tenant: str, name: str, role: str, now: datetime) -> NewToken:
         check_name("token", name)
         if role not in HUMAN_ROLES:
             raise BadRequest(

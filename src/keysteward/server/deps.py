@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio.to_thread
 from fastapi import Request
 
@@ -57,7 +59,7 @@ async def authorize_async(request: Request, permission: Permission) -> Principal
     return who
 
 
-def need(permission: Permission):  # type: ignore[no-untyped-def]
+def need(permission: Permission) -> Callable[[Request], Principal]:
     """``Depends(need(Permission.X))`` in a route signature."""
 
     def dependency(request: Request) -> Principal:
