@@ -1,0 +1,1 @@
+"""LUKS2/LUKS1 volumes on files and block devices: the userspace data path and key slots."""
