@@ -18,6 +18,9 @@ reference is the in-process time per operation and ratio = value / reference.
 
 wrk runs on the same machine as the server (and PostgreSQL), so they share its CPU cores; the
 readable lines say how many cores there are and how the CPU time was split.
+
+The last line is the machine-readable result:
+``{"bench": "kms_ops", "figures": [{"name", "value", "unit", "reference", "ratio", "target", "ok"}, ...]}``.
 """
 
 from __future__ import annotations

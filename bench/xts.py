@@ -20,6 +20,9 @@ Figures compare steady-state calls that write into buffers allocated beforehand 
 (``out=`` here, ``update_into`` for pyca), the way a volume data path runs; the allocating forms
 (new bytes per call) are printed for context. Each figure is the best of several interleaved rounds.
 Targets apply to ``ratio``.
+
+The last line is the machine-readable result:
+``{"bench": "xts", "figures": [{"name", "value", "unit", "reference", "ratio", "target", "ok"}, ...]}``.
 """
 
 from __future__ import annotations
