@@ -21,6 +21,7 @@ from keysteward.audit.log import AuditLog
 from keysteward.crypto import x509ca
 from keysteward.crypto.secret import disable_core_dumps, wipe_bytearray
 from keysteward.errors import BadRequest, Conflict
+from keysteward.identity.principal import SYSTEM_TENANT
 from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
 from keysteward.server.app import create_app
@@ -122,8 +123,9 @@ def initialize(settings: Settings, seal_type: str, *, threshold: int, shares: in
             share_count=shares,
         )
         audit = AuditLog(db)
-        token = Tenants(db, audit).bootstrap_system()
-        system_id = Tenants(db, audit).get("system").id
+        tenants = Tenants(db, audit)
+        token = tenants.bootstrap_system()
+        system_id = tenants.get(SYSTEM_TENANT).id
         audit.record(
             system_id,
             actor="init",
@@ -146,7 +148,7 @@ def build_services(settings: Settings) -> Services:
     svc = Services.build(settings)
     if svc.root.seal_type != "shamir":
         svc.root.auto_unseal()
-        system_id = svc.tenants.get("system").id
+        system_id = svc.tenants.get(SYSTEM_TENANT).id
         svc.audit.record(
             system_id,
             actor="server",
