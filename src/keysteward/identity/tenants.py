@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import secrets
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from keysteward.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from keysteward.identity.principal import HUMAN_ROLES, SYSTEM_TENANT, Principal, check_name
 from keysteward.store.db import Database
 from keysteward.store.models import ApiToken, Tenant
+from keysteward.ttlcache import TtlCache
 
 TOKEN_PREFIX = "kst_"  # noqa: S105 - the public prefix of tokens
 MAX_TOKEN_TEXT = 256
@@ -59,7 +59,7 @@ class Tenants:
     def __init__(self, db: Database, audit: AuditLog) -> None:
         self.db = db
         self.audit = audit
-        self._seen: dict[bytes, tuple[float, Principal, str]] = {}
+        self._seen: TtlCache[bytes, tuple[Principal, str]] = TtlCache(SEEN_TTL_SECONDS)
 
     # -- tenants -----------------------------------------------------------------------------
     def create(self, name: str, *, actor: Principal | None, first_admin: str = "admin") -> tuple[TenantInfo, NewToken]:
@@ -178,13 +178,12 @@ class Tenants:
                 action="token.revoke",
                 target=f"token:{token_id}",
             )
-        for digest in [d for d, (_, _, tid) in list(self._seen.items()) if tid == token_id]:
-            self._seen.pop(digest, None)
+        self._seen.drop_where(lambda _digest, seen: seen[1] == token_id)
 
     def seen(self, text: str) -> Principal | None:
         """The principal of a token authenticated within the last second, without a database read."""
         hit = self._seen.get(hashlib.sha256(text.encode()).digest())
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+        return hit[0] if hit is not None else None
 
     def authenticate(self, text: str) -> Principal:
         """Resolve a bearer token to its principal; every failure reads the same to the caller.
@@ -210,7 +209,5 @@ class Tenants:
         if not hmac.compare_digest(expected, _hash(secret)) or row is None or row.revoked_at is not None:
             raise bad
         principal = Principal(tenant_id=row[4], tenant=row[5], role=row.role, name=row.name, kind="token")
-        if len(self._seen) > 10_000:
-            self._seen.clear()
-        self._seen[digest] = (time.monotonic() + SEEN_TTL_SECONDS, principal, token_id)
+        self._seen.put(digest, (principal, token_id))
         return principal

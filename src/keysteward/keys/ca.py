@@ -7,6 +7,7 @@ customer issues and keysteward only verifies).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -20,8 +21,10 @@ from keysteward.identity.principal import MACHINE_ROLES, Principal, check_name
 from keysteward.keys.root import RootOfTrust
 from keysteward.store.db import Database
 from keysteward.store.models import IssuedCert, Tenant, TenantCA
+from keysteward.ttlcache import TtlCache
 
 MAX_PEM = 64 * 1024
+SEEN_TTL_SECONDS = 1.0  # a certificate verified this recently is not verified again
 
 
 def ca_key_aad(tenant_id: str) -> bytes:
@@ -34,6 +37,7 @@ class CertificateAuthorities:
         self.root = root
         self.audit = audit
         self.on_new_ca: list[Callable[[str], None]] = []
+        self._seen: TtlCache[bytes, Principal] = TtlCache(SEEN_TTL_SECONDS)
 
     def _store(self, actor: Principal, cert_pem: str, key_pem: bytearray | None, source: str) -> None:
         wrapped = self.root.root().seal(key_pem, ca_key_aad(actor.tenant_id)) if key_pem is not None else None
@@ -133,8 +137,15 @@ class CertificateAuthorities:
         with self.db.read() as conn:
             return [pem for (pem,) in conn.execute(select(TenantCA.cert_pem))]
 
+    def seen(self, cert_der: bytes) -> Principal | None:
+        """The principal of a certificate verified within the last second, without a database read."""
+        return self._seen.get(hashlib.sha256(cert_der).digest())
+
     def authenticate(self, cert_der: bytes) -> Principal:
         """The machine principal of a client certificate verified against its own tenant's CA."""
+        seen = self.seen(cert_der)
+        if seen is not None:
+            return seen
         claimed = x509ca.peek_identity(cert_der)
         with self.db.read() as conn:
             row = conn.execute(
@@ -147,4 +158,8 @@ class CertificateAuthorities:
         identity = x509ca.verify_client_cert(cert_der, row.cert_pem)
         if identity.role not in MACHINE_ROLES:
             raise Unauthenticated("the client certificate carries no machine role", code="bad_client_cert")
-        return Principal(tenant_id=row.id, tenant=identity.tenant, role=identity.role, name=identity.name, kind="cert")
+        principal = Principal(
+            tenant_id=row.id, tenant=identity.tenant, role=identity.role, name=identity.name, kind="cert"
+        )
+        self._seen.put(hashlib.sha256(cert_der).digest(), principal)
+        return principal

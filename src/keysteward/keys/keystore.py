@@ -8,7 +8,6 @@ operations and the (future) release service use.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from keysteward.keys.root import RootOfTrust
 from keysteward.keys.wrapping import KekCache, dek_aad, kek_aad
 from keysteward.store.db import Database, checkpoint, for_update
 from keysteward.store.models import DataKey, Key, KeyVersion, RotationJob
+from keysteward.ttlcache import TtlCache
 
 ENABLED, DISABLED, DESTROYED = "enabled", "disabled", "destroyed"
 
@@ -80,8 +80,8 @@ class KeyStore:
         self.cache = KekCache()
         # key rows and live versions seen recently, so envelope operations need no database read;
         # changes made here drop them at once, changes made by another server within STATE_TTL_SECONDS
-        self._refs: dict[tuple[str, str], tuple[float, KeyRef]] = {}
-        self._live_versions: dict[tuple[str, int], float] = {}
+        self._refs: TtlCache[tuple[str, str], KeyRef] = TtlCache(STATE_TTL_SECONDS)
+        self._live_versions: TtlCache[tuple[str, int], bool] = TtlCache(STATE_TTL_SECONDS)
         root.on_seal(self.cache.clear)
         root.on_seal(self._forget_all)
 
@@ -90,17 +90,15 @@ class KeyStore:
         self._live_versions.clear()
 
     def _forget(self, key_id: str) -> None:
-        for k in [k for k, (_, ref) in list(self._refs.items()) if ref.id == key_id]:
-            self._refs.pop(k, None)
-        for live in [live for live in list(self._live_versions) if live[0] == key_id]:
-            self._live_versions.pop(live, None)
+        self._refs.drop_where(lambda _key, ref: ref.id == key_id)
+        self._live_versions.drop_where(lambda live, _ok: live[0] == key_id)
 
     def key_ref(self, tenant_id: str, *, name: str | None = None, key_id: str | None = None) -> KeyRef | None:
         """The key's id, state and primary version, from a short-lived cache or the database."""
         cache_key = (tenant_id, f"name:{name}" if name is not None else f"id:{key_id}")
         hit = self._refs.get(cache_key)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
+        if hit is not None:
+            return hit
         with self.db.read() as conn:
             stmt = select(Key.id, Key.name, Key.state, Key.primary_version).where(Key.tenant_id == tenant_id)
             stmt = stmt.where(Key.name == name) if name is not None else stmt.where(Key.id == key_id)
@@ -108,29 +106,27 @@ class KeyStore:
         if row is None:
             return None
         ref = KeyRef(row.id, row.name, row.state, row.primary_version)
-        self._refs[cache_key] = (time.monotonic() + STATE_TTL_SECONDS, ref)
+        self._refs.put(cache_key, ref)
         return ref
 
     def is_warm(
         self, tenant_id: str, *, name: str | None = None, key_id: str | None = None, version: int | None = None
     ) -> bool:
         """Whether :meth:`key_ref` and :meth:`usable_kek` would answer from memory right now."""
-        now = time.monotonic()
-        hit = self._refs.get((tenant_id, f"name:{name}" if name is not None else f"id:{key_id}"))
-        if hit is None or hit[0] <= now:
+        ref = self._refs.get((tenant_id, f"name:{name}" if name is not None else f"id:{key_id}"))
+        if ref is None:
             return False
-        ref = hit[1]
         version = ref.primary_version if version is None else version
-        return self.cache.get(ref.id, version) is not None and self._live_versions.get((ref.id, version), 0.0) > now
+        return self.cache.get(ref.id, version) is not None and self._live_versions.get((ref.id, version)) is not None
 
     def usable_kek(self, tenant_id: str, key_id: str, version: int) -> AeadKey:
         """The KEK version for an envelope operation; checks its state at most once per TTL."""
         cached = self.cache.get(key_id, version)
-        if cached is not None and self._live_versions.get((key_id, version), 0.0) > time.monotonic():
+        if cached is not None and self._live_versions.get((key_id, version)) is not None:
             return cached
         with self.db.read() as conn:
             kek = self.kek(conn, tenant_id, key_id, version)
-        self._live_versions[(key_id, version)] = time.monotonic() + STATE_TTL_SECONDS
+        self._live_versions.put((key_id, version), True)
         return kek
 
     # -- reading -----------------------------------------------------------------------------

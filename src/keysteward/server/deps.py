@@ -51,9 +51,14 @@ def authorize(request: Request, permission: Permission) -> Principal:
 
 async def authorize_async(request: Request, permission: Permission) -> Principal:
     """:func:`authorize` on the event loop: a token seen within the last second needs no thread."""
+    svc = services(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    who = services(request).tenants.seen(token.strip()) if scheme.lower() == "bearer" else None
+    der = client_cert_der(request)
+    if header:
+        who = svc.tenants.seen(token.strip()) if scheme.lower() == "bearer" else None
+    else:
+        who = svc.cas.seen(der) if der else None
     if who is None or not who.may(permission):
         return await anyio.to_thread.run_sync(authorize, request, permission)
     return who
