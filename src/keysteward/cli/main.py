@@ -1,37 +1,61 @@
-"""The ``keysteward`` command: ``keysteward <group> <verb>``."""
+"""The ``keysteward`` command: ``keysteward <group> <verb>``.
+
+Start-up is lazy: the full app (every group, the HTTP client, the server's schemas) is built only
+when it is needed. ``keysteward volume ...`` takes a fast path that loads the volume group alone,
+so a ``volume check`` runs in about a tenth of a second; ``keysteward --help`` still lists every group.
+Errors, usage errors included, leave as one line on stderr and a non-zero exit, never a traceback.
+"""
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
-import typer
+_gc_was_enabled = gc.isenabled()
+gc.disable()  # importing typer makes many long-lived objects: collecting them now is wasted start-up time
+try:
+    import typer
+    import typer.main
+finally:
+    if _gc_was_enabled:
+        gc.enable()
 
-from keysteward.cli import audit_cmd, ca_cmd, crypto_cmd, key_cmd, server_cmd, tenant_cmd
-from keysteward.cli.client import ClientOptions
-from keysteward.cli.context import CliState
-from keysteward.cli.output import fail
-from keysteward.errors import KeystewardError
+from keysteward.errors import KeystewardError  # noqa: E402
 
-app = typer.Typer(
-    name="keysteward",
-    help="A key manager a cloud tenant runs for itself.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-app.add_typer(server_cmd.app, name="server")
-app.add_typer(tenant_cmd.tenant_app, name="tenant")
-app.add_typer(tenant_cmd.token_app, name="token")
-app.add_typer(key_cmd.key_app, name="key")
-app.add_typer(key_cmd.dek_app, name="data-key")
-app.add_typer(crypto_cmd.app, name="crypto")
-app.add_typer(ca_cmd.app, name="ca")
-app.add_typer(audit_cmd.app, name="audit")
-app.command("whoami")(tenant_cmd.whoami)
+FAST_GROUPS = ("volume",)
+"""Groups that run without the rest of the app (their modules import nothing heavy)."""
 
 
-@app.callback()
+@functools.cache
+def build_app() -> typer.Typer:
+    """The whole CLI, every group registered (imports them all)."""
+    from keysteward.cli import audit_cmd, ca_cmd, crypto_cmd, key_cmd, server_cmd, tenant_cmd, volume_cmd
+
+    app = typer.Typer(
+        name="keysteward",
+        help="A key manager a cloud tenant runs for itself.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+    app.add_typer(server_cmd.app, name="server")
+    app.add_typer(tenant_cmd.tenant_app, name="tenant")
+    app.add_typer(tenant_cmd.token_app, name="token")
+    app.add_typer(key_cmd.key_app, name="key")
+    app.add_typer(key_cmd.dek_app, name="data-key")
+    app.add_typer(crypto_cmd.app, name="crypto")
+    app.add_typer(ca_cmd.app, name="ca")
+    app.add_typer(audit_cmd.app, name="audit")
+    app.add_typer(volume_cmd.app, name="volume")
+    app.command("whoami")(tenant_cmd.whoami)
+
+    app.callback()(root)
+    return app
+
+
 def root(
     ctx: typer.Context,
     url: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_URL", help="Key manager URL.")] = None,
@@ -41,17 +65,70 @@ def root(
     key: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_CLIENT_KEY", help="Client key (PEM).")] = None,
     data_dir: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_DATA_DIR", hidden=True)] = None,
 ) -> None:
+    from keysteward.cli.client import ClientOptions
+    from keysteward.cli.context import CliState
+
     ctx.obj = CliState(ClientOptions.resolve(url, token, ca_file, cert, key, data_dir))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # `keysteward.cli.main.app`, as before the start-up became lazy
+        return build_app()
+    raise AttributeError(name)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    from keysteward.cli.output import fail
+
+    fail(message, code)
+
+
+def _click_exceptions() -> Any:
+    """Click's exception classes: vendored in recent typer, the click package in older ones."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - typer < 0.20 depends on click itself
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
+
+
+def _run(command: Any, args: list[str], prog_name: str) -> None:
+    """Run a click command and turn every outcome into an exit status; errors into one line."""
+    errors = _click_exceptions()
+    try:
+        status = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except errors.NoArgsIsHelpError as exc:  # `keysteward` or a group without a verb: its help
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except errors.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else prog_name
+        _fail(f"{exc.format_message()} (see {where} --help)", exc.exit_code)
+    except errors.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except (typer.Abort, EOFError):
+        _fail("aborted")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    raise SystemExit(status if isinstance(status, int) else 0)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:]
+    gc.disable()  # until the command runs: start-up only makes long-lived objects
     try:
-        app()
+        if args[:1] and args[0] in FAST_GROUPS:
+            from keysteward.cli import volume_cmd
+
+            _run(typer.main.get_command(volume_cmd.app), args[1:], "keysteward volume")  # its commands enable gc
+        else:
+            command = typer.main.get_command(build_app())
+            gc.enable()
+            _run(command, args, "keysteward")
     except KeystewardError as exc:
-        fail(f"{exc.message} ({exc.code})")
+        _fail(f"{exc.message} ({exc.code})")
     except OSError as exc:
-        fail(f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "))
+        _fail(f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "))
 
 
 if __name__ == "__main__":
