@@ -432,5 +432,19 @@ def figure(
     }
 
 
+def ratio_figure(name: str, value: float, unit: str, reference: float, target: float | None) -> dict[str, Any]:
+    """One figure whose target applies to the ratio value / reference (ok is None without a target)."""
+    ratio = value / reference if reference else 0.0
+    return {
+        "name": name,
+        "value": round(value, 3),
+        "unit": unit,
+        "reference": round(reference, 3),
+        "ratio": round(ratio, 3),
+        "target": target,
+        "ok": None if target is None else ratio >= target,
+    }
+
+
 def emit_json(bench: str, figures: list[dict[str, Any]]) -> None:
     print(json.dumps({"bench": bench, "figures": figures}), flush=True)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import BenchError, Cleanup, emit_json, keysteward_cli, make_temp_dir, say
+from _common import BenchError, Cleanup, emit_json, keysteward_cli, make_temp_dir, ratio_figure, say
 
 from keysteward.volume import LuksVolume
 
@@ -84,19 +84,6 @@ def _rounds(rounds: int, *measures: Callable[[], float]) -> list[list[float]]:
         for i, measure in enumerate(measures):
             times[i].append(measure())
     return times
-
-
-def _ratio_figure(name: str, value: float, unit: str, reference: float, target: float | None) -> dict[str, Any]:
-    ratio = value / reference if reference else 0.0
-    return {
-        "name": name,
-        "value": round(value, 3),
-        "unit": unit,
-        "reference": round(reference, 3),
-        "ratio": round(ratio, 3),
-        "target": target,
-        "ok": None if target is None else ratio >= target,
-    }
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -242,11 +229,11 @@ def main() -> None:
     say(f"start-up is part of every keysteward figure: about {check_ms:.0f} ms of each read and write")
 
     figures = [
-        _ratio_figure("volume_write", rate(ks_w), "GB/s", rate(cat_w), TARGET_RATIO),
-        _ratio_figure("volume_write_vs_cat_fsync", rate(ks_w), "GB/s", rate(cat_ws), None),
-        _ratio_figure("volume_read_warm", rate(ks_warm), "GB/s", rate(cat_warm), TARGET_RATIO),
-        _ratio_figure("volume_read_cold", rate(ks_cold), "GB/s", rate(cat_cold), TARGET_RATIO),
-        _ratio_figure("volume_read_inprocess", rate(inproc), "GB/s", rate(cat_warm), None),
+        ratio_figure("volume_write", rate(ks_w), "GB/s", rate(cat_w), TARGET_RATIO),
+        ratio_figure("volume_write_vs_cat_fsync", rate(ks_w), "GB/s", rate(cat_ws), None),
+        ratio_figure("volume_read_warm", rate(ks_warm), "GB/s", rate(cat_warm), TARGET_RATIO),
+        ratio_figure("volume_read_cold", rate(ks_cold), "GB/s", rate(cat_cold), TARGET_RATIO),
+        ratio_figure("volume_read_inprocess", rate(inproc), "GB/s", rate(cat_warm), None),
         {
             "name": "volume_check_ms",
             "value": round(check_ms, 1),

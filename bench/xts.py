@@ -34,9 +34,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from _common import emit_json, machine_cpu, process_cpu_seconds, say
+from _common import emit_json, machine_cpu, process_cpu_seconds, ratio_figure, say
 from cryptography.hazmat.backends.openssl.backend import backend as pyca_backend
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -110,19 +109,6 @@ def distinct_halves_key(size: int) -> bytes:
         key = os.urandom(size)
         if key[: size // 2] != key[size // 2 :]:
             return key
-
-
-def ratio_figure(name: str, value: float, unit: str, reference: float, target: float | None) -> dict[str, Any]:
-    ratio = value / reference if reference else 0.0
-    return {
-        "name": name,
-        "value": round(value, 3),
-        "unit": unit,
-        "reference": round(reference, 3),
-        "ratio": round(ratio, 3),
-        "target": target,
-        "ok": None if target is None else ratio >= target,
-    }
 
 
 def native_oneshot(key: bytes, src: bytes, dst: bytearray, encrypt: bool) -> Callable[[], object] | None:
