@@ -27,6 +27,8 @@ def test_demo_script(tmp_path: Path, secret_registry: SecretRegistry) -> None:
         "decrypted data key matches the generated one",
         "decrypted with version 1",
         "invalid_ciphertext",
+        "read back through the userspace data path",
+        "cryptsetup opens it with the same passphrase",
         "audit chain intact",
     ):
         assert expected in done.stdout + done.stderr, expected
