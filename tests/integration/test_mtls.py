@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509ca, x509identity
 from keysteward.errors import Unauthenticated
 from keysteward.server import tls
 from keysteward.server.tls import add_client_ca, client_cert_der, server_ssl_context, uvicorn_server
@@ -56,11 +56,11 @@ def _make_app(tenant_cas: dict[str, str], hits: list[bytes | None]) -> Starlette
         if der is None:
             return JSONResponse({"error": "no client certificate"}, status_code=401)
         try:
-            claimed = x509ca.peek_identity(der)
+            claimed = x509identity.peek_identity(der)
             ca_pem = tenant_cas.get(claimed.tenant)
             if ca_pem is None:
                 raise Unauthenticated("unknown tenant", code="bad_client_cert")
-            ident = x509ca.verify_client_cert(der, ca_pem)
+            ident = x509identity.verify_client_cert(der, ca_pem)
         except Unauthenticated as exc:
             return JSONResponse({"error": exc.message}, status_code=401)
         return JSONResponse({"tenant": ident.tenant, "role": ident.role, "name": ident.name})

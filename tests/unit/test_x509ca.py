@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509ca, x509identity
 from keysteward.errors import BadRequest, Unauthenticated
 
 pytestmark = pytest.mark.unit
@@ -43,7 +43,7 @@ def _agent(
     days: int = 365,
 ) -> x509ca.IssuedCert:
     return x509ca.issue_client_cert(
-        ca[0], ca[1], tenant=tenant, role=x509ca.ROLE_AGENT, name=name, csr_pem=csr_pem, days=days
+        ca[0], ca[1], tenant=tenant, role=x509identity.ROLE_AGENT, name=name, csr_pem=csr_pem, days=days
     )
 
 
@@ -164,7 +164,7 @@ def test_check_ca_accepts_a_customer_rsa_ca() -> None:
     )
     x509ca.check_ca(cert_pem, key_pem)
     issued = x509ca.issue_client_cert(cert_pem, key_pem, tenant="cust", role="host", name="h1")
-    assert x509ca.verify_client_cert(_der(issued.cert_pem), cert_pem).role == "host"
+    assert x509identity.verify_client_cert(_der(issued.cert_pem), cert_pem).role == "host"
 
 
 def test_new_ca_rejects_bad_input() -> None:
@@ -195,16 +195,16 @@ def test_issue_verify_round_trip(ca_a: tuple[str, bytearray]) -> None:
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
     assert key.public_key() == cert.public_key()
 
-    ident = x509ca.verify_client_cert(_der(issued.cert_pem), ca_a[0])
-    assert ident == x509ca.ClientIdentity(tenant="a", role="agent", name="vm-1", serial=issued.serial)
+    ident = x509identity.verify_client_cert(_der(issued.cert_pem), ca_a[0])
+    assert ident == x509identity.ClientIdentity(tenant="a", role="agent", name="vm-1", serial=issued.serial)
     assert ident.uri == "keysteward:a/agent/vm-1"
-    assert x509ca.peek_identity(_der(issued.cert_pem)) == ident
+    assert x509identity.peek_identity(_der(issued.cert_pem)) == ident
 
 
 def test_cert_from_tenant_a_against_tenant_b(ca_a: tuple[str, bytearray], ca_b: tuple[str, bytearray]) -> None:
     der = _der(_agent(ca_a).cert_pem)
     with pytest.raises(Unauthenticated) as info:
-        x509ca.verify_client_cert(der, ca_b[0])
+        x509identity.verify_client_cert(der, ca_b[0])
     assert info.value.code == "bad_client_cert"
     assert "not issued by this tenant's CA" in info.value.message
 
@@ -213,7 +213,7 @@ def test_cert_from_a_ca_with_the_same_name_is_rejected(ca_a: tuple[str, bytearra
     impostor = x509ca.new_ca("tenant a")  # same subject, other key
     der = _der(_agent(impostor).cert_pem)
     with pytest.raises(Unauthenticated) as info:
-        x509ca.verify_client_cert(der, ca_a[0])
+        x509identity.verify_client_cert(der, ca_a[0])
     assert "signature does not verify" in info.value.message
 
 
@@ -221,12 +221,12 @@ def test_expired_and_not_yet_valid(ca_a: tuple[str, bytearray]) -> None:
     issued = _agent(ca_a, days=1)
     der = _der(issued.cert_pem)
     with pytest.raises(Unauthenticated) as info:
-        x509ca.verify_client_cert(der, ca_a[0], now=issued.not_after + dt.timedelta(seconds=1))
+        x509identity.verify_client_cert(der, ca_a[0], now=issued.not_after + dt.timedelta(seconds=1))
     assert info.value.code == "bad_client_cert" and "expired" in info.value.message
     with pytest.raises(Unauthenticated) as info:
-        x509ca.verify_client_cert(der, ca_a[0], now=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+        x509identity.verify_client_cert(der, ca_a[0], now=dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
     assert "not valid before" in info.value.message
-    x509ca.verify_client_cert(der, ca_a[0], now=issued.not_after - dt.timedelta(minutes=1))
+    x509identity.verify_client_cert(der, ca_a[0], now=issued.not_after - dt.timedelta(minutes=1))
 
 
 def test_leaf_never_outlives_its_ca() -> None:
@@ -238,7 +238,7 @@ def test_leaf_never_outlives_its_ca() -> None:
 def test_server_cert_is_not_a_client_cert(ca_a: tuple[str, bytearray]) -> None:
     server = x509ca.issue_server_cert(ca_a[0], ca_a[1], hostnames=["kms.example"], ips=["10.0.0.1"])
     with pytest.raises(Unauthenticated) as info:
-        x509ca.verify_client_cert(_der(server.cert_pem), ca_a[0])
+        x509identity.verify_client_cert(_der(server.cert_pem), ca_a[0])
     assert info.value.code == "bad_client_cert"
     # the same, with an identity URI but EKU serverAuth: refused for its EKU
     der = _hand_issued(
@@ -246,9 +246,9 @@ def test_server_cert_is_not_a_client_cert(ca_a: tuple[str, bytearray]) -> None:
         sans=[x509.UniformResourceIdentifier("keysteward:a/agent/vm-1")],
         eku=ExtendedKeyUsageOID.SERVER_AUTH,
     )
-    assert x509ca.peek_identity(der).name == "vm-1"
+    assert x509identity.peek_identity(der).name == "vm-1"
     with pytest.raises(Unauthenticated) as info:
-        x509ca.verify_client_cert(der, ca_a[0])
+        x509identity.verify_client_cert(der, ca_a[0])
     assert "clientAuth" in info.value.message
 
 
@@ -303,7 +303,7 @@ def test_csr_path(ca_a: tuple[str, bytearray], kind: str) -> None:
     cert = _cert(issued.cert_pem)
     assert cert.public_key() == key.public_key()
     # only the public key is taken from the CSR: identity and subject are keysteward's
-    ident = x509ca.verify_client_cert(_der(issued.cert_pem), ca_a[0])
+    ident = x509identity.verify_client_cert(_der(issued.cert_pem), ca_a[0])
     assert (ident.tenant, ident.role, ident.name) == ("a", "agent", "vm-csr")
     assert cert.subject.rfc4514_string() == "CN=vm-csr"
 
@@ -346,25 +346,25 @@ def test_issue_with_the_wrong_ca_key(ca_a: tuple[str, bytearray], ca_b: tuple[st
 def test_invalid_name_components(ca_a: tuple[str, bytearray], bad: str, where: str) -> None:
     parts = {"tenant": "a", "role": "agent", "name": "vm-1", where: bad}
     with pytest.raises(BadRequest) as info:
-        x509ca.identity_uri(parts["tenant"], parts["role"], parts["name"])
+        x509identity.identity_uri(parts["tenant"], parts["role"], parts["name"])
     assert info.value.code == "bad_name"
     with pytest.raises(BadRequest):
         x509ca.issue_client_cert(ca_a[0], ca_a[1], tenant=parts["tenant"], role=parts["role"], name=parts["name"])
 
 
 def test_valid_name_components() -> None:
-    assert x509ca.identity_uri("acme-1", "host", "x" * 64) == "keysteward:acme-1/host/" + "x" * 64
-    assert x509ca.identity_uri("0", "a.b_c-d", "9") == "keysteward:0/a.b_c-d/9"
-    assert x509ca.IDENTITY_URI_PREFIX == x509ca.IDENTITY_URI_SCHEME + ":"
+    assert x509identity.identity_uri("acme-1", "host", "x" * 64) == "keysteward:acme-1/host/" + "x" * 64
+    assert x509identity.identity_uri("0", "a.b_c-d", "9") == "keysteward:0/a.b_c-d/9"
+    assert x509identity.IDENTITY_URI_PREFIX == x509identity.IDENTITY_URI_SCHEME + ":"
 
 
 def test_peek_identity_without_uri_san(ca_a: tuple[str, bytearray]) -> None:
     der = _hand_issued(ca_a, sans=[x509.DNSName("vm-1.example")], eku=ExtendedKeyUsageOID.CLIENT_AUTH)
     with pytest.raises(Unauthenticated) as info:
-        x509ca.peek_identity(der)
+        x509identity.peek_identity(der)
     assert info.value.code == "bad_client_cert"
     with pytest.raises(Unauthenticated):
-        x509ca.verify_client_cert(der, ca_a[0])
+        x509identity.verify_client_cert(der, ca_a[0])
 
 
 @pytest.mark.parametrize(
@@ -382,7 +382,7 @@ def test_peek_identity_needs_exactly_one_good_uri(ca_a: tuple[str, bytearray], u
         ca_a, sans=[x509.UniformResourceIdentifier(u) for u in uris], eku=ExtendedKeyUsageOID.CLIENT_AUTH
     )
     with pytest.raises(Unauthenticated) as info:
-        x509ca.peek_identity(der)
+        x509identity.peek_identity(der)
     assert info.value.code == "bad_client_cert"
 
 
@@ -392,19 +392,19 @@ def test_peek_identity_ignores_other_sans(ca_a: tuple[str, bytearray]) -> None:
         sans=[x509.DNSName("vm-1.example"), x509.UniformResourceIdentifier("keysteward:a/host/h-1")],
         eku=ExtendedKeyUsageOID.CLIENT_AUTH,
     )
-    assert x509ca.verify_client_cert(der, ca_a[0]).role == "host"
+    assert x509identity.verify_client_cert(der, ca_a[0]).role == "host"
 
 
 @pytest.mark.parametrize("der", [b"", b"\x30\x03\x02\x01\x00", b"garbage" * 10])
 def test_garbage_client_cert(ca_a: tuple[str, bytearray], der: bytes) -> None:
     with pytest.raises(Unauthenticated) as info:
-        x509ca.peek_identity(der)
+        x509identity.peek_identity(der)
     assert info.value.code == "bad_client_cert"
     with pytest.raises(Unauthenticated):
-        x509ca.verify_client_cert(der, ca_a[0])
+        x509identity.verify_client_cert(der, ca_a[0])
 
 
 def test_unusable_tenant_ca_is_unauthenticated(ca_a: tuple[str, bytearray]) -> None:
     with pytest.raises(Unauthenticated) as info:
-        x509ca.verify_client_cert(_der(_agent(ca_a).cert_pem), "not a pem")
+        x509identity.verify_client_cert(_der(_agent(ca_a).cert_pem), "not a pem")
     assert info.value.code == "bad_client_cert"

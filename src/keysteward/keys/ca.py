@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from sqlalchemy import insert, select
 
 from keysteward.audit.log import AuditLog
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509ca, x509identity
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from keysteward.identity.principal import MACHINE_ROLES, Principal, check_name
@@ -146,7 +146,7 @@ class CertificateAuthorities:
         seen = self.seen(cert_der)
         if seen is not None:
             return seen
-        claimed = x509ca.peek_identity(cert_der)
+        claimed = x509identity.peek_identity(cert_der)
         with self.db.read() as conn:
             row = conn.execute(
                 select(Tenant.id, TenantCA.cert_pem)
@@ -155,7 +155,7 @@ class CertificateAuthorities:
             ).first()
         if row is None:
             raise Unauthenticated("the client certificate names a tenant without a CA", code="bad_client_cert")
-        identity = x509ca.verify_client_cert(cert_der, row.cert_pem)
+        identity = x509identity.verify_client_cert(cert_der, row.cert_pem)
         if identity.role not in MACHINE_ROLES:
             raise Unauthenticated("the client certificate carries no machine role", code="bad_client_cert")
         principal = Principal(

@@ -5,7 +5,7 @@ The server context asks every client for a certificate but does not require one
 present the client certificate their tenant's CA issued. OpenSSL checks a presented certificate
 against the union of all tenant CAs (a certificate from an unknown CA fails the handshake); which
 tenant it belongs to, and whether that tenant's CA issued it, is decided per request by
-:func:`keysteward.crypto.x509ca.verify_client_cert` with the certificate this module hands to the app:
+:func:`keysteward.crypto.x509identity.verify_client_cert` with the certificate this module hands to the app:
 
     scope["extensions"]["tls"]["client_cert_der"]  # DER bytes, or None without a client cert
 
