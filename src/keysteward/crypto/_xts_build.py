@@ -244,6 +244,44 @@ static void ks_gcrypt_init(void)
     snprintf(ks_gcrypt_name, sizeof(ks_gcrypt_name), "libgcrypt %s", gcry_check_version(NULL));
     ks_gcrypt_ok = 1;
 }
+
+/* An XTS handle keyed with both halves (the caller checked the key), or NULL on failure. */
+static gcry_cipher_hd_t ks_gcrypt_open(const unsigned char *key, size_t key_len)
+{
+    gcry_cipher_hd_t hd = NULL;
+
+    if (gcry_cipher_open(&hd, key_len == 32 ? GCRY_CIPHER_AES128 : GCRY_CIPHER_AES256, GCRY_CIPHER_MODE_XTS, 0)
+        != 0)
+        return NULL;
+    if (gcry_cipher_setkey(hd, key, key_len) != 0) {
+        gcry_cipher_close(hd);
+        return NULL;
+    }
+    return hd;
+}
+
+/* Many sectors through one handle: a new plain64 IV per sector, then one call over the sector. */
+static int ks_gcrypt_sectors(gcry_cipher_hd_t hd, int encrypt, const unsigned char *in, unsigned char *out,
+                             size_t n_sectors, size_t sector_size, uint64_t tweak, uint64_t tweak_step)
+{
+    unsigned char iv[16];
+    gcry_error_t err;
+    size_t i;
+
+    for (i = 0; i < n_sectors; i++) {
+        ks_plain64(iv, tweak);
+        err = gcry_cipher_setiv(hd, iv, sizeof(iv));
+        if (err == 0)
+            err = encrypt ? gcry_cipher_encrypt(hd, out, sector_size, in, sector_size)
+                          : gcry_cipher_decrypt(hd, out, sector_size, in, sector_size);
+        if (err != 0)
+            return KS_XTS_ERR_LIBRARY;
+        in += sector_size;
+        out += sector_size;
+        tweak += tweak_step;
+    }
+    return KS_XTS_OK;
+}
 """
 
 _GCRYPT = r"""
@@ -276,9 +314,8 @@ static int ks_xts_new(const unsigned char *key, size_t key_len, ks_xts **out)
     x = gcry_calloc(1, sizeof(*x));
     if (x == NULL)
         return KS_XTS_ERR_NOMEM;
-    if (gcry_cipher_open(&x->hd, key_len == 32 ? GCRY_CIPHER_AES128 : GCRY_CIPHER_AES256,
-                         GCRY_CIPHER_MODE_XTS, 0) != 0
-        || gcry_cipher_setkey(x->hd, key, key_len) != 0) {
+    x->hd = ks_gcrypt_open(key, key_len);
+    if (x->hd == NULL) {
         ks_xts_free(x);
         return KS_XTS_ERR_LIBRARY;
     }
@@ -289,28 +326,11 @@ static int ks_xts_new(const unsigned char *key, size_t key_len, ks_xts **out)
 static int ks_xts_crypt(ks_xts *x, int encrypt, const unsigned char *in, unsigned char *out,
                         size_t n_sectors, size_t sector_size, uint64_t first_tweak, uint64_t tweak_step)
 {
-    unsigned char iv[16];
-    uint64_t tweak = first_tweak;
-    size_t i;
-    gcry_error_t err;
-    int rc;
+    int rc = ks_check_crypt(x, in, out, n_sectors, sector_size);
 
-    rc = ks_check_crypt(x, in, out, n_sectors, sector_size);
     if (rc != KS_XTS_OK)
         return rc;
-    for (i = 0; i < n_sectors; i++) {
-        ks_plain64(iv, tweak);
-        err = gcry_cipher_setiv(x->hd, iv, sizeof(iv));
-        if (err == 0)
-            err = encrypt ? gcry_cipher_encrypt(x->hd, out, sector_size, in, sector_size)
-                          : gcry_cipher_decrypt(x->hd, out, sector_size, in, sector_size);
-        if (err != 0)
-            return KS_XTS_ERR_LIBRARY;
-        in += sector_size;
-        out += sector_size;
-        tweak += tweak_step;
-    }
-    return KS_XTS_OK;
+    return ks_gcrypt_sectors(x->hd, encrypt, in, out, n_sectors, sector_size, first_tweak, tweak_step);
 }
 
 static const char *ks_xts_backend(void)
@@ -604,9 +624,7 @@ static int ks_xts_new(const unsigned char *key, size_t key_len, ks_xts **out)
         x->nr = ks_vaes_expand(key, half, x->ek);
         ks_vaes_expand(key + half, half, x->tk);
         ks_vaes_invert(x->nr, (const unsigned char (*)[16])x->ek, x->dk);
-    } else if (gcry_cipher_open(&x->hd, key_len == 32 ? GCRY_CIPHER_AES128 : GCRY_CIPHER_AES256,
-                                GCRY_CIPHER_MODE_XTS, 0) != 0
-               || gcry_cipher_setkey(x->hd, key, key_len) != 0) {
+    } else if ((x->hd = ks_gcrypt_open(key, key_len)) == NULL) {
         ks_xts_free(x);
         return KS_XTS_ERR_LIBRARY;
     }
@@ -617,32 +635,15 @@ static int ks_xts_new(const unsigned char *key, size_t key_len, ks_xts **out)
 static int ks_xts_crypt(ks_xts *x, int encrypt, const unsigned char *in, unsigned char *out,
                         size_t n_sectors, size_t sector_size, uint64_t first_tweak, uint64_t tweak_step)
 {
-    unsigned char iv[16];
-    uint64_t tweak = first_tweak;
-    size_t i;
-    gcry_error_t err;
-    int rc;
+    int rc = ks_check_crypt(x, in, out, n_sectors, sector_size);
 
-    rc = ks_check_crypt(x, in, out, n_sectors, sector_size);
     if (rc != KS_XTS_OK)
         return rc;
     if (x->hd == NULL) {
         ks_vaes_crypt(x, encrypt, in, out, n_sectors, sector_size, first_tweak, tweak_step);
         return KS_XTS_OK;
     }
-    for (i = 0; i < n_sectors; i++) {
-        ks_plain64(iv, tweak);
-        err = gcry_cipher_setiv(x->hd, iv, sizeof(iv));
-        if (err == 0)
-            err = encrypt ? gcry_cipher_encrypt(x->hd, out, sector_size, in, sector_size)
-                          : gcry_cipher_decrypt(x->hd, out, sector_size, in, sector_size);
-        if (err != 0)
-            return KS_XTS_ERR_LIBRARY;
-        in += sector_size;
-        out += sector_size;
-        tweak += tweak_step;
-    }
-    return KS_XTS_OK;
+    return ks_gcrypt_sectors(x->hd, encrypt, in, out, n_sectors, sector_size, first_tweak, tweak_step);
 }
 
 static char ks_vaes_name[160];
