@@ -181,10 +181,13 @@ class SectorIO:
         self.check_range(offset, 0 if length is None else length)
         sector, payload = self.geometry.sector_size, self.payload_size
         pos, written = offset, 0
+        # The plaintext of the previous window's partly filled last sector. The next window starts in that
+        # sector, and must take it from here: the previous window may still be on its way to the disk.
+        carried: tuple[int, bytes] | None = None
 
         def produce(buf: bytearray) -> Span | None:
             """Fill ``buf`` with the next window: input bytes, and old plaintext around them."""
-            nonlocal pos, written
+            nonlocal pos, written, carried
             start = _align_down(pos, sector)
             head = pos - start
             capacity = min(len(buf), payload - start)
@@ -196,7 +199,9 @@ class SectorIO:
                     )
                 return None
             view = memoryview(buf)
-            if head:
+            if head and carried is not None and carried[0] == start:
+                view[:sector] = carried[1]
+            elif head:
                 self._decrypt_at(start, view[:sector])
             got = _fill(read_into, view[head:capacity])
             if got == 0:
@@ -208,7 +213,9 @@ class SectorIO:
                 self._decrypt_at(tail, memoryview(old))
                 view[stop - start : tail - start + sector] = old[stop - tail :]
             pos, written = stop, written + got
-            return start, _align_up(stop, sector)
+            end = _align_up(stop, sector)
+            carried = (end - sector, bytes(view[end - sector - start : end - start])) if stop != end else None
+            return start, end
 
         def job(span: Span, buf: bytearray) -> None:
             self._encrypt_to(span[0], memoryview(buf)[: span[1] - span[0]])
@@ -275,4 +282,6 @@ class SectorIO:
                 yield span, buf
                 free.append(buf)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # no cancelling: a window handed to a worker is part of what was reported written (an input
+            # that runs past the payload fails only after the windows before it are on the disk)
+            pool.shutdown(wait=True)
