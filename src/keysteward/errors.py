@@ -10,6 +10,7 @@ Every error raised on purpose derives from :class:`KeystewardError` and carries 
     │   └── InvalidShare      400  an unseal share that is malformed or from another server
     ├── Unauthenticated       401  no or bad credentials
     ├── Forbidden             403  authenticated, but the role may not do this
+    │   └── Denied            403  a key release refused by the decision path (reason in ``code``)
     ├── NotFound              404  unknown tenant, key, version, token...
     ├── Conflict              409  duplicate name, state that forbids the operation
     ├── PayloadTooLarge       413
@@ -64,6 +65,13 @@ class Forbidden(KeystewardError):
     code = "forbidden"
     status = 403
     title = "Forbidden"
+
+
+class Denied(Forbidden):
+    """A release the decision path refused; ``code`` is the reason an operator can act on."""
+
+    code = "denied"
+    title = "Release denied"
 
 
 class NotFound(KeystewardError):

@@ -57,12 +57,23 @@ class RewrapSettings:
 
 
 @dataclass(frozen=True)
+class ReleaseSettings:
+    nonce_ttl_seconds: float = 60.0
+    audience: str = "keysteward"  # the audience identity tokens (gcp-jwt) must name
+    alert_webhook_url: str = ""  # suspected clones and other alerts are POSTed here as JSON
+    alert_webhook_timeout: float = 5.0
+    default_lease_seconds: int = 30
+    default_renew_seconds: int = 10
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     server: ServerSettings = field(default_factory=ServerSettings)
     seal: SealSettings = field(default_factory=SealSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     rewrap: RewrapSettings = field(default_factory=RewrapSettings)
+    release: ReleaseSettings = field(default_factory=ReleaseSettings)
 
     @property
     def database_url(self) -> str:
@@ -81,6 +92,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "seal": SealSettings,
     "storage": StorageSettings,
     "rewrap": RewrapSettings,
+    "release": ReleaseSettings,
 }
 
 

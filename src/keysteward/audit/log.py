@@ -33,9 +33,17 @@ _SCALARS = (str, int, float, bool, type(None))
 def _check_details(details: Mapping[str, Any]) -> None:
     """Audit details are plain metadata: refuse bytes and anything else that could carry a secret."""
     for key, value in details.items():
+        if isinstance(value, Mapping):  # one level of named scalars: labels, verified claims
+            if not all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in value.items()):
+                _refuse(key)
+            continue
         items = value if isinstance(value, list | tuple) else [value]
         if not isinstance(key, str) or not all(isinstance(v, _SCALARS) for v in items):
-            raise TypeError(f"audit detail {key!r} must be a string, number, boolean or a list of them")
+            _refuse(key)
+
+
+def _refuse(key: object) -> None:
+    raise TypeError(f"audit detail {key!r} must be a string, number, boolean, a list of them or a map of them")
 
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
@@ -43,16 +51,29 @@ BATCH = 512
 WAIT_SECONDS = 30.0
 
 
+Effect = Callable[[Connection], dict[str, Any]]
+"""A change committed together with its audit record: it runs in the batch's transaction (under a
+savepoint) and returns the record's fields (or ``{}``: a routine change that needs no record). Raising a
+KeystewardError undoes the change and records nothing."""
+
+
 class _Pending:
     """One record waiting for its batch: a thread waits on ``done``; a coroutine gets ``notify`` called."""
 
-    __slots__ = ("done", "error", "fields", "notify", "seq", "tenant_id")
+    __slots__ = ("done", "effect", "error", "fields", "notify", "seq", "tenant_id")
 
-    def __init__(self, tenant_id: str, fields: dict[str, Any], notify: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        tenant_id: str,
+        fields: dict[str, Any],
+        notify: Callable[[], object] | None = None,
+        effect: Effect | None = None,
+    ) -> None:
         self.tenant_id = tenant_id
         self.fields = fields
         self.done = threading.Event()
         self.notify = notify
+        self.effect = effect
         self.seq = 0
         self.error: KeystewardError | None = None
 
@@ -155,13 +176,26 @@ class AuditLog:
 
     def record(self, tenant_id: str, **fields: Any) -> int:
         """Append one record and wait until it is committed (group commit with concurrent callers)."""
-        pending = self._enqueue(_Pending(tenant_id, fields))
+        return self._wait(self._enqueue(_Pending(tenant_id, fields)))
+
+    async def record_async(self, tenant_id: str, **fields: Any) -> int:
+        """:meth:`record` for the event loop: waits for the commit without holding a thread."""
+        return await self._wait_async(tenant_id, fields, None)
+
+    def commit(self, tenant_id: str, effect: Effect) -> int:
+        """Run ``effect`` and append the record it returns in one group-committed transaction."""
+        return self._wait(self._enqueue(_Pending(tenant_id, {}, effect=effect)))
+
+    async def commit_async(self, tenant_id: str, effect: Effect) -> int:
+        """:meth:`commit` for the event loop."""
+        return await self._wait_async(tenant_id, {}, effect)
+
+    def _wait(self, pending: _Pending) -> int:
         if not pending.done.wait(WAIT_SECONDS):
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
         return pending.result()
 
-    async def record_async(self, tenant_id: str, **fields: Any) -> int:
-        """:meth:`record` for the event loop: waits for the commit without holding a thread."""
+    async def _wait_async(self, tenant_id: str, fields: dict[str, Any], effect: Effect | None) -> int:
         loop = asyncio.get_running_loop()
         committed: asyncio.Future[None] = loop.create_future()
 
@@ -169,7 +203,7 @@ class AuditLog:
             if not committed.done():
                 committed.set_result(None)
 
-        pending = self._enqueue(_Pending(tenant_id, fields, lambda: loop.call_soon_threadsafe(wake)))
+        pending = self._enqueue(_Pending(tenant_id, fields, lambda: loop.call_soon_threadsafe(wake), effect))
         try:
             await asyncio.wait_for(committed, WAIT_SECONDS)
         except TimeoutError as exc:
@@ -177,7 +211,8 @@ class AuditLog:
         return pending.result()
 
     def _enqueue(self, pending: _Pending) -> _Pending:
-        _check_details(pending.fields.get("details") or {})
+        if pending.effect is None:
+            _check_details(pending.fields.get("details") or {})
         with self._wake:
             if self._closed:
                 raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
@@ -199,8 +234,9 @@ class AuditLog:
             error: KeystewardError | None = None
             try:
                 with self.db.write() as conn:
-                    seqs = self.append_many(conn, [(p.tenant_id, p.fields) for p in batch])
-                for pending, seq in zip(batch, seqs, strict=True):
+                    recorded = self._run_effects(conn, batch)
+                    seqs = self.append_many(conn, [(p.tenant_id, p.fields) for p in recorded])
+                for pending, seq in zip(recorded, seqs, strict=True):
                     pending.seq = seq
             except (SQLAlchemyError, KeystewardError) as exc:
                 error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
@@ -209,13 +245,37 @@ class AuditLog:
                 error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
                 error.__cause__ = exc
             for pending in batch:
-                pending.error = error
+                if error is not None:
+                    pending.error = error
                 pending.done.set()
                 if pending.notify is not None:
                     try:
                         pending.notify()
                     except RuntimeError:  # its event loop has closed: nobody is waiting any more
                         pass
+
+    @staticmethod
+    def _run_effects(conn: Connection, batch: list[_Pending]) -> list[_Pending]:
+        """Run each effect under its own savepoint; those that refuse are undone and left unrecorded."""
+        recorded = []
+        for pending in batch:
+            pending.error = None
+            if pending.effect is not None:
+                try:
+                    with conn.begin_nested():
+                        pending.fields = pending.effect(conn)
+                        _check_details(pending.fields.get("details") or {})
+                except KeystewardError as exc:
+                    pending.error = exc
+                    continue
+                except SQLAlchemyError as exc:  # undone by its savepoint; the rest of the batch goes on
+                    pending.error = Unavailable("the database refused the change", code="database_unavailable")
+                    pending.error.__cause__ = exc
+                    continue
+                if not pending.fields:
+                    continue
+            recorded.append(pending)
+        return recorded
 
     def close(self) -> None:
         with self._wake:

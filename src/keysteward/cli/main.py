@@ -32,7 +32,17 @@ FAST_GROUPS = ("volume",)
 @functools.cache
 def build_app() -> typer.Typer:
     """The whole CLI, every group registered (imports them all)."""
-    from keysteward.cli import audit_cmd, ca_cmd, crypto_cmd, key_cmd, server_cmd, tenant_cmd, volume_cmd
+    from keysteward.cli import (
+        audit_cmd,
+        ca_cmd,
+        crypto_cmd,
+        devcloud_cmd,
+        key_cmd,
+        release_cmd,
+        server_cmd,
+        tenant_cmd,
+        volume_cmd,
+    )
 
     app = typer.Typer(
         name="keysteward",
@@ -50,6 +60,10 @@ def build_app() -> typer.Typer:
     app.add_typer(ca_cmd.app, name="ca")
     app.add_typer(audit_cmd.app, name="audit")
     app.add_typer(volume_cmd.app, name="volume")
+    app.add_typer(release_cmd.provider_app, name="provider")
+    app.add_typer(release_cmd.instance_app, name="instance")
+    app.add_typer(release_cmd.lease_app, name="lease")
+    app.add_typer(devcloud_cmd.app, name="devcloud")
     app.command("whoami")(tenant_cmd.whoami)
 
     app.callback()(root)

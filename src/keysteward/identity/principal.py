@@ -34,6 +34,9 @@ class Permission(Enum):
     CA_MANAGE = "ca.manage"
     CA_READ = "ca.read"
     AUDIT_READ = "audit.read"
+    VOLUME_MANAGE = "volume.manage"
+    VOLUME_READ = "volume.read"
+    VOLUME_REVOKE = "volume.revoke"
 
 
 _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
@@ -46,10 +49,21 @@ _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
             Permission.CA_MANAGE,
             Permission.CA_READ,
             Permission.AUDIT_READ,
+            Permission.VOLUME_MANAGE,
+            Permission.VOLUME_READ,
+            Permission.VOLUME_REVOKE,
         }
     ),
-    "security-officer": frozenset({Permission.KEY_READ, Permission.CA_READ, Permission.AUDIT_READ}),
-    "auditor": frozenset({Permission.KEY_READ, Permission.CA_READ, Permission.AUDIT_READ}),
+    "security-officer": frozenset(
+        {
+            Permission.KEY_READ,
+            Permission.CA_READ,
+            Permission.AUDIT_READ,
+            Permission.VOLUME_READ,
+            Permission.VOLUME_REVOKE,
+        }
+    ),
+    "auditor": frozenset({Permission.KEY_READ, Permission.CA_READ, Permission.AUDIT_READ, Permission.VOLUME_READ}),
     "agent": frozenset({Permission.KEY_USE}),
     "host": frozenset({Permission.KEY_USE}),
 }

@@ -403,39 +403,63 @@ class KeyStore:
         checkpoint(self.db)
 
     # -- stored data keys ---------------------------------------------------------------------
-    def create_data_key(self, actor: Principal, key_name: str, name: str) -> DataKeyInfo:
+    def new_data_key(
+        self, conn: Connection, tenant_id: str, key_name: str, name: str, *, size: int = 64
+    ) -> tuple[str, int, SecretBuffer]:
+        """Insert a fresh data key of ``size`` bytes under ``key_name``'s primary version, in the caller's transaction.
+
+        Returns its id, the KEK version and the plaintext in a locked buffer the caller wipes.
+        """
         check_name("data key", name)
         dek_id = str(uuid.uuid4())
-        now = datetime.now(UTC)
+        row = self._key_row(conn, tenant_id, key_name)
+        self.require_enabled(row)
+        kek = self.kek(conn, tenant_id, row.id, row.primary_version)
+        dek = SecretBuffer.from_bytes(bytearray(os.urandom(size)))
         try:
-            with self.db.write() as conn:
-                row = self._key_row(conn, actor.tenant_id, key_name)
-                self.require_enabled(row)
-                kek = self.kek(conn, actor.tenant_id, row.id, row.primary_version)
-                with SecretBuffer.from_bytes(bytearray(os.urandom(64))) as dek:
-                    wrapped = kek.seal(dek.view(), dek_aad(actor.tenant_id, row.id, row.primary_version, dek_id))
-                conn.execute(
-                    insert(DataKey).values(
-                        id=dek_id,
-                        tenant_id=actor.tenant_id,
-                        key_id=row.id,
-                        name=name,
-                        kek_version=row.primary_version,
-                        wrapped=wrapped,
-                        created_at=now,
+            wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        insert(DataKey).values(
+                            id=dek_id,
+                            tenant_id=tenant_id,
+                            key_id=row.id,
+                            name=name,
+                            kek_version=row.primary_version,
+                            wrapped=wrapped,
+                            created_at=datetime.now(UTC),
+                        )
                     )
-                )
-                self.audit.append(
-                    conn,
-                    actor.tenant_id,
-                    actor=actor.describe(),
-                    action="data_key.create",
-                    target=f"data_key:{name}",
-                    details={"key": key_name, "kek_version": row.primary_version, "id": dek_id},
-                )
-        except IntegrityError as exc:
-            raise Conflict(f"key '{key_name}' already has a data key named '{name}'", code="data_key_exists") from exc
-        return DataKeyInfo(dek_id, name, key_name, row.primary_version, now, False)
+            except IntegrityError as exc:
+                raise Conflict(
+                    f"key '{key_name}' already has a data key named '{name}'", code="data_key_exists"
+                ) from exc
+        except BaseException:
+            dek.wipe()
+            raise
+        return dek_id, row.primary_version, dek
+
+    def create_data_key(self, actor: Principal, key_name: str, name: str) -> DataKeyInfo:
+        with self.db.write() as conn:
+            dek_id, version, dek = self.new_data_key(conn, actor.tenant_id, key_name, name)
+            dek.wipe()
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="data_key.create",
+                target=f"data_key:{name}",
+                details={"key": key_name, "kek_version": version, "id": dek_id},
+            )
+        return DataKeyInfo(dek_id, name, key_name, version, datetime.now(UTC), False)
+
+    def shred_data_key(self, conn: Connection, tenant_id: str, dek_id: str) -> None:
+        """Destroy one data key's only stored form, in the caller's transaction (call :meth:`after_data_key_shred`)."""
+        conn.execute(update(DataKey).where(DataKey.tenant_id == tenant_id, DataKey.id == dek_id).values(wrapped=None))
+
+    def after_data_key_shred(self) -> None:
+        checkpoint(self.db)
 
     def list_data_keys(self, actor: Principal, key_name: str) -> list[DataKeyInfo]:
         with self.db.read() as conn:

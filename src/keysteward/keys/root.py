@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from sqlalchemy import insert, select
 
@@ -211,6 +213,17 @@ class RootOfTrust:
         if key is None:
             raise Sealed("the key manager is sealed; unseal it first")
         return key
+
+    def derive(self, label: bytes, length: int = 32) -> bytearray:
+        """A key for one purpose (``label``), derived from the root key with HKDF-SHA256; the caller wipes it."""
+        with self._lock:
+            if self._root is None:
+                raise Sealed("the key manager is sealed; unseal it first")
+            return bytearray(
+                HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=b"keysteward/" + label).derive(
+                    self._root.view()
+                )
+            )
 
     # -- unsealing ---------------------------------------------------------------------------
     def auto_unseal(self) -> None:

@@ -18,7 +18,7 @@ from prometheus_client import (
 
 from keysteward import __version__
 from keysteward.server import problems
-from keysteward.server.routers import audit, ca, crypto, keys, system, tenants
+from keysteward.server.routers import audit, ca, crypto, keys, release, system, tenants, volumes
 from keysteward.server.services import Services
 
 Scope = MutableMapping[str, Any]
@@ -102,14 +102,14 @@ def create_app(svc: Services) -> FastAPI:
     app = FastAPI(
         title="keysteward",
         version=__version__,
-        description="Key manager API: seal, tenants, keys, envelope operations, tenant CA, audit.",
+        description="Key manager API: seal, tenants, keys, envelope operations, tenant CA, audit, release, volumes.",
         openapi_url="/v1/openapi.json",
         docs_url="/v1/docs",
         redoc_url=None,
     )
     app.state.services = svc
     problems.install(app)
-    for module in (system, tenants, keys, crypto, ca, audit):
+    for module in (system, tenants, keys, crypto, ca, audit, release, volumes):
         app.include_router(module.router, prefix="/v1")
 
     registry = CollectorRegistry()

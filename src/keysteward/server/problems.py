@@ -9,13 +9,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from keysteward.errors import KeystewardError
+from keysteward.errors import Denied, KeystewardError
 
 log = logging.getLogger("keysteward.server")
 PROBLEM = "application/problem+json"
 
 
-def problem(status: int, code: str, title: str, detail: str, instance: str = "") -> JSONResponse:
+def problem(status: int, code: str, title: str, detail: str, instance: str = "", **extra: str) -> JSONResponse:
     body = {
         "type": f"https://keysteward.dev/problems/{code}",
         "title": title,
@@ -25,6 +25,7 @@ def problem(status: int, code: str, title: str, detail: str, instance: str = "")
     }
     if instance:
         body["instance"] = instance
+    body.update(extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
@@ -33,6 +34,8 @@ def install(app: FastAPI) -> None:
     async def _keysteward(request: Request, exc: KeystewardError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s %s -> %s", request.method, request.url.path, exc.diagnostics())
+        if isinstance(exc, Denied):  # a release decision, not a fault: agents read "decision"
+            return problem(exc.status, exc.code, exc.title, exc.message, request.url.path, decision="denied")
         return problem(exc.status, exc.code, exc.title, exc.message, request.url.path)
 
     @app.exception_handler(RequestValidationError)

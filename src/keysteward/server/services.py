@@ -11,6 +11,10 @@ from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
+from keysteward.release.alerts import Alerts
+from keysteward.release.nonces import Nonces
+from keysteward.release.registry import Registry
+from keysteward.release.service import ReleaseService
 from keysteward.settings import Settings
 from keysteward.store.db import Database
 
@@ -26,6 +30,8 @@ class Services:
     envelope: Envelope
     cas: CertificateAuthorities
     rewrapper: Rewrapper
+    registry: Registry
+    release: ReleaseService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -40,20 +46,27 @@ class Services:
         root.on_unseal(lambda r: audit.set_signer(r.signer))
         root.on_seal(lambda: audit.set_signer(None))
         keys = KeyStore(db, root, audit)
+        tenants = Tenants(db, audit)
+        registry = Registry(db, keys, audit)
+        alerts = Alerts(settings.release.alert_webhook_url, settings.release.alert_webhook_timeout)
+        nonces = Nonces(root, settings.release.nonce_ttl_seconds)
         return cls(
             settings=settings,
             db=db,
             root=root,
             audit=audit,
-            tenants=Tenants(db, audit),
+            tenants=tenants,
             keys=keys,
             envelope=Envelope(keys, audit),
             cas=CertificateAuthorities(db, root, audit),
             rewrapper=Rewrapper(keys, settings.rewrap),
+            registry=registry,
+            release=ReleaseService(tenants, registry, keys, audit, nonces, alerts, settings.release),
         )
 
     def close(self) -> None:
         self.rewrapper.stop()
+        self.release.alerts.close()
         self.audit.close()
         self.root.seal()
         self.db.dispose()

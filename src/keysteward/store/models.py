@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -152,3 +153,71 @@ class AuditRecord(Base):
     body: Mapped[str] = mapped_column(Text)
     hash: Mapped[str] = mapped_column(String(64))
     signature: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class Provider(Base):
+    """A cloud (or the devcloud) whose signed instance identity documents a tenant trusts."""
+
+    __tablename__ = "providers"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    certificates_pem: Mapped[str] = mapped_column(Text)
+    audience: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_provider_name"),)
+
+
+class Volume(Base):
+    """A LUKS2 volume bound to the key manager: its keyslot secret is the stored data key ``dek_id``."""
+
+    __tablename__ = "volumes"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str] = mapped_column(ForeignKey("keys.id"))
+    dek_id: Mapped[str] = mapped_column(String(36))
+    labels: Mapped[str] = mapped_column(Text, default="{}")
+    binding: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[str] = mapped_column(String(16))
+    lease_seconds: Mapped[int] = mapped_column(Integer)
+    renew_seconds: Mapped[int] = mapped_column(Integer)
+    grace_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_volume_name"),)
+
+
+class Lease(Base):
+    """Who holds a volume's key until when; ``token_hash`` is the SHA-256 of the renewal token."""
+
+    __tablename__ = "leases"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    volume_id: Mapped[str] = mapped_column(ForeignKey("volumes.id"))
+    holder: Mapped[str] = mapped_column(String(256))
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    renewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (Index("ix_leases_volume_state", "volume_id", "state"),)
+
+
+class RevokedInstance(Base):
+    __tablename__ = "revoked_instances"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256), primary_key=True)
+    shred: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class UsedNonce(Base):
+    """A release nonce already presented (single use); rows go once the nonce has expired."""
+
+    __tablename__ = "used_nonces"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

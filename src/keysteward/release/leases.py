@@ -1,0 +1,123 @@
+"""Leases: which instance holds which volume's key until when, inside the caller's transaction.
+
+A lease is *live* while its state is ``active`` and ``expires_at`` is in the future. At most one holder
+has a live lease on a volume: a release to another holder while one is live is a suspected clone. The
+same holder asking again (an agent restarted, a boot unlock followed by the daemon) supersedes its own
+lease. Renewal tokens are stored as SHA-256 hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from keysteward.errors import NotFound
+from keysteward.store.models import Lease
+
+ACTIVE, SUPERSEDED, ENDED, EXPIRED, REVOKED, SHRED = "active", "superseded", "ended", "expired", "revoked", "shred"
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    id: str
+    volume_id: str
+    holder: str
+    state: str
+    created_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+
+
+def _info(row: Any) -> LeaseInfo:
+    return LeaseInfo(row.id, row.volume_id, row.holder, row.state, row.created_at, row.renewed_at, row.expires_at)
+
+
+def token_hash(token: bytes | bytearray) -> bytes:
+    return hashlib.sha256(bytes(token)).digest()
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes for aware columns; everything here is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def live_holder(conn: Connection, volume_id: str, now: datetime) -> LeaseInfo | None:
+    rows = conn.execute(
+        select(Lease.__table__)
+        .where(Lease.volume_id == volume_id, Lease.state == ACTIVE)
+        .order_by(Lease.expires_at.desc())
+    ).all()
+    for row in rows:
+        if aware(row.expires_at) > now:
+            return _info(row)
+    return None
+
+
+def grant(
+    conn: Connection,
+    *,
+    lease_id: str,
+    tenant_id: str,
+    volume_id: str,
+    holder: str,
+    token: bytes | bytearray,
+    now: datetime,
+    seconds: int,
+) -> LeaseInfo:
+    """A new lease for ``holder``; its own earlier active leases on the volume become superseded."""
+    conn.execute(
+        update(Lease)
+        .where(Lease.volume_id == volume_id, Lease.holder == holder, Lease.state == ACTIVE)
+        .values(state=SUPERSEDED, ended_at=now)
+    )
+    expires = now + timedelta(seconds=seconds)
+    conn.execute(
+        insert(Lease).values(
+            id=lease_id,
+            tenant_id=tenant_id,
+            volume_id=volume_id,
+            holder=holder,
+            token_hash=token_hash(token),
+            state=ACTIVE,
+            created_at=now,
+            renewed_at=now,
+            expires_at=expires,
+        )
+    )
+    return LeaseInfo(lease_id, volume_id, holder, ACTIVE, now, now, expires)
+
+
+def load(conn: Connection, lease_id: str, token: bytes) -> Any:
+    """The lease row if ``token`` is its renewal token; an unknown lease and a wrong token look the same."""
+    row = conn.execute(select(Lease.__table__).where(Lease.id == lease_id)).first()
+    if row is None or not hmac.compare_digest(row.token_hash, token_hash(token)):
+        raise NotFound("no such lease, or not this token", code="lease_not_found")
+    return row
+
+
+def set_state(conn: Connection, lease_id: str, state: str, now: datetime) -> None:
+    conn.execute(update(Lease).where(Lease.id == lease_id).values(state=state, ended_at=now))
+
+
+def extend(conn: Connection, lease_id: str, now: datetime, seconds: int) -> datetime:
+    expires = now + timedelta(seconds=seconds)
+    conn.execute(update(Lease).where(Lease.id == lease_id).values(renewed_at=now, expires_at=expires))
+    return expires
+
+
+def listing(conn: Connection, tenant_id: str, volume_id: str | None, limit: int = 1000) -> list[LeaseInfo]:
+    """Newest first; an active lease past its expiry shows as ``expired`` (it is no longer live)."""
+    stmt = select(Lease.__table__).where(Lease.tenant_id == tenant_id)
+    if volume_id is not None:
+        stmt = stmt.where(Lease.volume_id == volume_id)
+    now = datetime.now(UTC)
+    found = [_info(r) for r in conn.execute(stmt.order_by(Lease.created_at.desc()).limit(limit)).all()]
+    return [
+        replace(lease, state=EXPIRED) if lease.state == ACTIVE and aware(lease.expires_at) <= now else lease
+        for lease in found
+    ]

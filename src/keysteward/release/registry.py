@@ -1,0 +1,377 @@
+"""What the release path decides over: trusted providers, registered volumes and their bindings, revocations.
+
+Every change here is written with its audit record in one transaction. A volume's keyslot secret is a
+stored data key (see :mod:`keysteward.keys.keystore`); registering a volume hands the new secret back once
+in a locked buffer, for the caller to seal to the creating tool.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from keysteward.attest.identity import InstanceIdentity
+from keysteward.attest.providers import ProviderTrust
+from keysteward.audit.log import AuditLog
+from keysteward.crypto.secret import SecretBuffer
+from keysteward.errors import BadRequest, Conflict, NotFound
+from keysteward.identity.principal import Principal, check_name
+from keysteward.keys.keystore import KeyStore
+from keysteward.store.db import Database, for_update
+from keysteward.store.models import Key, Lease, Provider, RevokedInstance, Volume
+from keysteward.ttlcache import TtlCache
+
+ACTIVE, REVOKED, SHRED, DESTROYED = "active", "revoked", "shred", "destroyed"
+MAX_LABELS = 32
+SECRET_SIZE = 32  # the keysteward keyslot's passphrase: random, so pbkdf2 at 1000 iterations is enough
+CACHE_SECONDS = 1.0  # how long another server's revocation may take to reach this one's cached view
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Until the policy issue: who may receive a volume's key (provider and account always; instance, image if set)."""
+
+    provider: str
+    account: str
+    instance_id: str | None = None
+    image_id: str | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> Binding:
+        unknown = set(raw) - {"provider", "account", "instance_id", "image_id"}
+        if unknown:
+            raise BadRequest(f"unknown binding field(s): {', '.join(sorted(unknown))[:200]}", code="bad_binding")
+        values: dict[str, str | None] = {}
+        for name in ("provider", "account", "instance_id", "image_id"):
+            value = raw.get(name)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128):
+                raise BadRequest(f"binding.{name} must be a string of 1-128 characters", code="bad_binding")
+            values[name] = value
+        if not values["provider"] or not values["account"]:
+            raise BadRequest("a binding needs at least 'provider' and 'account'", code="bad_binding")
+        return cls(str(values["provider"]), str(values["account"]), values["instance_id"], values["image_id"])
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def mismatch(self, identity: InstanceIdentity) -> str | None:
+        """The first bound attribute the identity does not have, or None when it matches."""
+        for name, want, have in (
+            ("provider", self.provider, identity.provider),
+            ("account", self.account, identity.account),
+            ("instance_id", self.instance_id, identity.instance_id),
+            ("image_id", self.image_id, identity.image_id),
+        ):
+            if want is not None and want != have:
+                return name
+        return None
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    id: str
+    tenant_id: str
+    name: str
+    key: str
+    key_version: int
+    dek_id: str
+    labels: dict[str, str]
+    binding: Binding
+    state: str
+    lease_seconds: int
+    renew_seconds: int
+    grace_seconds: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    name: str
+    key: str
+    labels: dict[str, str]
+    binding: Binding
+    lease_seconds: int
+    renew_seconds: int
+    grace_seconds: int | None
+
+    def check(self) -> None:
+        check_name("volume", self.name)
+        if len(self.labels) > MAX_LABELS or any(not 0 < len(k) <= 64 or len(v) > 256 for k, v in self.labels.items()):
+            raise BadRequest(f"at most {MAX_LABELS} labels, names 1-64 and values 0-256 characters", code="bad_labels")
+        if not 5 <= self.lease_seconds <= 86400:
+            raise BadRequest("lease_seconds must be between 5 and 86400", code="bad_lease")
+        if not 1 <= self.renew_seconds <= self.lease_seconds // 2:
+            raise BadRequest("renew_seconds must be at least 1 and at most half of lease_seconds", code="bad_lease")
+        if self.grace_seconds is not None and not 0 <= self.grace_seconds <= self.lease_seconds:
+            raise BadRequest("grace_seconds must be between 0 and lease_seconds (or null)", code="bad_lease")
+
+
+def _info(row: Any, key_name: str, key_version: int) -> VolumeInfo:
+    return VolumeInfo(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        name=row.name,
+        key=key_name,
+        key_version=key_version,
+        dek_id=row.dek_id,
+        labels=json.loads(row.labels),
+        binding=Binding.parse(json.loads(row.binding)),
+        state=row.state,
+        lease_seconds=row.lease_seconds,
+        renew_seconds=row.renew_seconds,
+        grace_seconds=row.grace_seconds,
+        created_at=row.created_at,
+    )
+
+
+class Registry:
+    def __init__(self, db: Database, keys: KeyStore, audit: AuditLog) -> None:
+        self.db = db
+        self.keys = keys
+        self.audit = audit
+        self._trusts: TtlCache[str, list[ProviderTrust]] = TtlCache(CACHE_SECONDS)
+
+    # -- providers ------------------------------------------------------------------------------
+    def add_provider(self, actor: Principal, name: str, kind: str, pem: str, audience: str | None) -> ProviderTrust:
+        check_name("provider", name)
+        trust = ProviderTrust.from_pem(name, kind, pem, audience)
+        try:
+            with self.db.write() as conn:
+                conn.execute(
+                    insert(Provider).values(
+                        id=str(uuid.uuid4()),
+                        tenant_id=actor.tenant_id,
+                        name=name,
+                        kind=kind,
+                        certificates_pem=pem,
+                        audience=audience,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+                self.audit.append(
+                    conn,
+                    actor.tenant_id,
+                    actor=actor.describe(),
+                    action="provider.add",
+                    target=f"provider:{name}",
+                    details={"kind": kind, "certificates": len(trust.certificates)},
+                )
+        except IntegrityError as exc:
+            raise Conflict(f"a provider named '{name}' exists", code="provider_exists") from exc
+        self._trusts.drop_where(lambda tenant, _: tenant == actor.tenant_id)
+        return trust
+
+    def remove_provider(self, actor: Principal, name: str) -> None:
+        with self.db.write() as conn:
+            gone = conn.execute(
+                delete(Provider).where(Provider.tenant_id == actor.tenant_id, Provider.name == name)
+            ).rowcount
+            if not gone:
+                raise NotFound(f"no provider '{name}'", code="provider_not_found")
+            self.audit.append(
+                conn, actor.tenant_id, actor=actor.describe(), action="provider.remove", target=f"provider:{name}"
+            )
+        self._trusts.drop_where(lambda tenant, _: tenant == actor.tenant_id)
+
+    def trusts(self, tenant_id: str) -> list[ProviderTrust]:
+        cached = self._trusts.get(tenant_id)
+        if cached is not None:
+            return cached
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(Provider.name, Provider.kind, Provider.certificates_pem, Provider.audience)
+                .where(Provider.tenant_id == tenant_id)
+                .order_by(Provider.name)
+            ).all()
+        trusts = [ProviderTrust.from_pem(r.name, r.kind, r.certificates_pem, r.audience) for r in rows]
+        self._trusts.put(tenant_id, trusts)
+        return trusts
+
+    # -- volumes --------------------------------------------------------------------------------
+    def register(self, actor: Principal, spec: VolumeSpec) -> tuple[VolumeInfo, SecretBuffer]:
+        """Create the volume's secret and its row; the caller seals the secret to the creator and wipes it."""
+        spec.check()
+        volume_id = str(uuid.uuid4())
+        now = datetime.now(UTC)
+        with self.db.write() as conn:
+            if conn.execute(
+                select(Volume.id).where(Volume.tenant_id == actor.tenant_id, Volume.name == spec.name)
+            ).first():
+                raise Conflict(f"a volume named '{spec.name}' exists", code="volume_exists")
+            dek_id, version, secret = self.keys.new_data_key(
+                conn, actor.tenant_id, spec.key, f"volume-{volume_id}", size=SECRET_SIZE
+            )
+            try:
+                key_id = conn.execute(
+                    select(Key.id).where(Key.tenant_id == actor.tenant_id, Key.name == spec.key)
+                ).scalar_one()
+                row = dict(
+                    id=volume_id,
+                    tenant_id=actor.tenant_id,
+                    name=spec.name,
+                    key_id=key_id,
+                    dek_id=dek_id,
+                    labels=json.dumps(spec.labels, sort_keys=True),
+                    binding=json.dumps(spec.binding.as_dict(), sort_keys=True),
+                    state=ACTIVE,
+                    lease_seconds=spec.lease_seconds,
+                    renew_seconds=spec.renew_seconds,
+                    grace_seconds=spec.grace_seconds,
+                    created_at=now,
+                    changed_at=now,
+                )
+                conn.execute(insert(Volume).values(**row))
+                self.audit.append(
+                    conn,
+                    actor.tenant_id,
+                    actor=actor.describe(),
+                    action="volume.register",
+                    target=f"volume:{volume_id}",
+                    details={
+                        "name": spec.name,
+                        "key": spec.key,
+                        "key_version": version,
+                        "labels": spec.labels,
+                        "binding": spec.binding.as_dict(),
+                    },
+                )
+            except BaseException:
+                secret.wipe()
+                raise
+        return _info(_Row(row), spec.key, version), secret
+
+    def _select(self) -> Any:
+        return select(Volume.__table__, Key.name.label("key_name"), Key.primary_version.label("key_version")).join(
+            Key, Key.id == Volume.key_id
+        )
+
+    def get(self, tenant_id: str, volume_id: str, conn: Connection | None = None) -> VolumeInfo:
+        try:
+            uuid.UUID(volume_id)
+        except (ValueError, TypeError, AttributeError):
+            raise NotFound("no such volume", code="volume_not_found") from None
+        stmt = self._select().where(Volume.tenant_id == tenant_id, Volume.id == volume_id)
+        if conn is None:
+            with self.db.read() as c:
+                row = c.execute(stmt).first()
+        else:
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise NotFound("no such volume", code="volume_not_found")
+        return _info(row, row.key_name, self._dek_version(row.dek_id, conn))
+
+    def _dek_version(self, dek_id: str, conn: Connection | None) -> int:
+        from keysteward.store.models import DataKey
+
+        stmt = select(DataKey.kek_version).where(DataKey.id == dek_id)
+        if conn is None:
+            with self.db.read() as c:
+                return int(c.execute(stmt).scalar_one())
+        return int(conn.execute(stmt).scalar_one())
+
+    def find(self, actor: Principal, ref: str) -> VolumeInfo:
+        """A volume by id or by name."""
+        with self.db.read() as conn:
+            row = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id, Volume.name == ref)).first()
+            if row is not None:
+                return _info(row, row.key_name, self._dek_version(row.dek_id, conn))
+            return self.get(actor.tenant_id, ref, conn)
+
+    def list(self, actor: Principal) -> list[VolumeInfo]:
+        with self.db.read() as conn:
+            rows = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id).order_by(Volume.name)).all()
+            return [_info(r, r.key_name, self._dek_version(r.dek_id, conn)) for r in rows]
+
+    def revoke(self, actor: Principal, ref: str, *, shred: bool, reason: str) -> VolumeInfo:
+        volume = self.find(actor, ref)
+        if volume.state == DESTROYED:
+            raise Conflict("the volume's key is destroyed already", code="volume_destroyed")
+        state = SHRED if shred else REVOKED
+        with self.db.write() as conn:
+            conn.execute(update(Volume).where(Volume.id == volume.id).values(state=state, changed_at=datetime.now(UTC)))
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="volume.revoke",
+                target=f"volume:{volume.id}",
+                details={"name": volume.name, "shred": shred, "reason": reason[:500]},
+            )
+        return self.get(actor.tenant_id, volume.id)
+
+    def destroy(self, actor: Principal, ref: str, *, reason: str) -> VolumeInfo:
+        """Crypto-shred the volume's secret: no release can ever give it again."""
+        volume = self.find(actor, ref)
+        with self.db.write() as conn:
+            conn.execute(for_update(select(Volume.id).where(Volume.id == volume.id), self.db)).one()
+            self.keys.shred_data_key(conn, actor.tenant_id, volume.dek_id)
+            conn.execute(
+                update(Volume).where(Volume.id == volume.id).values(state=DESTROYED, changed_at=datetime.now(UTC))
+            )
+            conn.execute(
+                update(Lease)
+                .where(Lease.volume_id == volume.id, Lease.state == ACTIVE)
+                .values(state=SHRED, ended_at=datetime.now(UTC))
+            )
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="volume.destroy",
+                target=f"volume:{volume.id}",
+                details={"name": volume.name, "reason": reason[:500]},
+            )
+        self.keys.after_data_key_shred()
+        return self.get(actor.tenant_id, volume.id)
+
+    # -- instances ------------------------------------------------------------------------------
+    def revoke_instance(self, actor: Principal, holder: str, *, shred: bool, reason: str) -> None:
+        if not 0 < len(holder) <= 256 or holder.count("/") < 2:
+            raise BadRequest("an instance is named provider/account/instance_id", code="bad_instance")
+        with self.db.write() as conn:
+            conn.execute(
+                delete(RevokedInstance).where(
+                    RevokedInstance.tenant_id == actor.tenant_id, RevokedInstance.holder == holder
+                )
+            )
+            conn.execute(
+                insert(RevokedInstance).values(
+                    tenant_id=actor.tenant_id,
+                    holder=holder,
+                    shred=shred,
+                    reason=reason[:500],
+                    created_at=datetime.now(UTC),
+                )
+            )
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="instance.revoke",
+                target=f"instance:{holder}",
+                details={"shred": shred, "reason": reason[:500]},
+            )
+
+    @staticmethod
+    def instance_revocation(conn: Connection, tenant_id: str, holder: str) -> bool | None:
+        """None if the instance is not revoked, else whether its volumes are to be shredded."""
+        row = conn.execute(
+            select(RevokedInstance.shred).where(
+                RevokedInstance.tenant_id == tenant_id, RevokedInstance.holder == holder
+            )
+        ).first()
+        return None if row is None else bool(row.shred)
+
+
+class _Row:
+    """Attribute access over the values just inserted (to build a VolumeInfo without reading back)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)

@@ -1,0 +1,374 @@
+"""ReleaseService: the one decision path every key release goes through (DESIGN.md section 2).
+
+    decide(request)
+      1. the request: tenant, nonce (issued here, unexpired), one-time HPKE public key
+      2. evidence: verified against the tenant's providers, bound to sha256(nonce || public key)
+      3. rule: the volume's binding (the policy issue replaces it), revocations, the live lease (clones)
+      4. bookkeeping: the nonce spent, the lease granted, in one transaction with ...
+      5. ... the audit record; only after it is committed is the sealed key handed out.
+
+Front-ends turn their protocol into a :class:`ReleaseRequest` and a :class:`Released` (or the
+:class:`~keysteward.errors.Denied` raised) back into theirs; none unwraps a key itself.
+Renewals and lease ends run through here too, so revocation reaches running instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from keysteward.attest.binding import binding
+from keysteward.attest.errors import EvidenceRejected
+from keysteward.attest.identity import InstanceIdentity, verify_identity
+from keysteward.audit.log import AuditLog
+from keysteward.crypto import hpke
+from keysteward.crypto.secret import wipe_bytearray
+from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
+from keysteward.identity.tenants import Tenants
+from keysteward.keys.keystore import KeyStore
+from keysteward.release import leases
+from keysteward.release.alerts import Alerts
+from keysteward.release.nonces import Nonces, decode
+from keysteward.release.registry import ACTIVE, DESTROYED, SHRED, Registry, VolumeInfo
+from keysteward.settings import ReleaseSettings
+from keysteward.store.db import for_update
+from keysteward.store.models import Lease, Volume
+
+log = logging.getLogger("keysteward.release")
+PROTOCOL = "keysteward-release/1"
+MAGIC = b"KSR1"
+TOKEN_SIZE = 32
+SWEEP_SECONDS = 60.0
+
+
+def seal_info(tenant: str, volume_id: str, lease_id: str) -> bytes:
+    """HPKE ``info``: binds the sealed key to the protocol, tenant, volume and lease."""
+    return b"\x00".join(part.encode() for part in (PROTOCOL, tenant, volume_id, lease_id))
+
+
+def pack_secret(secret: bytes | bytearray | memoryview, token: bytes | bytearray) -> bytearray:
+    """``"KSR1" || u8 len || secret || lease token``: the plaintext inside ``sealed`` (the caller wipes it)."""
+    if not 0 < len(secret) < 256 or len(token) != TOKEN_SIZE:
+        raise ValueError("secret must be 1-255 bytes and the token 32")
+    out = bytearray(MAGIC)
+    out.append(len(secret))
+    out += secret
+    out += token
+    return out
+
+
+@dataclass(frozen=True, repr=False)
+class ReleaseRequest:
+    tenant: str
+    volume_id: str
+    nonce: str
+    suite: str
+    public_key: bytes
+    evidence: Mapping[str, Any]
+    source: str = ""
+
+
+@dataclass(frozen=True, repr=False)
+class Released:
+    suite: str
+    sealed: bytes
+    key_version: int
+    lease: leases.LeaseInfo
+    lease_seconds: int
+    renew_seconds: int
+    grace_seconds: int | None
+
+    def __repr__(self) -> str:
+        return f"Released(lease={self.lease.id}, version={self.key_version})"
+
+
+@dataclass
+class _Verdict:
+    """What the transaction decided; filled in by the effect run in the audit writer."""
+
+    denied: Denied | None = None
+    lease: leases.LeaseInfo | None = None
+    alert: dict[str, Any] = field(default_factory=dict)
+
+
+class ReleaseService:
+    def __init__(
+        self,
+        tenants: Tenants,
+        registry: Registry,
+        keys: KeyStore,
+        audit: AuditLog,
+        nonces: Nonces,
+        alerts: Alerts,
+        settings: ReleaseSettings,
+    ) -> None:
+        self.tenants = tenants
+        self.registry = registry
+        self.keys = keys
+        self.audit = audit
+        self.nonces = nonces
+        self.alerts = alerts
+        self.settings = settings
+        self._next_sweep = 0.0
+
+    def _sweep_due(self) -> bool:
+        """Whether this transaction should also forget expired spent nonces (about once a minute)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + SWEEP_SECONDS
+        return True
+
+    def challenge(self) -> tuple[str, datetime]:
+        return self.nonces.issue()
+
+    # -- release ------------------------------------------------------------------------------------
+    def _deny(
+        self,
+        tenant_id: str,
+        actor: str,
+        volume_id: str,
+        exc: KeystewardError,
+        spent: tuple[bytes, datetime] | None,
+        **details: Any,
+    ) -> Denied:
+        """Audit a refusal; a genuine nonce presented with it is spent too (a nonce is presented once)."""
+        denied = exc if isinstance(exc, Denied) else Denied(exc.message, code=exc.code)
+
+        def effect(conn: Connection) -> dict[str, Any]:
+            if spent is not None:
+                try:
+                    self.nonces.spend(conn, *spent)
+                except Denied:
+                    pass  # spent before: the refusal stands with its own reason
+            return {
+                "actor": actor,
+                "action": "volume.release",
+                "target": f"volume:{volume_id[:64]}",
+                "outcome": "denied",
+                "reason": denied.code,
+                "details": details,
+            }
+
+        self.audit.commit(tenant_id, effect)
+        return denied
+
+    def _verify(
+        self, tenant_id: str, request: ReleaseRequest, now: datetime
+    ) -> tuple[bytes, datetime, VolumeInfo, InstanceIdentity]:
+        """Steps 1-2; every refusal is audited as a denial."""
+        actor = "instance:unverified"
+        spent: tuple[bytes, datetime] | None = None
+        try:
+            raw = decode(request.nonce)
+            expires = self.nonces.check(raw)
+            spent = (raw, expires)
+            hpke.load_public_key(request.suite, request.public_key)
+            try:
+                volume = self.registry.get(tenant_id, request.volume_id)
+            except NotFound:
+                raise Denied("no such volume in this tenant", code="volume_not_found") from None
+            try:
+                identity = verify_identity(
+                    request.evidence.get("identity") or {},
+                    self.registry.trusts(tenant_id),
+                    binding=binding(raw, request.public_key),
+                    now=now,
+                    audience=self.settings.audience,
+                )
+            except EvidenceRejected as exc:
+                raise Denied(exc.message, code=exc.code) from None
+        except (Denied, hpke.HpkeError) as exc:
+            raise self._deny(tenant_id, actor, request.volume_id, exc, spent, source=request.source[:64]) from None
+        return raw, expires, volume, identity
+
+    def decide(self, request: ReleaseRequest) -> Released:
+        """The decision for one release request: :class:`Released`, or :class:`Denied` raised (and audited)."""
+        now = datetime.now(UTC)
+        try:
+            tenant_id = self.tenants.get(request.tenant).id
+        except NotFound:
+            log.info("release for unknown tenant denied")
+            raise Denied("no such volume in this tenant", code="volume_not_found") from None
+        raw, expires, volume, identity = self._verify(tenant_id, request, now)
+        holder = identity.key()
+        lease_id, token = str(uuid.uuid4()), bytearray(os.urandom(TOKEN_SIZE))
+        sealed = b""
+        try:
+            secret = self.keys.unwrap_data_key(tenant_id, volume.dek_id)
+        except Conflict:  # shredded: the transaction below says so with the right reason
+            secret = None
+        if secret is not None:
+            with secret:
+                plaintext = pack_secret(secret.view(), token)
+                try:
+                    sealed = hpke.seal(
+                        request.suite, request.public_key, plaintext, seal_info(request.tenant, volume.id, lease_id)
+                    )
+                finally:
+                    wipe_bytearray(plaintext)
+        verdict = _Verdict()
+
+        def effect(conn: Connection) -> dict[str, Any]:
+            details: dict[str, Any] = {"instance": identity.claims(), "volume": volume.name}
+            if request.source:
+                details["source"] = request.source[:64]
+            try:
+                if self._sweep_due():
+                    self.nonces.sweep(conn, now)
+                self.nonces.spend(conn, raw, expires)
+                self._check_volume(conn, tenant_id, volume.id, holder, secret is None)
+                live = leases.live_holder(conn, volume.id, now)
+                if live is not None and live.holder != holder:
+                    verdict.alert = {
+                        "alert": "suspected_clone",
+                        "tenant": request.tenant,
+                        "volume_id": volume.id,
+                        "volume": volume.name,
+                        "holder": live.holder,
+                        "requester": holder,
+                        "lease_expires_at": leases.aware(live.expires_at).isoformat(),
+                        "at": now.isoformat(),
+                    }
+                    details.update(alert="suspected_clone", holder=live.holder)
+                    raise Denied(
+                        f"volume '{volume.name}' is held by another instance under a live lease: suspected clone",
+                        code="suspected_clone",
+                    )
+                mismatch = volume.binding.mismatch(identity)
+                if mismatch is not None:
+                    details["mismatch"] = mismatch
+                    raise Denied(f"the instance does not match the volume's binding ({mismatch})", code="not_bound")
+                verdict.lease = leases.grant(
+                    conn,
+                    lease_id=lease_id,
+                    tenant_id=tenant_id,
+                    volume_id=volume.id,
+                    holder=holder,
+                    token=token,
+                    now=now,
+                    seconds=volume.lease_seconds,
+                )
+            except Denied as exc:
+                verdict.denied = exc
+                return {
+                    "actor": f"instance:{holder}",
+                    "action": "volume.release",
+                    "target": f"volume:{volume.id}",
+                    "outcome": "denied",
+                    "reason": exc.code,
+                    "details": details,
+                }
+            details.update(decision="released", lease=lease_id, key_version=volume.key_version, suite=request.suite)
+            return {
+                "actor": f"instance:{holder}",
+                "action": "volume.release",
+                "target": f"volume:{volume.id}",
+                "details": details,
+            }
+
+        try:
+            self.audit.commit(tenant_id, effect)
+        finally:
+            wipe_bytearray(token)
+        if verdict.alert:
+            self.alerts.send(verdict.alert)
+        if verdict.denied is not None:
+            raise verdict.denied
+        assert verdict.lease is not None
+        return Released(
+            request.suite,
+            sealed,
+            volume.key_version,
+            verdict.lease,
+            volume.lease_seconds,
+            volume.renew_seconds,
+            volume.grace_seconds,
+        )
+
+    def _check_volume(self, conn: Connection, tenant_id: str, volume_id: str, holder: str, shredded: bool) -> None:
+        state = conn.execute(
+            for_update(select(Volume.state).where(Volume.id == volume_id), self.registry.db)
+        ).scalar_one()
+        if state == DESTROYED or shredded:
+            raise Denied("the volume's key was destroyed", code="volume_destroyed")
+        if state != ACTIVE:
+            raise Denied("the volume is revoked", code="volume_revoked")
+        if self.registry.instance_revocation(conn, tenant_id, holder) is not None:
+            raise Denied("this instance is revoked", code="instance_revoked")
+
+    # -- renewal and end ----------------------------------------------------------------------------
+    def renew(self, lease_id: str, token: bytes) -> tuple[str, datetime]:
+        """``continue`` (lease extended), ``revoked``, ``shred`` or ``expired``, and the lease's expiry."""
+        answer: dict[str, Any] = {}
+
+        def effect(conn: Connection) -> dict[str, Any]:
+            row = leases.load(conn, lease_id, token)
+            now = datetime.now(UTC)
+            volume = conn.execute(select(Volume.state, Volume.lease_seconds).where(Volume.id == row.volume_id)).one()
+            instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
+            expires = leases.aware(row.expires_at)
+            if row.state in (leases.REVOKED, leases.SHRED):
+                action = row.state
+            elif row.state != leases.ACTIVE or expires <= now:
+                action = "expired"
+                if row.state == leases.ACTIVE:
+                    leases.set_state(conn, row.id, leases.EXPIRED, now)
+            elif volume.state in (SHRED, DESTROYED) or instance is True:
+                action = leases.SHRED
+            elif volume.state != ACTIVE or instance is False:
+                action = leases.REVOKED
+            else:
+                answer.update(action="continue", expires_at=leases.extend(conn, row.id, now, volume.lease_seconds))
+                return {}
+            if action in (leases.REVOKED, leases.SHRED) and row.state == leases.ACTIVE:
+                leases.set_state(conn, row.id, action, now)
+            answer.update(action=action, expires_at=expires)
+            if action == row.state:
+                return {}  # delivered before: the record exists
+            return {
+                "actor": f"instance:{row.holder}",
+                "action": "lease.renew",
+                "target": f"volume:{row.volume_id}",
+                "details": {"lease": row.id, "answer": action},
+            }
+
+        tenant_id = self._lease_tenant(lease_id)
+        self.audit.commit(tenant_id, effect)
+        return answer["action"], answer["expires_at"]
+
+    def end(self, lease_id: str, token: bytes) -> None:
+        """The holder gives the lease back (clean detach): another instance may take the volume at once."""
+
+        def effect(conn: Connection) -> dict[str, Any]:
+            row = leases.load(conn, lease_id, token)
+            if row.state != leases.ACTIVE:
+                return {}
+            leases.set_state(conn, row.id, leases.ENDED, datetime.now(UTC))
+            return {
+                "actor": f"instance:{row.holder}",
+                "action": "lease.end",
+                "target": f"volume:{row.volume_id}",
+                "details": {"lease": row.id},
+            }
+
+        self.audit.commit(self._lease_tenant(lease_id), effect)
+
+    def _lease_tenant(self, lease_id: str) -> str:
+        try:
+            uuid.UUID(lease_id)
+        except ValueError:
+            raise NotFound("no such lease, or not this token", code="lease_not_found") from None
+        with self.registry.db.read() as conn:
+            tenant_id = conn.execute(select(Lease.tenant_id).where(Lease.id == lease_id)).scalar_one_or_none()
+        if tenant_id is None:
+            raise NotFound("no such lease, or not this token", code="lease_not_found")
+        return str(tenant_id)

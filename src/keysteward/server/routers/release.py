@@ -1,0 +1,72 @@
+"""The key release protocol's front-end (docs/release-protocol.md): challenge, release, renew, end.
+
+These routes take no API token: the evidence in the request is the credential, and every decision is
+made by :class:`keysteward.release.service.ReleaseService`. They translate JSON to a
+``ReleaseRequest`` and the decision back; they never see the key unsealed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
+
+from keysteward.crypto.hpke import SUITES
+from keysteward.release.service import PROTOCOL, ReleaseRequest
+from keysteward.server.deps import services
+from keysteward.server.release_schemas import (
+    ChallengeOut,
+    LeaseOut,
+    LeaseToken,
+    ReleasedOut,
+    ReleaseIn,
+    RenewOut,
+)
+from keysteward.server.schemas import b64, unb64
+
+router = APIRouter(tags=["release"])
+LeaseId = Annotated[str, Path(max_length=64)]
+
+
+@router.post("/release/challenge")
+def challenge(request: Request) -> ChallengeOut:
+    nonce, expires_at = services(request).release.challenge()
+    return ChallengeOut(protocol=PROTOCOL, nonce=nonce, expires_at=expires_at, suites=list(SUITES))
+
+
+@router.post("/release", responses={403: {"description": "denied, with the reason in `code`"}})
+def release(body: ReleaseIn, request: Request) -> ReleasedOut:
+    decided = services(request).release.decide(
+        ReleaseRequest(
+            tenant=body.tenant,
+            volume_id=body.volume_id,
+            nonce=body.nonce,
+            suite=body.suite,
+            public_key=unb64(body.public_key),
+            evidence=body.evidence.model_dump(),
+            source=request.client.host if request.client else "",
+        )
+    )
+    return ReleasedOut(
+        suite=decided.suite,
+        sealed=b64(decided.sealed),
+        key_version=decided.key_version,
+        lease=LeaseOut(
+            id=decided.lease.id,
+            expires_at=decided.lease.expires_at,
+            lease_seconds=decided.lease_seconds,
+            renew_seconds=decided.renew_seconds,
+            grace_seconds=decided.grace_seconds,
+        ),
+    )
+
+
+@router.post("/leases/{lease_id}/renew")
+def renew(lease_id: LeaseId, body: LeaseToken, request: Request) -> RenewOut:
+    action, expires_at = services(request).release.renew(lease_id, unb64(body.token))
+    return RenewOut(action=action, expires_at=expires_at)
+
+
+@router.post("/leases/{lease_id}/end", status_code=204)
+def end(lease_id: LeaseId, body: LeaseToken, request: Request) -> None:
+    services(request).release.end(lease_id, unb64(body.token))

@@ -1,0 +1,157 @@
+"""Volumes bound to the key manager, the providers whose identity documents a tenant trusts, revocations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from keysteward.attest.providers import ProviderTrust, describe_certificate
+from keysteward.crypto import hpke
+from keysteward.crypto.secret import wipe_bytearray
+from keysteward.identity.principal import Permission, Principal
+from keysteward.release import leases
+from keysteward.release.registry import Binding, VolumeInfo, VolumeSpec
+from keysteward.release.service import pack_secret, seal_info
+from keysteward.server.deps import need, services
+from keysteward.server.release_schemas import (
+    DestroyIn,
+    InstanceRevokeIn,
+    LeaseInfoOut,
+    ProviderIn,
+    ProviderOut,
+    RevokeIn,
+    VolumeCreate,
+    VolumeCreated,
+    VolumeOut,
+)
+from keysteward.server.schemas import b64, unb64
+
+router = APIRouter(tags=["volumes"])
+Manage = Annotated[Principal, Depends(need(Permission.VOLUME_MANAGE))]
+Read = Annotated[Principal, Depends(need(Permission.VOLUME_READ))]
+Revoke = Annotated[Principal, Depends(need(Permission.VOLUME_REVOKE))]
+Ref = Annotated[str, Path(min_length=1, max_length=128)]
+CREATE_LEASE = "create"
+
+
+def volume_out(info: VolumeInfo, tenant: str) -> VolumeOut:
+    return VolumeOut(
+        id=info.id,
+        tenant=tenant,
+        name=info.name,
+        key=info.key,
+        key_version=info.key_version,
+        labels=info.labels,
+        binding=info.binding.as_dict(),
+        state=info.state,
+        lease_seconds=info.lease_seconds,
+        renew_seconds=info.renew_seconds,
+        grace_seconds=info.grace_seconds,
+        created_at=info.created_at,
+    )
+
+
+@router.post("/volumes", status_code=201)
+def create_volume(body: VolumeCreate, request: Request, who: Manage) -> VolumeCreated:
+    public_key = unb64(body.public_key)
+    hpke.load_public_key(body.suite, public_key)  # refuse a bad key before anything is created
+    spec = VolumeSpec(
+        name=body.name,
+        key=body.key,
+        labels=dict(body.labels),
+        binding=Binding.parse(body.binding.model_dump(exclude_none=True)),
+        lease_seconds=body.lease_seconds,
+        renew_seconds=body.renew_seconds,
+        grace_seconds=body.grace_seconds,
+    )
+    info, secret = services(request).registry.register(who, spec)
+    with secret:
+        plaintext = pack_secret(secret.view(), bytes(32))
+        try:
+            sealed = hpke.seal(body.suite, public_key, plaintext, seal_info(who.tenant, info.id, CREATE_LEASE))
+        finally:
+            wipe_bytearray(plaintext)
+    return VolumeCreated(volume=volume_out(info, who.tenant), suite=body.suite, sealed=b64(sealed))
+
+
+@router.get("/volumes")
+def list_volumes(request: Request, who: Read) -> list[VolumeOut]:
+    return [volume_out(v, who.tenant) for v in services(request).registry.list(who)]
+
+
+@router.get("/volumes/{ref}")
+def get_volume(ref: Ref, request: Request, who: Read) -> VolumeOut:
+    return volume_out(services(request).registry.find(who, ref), who.tenant)
+
+
+@router.post("/volumes/{ref}/revoke")
+def revoke_volume(ref: Ref, body: RevokeIn, request: Request, who: Revoke) -> VolumeOut:
+    info = services(request).registry.revoke(who, ref, shred=body.shred, reason=body.reason)
+    return volume_out(info, who.tenant)
+
+
+@router.post("/volumes/{ref}/destroy")
+def destroy_volume(ref: Ref, body: DestroyIn, request: Request, who: Manage) -> VolumeOut:
+    return volume_out(services(request).registry.destroy(who, ref, reason=body.reason), who.tenant)
+
+
+@router.post("/instances/revoke", status_code=204)
+def revoke_instance(body: InstanceRevokeIn, request: Request, who: Revoke) -> None:
+    holder = f"{body.provider}/{body.account}/{body.instance_id}"
+    services(request).registry.revoke_instance(who, holder, shred=body.shred, reason=body.reason)
+
+
+@router.get("/leases")
+def list_leases(
+    request: Request, who: Read, volume: Annotated[str | None, Query(max_length=128)] = None
+) -> list[LeaseInfoOut]:
+    svc = services(request)
+    volume_id = svc.registry.find(who, volume).id if volume else None
+    with svc.db.read() as conn:
+        found = leases.listing(conn, who.tenant_id, volume_id)
+    return [
+        LeaseInfoOut(
+            id=lease.id,
+            volume_id=lease.volume_id,
+            holder=lease.holder,
+            state=lease.state,
+            created_at=lease.created_at,
+            renewed_at=lease.renewed_at,
+            expires_at=lease.expires_at,
+        )
+        for lease in found
+    ]
+
+
+@router.post("/providers", status_code=201)
+def add_provider(body: ProviderIn, request: Request, who: Manage) -> ProviderOut:
+    trust = services(request).registry.add_provider(who, body.name, body.kind, body.certificates_pem, body.audience)
+    return _provider_out(trust)
+
+
+def _provider_out(trust: ProviderTrust) -> ProviderOut:
+    return ProviderOut(
+        name=trust.name,
+        kind=trust.kind,
+        audience=trust.audience,
+        certificates=[describe_certificate(c) for c in trust.certificates],
+    )
+
+
+@router.get("/providers")
+def list_providers(request: Request, who: Read) -> list[ProviderOut]:
+    return [
+        ProviderOut(
+            name=t.name,
+            kind=t.kind,
+            audience=t.audience,
+            certificates=[describe_certificate(c) for c in t.certificates],
+        )
+        for t in services(request).registry.trusts(who.tenant_id)
+    ]
+
+
+@router.delete("/providers/{name}", status_code=204)
+def remove_provider(name: Ref, request: Request, who: Manage) -> None:
+    services(request).registry.remove_provider(who, name)
