@@ -215,3 +215,24 @@ def test_help_lists_every_group_and_volume_loads_nothing_heavy(volume: tuple[Pat
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_write_with_fsync_and_help_of_every_verb(tmp_path: Path, volume: tuple[Path, Path]) -> None:
+    image, pw = volume
+    data = pattern(MIB + 3, 7)
+    source = tmp_path / "in.bin"
+    source.write_bytes(data)
+    ks("write", image, "--passphrase-file", pw, "--input", source, "--offset", 5, "--fsync")
+    assert ks("read", image, "--passphrase-file", pw, "--offset", 5, "--length", len(data)).stdout == data
+    for verb in ("create", "dump", "check", "read", "write", "add-key", "remove-key"):
+        text = ks(verb, "--help").stdout.decode()
+        assert text.startswith(f"Usage: keysteward volume {verb} [OPTIONS] PATH") and "--help" in text
+    assert "--fsync" in ks("write", "--help").stdout.decode()
+    # global options before the group go through the full app, which hands over to the same parser
+    done = run([KEYSTEWARD, "--url", "https://127.0.0.1:1", "volume", "check", str(image), "--passphrase-file",
+                str(pw), "--json"])  # fmt: skip
+    assert json.loads(done.stdout)["ok"] is True
+    assert_one_line_error(run([KEYSTEWARD, "--url", "https://127.0.0.1:1", "volume", "check", str(image)],
+                              check=False), "Missing option '--passphrase-file'")  # fmt: skip
+    bare = run([KEYSTEWARD, "volume"], check=False)
+    assert bare.returncode == 2 and b"Commands:" in bare.stdout

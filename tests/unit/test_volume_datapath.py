@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from keysteward.crypto.xts import decrypt_sectors_reference
 from keysteward.formats import luks
 from keysteward.volume import LuksVolume, VolumeRequestError, datapath
+from keysteward.volume.device import Device
 
 pytestmark = pytest.mark.unit
 
@@ -171,3 +172,41 @@ def test_read_only_volumes_refuse_writes_and_close_wipes(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="closed"):
         volume.read(0, 1)
     volume.close()  # twice is fine
+
+
+@pytest.mark.parametrize("mappable", [True, False])
+def test_large_reads_in_order_and_a_failing_sink_stops_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mappable: bool
+) -> None:
+    """Reads of many chunks (from a mapping of the device, or with pread where it cannot be mapped) come out
+    whole and in order on several workers; a sink that fails stops every worker, and the error comes out."""
+    monkeypatch.setattr(datapath, "CHUNK", 8 * KIB)
+    image = tmp_path / "v.img"
+    payload = 200 * KIB
+    key = _make(image, sector=4096, payload=payload, iv_tweak=77)
+    model = _reference_plain(image, key, 4096, 77)
+    if not mappable:
+        monkeypatch.setattr(Device, "map_range", lambda self, offset, length: None)
+    for workers in (1, 2, 3):
+        _read_in_order_then_fail(image, workers, payload, model)
+
+
+def _read_in_order_then_fail(image: Path, workers: int, payload: int, model: bytes) -> None:
+    with LuksVolume.open(str(image), PASSPHRASE) as volume:
+        volume._sectors._workers = workers
+        for offset, length in [(0, payload), (4095, 150 * KIB + 9), (8 * KIB - 1, 16 * KIB + 2)]:
+            parts: list[bytes] = []
+            progress: list[int] = []
+            volume.read_to(offset, length, lambda view, into=parts: into.append(bytes(view)), progress.append)
+            assert b"".join(parts) == model[offset : offset + length]
+            assert progress == sorted(progress) and progress[-1] == length
+        calls: list[int] = []
+
+        def failing(view: memoryview) -> None:
+            calls.append(view.nbytes)
+            if len(calls) == 3:
+                raise OSError(32, "Broken pipe")
+
+        with pytest.raises(OSError, match="Broken pipe"):
+            volume.read_to(0, payload, failing)
+        assert len(calls) == 3, "no chunk is delivered after the failure"

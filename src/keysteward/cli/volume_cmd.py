@@ -1,119 +1,80 @@
 """keysteward volume create|dump|check|read|write|add-key|remove-key: LUKS2 (and LUKS1) volumes in userspace.
 
 Offsets and lengths are bytes of the decrypted payload. Passphrase files are read as bytes, like
-cryptsetup's ``--key-file`` (no newline stripping; ``-`` is standard input). This module imports only
-typer and :mod:`keysteward.volume` at load time: ``keysteward volume ...`` starts through a fast path
-in ``cli/main.py`` that loads this group alone (no HTTP client, no database, no rich until needed).
+cryptsetup's ``--key-file`` (no newline stripping; ``-`` is standard input).
+
+``keysteward volume ...`` is dispatched by ``cli/main.py`` before typer is imported: this group parses
+its command line with :mod:`keysteward.cli.volume_args` (click's rules and messages) and loads, per
+verb, only the volume modules it runs, so that a ``volume read`` of a cached volume is not dominated by
+start-up. ``keysteward --help`` lists the group through a pass-through typer command (``cli/main.py``).
+
+Where a verb's key comes from is one function, :func:`key_source`: today the bytes of
+``--passphrase-file``; a key released by the key manager can be added there.
 """
 
 from __future__ import annotations
 
-import functools
-import gc
 import json
-import logging
 import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Any
 
-import typer
-
+from keysteward.cli.volume_args import HelpRequested, Opt, UsageError, Verb, parse_group, print_error
 from keysteward.errors import KeystewardError
-from keysteward.volume.device import Device
 from keysteward.volume.errors import io_error, option_error
-from keysteward.volume.kdf import KdfChoice
-from keysteward.volume.keyfile import read_key_file
-from keysteward.volume.luks_volume import LuksVolume, check_passphrase
-from keysteward.volume.sizes import parse_size
 
-log = logging.getLogger(__name__)
-
-app = typer.Typer(
-    name="volume",
-    help="LUKS2 (and LUKS1) volumes on files and block devices: create, inspect, read and write them.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-P = ParamSpec("P")
-R = TypeVar("R")
+PROG = "keysteward volume"
+ABOUT = "LUKS2 (and LUKS1) volumes on files and block devices: create, inspect, read and write them."
 PROGRESS_MIN = 256 * 1024 * 1024
 STDIN = "-"
 
-PathArg = Annotated[str, typer.Argument(help="Volume: a file or block device.", metavar="PATH")]
-PassphraseFile = Annotated[
-    str,
-    typer.Option(
-        "--passphrase-file",
-        metavar="FILE",
-        help="File whose bytes are the passphrase (no newline stripping; - = stdin).",
+PASSPHRASE = Opt(
+    "--passphrase-file", metavar="FILE", required=True,
+    help="File whose bytes are the passphrase (no newline stripping; - = stdin).",
+)  # fmt: skip
+JSON = Opt("--json", "flag", "Print JSON for scripts.")
+KDF_OPTS = (
+    Opt("--kdf", metavar="pbkdf2|argon2id", help="KDF of the new keyslot."),
+    Opt("--pbkdf-iterations", "int", "PBKDF2 iterations or Argon2 time cost (default: about 2 s / 4)."),
+    Opt("--pbkdf-memory", "int", "Argon2 memory in KiB (default: 1 GiB or less)."),
+    Opt("--pbkdf-parallel", "int", "Argon2 lanes (default: up to 4)."),
+)
+GROUP_OPTS = (
+    Opt(
+        "--argon2-memory-limit", metavar="SIZE", envvar="KEYSTEWARD_ARGON2_MEMORY_LIMIT",
+        help="Most memory an Argon2 keyslot may use here (default: half the available memory, at most 4G).",
     ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-KdfOpt = Annotated[str | None, typer.Option("--kdf", metavar="pbkdf2|argon2id", help="KDF of the new keyslot.")]
-IterationsOpt = Annotated[
-    int | None,
-    typer.Option("--pbkdf-iterations", help="PBKDF2 iterations or Argon2 time cost (default: about 2 s / 4)."),
-]
-MemoryOpt = Annotated[int | None, typer.Option("--pbkdf-memory", help="Argon2 memory in KiB (default: 1 GiB or less).")]
-ParallelOpt = Annotated[int | None, typer.Option("--pbkdf-parallel", help="Argon2 lanes (default: up to 4).")]
+)  # fmt: skip
+
+Args = dict[str, Any]
 
 
-@app.callback()
-def volume(
-    ctx: typer.Context,
-    argon2_memory_limit: Annotated[
-        str | None,
-        typer.Option(
-            envvar="KEYSTEWARD_ARGON2_MEMORY_LIMIT",
-            metavar="SIZE",
-            help="Most memory an Argon2 keyslot may use here (default: half the available memory, at most 4G).",
-        ),
-    ] = None,
-) -> None:
-    """LUKS2 (and LUKS1) volumes on files and block devices: create, inspect, read and write them."""
-    limit = None if argon2_memory_limit is None else parse_size(argon2_memory_limit, "Argon2 memory limit") // 1024
-    ctx.meta["keysteward.volume.argon2_limit_kib"] = limit
+# -- the key source ----------------------------------------------------------------------------------
 
 
-def _limit(ctx: typer.Context) -> int | None:
-    value = ctx.meta.get("keysteward.volume.argon2_limit_kib")
-    return value if isinstance(value, int) else None
+def key_source(args: Args, option: str = "passphrase_file") -> bytearray:
+    """The secret that opens the volume, as a bytearray the caller wipes: the bytes of the passphrase file.
 
-
-def _guarded(func: Callable[P, R]) -> Callable[P, R]:
-    """Every failure leaves as a KeystewardError (one line from main()); a bug adds a debug log record.
-
-    Also turns the garbage collector back on: main() keeps it off while the CLI starts up.
+    This is the one place a verb's key comes from (a key released by the key manager goes here too).
     """
+    from keysteward.volume.keyfile import read_key_file
 
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        gc.enable()
-        try:
-            return func(*args, **kwargs)
-        except (KeystewardError, typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
-            raise
-        except OSError as exc:
-            raise io_error(exc, "use", getattr(exc, "filename", None) or "a file") from exc
-        except Exception as exc:
-            log.debug("unexpected error in keysteward volume", exc_info=True)
-            raise KeystewardError(f"unexpected {type(exc).__name__}: {exc}") from exc
-
-    return wrapper
+    return read_key_file(args[option])
 
 
 @contextmanager
-def _passphrase(path: str) -> Iterator[bytearray]:
-    data = read_key_file(path)
+def _secret(args: Args, option: str = "passphrase_file") -> Iterator[bytearray]:
+    data = key_source(args, option)
     try:
         yield data
     finally:
         data[:] = bytes(len(data))
+
+
+# -- helpers -----------------------------------------------------------------------------------------
 
 
 def _print(data: dict[str, Any], as_json: bool, text: str) -> None:
@@ -134,43 +95,26 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], None] | None]:
         yield lambda done: bar.update(task, completed=done)
 
 
-def _kdf(kind: str | None, iterations: int | None, memory: int | None, parallel: int | None) -> KdfChoice:
-    return KdfChoice(kind, iterations, memory, parallel)
+def _kdf(args: Args) -> Any:
+    from keysteward.volume.kdf import KdfChoice
+
+    return KdfChoice(args["kdf"], args["pbkdf_iterations"], args["pbkdf_memory"], args["pbkdf_parallel"])
 
 
-# -- commands ------------------------------------------------------------------------------------
+# -- verbs -------------------------------------------------------------------------------------------
 
 
-@app.command()
-@_guarded
-def create(
-    ctx: typer.Context,
-    path: PathArg,
-    size: Annotated[str, typer.Option("--size", metavar="SIZE", help="Payload size, like 64M or 1G.")],
-    passphrase_file: Annotated[
-        str | None, typer.Option("--passphrase-file", metavar="FILE", help="Passphrase bytes (default: prompt).")
-    ] = None,
-    sector_size: Annotated[int, typer.Option("--sector-size", help="512 or 4096.")] = 4096,
-    key_size: Annotated[int, typer.Option("--key-size", help="256 (AES-128-XTS) or 512 (AES-256-XTS).")] = 512,
-    kdf: KdfOpt = None,
-    label: Annotated[str, typer.Option("--label", help="LUKS2 label.")] = "",
-    luks1: Annotated[bool, typer.Option("--luks1", help="LUKS1, for QEMU (pbkdf2, 512-byte sectors).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing LUKS header.")] = False,
-    pbkdf_iterations: IterationsOpt = None,
-    pbkdf_memory: MemoryOpt = None,
-    pbkdf_parallel: ParallelOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Create a volume at PATH (a new file, an existing file, or a block device)."""
+def create(args: Args) -> None:
     from keysteward.volume.create import CreateOptions, create_volume
+    from keysteward.volume.sizes import parse_size
 
     options = CreateOptions(
-        size=parse_size(size, "--size"), sector_size=sector_size, key_bits=key_size,
-        kdf=_kdf(kdf, pbkdf_iterations, pbkdf_memory, pbkdf_parallel), label=label, luks1=luks1, force=force,
+        size=parse_size(args["size"], "--size"), sector_size=args["sector_size"], key_bits=args["key_size"],
+        kdf=_kdf(args), label=args["label"], luks1=args["luks1"], force=args["force"],
     )  # fmt: skip
-    secret = read_key_file(passphrase_file) if passphrase_file is not None else _prompt_new_passphrase()
+    secret = key_source(args) if args["passphrase_file"] is not None else _prompt_new_passphrase()
     try:
-        made = create_volume(path, secret, options, max_memory_kib=_limit(ctx))
+        made = create_volume(args["path"], secret, options, max_memory_kib=args["limit"])
     finally:
         secret[:] = bytes(len(secret))
     data = {
@@ -180,7 +124,7 @@ def create(
     }  # fmt: skip
     _print(
         data,
-        as_json,
+        args["json"],
         f"created LUKS{made.version} volume {made.uuid} at {made.path}: {made.payload_size} bytes of payload, "
         f"{made.sector_size}-byte sectors, keyslot {made.keyslot} ({made.kdf['type']})\n",
     )
@@ -197,46 +141,35 @@ def _prompt_new_passphrase() -> bytearray:
     return bytearray(first.encode())
 
 
-@app.command()
-@_guarded
-def dump(path: PathArg, as_json: JsonOpt = False) -> None:
-    """Show the header: keyslots, tokens, segments, digests (never key material)."""
+def dump(args: Args) -> None:
+    from keysteward.volume.device import Device
     from keysteward.volume.dump import describe, render
     from keysteward.volume.header_io import read_header
 
-    with Device.open(path) as device:
+    with Device.open(args["path"]) as device:
         info = describe(read_header(device))
-    info["path"] = path
-    _print(info, as_json, render(info))
+    info["path"] = args["path"]
+    _print(info, args["json"], render(info))
 
 
-@app.command()
-@_guarded
-def check(ctx: typer.Context, path: PathArg, passphrase_file: PassphraseFile, as_json: JsonOpt = False) -> None:
-    """Exit 0 if the passphrase opens a keyslot of PATH."""
-    with _passphrase(passphrase_file) as secret:
-        slot = check_passphrase(path, secret, max_memory_kib=_limit(ctx))
-    _print({"path": path, "keyslot": slot, "ok": True}, as_json, f"keyslot {slot} opens with this passphrase\n")
+def check(args: Args) -> None:
+    from keysteward.volume.luks_volume import check_passphrase
+
+    with _secret(args) as secret:
+        slot = check_passphrase(args["path"], secret, max_memory_kib=args["limit"])
+    data = {"path": args["path"], "keyslot": slot, "ok": True}
+    _print(data, args["json"], f"keyslot {slot} opens with this passphrase\n")
 
 
-@app.command()
-@_guarded
-def read(
-    ctx: typer.Context,
-    path: PathArg,
-    passphrase_file: PassphraseFile,
-    offset: Annotated[int, typer.Option("--offset", help="Payload offset in bytes.")] = 0,
-    length: Annotated[int | None, typer.Option("--length", help="Bytes to read (default: to the end).")] = None,
-    output: Annotated[
-        str | None, typer.Option("--output", metavar="FILE", help="Write here (default: stdout).")
-    ] = None,
-) -> None:
-    """Decrypt payload bytes to FILE or stdout (the whole payload by default)."""
-    with _passphrase(passphrase_file) as secret, LuksVolume.open(path, secret, max_memory_kib=_limit(ctx)) as vol:
+def read(args: Args) -> None:
+    from keysteward.volume.luks_volume import LuksVolume
+
+    offset, length, output = args["offset"], args["length"], args["output"]
+    with _secret(args) as secret, LuksVolume.open(args["path"], secret, max_memory_kib=args["limit"]) as vol:
         if length is None:
             length = max(0, vol.payload_size - offset) if offset >= 0 else 0
         vol.check_range(offset, length)
-        fd = _open_output(output, vol.device)
+        fd = _open_output(output, vol.device.fd)
         try:
             with _progress(length, "reading") as progress:
                 vol.read_to(offset, length, _fd_sink(fd, output or "standard output"), progress)
@@ -245,106 +178,112 @@ def read(
                 os.close(fd)
 
 
-@app.command()
-@_guarded
-def write(
-    ctx: typer.Context,
-    path: PathArg,
-    passphrase_file: PassphraseFile,
-    offset: Annotated[int, typer.Option("--offset", help="Payload offset in bytes.")] = 0,
-    input_file: Annotated[
-        str | None, typer.Option("--input", metavar="FILE", help="Read here (default: stdin).")
-    ] = None,
-) -> None:
-    """Encrypt FILE or stdin and write it at payload offset N."""
-    if input_file is None and passphrase_file == STDIN:
+def write(args: Args) -> None:
+    from keysteward.volume.luks_volume import LuksVolume
+
+    input_file = args["input"]
+    if input_file is None and args["passphrase_file"] == STDIN:
         raise option_error("standard input cannot hold both the passphrase and the data; use --input")
-    fd, known = _open_input(input_file, path)
+    fd, known = _open_input(input_file, args["path"])
     try:
         with (
-            _passphrase(passphrase_file) as secret,
-            LuksVolume.open(path, secret, writable=True, max_memory_kib=_limit(ctx)) as vol,
+            _secret(args) as secret,
+            LuksVolume.open(args["path"], secret, writable=True, max_memory_kib=args["limit"]) as vol,
         ):
-            vol.check_range(offset, known or 0)
+            vol.check_range(args["offset"], known or 0)
+            name = input_file or "standard input"
 
             def read_into(view: memoryview) -> int:
                 try:
                     return os.readv(fd, [view])
                 except OSError as exc:
-                    raise io_error(exc, "read", input_file or "standard input") from exc
+                    raise io_error(exc, "read", name) from exc
 
             with _progress(known or 0, "writing") as progress:
-                vol.write_from(offset, read_into, length=known, progress=progress)
-            vol.flush()
+                vol.write_from(args["offset"], read_into, length=known, progress=progress)
+            if args["fsync"]:
+                vol.flush()
     finally:
         if input_file is not None:
             os.close(fd)
 
 
-@app.command("add-key")
-@_guarded
-def add_key_cmd(
-    ctx: typer.Context,
-    path: PathArg,
-    passphrase_file: PassphraseFile,
-    new_passphrase_file: Annotated[
-        str, typer.Option("--new-passphrase-file", metavar="FILE", help="The new keyslot's passphrase bytes.")
-    ],
-    kdf: KdfOpt = None,
-    slot: Annotated[int | None, typer.Option("--slot", help="Keyslot number (default: first free).")] = None,
-    pbkdf_iterations: IterationsOpt = None,
-    pbkdf_memory: MemoryOpt = None,
-    pbkdf_parallel: ParallelOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Add a keyslot for a new passphrase; an existing passphrase opens the volume key."""
+def add_key(args: Args) -> None:
     from keysteward.volume.keyslots import add_key
 
-    if passphrase_file == STDIN and new_passphrase_file == STDIN:
+    if args["passphrase_file"] == STDIN and args["new_passphrase_file"] == STDIN:
         raise option_error("standard input can hold only one of the passphrases")
-    with _passphrase(passphrase_file) as old, _passphrase(new_passphrase_file) as new:
-        added = add_key(
-            path, old, new, kdf=_kdf(kdf, pbkdf_iterations, pbkdf_memory, pbkdf_parallel), keyslot=slot,
-            max_memory_kib=_limit(ctx),
-        )  # fmt: skip
-    data = {"path": path, "keyslot": added.keyslot, "opened_with": added.opened_with, "kdf": added.kdf}
-    _print(data, as_json, f"added keyslot {added.keyslot} ({added.kdf['type']})\n")
+    with _secret(args) as old, _secret(args, "new_passphrase_file") as new:
+        added = add_key(args["path"], old, new, kdf=_kdf(args), keyslot=args["slot"], max_memory_kib=args["limit"])
+    data = {"path": args["path"], "keyslot": added.keyslot, "opened_with": added.opened_with, "kdf": added.kdf}
+    _print(data, args["json"], f"added keyslot {added.keyslot} ({added.kdf['type']})\n")
 
 
-@app.command("remove-key")
-@_guarded
-def remove_key_cmd(
-    ctx: typer.Context,
-    path: PathArg,
-    slot: Annotated[int, typer.Option("--slot", help="Keyslot to remove.")],
-    passphrase_file: PassphraseFile,
-    as_json: JsonOpt = False,
-) -> None:
-    """Remove keyslot N; the passphrase must open another keyslot. The last keyslot is never removed."""
+def remove_key(args: Args) -> None:
     from keysteward.volume.keyslots import remove_key
 
-    with _passphrase(passphrase_file) as secret:
-        other = remove_key(path, slot, secret, max_memory_kib=_limit(ctx))
-    _print({"path": path, "removed": slot, "opened_with": other}, as_json, f"removed keyslot {slot}\n")
+    slot = args["slot"]
+    with _secret(args) as secret:
+        other = remove_key(args["path"], slot, secret, max_memory_kib=args["limit"])
+    _print({"path": args["path"], "removed": slot, "opened_with": other}, args["json"], f"removed keyslot {slot}\n")
 
 
-# -- files -----------------------------------------------------------------------------------------
+VERBS = (
+    Verb("create", "Create a volume at PATH (a new file, an existing file, or a block device).", (
+        Opt("--size", metavar="SIZE", required=True, help="Payload size, like 64M or 1G."),
+        Opt("--passphrase-file", metavar="FILE", help="Passphrase bytes (default: prompt)."),
+        Opt("--sector-size", "int", "512 or 4096.", default=4096),
+        Opt("--key-size", "int", "256 (AES-128-XTS) or 512 (AES-256-XTS).", default=512),
+        KDF_OPTS[0],
+        Opt("--label", help="LUKS2 label.", default=""),
+        Opt("--luks1", "flag", "LUKS1, for QEMU (pbkdf2, 512-byte sectors)."),
+        Opt("--force", "flag", "Overwrite an existing LUKS header."),
+        *KDF_OPTS[1:], JSON,
+    ), create),
+    Verb("dump", "Show the header: keyslots, tokens, segments, digests (never key material).", (JSON,), dump),
+    Verb("check", "Exit 0 if the passphrase opens a keyslot of PATH.", (PASSPHRASE, JSON), check),
+    Verb("read", "Decrypt payload bytes to FILE or stdout (the whole payload by default).", (
+        PASSPHRASE,
+        Opt("--offset", "int", "Payload offset in bytes.", default=0),
+        Opt("--length", "int", "Bytes to read (default: to the end)."),
+        Opt("--output", metavar="FILE", help="Write here (default: stdout)."),
+    ), read),
+    Verb("write", "Encrypt FILE or stdin and write it at payload offset N.", (
+        PASSPHRASE,
+        Opt("--offset", "int", "Payload offset in bytes.", default=0),
+        Opt("--input", metavar="FILE", help="Read here (default: stdin)."),
+        Opt("--fsync", "flag", "Flush the written data to the disk before reporting success (default: the data "
+            "is handed to the kernel, as cat or dd without conv=fsync do)."),
+    ), write),
+    Verb("add-key", "Add a keyslot for a new passphrase; an existing passphrase opens the volume key.", (
+        PASSPHRASE,
+        Opt("--new-passphrase-file", metavar="FILE", required=True, help="The new keyslot's passphrase bytes."),
+        KDF_OPTS[0],
+        Opt("--slot", "int", "Keyslot number (default: first free)."),
+        *KDF_OPTS[1:], JSON,
+    ), add_key),
+    Verb("remove-key", "Remove keyslot N; the passphrase must open another keyslot. The last keyslot is never "
+         "removed.", (Opt("--slot", "int", "Keyslot to remove.", required=True), PASSPHRASE, JSON), remove_key),
+)  # fmt: skip
 
 
-def _same_file(fd: int, device: Device) -> bool:
-    mine, theirs = os.fstat(fd), os.fstat(device.fd)
+# -- files -------------------------------------------------------------------------------------------
+
+
+def _same_file(fd: int, device_fd: int) -> bool:
+    mine, theirs = os.fstat(fd), os.fstat(device_fd)
     return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino) or (
         stat.S_ISBLK(mine.st_mode) and mine.st_rdev == theirs.st_rdev
     )
 
 
-def _open_output(output: str | None, device: Device) -> int:
+def _open_output(output: str | None, device_fd: int) -> int:
     if output is None:
         fd = sys.stdout.fileno()
     else:
         try:
-            info = os.stat(output)
-            if (info.st_dev, info.st_ino) == (os.fstat(device.fd).st_dev, os.fstat(device.fd).st_ino):
+            info, volume = os.stat(output), os.fstat(device_fd)
+            if (info.st_dev, info.st_ino) == (volume.st_dev, volume.st_ino):
                 raise option_error("--output is the volume itself")
         except FileNotFoundError:
             pass
@@ -352,7 +291,7 @@ def _open_output(output: str | None, device: Device) -> int:
             fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise io_error(exc, "open", output) from exc
-    if _same_file(fd, device):
+    if _same_file(fd, device_fd):
         raise option_error("the output is the volume itself")
     return fd
 
@@ -394,3 +333,49 @@ def _open_input(input_file: str | None, volume_path: str) -> tuple[int, int | No
             os.close(fd)
         raise
     return fd, known
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+
+def _run(args: list[str]) -> None:
+    group, verb, values = parse_group(PROG, ABOUT, GROUP_OPTS, VERBS, args)
+    limit = group["argon2_memory_limit"]
+    if limit is not None:
+        from keysteward.volume.sizes import parse_size
+
+        limit = parse_size(limit, "Argon2 memory limit") // 1024
+    values["limit"] = limit
+    verb.run(values)
+
+
+def main(args: list[str]) -> int:
+    """Run ``keysteward volume ARGS``; every outcome is an exit status, every failure one line on stderr."""
+    try:
+        _run(args)
+    except HelpRequested as exc:
+        sys.stdout.write(exc.text)
+        return exc.status
+    except UsageError as exc:
+        print_error(f"{exc.message} (see {exc.where} --help)")
+        return 2
+    except KeystewardError as exc:
+        print_error(f"{exc.message} ({exc.code})")
+        return 1
+    except OSError as exc:
+        where = getattr(exc, "filename", None) or "a file"
+        error = io_error(exc, "use", where)
+        print_error(f"{error.message} ({error.code})")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except EOFError:
+        print_error("aborted")
+        return 1
+    except Exception as exc:  # a bug: still one line, and the details for a debug log
+        import logging
+
+        logging.getLogger(__name__).debug("unexpected error in keysteward volume", exc_info=True)
+        print_error(f"unexpected {type(exc).__name__}: {exc} (internal_error)")
+        return 1
+    return 0

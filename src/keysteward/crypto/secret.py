@@ -9,7 +9,6 @@ primitive runs; keysteward keeps its own long-lived copies only here.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import resource
 from types import TracebackType
@@ -19,7 +18,9 @@ def _load_libc() -> ctypes.CDLL:
     try:
         return ctypes.CDLL("libc.so.6", use_errno=True)  # glibc: no ctypes.util search (~10 ms per start)
     except OSError:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        from ctypes.util import find_library  # only here: importing it costs ~5 ms of every start
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
 
 
 _libc = _load_libc()

@@ -42,8 +42,6 @@ import threading
 from types import ModuleType, TracebackType
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from keysteward.crypto.secret import SecretBuffer
 
 Buffer = bytes | bytearray | memoryview
@@ -175,6 +173,8 @@ def _reference_into(
     encrypt: bool, key: bytes, sector_size: int, src: memoryview, dst: memoryview, first: int, step: int
 ) -> None:
     """One pyca Cipher per sector; ``dst`` may be ``src`` itself (each sector is read before it is written)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # the slow path only (~5 ms)
+
     algorithm = algorithms.AES(key)
     for offset in range(0, src.nbytes, sector_size):
         tweak = (first + (offset // sector_size) * step).to_bytes(16, "little")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.crypto.xts import XtsCipher
@@ -122,9 +122,13 @@ class SectorIO:
     def _decrypt_at(self, pos: int, view: memoryview) -> None:
         """Read and decrypt whole sectors at payload offset ``pos`` (aligned) into ``view``."""
         self.device.preadinto(self.geometry.data_offset + pos, view)
+        self._decrypt_view(view, pos, view)
+
+    def _decrypt_view(self, data: memoryview, pos: int, out: memoryview) -> None:
+        """Decrypt ``data`` (whole sectors of the payload at offset ``pos``, aligned) into ``out``."""
         cipher = self._borrow()
         try:
-            cipher.decrypt(view, pos // IV_UNIT, out=view, iv_shift=self.geometry.iv_tweak)
+            cipher.decrypt(data, pos // IV_UNIT, out=out, iv_shift=self.geometry.iv_tweak)
         finally:
             self._release(cipher)
 
@@ -140,26 +144,45 @@ class SectorIO:
     # -- reading -----------------------------------------------------------------------------------
 
     def read_to(self, offset: int, length: int, sink: Sink, progress: Progress | None = None) -> None:
-        """Decrypt payload bytes ``[offset, offset + length)`` and hand them to ``sink`` in order."""
+        """Decrypt payload bytes ``[offset, offset + length)`` and hand them to ``sink`` in order.
+
+        A request of more than one chunk decrypts straight from a read-only mapping of the device (the
+        page cache, without a copy into a buffer first); a small one, or a device that cannot be
+        mapped, reads with ``pread``.
+        """
         self.check_range(offset, length)
         if length == 0:
             return
         sector = self.geometry.sector_size
         start, end = _align_down(offset, sector), _align_up(offset + length, sector)
-        spans = iter([(pos, min(pos + CHUNK, end)) for pos in range(start, end, CHUNK)])
+        spans = [(pos, min(pos + CHUNK, end)) for pos in range(start, end, CHUNK)]
         done = 0
         if end - start > 2 * CHUNK:
             self.device.advise_sequential(self.geometry.data_offset + start, end - start)
+        mapped = self.device.map_range(self.geometry.data_offset + start, end - start) if end - start > CHUNK else None
 
         def job(span: Span, buf: bytearray) -> None:
-            self._decrypt_at(span[0], memoryview(buf)[: span[1] - span[0]])
+            out = memoryview(buf)[: span[1] - span[0]]
+            if mapped is None:
+                self._decrypt_at(span[0], out)
+                return
+            with mapped[1][span[0] - start : span[1] - start] as data:
+                self._decrypt_view(data, span[0], out)
 
-        for (pos, stop), buf in self._pipeline(lambda _buf: next(spans, None), job, min(CHUNK, end - start)):
-            lo, hi = max(offset, pos) - pos, min(offset + length, stop) - pos
+        def deliver(span: Span, buf: bytearray) -> None:
+            nonlocal done
+            lo, hi = max(offset, span[0]) - span[0], min(offset + length, span[1]) - span[0]
             sink(memoryview(buf)[lo:hi])
             done += hi - lo
             if progress is not None:
                 progress(done)
+
+        try:
+            self._in_turn(spans, job, deliver, min(CHUNK, end - start))
+        finally:
+            if mapped is not None:
+                mapped[1].release()
+                mapped[0].close()
 
     def read(self, offset: int, length: int) -> bytes:
         """Payload bytes ``[offset, offset + length)`` as one ``bytes`` (for small reads)."""
@@ -241,7 +264,62 @@ class SectorIO:
 
         self.write_from(offset, read_into, length=source.nbytes)
 
-    # -- the pipeline ------------------------------------------------------------------------------
+    # -- the pipelines -----------------------------------------------------------------------------
+
+    def _in_turn(
+        self,
+        spans: list[Span],
+        job: Callable[[Span, bytearray], None],
+        deliver: Callable[[Span, bytearray], None],
+        buffer_size: int,
+    ) -> None:
+        """``job(span, buf)`` for every span, and ``deliver(span, buf)`` after it, in the order of ``spans``.
+
+        Worker ``i`` of ``n`` (the calling thread is worker 0) takes spans ``i``, ``i + n``, ... into a
+        buffer of its own, runs the job (native code, the GIL released), waits for its turn, delivers,
+        and passes the turn on: no hand-off to another thread between a job and its delivery. The first
+        failure stops every worker; it is raised here once they have all stopped.
+        """
+        workers = min(self._workers, len(spans)) if buffer_size >= CHUNK else 1
+        if workers == 1:
+            buf = bytearray(buffer_size)
+            for span in spans:
+                job(span, buf)
+                deliver(span, buf)
+            return
+        turn = threading.Condition()
+        state: dict[str, Any] = {"next": 0, "error": None}
+
+        def work(first: int) -> None:
+            buf = bytearray(buffer_size)
+            try:
+                for k in range(first, len(spans), workers):
+                    job(spans[k], buf)
+                    with turn:
+                        while state["next"] != k and state["error"] is None:
+                            turn.wait()
+                        if state["error"] is not None:
+                            return
+                    deliver(spans[k], buf)
+                    with turn:
+                        state["next"] = k + 1
+                        turn.notify_all()
+            except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread, below
+                with turn:
+                    if state["error"] is None:
+                        state["error"] = exc
+                    turn.notify_all()
+
+        threads = [threading.Thread(target=work, args=(i,), name=f"ks-volume-{i}") for i in range(1, workers)]
+        for thread in threads:
+            thread.start()
+        try:
+            work(0)
+        finally:
+            for thread in threads:
+                thread.join()
+        if state["error"] is not None:
+            raise state["error"]
 
     def _pipeline(
         self, produce: Callable[[bytearray], Span | None], job: Callable[[Span, bytearray], None], buffer_size: int

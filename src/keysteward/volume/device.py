@@ -10,6 +10,7 @@ a :class:`~keysteward.errors.KeystewardError` naming the path.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import stat
 from types import TracebackType
@@ -133,6 +134,23 @@ class Device:
                 advise(self.fd, offset, length, os.POSIX_FADV_SEQUENTIAL)
             except OSError:
                 pass
+
+    def map_range(self, offset: int, length: int) -> tuple[mmap.mmap, memoryview] | None:
+        """A read-only shared mapping of ``[offset, offset + length)`` and a view of exactly those bytes, or
+        None when the range lies (partly) beyond the device's size or the kernel refuses to map it.
+
+        Readers decrypt straight from the page cache this way (no copy into a buffer of ours). The caller
+        releases the view, then closes the mapping. A file truncated by another process while mapped
+        would fault (SIGBUS) on the missing pages; keysteward never truncates a volume it is using.
+        """
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            return None
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(self.fd, offset + length - start, mmap.MAP_SHARED, mmap.PROT_READ, offset=start)
+        except (OSError, ValueError, OverflowError):
+            return None
+        return mapping, memoryview(mapping)[offset - start :]
 
     def fsync(self) -> None:
         try:

@@ -41,16 +41,21 @@ def _check(key_size: int, stripes: int) -> None:
 
 def _diffuser(hash_name: str, size: int) -> Callable[[bytes], bytes]:
     name = hashlib_name(hash_name)
-    digest = hashlib.new(name).digest_size
-    blocks = [
-        (i.to_bytes(4, "big"), i * digest, min(size, (i + 1) * digest)) for i in range((size + digest - 1) // digest)
-    ]
+    proto = hashlib.new(name)
+    digest = proto.digest_size
+    blocks = []
+    for i in range((size + digest - 1) // digest):
+        prefixed = proto.copy()  # the block index hashed once; each use copies that state (cheaper than new())
+        prefixed.update(i.to_bytes(4, "big"))
+        blocks.append((prefixed.copy, i * digest, min(size, (i + 1) * digest)))
 
     def diffuse(buf: bytes) -> bytes:
-        out = bytearray()
-        for prefix, start, end in blocks:
-            out += hashlib.new(name, prefix + buf[start:end]).digest()[: end - start]
-        return bytes(out)
+        parts = []
+        for fresh, start, end in blocks:
+            h = fresh()
+            h.update(buf[start:end])
+            parts.append(h.digest()[: end - start])
+        return b"".join(parts)
 
     return diffuse
 

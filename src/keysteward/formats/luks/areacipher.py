@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from keysteward.formats.luks.errors import LuksFormatError, unsupported
 
 SECTOR_SIZE = 512
@@ -34,6 +32,8 @@ def xts_area_cipher(encryption: str, key: bytes | bytearray, data: bytes, decryp
 
     ``aes-xts-plain`` is accepted too: its 32-bit IV equals plain64's below 2**32 sectors.
     """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # not needed to import the codec
+
     check_area_encryption(encryption, len(key))
     if len(data) % SECTOR_SIZE:
         raise LuksFormatError(f"keyslot area of {len(data)} bytes is not a whole number of sectors")

@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import os
 import struct
-import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -304,6 +303,8 @@ def new_header(
     rng: RandomSource = os.urandom,
 ) -> Luks2Header:
     """A header for a new volume (seqid 0: the first write stores seqid 1)."""
+    import uuid as uuidlib  # only for new headers: reading one does not pay for it at start-up
+
     if uuid is not None:
         try:
             uuidlib.UUID(uuid)
