@@ -2,7 +2,9 @@
 # The main job end to end on embedded defaults: SQLite, a dev-sealed root key, local files.
 # Initialises a key manager, starts it over TLS, creates a tenant and a key, generates and
 # decrypts a data key, rotates the key, makes a LUKS2 volume that cryptsetup also opens and moves
-# data through it, and shows and verifies the audit trail.
+# data through it. Then the key release story: a devcloud instance, a volume bound to the key
+# manager, the agent unlocking it and writing data, a clone of the instance refused, revocation
+# locking the volume on the running agent; and the audit trail shown and verified.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 bash scripts/bootstrap.sh >/dev/null
@@ -21,7 +23,9 @@ echo "cluster $(json '["cluster_id"]' < "$KEYSTEWARD_DATA_DIR/init.json"), TLS C
 say "keysteward server start"
 keysteward server start > "$KEYSTEWARD_DATA_DIR/server.log" 2>&1 &
 server_pid=$!
-trap 'kill $server_pid 2>/dev/null || true; wait $server_pid 2>/dev/null || true' EXIT
+pids=()
+cleanup() { for p in "${pids[@]}" $server_pid; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
 for _ in $(seq 1 100); do
   KEYSTEWARD_TOKEN= keysteward server status >/dev/null 2>&1 && break
   sleep 0.2
@@ -67,8 +71,59 @@ cmp "$KEYSTEWARD_DATA_DIR/plain.bin" "$KEYSTEWARD_DATA_DIR/back.bin" && echo "1 
 cryptsetup open --test-passphrase --key-file "$KEYSTEWARD_DATA_DIR/passphrase" "$vol" && echo "cryptsetup opens it with the same passphrase"
 keysteward volume dump "$vol" | head -20
 
+say "devcloud: a stand-in cloud provider (signing key, instances, metadata service)"
+export KEYSTEWARD_DEVCLOUD_STATE="$KEYSTEWARD_DATA_DIR/devcloud"
+export KEYSTEWARD_CA_FILE=$(json '["ca_file"]' < "$KEYSTEWARD_DATA_DIR/init.json")
+kms_url=$(json '["url"]' < "$KEYSTEWARD_DATA_DIR/init.json")
+keysteward devcloud init >/dev/null
+keysteward devcloud serve --port-file "$KEYSTEWARD_DATA_DIR/devcloud.url" > "$KEYSTEWARD_DATA_DIR/devcloud.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do [ -s "$KEYSTEWARD_DATA_DIR/devcloud.url" ] && break; sleep 0.1; done
+metadata=$(cat "$KEYSTEWARD_DATA_DIR/devcloud.url")
+vm=$(keysteward devcloud instance create --account 111122223333 --image img-web --json | json '["id"]')
+echo "instance $vm of account 111122223333 (image img-web); its metadata service: $metadata/$vm"
+keysteward devcloud certificate > "$KEYSTEWARD_DATA_DIR/devcloud.pem"
+keysteward provider add devcloud --kind aws-iid --cert "$KEYSTEWARD_DATA_DIR/devcloud.pem"
+
+say "keysteward volume create --kms: a volume whose key only a release gives"
+keysteward key create volumes --description "keyslot secrets of bound volumes"
+bound="$KEYSTEWARD_DATA_DIR/bound.img"
+keysteward volume create "$bound" --size 64M --kms "$kms_url" --key volumes --name web-data --provider devcloud \
+  --bind-account 111122223333 --bind-image img-web --tag env=demo --lease-seconds 6 --renew-seconds 2
+keysteward volume dump "$bound" | grep -E "^(keyslot|token)"
+
+say "on the instance: keysteward agent unlock (evidence from the metadata service, key sealed with HPKE)"
+export KEYSTEWARD_METADATA_URL="$metadata/$vm"
+keysteward agent unlock "$bound"
+keysteward volume write "$bound" --kms "$kms_url" --offset 0 --input "$KEYSTEWARD_DATA_DIR/plain.bin"
+keysteward volume read "$bound" --kms "$kms_url" --length 1048576 --output "$KEYSTEWARD_DATA_DIR/bound-back.bin"
+cmp "$KEYSTEWARD_DATA_DIR/plain.bin" "$KEYSTEWARD_DATA_DIR/bound-back.bin" && echo "1 MiB written and read back with the released key"
+
+say "keysteward agent run: the instance's agent holds the volume under a lease it renews"
+printf 'web-data %s metadata=%s/%s,mode=userspace\n' "$bound" "$metadata" "$vm" > "$KEYSTEWARD_DATA_DIR/volumes"
+keysteward agent run --config "$KEYSTEWARD_DATA_DIR/volumes" --status-file "$KEYSTEWARD_DATA_DIR/agent.json" \
+  > "$KEYSTEWARD_DATA_DIR/agent.log" 2>&1 &
+pids+=($!)
+agent_state() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['volumes']['web-data']['state'])" "$KEYSTEWARD_DATA_DIR/agent.json" 2>/dev/null || true; }
+for _ in $(seq 1 100); do [ "$(agent_state)" = open ] && break; sleep 0.1; done
+echo "agent: volume web-data is $(agent_state)"
+keysteward volume status web-data --kms "$kms_url"
+
+say "a clone of the instance (same disk, new instance id) asks for the key while the original runs"
+clone=$(keysteward devcloud instance clone "$vm" --json | json '["id"]')
+if KEYSTEWARD_METADATA_URL="$metadata/$clone" keysteward volume read "$bound" --kms "$kms_url" --length 16 > /dev/null; then
+  echo "the clone got the key"; exit 1
+fi
+
+say "keysteward volume revoke web-data: the running agent locks the volume at its next renewal"
+keysteward volume revoke web-data --kms "$kms_url" --reason "demo: instance retired"
+for _ in $(seq 1 150); do [ "$(agent_state)" = locked ] && break; sleep 0.1; done
+echo "agent: volume web-data is $(agent_state)"
+[ "$(agent_state)" = locked ]
+if keysteward volume read "$bound" --kms "$kms_url" --length 16 > /dev/null; then echo "revoked, yet released"; exit 1; fi
+
 say "keysteward audit list"
-keysteward audit list --last 12
+keysteward audit list --last 16
 
 say "keysteward audit verify"
 keysteward audit verify

@@ -30,8 +30,15 @@ def test_demo_script(tmp_path: Path, secret_registry: SecretRegistry) -> None:
         "read back through the userspace data path",
         "cryptsetup opens it with the same passphrase",
         "audit chain intact",
+        "1 MiB written and read back with the released key",
+        "agent: volume web-data is open",
+        "suspected clone (suspected_clone)",
+        "agent: volume web-data is locked",
+        "the volume is revoked (volume_revoked)",
     ):
         assert expected in done.stdout + done.stderr, expected
     assert "Traceback" not in done.stdout + done.stderr
     secret_registry.place(tmp_path / "demo" / "server.log")
     secret_registry.place(tmp_path / "demo" / "keysteward.db")
+    for name in ("agent.log", "agent.json", "devcloud.log", "bound.img"):
+        secret_registry.place(tmp_path / "demo" / name)

@@ -29,7 +29,19 @@ def usage_error(*args: str) -> UsageError:
 def test_values_defaults_and_forms() -> None:
     group, verb, values = parse("read", "--passphrase-file=pw", "v.img", "--offset", "-1", "--length", "1_0")
     assert verb == "read" and group == {"argon2_memory_limit": None}
-    assert values == {"passphrase_file": "pw", "offset": -1, "length": 10, "output": None, "path": "v.img"}
+    release = {
+        "kms": None,
+        "identity": "aws-iid",
+        "metadata": None,
+        "audience": None,
+        "suite": "x25519",
+        "ca_file": None,
+    }
+    assert values == {"passphrase_file": "pw", "offset": -1, "length": 10, "output": None, "path": "v.img", **release}
+    _, _, values = parse("create", "v", "--size", "4M", "--kms", "https://k", "--tag", "a=1", "--tag=b=2")
+    assert values["tag"] == ["a=1", "b=2"] and values["kms"] == "https://k"
+    _, _, values = parse("list")
+    assert values["path"] is None
     _, _, values = parse("write", "v.img", "--passphrase-file", "-", "--fsync", "--offset", "1", "--offset", "2")
     assert values["fsync"] is True and values["offset"] == 2 and values["passphrase_file"] == "-"
     _, _, values = parse("write", "v.img", "--passphrase-file", "pw")
@@ -52,7 +64,7 @@ def test_environment_sets_the_group_option(monkeypatch: pytest.MonkeyPatch) -> N
     [
         (["dump"], "Missing argument 'PATH'.", "keysteward volume dump"),
         (["frobnicate", "x"], "No such command 'frobnicate'.", "keysteward volume"),
-        (["check", "v"], "Missing option '--passphrase-file'.", "keysteward volume check"),
+        (["list", "v"], "Got unexpected extra argument(s) (v)", "keysteward volume list"),
         (["check"], "Missing argument 'PATH'.", "keysteward volume check"),
         (["read", "v", "--passphrase-file", "p", "--offset", "ten"],
          "Invalid value for '--offset': Input should be a valid integer, unable to parse string as an integer",
@@ -79,7 +91,7 @@ def test_help_wins_and_lists_every_option() -> None:
     with pytest.raises(HelpRequested) as caught:
         parse("read", "--help", "extra", "--offset", "ten")
     assert caught.value.status == 0
-    for text in ("Usage: keysteward volume read [OPTIONS] PATH", "--passphrase-file FILE", "[required]",
+    for text in ("Usage: keysteward volume read [OPTIONS] PATH", "--passphrase-file FILE", "[required]", "--kms URL",
                  "--offset INTEGER", "[default: 0]", "--length INTEGER", "--output FILE", "--help"):  # fmt: skip
         assert text in caught.value.text
     with pytest.raises(HelpRequested) as caught:
@@ -93,15 +105,23 @@ def test_help_wins_and_lists_every_option() -> None:
 
 
 def test_every_verb_keeps_its_options() -> None:
+    release = {"--kms", "--identity", "--metadata", "--audience", "--suite", "--ca-file"}
+    admin = {"--kms", "--token", "--ca-file", "--json"}
     expected = {
         "create": {"--size", "--passphrase-file", "--sector-size", "--key-size", "--kdf", "--label", "--luks1",
-                   "--force", "--pbkdf-iterations", "--pbkdf-memory", "--pbkdf-parallel", "--json"},
+                   "--force", "--pbkdf-iterations", "--pbkdf-memory", "--pbkdf-parallel", "--json", "--kms", "--key",
+                   "--name", "--provider", "--bind-account", "--bind-instance", "--bind-image", "--tag",
+                   "--lease-seconds", "--renew-seconds", "--grace-seconds", "--token", "--ca-file"},
         "dump": {"--json"},
-        "check": {"--passphrase-file", "--json"},
-        "read": {"--passphrase-file", "--offset", "--length", "--output"},
-        "write": {"--passphrase-file", "--offset", "--input", "--fsync"},
+        "check": {"--passphrase-file", "--json", *release},
+        "read": {"--passphrase-file", "--offset", "--length", "--output", *release},
+        "write": {"--passphrase-file", "--offset", "--input", "--fsync", *release},
         "add-key": {"--passphrase-file", "--new-passphrase-file", "--kdf", "--slot", "--pbkdf-iterations",
                     "--pbkdf-memory", "--pbkdf-parallel", "--json"},
         "remove-key": {"--slot", "--passphrase-file", "--json"},
+        "list": admin,
+        "status": admin,
+        "revoke": {"--shred", "--reason", *admin},
+        "destroy": {"--reason", *admin},
     }  # fmt: skip
     assert {verb.name: {opt.name for opt in verb.options} for verb in volume_cmd.VERBS} == expected

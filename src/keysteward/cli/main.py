@@ -66,6 +66,9 @@ def build_app() -> typer.Typer:
     app.add_typer(release_cmd.provider_app, name="provider")
     app.add_typer(release_cmd.instance_app, name="instance")
     app.add_typer(release_cmd.lease_app, name="lease")
+    from keysteward.cli import agent_cmd
+
+    app.add_typer(agent_cmd.app, name="agent")
     app.command("whoami")(tenant_cmd.whoami)
 
     app.callback()(root)

@@ -38,7 +38,8 @@ class HelpRequested(Exception):
 
 
 class Opt(NamedTuple):
-    """A long option: ``kind`` is ``str``, ``int`` or ``flag``; ``default`` is what is used without it."""
+    """A long option: ``kind`` is ``str``, ``int``, ``flag`` or ``multi`` (repeatable, a list of strings);
+    ``default`` is what is used without it."""
 
     name: str
     kind: str = "str"
@@ -115,10 +116,10 @@ def _page(usage: str, about: str, sections: Sequence[tuple[str, Sequence[tuple[s
 
 def verb_help(prog: str, verb: Verb) -> str:
     return _page(
-        f"{prog} {verb.name} [OPTIONS] PATH",
+        f"{prog} {verb.name} [OPTIONS]" + (" PATH" if verb.path_help else ""),
         verb.help,
         [
-            ("Arguments", [("PATH", f"{verb.path_help} [required]")]),
+            ("Arguments", [("PATH", f"{verb.path_help} [required]")] if verb.path_help else []),
             ("Options", [(opt.label(), opt.notes()) for opt in (*verb.options, HELP)]),
         ],
     )
@@ -145,11 +146,11 @@ def _no_such_option(name: str, known: Sequence[str], where: str) -> UsageError:
 
 def _scan(
     args: Sequence[str], options: Sequence[Opt], where: str, *, stop_at_word: bool
-) -> tuple[dict[str, str | bool], list[str], bool, list[str]]:
+) -> tuple[dict[str, str | bool | list[str]], list[str], bool, list[str]]:
     """Split ``args`` into option values, words, whether ``--help`` came, and what follows the first word
     (``stop_at_word``: a group stops at its verb)."""
     by_name = {opt.name: opt for opt in options}
-    given: dict[str, str | bool] = {}
+    given: dict[str, str | bool | list[str]] = {}
     words: list[str] = []
     wants_help = False
     i = 0
@@ -175,6 +176,10 @@ def _scan(
             if eq:
                 raise UsageError(f"Option '{name}' does not take a value.", where)
             given[opt.dest] = True
+        elif opt.kind == "multi" and (eq or i < len(args)):
+            given.setdefault(opt.dest, [])
+            given[opt.dest].append(value if eq else args[i])  # type: ignore[union-attr]
+            i += 0 if eq else 1
         elif eq:
             given[opt.dest] = value
         elif i < len(args):
@@ -185,7 +190,7 @@ def _scan(
     return given, words, wants_help, []
 
 
-def _values(options: Sequence[Opt], given: dict[str, str | bool], where: str) -> dict[str, Any]:
+def _values(options: Sequence[Opt], given: dict[str, str | bool | list[str]], where: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for opt in options:
         raw = given.get(opt.dest)
@@ -194,7 +199,7 @@ def _values(options: Sequence[Opt], given: dict[str, str | bool], where: str) ->
         if raw is None:
             if opt.required:
                 raise UsageError(f"Missing option '{opt.name}'.", where)
-            values[opt.dest] = False if opt.kind == "flag" else opt.default
+            values[opt.dest] = False if opt.kind == "flag" else [] if opt.kind == "multi" else opt.default
         elif opt.kind == "int":
             try:
                 values[opt.dest] = int(str(raw))
@@ -211,6 +216,10 @@ def parse_verb(prog: str, verb: Verb, args: Sequence[str]) -> dict[str, Any]:
     given, words, wants_help, _ = _scan(args, verb.options, where, stop_at_word=False)
     if wants_help:
         raise HelpRequested(verb_help(prog, verb))
+    if not verb.path_help:  # a verb without PATH
+        if words:
+            raise UsageError(f"Got unexpected extra argument(s) ({' '.join(words)})", where)
+        return {**_values(verb.options, given, where), "path": None}
     if not words:
         raise UsageError("Missing argument 'PATH'.", where)
     values = _values(verb.options, given, where)

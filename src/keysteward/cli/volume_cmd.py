@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from keysteward.cli import volume_kms
 from keysteward.cli.volume_args import HelpRequested, Opt, UsageError, Verb, parse_group, print_error
 from keysteward.errors import KeystewardError
 from keysteward.volume.errors import io_error, option_error
@@ -35,6 +36,10 @@ PASSPHRASE = Opt(
     "--passphrase-file", metavar="FILE", required=True,
     help="File whose bytes are the passphrase (no newline stripping; - = stdin).",
 )  # fmt: skip
+KEY_SOURCE = (
+    PASSPHRASE._replace(required=False, help=PASSPHRASE.help + " Or --kms URL."),
+    *volume_kms.RELEASE_OPTS,
+)
 JSON = Opt("--json", "flag", "Print JSON for scripts.")
 KDF_OPTS = (
     Opt("--kdf", metavar="pbkdf2|argon2id", help="KDF of the new keyslot."),
@@ -50,6 +55,7 @@ GROUP_OPTS = (
 )  # fmt: skip
 
 Args = dict[str, Any]
+VOLUME_REF = "The volume: its name or id in the key manager, or a volume file with a keysteward token."
 
 
 # -- the key source ----------------------------------------------------------------------------------
@@ -66,7 +72,12 @@ def key_source(args: Args, option: str = "passphrase_file") -> bytearray:
 
 
 @contextmanager
-def _secret(args: Args, option: str = "passphrase_file") -> Iterator[bytearray]:
+def _secret(args: Args, option: str = "passphrase_file", *, writable: bool = False) -> Iterator[bytearray]:
+    """The key of a verb that takes ``--passphrase-file`` or (read, write, check) ``--kms``."""
+    if option == "passphrase_file" and "kms" in args and volume_kms.uses_kms(args):
+        with volume_kms.released_secret(args, writable=writable) as released:
+            yield released
+        return
     data = key_source(args, option)
     try:
         yield data
@@ -112,6 +123,23 @@ def create(args: Args) -> None:
         size=parse_size(args["size"], "--size"), sector_size=args["sector_size"], key_bits=args["key_size"],
         kdf=_kdf(args), label=args["label"], luks1=args["luks1"], force=args["force"],
     )  # fmt: skip
+    if args["kms"]:
+        glass = key_source(args) if args["passphrase_file"] is not None else None
+        try:
+            made_kms = volume_kms.create_bound(args, options, glass, _kdf(args))
+        finally:
+            if glass is not None:
+                glass[:] = bytes(len(glass))
+        volume, glass_slot = made_kms["volume"], made_kms["break_glass_keyslot"]
+        _print(
+            made_kms,
+            args["json"],
+            f"created LUKS2 volume {made_kms['uuid']} at {made_kms['path']}, bound to the key manager as "
+            f"{volume['name']} ({volume['id']}): keyslot {made_kms['kms_keyslot']} opens by release only"
+            + (f", break-glass keyslot {glass_slot}" if glass_slot is not None else "")
+            + "\n",
+        )
+        return
     secret = key_source(args) if args["passphrase_file"] is not None else _prompt_new_passphrase()
     try:
         made = create_volume(args["path"], secret, options, max_memory_kib=args["limit"])
@@ -182,12 +210,12 @@ def write(args: Args) -> None:
     from keysteward.volume.luks_volume import LuksVolume
 
     input_file = args["input"]
-    if input_file is None and args["passphrase_file"] == STDIN:
+    if input_file is None and args["passphrase_file"] == STDIN and not args["kms"]:
         raise option_error("standard input cannot hold both the passphrase and the data; use --input")
     fd, known = _open_input(input_file, args["path"])
     try:
         with (
-            _secret(args) as secret,
+            _secret(args, writable=True) as secret,
             LuksVolume.open(args["path"], secret, writable=True, max_memory_kib=args["limit"]) as vol,
         ):
             vol.check_range(args["offset"], known or 0)
@@ -238,18 +266,19 @@ VERBS = (
         Opt("--label", help="LUKS2 label.", default=""),
         Opt("--luks1", "flag", "LUKS1, for QEMU (pbkdf2, 512-byte sectors)."),
         Opt("--force", "flag", "Overwrite an existing LUKS header."),
-        *KDF_OPTS[1:], JSON,
+        *KDF_OPTS[1:], *volume_kms.CREATE_OPTS, JSON,
     ), create),
     Verb("dump", "Show the header: keyslots, tokens, segments, digests (never key material).", (JSON,), dump),
-    Verb("check", "Exit 0 if the passphrase opens a keyslot of PATH.", (PASSPHRASE, JSON), check),
+    Verb("check", "Exit 0 if the passphrase (or the key released by --kms) opens a keyslot of PATH.",
+         (*KEY_SOURCE, JSON), check),
     Verb("read", "Decrypt payload bytes to FILE or stdout (the whole payload by default).", (
-        PASSPHRASE,
+        *KEY_SOURCE,
         Opt("--offset", "int", "Payload offset in bytes.", default=0),
         Opt("--length", "int", "Bytes to read (default: to the end)."),
         Opt("--output", metavar="FILE", help="Write here (default: stdout)."),
     ), read),
     Verb("write", "Encrypt FILE or stdin and write it at payload offset N.", (
-        PASSPHRASE,
+        *KEY_SOURCE,
         Opt("--offset", "int", "Payload offset in bytes.", default=0),
         Opt("--input", metavar="FILE", help="Read here (default: stdin)."),
         Opt("--fsync", "flag", "Flush the written data to the disk before reporting success (default: the data "
@@ -264,6 +293,18 @@ VERBS = (
     ), add_key),
     Verb("remove-key", "Remove keyslot N; the passphrase must open another keyslot. The last keyslot is never "
          "removed.", (Opt("--slot", "int", "Keyslot to remove.", required=True), PASSPHRASE, JSON), remove_key),
+    Verb("list", "Volumes registered in the key manager.", (*volume_kms.ADMIN_OPTS, JSON), volume_kms.listing,
+         path_help=""),
+    Verb("status", "A registered volume and its leases.", (*volume_kms.ADMIN_OPTS, JSON), volume_kms.status,
+         path_help=VOLUME_REF),
+    Verb("revoke", "Revoke a volume: its agents lock it at their next renewal and no release gives its key.", (
+        Opt("--shred", "flag", "Also make the agents remove the keysteward keyslot and token from the header."),
+        Opt("--reason", default="", help="Why (kept in the audit log)."),
+        *volume_kms.ADMIN_OPTS, JSON,
+    ), volume_kms.revoke, path_help=VOLUME_REF),
+    Verb("destroy", "Destroy the volume's key in the key manager (crypto-shredding; cannot be undone).", (
+        Opt("--reason", default="", help="Why (kept in the audit log)."), *volume_kms.ADMIN_OPTS, JSON,
+    ), volume_kms.destroy, path_help=VOLUME_REF),
 )  # fmt: skip
 
 

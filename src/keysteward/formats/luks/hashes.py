@@ -38,4 +38,4 @@ def pbkdf2(name: str, secret: bytes | bytearray, salt: bytes, iterations: int, l
         raise LuksFormatError(f"pbkdf2 iterations {iterations} out of range")
     if not 1 <= length <= 1024:
         raise LuksFormatError(f"pbkdf2 output length {length} out of range")
-    return bytearray(hashlib.pbkdf2_hmac(hashlib_name(name), bytes(secret), salt, iterations, length))
+    return bytearray(hashlib.pbkdf2_hmac(hashlib_name(name), secret, salt, iterations, length))

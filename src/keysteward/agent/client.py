@@ -1,0 +1,353 @@
+"""The agent's HTTP client for ``keysteward-release/1`` (docs/release-protocol.md).
+
+:meth:`AgentClient.release` runs one release: a challenge, a one-time HPKE key, the binding
+``sha256(nonce || public_key)`` handed to the caller's evidence function, the request, and the answer:
+
+- released: ``sealed`` opened with ``info = protocol 0 tenant 0 volume_id 0 lease_id``, its ``KSR1``
+  plaintext split into the secret and the lease token, each in a :class:`SecretBuffer`
+  (:class:`Released`; the caller wipes it);
+- denied: :class:`~keysteward.errors.Denied` with the server's reason ``code``;
+- pending: :class:`Pending`, to ask again after ``poll_after_seconds``.
+
+Errors, translated where they enter (``raise ... from exc``)::
+
+    Unavailable  kms_unreachable     no connection, timeout, TLS failure, or a 5xx answer
+    Denied       <reason code>       403 with "decision": "denied"
+    <by status>  <server's code>     other problem+json answers (NotFound lease_not_found, ...)
+    KeystewardError kms_protocol     an answer that does not follow the protocol
+
+Nothing here logs; secrets never reach messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from keysteward.attest.binding import binding
+from keysteward.crypto.hpke import SUITES, X25519, OneTimeKey
+from keysteward.crypto.secret import SecretBuffer, wipe_bytearray
+from keysteward.errors import (
+    BadRequest,
+    Conflict,
+    Denied,
+    Forbidden,
+    KeystewardError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+
+PROTOCOL = "keysteward-release/1"
+MAGIC = b"KSR1"
+LEASE_TOKEN_SIZE = 32
+CREATE_LEASE_ID = "create"
+UNREACHABLE = "kms_unreachable"
+PROTOCOL_ERROR = "kms_protocol"
+MAX_ANSWER = 1 << 20
+RENEW_ACTIONS = ("continue", "revoked", "shred", "expired")
+
+Evidence = Callable[[bytes], Mapping[str, Any]]
+"""``evidence(binding) -> identity``: the ``evidence.identity`` object for a 32-byte binding."""
+
+_BY_STATUS: dict[int, type[KeystewardError]] = {
+    400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+}  # fmt: skip
+
+
+def protocol_error(message: str) -> KeystewardError:
+    return KeystewardError(f"the key manager's answer does not follow {PROTOCOL}: {message}", code=PROTOCOL_ERROR)
+
+
+# -- the sealed plaintext ------------------------------------------------------------------------
+
+
+def release_info(tenant: str, volume_id: str, lease_id: str) -> bytes:
+    """HPKE ``info`` of a release (``lease_id`` is ``create`` for a registration)."""
+    return b"\x00".join(part.encode() for part in (PROTOCOL, tenant, volume_id, lease_id))
+
+
+def parse_plaintext(plaintext: bytearray) -> tuple[SecretBuffer, SecretBuffer]:
+    """``"KSR1" || u8 len || secret || lease token (32)`` into two locked buffers; ``plaintext`` is wiped."""
+    try:
+        if len(plaintext) < 6 or plaintext[:4] != MAGIC:
+            raise protocol_error("the sealed value is not a KSR1 release")
+        size = plaintext[4]
+        if size == 0 or len(plaintext) != 5 + size + LEASE_TOKEN_SIZE:
+            raise protocol_error("the KSR1 release has the wrong length")
+        view = memoryview(plaintext)
+        try:
+            secret = SecretBuffer.from_bytes(view[5 : 5 + size])
+            lease_token = SecretBuffer.from_bytes(view[5 + size :])
+        finally:
+            view.release()
+        return secret, lease_token
+    finally:
+        wipe_bytearray(plaintext)
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: str
+    """As sent (base64url)."""
+    nonce_bytes: bytes
+    expires_at: str
+    suites: tuple[str, ...]
+
+
+@dataclass
+class Lease:
+    """A live lease: its token is what renewals and the clean end present."""
+
+    id: str
+    expires_at: datetime
+    renew_seconds: float
+    lease_seconds: float
+    grace_seconds: float | None
+    token: SecretBuffer = field(repr=False)
+
+    def token_b64(self) -> str:
+        return base64.b64encode(self.token.view()).decode()
+
+    def wipe(self) -> None:
+        self.token.wipe()
+
+
+@dataclass
+class Released:
+    """A released secret and its lease; :meth:`wipe` when done (the lease token too when the lease ends)."""
+
+    tenant: str
+    volume_id: str
+    suite: str
+    key_version: int
+    secret: SecretBuffer = field(repr=False)
+    lease: Lease
+
+    def wipe(self) -> None:
+        self.secret.wipe()
+        self.lease.wipe()
+
+
+@dataclass(frozen=True)
+class Pending:
+    request_id: str
+    poll_after_seconds: float
+
+
+@dataclass(frozen=True)
+class Renewal:
+    action: str
+    expires_at: datetime | None
+
+
+@dataclass
+class Registered:
+    """A volume the key manager created: its record, and its secret for writing the keyslot."""
+
+    volume: dict[str, Any]
+    secret: SecretBuffer = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return str(self.volume["id"])
+
+
+def _get(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = body.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise protocol_error(f"{where}: {key!r} is missing or of the wrong type")
+    return value
+
+
+def _b64(value: str, what: str, *, urlsafe: bool = False) -> bytes:
+    try:
+        if urlsafe:
+            return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise protocol_error(f"{what} is not base64") from None
+
+
+def parse_time(value: Any, what: str) -> datetime:
+    if not isinstance(value, str):
+        raise protocol_error(f"{what} is not a time")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise protocol_error(f"{what} is not an RFC 3339 time") from None
+    if parsed.tzinfo is None:
+        raise protocol_error(f"{what} has no time zone")
+    return parsed
+
+
+def _seconds(value: Any, what: str, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise protocol_error(f"{what} is not a number of seconds")
+    return float(value)
+
+
+def _open_sealed(
+    one_time: OneTimeKey, body: Mapping[str, Any], tenant: str, volume_id: str, lease_id: str
+) -> tuple[SecretBuffer, SecretBuffer]:
+    if body.get("suite") != one_time.suite:
+        raise protocol_error(f"sealed with suite {str(body.get('suite'))[:20]!r}, asked for {one_time.suite}")
+    sealed = _b64(_get(body, "sealed", str, "answer"), "sealed")
+    plaintext = one_time.open(sealed, release_info(tenant, volume_id, lease_id))
+    return parse_plaintext(plaintext)
+
+
+# -- the client ------------------------------------------------------------------------------------
+
+
+class AgentClient:
+    """One key manager at ``url``; TLS verified against ``ca_file`` (else the system's CAs)."""
+
+    def __init__(
+        self, url: str, *, ca_file: str | None = None, token: str | None = None, timeout: float = 10.0
+    ) -> None:
+        self.url = url.rstrip("/")
+        verify: ssl.SSLContext | bool = True
+        if self.url.startswith("https://"):
+            try:
+                verify = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise BadRequest(f"cannot load the CA file {ca_file}: {exc}", code="kms_ca_file") from exc
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url + "/v1", verify=verify, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ---------------------------------------------------------------------------------
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        try:
+            response = self._http.post(path, json=dict(body))
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"cannot reach the key manager at {self.url}: {exc}", code=UNREACHABLE) from exc
+        if len(response.content) > MAX_ANSWER:
+            raise protocol_error(f"an answer of {len(response.content)} bytes")
+        try:
+            data = response.json() if response.content else {}
+        except ValueError:
+            data = None
+        if response.status_code >= 500:
+            code = data.get("code") if isinstance(data, dict) else None
+            detail = data.get("detail") if isinstance(data, dict) else None
+            raise Unavailable(
+                f"the key manager at {self.url} answered {response.status_code}: {detail or response.reason_phrase}"
+                f" ({code or 'no code'})",
+                code=UNREACHABLE,
+            )
+        if not isinstance(data, dict):
+            raise protocol_error(f"{path} answered {response.status_code} without a JSON object")
+        if response.status_code >= 400:
+            code = str(data.get("code") or "error")[:64]
+            detail = str(data.get("detail") or response.reason_phrase)[:500]
+            if response.status_code == 403 and data.get("decision") == "denied":
+                raise Denied(detail, code=code)
+            cls = _BY_STATUS.get(response.status_code, KeystewardError)
+            error = cls(detail, code=code)
+            error.status = response.status_code
+            raise error
+        return response.status_code, data
+
+    # -- protocol ----------------------------------------------------------------------------------
+
+    def challenge(self) -> Challenge:
+        _, body = self._post("/release/challenge", {})
+        if body.get("protocol") != PROTOCOL:
+            raise protocol_error(f"protocol {str(body.get('protocol'))[:40]!r}")
+        nonce = _get(body, "nonce", str, "challenge")
+        suites = _get(body, "suites", list, "challenge")
+        return Challenge(nonce, _b64(nonce, "nonce", urlsafe=True), str(body.get("expires_at", "")),
+                         tuple(str(s) for s in suites))  # fmt: skip
+
+    def release(self, tenant: str, volume_id: str, evidence: Evidence, *, suite: str = X25519) -> Released | Pending:
+        """One release of ``volume_id``'s secret (see the module doc)."""
+        challenge = self.challenge()
+        if suite not in challenge.suites or suite not in SUITES:
+            raise BadRequest(f"the key manager does not offer HPKE suite {suite!r}", code="hpke_invalid")
+        one_time = OneTimeKey.generate(suite)
+        identity = dict(evidence(binding(challenge.nonce_bytes, one_time.public_bytes)))
+        request = {
+            "protocol": PROTOCOL, "tenant": tenant, "volume_id": volume_id, "nonce": challenge.nonce, "suite": suite,
+            "public_key": base64.b64encode(one_time.public_bytes).decode(), "evidence": {"identity": identity},
+        }  # fmt: skip
+        status, body = self._post("/release", request)
+        if status == 202 or body.get("status") == "pending":
+            return Pending(str(body.get("request_id", "")), _seconds(body.get("poll_after_seconds", 5), "poll") or 0.0)
+        if body.get("status") != "released":
+            raise protocol_error(f"release status {str(body.get('status'))[:20]!r}")
+        lease_body = _get(body, "lease", dict, "released")
+        lease_id = _get(lease_body, "id", str, "lease")
+        secret, lease_token = _open_sealed(one_time, body, tenant, volume_id, lease_id)
+        try:
+            lease = Lease(
+                id=lease_id,
+                expires_at=parse_time(lease_body.get("expires_at"), "lease expires_at"),
+                renew_seconds=_seconds(lease_body.get("renew_seconds"), "renew_seconds") or 0.0,
+                lease_seconds=_seconds(lease_body.get("lease_seconds"), "lease_seconds") or 0.0,
+                grace_seconds=_seconds(lease_body.get("grace_seconds"), "grace_seconds", optional=True),
+                token=lease_token,
+            )
+            version = _get(body, "key_version", int, "released")
+        except BaseException:
+            secret.wipe()
+            lease_token.wipe()
+            raise
+        return Released(tenant, volume_id, suite, version, secret, lease)
+
+    def renew(self, lease: Lease) -> Renewal:
+        """``continue`` (with the new expiry), ``revoked``, ``shred`` or ``expired``."""
+        _, body = self._post(f"/leases/{lease.id}/renew", {"token": lease.token_b64()})
+        action = body.get("action")
+        if action not in RENEW_ACTIONS:
+            raise protocol_error(f"renewal action {str(action)[:20]!r}")
+        expires = body.get("expires_at")
+        return Renewal(str(action), parse_time(expires, "renewal expires_at") if expires is not None else None)
+
+    def end(self, lease: Lease) -> None:
+        """End the lease early (clean detach), so that another instance may take the volume at once."""
+        self._post(f"/leases/{lease.id}/end", {"token": lease.token_b64()})
+
+    def register_volume(self, spec: Mapping[str, Any], *, suite: str = X25519) -> Registered:
+        """``POST /v1/volumes`` (admin token): the new volume's record and its secret (section 6)."""
+        one_time = OneTimeKey.generate(suite)
+        body = {**spec, "suite": suite, "public_key": base64.b64encode(one_time.public_bytes).decode()}
+        _, answer = self._post("/volumes", body)
+        volume = _get(answer, "volume", dict, "registration")
+        tenant = _get(volume, "tenant", str, "volume")
+        volume_id = _get(volume, "id", str, "volume")
+        secret, lease_token = _open_sealed(one_time, answer, tenant, volume_id, CREATE_LEASE_ID)
+        try:
+            if any(lease_token.view()):
+                secret.wipe()
+                raise protocol_error("a registration's lease token is not all zero")
+        finally:
+            lease_token.wipe()
+        return Registered(volume, secret)
+
+    def destroy_volume(self, volume_id: str) -> None:
+        """``POST /v1/volumes/{id}/destroy`` (admin token): crypto-shreds the volume's secret."""
+        self._post(f"/volumes/{volume_id}/destroy", {})

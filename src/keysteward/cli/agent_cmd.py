@@ -1,0 +1,149 @@
+"""keysteward agent unlock|run: the instance agent that opens volumes bound to the key manager.
+
+``unlock PATH...`` is the one shot for boot: with device-mapper each volume is handed to ``cryptsetup
+open`` and stays mapped (its lease runs until ``agent run`` takes the volume over with a lease of its
+own); without device-mapper the release and the keyslot are checked and the volume closed again (a
+volume opened in userspace lives only as long as the process holding it: that is ``agent run``).
+``run --config FILE`` is the daemon (docs/agent.md).
+
+This module imports typer only; the agent's modules load when a command runs, so that a boot unlock
+starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from typing import Annotated, Any
+
+import typer
+
+from keysteward.errors import KeystewardError
+
+app = typer.Typer(
+    name="agent",
+    help="The instance agent: unlock volumes bound to the key manager, renew their leases.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+KmsOpt = Annotated[str | None, typer.Option("--kms", metavar="URL", help="Key manager URL (default: the token's).")]
+IdentityOpt = Annotated[str, typer.Option("--identity", metavar="aws-iid|gcp-jwt", help="Identity evidence kind.")]
+MetadataOpt = Annotated[
+    str | None,
+    typer.Option("--metadata", metavar="URL", envvar="KEYSTEWARD_METADATA_URL", help="Metadata service URL."),
+]
+AudienceOpt = Annotated[str | None, typer.Option("--audience", help="The key manager's audience (gcp-jwt).")]
+SuiteOpt = Annotated[str, typer.Option("--suite", metavar="x25519|mlkem768-x25519", help="HPKE suite.")]
+CaOpt = Annotated[
+    str | None,
+    typer.Option("--ca-file", metavar="FILE", envvar="KEYSTEWARD_CA_FILE", help="CA that signed the key manager."),
+]
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    sys.stdout.write(json.dumps(data) + "\n" if as_json else text)
+    sys.stdout.flush()
+
+
+@app.command()
+def unlock(
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="Volumes bound to the key manager.")],
+    name: Annotated[str | None, typer.Option("--name", help="device-mapper name (one PATH only).")] = None,
+    kms: KmsOpt = None,
+    identity: IdentityOpt = "aws-iid",
+    metadata: MetadataOpt = None,
+    audience: AudienceOpt = None,
+    suite: SuiteOpt = "x25519",
+    ca_file: CaOpt = None,
+    mode: Annotated[str, typer.Option("--mode", metavar="auto|dm|userspace", help="Hand-off.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Release each volume's key and open it (one shot, for boot)."""
+    from keysteward.agent.unlock import UnlockOptions
+    from keysteward.agent.unlock import unlock as unlock_volume
+    from keysteward.crypto.secret import disable_core_dumps
+
+    if name is not None and len(paths) != 1:
+        raise KeystewardError("--name takes one PATH only", code="agent_option")
+    if mode not in ("auto", "dm", "userspace"):
+        raise KeystewardError(f"--mode {mode!r} is not auto, dm or userspace", code="agent_option")
+    disable_core_dumps()
+    options = UnlockOptions(
+        name=name, kms_url=kms, identity=identity, metadata_url=metadata, audience=audience, suite=suite,
+        ca_file=ca_file, mode=mode,  # type: ignore[arg-type]
+    )  # fmt: skip
+    results: list[dict[str, Any]] = []
+    failed = 0
+    for path in paths:
+        try:
+            opened = unlock_volume(path, options if name else replace(options, name=None))
+        except KeystewardError as exc:
+            failed += 1
+            results.append({"path": path, "ok": False, "code": exc.code, "error": exc.message})
+            continue
+        info: dict[str, Any] = {"ok": True, **opened.describe()}
+        if opened.mode == "userspace":
+            from keysteward.agent.client import AgentClient
+
+            opened.close(wipe_lease=False)
+            with AgentClient(opened.url, ca_file=ca_file, timeout=options.timeout) as client:
+                try:
+                    client.end(opened.lease)
+                finally:
+                    opened.lease.wipe()
+            info["state"] = "checked"
+        else:
+            opened.lease.wipe()
+            info["state"] = "open"
+        results.append(info)
+    lines = []
+    for r in results:
+        if r["ok"]:
+            where = f"/dev/mapper/{r['name']}" if r["state"] == "open" else "userspace: checked and closed"
+            lines.append(f"{r['path']}: unlocked with keyslot {r['keyslot']} ({where})\n")
+        else:
+            lines.append(f"{r['path']}: {r['error']} ({r['code']})\n")
+    if as_json:
+        _print({"volumes": results}, True, "")
+    else:
+        sys.stdout.write("".join(line for line, r in zip(lines, results, strict=True) if r["ok"]))
+        sys.stderr.write("".join(line for line, r in zip(lines, results, strict=True) if not r["ok"]))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Option("--config", metavar="FILE", help="Volume list (crypttab-style).")] = (
+        "/etc/keysteward/volumes"
+    ),
+    status_file: Annotated[
+        str, typer.Option("--status-file", metavar="FILE", help="JSON status, per volume (never key bytes).")
+    ] = "/run/keysteward/agent.json",
+    ca_file: CaOpt = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Unlock the configured volumes and keep them open while their leases live (daemon)."""
+    import logging
+
+    from keysteward.agent.config import read_config
+    from keysteward.agent.daemon import run_agent
+
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise KeystewardError(f"--log-level {log_level!r} is not debug, info, warning or error", code="agent_option")
+    root = logging.getLogger()
+    root.setLevel(level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.handlers[:] = [handler]
+    entries = read_config(config)
+    if ca_file:
+        entries = [e if e.options.ca_file else replace(e, options=replace(e.options, ca_file=ca_file)) for e in entries]
+    if not entries:
+        raise KeystewardError(f"{config} lists no volumes", code="agent_config")
+    run_agent(entries, os.path.abspath(status_file), config=os.path.abspath(config))
