@@ -3,7 +3,9 @@
     decide(request)
       1. the request: tenant, nonce (issued here, unexpired), one-time HPKE public key
       2. evidence: verified against the tenant's providers, bound to sha256(nonce || public key)
-      3. rule: the volume's binding (the policy issue replaces it), revocations, the live lease (clones)
+      3. rule: revocations, the volume's binding (the policy issue replaces it), the live lease: an
+         instance matching the binding but for its instance id, while another holds the lease, is a
+         suspected clone (audited as an alert, sent to the webhook)
       4. bookkeeping: the nonce spent, the lease granted, in one transaction with ...
       5. ... the audit record; only after it is committed is the sealed key handed out.
 
@@ -226,6 +228,13 @@ class ReleaseService:
                     self.nonces.sweep(conn, now)
                 self.nonces.spend(conn, raw, expires)
                 self._check_volume(conn, tenant_id, volume.id, holder, secret is None)
+                # An instance of another account, image or provider is not bound: no clone of the holder.
+                # One that matches all but the instance id while another instance holds a live lease has
+                # the clone's signature (a copy of the disk booted as a new instance): alert.
+                mismatch = volume.binding.mismatch(identity)
+                if mismatch not in (None, "instance_id"):
+                    details["mismatch"] = mismatch
+                    raise Denied(f"the instance does not match the volume's binding ({mismatch})", code="not_bound")
                 live = leases.live_holder(conn, volume.id, now)
                 if live is not None and live.holder != holder:
                     verdict.alert = {
@@ -243,7 +252,6 @@ class ReleaseService:
                         f"volume '{volume.name}' is held by another instance under a live lease: suspected clone",
                         code="suspected_clone",
                     )
-                mismatch = volume.binding.mismatch(identity)
                 if mismatch is not None:
                     details["mismatch"] = mismatch
                     raise Denied(f"the instance does not match the volume's binding ({mismatch})", code="not_bound")
