@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 VOLUME = "volume"
 """The group that runs without typer (see :mod:`keysteward.cli.volume_cmd`)."""
+AGENT = "agent"
+"""The group that runs without the rest of the app (boot unlock)."""
 
 
 def _import_typer() -> None:
@@ -152,10 +154,16 @@ def main() -> None:
 
     gc.disable()  # until the command runs: start-up only makes long-lived objects
     try:
-        app = build_app()
-        command = typer.main.get_command(app)
+        if args[:1] == [AGENT]:  # at boot every 100 ms counts: the agent group alone, not every group
+            _import_typer()
+            from keysteward.cli import agent_cmd
+
+            command, args, prog = typer.main.get_command(agent_cmd.app), args[1:], "keysteward agent"
+        else:
+            app = build_app()  # imports typer
+            command, prog = typer.main.get_command(app), "keysteward"
         gc.enable()
-        _run(command, args, "keysteward")
+        _run(command, args, prog)
     except KeystewardError as exc:
         _fail(f"{exc.message} ({exc.code})")
     except OSError as exc:
