@@ -195,11 +195,16 @@ class KeystewardServer:
             raise BenchError(f"keysteward {' '.join(args[:2])} failed ({done.returncode}): {done.stderr.strip()}")
         return json.loads(done.stdout)
 
-    def start(self, cleanup: Cleanup, timeout: float = 60.0, workers: int = 1) -> None:
+    def start(
+        self, cleanup: Cleanup, timeout: float = 60.0, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
+        """Start the server; ``env`` adds ``KEYSTEWARD_*`` overrides (e.g. ``KEYSTEWARD_RELEASE_NONCE_TTL_SECONDS``)."""
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [*keysteward_cli(), "server", "start"],
-            env=_clean_env(KEYSTEWARD_DATA_DIR=str(self.data_dir), KEYSTEWARD_SERVER_WORKERS=str(workers)),
+            env=_clean_env(
+                **(env or {}), KEYSTEWARD_DATA_DIR=str(self.data_dir), KEYSTEWARD_SERVER_WORKERS=str(workers)
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -404,6 +409,71 @@ def run_wrk(url: str, script: Path, seconds: float, *, connections: int = 16, th
     if any(result.socket_errors.values()):
         raise BenchError(f"wrk saw socket errors against {url} {result.socket_errors}:\n{done.stdout}")
     return result
+
+
+@dataclass
+class WrkMeasurement:
+    """One timed wrk run and where the machine's CPU went meanwhile."""
+
+    op: str
+    wrk: WrkResult
+    server_cpu: float  # CPU seconds of the keysteward processes (supervisor and workers) during the run
+    db_cpu: float  # CPU seconds of PostgreSQL processes (0 for SQLite: it runs inside the server)
+    client_cpu: float  # CPU seconds of wrk
+    machine_busy: float  # fraction of all cores busy
+
+
+def measure_wrk(
+    server: KeystewardServer,
+    pg: PgCluster | None,
+    op: str,
+    url: str,
+    script: Path,
+    seconds: float,
+    *,
+    warmup: float,
+    connections: int,
+    threads: int,
+) -> WrkMeasurement:
+    """A warm-up run (skipped when ``warmup`` is 0), then the timed run with CPU accounting."""
+    if warmup > 0:
+        run_wrk(url, script, warmup, connections=connections, threads=threads)  # connections, caches warm
+    assert server.proc is not None
+    pg_pids = pg.pids() if pg else []
+    server_pids = [server.proc.pid, *children(server.proc.pid)]  # the supervisor and its workers
+    cpu0 = process_cpu_seconds(server_pids)
+    db0 = process_cpu_seconds(pg_pids)
+    wrk0 = children_cpu_seconds()
+    busy0, total0 = machine_cpu()
+    result = run_wrk(url, script, seconds, connections=connections, threads=threads)
+    busy1, total1 = machine_cpu()
+    pg_pids_after = sorted(set(pg_pids) | set(pg.pids() if pg else []))
+    return WrkMeasurement(
+        op=op,
+        wrk=result,
+        server_cpu=process_cpu_seconds(server_pids) - cpu0,
+        db_cpu=max(0.0, process_cpu_seconds(pg_pids_after) - db0),
+        client_cpu=children_cpu_seconds() - wrk0,
+        machine_busy=(busy1 - busy0) / max(1.0, total1 - total0),
+    )
+
+
+def cpu_line(engine: str, r: WrkMeasurement, per: int = 0, what: str = "req") -> str:
+    """Where the CPU went: server, PostgreSQL, wrk, other processes; ``per`` units (default: wrk's requests)."""
+    w = r.wrk
+    per_unit = 1000.0 / max(1, per or w.requests)
+    cores = os.cpu_count() or 1
+    db = (
+        f", PostgreSQL {r.db_cpu / w.seconds:.0%} ({r.db_cpu * per_unit:.2f} ms/{what})"
+        if engine == "postgresql"
+        else ""
+    )
+    others = max(0.0, r.machine_busy * cores - (r.server_cpu + r.db_cpu + r.client_cpu) / w.seconds)
+    return (
+        f"[{engine}]   CPU of one core: server {r.server_cpu / w.seconds:.0%} ({r.server_cpu * per_unit:.2f} ms/{what})"
+        f"{db}, wrk {r.client_cpu / w.seconds:.0%}, other processes {others:.0%}; "
+        f"machine {r.machine_busy:.0%} busy of {cores} cores"
+    )
 
 
 # -- figures ---------------------------------------------------------------------------------

@@ -39,15 +39,13 @@ from _common import (
     Cleanup,
     KeystewardServer,
     PgCluster,
-    WrkResult,
-    children,
-    children_cpu_seconds,
+    WrkMeasurement,
+    cpu_line,
     emit_json,
     figure,
     machine_cpu,
     make_temp_dir,
-    process_cpu_seconds,
-    run_wrk,
+    measure_wrk,
     say,
     wrk_binary,
     wrk_post_script,
@@ -114,38 +112,13 @@ def measure_reference(seconds: float) -> Reference:
 # -- one engine ------------------------------------------------------------------------------
 
 
-@dataclass
-class OpResult:
-    op: str
-    wrk: WrkResult
-    server_cpu: float  # CPU seconds of the keysteward process during the run
-    db_cpu: float  # CPU seconds of PostgreSQL processes (0 for SQLite: it runs inside the server)
-    client_cpu: float  # CPU seconds of wrk
-    machine_busy: float  # fraction of all cores busy
+OpResult = WrkMeasurement
 
 
 def measure(
     server: KeystewardServer, pg: PgCluster | None, op: str, url: str, script: Any, seconds: float, warmup: float
 ) -> OpResult:
-    run_wrk(url, script, warmup, connections=CONNECTIONS, threads=THREADS)  # connections, caches, JIT-free warm
-    assert server.proc is not None
-    pg_pids = pg.pids() if pg else []
-    server_pids = [server.proc.pid, *children(server.proc.pid)]  # the supervisor and its workers
-    cpu0 = process_cpu_seconds(server_pids)
-    db0 = process_cpu_seconds(pg_pids)
-    wrk0 = children_cpu_seconds()
-    busy0, total0 = machine_cpu()
-    result = run_wrk(url, script, seconds, connections=CONNECTIONS, threads=THREADS)
-    busy1, total1 = machine_cpu()
-    pg_pids_after = sorted(set(pg_pids) | set(pg.pids() if pg else []))
-    return OpResult(
-        op=op,
-        wrk=result,
-        server_cpu=process_cpu_seconds(server_pids) - cpu0,
-        db_cpu=max(0.0, process_cpu_seconds(pg_pids_after) - db0),
-        client_cpu=children_cpu_seconds() - wrk0,
-        machine_busy=(busy1 - busy0) / max(1.0, total1 - total0),
-    )
+    return measure_wrk(server, pg, op, url, script, seconds, warmup=warmup, connections=CONNECTIONS, threads=THREADS)
 
 
 def report(engine: str, r: OpResult, ref: Reference) -> None:
@@ -155,15 +128,7 @@ def report(engine: str, r: OpResult, ref: Reference) -> None:
         f"p90 {w.p90_ms:.2f} ms  p99 {w.p99_ms:.2f} ms  ({w.requests} requests in {w.seconds:.1f} s, "
         f"0 non-2xx)  = {w.rps / ref.ops(r.op):.2e} of the in-process reference"
     )
-    per_req = 1000.0 / max(1, w.requests)
-    cores = os.cpu_count() or 1
-    db = f", PostgreSQL {r.db_cpu / w.seconds:.0%} ({r.db_cpu * per_req:.2f} ms/req)" if engine == "postgresql" else ""
-    others = max(0.0, r.machine_busy * cores - (r.server_cpu + r.db_cpu + r.client_cpu) / w.seconds)
-    say(
-        f"[{engine}]   CPU of one core: server {r.server_cpu / w.seconds:.0%} ({r.server_cpu * per_req:.2f} ms/req)"
-        f"{db}, wrk {r.client_cpu / w.seconds:.0%}, other processes {others:.0%}; "
-        f"machine {r.machine_busy:.0%} busy of {cores} cores"
-    )
+    say(cpu_line(engine, r))
 
 
 def run_engine(

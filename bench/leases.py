@@ -1,0 +1,422 @@
+"""Lease renewal at fleet scale: 5,000 simulated agents renewing every 10 s for 2 minutes.
+
+    python bench/leases.py [--quick] [--agents N] [--duration S] [--engine sqlite|postgresql] [--workers N]
+
+Starts a real ``keysteward`` server (dev seal, TLS, one worker per core; SQLite by default, or
+PostgreSQL on a throw-away local cluster), creates a tenant, the key ``volumes`` and a devcloud
+registered as the tenant's ``aws-iid`` provider, then N instances (one bulk write of the devcloud's
+state) and N volumes (``POST /v1/volumes``, lease 30 s, renew every 10 s).
+
+Each simulated agent releases its own volume once (challenge, evidence made by the devcloud for its
+instance, release, the sealed answer opened for the lease token), then renews its lease
+(``POST /v1/leases/{id}/renew``) every 10 s. Agent i renews in its own slot, i/N of the 10 s period,
+so renewals are spread evenly at N/10 per second (the reference rate); its first renewal is in the
+first slot after its release, so no lease waits more than one period. The measured phase starts when
+every agent holds its lease and lasts 2 minutes (``--quick``: 500 agents for 30 s).
+
+The client is one asyncio loop with a pool of 64 keep-alive HTTPS connections for the renewals
+(HTTP/1.1, TLS checked against the server's CA) and 8 more for the fleet's releases, so renewals
+neither queue behind the boot of the rest of the fleet nor lose all of the server to it. Latency is
+from the moment a renewal starts (waiting for a free connection included) to its answer; the
+readable lines also say how late the loop started renewals and how much CPU the server spent per
+renewal in the measured phase.
+
+Counted: renewals answered ``continue``; any other answer (``expired`` = the lease was lost),
+errors (non-200, broken connections). Checked after the run, through the API: every agent's lease is
+``active`` and unexpired (``GET /v1/leases?volume=``), and the audit log holds no ``suspected_clone``
+record. Then a clone of one instance (``DevCloud.clone``) asks for that instance's volume and must be
+denied ``suspected_clone`` with exactly one alarm audited, so "no false alarm" is not vacuous.
+
+Figures: ``leases_lost`` (target 0), ``false_clone_alarms`` (target 0), ``renewals_per_s`` (reference:
+the schedule's rate N/10; ratio = achieved / scheduled) and ``renew_p99_ms`` (reference: the renewal
+period; ratio = the share of the period a renewal takes). The client, the server and PostgreSQL share
+this machine's cores. The last line is ``{"bench": "leases", "figures": [...]}`` (DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from _common import (
+    BenchError,
+    Cleanup,
+    KeystewardServer,
+    PgCluster,
+    children,
+    emit_json,
+    figure,
+    machine_cpu,
+    make_temp_dir,
+    process_cpu_seconds,
+    say,
+)
+from _release import HttpPool, World, b64, bulk_instances, open_released, release_body
+
+from keysteward.crypto.hpke import OneTimeKey
+from keysteward.devcloud.provider import Instance
+
+BENCH = "leases"
+ENGINES = ("sqlite", "postgresql")
+LEASE_SECONDS = 30
+RENEW_SECONDS = 10
+POOL = 64  # renewal connections
+RELEASE_POOL = 8  # connections the fleet's releases share: the boot leaves room for the renewals
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class Agent:
+    index: int
+    instance: Instance
+    volume_id: str = ""
+    lease_id: str = ""
+    token: bytes = b""
+    released_at: float = 0.0
+    lost: str = ""  # the answer that ended its lease, if any
+
+
+@dataclass
+class Renewal:
+    due: float  # loop time the renewal was due (the agent's slot)
+    start: float  # loop time it started (before waiting for a free connection)
+    took: float  # seconds to its answer
+    action: str  # the answer's action, or "error"
+
+
+@dataclass
+class Stats:
+    t_start: float = 0.0  # loop time the measured phase starts (every agent released)
+    t_end: float = math.inf
+    renewals: list[Renewal] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    def window(self) -> list[Renewal]:
+        return [r for r in self.renewals if self.t_start <= r.due < self.t_end]
+
+    def before(self) -> list[Renewal]:
+        return [r for r in self.renewals if r.due < self.t_start]
+
+
+async def register_volumes(pool: HttpPool, world: World, agents: list[Agent]) -> None:
+    otk = OneTimeKey.generate()  # the creating tool's key; the secrets are not needed here
+
+    async def one(agent: Agent) -> None:
+        body = world.volume_request(f"vol{agent.index:05d}", otk.public_bytes, LEASE_SECONDS, RENEW_SECONDS)
+        status, answer = await pool.request("POST", "/v1/volumes", body)
+        if status != 201:
+            raise BenchError(f"POST /v1/volumes answered {status}: {answer}")
+        agent.volume_id = str(answer["volume"]["id"])
+
+    await asyncio.gather(*(one(a) for a in agents))
+
+
+async def release(pool: HttpPool, world: World, agent: Agent) -> None:
+    status, answer = await pool.request("POST", "/v1/release/challenge", {})
+    if status != 200:
+        raise BenchError(f"POST /v1/release/challenge answered {status}: {answer}")
+    body, otk = release_body(world.cloud, agent.instance, agent.volume_id, answer["nonce"])
+    status, answer = await pool.request("POST", "/v1/release", body)
+    if status != 200:
+        raise BenchError(f"agent {agent.index}: POST /v1/release answered {status}: {answer}")
+    _, agent.lease_id, agent.token = open_released(answer, otk, agent.volume_id)
+    if answer["lease"]["renew_seconds"] != RENEW_SECONDS or answer["lease"]["lease_seconds"] != LEASE_SECONDS:
+        raise BenchError(f"unexpected lease terms {answer['lease']}")
+
+
+async def agent_life(
+    releases: HttpPool, renewals: HttpPool, world: World, agent: Agent, stats: Stats, t0: float, count: int
+) -> None:
+    """Release once, then renew in this agent's slot every period until the end (or until the lease is lost)."""
+    loop = asyncio.get_running_loop()
+    await release(releases, world, agent)
+    agent.released_at = loop.time()
+    slot = t0 + agent.index / count * RENEW_SECONDS
+    due = slot + RENEW_SECONDS * max(0, math.ceil((agent.released_at - slot) / RENEW_SECONDS))  # next slot
+    body = {"token": b64(agent.token)}
+    path = f"/v1/leases/{agent.lease_id}/renew"
+    while due < stats.t_end:
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        if due >= stats.t_end:
+            break
+        start = loop.time()
+        try:
+            status, answer = await renewals.request("POST", path, body)
+            action = str(answer["action"]) if status == 200 else "error"
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            status, answer, action = 0, repr(exc), "error"
+        stats.renewals.append(Renewal(due, start, loop.time() - start, action))
+        if action == "error" and len(stats.error_samples) < 5:
+            stats.error_samples.append(f"agent {agent.index}: {status} {answer}")
+        if action not in ("continue", "error"):
+            agent.lost = f"{action} at +{start - agent.released_at:.1f} s after its release"
+            return
+        due += RENEW_SECONDS
+
+
+async def run_fleet(
+    world: World, agents: list[Agent], seconds: float, cpu: Callable[[], tuple[float, ...]]
+) -> tuple[Stats, tuple[float, ...]]:
+    """Register, release, renew; returns the stats and the CPU used during the measured phase (``cpu()`` deltas)."""
+    server = world.server
+    pool = HttpPool(server.url, server.ca_file, POOL, token=world.admin.token)
+    releases = HttpPool(server.url, server.ca_file, RELEASE_POOL)  # the fleet's boot: apart from the renewals
+    renewals = HttpPool(server.url, server.ca_file, POOL)
+    loop = asyncio.get_running_loop()
+    stats = Stats()
+    try:
+        started = loop.time()
+        await register_volumes(pool, world, agents)
+        registered = loop.time() - started
+        say(f"  {len(agents)} volumes registered in {registered:.1f} s ({len(agents) / registered:,.0f}/s)")
+        t0 = loop.time()
+        tasks = [asyncio.create_task(agent_life(releases, renewals, world, a, stats, t0, len(agents))) for a in agents]
+        while sum(1 for a in agents if a.lease_id) < len(agents):
+            failed = [t for t in tasks if t.done() and t.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
+            await asyncio.sleep(0.05)
+        release_phase = loop.time() - t0
+        stats.t_start = loop.time()
+        stats.t_end = stats.t_start + seconds
+        cpu0 = cpu()
+        say(
+            f"  {len(agents)} agents released their volumes in {release_phase:.1f} s "
+            f"({len(agents) / release_phase:,.0f} releases/s, renewing meanwhile); "
+            f"measuring renewals for {seconds:g} s"
+        )
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        used = tuple(b - a for a, b in zip(cpu0, cpu(), strict=True))
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return stats, used
+    finally:
+        for p in (pool, releases, renewals):
+            await p.close()
+
+
+async def check_leases(world: World, agents: list[Agent]) -> dict[int, str]:
+    """Agents whose lease, as the server lists it, is not the one active, unexpired lease of its volume.
+
+    ``GET /v1/leases`` lists at most 1,000 leases, so each volume's leases are asked for on their own.
+    """
+    pool = HttpPool(world.server.url, world.server.ca_file, POOL, token=world.admin.token)
+    now = datetime.now(UTC)
+    problems: dict[int, str] = {}
+
+    async def one(agent: Agent) -> None:
+        status, listed = await pool.request("GET", f"/v1/leases?volume={agent.volume_id}")
+        if status != 200:
+            raise BenchError(f"GET /v1/leases?volume={agent.volume_id} answered {status}: {listed}")
+        active = [x for x in listed if x["state"] == "active"]
+        mine = [x for x in active if x["id"] == agent.lease_id]
+        if len(active) != 1 or not mine:
+            problems[agent.index] = f"active leases {active}"
+        elif _utc(mine[0]["expires_at"]) <= now:
+            problems[agent.index] = f"lease expired at {mine[0]['expires_at']}"
+
+    try:
+        await asyncio.gather(*(one(a) for a in agents))
+    finally:
+        await pool.close()
+    return problems
+
+
+def _utc(text: str) -> datetime:
+    """An RFC 3339 time from the API; on SQLite the lease listing gives UTC times without an offset."""
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def clone_alarms(world: World, after: int) -> list[dict[str, Any]]:
+    return [
+        rec
+        for _, rec in world.admin.audit(after)
+        if rec.get("reason") == "suspected_clone" or rec.get("details", {}).get("alert") == "suspected_clone"
+    ]
+
+
+def run(args: argparse.Namespace, cleanup: Cleanup) -> list[dict[str, Any]]:
+    engine = args.engine
+    pg: PgCluster | None = None
+    database_url = ""
+    if engine == "postgresql":
+        started = time.monotonic()
+        pg = PgCluster.start(cleanup)
+        database_url = pg.create_database("keysteward_bench")
+        say(f"[{engine}] PostgreSQL cluster on 127.0.0.1:{pg.port} ({time.monotonic() - started:.1f} s)")
+    started = time.monotonic()
+    server = KeystewardServer.init(cleanup, database_url=database_url)
+    server.start(cleanup, workers=args.workers)
+    work = make_temp_dir(cleanup, "ks-bench-leases-")
+    world = World.make(server, work / "devcloud")
+    cleanup.push("close API clients", world.close)
+    agents = [Agent(i, inst) for i, inst in enumerate(bulk_instances(world.cloud, args.agents))]
+    say(
+        f"[{engine}] keysteward server {server.url} ({args.workers} worker(s)), tenant, key, devcloud provider and "
+        f"{len(agents)} devcloud instances ready ({time.monotonic() - started:.1f} s)"
+    )
+    seq0 = world.admin.last_seq()
+
+    assert server.proc is not None
+    server_pids = [server.proc.pid, *children(server.proc.pid)]
+    pg_pids = pg.pids() if pg else []
+
+    def cpu() -> tuple[float, ...]:
+        busy, total = machine_cpu()
+        pids = sorted(set(pg_pids) | set(pg.pids() if pg else []))
+        return process_cpu_seconds(server_pids), process_cpu_seconds(pids), time.process_time(), busy, total
+
+    stats, (server_cpu, db_cpu, own_cpu, busy, total) = asyncio.run(run_fleet(world, agents, args.duration, cpu))
+
+    lost_by_answer = [a for a in agents if a.lost]
+    problems = asyncio.run(check_leases(world, agents))
+    lost = {a.index for a in lost_by_answer} | set(problems)
+    alarms = clone_alarms(world, seq0)
+
+    # prove the alarm works: a clone of agent 0's instance asks for agent 0's volume
+    seq1 = world.admin.last_seq()
+    clone = world.cloud.clone(agents[0].instance.id)
+    status, answer, _ = world.release(clone, agents[0].volume_id)
+    clone_denied = status == 403 and answer.get("code") == "suspected_clone"
+    new_alarms = clone_alarms(world, seq1)
+    renewed = world.public.post(f"/v1/leases/{agents[0].lease_id}/renew", {"token": b64(agents[0].token)})
+    if not clone_denied or len(new_alarms) != 1 or renewed["action"] != "continue":
+        raise BenchError(
+            f"the clone check failed: the clone's release answered {status} {answer}, {len(new_alarms)} alarm(s) "
+            f"audited, the original's renewal answered {renewed}"
+        )
+
+    window = stats.t_end - stats.t_start
+    measured = stats.window()
+    answers: dict[str, int] = {}
+    for r in measured:
+        answers[r.action] = answers.get(r.action, 0) + 1
+    done = sum(n for action, n in answers.items() if action != "error")
+    rate = done / window
+    target_rate = len(agents) / RENEW_SECONDS
+    cores = os.cpu_count() or 1
+    lat = [r.took * 1000 for r in measured if r.action != "error"]
+    late = [(r.start - r.due) * 1000 for r in measured]
+    say(
+        f"[{engine}] renewals due in the {window:.0f} s window: {done} answered ({rate:,.1f}/s; schedule "
+        f"{target_rate:,.0f}/s), answers {answers}" + (f" e.g. {stats.error_samples}" if stats.error_samples else "")
+    )
+    say(
+        f"[{engine}]   renewal latency p50 {pct(lat, 50):.2f} ms  p90 {pct(lat, 90):.2f} ms"
+        f"  p99 {pct(lat, 99):.2f} ms  max {max(lat, default=0):.1f} ms; "
+        f"renewals started late by p50 {pct(late, 50):.1f} ms, p99 {pct(late, 99):.1f} ms"
+        f" (mean {statistics.fmean(late) if late else 0:.1f} ms)"
+    )
+    slices = max(1, round(window / 30))
+    by_slice = [
+        [
+            r.took * 1000
+            for r in measured
+            if r.action != "error" and k <= (r.due - stats.t_start) * slices / window < k + 1
+        ]
+        for k in range(slices)
+    ]
+    say(f"[{engine}]   p99 by {window / slices:.0f} s slice: " + ", ".join(f"{pct(x, 99):.1f} ms" for x in by_slice))
+    early = stats.before()
+    if early:
+        early_answers: dict[str, int] = {}
+        for r in early:
+            early_answers[r.action] = early_answers.get(r.action, 0) + 1
+        say(
+            f"[{engine}]   while the fleet was still releasing: answers {early_answers}, latency p99 "
+            f"{pct([r.took * 1000 for r in early], 99):.1f} ms, max {max(r.took for r in early) * 1000:.1f} ms"
+        )
+    say(
+        f"[{engine}]   CPU in the window: server {server_cpu / window:.0%} of one core "
+        f"({server_cpu * 1000 / max(1, done):.2f} ms/renewal)"
+        + (f", PostgreSQL {db_cpu / window:.0%} ({db_cpu * 1000 / max(1, done):.2f} ms/renewal)" if pg else "")
+        + f", this client {own_cpu / window:.0%}, other processes "
+        f"{max(0.0, busy / max(1.0, total) * cores - (server_cpu + db_cpu + own_cpu) / window):.0%}; "
+        f"machine {busy / max(1.0, total):.0%} busy of {cores} cores"
+    )
+    say(
+        f"[{engine}]   after the run: {len(agents) - len(problems)} of {len(agents)} leases active and unexpired"
+        + (f"; e.g. {sorted(problems.items())[:3]}" if problems else "")
+        + f"; {len(lost_by_answer)} renewal(s) answered other than continue"
+        + (f" (e.g. agent {lost_by_answer[0].index}: {lost_by_answer[0].lost})" if lost_by_answer else "")
+        + f"; {len(alarms)} suspected_clone record(s) in the audit log"
+    )
+    say(
+        f"[{engine}]   clone check: a clone of agent 0's instance was denied suspected_clone, one alarm audited, "
+        "the original's lease renews"
+    )
+    return [
+        figure("leases_lost", len(lost), "leases", len(agents), target=0, higher_is_better=False, digits=0),
+        figure("false_clone_alarms", len(alarms), "alarms", len(agents), target=0, higher_is_better=False, digits=0),
+        figure("renewals_per_s", rate, "renewals/s", target_rate),
+        figure("renew_p99_ms", pct(lat, 99), "ms", RENEW_SECONDS * 1000.0, higher_is_better=False),
+    ]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="500 agents for 30 s (under 60 s in all)")
+    parser.add_argument("--agents", type=int, default=None, help="simulated agents (default 5000; --quick: 500)")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds of measured renewals (default 120; --quick: 30)"
+    )
+    parser.add_argument("--engine", choices=ENGINES, default="sqlite", help="database engine (default: sqlite)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="server worker processes (default: one per core)"
+    )
+    args = parser.parse_args(argv)
+    if args.agents is None:
+        args.agents = 500 if args.quick else 5000
+    if args.duration is None:
+        args.duration = 30.0 if args.quick else 120.0
+    if args.agents < 2 or args.duration < RENEW_SECONDS:
+        parser.error(f"--agents must be at least 2 and --duration at least {RENEW_SECONDS} s")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    cleanup = Cleanup()
+    try:
+        say(
+            f"{BENCH}: {args.agents} agents renewing every {RENEW_SECONDS} s (lease {LEASE_SECONDS} s) for "
+            f"{args.duration:g} s, {POOL} keep-alive connections, engine {args.engine}"
+        )
+        say(f"{BENCH}: this machine has {os.cpu_count()} CPU core(s), shared by this client and the server")
+        figures = run(args, cleanup)
+    except BenchError as exc:
+        print(f"{BENCH}: FAILED: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{BENCH}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        cleanup.run()
+    for f in figures:
+        verdict = "" if f["ok"] is None else f"  target {f['target']:g}: {'ok' if f['ok'] else 'MISSED'}"
+        say(f"  {f['name']:<20} {f['value']:>12,.3f} {f['unit']:<11} ratio {f['ratio']:.3g}{verdict}")
+    say(f"{BENCH}: done in {time.monotonic() - started:.1f} s")
+    emit_json(BENCH, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
