@@ -13,6 +13,7 @@ No caller returns before its record is durable, and a failed batch fails all of 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -48,6 +49,9 @@ def _refuse(key: object) -> None:
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 BATCH = 512
+EFFECT_TRIES = 3
+_RETRYABLE = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, serialization failure
+log = logging.getLogger("keysteward.audit")
 WAIT_SECONDS = 30.0
 
 
@@ -60,7 +64,7 @@ KeystewardError undoes the change and records nothing."""
 class _Pending:
     """One record waiting for its batch: a thread waits on ``done``; a coroutine gets ``notify`` called."""
 
-    __slots__ = ("done", "effect", "error", "fields", "notify", "seq", "tenant_id")
+    __slots__ = ("done", "effect", "error", "fields", "notify", "seq", "tenant_id", "tries")
 
     def __init__(
         self,
@@ -75,6 +79,7 @@ class _Pending:
         self.notify = notify
         self.effect = effect
         self.seq = 0
+        self.tries = 0
         self.error: KeystewardError | None = None
 
     def result(self) -> int:
@@ -232,9 +237,10 @@ class AuditLog:
                     return
                 batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
             error: KeystewardError | None = None
+            again: list[_Pending] = []
             try:
                 with self.db.write() as conn:
-                    recorded = self._run_effects(conn, batch)
+                    recorded = self._run_effects(conn, batch, again)
                     seqs = self.append_many(conn, [(p.tenant_id, p.fields) for p in recorded])
                 for pending, seq in zip(recorded, seqs, strict=True):
                     pending.seq = seq
@@ -244,7 +250,12 @@ class AuditLog:
             except Exception as exc:  # noqa: BLE001 - whatever it was, every waiter must hear of it
                 error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
                 error.__cause__ = exc
+            if again and error is None:
+                with self._wake:
+                    self._queue[:0] = again  # first in the next transaction, once this one's locks are gone
             for pending in batch:
+                if pending in again and error is None:
+                    continue
                 if error is not None:
                     pending.error = error
                 pending.done.set()
@@ -255,8 +266,13 @@ class AuditLog:
                         pass
 
     @staticmethod
-    def _run_effects(conn: Connection, batch: list[_Pending]) -> list[_Pending]:
-        """Run each effect under its own savepoint; those that refuse are undone and left unrecorded."""
+    def _run_effects(conn: Connection, batch: list[_Pending], again: list[_Pending]) -> list[_Pending]:
+        """Run each effect under its own savepoint; those that refuse are undone and left unrecorded.
+
+        An effect that loses a deadlock or a serialization race on PostgreSQL (two servers' batches
+        locking rows in different orders) is undone and put in ``again``: it runs first in the next
+        transaction, after this one has let its locks go (at most :data:`EFFECT_TRIES` times in all).
+        """
         recorded = []
         for pending in batch:
             pending.error = None
@@ -269,6 +285,12 @@ class AuditLog:
                     pending.error = exc
                     continue
                 except SQLAlchemyError as exc:  # undone by its savepoint; the rest of the batch goes on
+                    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+                    pending.tries += 1
+                    if state in _RETRYABLE and pending.tries < EFFECT_TRIES:
+                        again.append(pending)
+                        continue
+                    log.warning("a change failed in the database (%s, state %s)", type(exc).__name__, state)
                     pending.error = Unavailable("the database refused the change", code="database_unavailable")
                     pending.error.__cause__ = exc
                     continue

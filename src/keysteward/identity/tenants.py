@@ -60,6 +60,7 @@ class Tenants:
         self.db = db
         self.audit = audit
         self._seen: TtlCache[bytes, tuple[Principal, str]] = TtlCache(SEEN_TTL_SECONDS)
+        self._ids: TtlCache[str, str] = TtlCache(60.0)  # tenant name -> id: neither ever changes
 
     # -- tenants -----------------------------------------------------------------------------
     def create(self, name: str, *, actor: Principal | None, first_admin: str = "admin") -> tuple[TenantInfo, NewToken]:
@@ -105,6 +106,17 @@ class Tenants:
         if row is None:
             raise NotFound(f"no tenant '{name}'", code="tenant_not_found")
         return TenantInfo(row.id, row.name, row.created_at)
+
+    def cached_id(self, name: str) -> str | None:
+        return self._ids.get(name)
+
+    def id_of(self, name: str) -> str:
+        """The tenant's id (cached: the hot path of key release names tenants on every request)."""
+        hit = self._ids.get(name)
+        if hit is None:
+            hit = self.get(name).id
+            self._ids.put(name, hit)
+        return hit
 
     # -- tokens ------------------------------------------------------------------------------
     def _issue(self, conn: Connection, tenant_id: str, tenant: str, name: str, role: str, now: datetime) -> NewToken:

@@ -477,6 +477,19 @@ class KeyStore:
             ).all()
         return [DataKeyInfo(r.id, r.name, key_name, r.kek_version, r.created_at, bool(r.shredded)) for r in rows]
 
+    def open_data_key(
+        self, tenant_id: str, key_id: str, kek_version: int, dek_id: str, wrapped: bytes | None
+    ) -> SecretBuffer:
+        """A data key from its wrapped form (read by the caller), with the cached KEK and key state."""
+        if wrapped is None:
+            raise Conflict("this data key was crypto-shredded", code="data_key_shredded")
+        ref = self.key_ref(tenant_id, key_id=key_id)
+        if ref is None:
+            raise NotFound("no such data key", code="data_key_not_found")
+        self.require_enabled(ref)
+        kek = self.usable_kek(tenant_id, key_id, kek_version)
+        return SecretBuffer.from_bytes(kek.open(wrapped, dek_aad(tenant_id, key_id, kek_version, dek_id)))
+
     def unwrap_data_key(self, tenant_id: str, dek_id: str) -> SecretBuffer:
         """The plaintext DEK in a locked buffer, for the release service (the caller wipes it)."""
         with self.db.read() as conn:

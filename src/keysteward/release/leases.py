@@ -34,7 +34,8 @@ class LeaseInfo:
 
 
 def _info(row: Any) -> LeaseInfo:
-    return LeaseInfo(row.id, row.volume_id, row.holder, row.state, row.created_at, row.renewed_at, row.expires_at)
+    times = aware(row.created_at), aware(row.renewed_at), aware(row.expires_at)
+    return LeaseInfo(row.id, row.volume_id, row.holder, row.state, *times)
 
 
 def token_hash(token: bytes | bytearray) -> bytes:

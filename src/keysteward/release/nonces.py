@@ -18,8 +18,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, delete, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, delete
+from sqlalchemy.dialects import postgresql, sqlite
 
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Denied
@@ -90,13 +90,10 @@ class Nonces:
     def spend(conn: Connection, raw: bytes, expires_at: datetime) -> None:
         """Record the nonce as used inside the caller's transaction; a second spend is ``nonce_replayed``."""
         digest = hashlib.sha256(raw).hexdigest()
-        if conn.execute(select(UsedNonce.digest).where(UsedNonce.digest == digest)).first() is not None:
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(UsedNonce).values(digest=digest, expires_at=expires_at).on_conflict_do_nothing()
+        if conn.execute(stmt.returning(UsedNonce.digest)).first() is None:  # spent before, here or elsewhere
             raise Denied("this nonce was already used; evidence is single-use", code="nonce_replayed")
-        try:
-            with conn.begin_nested():
-                conn.execute(insert(UsedNonce).values(digest=digest, expires_at=expires_at))
-        except IntegrityError:  # another server spent it a moment ago
-            raise Denied("this nonce was already used; evidence is single-use", code="nonce_replayed") from None
 
     @staticmethod
     def sweep(conn: Connection, now: datetime) -> int:

@@ -25,7 +25,7 @@ from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import Principal, check_name
 from keysteward.keys.keystore import KeyStore
 from keysteward.store.db import Database, for_update
-from keysteward.store.models import Key, Lease, Provider, RevokedInstance, Volume
+from keysteward.store.models import DataKey, Key, Lease, Provider, RevokedInstance, Volume
 from keysteward.ttlcache import TtlCache
 
 ACTIVE, REVOKED, SHRED, DESTROYED = "active", "revoked", "shred", "destroyed"
@@ -113,13 +113,13 @@ class VolumeSpec:
             raise BadRequest("grace_seconds must be between 0 and lease_seconds (or null)", code="bad_lease")
 
 
-def _info(row: Any, key_name: str, key_version: int) -> VolumeInfo:
+def _info(row: Any, key_name: str | None = None, key_version: int | None = None) -> VolumeInfo:
     return VolumeInfo(
         id=row.id,
         tenant_id=row.tenant_id,
         name=row.name,
-        key=key_name,
-        key_version=key_version,
+        key=row.key_name if key_name is None else key_name,
+        key_version=row.key_version if key_version is None else key_version,
         dek_id=row.dek_id,
         labels=json.loads(row.labels),
         binding=Binding.parse(json.loads(row.binding)),
@@ -137,6 +137,7 @@ class Registry:
         self.keys = keys
         self.audit = audit
         self._trusts: TtlCache[str, list[ProviderTrust]] = TtlCache(CACHE_SECONDS)
+        self._volumes: TtlCache[tuple[str, str], tuple[VolumeInfo, str, bytes | None]] = TtlCache(CACHE_SECONDS)
 
     # -- providers ------------------------------------------------------------------------------
     def add_provider(self, actor: Principal, name: str, kind: str, pem: str, audience: str | None) -> ProviderTrust:
@@ -248,11 +249,21 @@ class Registry:
         return _info(_Row(row), spec.key, version), secret
 
     def _select(self) -> Any:
-        return select(Volume.__table__, Key.name.label("key_name"), Key.primary_version.label("key_version")).join(
-            Key, Key.id == Volume.key_id
+        return (
+            select(
+                Volume.__table__,
+                Key.name.label("key_name"),
+                DataKey.kek_version.label("key_version"),
+                DataKey.wrapped.label("wrapped"),
+            )
+            .join(Key, Key.id == Volume.key_id)
+            .join(DataKey, DataKey.id == Volume.dek_id)
         )
 
     def get(self, tenant_id: str, volume_id: str, conn: Connection | None = None) -> VolumeInfo:
+        return self._get(tenant_id, volume_id, conn)[0]
+
+    def _get(self, tenant_id: str, volume_id: str, conn: Connection | None = None) -> tuple[VolumeInfo, Any]:
         try:
             uuid.UUID(volume_id)
         except (ValueError, TypeError, AttributeError):
@@ -265,29 +276,39 @@ class Registry:
             row = conn.execute(stmt).first()
         if row is None:
             raise NotFound("no such volume", code="volume_not_found")
-        return _info(row, row.key_name, self._dek_version(row.dek_id, conn))
+        return _info(row), row
 
-    def _dek_version(self, dek_id: str, conn: Connection | None) -> int:
-        from keysteward.store.models import DataKey
+    def cached_for_release(self, tenant_id: str, volume_id: str) -> tuple[VolumeInfo, str, bytes | None] | None:
+        return self._volumes.get((tenant_id, volume_id))
 
-        stmt = select(DataKey.kek_version).where(DataKey.id == dek_id)
-        if conn is None:
-            with self.db.read() as c:
-                return int(c.execute(stmt).scalar_one())
-        return int(conn.execute(stmt).scalar_one())
+    def trusts_cached(self, tenant_id: str) -> bool:
+        return self._trusts.get(tenant_id) is not None
+
+    def for_release(self, tenant_id: str, volume_id: str) -> tuple[VolumeInfo, str, bytes | None]:
+        """The volume, its key's id and its wrapped secret, cached for a second (the release path's read).
+
+        The cache may lag another server's revocation by that second; the release transaction reads the
+        volume's state again under a row lock, so a revoked or destroyed volume is never released.
+        """
+        cached = self._volumes.get((tenant_id, volume_id))
+        if cached is None:
+            info, row = self._get(tenant_id, volume_id)
+            cached = (info, row.key_id, row.wrapped)
+            self._volumes.put((tenant_id, volume_id), cached)
+        return cached
 
     def find(self, actor: Principal, ref: str) -> VolumeInfo:
         """A volume by id or by name."""
         with self.db.read() as conn:
             row = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id, Volume.name == ref)).first()
             if row is not None:
-                return _info(row, row.key_name, self._dek_version(row.dek_id, conn))
+                return _info(row)
             return self.get(actor.tenant_id, ref, conn)
 
     def list(self, actor: Principal) -> list[VolumeInfo]:
         with self.db.read() as conn:
             rows = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id).order_by(Volume.name)).all()
-            return [_info(r, r.key_name, self._dek_version(r.dek_id, conn)) for r in rows]
+            return [_info(r) for r in rows]
 
     def revoke(self, actor: Principal, ref: str, *, shred: bool, reason: str) -> VolumeInfo:
         volume = self.find(actor, ref)
@@ -304,6 +325,7 @@ class Registry:
                 target=f"volume:{volume.id}",
                 details={"name": volume.name, "shred": shred, "reason": reason[:500]},
             )
+        self._forget(volume.id)
         return self.get(actor.tenant_id, volume.id)
 
     def destroy(self, actor: Principal, ref: str, *, reason: str) -> VolumeInfo:
@@ -329,7 +351,11 @@ class Registry:
                 details={"name": volume.name, "reason": reason[:500]},
             )
         self.keys.after_data_key_shred()
+        self._forget(volume.id)
         return self.get(actor.tenant_id, volume.id)
+
+    def _forget(self, volume_id: str) -> None:
+        self._volumes.drop_where(lambda key, _: key[1] == volume_id)
 
     # -- instances ------------------------------------------------------------------------------
     def revoke_instance(self, actor: Principal, holder: str, *, shred: bool, reason: str) -> None:

@@ -20,11 +20,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio.to_thread
 from sqlalchemy import Connection, select
 
 from keysteward.attest.binding import binding
@@ -101,6 +102,26 @@ class _Verdict:
     alert: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _Step:
+    """A prepared decision: the effect to commit with its audit record, and what to answer after."""
+
+    tenant_id: str
+    effect: Callable[[Connection], dict[str, Any]]
+    verdict: _Verdict
+    token: bytearray | None = None
+    released: Callable[[leases.LeaseInfo], Released] | None = None
+
+    def wipe(self) -> None:
+        if self.token is not None:
+            wipe_bytearray(self.token)
+
+
+class _Refused(Exception):
+    def __init__(self, step: _Step) -> None:
+        self.step = step
+
+
 class ReleaseService:
     def __init__(
         self,
@@ -133,16 +154,15 @@ class ReleaseService:
         return self.nonces.issue()
 
     # -- release ------------------------------------------------------------------------------------
-    def _deny(
+    def _refusal(
         self,
         tenant_id: str,
-        actor: str,
         volume_id: str,
         exc: KeystewardError,
         spent: tuple[bytes, datetime] | None,
         **details: Any,
-    ) -> Denied:
-        """Audit a refusal; a genuine nonce presented with it is spent too (a nonce is presented once)."""
+    ) -> _Step:
+        """A refusal before the evidence named anyone; a genuine nonce presented with it is spent too."""
         denied = exc if isinstance(exc, Denied) else Denied(exc.message, code=exc.code)
 
         def effect(conn: Connection) -> dict[str, Any]:
@@ -152,7 +172,7 @@ class ReleaseService:
                 except Denied:
                     pass  # spent before: the refusal stands with its own reason
             return {
-                "actor": actor,
+                "actor": "instance:unverified",
                 "action": "volume.release",
                 "target": f"volume:{volume_id[:64]}",
                 "outcome": "denied",
@@ -160,14 +180,12 @@ class ReleaseService:
                 "details": details,
             }
 
-        self.audit.commit(tenant_id, effect)
-        return denied
+        return _Step(tenant_id, effect, _Verdict(denied=denied))
 
     def _verify(
         self, tenant_id: str, request: ReleaseRequest, now: datetime
-    ) -> tuple[bytes, datetime, VolumeInfo, InstanceIdentity]:
-        """Steps 1-2; every refusal is audited as a denial."""
-        actor = "instance:unverified"
+    ) -> tuple[bytes, datetime, tuple[VolumeInfo, str, bytes | None], InstanceIdentity]:
+        """Steps 1-2; a refusal raises :class:`_Refused` carrying the step that audits it."""
         spent: tuple[bytes, datetime] | None = None
         try:
             raw = decode(request.nonce)
@@ -175,7 +193,7 @@ class ReleaseService:
             spent = (raw, expires)
             hpke.load_public_key(request.suite, request.public_key)
             try:
-                volume = self.registry.get(tenant_id, request.volume_id)
+                volume = self.registry.for_release(tenant_id, request.volume_id)
             except NotFound:
                 raise Denied("no such volume in this tenant", code="volume_not_found") from None
             try:
@@ -189,23 +207,69 @@ class ReleaseService:
             except EvidenceRejected as exc:
                 raise Denied(exc.message, code=exc.code) from None
         except (Denied, hpke.HpkeError) as exc:
-            raise self._deny(tenant_id, actor, request.volume_id, exc, spent, source=request.source[:64]) from None
+            step = self._refusal(tenant_id, request.volume_id, exc, spent, source=request.source[:64])
+            raise _Refused(step) from None
         return raw, expires, volume, identity
 
     def decide(self, request: ReleaseRequest) -> Released:
         """The decision for one release request: :class:`Released`, or :class:`Denied` raised (and audited)."""
+        step = self._prepare(request)
+        try:
+            self.audit.commit(step.tenant_id, step.effect)
+        finally:
+            step.wipe()
+        return self._finish(step)
+
+    async def decide_async(self, request: ReleaseRequest) -> Released:
+        """:meth:`decide` on the event loop: what is cached runs here, a database read goes to a thread."""
+        if self._warm(request):
+            step = self._prepare(request)
+        else:
+            step = await anyio.to_thread.run_sync(self._prepare, request)
+        try:
+            await self.audit.commit_async(step.tenant_id, step.effect)
+        finally:
+            step.wipe()
+        return self._finish(step)
+
+    def _warm(self, request: ReleaseRequest) -> bool:
+        """Whether preparing this request needs no database read (tenant, volume, providers, KEK cached)."""
+        tenant_id = self.tenants.cached_id(request.tenant)
+        if tenant_id is None or not self.registry.trusts_cached(tenant_id):
+            return False
+        cached = self.registry.cached_for_release(tenant_id, request.volume_id)
+        if cached is None:
+            return False
+        volume, key_id, _ = cached
+        return self.keys.is_warm(tenant_id, key_id=key_id, version=volume.key_version)
+
+    def _finish(self, step: _Step) -> Released:
+        verdict = step.verdict
+        if verdict.alert:
+            self.alerts.send(verdict.alert)
+        if verdict.denied is not None:
+            raise verdict.denied
+        assert verdict.lease is not None and step.released is not None
+        return step.released(verdict.lease)
+
+    def _prepare(self, request: ReleaseRequest) -> _Step:
+        """Steps 1-3 outside the transaction: the checks, the key sealed, and the effect that decides."""
         now = datetime.now(UTC)
         try:
-            tenant_id = self.tenants.get(request.tenant).id
+            tenant_id = self.tenants.id_of(request.tenant)
         except NotFound:
             log.info("release for unknown tenant denied")
             raise Denied("no such volume in this tenant", code="volume_not_found") from None
-        raw, expires, volume, identity = self._verify(tenant_id, request, now)
+        try:
+            prepared = self._verify(tenant_id, request, now)
+        except _Refused as refused:
+            return refused.step
+        raw, expires, (volume, key_id, wrapped), identity = prepared
         holder = identity.key()
         lease_id, token = str(uuid.uuid4()), bytearray(os.urandom(TOKEN_SIZE))
         sealed = b""
         try:
-            secret = self.keys.unwrap_data_key(tenant_id, volume.dek_id)
+            secret = self.keys.open_data_key(tenant_id, key_id, volume.key_version, volume.dek_id, wrapped)
         except Conflict:  # shredded: the transaction below says so with the right reason
             secret = None
         if secret is not None:
@@ -283,24 +347,18 @@ class ReleaseService:
                 "details": details,
             }
 
-        try:
-            self.audit.commit(tenant_id, effect)
-        finally:
-            wipe_bytearray(token)
-        if verdict.alert:
-            self.alerts.send(verdict.alert)
-        if verdict.denied is not None:
-            raise verdict.denied
-        assert verdict.lease is not None
-        return Released(
-            request.suite,
-            sealed,
-            volume.key_version,
-            verdict.lease,
-            volume.lease_seconds,
-            volume.renew_seconds,
-            volume.grace_seconds,
-        )
+        def released(lease: leases.LeaseInfo) -> Released:
+            return Released(
+                request.suite,
+                sealed,
+                volume.key_version,
+                lease,
+                volume.lease_seconds,
+                volume.renew_seconds,
+                volume.grace_seconds,
+            )
+
+        return _Step(tenant_id, effect, verdict, token, released)
 
     def _check_volume(self, conn: Connection, tenant_id: str, volume_id: str, holder: str, shredded: bool) -> None:
         state = conn.execute(

@@ -29,14 +29,14 @@ LeaseId = Annotated[str, Path(max_length=64)]
 
 
 @router.post("/release/challenge")
-def challenge(request: Request) -> ChallengeOut:
+async def challenge(request: Request) -> ChallengeOut:
     nonce, expires_at = services(request).release.challenge()
     return ChallengeOut(protocol=PROTOCOL, nonce=nonce, expires_at=expires_at, suites=list(SUITES))
 
 
 @router.post("/release", responses={403: {"description": "denied, with the reason in `code`"}})
-def release(body: ReleaseIn, request: Request) -> ReleasedOut:
-    decided = services(request).release.decide(
+async def release(body: ReleaseIn, request: Request) -> ReleasedOut:
+    decided = await services(request).release.decide_async(
         ReleaseRequest(
             tenant=body.tenant,
             volume_id=body.volume_id,
