@@ -240,6 +240,7 @@ class AuditLog:
             again: list[_Pending] = []
             try:
                 with self.db.write() as conn:
+                    self._lock_heads(conn, batch)
                     recorded = self._run_effects(conn, batch, again)
                     seqs = self.append_many(conn, [(p.tenant_id, p.fields) for p in recorded])
                 for pending, seq in zip(recorded, seqs, strict=True):
@@ -264,6 +265,22 @@ class AuditLog:
                         pending.notify()
                     except RuntimeError:  # its event loop has closed: nobody is waiting any more
                         pass
+
+    def _lock_heads(self, conn: Connection, batch: list[_Pending]) -> None:
+        """PostgreSQL: lock the batch's tenants' chain heads first, in one order, before any effect runs.
+
+        Every batch of a tenant then runs its effects while holding that tenant's head, so two servers'
+        batches never hold each other's rows (volumes, leases) in opposite orders: no deadlock waits
+        (each costs PostgreSQL's deadlock_timeout, a second). SQLite's BEGIN IMMEDIATE already does this.
+        """
+        if self.db.is_sqlite or not any(p.effect is not None for p in batch):
+            return
+        tenants = sorted({p.tenant_id for p in batch})
+        conn.execute(
+            for_update(select(AuditHead.tenant_id).where(AuditHead.tenant_id.in_(tenants)), self.db).order_by(
+                AuditHead.tenant_id
+            )
+        ).all()
 
     @staticmethod
     def _run_effects(conn: Connection, batch: list[_Pending], again: list[_Pending]) -> list[_Pending]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -146,7 +147,10 @@ def main() -> None:
         gc.disable()  # start-up only makes long-lived objects; volume_cmd turns it back on to run the verb
         from keysteward.cli import volume_cmd
 
-        raise SystemExit(volume_cmd.main(args[1:]))
+        status = volume_cmd.main(args[1:])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)  # skip the interpreter's teardown: the verb has flushed and closed what it wrote
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
