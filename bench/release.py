@@ -109,7 +109,7 @@ def make_bodies(world: World, instances: list[Instance], volume_ids: list[str], 
     nonces = fetch_nonces(world.server, count)
     chunk = 500
     jobs = [(i, nonces[i : i + chunk]) for i in range(0, len(nonces), chunk)]
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: a fork while threads hold locks can hang the child
     with ctx.Pool(
         os.cpu_count() or 1,
         initializer=_init_worker,
