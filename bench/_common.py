@@ -516,5 +516,18 @@ def ratio_figure(name: str, value: float, unit: str, reference: float, target: f
     }
 
 
+def report_figures(
+    bench: str, figures: list[dict[str, Any]], started: float, widths: tuple[int, int] = (36, 6)
+) -> None:
+    """One readable line per figure (with its target verdict), the run's duration, then the JSON line."""
+    name_width, unit_width = widths
+    for f in figures:
+        verdict = "" if f["ok"] is None else f"  target {f['target']:g}: {'ok' if f['ok'] else 'MISSED'}"
+        value = f"{f['value']:>12,.3f} {f['unit']:<{unit_width}}"
+        say(f"  {f['name']:<{name_width}} {value} ratio {f['ratio']:.3g}{verdict}")
+    say(f"{bench}: done in {time.monotonic() - started:.1f} s")
+    emit_json(bench, figures)
+
+
 def emit_json(bench: str, figures: list[dict[str, Any]]) -> None:
     print(json.dumps({"bench": bench, "figures": figures}), flush=True)

@@ -2,6 +2,9 @@
 instances and volumes, release requests with evidence made the way an instance makes it, and the
 audit log read back through the API.
 
+Not a bench itself: the two benches that use it end, as every bench does, with the line
+``{"bench": NAME, "figures": [...]}``.
+
 Everything goes through the public API (docs/release-protocol.md) of a real server process; the
 devcloud signs identity documents in this process, as the cloud's metadata service would for an
 instance.

@@ -41,11 +41,11 @@ from _common import (
     PgCluster,
     WrkMeasurement,
     cpu_line,
-    emit_json,
     figure,
     machine_cpu,
     make_temp_dir,
     measure_wrk,
+    report_figures,
     say,
     wrk_binary,
     wrk_post_script,
@@ -281,11 +281,7 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         cleanup.run()
-    for f in figures:
-        verdict = "" if f["ok"] is None else f"  target {f['target']:g}: {'ok' if f['ok'] else 'MISSED'}"
-        say(f"  {f['name']:<36} {f['value']:>12,.3f} {f['unit']:<6} ratio {f['ratio']:.3g}{verdict}")
-    say(f"{BENCH}: done in {time.monotonic() - started:.1f} s")
-    emit_json(BENCH, figures)
+    report_figures(BENCH, figures, started, (36, 6))
     return 0
 
 

@@ -53,11 +53,11 @@ from _common import (
     KeystewardServer,
     PgCluster,
     children,
-    emit_json,
     figure,
     machine_cpu,
     make_temp_dir,
     process_cpu_seconds,
+    report_figures,
     say,
 )
 from _release import HttpPool, World, b64, bulk_instances, open_released, release_body
@@ -410,11 +410,7 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         cleanup.run()
-    for f in figures:
-        verdict = "" if f["ok"] is None else f"  target {f['target']:g}: {'ok' if f['ok'] else 'MISSED'}"
-        say(f"  {f['name']:<20} {f['value']:>12,.3f} {f['unit']:<11} ratio {f['ratio']:.3g}{verdict}")
-    say(f"{BENCH}: done in {time.monotonic() - started:.1f} s")
-    emit_json(BENCH, figures)
+    report_figures(BENCH, figures, started, (20, 11))
     return 0
 
 

@@ -53,12 +53,12 @@ from _common import (
     PgCluster,
     WrkMeasurement,
     cpu_line,
-    emit_json,
     figure,
     lua_string,
     machine_cpu,
     make_temp_dir,
     measure_wrk,
+    report_figures,
     say,
     wrk_binary,
     wrk_post_script,
@@ -415,12 +415,8 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         cleanup.run()
-    for f in figures:
-        verdict = "" if f["ok"] is None else f"  target {f['target']:g}: {'ok' if f['ok'] else 'MISSED'}"
-        say(f"  {f['name']:<28} {f['value']:>12,.3f} {f['unit']:<10} ratio {f['ratio']:.3g}{verdict}")
     say(f"{BENCH}: release p50/p99 cover challenges and releases alike (wrk measures both request kinds)")
-    say(f"{BENCH}: done in {time.monotonic() - started:.1f} s")
-    emit_json(BENCH, figures)
+    report_figures(BENCH, figures, started, (28, 10))
     return 0
 
 
