@@ -145,3 +145,34 @@ def test_attacks_against_a_server_process(remote: World, alerts: tuple[str, list
         assert code in reasons, code
     text = json.dumps(remote.audit()) + remote.m.server.log_path.read_text()
     assert base64.b64encode(secret).decode() not in text and secret.hex() not in text
+
+
+def test_release_cli_groups(remote: World) -> None:
+    """provider list, lease list, instance revoke and volume status/list/revoke, as an operator runs them."""
+    server = remote.m.server  # type: ignore[attr-defined]
+    vm = remote.cloud.create(account="111122223333", image_id="img-base")
+    volume_id, _ = remote.volume("data", {"provider": "devcloud", "account": "111122223333"})
+    _, lease_id, token = remote.released(vm, volume_id)
+
+    providers = server.cli_json("provider", "list", token=remote.admin)
+    assert {p["name"]: p["kind"] for p in providers} == {"devcloud": "aws-iid", "devgcp": "gcp-jwt"}
+    leases = server.cli_json("lease", "list", "--volume", "data", token=remote.admin)
+    assert [(x["id"], x["state"], x["holder"]) for x in leases] == [
+        (lease_id, "active", f"devcloud/111122223333/{vm.id}")
+    ]
+    volume_cli = ["volume", "status", "data", "--kms", server.url, "--ca-file", server.settings.server.tls_ca]
+    status = json.loads(server.cli(*volume_cli, "--json", token=remote.admin).stdout)
+    assert status["volume"]["id"] == volume_id and status["leases"][0]["holder"].endswith(vm.id)
+    listed = server.cli("volume", "list", "--kms", server.url, "--ca-file", server.settings.server.tls_ca,
+                        token=remote.admin).stdout  # fmt: skip
+    assert volume_id in listed and "bound to account=111122223333" in listed
+
+    bad = server.cli("instance", "revoke", "not-a-triple", token=remote.admin, check=False)
+    assert bad.returncode != 0 and "provider/account/instance-id" in bad.stderr
+    server.cli("instance", "revoke", f"devcloud/111122223333/{vm.id}", "--reason", "test", token=remote.admin)
+    assert remote.renew(lease_id, token).json()["action"] == "revoked"
+    # an auditor may read but not revoke
+    auditor = remote.call("POST", "/v1/tokens", json={"name": "aud", "role": "auditor"}).json()["token"]
+    refused = server.cli("volume", "revoke", "data", "--kms", server.url, "--ca-file", server.settings.server.tls_ca,
+                         token=auditor, check=False)  # fmt: skip
+    assert refused.returncode == 1 and "role_forbidden" in refused.stderr and "Traceback" not in refused.stderr
