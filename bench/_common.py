@@ -7,6 +7,7 @@ dependencies only (the PostgreSQL helper mirrors tests/fixtures/postgres.py).
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import json
 import os
@@ -514,6 +515,34 @@ def ratio_figure(name: str, value: float, unit: str, reference: float, target: f
         "target": target,
         "ok": None if target is None else ratio >= target,
     }
+
+
+def engine_server(
+    cleanup: Cleanup, engine: str, *, workers: int, env: dict[str, str] | None = None
+) -> tuple[KeystewardServer, PgCluster | None]:
+    """A started keysteward server on ``engine``: its SQLite file, or a throw-away PostgreSQL 15 cluster."""
+    pg: PgCluster | None = None
+    database_url = ""
+    if engine == "postgresql":
+        started = time.monotonic()
+        pg = PgCluster.start(cleanup)
+        database_url = pg.create_database("keysteward_bench")
+        say(f"[{engine}] PostgreSQL 15 cluster on 127.0.0.1:{pg.port} ({time.monotonic() - started:.1f} s)")
+    server = KeystewardServer.init(cleanup, database_url=database_url)
+    server.start(cleanup, workers=workers, env=env)
+    return server, pg
+
+
+def check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace, engines: tuple[str, ...]) -> None:
+    """``--engines`` (comma-separated, already defaulted) to a list, ``--duration`` defaulted; errors via parser."""
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = sorted(set(args.engines) - set(engines))
+    if unknown or not args.engines:
+        parser.error(f"--engines takes {' and/or '.join(engines)}, not {','.join(unknown) or 'nothing'}")
+    if args.duration is None:
+        args.duration = 5.0 if args.quick else 20.0
+    if args.duration < 1:
+        parser.error("--duration must be at least 1 second")
 
 
 def report_figures(

@@ -40,7 +40,9 @@ from _common import (
     KeystewardServer,
     PgCluster,
     WrkMeasurement,
+    check_engine_args,
     cpu_line,
+    engine_server,
     figure,
     machine_cpu,
     make_temp_dir,
@@ -136,16 +138,8 @@ def run_engine(
 ) -> list[dict[str, Any]]:
     mark = cleanup.mark()
     try:
-        pg: PgCluster | None = None
-        database_url = ""
-        if engine == "postgresql":
-            started = time.monotonic()
-            pg = PgCluster.start(cleanup)
-            database_url = pg.create_database("keysteward_bench")
-            say(f"[{engine}] PostgreSQL 15 cluster on 127.0.0.1:{pg.port} ({time.monotonic() - started:.1f} s)")
         started = time.monotonic()
-        server = KeystewardServer.init(cleanup, database_url=database_url)
-        server.start(cleanup, workers=workers)
+        server, pg = engine_server(cleanup, engine, workers=workers)
         tenant = server.cli(["tenant", "create", "acme", "--json"], token=server.root_token)
         admin = tenant["admin_token"]["token"]
         server.cli(["key", "create", KEY_NAME, "--json"], token=admin)
@@ -230,14 +224,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated database engines to run (default: sqlite,postgresql)",
     )
     args = parser.parse_args(argv)
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = sorted(set(args.engines) - set(ENGINES))
-    if unknown or not args.engines:
-        parser.error(f"--engines takes {' and/or '.join(ENGINES)}, not {','.join(unknown) or 'nothing'}")
-    if args.duration is None:
-        args.duration = 5.0 if args.quick else 20.0
-    if args.duration < 1:
-        parser.error("--duration must be at least 1 second")
+    check_engine_args(parser, args, ENGINES)
     return args
 
 

@@ -50,9 +50,8 @@ from typing import Any
 from _common import (
     BenchError,
     Cleanup,
-    KeystewardServer,
-    PgCluster,
     children,
+    engine_server,
     figure,
     machine_cpu,
     make_temp_dir,
@@ -254,16 +253,8 @@ def clone_alarms(world: World, after: int) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace, cleanup: Cleanup) -> list[dict[str, Any]]:
     engine = args.engine
-    pg: PgCluster | None = None
-    database_url = ""
-    if engine == "postgresql":
-        started = time.monotonic()
-        pg = PgCluster.start(cleanup)
-        database_url = pg.create_database("keysteward_bench")
-        say(f"[{engine}] PostgreSQL cluster on 127.0.0.1:{pg.port} ({time.monotonic() - started:.1f} s)")
     started = time.monotonic()
-    server = KeystewardServer.init(cleanup, database_url=database_url)
-    server.start(cleanup, workers=args.workers)
+    server, pg = engine_server(cleanup, engine, workers=args.workers)
     work = make_temp_dir(cleanup, "ks-bench-leases-")
     world = World.make(server, work / "devcloud")
     cleanup.push("close API clients", world.close)

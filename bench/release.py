@@ -49,10 +49,11 @@ from typing import Any
 from _common import (
     BenchError,
     Cleanup,
-    KeystewardServer,
     PgCluster,
     WrkMeasurement,
+    check_engine_args,
     cpu_line,
+    engine_server,
     figure,
     lua_string,
     machine_cpu,
@@ -239,16 +240,10 @@ def run_releases(
 def run_engine(engine: str, cleanup: Cleanup, seconds: float, warmup: float, workers: int) -> list[dict[str, Any]]:
     mark = cleanup.mark()
     try:
-        pg: PgCluster | None = None
-        database_url = ""
-        if engine == "postgresql":
-            started = time.monotonic()
-            pg = PgCluster.start(cleanup)
-            database_url = pg.create_database("keysteward_bench")
-            say(f"[{engine}] PostgreSQL cluster on 127.0.0.1:{pg.port} ({time.monotonic() - started:.1f} s)")
         started = time.monotonic()
-        server = KeystewardServer.init(cleanup, database_url=database_url)
-        server.start(cleanup, workers=workers, env={"KEYSTEWARD_RELEASE_NONCE_TTL_SECONDS": str(NONCE_TTL_SECONDS)})
+        server, pg = engine_server(
+            cleanup, engine, workers=workers, env={"KEYSTEWARD_RELEASE_NONCE_TTL_SECONDS": str(NONCE_TTL_SECONDS)}
+        )
         work = make_temp_dir(cleanup, "ks-bench-release-")
         world = World.make(server, work / "devcloud")
         cleanup.push("close API clients", world.close)
@@ -372,15 +367,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--engines", default=None, help="comma-separated engines (default: sqlite,postgresql; --quick: sqlite)"
     )
     args = parser.parse_args(argv)
-    engines = args.engines or ("sqlite" if args.quick else ",".join(ENGINES))
-    args.engines = [e.strip() for e in engines.split(",") if e.strip()]
-    unknown = sorted(set(args.engines) - set(ENGINES))
-    if unknown or not args.engines:
-        parser.error(f"--engines takes {' and/or '.join(ENGINES)}, not {','.join(unknown) or 'nothing'}")
-    if args.duration is None:
-        args.duration = 5.0 if args.quick else 20.0
-    if args.duration < 1:
-        parser.error("--duration must be at least 1 second")
+    args.engines = args.engines or ("sqlite" if args.quick else ",".join(ENGINES))
+    check_engine_args(parser, args, ENGINES)
     return args
 
 
