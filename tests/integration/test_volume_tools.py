@@ -11,7 +11,6 @@ import hashlib
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -19,22 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tools import tool
+
 pytestmark = pytest.mark.integration
 
 KEYSTEWARD = str(Path(sys.executable).with_name("keysteward"))
 MIB = 1024 * 1024
-MISSING = "{tool} is missing; the test command installs it (scripts/bootstrap.sh: apt-get install -y {package})"
 PBKDF2_FAST = ["--kdf", "pbkdf2", "--pbkdf-iterations", "1000"]
 CS_PBKDF2_FAST = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 CS_ARGON2_SMALL = ["--pbkdf", "argon2id", "--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4",
                    "--pbkdf-parallel", "1"]  # fmt: skip
-
-
-def tool(name: str, package: str) -> str:
-    found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.path.exists(p)), None)
-    if found is None:
-        pytest.fail(MISSING.format(tool=name, package=package))
-    return found
 
 
 def run(
