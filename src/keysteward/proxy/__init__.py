@@ -1,0 +1,1 @@
+"""The NBD proxy: serves decrypted volumes to clients so the volume key never enters the guest."""
