@@ -217,8 +217,15 @@ class AgentClient:
     """One key manager at ``url``; TLS verified against ``ca_file`` (else the system's CAs)."""
 
     def __init__(
-        self, url: str, *, ca_file: str | None = None, token: str | None = None, timeout: float = 10.0
+        self,
+        url: str,
+        *,
+        ca_file: str | None = None,
+        token: str | None = None,
+        timeout: float = 10.0,
+        client_cert: tuple[str, str] | None = None,
     ) -> None:
+        """``client_cert`` is ``(certificate PEM file, key PEM file)``: a machine (a host) proves itself by mTLS."""
         self.url = url.rstrip("/")
         verify: ssl.SSLContext | bool = True
         if self.url.startswith("https://"):
@@ -226,6 +233,15 @@ class AgentClient:
                 verify = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise BadRequest(f"cannot load the CA file {ca_file}: {exc}", code="kms_ca_file") from exc
+            if client_cert is not None:
+                try:
+                    verify.load_cert_chain(*client_cert)
+                except (OSError, ssl.SSLError) as exc:
+                    raise BadRequest(
+                        f"cannot load the client certificate {client_cert[0]}: {exc}", code="kms_client_cert"
+                    ) from exc
+        elif client_cert is not None:
+            raise BadRequest("a client certificate needs an https:// key manager URL", code="kms_client_cert")
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url + "/v1", verify=verify, headers=headers, timeout=timeout)
 
