@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from keysteward.agent.client import AgentClient, Lease
+from keysteward.agent.client import Lease
 from keysteward.agent.config import VolumeEntry
 from keysteward.agent.unlock import Unlocked, unlock
 from keysteward.crypto.secret import disable_core_dumps
@@ -278,7 +278,7 @@ class Agent:
         assert v.unlocked is not None
         lease = v.unlocked.lease
         try:
-            with AgentClient(v.unlocked.url, ca_file=v.entry.options.ca_file, timeout=v.entry.options.timeout) as c:
+            with v.entry.options.client(v.unlocked.url) as c:
                 renewal = c.renew(lease)
         except NotFound as exc:  # lease_not_found: the key manager no longer knows this lease
             self._lock(v, exc.code, action="lease_lost")
@@ -344,7 +344,7 @@ class Agent:
         if unlocked is None:
             return
         try:
-            with AgentClient(unlocked.url, ca_file=v.entry.options.ca_file, timeout=5.0) as client:
+            with v.entry.options.client(unlocked.url, timeout=5.0) as client:
                 client.end(unlocked.lease)
         except KeystewardError as exc:
             log.warning(logline("end_failed", volume=v.name, lease=unlocked.lease.id, code=exc.code))

@@ -35,8 +35,9 @@ class KmsVolumeSpec:
 
     url: str
     key: str
-    provider: str
-    account: str
+    provider: str | None = None
+    account: str | None = None
+    host: str | None = None
     name: str | None = None
     instance_id: str | None = None
     image_id: str | None = None
@@ -47,8 +48,8 @@ class KmsVolumeSpec:
     suite: str = X25519
 
     def request(self, default_name: str) -> dict[str, Any]:
-        binding = {"provider": self.provider, "account": self.account}
-        binding |= {k: v for k, v in (("instance_id", self.instance_id), ("image_id", self.image_id)) if v}
+        fields = ("provider", "account", "instance_id", "image_id", "host")
+        binding = {k: getattr(self, k) for k in fields if getattr(self, k)}
         body: dict[str, Any] = {"name": self.name or default_name, "key": self.key, "labels": dict(self.labels),
                                 "binding": binding}  # fmt: skip
         for name in ("lease_seconds", "renew_seconds", "grace_seconds"):
@@ -130,7 +131,7 @@ def kms_passphrase(path: str, options: UnlockOptions) -> Iterator[bytearray]:
     names; wiped on exit, and the lease ended."""
     token = read_token(path)
     url = token.ref.with_url(options.kms_url).url
-    with AgentClient(url, ca_file=options.ca_file, timeout=options.timeout) as client:
+    with options.client(url) as client:
         released = release_for(token, options, client=client)
         secret = bytearray(released.secret.view())
         released.secret.wipe()

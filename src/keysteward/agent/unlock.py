@@ -31,7 +31,8 @@ from keysteward.volume.kms_token import KmsToken, read_token, verify_secret
 from keysteward.volume.luks_volume import LuksVolume
 
 DM_CONTROL = "/dev/mapper/control"
-IDENTITY_KINDS = ("aws-iid", "gcp-jwt")
+IDENTITY_KINDS = ("aws-iid", "gcp-jwt", "host")
+"""``host``: a machine of the tenant (the NBD proxy) proves itself by its client certificate alone."""
 DEFAULT_METADATA = {"aws-iid": "http://169.254.169.254", "gcp-jwt": "http://metadata.google.internal"}
 CRYPTSETUP_FAILED = "cryptsetup_failed"
 PENDING = "release_pending"
@@ -56,11 +57,19 @@ class UnlockOptions:
     writable: bool = False
     """Userspace mode: hold the volume's write lock (for a data path that writes)."""
     cryptsetup: str = "cryptsetup"
+    client_cert: tuple[str, str] | None = None
+    """``(certificate, key)`` PEM files for mTLS; required for the ``host`` identity."""
 
     def __post_init__(self) -> None:
         if self.identity not in IDENTITY_KINDS:
             raise KeystewardError(f"identity {self.identity!r} is not one of {', '.join(IDENTITY_KINDS)}",
                                   code="agent_option")  # fmt: skip
+        if self.identity == "host" and self.client_cert is None:
+            raise KeystewardError("the host identity needs a client certificate", code="agent_option")
+
+    def client(self, url: str, *, timeout: float | None = None) -> AgentClient:
+        """A client of the key manager at ``url`` with this instance's TLS settings."""
+        return AgentClient(url, ca_file=self.ca_file, timeout=timeout or self.timeout, client_cert=self.client_cert)
 
     def metadata(self) -> str:
         return self.metadata_url or os.environ.get("KEYSTEWARD_METADATA_URL") or DEFAULT_METADATA[self.identity]
@@ -69,6 +78,8 @@ class UnlockOptions:
         """The evidence function of :meth:`AgentClient.release`: this instance's identity document."""
         from keysteward.agent.evidence import collect_identity  # the metadata client, only when releasing
 
+        if self.identity == "host":
+            return lambda bound: {}  # the client certificate is the evidence
         url, kind, audience, timeout = self.metadata(), self.identity, self.audience, self.timeout
         return lambda bound: collect_identity(url, kind, bound, audience=audience, timeout=timeout)
 
@@ -190,7 +201,7 @@ def release_for(
     """Release the secret of the volume ``token`` names (``options.kms_url`` overrides its URL)."""
     ref = token.ref.with_url(options.kms_url)
     own = client is None
-    client = client or AgentClient(ref.url, ca_file=options.ca_file, timeout=options.timeout)
+    client = client or options.client(ref.url)
     try:
         deadline = time.monotonic() + wait_pending
         evidence = options.evidence()
@@ -213,7 +224,7 @@ def unlock(path: str, options: UnlockOptions, *, client: AgentClient | None = No
     token = read_token(path)
     url = token.ref.with_url(options.kms_url).url
     own = client is None
-    client = client or AgentClient(url, ca_file=options.ca_file, timeout=options.timeout)
+    client = client or options.client(url)
     try:
         released = release_for(token, options, client=client)
         try:

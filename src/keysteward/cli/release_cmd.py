@@ -11,7 +11,9 @@ from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, table
 
 provider_app = typer.Typer(help="Clouds whose signed instance identities this tenant trusts.", no_args_is_help=True)
-instance_app = typer.Typer(help="Instances (provider/account/instance-id): revoke one.", no_args_is_help=True)
+instance_app = typer.Typer(
+    help="Instances (provider/account/instance-id) and hosts (host:NAME): revoke one.", no_args_is_help=True
+)
 lease_app = typer.Typer(help="Leases: which instance holds which volume's key until when.", no_args_is_help=True)
 
 
@@ -54,17 +56,23 @@ def provider_remove(ctx: typer.Context, name: str) -> None:
 @instance_app.command("revoke")
 def instance_revoke(
     ctx: typer.Context,
-    instance: Annotated[str, typer.Argument(help="provider/account/instance-id, as leases and the audit log show it.")],
+    instance: Annotated[
+        str, typer.Argument(help="provider/account/instance-id or host:NAME, as leases and the audit log show it.")
+    ],
     shred: Annotated[
         bool, typer.Option(help="Also make its agent remove the keysteward keyslot from its volumes.")
     ] = False,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
 ) -> None:
     """The instance's next renewal answers revoked (or shred); no release goes to it any more."""
+    body: dict[str, object] = {"shred": shred, "reason": reason}
     parts = instance.split("/")
-    if len(parts) != 3 or not all(parts):
-        raise typer.BadParameter("name the instance as provider/account/instance-id")
-    body = {"provider": parts[0], "account": parts[1], "instance_id": parts[2], "shred": shred, "reason": reason}
+    if instance.startswith("host:"):
+        body["host"] = instance.removeprefix("host:")
+    elif len(parts) == 3 and all(parts):
+        body.update(provider=parts[0], account=parts[1], instance_id=parts[2])
+    else:
+        raise typer.BadParameter("name the instance as provider/account/instance-id, or a host as host:NAME")
     client(ctx).post("/instances/revoke", body)
     console.print(f"instance {instance} revoked" + (" (shred)" if shred else ""))
 

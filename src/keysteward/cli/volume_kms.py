@@ -42,6 +42,7 @@ CREATE_OPTS = (
     Opt("--bind-account", metavar="ACCOUNT", help="--kms: only instances of this account."),
     Opt("--bind-instance", metavar="ID", help="--kms: only this instance."),
     Opt("--bind-image", metavar="ID", help="--kms: only instances of this image."),
+    Opt("--bind-host", metavar="NAME", help="--kms: only this host of the tenant (the NBD proxy), by its certificate."),
     Opt("--tag", "multi", "--kms: a label k=v recorded in the key manager (repeatable).", metavar="K=V"),
     Opt("--lease-seconds", "int", "--kms: lease length (default 30)."),
     Opt("--renew-seconds", "int", "--kms: renewal interval (default 10)."),
@@ -92,13 +93,16 @@ def _labels(tags: list[str]) -> dict[str, str]:
 def create_bound(args: Args, options: Any, break_glass: bytearray | None, kdf: Any) -> dict[str, Any]:
     from keysteward.agent.kms_volume import KmsVolumeSpec, create_kms_volume
 
-    missing = [o for o in ("key", "provider", "bind_account", "token") if not args.get(o)]
+    needed = ("key", "token") if args.get("bind_host") else ("key", "provider", "bind_account", "token")
+    missing = [o for o in needed if not args.get(o)]
     if missing:
         names = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise option_error(f"a volume bound to the key manager needs {names} (a token may be in KEYSTEWARD_TOKEN)")
+    if args.get("bind_host") and any(args.get(o) for o in ("provider", "bind_account", "bind_instance", "bind_image")):
+        raise option_error("--bind-host binds the volume to a host: it takes no --provider or --bind-* of instances")
     spec = KmsVolumeSpec(
         url=args["kms"], key=args["key"], provider=args["provider"], account=args["bind_account"],
-        name=args["name"], instance_id=args["bind_instance"], image_id=args["bind_image"],
+        host=args["bind_host"], name=args["name"], instance_id=args["bind_instance"], image_id=args["bind_image"],
         labels=_labels(args["tag"]), lease_seconds=args["lease_seconds"], renew_seconds=args["renew_seconds"],
         grace_seconds=args["grace_seconds"],
     )  # fmt: skip

@@ -35,39 +35,68 @@ CACHE_SECONDS = 1.0  # how long another server's revocation may take to reach th
 
 
 @dataclass(frozen=True)
-class Binding:
-    """Until the policy issue: who may receive a volume's key (provider and account always; instance, image if set)."""
+class HostIdentity:
+    """A machine of the tenant (a hypervisor host, the NBD proxy) proven by its mTLS client certificate."""
 
-    provider: str
-    account: str
+    tenant: str
+    name: str
+
+    def key(self) -> str:
+        """``host:NAME``: the holder of the host's leases, never equal to an instance's key."""
+        return f"host:{self.name}"
+
+    def claims(self) -> dict[str, str]:
+        return {"host": self.name}
+
+
+Caller = InstanceIdentity | HostIdentity
+_BINDING_FIELDS = ("provider", "account", "instance_id", "image_id", "host")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Who may receive a volume's key by the built-in rule: instances of a provider and account (one
+    instance, one image if set), or one host of the tenant. A tenant's Cedar policies may say more."""
+
+    provider: str | None = None
+    account: str | None = None
     instance_id: str | None = None
     image_id: str | None = None
+    host: str | None = None
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Binding:
-        unknown = set(raw) - {"provider", "account", "instance_id", "image_id"}
+        unknown = set(raw) - set(_BINDING_FIELDS)
         if unknown:
             raise BadRequest(f"unknown binding field(s): {', '.join(sorted(unknown))[:200]}", code="bad_binding")
         values: dict[str, str | None] = {}
-        for name in ("provider", "account", "instance_id", "image_id"):
+        for name in _BINDING_FIELDS:
             value = raw.get(name)
             if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128):
                 raise BadRequest(f"binding.{name} must be a string of 1-128 characters", code="bad_binding")
             values[name] = value
-        if not values["provider"] or not values["account"]:
-            raise BadRequest("a binding needs at least 'provider' and 'account'", code="bad_binding")
-        return cls(str(values["provider"]), str(values["account"]), values["instance_id"], values["image_id"])
+        if values["host"] is not None:
+            if any(values[n] is not None for n in _BINDING_FIELDS[:4]):
+                raise BadRequest("a binding names either a host or instances, not both", code="bad_binding")
+            check_name("host", values["host"])
+        elif not values["provider"] or not values["account"]:
+            raise BadRequest("a binding needs 'provider' and 'account', or 'host'", code="bad_binding")
+        return cls(**values)
 
     def as_dict(self) -> dict[str, str]:
         return {k: v for k, v in vars(self).items() if v is not None}
 
-    def mismatch(self, identity: InstanceIdentity) -> str | None:
-        """The first bound attribute the identity does not have, or None when it matches."""
+    def mismatch(self, caller: Caller) -> str | None:
+        """The first bound attribute the caller does not have, or None when it matches."""
+        if isinstance(caller, HostIdentity):
+            return None if self.host == caller.name else "host"
+        if self.host is not None:
+            return "host"
         for name, want, have in (
-            ("provider", self.provider, identity.provider),
-            ("account", self.account, identity.account),
-            ("instance_id", self.instance_id, identity.instance_id),
-            ("image_id", self.image_id, identity.image_id),
+            ("provider", self.provider, caller.provider),
+            ("account", self.account, caller.account),
+            ("instance_id", self.instance_id, caller.instance_id),
+            ("image_id", self.image_id, caller.image_id),
         ):
             if want is not None and want != have:
                 return name
@@ -359,8 +388,8 @@ class Registry:
 
     # -- instances ------------------------------------------------------------------------------
     def revoke_instance(self, actor: Principal, holder: str, *, shred: bool, reason: str) -> None:
-        if not 0 < len(holder) <= 256 or holder.count("/") < 2:
-            raise BadRequest("an instance is named provider/account/instance_id", code="bad_instance")
+        if not 0 < len(holder) <= 256 or (holder.count("/") < 2 and not holder.startswith("host:")):
+            raise BadRequest("an instance is named provider/account/instance_id, a host host:NAME", code="bad_instance")
         with self.db.write() as conn:
             conn.execute(
                 delete(RevokedInstance).where(
@@ -381,7 +410,7 @@ class Registry:
                 actor.tenant_id,
                 actor=actor.describe(),
                 action="instance.revoke",
-                target=f"instance:{holder}",
+                target=holder if holder.startswith("host:") else f"instance:{holder}",
                 details={"shred": shred, "reason": reason[:500]},
             )
 

@@ -40,7 +40,7 @@ from keysteward.keys.keystore import KeyStore
 from keysteward.release import leases
 from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces, decode
-from keysteward.release.registry import ACTIVE, DESTROYED, SHRED, Registry, VolumeInfo
+from keysteward.release.registry import ACTIVE, DESTROYED, SHRED, Caller, HostIdentity, Registry, VolumeInfo
 from keysteward.settings import ReleaseSettings
 from keysteward.store.db import for_update
 from keysteward.store.models import Lease, Volume
@@ -50,6 +50,11 @@ PROTOCOL = "keysteward-release/1"
 MAGIC = b"KSR1"
 TOKEN_SIZE = 32
 SWEEP_SECONDS = 60.0
+
+
+def actor_of(holder: str) -> str:
+    """The audit actor of a lease holder: ``host:NAME`` as it is, ``instance:provider/account/id``."""
+    return holder if holder.startswith("host:") else f"instance:{holder}"
 
 
 def seal_info(tenant: str, volume_id: str, lease_id: str) -> bytes:
@@ -77,6 +82,9 @@ class ReleaseRequest:
     public_key: bytes
     evidence: Mapping[str, Any]
     source: str = ""
+    host: str | None = None
+    """Set by the front-end when the caller proved itself with a ``host`` client certificate of ``tenant``;
+    the certificate is then the identity evidence (the platform evidence still counts)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -184,7 +192,7 @@ class ReleaseService:
 
     def _verify(
         self, tenant_id: str, request: ReleaseRequest, now: datetime
-    ) -> tuple[bytes, datetime, tuple[VolumeInfo, str, bytes | None], InstanceIdentity]:
+    ) -> tuple[bytes, datetime, tuple[VolumeInfo, str, bytes | None], Caller]:
         """Steps 1-2; a refusal raises :class:`_Refused` carrying the step that audits it."""
         spent: tuple[bytes, datetime] | None = None
         try:
@@ -196,20 +204,31 @@ class ReleaseService:
                 volume = self.registry.for_release(tenant_id, request.volume_id)
             except NotFound:
                 raise Denied("no such volume in this tenant", code="volume_not_found") from None
-            try:
-                identity = verify_identity(
-                    request.evidence.get("identity") or {},
-                    self.registry.trusts(tenant_id),
-                    binding=binding(raw, request.public_key),
-                    now=now,
-                    audience=self.settings.audience,
-                )
-            except EvidenceRejected as exc:
-                raise Denied(exc.message, code=exc.code) from None
+            identity: Caller
+            if request.host is not None:
+                if request.evidence.get("identity"):
+                    raise Denied("a host proves itself by its certificate: send no identity document",
+                                 code="evidence_invalid")  # fmt: skip
+                identity = HostIdentity(request.tenant, request.host)
+            else:
+                identity = self._identity(tenant_id, request, raw, now)
         except (Denied, hpke.HpkeError) as exc:
             step = self._refusal(tenant_id, request.volume_id, exc, spent, source=request.source[:64])
             raise _Refused(step) from None
         return raw, expires, volume, identity
+
+    def _identity(self, tenant_id: str, request: ReleaseRequest, raw: bytes, now: datetime) -> InstanceIdentity:
+        """Step 2 for instances: the provider-signed identity document, bound to this request."""
+        try:
+            return verify_identity(
+                request.evidence.get("identity") or {},
+                self.registry.trusts(tenant_id),
+                binding=binding(raw, request.public_key),
+                now=now,
+                audience=self.settings.audience,
+            )
+        except EvidenceRejected as exc:
+            raise Denied(exc.message, code=exc.code) from None
 
     def decide(self, request: ReleaseRequest) -> Released:
         """The decision for one release request: :class:`Released`, or :class:`Denied` raised (and audited)."""
@@ -332,7 +351,7 @@ class ReleaseService:
             except Denied as exc:
                 verdict.denied = exc
                 return {
-                    "actor": f"instance:{holder}",
+                    "actor": actor_of(holder),
                     "action": "volume.release",
                     "target": f"volume:{volume.id}",
                     "outcome": "denied",
@@ -341,7 +360,7 @@ class ReleaseService:
                 }
             details.update(decision="released", lease=lease_id, key_version=volume.key_version, suite=request.suite)
             return {
-                "actor": f"instance:{holder}",
+                "actor": actor_of(holder),
                 "action": "volume.release",
                 "target": f"volume:{volume.id}",
                 "details": details,
@@ -401,7 +420,7 @@ class ReleaseService:
             if action == row.state:
                 return {}  # delivered before: the record exists
             return {
-                "actor": f"instance:{row.holder}",
+                "actor": actor_of(row.holder),
                 "action": "lease.renew",
                 "target": f"volume:{row.volume_id}",
                 "details": {"lease": row.id, "answer": action},
@@ -420,7 +439,7 @@ class ReleaseService:
                 return {}
             leases.set_state(conn, row.id, leases.ENDED, datetime.now(UTC))
             return {
-                "actor": f"instance:{row.holder}",
+                "actor": actor_of(row.holder),
                 "action": "lease.end",
                 "target": f"volume:{row.volume_id}",
                 "details": {"lease": row.id},

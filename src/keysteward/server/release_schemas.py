@@ -65,10 +65,13 @@ class RenewOut(Strict):
 
 
 class BindingIn(Strict):
-    provider: Name
-    account: Annotated[str, Field(min_length=1, max_length=128)]
+    """Instances of ``provider`` and ``account`` (one instance, one image if set), or one ``host``."""
+
+    provider: Name | None = None
+    account: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     instance_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     image_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    host: Name | None = None
 
 
 class VolumeCreate(Strict):
@@ -114,9 +117,12 @@ class DestroyIn(Strict):
 
 
 class InstanceRevokeIn(Strict):
-    provider: Name
-    account: Annotated[str, Field(min_length=1, max_length=128)]
-    instance_id: Annotated[str, Field(min_length=1, max_length=128)]
+    """An instance (``provider``, ``account``, ``instance_id``) or a ``host`` of the tenant."""
+
+    provider: Name | None = None
+    account: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    instance_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    host: Name | None = None
     shred: bool = False
     reason: Annotated[str, Field(max_length=500)] = ""
 

@@ -1,7 +1,8 @@
 """The key release protocol's front-end (docs/release-protocol.md): challenge, release, renew, end.
 
-These routes take no API token: the evidence in the request is the credential, and every decision is
-made by :class:`keysteward.release.service.ReleaseService`. They translate JSON to a
+These routes take no API token: the evidence in the request is the credential (for a ``host`` of the
+tenant, such as the NBD proxy, its mTLS client certificate), and every decision is made by
+:class:`keysteward.release.service.ReleaseService`. They translate JSON to a
 ``ReleaseRequest`` and the decision back; they never see the key unsealed.
 """
 
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Path, Request
 
 from keysteward.crypto.hpke import SUITES
+from keysteward.errors import Denied
 from keysteward.release.service import PROTOCOL, ReleaseRequest
 from keysteward.server.deps import services
 from keysteward.server.release_schemas import (
@@ -23,6 +26,7 @@ from keysteward.server.release_schemas import (
     RenewOut,
 )
 from keysteward.server.schemas import b64, unb64
+from keysteward.server.tls import client_cert_der
 
 router = APIRouter(tags=["release"])
 LeaseId = Annotated[str, Path(max_length=64)]
@@ -45,6 +49,7 @@ async def release(body: ReleaseIn, request: Request) -> ReleasedOut:
             public_key=unb64(body.public_key),
             evidence=body.evidence.model_dump(),
             source=request.client.host if request.client else "",
+            host=await _host(request, body.tenant),
         )
     )
     return ReleasedOut(
@@ -59,6 +64,23 @@ async def release(body: ReleaseIn, request: Request) -> ReleasedOut:
             grace_seconds=decided.grace_seconds,
         ),
     )
+
+
+async def _host(request: Request, tenant: str) -> str | None:
+    """The name of the tenant's host that presented its client certificate, or None (an instance, which
+    proves itself by its evidence; an agent's certificate adds nothing to that)."""
+    der = client_cert_der(request)
+    if not der:
+        return None
+    cas = services(request).cas
+    who = cas.seen(der)
+    if who is None:
+        who = await anyio.to_thread.run_sync(cas.authenticate, der)
+    if who.role != "host":
+        return None
+    if who.tenant != tenant:
+        raise Denied("a host releases only its own tenant's volumes", code="tenant_mismatch")
+    return who.name
 
 
 @router.post("/leases/{lease_id}/renew")

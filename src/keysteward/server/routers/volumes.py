@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from keysteward.attest.providers import ProviderTrust, describe_certificate
 from keysteward.crypto import hpke
 from keysteward.crypto.secret import wipe_bytearray
+from keysteward.errors import BadRequest
 from keysteward.identity.principal import Permission, Principal
 from keysteward.release import leases
 from keysteward.release.registry import Binding, VolumeInfo, VolumeSpec
@@ -98,7 +99,12 @@ def destroy_volume(ref: Ref, body: DestroyIn, request: Request, who: Manage) -> 
 
 @router.post("/instances/revoke", status_code=204)
 def revoke_instance(body: InstanceRevokeIn, request: Request, who: Revoke) -> None:
-    holder = f"{body.provider}/{body.account}/{body.instance_id}"
+    if body.host is not None and not (body.provider or body.account or body.instance_id):
+        holder = f"host:{body.host}"
+    elif body.host is None and body.provider and body.account and body.instance_id:
+        holder = f"{body.provider}/{body.account}/{body.instance_id}"
+    else:
+        raise BadRequest("name either a host, or an instance by provider, account and instance_id", code="bad_instance")
     services(request).registry.revoke_instance(who, holder, shred=body.shred, reason=body.reason)
 
 
