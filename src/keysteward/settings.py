@@ -64,6 +64,11 @@ class ReleaseSettings:
     alert_webhook_timeout: float = 5.0
     default_lease_seconds: int = 30
     default_renew_seconds: int = 10
+    approval_ttl_seconds: float = 900.0  # a release waiting for approval expires after this
+    approval_poll_seconds: float = 5.0  # what a pending answer tells the agent to wait before asking again
+    tpm_ek_roots: str = ""  # PEM file: TPM manufacturer roots an EK certificate must chain to for enrollment
+    snp_roots: str = ""  # PEM file: ARKs trusted besides AMD's built-in ones (test chains, never by default)
+    snp_cert_cache: str = ""  # directory of VCEK/ASK certificates put there by the operator (nothing is fetched)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -112,7 +112,10 @@ class World:
         nonce: str | None = None,
         evidence: dict[str, Any] | None = None,
         tenant: str | None = None,
+        platform: Callable[[bytes], dict[str, Any]] | None = None,
+        **extra: Any,
     ) -> tuple[Any, OneTimeKey]:
+        """``platform(binding)`` adds platform evidence (``tpm``, ``snp``) bound to this request."""
         otk = OneTimeKey.generate(suite)
         nonce = nonce or self.challenge()
         body = {
@@ -122,7 +125,11 @@ class World:
             "suite": suite,
             "public_key": b64(otk.public_bytes),
             "evidence": {"identity": evidence or self.evidence(instance, nonce, otk.public_bytes, kind)},
+            **extra,
         }
+        if platform is not None:
+            raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
+            body["evidence"].update(platform(binding(raw, otk.public_bytes)))
         return self.m.client.post("/v1/release", json=body), otk
 
     def released(self, instance: Instance, volume_id: str, **kw: Any) -> tuple[bytes, str, bytes]:

@@ -110,7 +110,7 @@ def test_every_verb_keeps_its_options() -> None:
     expected = {
         "create": {"--size", "--passphrase-file", "--sector-size", "--key-size", "--kdf", "--label", "--luks1",
                    "--force", "--pbkdf-iterations", "--pbkdf-memory", "--pbkdf-parallel", "--json", "--kms", "--key",
-                   "--name", "--provider", "--bind-account", "--bind-instance", "--bind-image", "--tag",
+                   "--name", "--provider", "--bind-account", "--bind-instance", "--bind-image", "--bind-host", "--tag",
                    "--lease-seconds", "--renew-seconds", "--grace-seconds", "--token", "--ca-file"},
         "dump": {"--json"},
         "check": {"--passphrase-file", "--json", *release},

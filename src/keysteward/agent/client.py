@@ -256,6 +256,10 @@ class AgentClient:
 
     # -- transport ---------------------------------------------------------------------------------
 
+    def post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST ``body`` to ``/v1`` + ``path``: the status and the JSON answer; errors raised as in the protocol."""
+        return self._post(path, body)
+
     def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         try:
             response = self._http.post(path, json=dict(body))
@@ -305,10 +309,12 @@ class AgentClient:
         if suite not in challenge.suites or suite not in SUITES:
             raise BadRequest(f"the key manager does not offer HPKE suite {suite!r}", code="hpke_invalid")
         one_time = OneTimeKey.generate(suite)
-        identity = dict(evidence(binding(challenge.nonce_bytes, one_time.public_bytes)))
+        given = dict(evidence(binding(challenge.nonce_bytes, one_time.public_bytes)))
+        # the whole evidence object ({"identity", "tpm", "snp"}), or just the identity document
+        bundle = given if "identity" in given else {"identity": given}
         request = {
             "protocol": PROTOCOL, "tenant": tenant, "volume_id": volume_id, "nonce": challenge.nonce, "suite": suite,
-            "public_key": base64.b64encode(one_time.public_bytes).decode(), "evidence": {"identity": identity},
+            "public_key": base64.b64encode(one_time.public_bytes).decode(), "evidence": bundle,
         }  # fmt: skip
         status, body = self._post("/release", request)
         if status == 202 or body.get("status") == "pending":

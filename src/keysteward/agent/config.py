@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from keysteward.agent.unlock import IDENTITY_KINDS, UnlockOptions
+from keysteward.agent.unlock import IDENTITY_KINDS, UnlockOptions, parse_pcrs
 from keysteward.crypto.hpke import SUITES
-from keysteward.errors import BadRequest
+from keysteward.errors import BadRequest, KeystewardError
 
 CONFIG_INVALID = "agent_config"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -89,6 +89,18 @@ def _options(text: str, source: str, line: int) -> tuple[UnlockOptions, float | 
             fields["mode"] = value
         elif key == "timeout":
             fields["timeout"] = max(0.5, _seconds(value, source, line, "timeout"))
+        elif key == "tpm":
+            fields["tpm"] = value
+        elif key == "tpm-pcrs":
+            try:
+                parse_pcrs(value)
+            except KeystewardError as exc:
+                raise _error(source, line, exc.message) from None
+            fields["tpm_pcrs"] = value
+        elif key == "snp":
+            fields["snp"] = value
+        elif key == "wait-approval":
+            fields["wait_approval"] = _seconds(value, source, line, "wait-approval")
         elif key == "grace":
             grace = None if value == "lease" else _seconds(value, source, line, "grace")
         else:

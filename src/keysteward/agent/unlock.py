@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from keysteward.agent.client import AgentClient, Evidence, Lease, Pending, Released
 from keysteward.crypto.hpke import X25519
@@ -59,6 +60,14 @@ class UnlockOptions:
     cryptsetup: str = "cryptsetup"
     client_cert: tuple[str, str] | None = None
     """``(certificate, key)`` PEM files for mTLS; required for the ``host`` identity."""
+    tpm: str | None = None
+    """TCTI of the TPM whose quote goes with each release (``device:/dev/tpmrm0``, ``swtpm:port=2321``)."""
+    tpm_pcrs: str = "sha256:0,7"
+    """The PCRs the quote covers: ``bank:i,j[+bank:k]``."""
+    snp: str | None = None
+    """Where SEV-SNP reports come from: ``/dev/sev-guest``, or ``file:DIR`` (a TEST stand-in)."""
+    wait_approval: float = 0.0
+    """How long a release waiting for approval is asked again before giving up (seconds)."""
 
     def __post_init__(self) -> None:
         if self.identity not in IDENTITY_KINDS:
@@ -78,10 +87,52 @@ class UnlockOptions:
         """The evidence function of :meth:`AgentClient.release`: this instance's identity document."""
         from keysteward.agent.evidence import collect_identity  # the metadata client, only when releasing
 
+        platform = self.platform_evidence()
         if self.identity == "host":
-            return lambda bound: {}  # the client certificate is the evidence
+            return lambda bound: {"identity": {}, **platform(bound)}  # the client certificate is the identity
         url, kind, audience, timeout = self.metadata(), self.identity, self.audience, self.timeout
-        return lambda bound: collect_identity(url, kind, bound, audience=audience, timeout=timeout)
+        return lambda bound: {
+            "identity": collect_identity(url, kind, bound, audience=audience, timeout=timeout),
+            **platform(bound),
+        }
+
+    def platform_evidence(self) -> Callable[[bytes], dict[str, Any]]:
+        """The TPM quote and SEV-SNP report for one release binding (nothing when neither is configured).
+
+        A configured source that cannot answer fails the release at once with its reason, before the key
+        manager is asked: a policy that needs the evidence would refuse it anyway.
+        """
+        pcrs = parse_pcrs(self.tpm_pcrs)
+        tpm, snp = self.tpm, self.snp
+
+        def collect(bound: bytes) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if tpm is not None:
+                from keysteward.agent.tpm import TpmDevice
+
+                out["tpm"] = TpmDevice(tpm, timeout=self.timeout).quote(bound, pcrs)
+            if snp is not None:
+                from keysteward.agent.snp import collect_snp, snp_source
+
+                out["snp"] = collect_snp(snp_source(snp), bound)
+            return out
+
+        return collect
+
+
+def parse_pcrs(text: str) -> dict[str, list[int]]:
+    """``sha256:0,7+sha1:7`` as ``{"sha256": [0, 7], "sha1": [7]}``; bad text raises KeystewardError."""
+    out: dict[str, list[int]] = {}
+    for part in text.split("+"):
+        bank, sep, indexes = part.partition(":")
+        try:
+            values = sorted({int(i) for i in indexes.split(",")})
+        except ValueError:
+            values = []
+        if not sep or bank not in ("sha1", "sha256", "sha384") or not values or not all(0 <= i < 24 for i in values):
+            raise KeystewardError(f"PCR selection {text[:60]!r} is not like sha256:0,7", code="agent_option")
+        out[bank] = values
+    return out
 
 
 # -- device-mapper hand-off ----------------------------------------------------------------------
@@ -195,15 +246,21 @@ class Unlocked:
         }  # fmt: skip
 
 
+def progress(line: str) -> None:
+    """One progress line on stderr, for the operator watching a boot or a command."""
+    sys.stderr.write(f"keysteward: {line}\n")
+    sys.stderr.flush()
+
+
 def release_for(
-    token: KmsToken, options: UnlockOptions, *, client: AgentClient | None = None, wait_pending: float = 0.0
+    token: KmsToken, options: UnlockOptions, *, client: AgentClient | None = None, wait_pending: float | None = None
 ) -> Released:
     """Release the secret of the volume ``token`` names (``options.kms_url`` overrides its URL)."""
     ref = token.ref.with_url(options.kms_url)
     own = client is None
     client = client or options.client(ref.url)
     try:
-        deadline = time.monotonic() + wait_pending
+        deadline = time.monotonic() + (options.wait_approval if wait_pending is None else wait_pending)
         evidence = options.evidence()
         while True:
             result = client.release(ref.tenant, ref.volume_id, evidence, suite=options.suite)
@@ -212,6 +269,8 @@ def release_for(
             if time.monotonic() + result.poll_after_seconds > deadline:
                 message = f"the release of volume {ref.volume_id} waits for approval (request {result.request_id})"
                 raise Conflict(message, code=PENDING)
+            progress(f"waiting for approval of request {result.request_id} (volume {ref.volume_id}): "
+                     f"{max(0, int(deadline - time.monotonic()))} s left")  # fmt: skip
             time.sleep(result.poll_after_seconds)
     finally:
         if own:

@@ -25,7 +25,7 @@ from keysteward.errors import KeystewardError
 
 GENESIS = "0" * 64
 SIGNING_CONTEXT = b"keysteward-audit-v1"
-OUTCOMES = ("ok", "denied", "error")
+OUTCOMES = ("ok", "denied", "error", "pending")
 
 
 class ChainBroken(KeystewardError):

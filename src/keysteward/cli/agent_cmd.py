@@ -44,6 +44,16 @@ CaOpt = Annotated[
 ]
 
 
+TpmOpt = Annotated[
+    str | None, typer.Option("--tpm", metavar="TCTI", help="Send a TPM quote (e.g. device:/dev/tpmrm0).")
+]
+PcrsOpt = Annotated[str, typer.Option("--tpm-pcrs", metavar="BANK:I,J", help="The PCRs the quote covers.")]
+SnpOpt = Annotated[str | None, typer.Option("--snp", metavar="SOURCE", help="Send an SEV-SNP report (/dev/sev-guest).")]
+WaitOpt = Annotated[
+    float, typer.Option("--wait-approval", metavar="SECONDS", help="Wait this long for a release held for approval.")
+]
+
+
 def _print(data: Any, as_json: bool, text: str) -> None:
     sys.stdout.write(json.dumps(data) + "\n" if as_json else text)
     sys.stdout.flush()
@@ -60,6 +70,10 @@ def unlock(
     suite: SuiteOpt = "x25519",
     ca_file: CaOpt = None,
     mode: Annotated[str, typer.Option("--mode", metavar="auto|dm|userspace", help="Hand-off.")] = "auto",
+    tpm: TpmOpt = None,
+    tpm_pcrs: PcrsOpt = "sha256:0,7",
+    snp: SnpOpt = None,
+    wait_approval: WaitOpt = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Release each volume's key and open it (one shot, for boot)."""
@@ -74,7 +88,8 @@ def unlock(
     disable_core_dumps()
     options = UnlockOptions(
         name=name, kms_url=kms, identity=identity, metadata_url=metadata, audience=audience, suite=suite,
-        ca_file=ca_file, mode=mode,  # type: ignore[arg-type]
+        ca_file=ca_file, mode=mode, tpm=tpm, tpm_pcrs=tpm_pcrs, snp=snp,  # type: ignore[arg-type]
+        wait_approval=wait_approval,
     )  # fmt: skip
     results: list[dict[str, Any]] = []
     failed = 0
@@ -147,3 +162,24 @@ def run(
     if not entries:
         raise KeystewardError(f"{config} lists no volumes", code="agent_config")
     run_agent(entries, os.path.abspath(status_file), config=os.path.abspath(config))
+
+
+@app.command("enroll-tpm")
+def enroll_tpm(
+    kms: Annotated[str, typer.Option("--kms", metavar="URL", help="Key manager URL.")],
+    tenant: Annotated[str, typer.Option("--tenant", help="The tenant this instance belongs to.")],
+    tpm: Annotated[str, typer.Option("--tpm", metavar="TCTI", help="The TPM (e.g. device:/dev/tpmrm0).")],
+    identity: IdentityOpt = "aws-iid",
+    metadata: MetadataOpt = None,
+    audience: AudienceOpt = None,
+    ca_file: CaOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Enroll this instance's TPM attestation key: the key manager checks it against the EK by
+    MakeCredential, the TPM recovers the credential, and its quotes count in release decisions from then on."""
+    from keysteward.agent.tpm_enroll import enroll
+    from keysteward.agent.unlock import UnlockOptions
+
+    options = UnlockOptions(identity=identity, metadata_url=metadata, audience=audience, ca_file=ca_file)
+    instance = enroll(kms, tenant, tpm, options)
+    _print({"instance": instance}, as_json, f"TPM attestation key enrolled for {instance}\n")

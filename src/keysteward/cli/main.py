@@ -69,6 +69,10 @@ def build_app() -> typer.Typer:
     app.add_typer(release_cmd.provider_app, name="provider")
     app.add_typer(release_cmd.instance_app, name="instance")
     app.add_typer(release_cmd.lease_app, name="lease")
+    from keysteward.cli import policy_cmd
+
+    app.add_typer(policy_cmd.policy_app, name="policy")
+    app.add_typer(policy_cmd.approvals_app, name="approvals")
     from keysteward.cli import agent_cmd
 
     app.add_typer(agent_cmd.app, name="agent")

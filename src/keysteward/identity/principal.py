@@ -37,6 +37,11 @@ class Permission(Enum):
     VOLUME_MANAGE = "volume.manage"
     VOLUME_READ = "volume.read"
     VOLUME_REVOKE = "volume.revoke"
+    POLICY_MANAGE = "policy.manage"
+    POLICY_READ = "policy.read"
+    APPROVAL_READ = "approval.read"
+    APPROVAL_DECIDE = "approval.decide"
+    ATTEST_MANAGE = "attest.manage"
 
 
 _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
@@ -52,6 +57,11 @@ _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
             Permission.VOLUME_MANAGE,
             Permission.VOLUME_READ,
             Permission.VOLUME_REVOKE,
+            Permission.POLICY_MANAGE,
+            Permission.POLICY_READ,
+            Permission.APPROVAL_READ,
+            Permission.APPROVAL_DECIDE,
+            Permission.ATTEST_MANAGE,
         }
     ),
     "security-officer": frozenset(
@@ -61,9 +71,21 @@ _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
             Permission.AUDIT_READ,
             Permission.VOLUME_READ,
             Permission.VOLUME_REVOKE,
+            Permission.POLICY_READ,
+            Permission.APPROVAL_READ,
+            Permission.APPROVAL_DECIDE,
         }
     ),
-    "auditor": frozenset({Permission.KEY_READ, Permission.CA_READ, Permission.AUDIT_READ, Permission.VOLUME_READ}),
+    "auditor": frozenset(
+        {
+            Permission.KEY_READ,
+            Permission.CA_READ,
+            Permission.AUDIT_READ,
+            Permission.VOLUME_READ,
+            Permission.POLICY_READ,
+            Permission.APPROVAL_READ,
+        }
+    ),
     "agent": frozenset({Permission.KEY_USE}),
     "host": frozenset({Permission.KEY_USE}),
 }

@@ -16,13 +16,14 @@ Renewals and lease ends run through here too, so revocation reaches running inst
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio.to_thread
@@ -37,9 +38,15 @@ from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
 from keysteward.identity.tenants import Tenants
 from keysteward.keys.keystore import KeyStore
+from keysteward.policy import approvals
+from keysteward.policy.engine import PolicyDecision
+from keysteward.policy.errors import PolicyRequestInvalid
+from keysteward.policy.store import PolicyStore
 from keysteward.release import leases
 from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces, decode
+from keysteward.release.platform import PlatformVerifier
+from keysteward.release.policy_facts import policy_denial, policy_request
 from keysteward.release.registry import ACTIVE, DESTROYED, SHRED, Caller, HostIdentity, Registry, VolumeInfo
 from keysteward.settings import ReleaseSettings
 from keysteward.store.db import for_update
@@ -82,6 +89,9 @@ class ReleaseRequest:
     public_key: bytes
     evidence: Mapping[str, Any]
     source: str = ""
+    on_behalf_of: str | None = None
+    """The human (name in the tenant) who asked for this release on the instance's behalf, if any: they
+    may not approve it."""
     host: str | None = None
     """Set by the front-end when the caller proved itself with a ``host`` client certificate of ``tenant``;
     the certificate is then the identity evidence (the platform evidence still counts)."""
@@ -107,6 +117,7 @@ class _Verdict:
 
     denied: Denied | None = None
     lease: leases.LeaseInfo | None = None
+    waiting: approvals.Waiting | None = None
     alert: dict[str, Any] = field(default_factory=dict)
 
 
@@ -140,7 +151,11 @@ class ReleaseService:
         nonces: Nonces,
         alerts: Alerts,
         settings: ReleaseSettings,
+        policies: PolicyStore,
+        platform: PlatformVerifier,
     ) -> None:
+        self.policies = policies
+        self.platform = platform
         self.tenants = tenants
         self.registry = registry
         self.keys = keys
@@ -192,8 +207,9 @@ class ReleaseService:
 
     def _verify(
         self, tenant_id: str, request: ReleaseRequest, now: datetime
-    ) -> tuple[bytes, datetime, tuple[VolumeInfo, str, bytes | None], Caller]:
-        """Steps 1-2; a refusal raises :class:`_Refused` carrying the step that audits it."""
+    ) -> tuple[bytes, datetime, tuple[VolumeInfo, str, bytes | None], Caller, dict[str, Any], dict[str, Any]]:
+        """Steps 1-2 (with the platform facts and their audit summary); a refusal raises :class:`_Refused`
+        carrying the step that audits it."""
         spent: tuple[bytes, datetime] | None = None
         try:
             raw = decode(request.nonce)
@@ -212,10 +228,16 @@ class ReleaseService:
                 identity = HostIdentity(request.tenant, request.host)
             else:
                 identity = self._identity(tenant_id, request, raw, now)
+            try:
+                platform, summary = self.platform.verify(
+                    tenant_id, identity.key(), request.evidence, binding=binding(raw, request.public_key), now=now
+                )
+            except EvidenceRejected as exc:
+                raise Denied(exc.message, code=exc.code) from None
         except (Denied, hpke.HpkeError) as exc:
             step = self._refusal(tenant_id, request.volume_id, exc, spent, source=request.source[:64])
             raise _Refused(step) from None
-        return raw, expires, volume, identity
+        return raw, expires, volume, identity, platform, summary
 
     def _identity(self, tenant_id: str, request: ReleaseRequest, raw: bytes, now: datetime) -> InstanceIdentity:
         """Step 2 for instances: the provider-signed identity document, bound to this request."""
@@ -230,8 +252,9 @@ class ReleaseService:
         except EvidenceRejected as exc:
             raise Denied(exc.message, code=exc.code) from None
 
-    def decide(self, request: ReleaseRequest) -> Released:
-        """The decision for one release request: :class:`Released`, or :class:`Denied` raised (and audited)."""
+    def decide(self, request: ReleaseRequest) -> Released | approvals.Waiting:
+        """The decision for one release request: :class:`Released`, :class:`~keysteward.policy.approvals.Waiting`
+        for approval, or :class:`Denied` raised (and audited)."""
         step = self._prepare(request)
         try:
             self.audit.commit(step.tenant_id, step.effect)
@@ -239,7 +262,7 @@ class ReleaseService:
             step.wipe()
         return self._finish(step)
 
-    async def decide_async(self, request: ReleaseRequest) -> Released:
+    async def decide_async(self, request: ReleaseRequest) -> Released | approvals.Waiting:
         """:meth:`decide` on the event loop: what is cached runs here, a database read goes to a thread."""
         if self._warm(request):
             step = self._prepare(request)
@@ -254,20 +277,24 @@ class ReleaseService:
     def _warm(self, request: ReleaseRequest) -> bool:
         """Whether preparing this request needs no database read (tenant, volume, providers, KEK cached)."""
         tenant_id = self.tenants.cached_id(request.tenant)
-        if tenant_id is None or not self.registry.trusts_cached(tenant_id):
+        if tenant_id is None or not self.registry.trusts_cached(tenant_id) or self.policies.cached(tenant_id) is None:
             return False
+        if request.evidence.get("tpm") is not None:
+            return False  # the enrolled AK may need a read
         cached = self.registry.cached_for_release(tenant_id, request.volume_id)
         if cached is None:
             return False
         volume, key_id, _ = cached
         return self.keys.is_warm(tenant_id, key_id=key_id, version=volume.key_version)
 
-    def _finish(self, step: _Step) -> Released:
+    def _finish(self, step: _Step) -> Released | approvals.Waiting:
         verdict = step.verdict
         if verdict.alert:
             self.alerts.send(verdict.alert)
         if verdict.denied is not None:
             raise verdict.denied
+        if verdict.waiting is not None:
+            return verdict.waiting
         assert verdict.lease is not None and step.released is not None
         return step.released(verdict.lease)
 
@@ -283,8 +310,16 @@ class ReleaseService:
             prepared = self._verify(tenant_id, request, now)
         except _Refused as refused:
             return refused.step
-        raw, expires, (volume, key_id, wrapped), identity = prepared
+        raw, expires, (volume, key_id, wrapped), identity, platform, summary = prepared
         holder = identity.key()
+        policy = self.policies.current(tenant_id)
+        try:
+            facts = policy_request(request, volume, identity, platform, now)
+            decision = policy.compiled.evaluate(facts)
+        except PolicyRequestInvalid as exc:
+            log.warning("release facts did not make a policy request: %s", exc.code)
+            decision = PolicyDecision("deny", (), None, (exc.message,), "policy_error")
+            facts = None
         lease_id, token = str(uuid.uuid4()), bytearray(os.urandom(TOKEN_SIZE))
         sealed = b""
         try:
@@ -311,15 +346,15 @@ class ReleaseService:
                     self.nonces.sweep(conn, now)
                 self.nonces.spend(conn, raw, expires)
                 self._check_volume(conn, tenant_id, volume.id, holder, secret is None)
-                # An instance of another account, image or provider is not bound: no clone of the holder.
-                # One that matches all but the instance id while another instance holds a live lease has
-                # the clone's signature (a copy of the disk booted as a new instance): alert.
-                mismatch = volume.binding.mismatch(identity)
-                if mismatch not in (None, "instance_id"):
-                    details["mismatch"] = mismatch
-                    raise Denied(f"the instance does not match the volume's binding ({mismatch})", code="not_bound")
+                details.update(policy_version=policy.version, policies=list(decision.policies))
+                if summary:
+                    details["platform"] = summary
+                # An instance the policy permits, or one matching a pinned binding in all but its instance
+                # id, while another instance holds a live lease has the clone's signature (a copy of the
+                # disk booted as a new instance): alert. Others are simply not permitted.
                 live = leases.live_holder(conn, volume.id, now)
-                if live is not None and live.holder != holder:
+                clone_like = decision.effect != "deny" or volume.binding.mismatch(identity) == "instance_id"
+                if live is not None and live.holder != holder and clone_like:
                     verdict.alert = {
                         "alert": "suspected_clone",
                         "tenant": request.tenant,
@@ -335,9 +370,40 @@ class ReleaseService:
                         f"volume '{volume.name}' is held by another instance under a live lease: suspected clone",
                         code="suspected_clone",
                     )
-                if mismatch is not None:
-                    details["mismatch"] = mismatch
-                    raise Denied(f"the instance does not match the volume's binding ({mismatch})", code="not_bound")
+                if decision.effect == "deny":
+                    details["request"] = json.dumps(facts.to_json() if facts else {}, sort_keys=True)
+                    raise policy_denial(policy, decision, volume, identity)
+                if decision.effect == "approval":
+                    assert decision.approval is not None and facts is not None
+                    outcome, found = approvals.settle(
+                        conn,
+                        tenant_id=tenant_id,
+                        volume_id=volume.id,
+                        holder=holder,
+                        approval=decision.approval,
+                        policy_version=policy.version,
+                        policies=decision.policies,
+                        facts=facts.to_json(),
+                        on_behalf_of=request.on_behalf_of,
+                        now=now,
+                        ttl=timedelta(seconds=self.settings.approval_ttl_seconds),
+                    )
+                    if isinstance(found, approvals.Waiting):
+                        verdict.waiting = found
+                        details.update(approval=found.request_id, request=json.dumps(facts.to_json(), sort_keys=True))
+                        return {
+                            "actor": actor_of(holder),
+                            "action": "volume.release",
+                            "target": f"volume:{volume.id}",
+                            "outcome": "pending",
+                            "reason": "approval_required",
+                            "details": details,
+                        }
+                    details["approval"] = found
+                    if outcome == "denied":
+                        raise Denied(
+                            f"an approver denied the release of volume '{volume.name}'", code="approval_denied"
+                        )
                 verdict.lease = leases.grant(
                     conn,
                     lease_id=lease_id,

@@ -18,7 +18,7 @@ from prometheus_client import (
 
 from keysteward import __version__
 from keysteward.server import problems
-from keysteward.server.routers import audit, ca, crypto, keys, release, system, tenants, volumes
+from keysteward.server.routers import attest, audit, ca, crypto, keys, policy, release, system, tenants, volumes
 from keysteward.server.services import Services
 
 Scope = MutableMapping[str, Any]
@@ -109,7 +109,7 @@ def create_app(svc: Services) -> FastAPI:
     )
     app.state.services = svc
     problems.install(app)
-    for module in (system, tenants, keys, crypto, ca, audit, release, volumes):
+    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest):
         app.include_router(module.router, prefix="/v1")
 
     registry = CollectorRegistry()

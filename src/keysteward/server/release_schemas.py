@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -27,6 +27,8 @@ class ChallengeOut(Strict):
 
 class Evidence(Strict):
     identity: Annotated[dict[Annotated[str, Field(max_length=32)], EvidenceField], Field(max_length=8)]
+    tpm: Annotated[dict[Annotated[str, Field(max_length=32)], Any], Field(max_length=8)] | None = None
+    snp: Annotated[dict[Annotated[str, Field(max_length=32)], EvidenceField], Field(max_length=8)] | None = None
 
 
 class ReleaseIn(Strict):
@@ -37,6 +39,15 @@ class ReleaseIn(Strict):
     suite: Suite = "x25519"
     public_key: B64
     evidence: Evidence
+    on_behalf_of: Name | None = None
+
+
+class PendingOut(Strict):
+    status: str = "pending"
+    request_id: str
+    expires_at: datetime
+    poll_after_seconds: float
+    approvers: list[dict[str, Any]]
 
 
 class LeaseOut(Strict):

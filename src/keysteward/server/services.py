@@ -11,10 +11,13 @@ from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
+from keysteward.policy.store import PolicyStore
 from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces
+from keysteward.release.platform import PlatformVerifier
 from keysteward.release.registry import Registry
 from keysteward.release.service import ReleaseService
+from keysteward.release.tpm_enrollment import TpmEnrollments
 from keysteward.settings import Settings
 from keysteward.store.db import Database
 
@@ -32,6 +35,8 @@ class Services:
     rewrapper: Rewrapper
     registry: Registry
     release: ReleaseService
+    policies: PolicyStore
+    tpm: TpmEnrollments
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -50,6 +55,8 @@ class Services:
         registry = Registry(db, keys, audit)
         alerts = Alerts(settings.release.alert_webhook_url, settings.release.alert_webhook_timeout)
         nonces = Nonces(root, settings.release.nonce_ttl_seconds)
+        policies = PolicyStore(db, audit)
+        platform = PlatformVerifier(db, settings.release)
         return cls(
             settings=settings,
             db=db,
@@ -61,7 +68,11 @@ class Services:
             cas=CertificateAuthorities(db, root, audit),
             rewrapper=Rewrapper(keys, settings.rewrap),
             registry=registry,
-            release=ReleaseService(tenants, registry, keys, audit, nonces, alerts, settings.release),
+            release=ReleaseService(
+                tenants, registry, keys, audit, nonces, alerts, settings.release, policies, platform
+            ),
+            policies=policies,
+            tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
         )
 
     def close(self) -> None:

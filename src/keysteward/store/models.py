@@ -221,3 +221,74 @@ class UsedNonce(Base):
     __tablename__ = "used_nonces"
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class PolicySet(Base):
+    """One version of a tenant's Cedar policy set; the highest version is the one in force."""
+
+    __tablename__ = "policy_sets"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sources: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApprovalRequest(Base):
+    """A release the policy holds for approval by people: pending until a quorum approves, one denies,
+    or it expires; an approved one is used by the requester's next release (or stands for a while)."""
+
+    __tablename__ = "approval_requests"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    volume_id: Mapped[str] = mapped_column(String(36))
+    holder: Mapped[str] = mapped_column(String(256))
+    on_behalf_of: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    groups: Mapped[str] = mapped_column(Text)
+    valid_for_seconds: Mapped[int] = mapped_column(Integer)
+    policy_version: Mapped[int] = mapped_column(Integer)
+    policies: Mapped[str] = mapped_column(Text, default="[]")
+    facts: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    grant_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (Index("ix_approval_requests_holder", "tenant_id", "volume_id", "holder"),)
+
+
+class ApprovalVote(Base):
+    __tablename__ = "approval_votes"
+    request_id: Mapped[str] = mapped_column(ForeignKey("approval_requests.id"), primary_key=True)
+    approver: Mapped[str] = mapped_column(String(256), primary_key=True)
+    decision: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TpmKey(Base):
+    """An instance's enrolled TPM attestation key (AK): proven to sit in the TPM of a trusted EK by
+    MakeCredential/ActivateCredential, or pinned by an admin."""
+
+    __tablename__ = "tpm_keys"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256), primary_key=True)
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    ak_name: Mapped[str] = mapped_column(String(132))
+    ek_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TpmEnrollment(Base):
+    """A MakeCredential challenge in flight: the AK is enrolled when the TPM returns the secret."""
+
+    __tablename__ = "tpm_enrollments"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    holder: Mapped[str] = mapped_column(String(256))
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    ek_digest: Mapped[str] = mapped_column(String(64))
+    secret_digest: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -12,15 +12,18 @@ from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse
 
 from keysteward.crypto.hpke import SUITES
 from keysteward.errors import Denied
+from keysteward.policy.approvals import Waiting
 from keysteward.release.service import PROTOCOL, ReleaseRequest
 from keysteward.server.deps import services
 from keysteward.server.release_schemas import (
     ChallengeOut,
     LeaseOut,
     LeaseToken,
+    PendingOut,
     ReleasedOut,
     ReleaseIn,
     RenewOut,
@@ -38,9 +41,17 @@ async def challenge(request: Request) -> ChallengeOut:
     return ChallengeOut(protocol=PROTOCOL, nonce=nonce, expires_at=expires_at, suites=list(SUITES))
 
 
-@router.post("/release", responses={403: {"description": "denied, with the reason in `code`"}})
-async def release(body: ReleaseIn, request: Request) -> ReleasedOut:
-    decided = await services(request).release.decide_async(
+@router.post(
+    "/release",
+    response_model=ReleasedOut,
+    responses={
+        202: {"model": PendingOut, "description": "waiting for approval: ask again (fresh evidence) later"},
+        403: {"description": "denied, with the reason in `code`"},
+    },
+)
+async def release(body: ReleaseIn, request: Request) -> ReleasedOut | JSONResponse:
+    svc = services(request)
+    decided = await svc.release.decide_async(
         ReleaseRequest(
             tenant=body.tenant,
             volume_id=body.volume_id,
@@ -50,8 +61,17 @@ async def release(body: ReleaseIn, request: Request) -> ReleasedOut:
             evidence=body.evidence.model_dump(),
             source=request.client.host if request.client else "",
             host=await _host(request, body.tenant),
+            on_behalf_of=body.on_behalf_of,
         )
     )
+    if isinstance(decided, Waiting):
+        pending = PendingOut(
+            request_id=decided.request_id,
+            expires_at=decided.expires_at,
+            poll_after_seconds=svc.settings.release.approval_poll_seconds,
+            approvers=[{"group": g, "quorum": q} for g, q in decided.groups],
+        )
+        return JSONResponse(pending.model_dump(mode="json"), status_code=202)
     return ReleasedOut(
         suite=decided.suite,
         sealed=b64(decided.sealed),

@@ -1,0 +1,225 @@
+"""Quorum approval of key releases, with separation of duties.
+
+A release the policy marks ``approval`` waits as a pending request (one per requester and volume at a
+time). Security officers approve or deny it, each with a reason:
+
+- the approvers come from the groups the policy names (a human's group is their role), ``quorum``
+  distinct ones per group, every group;
+- the human who asked on the instance's behalf, and anyone who changed the tenant's policy within the
+  last hour, may not approve; nobody votes twice;
+- a deny by any approver ends the request; pending requests expire (``ttl``);
+- an approval is for one request: the requester's next release uses it up. When the policy says how long
+  it lasts (``@approval_valid_for``), it stands for that long for that requester and volume.
+
+Every vote is audited by the caller's transaction (:class:`keysteward.audit.log.AuditLog`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import Connection, insert, select, update
+
+from keysteward.errors import Conflict, Forbidden, NotFound
+from keysteward.identity.principal import Principal
+from keysteward.policy.engine import Approval
+from keysteward.store.models import ApprovalRequest, ApprovalVote
+
+PENDING, APPROVED, DENIED, EXPIRED, USED = "pending", "approved", "denied", "expired", "used"
+APPROVE, DENY = "approve", "deny"
+MAX_REASON: Final = 500
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What a requester is told while its release waits."""
+
+    request_id: str
+    expires_at: datetime
+    groups: tuple[tuple[str, int], ...]
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _latest(conn: Connection, tenant_id: str, volume_id: str, holder: str) -> Any:
+    return (
+        conn.execute(
+            select(ApprovalRequest)
+            .where(
+                ApprovalRequest.tenant_id == tenant_id,
+                ApprovalRequest.volume_id == volume_id,
+                ApprovalRequest.holder == holder,
+            )
+            .order_by(ApprovalRequest.created_at.desc())
+            .limit(1)
+        )
+    ).first()
+
+
+def settle(
+    conn: Connection,
+    *,
+    tenant_id: str,
+    volume_id: str,
+    holder: str,
+    approval: Approval,
+    policy_version: int,
+    policies: tuple[str, ...],
+    facts: dict[str, Any],
+    on_behalf_of: str | None,
+    now: datetime,
+    ttl: timedelta,
+) -> tuple[str, Waiting | str]:
+    """What a release the policy holds for approval gets now:
+
+    ``("granted", request_id)`` (an approval to use: this release goes ahead and uses it up),
+    ``("denied", request_id)`` (an approver said no; until the request would have expired), or
+    ``("pending", Waiting)`` (a new or the existing pending request).
+    """
+    row = _latest(conn, tenant_id, volume_id, holder)
+    wanted = [list(g) for g in approval.groups]
+    if row is not None:
+        if row.state == APPROVED and json.loads(row.groups) == wanted:
+            if row.grant_until is None:
+                conn.execute(update(ApprovalRequest).where(ApprovalRequest.id == row.id).values(state=USED))
+                return "granted", row.id
+            if _aware(row.grant_until) > now:
+                return "granted", row.id  # a standing grant, as long as the policy said
+        elif row.state == DENIED and _aware(row.expires_at) > now:
+            return "denied", row.id
+        elif row.state == PENDING and _aware(row.expires_at) > now and json.loads(row.groups) == wanted:
+            return "pending", Waiting(row.id, _aware(row.expires_at), approval.groups)
+        elif row.state == PENDING:
+            conn.execute(update(ApprovalRequest).where(ApprovalRequest.id == row.id).values(state=EXPIRED))
+    request_id = str(uuid.uuid4())
+    conn.execute(
+        insert(ApprovalRequest).values(
+            id=request_id,
+            tenant_id=tenant_id,
+            volume_id=volume_id,
+            holder=holder,
+            on_behalf_of=on_behalf_of,
+            groups=json.dumps(wanted),
+            valid_for_seconds=approval.valid_for_seconds,
+            policy_version=policy_version,
+            policies=json.dumps(list(policies)),
+            facts=json.dumps(facts, sort_keys=True),
+            state=PENDING,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+    )
+    return "pending", Waiting(request_id, now + ttl, approval.groups)
+
+
+def listing(conn: Connection, tenant_id: str, state: str | None, now: datetime) -> list[dict[str, Any]]:
+    query = select(ApprovalRequest).where(ApprovalRequest.tenant_id == tenant_id)
+    if state is not None:
+        query = query.where(ApprovalRequest.state == state)
+    rows = conn.execute(query.order_by(ApprovalRequest.created_at.desc()).limit(500)).all()
+    votes: dict[str, list[dict[str, Any]]] = {}
+    if rows:
+        for vote in conn.execute(select(ApprovalVote).where(ApprovalVote.request_id.in_([r.id for r in rows]))):
+            votes.setdefault(vote.request_id, []).append(
+                {"approver": vote.approver, "decision": vote.decision, "reason": vote.reason, "at": vote.at}
+            )
+    return [describe(r, votes.get(r.id, []), now) for r in rows]
+
+
+def describe(row: Any, votes: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    state = row.state
+    if state == PENDING and _aware(row.expires_at) <= now:
+        state = EXPIRED
+    return {
+        "id": row.id,
+        "volume_id": row.volume_id,
+        "requester": row.holder,
+        "on_behalf_of": row.on_behalf_of,
+        "groups": [{"group": g, "quorum": q} for g, q in json.loads(row.groups)],
+        "valid_for_seconds": row.valid_for_seconds,
+        "policy_version": row.policy_version,
+        "policies": json.loads(row.policies),
+        "state": state,
+        "created_at": _aware(row.created_at),
+        "expires_at": _aware(row.expires_at),
+        "grant_until": _aware(row.grant_until) if row.grant_until else None,
+        "votes": votes,
+        "request": json.loads(row.facts),
+    }
+
+
+def vote(
+    conn: Connection,
+    actor: Principal,
+    request_id: str,
+    decision: str,
+    reason: str,
+    *,
+    now: datetime,
+    policy_changers: set[str],
+) -> dict[str, Any]:
+    """Record ``actor``'s vote (approve or deny) and move the request on; raises on every rule broken."""
+    try:
+        uuid.UUID(request_id)
+    except ValueError:
+        raise NotFound("no such approval request", code="approval_not_found") from None
+    row = conn.execute(
+        select(ApprovalRequest)
+        .where(ApprovalRequest.id == request_id, ApprovalRequest.tenant_id == actor.tenant_id)
+        .with_for_update()
+    ).one_or_none()
+    if row is None:
+        raise NotFound("no such approval request", code="approval_not_found")
+    if not reason.strip():
+        raise Conflict("give a reason: it goes into the audit log", code="approval_reason_missing")
+    if row.state != PENDING:
+        raise Conflict(f"the request is {row.state}, not pending", code="approval_closed")
+    if _aware(row.expires_at) <= now:
+        conn.execute(update(ApprovalRequest).where(ApprovalRequest.id == row.id).values(state=EXPIRED))
+        raise Conflict("the request expired before this vote", code="approval_expired")
+    groups = [(str(g), int(q)) for g, q in json.loads(row.groups)]
+    if actor.role not in {g for g, _ in groups}:
+        wanted = ", ".join(g for g, _ in groups)
+        raise Forbidden(f"only members of {wanted} vote on this request", code="approver_not_in_group")
+    if row.on_behalf_of is not None and row.on_behalf_of == actor.name:
+        raise Forbidden("the person who asked for the release may not approve it", code="approver_is_requester")
+    if actor.describe() in policy_changers:
+        raise Forbidden(
+            "you changed the tenant's policy within the last hour: another officer must approve",
+            code="approver_changed_policy",
+        )
+    voted = conn.execute(
+        select(ApprovalVote.decision).where(
+            ApprovalVote.request_id == row.id, ApprovalVote.approver == actor.describe()
+        )
+    ).first()
+    if voted is not None:
+        raise Conflict("you already voted on this request", code="approval_already_voted")
+    conn.execute(
+        insert(ApprovalVote).values(
+            request_id=row.id, approver=actor.describe(), decision=decision, reason=reason[:MAX_REASON], at=now
+        )
+    )
+    state = PENDING
+    if decision == DENY:
+        state = DENIED
+    else:
+        approvers = conn.execute(
+            select(ApprovalVote.approver).where(ApprovalVote.request_id == row.id, ApprovalVote.decision == APPROVE)
+        ).scalars()
+        roles = [a.split("/")[1] if a.count("/") >= 2 else "" for a in approvers]
+        if all(roles.count(group) >= quorum for group, quorum in groups):
+            state = APPROVED
+    values: dict[str, Any] = {"state": state}
+    if state != PENDING:
+        values["decided_at"] = now
+    if state == APPROVED and row.valid_for_seconds > 0:
+        values["grant_until"] = now + timedelta(seconds=row.valid_for_seconds)
+    conn.execute(update(ApprovalRequest).where(ApprovalRequest.id == row.id).values(**values))
+    return {"id": row.id, "state": state, "volume_id": row.volume_id, "requester": row.holder}

@@ -1,0 +1,169 @@
+"""Each tenant's Cedar policy set: versioned in the database, changed only by admins, audited with its diff.
+
+The highest version is the one in force. A set that does not compile is refused with the file, line and
+column of the problem, and the set in force stays. A tenant that never stored a set runs on the built-in
+set (:data:`DEFAULT_SOURCES`): the per-volume binding of the key release issue, written in Cedar.
+
+A server trusts what it read for :data:`CACHE_SECONDS`, so a change reaches every server of a cluster
+within that time; the server that made it sees it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Final
+
+from sqlalchemy import Connection, func, insert, select
+
+from keysteward.audit.log import AuditLog
+from keysteward.errors import NotFound
+from keysteward.identity.principal import Principal
+from keysteward.policy.engine import CompiledPolicySet, diff
+from keysteward.store.db import Database
+from keysteward.store.models import PolicySet
+from keysteward.ttlcache import TtlCache
+
+CACHE_SECONDS: Final = 1.0
+MAX_DIFF: Final = 60_000
+DEFAULT_FILE: Final = "binding.cedar"
+
+
+def default_sources() -> dict[str, str]:
+    """The built-in set: a volume goes to the instances or the host its binding names (docs/policies/binding.cedar)."""
+    text = resources.files("keysteward.policy").joinpath(DEFAULT_FILE).read_text(encoding="utf-8")
+    return {DEFAULT_FILE: text}
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    """One version of a tenant's set (version 0 is the built-in default, never stored)."""
+
+    version: int
+    sources: dict[str, str]
+    digest: str
+    created_by: str
+    created_at: datetime | None
+    compiled: CompiledPolicySet
+
+
+def digest(sources: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()
+
+
+class PolicyStore:
+    def __init__(self, db: Database, audit: AuditLog) -> None:
+        self.db = db
+        self.audit = audit
+        self._cache: TtlCache[str, PolicyVersion] = TtlCache(CACHE_SECONDS)
+        sources = default_sources()
+        self._default = PolicyVersion(0, sources, digest(sources), "built-in", None, CompiledPolicySet.compile(sources))
+
+    @property
+    def default(self) -> PolicyVersion:
+        return self._default
+
+    def current(self, tenant_id: str, conn: Connection | None = None) -> PolicyVersion:
+        """The set in force for ``tenant_id`` (cached for a second)."""
+        cached = self._cache.get(tenant_id)
+        if cached is not None:
+            return cached
+        if conn is None:
+            with self.db.read() as read:
+                found = self._load(read, tenant_id, None)
+        else:
+            found = self._load(conn, tenant_id, None)
+        self._cache.put(tenant_id, found)
+        return found
+
+    def cached(self, tenant_id: str) -> PolicyVersion | None:
+        return self._cache.get(tenant_id)
+
+    def get(self, tenant_id: str, version: int) -> PolicyVersion:
+        if version == 0:
+            return self._default
+        with self.db.read() as conn:
+            return self._load(conn, tenant_id, version)
+
+    def _load(self, conn: Connection, tenant_id: str, version: int | None) -> PolicyVersion:
+        query = select(PolicySet).where(PolicySet.tenant_id == tenant_id)
+        if version is None:
+            query = query.order_by(PolicySet.version.desc()).limit(1)
+        else:
+            query = query.where(PolicySet.version == version)
+        row = conn.execute(query).first()
+        if row is None:
+            if version is None:
+                return self._default
+            raise NotFound(f"no policy set version {version}", code="policy_version_not_found")
+        sources = json.loads(row.sources)
+        compiled = CompiledPolicySet.compile(sources)
+        return PolicyVersion(row.version, sources, row.digest, row.created_by, row.created_at, compiled)
+
+    def history(self, tenant_id: str) -> list[dict[str, object]]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(PolicySet.version, PolicySet.digest, PolicySet.created_by, PolicySet.created_at)
+                .where(PolicySet.tenant_id == tenant_id)
+                .order_by(PolicySet.version)
+            ).all()
+        return [
+            {"version": r.version, "digest": r.digest, "created_by": r.created_by, "created_at": r.created_at}
+            for r in rows
+        ]
+
+    def put(self, actor: Principal, sources: dict[str, str]) -> PolicyVersion:
+        """Store ``sources`` as the tenant's next version (compiled first: a bad set changes nothing)."""
+        compiled = CompiledPolicySet.compile(sources)
+        now = datetime.now(UTC)
+        made: dict[str, PolicyVersion] = {}
+
+        def effect(conn: Connection) -> dict[str, object]:
+            before = self._load(conn, actor.tenant_id, None)
+            latest = conn.execute(
+                select(func.max(PolicySet.version)).where(PolicySet.tenant_id == actor.tenant_id)
+            ).scalar_one()
+            version = int(latest or 0) + 1
+            conn.execute(
+                insert(PolicySet).values(
+                    tenant_id=actor.tenant_id,
+                    version=version,
+                    sources=json.dumps(sources, sort_keys=True),
+                    digest=digest(sources),
+                    created_by=actor.describe(),
+                    created_at=now,
+                )
+            )
+            made["v"] = PolicyVersion(version, dict(sources), digest(sources), actor.describe(), now, compiled)
+            changes = diff(before.sources, sources)
+            return {
+                "actor": actor.describe(),
+                "action": "policy.update",
+                "target": f"policy:v{version}",
+                "details": {
+                    "version": version,
+                    "previous": before.version,
+                    "digest": digest(sources),
+                    "policies": list(compiled.ids),
+                    "diff": changes[:MAX_DIFF],
+                    "diff_truncated": len(changes) > MAX_DIFF,
+                },
+            }
+
+        self.audit.commit(actor.tenant_id, effect)
+        self._cache.put(actor.tenant_id, made["v"])
+        return made["v"]
+
+    def changed_by_since(self, conn: Connection, tenant_id: str, since: datetime) -> set[str]:
+        """Who (``Principal.describe()``) stored a policy version of the tenant after ``since``."""
+        rows = conn.execute(
+            select(PolicySet.created_by).where(PolicySet.tenant_id == tenant_id, PolicySet.created_at > since)
+        ).scalars()
+        return set(rows)
+
+
+SEPARATION: Final = timedelta(hours=1)
+"""Whoever changed the policy within this time may not approve a release it holds."""

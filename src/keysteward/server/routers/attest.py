@@ -1,0 +1,92 @@
+"""TPM attestation keys: enrollment by credential activation (instances) and pinning (admins)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import Field
+
+from keysteward.identity.principal import Permission, Principal
+from keysteward.server.deps import need, services
+from keysteward.server.release_schemas import EvidenceField, Uuid
+from keysteward.server.schemas import B64, Name, Strict, b64, unb64
+
+router = APIRouter(tags=["attestation"])
+Manage = Annotated[Principal, Depends(need(Permission.ATTEST_MANAGE))]
+Read = Annotated[Principal, Depends(need(Permission.VOLUME_READ))]
+Holder = Annotated[str, Field(min_length=5, max_length=256)]
+
+
+class EnrollIn(Strict):
+    tenant: Name
+    nonce: Annotated[str, Field(min_length=1, max_length=64)]
+    identity: Annotated[dict[Annotated[str, Field(max_length=32)], EvidenceField], Field(max_length=8)]
+    ek_public: B64
+    ek_certificate: B64 | None = None
+    ak_public: B64
+
+
+class EnrollOut(Strict):
+    enrollment_id: str
+    credential: str
+
+
+class ActivateIn(Strict):
+    tenant: Name
+    enrollment_id: Uuid
+    secret: B64
+
+
+class ActivateOut(Strict):
+    instance: str
+
+
+class PinIn(Strict):
+    instance: Holder
+    ak_public: B64
+
+
+class TpmKeyOut(Strict):
+    holder: str
+    ak_name: str
+    method: str
+    created_at: datetime
+
+
+@router.post("/attest/tpm/enroll")
+def enroll(body: EnrollIn, request: Request) -> EnrollOut:
+    """Step 1 (the instance, by its identity evidence bound to the nonce and its AK): a credential to activate."""
+    svc = services(request)
+    enrollment_id, credential = svc.tpm.start(
+        svc.tenants.id_of(body.tenant),
+        body.nonce,
+        body.identity,
+        unb64(body.ek_public),
+        unb64(body.ek_certificate) if body.ek_certificate else None,
+        unb64(body.ak_public),
+    )
+    return EnrollOut(enrollment_id=enrollment_id, credential=b64(credential))
+
+
+@router.post("/attest/tpm/activate")
+def activate(body: ActivateIn, request: Request) -> ActivateOut:
+    """Step 2: the secret the TPM recovered; the AK is enrolled for the instance."""
+    svc = services(request)
+    return ActivateOut(instance=svc.tpm.finish(svc.tenants.id_of(body.tenant), body.enrollment_id, unb64(body.secret)))
+
+
+@router.put("/attest/tpm/keys", status_code=204)
+def pin(body: PinIn, request: Request, who: Manage) -> None:
+    services(request).tpm.pin(who, body.instance, unb64(body.ak_public))
+
+
+@router.get("/attest/tpm/keys")
+def keys(request: Request, who: Read) -> list[TpmKeyOut]:
+    return [TpmKeyOut(**row) for row in services(request).tpm.listing(who.tenant_id)]
+
+
+@router.delete("/attest/tpm/keys", status_code=204)
+def remove(request: Request, who: Manage, instance: Annotated[str, Query(min_length=5, max_length=256)]) -> None:
+    services(request).tpm.remove(who, instance)

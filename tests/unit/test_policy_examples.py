@@ -1,0 +1,238 @@
+"""The example policies shipped in docs/policies/, decided end to end on hand-made facts.
+
+Each example is compiled as an operator would load it (alone, and all together), then asked the
+requests it is meant to permit and the ones it must refuse: another account or image, a debug-enabled
+or unknown SEV-SNP guest, a PCR 7 that differs, a weekend, a pci volume without approval.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keysteward.policy.engine import Approval, CompiledPolicySet, PolicyDecision
+from keysteward.policy.facts import PolicyRequest
+from keysteward.policy.schema import SCHEMA_TEXT
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "policies"
+PROD, ANALYTICS, BOUND = "111122223333", "444455556666", "777788889999"
+GOOD_IMAGE = "ami-0a1b2c3d4e5f60718"
+GOOD_MEASUREMENT = "4c7d36d7c6f1d1e6a0e5a1a0a7f1b8b59e0e1c4b0c6a3ff5d8e8f4d5b8ac7ea2a9f1c9d4b35e4a0e7fdc3e21d9a6b7c0"
+GOOD_PCR7 = "65caf8dd1e0ea7a6347b635d2b379c93b9a1351edc2afc3ecda700e534eb3068"
+MONDAY_10 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+BOUND_VOLUME = "3f1c9a52-7d4e-4b8a-9c61-2e5f0d7a8b90"
+
+
+def source(name: str) -> dict[str, str]:
+    return {name: (EXAMPLES / name).read_text()}
+
+
+def release(
+    account: str = PROD,
+    *,
+    image: str | None = GOOD_IMAGE,
+    provider: str = "aws",
+    labels: dict[str, str] | None = None,
+    platform: dict[str, Any] | None = None,
+    when: datetime = MONDAY_10,
+    volume: str = "0b6f4a7e-1111-4c2d-9e8f-000000000001",
+    action: str = "release",
+) -> PolicyRequest:
+    principal: dict[str, Any] = {"type": "Instance", "provider": provider, "account": account, "instance_id": "i-0abc"}
+    identity = {"provider": provider, "kind": "aws-iid", "account": account, "instance_id": "i-0abc"}
+    if image is not None:
+        principal["image_id"] = identity["image_id"] = image
+    return PolicyRequest(
+        tenant="acme",
+        action=action,
+        principal=principal,
+        resource={"id": volume, "name": "data", "key": "k1", "labels": labels or {}},
+        identity=identity,
+        platform=platform or {"tee": "none"},
+        time=when,
+        source_ip="203.0.113.7",
+    )
+
+
+def officer(groups: list[str], action: str = "approve", labels: dict[str, str] | None = None) -> PolicyRequest:
+    return PolicyRequest(
+        tenant="acme",
+        action=action,
+        principal={"type": "Human", "name": "ada", "role": "officer", "groups": groups},
+        resource={"id": "0b6f4a7e-1111-4c2d-9e8f-000000000001", "name": "cards", "key": "k1", "labels": labels or {}},
+        identity={},
+        platform={},
+        time=MONDAY_10,
+    )
+
+
+def check(decision: PolicyDecision, effect: str, reason: str, policies: tuple[str, ...] | None = None) -> None:
+    assert (decision.effect, decision.reason) == (effect, reason), decision
+    if policies is not None:
+        assert decision.policies == policies
+    assert decision.errors == ()
+
+
+def test_published_schema_is_the_one_the_engine_uses() -> None:
+    assert (EXAMPLES / "keysteward.cedarschema").read_text() == SCHEMA_TEXT, (
+        "docs/policies/keysteward.cedarschema is stale: write keysteward.policy.schema.SCHEMA_TEXT to it"
+    )
+
+
+def test_every_example_has_a_header_and_they_compile_together() -> None:
+    names = sorted(p.name for p in EXAMPLES.glob("*.cedar"))
+    assert names == sorted(
+        [
+            "allowlist.cedar",
+            "label-binding.cedar",
+            "business-hours.cedar",
+            "pci-approval.cedar",
+            "snp-only.cedar",
+            "tpm-pcr7.cedar",
+        ]
+    )
+    for name in names:
+        assert (EXAMPLES / name).read_text().startswith("// "), f"{name} needs a header comment"
+    together = CompiledPolicySet.compile({name: (EXAMPLES / name).read_text() for name in names})
+    assert len(together.ids) == 10 and len(set(together.ids)) == 10
+
+
+def test_allowlist() -> None:
+    policies = CompiledPolicySet.compile(source("allowlist.cedar"))
+    check(policies.evaluate(release()), "permit", "permitted", ("allowlist-prod-images",))
+    check(policies.evaluate(release(image="ami-0fedcba9876543210", action="renew")), "permit", "permitted")
+    check(policies.evaluate(release(image="ami-00000000000000bad")), "deny", "no_permit", ())
+    check(policies.evaluate(release(image=None)), "deny", "no_permit")
+    check(policies.evaluate(release(ANALYTICS)), "deny", "no_permit")
+    check(policies.evaluate(release(provider="gcp")), "deny", "no_permit")
+
+
+SNP_GOOD = {"tee": "sev-snp", "debug": False, "measurement": GOOD_MEASUREMENT, "vmpl": 0}
+CONFIDENTIAL = {"sensitivity": "confidential"}
+
+
+def test_snp_only_permits_a_clean_known_guest() -> None:
+    policies = CompiledPolicySet.compile(source("snp-only.cedar"))
+    decision = policies.evaluate(release(ANALYTICS, labels=CONFIDENTIAL, platform=SNP_GOOD))
+    check(decision, "permit", "permitted", ("analytics-instances",))
+    upper = dict(SNP_GOOD, measurement=GOOD_MEASUREMENT.upper())  # facts are normalised to lower case
+    check(policies.evaluate(release(ANALYTICS, labels=CONFIDENTIAL, platform=upper)), "permit", "permitted")
+    # a volume that is not confidential needs no TEE
+    check(policies.evaluate(release(ANALYTICS, platform={"tee": "none"})), "permit", "permitted")
+
+
+@pytest.mark.parametrize(
+    "platform",
+    [
+        pytest.param(dict(SNP_GOOD, debug=True), id="debug-on"),
+        pytest.param(dict(SNP_GOOD, measurement="00" * 48), id="unknown-measurement"),
+        pytest.param({"tee": "sev-snp", "measurement": GOOD_MEASUREMENT}, id="debug-claim-missing"),
+        pytest.param({"tee": "sev-snp", "debug": False}, id="measurement-missing"),
+        pytest.param({"tee": "tpm2", "debug": False, "measurement": GOOD_MEASUREMENT}, id="tpm-not-snp"),
+        pytest.param({"tee": "none"}, id="no-tee"),
+    ],
+)
+def test_snp_only_refuses(platform: dict[str, Any]) -> None:
+    policies = CompiledPolicySet.compile(source("snp-only.cedar"))
+    decision = policies.evaluate(release(ANALYTICS, labels=CONFIDENTIAL, platform=platform))
+    check(decision, "deny", "forbidden_by_policy", ("snp-required-for-confidential",))
+
+
+def test_snp_guard_wins_over_any_other_permit() -> None:
+    policies = CompiledPolicySet.compile(source("snp-only.cedar") | source("allowlist.cedar"))
+    debug = dict(SNP_GOOD, debug=True)
+    check(policies.evaluate(release(PROD, labels=CONFIDENTIAL, platform=debug)), "deny", "forbidden_by_policy")
+    check(policies.evaluate(release(PROD, labels=CONFIDENTIAL, platform=SNP_GOOD)), "permit", "permitted")
+
+
+def tpm(pcr7: str, bank: str = "sha256") -> dict[str, Any]:
+    return {"tee": "tpm2", "secure_boot": True, "pcrs": {bank: {"0": "11" * (len(pcr7) // 2), "7": pcr7}}}
+
+
+def test_tpm_pcr7() -> None:
+    policies = CompiledPolicySet.compile(source("tpm-pcr7.cedar"))
+    check(policies.evaluate(release(platform=tpm(GOOD_PCR7))), "permit", "permitted", ("tpm-secure-boot-pcr7",))
+    flipped = GOOD_PCR7[:-1] + ("9" if GOOD_PCR7[-1] != "9" else "8")
+    check(policies.evaluate(release(platform=tpm(flipped))), "deny", "no_permit")
+    check(policies.evaluate(release(platform={"tee": "tpm2"})), "deny", "no_permit")  # no PCRs quoted
+    check(policies.evaluate(release(platform=tpm(GOOD_PCR7[:40], "sha1"))), "deny", "no_permit")  # other bank
+    check(policies.evaluate(release(platform={"tee": "none"})), "deny", "no_permit")
+    check(policies.evaluate(release(ANALYTICS, platform=tpm(GOOD_PCR7))), "deny", "no_permit")
+
+
+def test_pci_needs_two_security_officers() -> None:
+    policies = CompiledPolicySet.compile(source("pci-approval.cedar"))
+    decision = policies.evaluate(release(labels={"pci": "true"}))
+    assert decision == PolicyDecision(
+        effect="approval",
+        policies=("pci-two-officers",),
+        approval=Approval(groups=(("security-officer", 2),), valid_for_seconds=0),
+        errors=(),
+        reason="approval_required",
+    )
+    check(policies.evaluate(release(labels={"team": "payments"})), "permit", "permitted", ("payments-instances",))
+    check(policies.evaluate(release(ANALYTICS, labels={"pci": "true"})), "deny", "no_permit")
+    check(policies.evaluate(officer(["security-officer"], labels={"pci": ""})), "permit", "permitted")
+    check(policies.evaluate(officer(["dba"], labels={"pci": ""})), "deny", "no_permit")
+    check(policies.evaluate(officer(["security-officer"], "volume_destroy", {"pci": ""})), "deny", "no_permit")
+
+
+def test_pci_approval_still_loses_to_a_forbid() -> None:
+    policies = CompiledPolicySet.compile(source("pci-approval.cedar") | source("business-hours.cedar"))
+    saturday = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+    check(policies.evaluate(release(labels={"pci": "1"}, when=saturday)), "deny", "forbidden_by_policy")
+
+
+@pytest.mark.parametrize(
+    ("when", "allowed"),
+    [
+        (datetime(2026, 11, 23, 8, 0, tzinfo=UTC), True),  # Monday 08:00
+        (datetime(2026, 11, 27, 17, 59, 59, tzinfo=UTC), True),  # Friday 17:59:59
+        (datetime(2026, 11, 23, 7, 59, 59, tzinfo=UTC), False),  # Monday before opening
+        (datetime(2026, 11, 23, 18, 0, tzinfo=UTC), False),  # Monday 18:00 is closed
+        (datetime(2026, 11, 28, 10, 0, tzinfo=UTC), False),  # Saturday
+        (datetime(2026, 11, 29, 12, 0, tzinfo=UTC), False),  # Sunday
+        (datetime.fromisoformat("2026-11-23T23:30:00-10:00"), True),  # Tuesday 09:30 UTC
+        (datetime.fromisoformat("2026-11-27T20:00:00+05:00"), True),  # Friday 15:00 UTC
+        (datetime.fromisoformat("2026-11-27T20:00:00-05:00"), False),  # Saturday 01:00 UTC
+    ],
+)
+def test_business_hours(when: datetime, allowed: bool) -> None:
+    policies = CompiledPolicySet.compile(source("business-hours.cedar") | source("allowlist.cedar"))
+    decision = policies.evaluate(release(when=when))
+    if allowed:
+        check(decision, "permit", "permitted", ("allowlist-prod-images",))
+    else:
+        check(decision, "deny", "forbidden_by_policy", ("business-hours-only",))
+
+
+def test_business_hours_alone_permits_nothing() -> None:
+    check(CompiledPolicySet.compile(source("business-hours.cedar")).evaluate(release()), "deny", "no_permit")
+
+
+BIND = {"bind-provider": "aws", "bind-account": PROD}
+
+
+def test_binding_by_labels() -> None:
+    policies = CompiledPolicySet.compile(source("label-binding.cedar"))
+    check(policies.evaluate(release(labels=BIND)), "permit", "permitted", ("binding-by-labels",))
+    check(policies.evaluate(release(labels=BIND, image=None)), "permit", "permitted")  # no image bound
+    check(policies.evaluate(release(ANALYTICS, labels=BIND)), "deny", "no_permit")  # other account
+    check(policies.evaluate(release(labels=BIND, provider="gcp")), "deny", "no_permit")  # other provider
+    check(policies.evaluate(release(labels={})), "deny", "no_permit")  # an unbound volume goes to nobody
+    with_image = BIND | {"bind-image": GOOD_IMAGE}
+    check(policies.evaluate(release(labels=with_image)), "permit", "permitted")
+    check(policies.evaluate(release(labels=with_image, image="ami-00000000000000bad")), "deny", "no_permit")
+    check(policies.evaluate(release(labels=with_image, image=None)), "deny", "no_permit")
+
+
+def test_binding_of_one_volume_by_uuid() -> None:
+    policies = CompiledPolicySet.compile(source("label-binding.cedar"))
+    check(policies.evaluate(release(BOUND, volume=BOUND_VOLUME)), "permit", "permitted", ("binding-db-volume",))
+    check(policies.evaluate(release(BOUND)), "deny", "no_permit")  # another volume
+    check(policies.evaluate(release(PROD, volume=BOUND_VOLUME)), "deny", "no_permit")  # another account
