@@ -16,6 +16,8 @@ from keysteward.attest.binding import binding
 from keysteward.attest.errors import EvidenceRejected
 from keysteward.attest.identity import InstanceIdentity, ProviderTrust, verify_identity
 from keysteward.devcloud.provider import DevCloud
+from tests.support.fuzz import edits as fuzz_edits
+from tests.support.fuzz import mutate
 from tests.support.identity import aws_evidence
 
 pytestmark = pytest.mark.unit
@@ -41,25 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"document": document, "signature": signature, "token": token, "trusts": trusts, "aws": aws, "gcp": gcp}
 
 
-def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
-    """Apply (kind, position, byte) edits: 0 flips, 1 inserts, 2 deletes, 3 truncates."""
-    out = bytearray(data)
-    for kind, pos, value in edits:
-        if not out:
-            break
-        pos %= len(out)
-        if kind == 0:
-            out[pos] ^= value or 1
-        elif kind == 1:
-            out.insert(pos, value)
-        elif kind == 2:
-            del out[pos]
-        else:
-            del out[pos:]
-    return bytes(out)
-
-
-EDITS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=4)
+EDITS = fuzz_edits(max_size=4)
 
 
 def check(evidence: Any, setup: dict[str, Any], expected: InstanceIdentity) -> None:

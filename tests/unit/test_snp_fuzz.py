@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from keysteward.attest.errors import EvidenceRejected
 from keysteward.attest.snp import SnpClaims, verify_snp
 from keysteward.formats.snp import REPORT_SIZE, SnpFormatError, parse_cert_table, parse_report
+from tests.support.fuzz import edits as fuzz_edits
+from tests.support.fuzz import mutate
 from tests.support.snp_chain import shared_chain
 
 pytestmark = pytest.mark.unit
@@ -29,25 +31,7 @@ GOOD = CHAIN.evidence(REPORT)
 TRUST = CHAIN.trust()
 EXPECTED = verify_snp(GOOD, TRUST, binding=BIND, now=NOW)
 
-edits = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6)
-
-
-def mutate(data: bytes, changes: list[tuple[int, int, int]]) -> bytes:
-    """Apply (kind, position, byte) edits: 0 flips, 1 inserts, 2 deletes, 3 truncates."""
-    out = bytearray(data)
-    for kind, pos, value in changes:
-        if not out:
-            break
-        pos %= len(out)
-        if kind == 0:
-            out[pos] ^= value or 1
-        elif kind == 1:
-            out.insert(pos, value)
-        elif kind == 2:
-            del out[pos]
-        else:
-            del out[pos:]
-    return bytes(out)
+edits = fuzz_edits()
 
 
 @FUZZ

@@ -19,6 +19,8 @@ from keysteward.attest.errors import EvidenceRejected
 from keysteward.attest.tpm import make_credential, verify_quote
 from keysteward.formats import tpm2
 from keysteward.formats.tpm2 import Tpm2FormatError
+from tests.support.fuzz import edits as fuzz_edits
+from tests.support.fuzz import mutate
 from tests.unit.test_tpm2_codec import (
     AK_NAME,
     AK_PUB,
@@ -47,25 +49,7 @@ SEEDS: dict[str, tuple[Callable[[bytes], object], list[bytes]]] = {
     "credential": (tpm2.parse_credential_file, [make_credential(EK_PUB, AK_NAME, bytes(32))]),
 }
 
-edits = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=6)
-
-
-def mutate(data: bytes, changes: list[tuple[int, int, int]]) -> bytes:
-    """Apply (kind, position, byte) edits: 0 flips, 1 inserts, 2 deletes, 3 truncates."""
-    out = bytearray(data)
-    for kind, pos, value in changes:
-        if not out:
-            break
-        pos %= len(out)
-        if kind == 0:
-            out[pos] ^= value or 1
-        elif kind == 1:
-            out.insert(pos, value)
-        elif kind == 2:
-            del out[pos]
-        else:
-            del out[pos:]
-    return bytes(out)
+edits = fuzz_edits(4096)
 
 
 def parses_or_refuses(parse: Callable[[bytes], object], data: bytes) -> None:
