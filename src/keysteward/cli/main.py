@@ -76,6 +76,9 @@ def build_app() -> typer.Typer:
     from keysteward.cli import agent_cmd
 
     app.add_typer(agent_cmd.app, name="agent")
+    from keysteward.cli import proxy_cmd
+
+    app.add_typer(proxy_cmd.app, name="proxy")
     app.command("whoami")(tenant_cmd.whoami)
 
     app.callback()(root)

@@ -1,0 +1,375 @@
+"""The proxy's configuration: one TOML file, checked whole before anything is opened.
+
+::
+
+    [listen]
+    address = "0.0.0.0"              # where NBD clients connect
+    port = 10809
+    allow_plaintext = false          # true only on a loopback address (tests, a local client)
+
+    [tls]                            # mandatory unless allow_plaintext
+    cert_file = "proxy.pem"          # the proxy's server certificate and key
+    key_file = "proxy.key"
+    client_ca_file = "tenant-ca.pem" # optional: clients must then present a certificate from this CA
+
+    [metrics]                        # optional: Prometheus text on http://ADDRESS:PORT/metrics
+    address = "127.0.0.1"
+    port = 9810
+
+    [kms]                            # needed by exports with kms = true
+    url = "https://kms.internal:8443"   # optional: default the URL in each volume's token
+    ca_file = "kms-ca.pem"           # the CA that signed the key manager
+    cert_file = "host.pem"           # the proxy's host certificate (keysteward ca issue --role host)
+    key_file = "host.key"
+    timeout = 10
+    grace_seconds = 30               # optional local cap on the key manager's grace
+
+    [[exports]]
+    name = "data1"
+    path = "/var/lib/keysteward/data1.img"
+    read_only = false
+    description = "tenant volume"
+    kms = true                       # the key comes by a release as a host (the volume's token says where)
+    # passphrase_file = "data1.pass" # or: break-glass passphrase (exactly one of the two)
+
+Relative paths are taken from the config file's directory. Every mistake is one :class:`ProxyConfigError`
+(``code = proxy_config``) that names the file and the key: bad TOML, an unknown key, a value of the wrong
+type, plaintext on a non-loopback address, a file that is missing or unreadable. Parsing reads the TOML
+text only; :func:`check_files` looks at (never opens for writing, never unlocks) the files it names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keysteward.errors import BadRequest
+
+CONFIG_CODE = "proxy_config"
+MAX_CONFIG = 1 << 20
+MAX_EXPORTS = 256
+DEFAULT_PORT = 10809
+EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""Export names: what ``nbd://host/NAME`` and the metrics labels carry."""
+HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+
+_TOP = frozenset({"listen", "tls", "metrics", "kms", "exports", "log_level", "status_file"})
+_LISTEN = frozenset({"address", "port", "allow_plaintext"})
+_TLS = frozenset({"cert_file", "key_file", "client_ca_file"})
+_METRICS = frozenset({"address", "port"})
+_KMS = frozenset({"url", "ca_file", "cert_file", "key_file", "timeout", "grace_seconds"})
+_EXPORT = frozenset({"name", "path", "read_only", "description", "kms", "passphrase_file"})
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ProxyConfigError(BadRequest):
+    """The proxy's config file is wrong; the message names the file and the key."""
+
+    code = CONFIG_CODE
+    title = "Invalid proxy configuration"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class KmsConfig:
+    """How the proxy reaches the key manager as a ``host``: its mTLS identity is its evidence."""
+
+    url: str | None
+    ca_file: str | None
+    cert_file: str
+    key_file: str
+    timeout: float = 10.0
+    grace_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One volume served as one NBD export."""
+
+    name: str
+    path: str
+    read_only: bool = False
+    description: str = ""
+    kms: bool = False
+    passphrase_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    source: str
+    listen_address: str
+    listen_port: int
+    allow_plaintext: bool
+    tls: TlsConfig | None
+    metrics_address: str | None
+    metrics_port: int | None
+    kms: KmsConfig | None
+    exports: tuple[ExportConfig, ...] = field(default_factory=tuple)
+    log_level: str = "info"
+    status_file: str | None = None
+
+    def export(self, name: str) -> ExportConfig:
+        for entry in self.exports:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def files(self) -> list[tuple[str, str]]:
+        """``(what, path)`` of every file the proxy reads, for :func:`check_files` and ``proxy check``."""
+        found: list[tuple[str, str]] = []
+        if self.tls is not None:
+            found += [("tls.cert_file", self.tls.cert_file), ("tls.key_file", self.tls.key_file)]
+            if self.tls.client_ca_file:
+                found.append(("tls.client_ca_file", self.tls.client_ca_file))
+        if self.kms is not None:
+            if self.kms.ca_file:
+                found.append(("kms.ca_file", self.kms.ca_file))
+            found += [("kms.cert_file", self.kms.cert_file), ("kms.key_file", self.kms.key_file)]
+        for entry in self.exports:
+            found.append((f"exports[{entry.name}].path", entry.path))
+            if entry.passphrase_file:
+                found.append((f"exports[{entry.name}].passphrase_file", entry.passphrase_file))
+        return found
+
+
+# -- small typed readers ---------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to one TOML table; every complaint names the source file and the key path."""
+
+    def __init__(self, source: str, base: str) -> None:
+        self.source = source
+        self.base = base
+
+    def error(self, where: str, message: str) -> ProxyConfigError:
+        return ProxyConfigError(f"{self.source}: {where}: {message}")
+
+    def table(self, data: Mapping[str, Any], key: str, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(where, "must be a table")
+        self.known(value, allowed, where)
+        return value
+
+    def known(self, table: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+        unknown = sorted(set(table) - allowed)
+        if unknown:
+            listed = ", ".join(repr(k[:40]) for k in unknown[:5])
+            raise self.error(where, f"unknown key {listed} (known: {', '.join(sorted(allowed))})")
+
+    def string(self, table: Mapping[str, Any], key: str, where: str, *, default: str | None = None) -> str | None:
+        value = table.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(f"{where}.{key}", "must be a string")
+        if len(value) > 4096 or "\x00" in value:
+            raise self.error(f"{where}.{key}", "is too long or holds a NUL byte")
+        return value
+
+    def required(self, table: Mapping[str, Any], key: str, where: str) -> str:
+        value = self.string(table, key, where)
+        if not value:
+            raise self.error(f"{where}.{key}", "is required")
+        return value
+
+    def path(self, table: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> str | None:
+        value = self.required(table, key, where) if required else self.string(table, key, where)
+        if not value:
+            return None
+        return os.path.normpath(os.path.join(self.base, value))
+
+    def boolean(self, table: Mapping[str, Any], key: str, where: str, *, default: bool = False) -> bool:
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(f"{where}.{key}", "must be true or false")
+        return value
+
+    def number(self, table: Mapping[str, Any], key: str, where: str, *, low: float, high: float) -> float | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+            raise self.error(f"{where}.{key}", f"must be a number from {low:g} to {high:g}")
+        return float(value)
+
+    def port(self, table: Mapping[str, Any], key: str, where: str, *, default: int | None) -> int | None:
+        value = table.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+            raise self.error(f"{where}.{key}", "must be a port number from 0 to 65535 (0: any free port)")
+        return value
+
+    def address(self, table: Mapping[str, Any], key: str, where: str, *, default: str) -> str:
+        value = self.string(table, key, where, default=default) or ""
+        if not value:
+            raise self.error(f"{where}.{key}", "is empty")
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not HOSTNAME.fullmatch(value):
+                raise self.error(f"{where}.{key}", f"{value[:60]!r} is not an IP address or host name") from None
+        return value
+
+
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: the only addresses where plaintext NBD is allowed."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+
+
+def _exports(r: _Reader, raw: Any) -> tuple[ExportConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise r.error("exports", "must be an array of tables ([[exports]])")
+    if len(raw) > MAX_EXPORTS:
+        raise r.error("exports", f"more than {MAX_EXPORTS} exports")
+    exports: list[ExportConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(raw):
+        where = f"exports[{index}]"
+        r.known(item, _EXPORT, where)
+        name = r.required(item, "name", where)
+        if not EXPORT_NAME.fullmatch(name):
+            raise r.error(f"{where}.name", f"{name[:60]!r} must be 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -)")
+        if name in names:
+            raise r.error(f"{where}.name", f"export {name!r} is configured twice")
+        names.add(name)
+        where = f"exports[{name}]"
+        path = r.path(item, "path", where, required=True)
+        kms = r.boolean(item, "kms", where)
+        passphrase = r.path(item, "passphrase_file", where)
+        if kms == (passphrase is not None):
+            raise r.error(where, "needs exactly one key source: kms = true or passphrase_file")
+        description = r.string(item, "description", where, default="") or ""
+        if len(description) > 1024:
+            raise r.error(f"{where}.description", "is longer than 1024 characters")
+        assert path is not None
+        exports.append(ExportConfig(name, path, r.boolean(item, "read_only", where), description, kms, passphrase))
+    return tuple(exports)
+
+
+def _kms(r: _Reader, data: Mapping[str, Any], exports: tuple[ExportConfig, ...]) -> KmsConfig | None:
+    if "kms" not in data:
+        if any(e.kms for e in exports):
+            raise r.error("kms", "an export has kms = true but there is no [kms] table (the host certificate)")
+        return None
+    table = r.table(data, "kms", _KMS, "kms")
+    url = r.string(table, "url", "kms")
+    if url is not None and not re.fullmatch(r"https://\S+", url):
+        raise r.error("kms.url", f"{url[:60]!r} is not an https:// URL (a host proves itself by mTLS)")
+    cert = r.path(table, "cert_file", "kms", required=True)
+    key = r.path(table, "key_file", "kms", required=True)
+    assert cert is not None and key is not None
+    timeout = r.number(table, "timeout", "kms", low=0.5, high=300) or 10.0
+    grace = r.number(table, "grace_seconds", "kms", low=0, high=86400 * 365)
+    return KmsConfig(url, r.path(table, "ca_file", "kms"), cert, key, timeout, grace)
+
+
+def parse_config(text: str, *, source: str = "proxy.toml", base_dir: str = ".") -> ProxyConfig:
+    """The config in ``text`` (TOML), every value checked; relative paths are taken from ``base_dir``."""
+    r = _Reader(source, base_dir)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProxyConfigError(f"{source}: not valid TOML: {exc}") from None
+    r.known(data, _TOP, "top level")
+    listen = r.table(data, "listen", _LISTEN, "listen")
+    address = r.address(listen, "address", "listen", default="127.0.0.1")
+    port = r.port(listen, "port", "listen", default=DEFAULT_PORT)
+    assert port is not None
+    plaintext = r.boolean(listen, "allow_plaintext", "listen")
+    if plaintext and not is_loopback(address):
+        raise r.error(
+            "listen.allow_plaintext",
+            f"plaintext NBD is allowed only on a loopback address, not {address!r}: configure [tls] instead",
+        )
+    tls: TlsConfig | None = None
+    if "tls" in data:
+        table = r.table(data, "tls", _TLS, "tls")
+        cert = r.path(table, "cert_file", "tls", required=True)
+        key = r.path(table, "key_file", "tls", required=True)
+        assert cert is not None and key is not None
+        tls = TlsConfig(cert, key, r.path(table, "client_ca_file", "tls"))
+    elif not plaintext:
+        raise r.error("tls", "TLS is mandatory: give [tls] cert_file and key_file (or, on loopback only, "
+                             "listen.allow_plaintext = true)")  # fmt: skip
+    metrics_address: str | None = None
+    metrics_port: int | None = None
+    if "metrics" in data:
+        table = r.table(data, "metrics", _METRICS, "metrics")
+        metrics_address = r.address(table, "address", "metrics", default="127.0.0.1")
+        metrics_port = r.port(table, "port", "metrics", default=None)
+        if metrics_port is None:
+            raise r.error("metrics.port", "is required")
+    exports = _exports(r, data.get("exports"))
+    level = r.string(data, "log_level", "top level", default="info") or "info"
+    if level not in LOG_LEVELS:
+        raise r.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    return ProxyConfig(
+        source=source, listen_address=address, listen_port=port, allow_plaintext=plaintext, tls=tls,
+        metrics_address=metrics_address, metrics_port=metrics_port, kms=_kms(r, data, exports), exports=exports,
+        log_level=level, status_file=r.path(data, "status_file", "top level"),
+    )  # fmt: skip
+
+
+def check_files(config: ProxyConfig) -> None:
+    """Every file the config names exists and is readable (volumes: a file or a block device).
+
+    Looks only (``os.stat``/``os.access``): nothing is opened, nothing unlocked.
+    """
+    for what, path in config.files():
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise ProxyConfigError(f"{config.source}: {what}: cannot use {path}: {exc.strerror}") from None
+        if os.path.isdir(path):
+            raise ProxyConfigError(f"{config.source}: {what}: {path} is a directory")
+        if not os.access(path, os.R_OK):
+            raise ProxyConfigError(f"{config.source}: {what}: {path} is not readable")
+        if what.endswith(".path"):
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+                raise ProxyConfigError(f"{config.source}: {what}: {path} is not a file or a block device")
+            if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+                raise ProxyConfigError(f"{config.source}: {what}: {path} is empty")
+
+
+def load_config(path: str, *, check: bool = True) -> ProxyConfig:
+    """Read and parse ``path``; with ``check`` (the default) also :func:`check_files`."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG + 1)
+    except OSError as exc:
+        raise ProxyConfigError(f"cannot read the proxy config {path}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG:
+        raise ProxyConfigError(f"the proxy config {path} is larger than {MAX_CONFIG} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProxyConfigError(f"the proxy config {path} is not UTF-8") from None
+    config = parse_config(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    if check:
+        check_files(config)
+    return config

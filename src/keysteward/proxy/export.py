@@ -1,0 +1,205 @@
+"""What the NBD server serves: an :class:`Export`, and :class:`LuksExport`, one over an unlocked LUKS volume.
+
+The server calls an export's blocking methods in worker threads, several at once (requests of one
+connection run concurrently, and several connections may share an export). :class:`LuksExport` is
+safe for that:
+
+- reads and sector-aligned writes run in parallel (the data path uses ``pread``/``pwrite``);
+- a write that starts or ends inside a sector patches that sector (read, decrypt, patch, encrypt,
+  write), so two such writes to *different* bytes of one sector would lose one of them if they ran
+  together; they take a lock, one at a time;
+- :meth:`LuksExport.close` (revocation, reload, shutdown) waits for the requests in flight, flushes,
+  then wipes the key; a request that comes after it gets :class:`ExportClosed`, never a closed cipher.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from keysteward.errors import Unavailable
+from keysteward.volume.errors import VolumeRequestError
+from keysteward.volume.luks_volume import LuksVolume, Passphrase
+
+MIB = 1024 * 1024
+PREFERRED_BLOCK = 4096
+MAX_BLOCK = 32 * MIB
+"""The largest read or write payload served in one request (clients split larger ones)."""
+ZERO_CHUNK = 4 * MIB
+
+
+class ExportClosed(Unavailable):
+    """The export was closed (revoked, removed or shut down) while a client still used it."""
+
+    code = "export_closed"
+    title = "Export closed"
+
+
+class Export(Protocol):
+    """One export the NBD server serves; blocking methods, called in worker threads."""
+
+    name: str
+    description: str
+    size: int
+    read_only: bool
+    min_block: int
+    preferred_block: int
+    max_block: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def trim(self, offset: int, length: int) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LuksExport:
+    """An :class:`Export` over an open :class:`~keysteward.volume.luks_volume.LuksVolume`, which it owns:
+    :meth:`close` closes the volume and so wipes its key."""
+
+    def __init__(
+        self,
+        name: str,
+        volume: LuksVolume,
+        *,
+        read_only: bool = False,
+        description: str = "",
+        max_block: int = MAX_BLOCK,
+    ) -> None:
+        self.name = name
+        self.description = description
+        self.volume = volume
+        self.size = volume.payload_size
+        self.read_only = read_only or not volume.device.writable
+        self.min_block = volume.geometry.sector_size
+        self.preferred_block = max(PREFERRED_BLOCK, self.min_block)
+        self.max_block = max_block
+        self.accepts_unaligned = True
+        """Requests need not be sector-aligned (partial sectors are patched): the server advertises 1."""
+        self._state = threading.Condition()
+        self._active = 0
+        self._closed = False
+        self._patch_lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        path: str,
+        passphrase: Passphrase,
+        *,
+        read_only: bool = False,
+        description: str = "",
+    ) -> LuksExport:
+        """Open and unlock the volume at ``path`` (the caller wipes ``passphrase``)."""
+        volume = LuksVolume.open(path, passphrase, writable=not read_only)
+        return cls(name, volume, read_only=read_only, description=description)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        with self._state:
+            if self._closed:
+                raise ExportClosed(f"export {self.name!r} is closed")
+            self._active += 1
+
+    def _leave(self) -> None:
+        with self._state:
+            self._active -= 1
+            if self._active == 0:
+                self._state.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise VolumeRequestError(f"export {self.name!r} is read-only", code="export_read_only")
+
+    def _aligned(self, offset: int, length: int) -> bool:
+        return offset % self.min_block == 0 and length % self.min_block == 0
+
+    # -- the Export methods ----------------------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self._enter()
+        try:
+            return self.volume.read(offset, length)
+        finally:
+            self._leave()
+
+    def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        self._check_writable()
+        self._enter()
+        try:
+            self._write(offset, data)
+            if fua:
+                self.volume.flush()
+        finally:
+            self._leave()
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._aligned(offset, len(data)):
+            self.volume.write(offset, data)
+            return
+        with self._patch_lock:  # read-modify-write of a shared sector: one at a time
+            self.volume.write(offset, data)
+
+    def flush(self) -> None:
+        self._enter()
+        try:
+            if not self.read_only:
+                self.volume.flush()
+        finally:
+            self._leave()
+
+    def trim(self, offset: int, length: int) -> None:
+        """A hint the protocol lets a server ignore; the ciphertext stays (zeros would not read as zeros)."""
+        self._check_writable()
+        self._enter()
+        try:
+            self.volume.check_range(offset, length)
+        finally:
+            self._leave()
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        """Encrypted zeros (a hole in the file would decrypt to noise), a chunk at a time."""
+        self._check_writable()
+        self._enter()
+        try:
+            self.volume.check_range(offset, length)
+            zeros = bytes(min(length, ZERO_CHUNK))
+            done = 0
+            while done < length:
+                n = min(length - done, len(zeros))
+                self._write(offset + done, memoryview(zeros)[:n])
+                done += n
+            if fua:
+                self.volume.flush()
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        """Refuse new requests, wait for those in flight, flush, and close the volume (wiping its key)."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active:
+                self._state.wait()
+        try:
+            if not self.read_only:
+                self.volume.flush()
+        finally:
+            self.volume.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("ro" if self.read_only else "rw")
+        return f"<LuksExport {self.name!r} {self.size} bytes {state}>"
