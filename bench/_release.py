@@ -1,6 +1,6 @@
 """Shared pieces of bench/release.py and bench/leases.py: a tenant with a key and a trusted devcloud,
-instances and volumes, release requests with evidence made the way an instance makes it, and the
-audit log read back through the API.
+instances and volumes, release requests with evidence made the way an instance makes it (made in bulk
+in worker processes, with a TPM quote each when asked), and the audit log read back through the API.
 
 Not a bench itself: the two benches that use it end, as every bench does, with the line
 ``{"bench": NAME, "figures": [...]}``.
@@ -15,14 +15,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import multiprocessing
+import os
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from _common import BenchError, KeystewardServer
+from _tpm import Quoter
 
 from keysteward.attest.binding import binding
 from keysteward.crypto.hpke import X25519, OneTimeKey
@@ -52,12 +56,25 @@ def unpack(plain: bytearray) -> tuple[bytes, bytes]:
     return bytes(plain[5 : 5 + n]), bytes(plain[5 + n :])
 
 
+Platform = Callable[[bytes], dict[str, Any]]  # binding -> more evidence, e.g. {"tpm": evidence.tpm}
+
+
 def release_body(
-    cloud: DevCloud, instance: Instance, volume_id: str, nonce: str, suite: str = X25519
+    cloud: DevCloud,
+    instance: Instance,
+    volume_id: str,
+    nonce: str,
+    suite: str = X25519,
+    platform: Platform | None = None,
 ) -> tuple[dict[str, Any], OneTimeKey]:
-    """What an agent sends: a one-time HPKE key and the instance's identity document bound to it and the nonce."""
+    """What an agent sends: a one-time HPKE key and the instance's identity document bound to it and the nonce
+    (and ``platform(binding)``'s evidence bound to the same, when given)."""
     otk = OneTimeKey.generate(suite)
-    document, signature = cloud.aws_document(instance, binding(raw_nonce(nonce), otk.public_bytes).hex())
+    bound = binding(raw_nonce(nonce), otk.public_bytes)
+    document, signature = cloud.aws_document(instance, bound.hex())
+    evidence: dict[str, Any] = {"identity": {"type": "aws-iid", "document": b64(document), "signature": b64(signature)}}
+    if platform is not None:
+        evidence.update(platform(bound))
     body = {
         "protocol": PROTOCOL,
         "tenant": TENANT,
@@ -65,7 +82,7 @@ def release_body(
         "nonce": nonce,
         "suite": suite,
         "public_key": b64(otk.public_bytes),
-        "evidence": {"identity": {"type": "aws-iid", "document": b64(document), "signature": b64(signature)}},
+        "evidence": evidence,
     }
     return body, otk
 
@@ -196,9 +213,11 @@ class World:
     def challenge(self) -> str:
         return str(self.public.post("/v1/release/challenge", {})["nonce"])
 
-    def release(self, instance: Instance, volume_id: str) -> tuple[int, Any, OneTimeKey]:
+    def release(
+        self, instance: Instance, volume_id: str, platform: Platform | None = None
+    ) -> tuple[int, Any, OneTimeKey]:
         """One release as an agent makes it: challenge, evidence, request; (status, answer, one-time key)."""
-        body, otk = release_body(self.cloud, instance, volume_id, self.challenge())
+        body, otk = release_body(self.cloud, instance, volume_id, self.challenge(), platform=platform)
         r = self.public.client.post("/v1/release", json=body)
         return r.status_code, r.json(), otk
 
@@ -221,6 +240,83 @@ def fetch_nonces(server: KeystewardServer, count: int, concurrency: int = 32) ->
             await pool.close()
 
     return asyncio.run(run())
+
+
+# -- request bodies in bulk, made in worker processes ------------------------------------------
+
+_worker: dict[str, Any] = {}
+CHUNK = 500  # bodies per job (identity only)
+TPM_CHUNK = 250  # bodies per job with quotes: a job holds its swtpm's only connection while it runs
+
+
+@dataclass
+class BodyStats:
+    seconds: float  # wall time: nonces, evidence, bodies written
+    quotes: int = 0
+    quote_seconds: float = 0.0  # summed over the workers: time spent waiting for TPM2_Quote answers
+
+
+def _init_worker(state: str, instances: list[dict[str, Any]], volume_ids: list[str], tpm_ports: list[int]) -> None:
+    _worker["cloud"] = DevCloud(Path(state))
+    _worker["instances"] = [Instance.from_json(i) for i in instances]
+    _worker["volumes"] = volume_ids
+    _worker["tpm_ports"] = tpm_ports
+
+
+def _make_bodies(job: tuple[int | None, list[tuple[int, str]]]) -> tuple[list[str], int, float]:
+    """JSON lines for ``(agent, nonce)`` pairs, quoted by TPM ``job[0]`` (None: identity only)."""
+    tpm, items = job
+    cloud, instances, volumes = _worker["cloud"], _worker["instances"], _worker["volumes"]
+    quoter = Quoter(_worker["tpm_ports"][tpm]) if tpm is not None else None
+    try:
+        platform = quoter.evidence if quoter is not None else None
+        lines = []
+        for agent, nonce in items:
+            body, _ = release_body(cloud, instances[agent], volumes[agent], nonce, platform=platform)
+            lines.append(json.dumps(body, separators=(",", ":")))
+    finally:
+        if quoter is not None:
+            quoter.close()
+    return lines, (quoter.count if quoter else 0), (quoter.seconds if quoter else 0.0)
+
+
+def _jobs(nonces: list[str], agents: int, tpms: int) -> list[tuple[int | None, list[tuple[int, str]]]]:
+    """Nonce k goes to agent k mod ``agents``; with TPMs, each job holds the agents of one TPM
+    (agent mod ``tpms``), and jobs alternate between TPMs so that the workers quote on all of them at once."""
+    pairs = [(k % agents, nonce) for k, nonce in enumerate(nonces)]
+    if not tpms:
+        return [(None, pairs[i : i + CHUNK]) for i in range(0, len(pairs), CHUNK)]
+    per_tpm = [[p for p in pairs if p[0] % tpms == t] for t in range(tpms)]
+    chunked = [
+        [(t, group[i : i + TPM_CHUNK]) for i in range(0, len(group), TPM_CHUNK)] for t, group in enumerate(per_tpm)
+    ]
+    jobs: list[tuple[int | None, list[tuple[int, str]]]] = []
+    for row in range(max(len(c) for c in chunked)):
+        jobs += [c[row] for c in chunked if row < len(c)]
+    return jobs
+
+
+def make_bodies(
+    world: World, instances: list[Instance], volume_ids: list[str], count: int, path: Path, tpm_ports: list[int]
+) -> BodyStats:
+    """``count`` release bodies in ``path``, one JSON per line, each with a fresh nonce and, when
+    ``tpm_ports`` names swtpm command ports, a quote by the TPM of its agent (agent k uses port k mod n)."""
+    started = time.monotonic()
+    nonces = fetch_nonces(world.server, count)
+    stats = BodyStats(0.0)
+    ctx = multiprocessing.get_context("spawn")  # not fork: a fork while threads hold locks can hang the child
+    with ctx.Pool(
+        os.cpu_count() or 1,
+        initializer=_init_worker,
+        initargs=(str(world.cloud.state), [i.to_json() for i in instances], volume_ids, tpm_ports),
+    ) as pool:
+        with path.open("w") as out:
+            for lines, quotes, quote_seconds in pool.imap(_make_bodies, _jobs(nonces, len(instances), len(tpm_ports))):
+                out.write("\n".join(lines) + "\n")
+                stats.quotes += quotes
+                stats.quote_seconds += quote_seconds
+    stats.seconds = time.monotonic() - started
+    return stats
 
 
 # -- a small HTTP/1.1 keep-alive client on asyncio streams -------------------------------------

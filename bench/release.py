@@ -1,6 +1,7 @@
 """Key release over HTTPS: complete releases per second and their latency, 32 concurrent agents.
 
     python bench/release.py [--quick] [--duration S] [--engines sqlite,postgresql] [--workers N]
+                            [--evidence identity|tpm]
 
 For each engine (SQLite in the data directory; PostgreSQL on a throw-away local cluster) it starts a
 real ``keysteward`` server (dev seal, TLS, one worker per core, release nonces valid 900 s), creates a
@@ -30,6 +31,19 @@ operation, as in bench/kms_ops.py) with the same wrk set-up; ratio = releases/s 
 latencies: release latency / decrypt latency). Targets (issue 4): at least 500 releases/s and p99
 under 50 ms, on both engines.
 
+``--evidence tpm`` (issue 5) adds platform evidence: each release also carries a real TPM2 quote
+(``evidence.tpm``, PCRs sha256:0,7) with qualifying data = the same binding as the identity document.
+Two swtpm processes (one per core) each get an EK and an AK from the agent's driver; an admin pins the
+AK for the instances that use that TPM (``PUT /v1/attest/tpm/keys``, agent k on TPM k mod 2) and sets a
+policy set of the built-in binding rule plus a ``forbid ... unless`` the platform is ``tpm2`` with the
+swtpm's PCR 7 (checked before the warm-up: a release without a quote, and one with the other TPM's
+quote, are refused). The server then verifies every quote against the instance's enrolled AK. The quotes
+are made with the bodies, in the same worker processes, before each timed phase (see bench/_tpm.py for
+how, and why not with one tpm2_quote process each); the output says how long they took. The audit check
+also requires every released record to name its instance's AK in ``details.platform.tpm_ak``, and the
+end-to-end release carries a quote made by the agent's own ``TpmDevice.quote``. Figures are named
+``release_tpm_*``; target (issue 5): at least 300 releases/s.
+
 wrk, the server and PostgreSQL share this machine's cores; the readable lines say how the CPU time was
 split. The last line is ``{"bench": "release", "figures": [...]}`` (DESIGN.md section 7).
 """
@@ -37,8 +51,8 @@ split. The last line is ``{"bench": "release", "figures": [...]}`` (DESIGN.md se
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -64,9 +78,10 @@ from _common import (
     wrk_binary,
     wrk_post_script,
 )
-from _release import World, fetch_nonces, open_released, release_body
+from _release import ACCOUNT, PROVIDER, BodyStats, World, make_bodies, open_released
+from _tpm import TpmSite
 
-from keysteward.devcloud.provider import DevCloud, Instance
+from keysteward.devcloud.provider import Instance
 
 BENCH = "release"
 ENGINES = ("sqlite", "postgresql")
@@ -74,52 +89,15 @@ AGENTS = 32
 CONNECTIONS = 32
 THREADS = 2
 NONCE_TTL_SECONDS = 900
-TARGET_RELEASES = 500.0  # releases/s, at least
-TARGET_P99_MS = 50.0  # ms, at most
+TARGET_RELEASES = 500.0  # releases/s, at least (issue 4, identity evidence)
+TARGET_P99_MS = 50.0  # ms, at most (issue 4, identity evidence)
+TARGET_TPM_RELEASES = 300.0  # releases/s, at least (issue 5, identity and TPM evidence); no latency target
+EVIDENCE = ("identity", "tpm")
+TPMS = min(2, os.cpu_count() or 1)  # swtpm processes with --evidence tpm: one per core quotes in parallel
 MARKER = "KSBENCH"
 
 
-# -- request bodies, made before the timed phase ----------------------------------------------
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(state: str, instances: list[dict[str, Any]], volume_ids: list[str]) -> None:
-    _worker["cloud"] = DevCloud(Path(state))
-    _worker["instances"] = [Instance.from_json(i) for i in instances]
-    _worker["volumes"] = volume_ids
-
-
-def _make_bodies(job: tuple[int, list[str]]) -> list[str]:
-    """JSON lines for nonces ``job[1]``; body k of the whole file goes to agent k mod AGENTS."""
-    import json
-
-    first, nonces = job
-    cloud, instances, volumes = _worker["cloud"], _worker["instances"], _worker["volumes"]
-    lines = []
-    for k, nonce in enumerate(nonces, start=first):
-        agent = k % len(instances)
-        body, _ = release_body(cloud, instances[agent], volumes[agent], nonce)
-        lines.append(json.dumps(body, separators=(",", ":")))
-    return lines
-
-
-def make_bodies(world: World, instances: list[Instance], volume_ids: list[str], count: int, path: Path) -> float:
-    """``count`` release bodies in ``path``, one JSON per line; returns the seconds it took."""
-    started = time.monotonic()
-    nonces = fetch_nonces(world.server, count)
-    chunk = 500
-    jobs = [(i, nonces[i : i + chunk]) for i in range(0, len(nonces), chunk)]
-    ctx = multiprocessing.get_context("spawn")  # not fork: a fork while threads hold locks can hang the child
-    with ctx.Pool(
-        os.cpu_count() or 1,
-        initializer=_init_worker,
-        initargs=(str(world.cloud.state), [i.to_json() for i in instances], volume_ids),
-    ) as pool:
-        with path.open("w") as out:
-            for lines in pool.imap(_make_bodies, jobs):
-                out.write("\n".join(lines) + "\n")
-    return time.monotonic() - started
+# -- the wrk script ----------------------------------------------------------------------------
 
 
 def release_script(path: Path, bodies: Path, threads: int) -> Path:
@@ -208,9 +186,10 @@ def run_releases(
     seconds: float,
     work: Path,
     name: str,
-) -> tuple[ReleaseRun, float]:
+    tpm_ports: list[int],
+) -> tuple[ReleaseRun, BodyStats]:
     bodies = work / f"{name}.jsonl"
-    made_in = make_bodies(world, instances, volume_ids, count, bodies)
+    made = make_bodies(world, instances, volume_ids, count, bodies, tpm_ports)
     script = release_script(work / f"{name}.lua", bodies, THREADS)
     m = measure_wrk(
         world.server,
@@ -231,14 +210,64 @@ def run_releases(
     run = ReleaseRun(m, int(got["bodies"]), int(got["used"]), int(got["released"]), got["exhausted"] != "0")
     if run.bodies != count:
         raise BenchError(f"wrk threads loaded {run.bodies} bodies, not the {count} made")
-    return run, made_in
+    return run, made
+
+
+def made_line(count: int, made: BodyStats, tpms: int) -> str:
+    """How long the bodies took, and their quotes (summed over the workers) when there are any."""
+    text = f"{count} bodies made in {made.seconds:.1f} s"
+    if made.quotes:
+        text += (
+            f"; their {made.quotes} TPM quotes took {made.quote_seconds:.1f} s of TPM2_Quote on {tpms} swtpm "
+            f"({1000 * made.quote_seconds / made.quotes:.2f} ms/quote)"
+        )
+    return text
+
+
+def check_audit(world: World, seq0: int, low: int, high: int, ak_of: dict[str, str] | None) -> int:
+    """The audit log after ``seq0``: ``low``-``high`` released volume.release records and no denial; with
+    ``ak_of`` (instance id -> AK name), each names in ``details.platform.tpm_ak`` the AK of its instance's TPM."""
+    released = denied = other = wrong_ak = 0
+    for _, rec in world.admin.audit(seq0):
+        if rec.get("action") != "volume.release":
+            continue
+        details = rec.get("details", {})
+        if rec.get("outcome") == "denied":
+            denied += 1
+        elif details.get("decision") == "released":
+            released += 1
+            instance = details.get("instance", {}).get("instance_id")
+            if ak_of is not None and details.get("platform", {}).get("tpm_ak") != ak_of.get(instance):
+                wrong_ak += 1
+        else:
+            other += 1
+    if denied or other or wrong_ak or not low <= released <= high:
+        raise BenchError(
+            f"audit log: {released} released ({wrong_ak} without their instance's TPM AK), {denied} denied, {other} "
+            f"other volume.release records; wrk saw {low} released answers and sent {high} release requests"
+        )
+    return released
+
+
+def tpm_site(
+    cleanup: Cleanup, engine: str, world: World, work: Path, instances: list[Instance], vols: list[str]
+) -> TpmSite:
+    """The swtpms, their AKs pinned for the instances, the policy that requires them, and proof it does."""
+    started = time.monotonic()
+    site = TpmSite.start(cleanup, work / "tpm", min(TPMS, AGENTS))
+    done = site.require(world, [f"{PROVIDER}/{ACCOUNT}/{i.id}" for i in instances], instances[0], vols[0])
+    say(f"[{engine}] {done} ({time.monotonic() - started:.1f} s)")
+    return site
 
 
 # -- one engine ------------------------------------------------------------------------------
 
 
-def run_engine(engine: str, cleanup: Cleanup, seconds: float, warmup: float, workers: int) -> list[dict[str, Any]]:
+def run_engine(
+    engine: str, cleanup: Cleanup, seconds: float, warmup: float, workers: int, evidence: str
+) -> list[dict[str, Any]]:
     mark = cleanup.mark()
+    tag = f"{engine}{'/tpm' if evidence == 'tpm' else ''}"
     try:
         started = time.monotonic()
         server, pg = engine_server(
@@ -247,13 +276,16 @@ def run_engine(engine: str, cleanup: Cleanup, seconds: float, warmup: float, wor
         work = make_temp_dir(cleanup, "ks-bench-release-")
         world = World.make(server, work / "devcloud")
         cleanup.push("close API clients", world.close)
-        instances = [world.cloud.create(account="111122223333", image_id="img-bench") for _ in range(AGENTS)]
+        instances = [world.cloud.create(account=ACCOUNT, image_id="img-bench") for _ in range(AGENTS)]
         volumes = [world.create_volume(f"vol{i:02d}") for i in range(AGENTS)]
         volume_ids = [v for v, _ in volumes]
         say(
-            f"[{engine}] keysteward server {server.url} ({workers} worker(s)), tenant, key, devcloud provider, "
+            f"[{tag}] keysteward server {server.url} ({workers} worker(s)), tenant, key, devcloud provider, "
             f"{AGENTS} instances and {AGENTS} volumes ready ({time.monotonic() - started:.1f} s)"
         )
+        site = tpm_site(cleanup, tag, world, work, instances, volume_ids) if evidence == "tpm" else None
+        tpm_ports = site.ports if site else []
+        tpms = len(tpm_ports)
 
         # the foundation's decrypt, same server, same wrk set-up
         pair = world.admin.post("/v1/keys/volumes/generate-data-key", {"key_spec": "AES_256"})
@@ -270,7 +302,7 @@ def run_engine(engine: str, cleanup: Cleanup, seconds: float, warmup: float, wor
         )
         d = decrypt.wrk
         say(
-            f"[{engine}] reference decrypt: {d.rps:,.1f} ops/s  p50 {d.p50_ms:.2f} ms  p99 {d.p99_ms:.2f} ms  "
+            f"[{tag}] reference decrypt: {d.rps:,.1f} ops/s  p50 {d.p50_ms:.2f} ms  p99 {d.p99_ms:.2f} ms  "
             f"({d.requests} requests in {d.seconds:.1f} s, 0 non-2xx)"
         )
         say(cpu_line(engine, decrypt))
@@ -278,18 +310,18 @@ def run_engine(engine: str, cleanup: Cleanup, seconds: float, warmup: float, wor
         # warm-up with the release script: sizes the timed run's bodies
         calib = max(1000, int(1000 * warmup))
         seq0 = world.admin.last_seq()
-        warm, made_in = run_releases(world, pg, instances, volume_ids, calib, warmup, work, "warmup")
+        warm, made = run_releases(world, pg, instances, volume_ids, calib, warmup, work, "warmup", tpm_ports)
         rate = warm.used / warm.m.wrk.seconds
         if warm.exhausted:
             rate *= 2  # the warm-up ran out: it only says the rate is above this
         count = math.ceil(rate * seconds * 1.5) + 500
         say(
-            f"[{engine}] warm-up: {warm.per_s:,.0f} releases/s over {warm.m.wrk.seconds:.1f} s "
-            f"({calib} bodies made in {made_in:.1f} s); making {count} bodies for {seconds:g} s"
+            f"[{tag}] warm-up: {warm.per_s:,.0f} releases/s over {warm.m.wrk.seconds:.1f} s "
+            f"({made_line(calib, made, tpms)}); making {count} bodies for {seconds:g} s"
         )
 
         try:
-            run, made_in = run_releases(world, pg, instances, volume_ids, count, seconds, work, "timed")
+            run, made = run_releases(world, pg, instances, volume_ids, count, seconds, work, "timed", tpm_ports)
         except BenchError as exc:
             logs = f"{exc}\nserver log (last lines):\n{server.log_tail(20)}"
             if pg is not None:
@@ -300,55 +332,52 @@ def run_engine(engine: str, cleanup: Cleanup, seconds: float, warmup: float, wor
         if run.exhausted:
             raise BenchError(f"wrk used all {run.bodies} pre-made bodies before the end of the run: rerun")
         w = run.m.wrk
+        what = "complete releases/s with a TPM quote each" if site else "complete releases/s"
         say(
-            f"[{engine}] release: {run.per_s:,.1f} complete releases/s (challenge + release; {run.released} in "
-            f"{w.seconds:.1f} s; {count} bodies made in {made_in:.1f} s before the run, {run.used} sent)"
+            f"[{tag}] release: {run.per_s:,.1f} {what} (challenge + release; {run.released} in "
+            f"{w.seconds:.1f} s; {made_line(count, made, tpms)} before the run, {run.used} sent)"
         )
         say(
-            f"[{engine}]   latency over all {w.requests} requests (challenges and releases alike): "
+            f"[{tag}]   latency over all {w.requests} requests (challenges and releases alike): "
             f"p50 {w.p50_ms:.2f} ms  p75 {w.p75_ms:.2f} ms  p90 {w.p90_ms:.2f} ms  p99 {w.p99_ms:.2f} ms, 0 non-2xx"
         )
         say(cpu_line(engine, run.m, per=run.released, what="release"))
 
-        # the audit log: one released record per release the server completed, no denial
-        released = denied = other = 0
-        for _, rec in world.admin.audit(seq0):
-            if rec.get("action") != "volume.release":
-                continue
-            if rec.get("outcome") == "denied":
-                denied += 1
-            elif rec.get("details", {}).get("decision") == "released":
-                released += 1
-            else:
-                other += 1
-        expected_low, expected_high = warm.released + run.released, warm.used + run.used
-        if denied or other or not expected_low <= released <= expected_high:
-            raise BenchError(
-                f"audit log: {released} released, {denied} denied, {other} other volume.release records; wrk saw "
-                f"{expected_low} released answers and sent {expected_high} release requests"
-            )
-        # one more release end to end, as an agent: the sealed answer opens to the volume's secret
-        status, answer, otk = world.release(instances[0], volume_ids[0])
+        # the audit log: one released record per release the server completed, no denial, the right AK
+        low, high = warm.released + run.released, warm.used + run.used
+        ak_of = {i.id: site.ak_names[site.tpm_of(k)] for k, i in enumerate(instances)} if site else None
+        released = check_audit(world, seq0, low, high, ak_of)
+        # one more release end to end, as an agent (its quote by the agent's own driver, tpm2-tools)
+        platform = functools.partial(site.agent_evidence, 0) if site else None
+        status, answer, otk = world.release(instances[0], volume_ids[0], platform=platform)
         if status != 200:
             raise BenchError(f"the end-to-end release answered {status}: {answer}")
         secret, _, _ = open_released(answer, otk, volume_ids[0])
         if secret != volumes[0][1]:
             raise BenchError("the released secret is not the one returned at volume creation")
         say(
-            f"[{engine}]   checked: the audit log holds {released} released volume.release records for "
-            f"{expected_low}-{expected_high} releases (answered - sent), 0 denials; "
-            "an end-to-end release opens to the volume's secret"
+            f"[{tag}]   checked: the audit log holds {released} released volume.release records for "
+            f"{low}-{high} releases (answered - sent), 0 denials"
+            + (", each naming its instance's TPM AK in details.platform.tpm_ak" if site else "")
+            + "; an end-to-end release"
+            + (" with a tpm2_quote quote (the agent's TpmDevice)" if site else "")
+            + " opens to the volume's secret"
         )
     finally:
         cleanup.unwind(mark)
 
     ref = decrypt.wrk
-    figures = [
+    if site:
+        return [
+            figure(f"release_tpm_per_s_{engine}", run.per_s, "releases/s", ref.rps, target=TARGET_TPM_RELEASES),
+            figure(f"release_tpm_p50_ms_{engine}", w.p50_ms, "ms", ref.p50_ms, higher_is_better=False),
+            figure(f"release_tpm_p99_ms_{engine}", w.p99_ms, "ms", ref.p99_ms, higher_is_better=False),
+        ]
+    return [
         figure(f"release_per_s_{engine}", run.per_s, "releases/s", ref.rps, target=TARGET_RELEASES),
         figure(f"release_p50_ms_{engine}", w.p50_ms, "ms", ref.p50_ms, higher_is_better=False),
         figure(f"release_p99_ms_{engine}", w.p99_ms, "ms", ref.p99_ms, target=TARGET_P99_MS, higher_is_better=False),
     ]
-    return figures
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -365,6 +394,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--engines", default=None, help="comma-separated engines (default: sqlite,postgresql; --quick: sqlite)"
+    )
+    parser.add_argument(
+        "--evidence",
+        choices=EVIDENCE,
+        default="identity",
+        help="identity: the identity document only (issue 4); tpm: plus a TPM2 quote each (issue 5)",
     )
     args = parser.parse_args(argv)
     args.engines = args.engines or ("sqlite" if args.quick else ",".join(ENGINES))
@@ -383,6 +418,7 @@ def main(argv: list[str]) -> int:
         say(
             f"{BENCH}: {AGENTS} agents, wrk -c {CONNECTIONS} -t {THREADS} --latency, {args.duration:g} s per "
             f"measurement (after a {warmup:g} s warm-up), engines: {', '.join(args.engines)}"
+            + (f", evidence: identity + TPM2 quote ({TPMS} swtpm)" if args.evidence == "tpm" else "")
         )
         say(
             f"{BENCH}: this machine has {cores} CPU core(s), shared by wrk, the keysteward server and PostgreSQL; "
@@ -394,7 +430,7 @@ def main(argv: list[str]) -> int:
         say(f"{BENCH}: before the run, other processes kept {(busy1 - busy0) / max(1.0, total1 - total0):.0%} busy")
         figures: list[dict[str, Any]] = []
         for engine in args.engines:
-            figures += run_engine(engine, cleanup, args.duration, warmup, args.workers)
+            figures += run_engine(engine, cleanup, args.duration, warmup, args.workers, args.evidence)
     except BenchError as exc:
         print(f"{BENCH}: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
