@@ -1,7 +1,7 @@
 """TPM evidence for ``bench/release.py --evidence tpm``: software TPMs, their attestation keys pinned for the
 bench's instances, a policy set that requires the TPM, and quotes made in bulk before the timed phase.
 
-Not a bench itself (bench/release.py is).
+Not a bench itself: bench/release.py is, and prints the ``{"bench": "release", "figures": [...]}`` line.
 
 Each TPM is a real ``swtpm socket --tpm2`` on loopback (started as tests/support/swtpm.py does; benches do
 not import the tests). Its EK and AK are made by the agent's own driver,

@@ -2,6 +2,8 @@
 
     python bench/policy.py [--quick] [--rounds N]
 
+It ends, as every bench does, with one line ``{"bench": "policy", "figures": [...]}``.
+
 Work: 1,000 distinct release requests (200 instances over 50 accounts and 20 images, 1,000 volumes with
 team / pci / sensitivity labels, SEV-SNP, TPM and plain platforms, times over the whole week), built
 once as :class:`~keysteward.policy.facts.PolicyRequest` objects, decided in turn by
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from _common import emit_json, ratio_figure, say
+from _common import ratio_figure, report_figures, say
 
 from keysteward.policy.engine import CompiledPolicySet
 from keysteward.policy.facts import PolicyRequest
@@ -213,11 +215,7 @@ def main() -> None:
         ratio_figure("evaluate_many_per_s", best["many"], "1/s", best["full"], None),
         ratio_figure("request_builds_per_s", best["build"], "1/s", best["full"], None),
     ]
-    for f in figures:
-        verdict = "" if f["ok"] is None else f"  target {f['target']:g}: {'ok' if f['ok'] else 'MISSED'}"
-        say(f"  {f['name']:<30} {f['value']:>12,.1f} {f['unit']:<4} ratio {f['ratio']:.3g}{verdict}")
-    say(f"{BENCH}: done in {time.monotonic() - started:.1f} s")
-    emit_json(BENCH, figures)
+    report_figures(BENCH, figures, started, widths=(30, 4))
 
 
 if __name__ == "__main__":
