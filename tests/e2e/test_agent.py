@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -39,6 +38,7 @@ from keysteward.volume.kms_token import read_token
 from keysteward.volume.luks_volume import LuksVolume
 from tests.fixtures.keysteward import KEYSTEWARD, SecretRegistry, ServerProcess, init_manager
 from tests.integration.test_volume_tools import MIB, run, tool
+from tests.support.daemons import Daemon, memory_holds, reaped
 
 pytestmark = pytest.mark.e2e
 ACCOUNT = "111122223333"
@@ -125,7 +125,9 @@ def kms(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_reg
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-class AgentProcess:
+class AgentProcess(Daemon):
+    name = "agent"
+
     def __init__(self, kms: Kms, lines: list[str]) -> None:
         self.config = kms.tmp / "volumes"
         self.config.write_text("# test volumes\n" + "\n".join(lines) + "\n")
@@ -140,54 +142,10 @@ class AgentProcess:
                 stdout=log, stderr=log,
             )  # fmt: skip
 
-    def status(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads(self.status_file.read_text()))
-        except (OSError, ValueError):
-            return {}
-
-    def wait(self, what: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"agent exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
-            status = self.status()
-            if status and what(status):
-                return status
-            time.sleep(0.1)
-        raise AssertionError(f"timed out; status {self.status()}; log {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
 
 @pytest.fixture
 def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        if agent.proc.poll() is None:
-            agent.proc.kill()
-            agent.proc.wait(10)
-
-
-def memory_holds(pid: int, needles: dict[str, bytes]) -> set[str]:
-    """Which ``needles`` appear anywhere in the readable memory of process ``pid``."""
-    found: set[str] = set()
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]", "[vdso]")):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                data = mem.read(end - start)
-            except (OSError, OverflowError, ValueError):
-                continue
-            found |= {label for label, needle in needles.items() if needle in data}
-    return found
+    yield from reaped([])
 
 
 def volume_key(path: Path) -> bytes:

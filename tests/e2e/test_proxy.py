@@ -33,6 +33,7 @@ from keysteward.volume.create import CreateOptions
 from keysteward.volume.kdf import KdfChoice
 from keysteward.volume.luks_volume import LuksVolume
 from tests.fixtures.keysteward import KEYSTEWARD, SecretRegistry, ServerProcess, init_manager
+from tests.support.daemons import Daemon, reaped
 from tests.support.tools import tool
 
 pytestmark = pytest.mark.e2e
@@ -170,8 +171,10 @@ def tls_toml(site: Site) -> str:
 PLAINTEXT = '[listen]\naddress = "127.0.0.1"\nport = 0\nallow_plaintext = true\n'
 
 
-class ProxyProcess:
+class ProxyProcess(Daemon):
     """``keysteward proxy serve`` with its config, status file and JSON log in ``tmp``."""
+
+    name = "proxy"
 
     def __init__(self, tmp: Path, head: str, exports: list[str], registry: SecretRegistry) -> None:
         self.tmp = tmp
@@ -192,21 +195,8 @@ class ProxyProcess:
         text = f'status_file = "{self.status_file}"\n[metrics]\naddress = "127.0.0.1"\nport = 0\n'
         self.config.write_text(text + self.head + "".join(exports))
 
-    def status(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads(self.status_file.read_text()))
-        except (OSError, ValueError):
-            return {}
-
-    def wait(self, what: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"proxy exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
-            status = self.status()
-            if status.get("proxy", {}).get("port") and what(status):
-                return status
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; status {self.status()}; log {self.log.read_text()[-3000:]}")
+    def ready(self, status: dict[str, Any]) -> bool:
+        return bool(status.get("proxy", {}).get("port"))
 
     def states(self) -> dict[str, str]:
         return {name: e["state"] for name, e in self.status().get("exports", {}).items()}
@@ -223,20 +213,10 @@ class ProxyProcess:
         lines = self.log.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
 
 @pytest.fixture
 def proxies() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        if proxy.proc.poll() is None:
-            proxy.proc.kill()
-            proxy.proc.wait(10)
+    yield from reaped([])
 
 
 # -- real clients -------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_agent import memory_holds
 from tests.e2e.test_proxy import (
     ProxyProcess,
     QemuIoSession,
@@ -32,6 +31,7 @@ from tests.e2e.test_proxy import (
     volume_key,
 )
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess
+from tests.support.daemons import memory_holds
 
 pytestmark = pytest.mark.e2e
 
