@@ -296,6 +296,14 @@ def machine_cpu() -> tuple[float, float]:
     return float(total - idle), float(total)
 
 
+def background_load(seconds: float = 0.5) -> float:
+    """The share of the machine other processes keep busy, sampled over ``seconds`` before a run."""
+    busy0, total0 = machine_cpu()
+    time.sleep(seconds)
+    busy1, total1 = machine_cpu()
+    return (busy1 - busy0) / max(1.0, total1 - total0)
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -543,6 +551,34 @@ def check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         args.duration = 5.0 if args.quick else 20.0
     if args.duration < 1:
         parser.error("--duration must be at least 1 second")
+
+
+def run_bench(
+    bench: str,
+    work: Callable[[Cleanup], list[dict[str, Any]]],
+    widths: tuple[int, int] = (36, 6),
+    *,
+    closing: str = "",
+) -> int:
+    """A bench's main: ``work`` measures (its servers and files registered with the Cleanup, undone in
+    any case), then the figures are reported. Exit 0, 1 with one line when the run cannot produce valid
+    figures (:class:`BenchError`), 130 when interrupted."""
+    started = time.monotonic()
+    cleanup = Cleanup()
+    try:
+        figures = work(cleanup)
+    except BenchError as exc:
+        print(f"{bench}: FAILED: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{bench}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        cleanup.run()
+    if closing:
+        say(closing)
+    report_figures(bench, figures, started, widths)
+    return 0
 
 
 def report_figures(

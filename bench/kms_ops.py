@@ -40,14 +40,14 @@ from _common import (
     KeystewardServer,
     PgCluster,
     WrkMeasurement,
+    background_load,
     check_engine_args,
     cpu_line,
     engine_server,
     figure,
-    machine_cpu,
     make_temp_dir,
     measure_wrk,
-    report_figures,
+    run_bench,
     say,
     wrk_binary,
     wrk_post_script,
@@ -230,10 +230,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
     warmup = 1.0 if args.quick else 3.0
-    cleanup = Cleanup()
-    try:
+
+    def work(cleanup: Cleanup) -> list[dict[str, Any]]:
         wrk_binary()
         cores = os.cpu_count() or 1
         say(
@@ -244,13 +243,7 @@ def main(argv: list[str]) -> int:
             f"{BENCH}: this machine has {cores} CPU core(s), shared by wrk (the client), the keysteward server "
             f"and PostgreSQL: server figures are lower than on a machine of its own"
         )
-        busy0, total0 = machine_cpu()
-        time.sleep(0.5)
-        busy1, total1 = machine_cpu()
-        say(
-            f"{BENCH}: before the run, other processes kept {(busy1 - busy0) / max(1.0, total1 - total0):.0%} "
-            f"of the machine busy"
-        )
+        say(f"{BENCH}: before the run, other processes kept {background_load():.0%} of the machine busy")
         ref = measure_reference(0.5 if args.quick else 2.0)
         say(
             f"reference (in-process AES-256-GCM, 1 thread): decrypt {ref.decrypt_ops:,.0f} ops/s "
@@ -260,16 +253,9 @@ def main(argv: list[str]) -> int:
         figures: list[dict[str, Any]] = []
         for engine in args.engines:
             figures += run_engine(engine, cleanup, ref, args.duration, warmup, args.workers)
-    except BenchError as exc:
-        print(f"{BENCH}: FAILED: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{BENCH}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        cleanup.run()
-    report_figures(BENCH, figures, started, (36, 6))
-    return 0
+        return figures
+
+    return run_bench(BENCH, work, (36, 6))
 
 
 if __name__ == "__main__":

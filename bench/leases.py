@@ -56,7 +56,7 @@ from _common import (
     machine_cpu,
     make_temp_dir,
     process_cpu_seconds,
-    report_figures,
+    run_bench,
     say,
 )
 from _release import HttpPool, World, b64, bulk_instances, open_released, release_body
@@ -384,25 +384,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    cleanup = Cleanup()
-    try:
+
+    def work(cleanup: Cleanup) -> list[dict[str, Any]]:
         say(
             f"{BENCH}: {args.agents} agents renewing every {RENEW_SECONDS} s (lease {LEASE_SECONDS} s) for "
             f"{args.duration:g} s, {POOL} keep-alive connections, engine {args.engine}"
         )
         say(f"{BENCH}: this machine has {os.cpu_count()} CPU core(s), shared by this client and the server")
-        figures = run(args, cleanup)
-    except BenchError as exc:
-        print(f"{BENCH}: FAILED: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{BENCH}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        cleanup.run()
-    report_figures(BENCH, figures, started, (20, 11))
-    return 0
+        return run(args, cleanup)
+
+    return run_bench(BENCH, work, (20, 11))
 
 
 if __name__ == "__main__":

@@ -65,15 +65,15 @@ from _common import (
     Cleanup,
     PgCluster,
     WrkMeasurement,
+    background_load,
     check_engine_args,
     cpu_line,
     engine_server,
     figure,
     lua_string,
-    machine_cpu,
     make_temp_dir,
     measure_wrk,
-    report_figures,
+    run_bench,
     say,
     wrk_binary,
     wrk_post_script,
@@ -409,10 +409,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
     warmup = 1.0 if args.quick else 3.0
-    cleanup = Cleanup()
-    try:
+
+    def work(cleanup: Cleanup) -> list[dict[str, Any]]:
         wrk_binary()
         cores = os.cpu_count() or 1
         say(
@@ -424,24 +423,14 @@ def main(argv: list[str]) -> int:
             f"{BENCH}: this machine has {cores} CPU core(s), shared by wrk, the keysteward server and PostgreSQL; "
             "evidence and bodies are made before each timed run"
         )
-        busy0, total0 = machine_cpu()
-        time.sleep(0.5)
-        busy1, total1 = machine_cpu()
-        say(f"{BENCH}: before the run, other processes kept {(busy1 - busy0) / max(1.0, total1 - total0):.0%} busy")
+        say(f"{BENCH}: before the run, other processes kept {background_load():.0%} busy")
         figures: list[dict[str, Any]] = []
         for engine in args.engines:
             figures += run_engine(engine, cleanup, args.duration, warmup, args.workers, args.evidence)
-    except BenchError as exc:
-        print(f"{BENCH}: FAILED: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{BENCH}: interrupted", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        cleanup.run()
-    say(f"{BENCH}: release p50/p99 cover challenges and releases alike (wrk measures both request kinds)")
-    report_figures(BENCH, figures, started, (28, 10))
-    return 0
+        return figures
+
+    closing = f"{BENCH}: release p50/p99 cover challenges and releases alike (wrk measures both request kinds)"
+    return run_bench(BENCH, work, (28, 10), closing=closing)
 
 
 if __name__ == "__main__":
