@@ -50,6 +50,13 @@ class HostIdentity:
 
 
 Caller = InstanceIdentity | HostIdentity
+
+
+def actor_of(holder: str) -> str:
+    """The audit name of a lease holder: ``host:NAME`` as it is, ``instance:provider/account/id``."""
+    return holder if holder.startswith("host:") else f"instance:{holder}"
+
+
 _BINDING_FIELDS = ("provider", "account", "instance_id", "image_id", "host")
 
 
@@ -410,7 +417,7 @@ class Registry:
                 actor.tenant_id,
                 actor=actor.describe(),
                 action="instance.revoke",
-                target=holder if holder.startswith("host:") else f"instance:{holder}",
+                target=actor_of(holder),
                 details={"shred": shred, "reason": reason[:500]},
             )
 

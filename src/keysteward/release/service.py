@@ -47,7 +47,7 @@ from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces, decode
 from keysteward.release.platform import PlatformVerifier
 from keysteward.release.policy_facts import policy_denial, policy_request
-from keysteward.release.registry import ACTIVE, DESTROYED, SHRED, Caller, HostIdentity, Registry, VolumeInfo
+from keysteward.release.registry import ACTIVE, DESTROYED, SHRED, Caller, HostIdentity, Registry, VolumeInfo, actor_of
 from keysteward.settings import ReleaseSettings
 from keysteward.store.db import for_update
 from keysteward.store.models import Lease, Volume
@@ -57,11 +57,6 @@ PROTOCOL = "keysteward-release/1"
 MAGIC = b"KSR1"
 TOKEN_SIZE = 32
 SWEEP_SECONDS = 60.0
-
-
-def actor_of(holder: str) -> str:
-    """The audit actor of a lease holder: ``host:NAME`` as it is, ``instance:provider/account/id``."""
-    return holder if holder.startswith("host:") else f"instance:{holder}"
 
 
 def seal_info(tenant: str, volume_id: str, lease_id: str) -> bytes:
