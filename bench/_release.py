@@ -31,7 +31,7 @@ from _tpm import Quoter
 from keysteward.attest.binding import binding
 from keysteward.crypto.hpke import X25519, OneTimeKey
 from keysteward.devcloud.provider import DevCloud, Instance
-from keysteward.release.service import MAGIC, PROTOCOL, TOKEN_SIZE, seal_info
+from keysteward.formats.release_wire import PROTOCOL, TOKEN_SIZE, ReleaseWireError, seal_info, split_secret
 
 TENANT = "acme"
 KEY = "volumes"
@@ -49,11 +49,12 @@ def raw_nonce(nonce: str) -> bytes:
 
 
 def unpack(plain: bytearray) -> tuple[bytes, bytes]:
-    """``"KSR1" || u8 len || secret || lease token`` -> (secret, token)."""
-    if plain[:4] != MAGIC or len(plain) != 5 + plain[4] + TOKEN_SIZE:
-        raise BenchError("the sealed answer does not hold a KSR1 secret and lease token")
-    n = plain[4]
-    return bytes(plain[5 : 5 + n]), bytes(plain[5 + n :])
+    """A KSR1 plaintext -> (secret, token)."""
+    try:
+        secret_at, token_at = split_secret(plain)
+    except ReleaseWireError as exc:
+        raise BenchError("the sealed answer does not hold a KSR1 secret and lease token") from exc
+    return bytes(plain[secret_at]), bytes(plain[token_at])
 
 
 Platform = Callable[[bytes], dict[str, Any]]  # binding -> more evidence, e.g. {"tpm": evidence.tpm}

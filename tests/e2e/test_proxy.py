@@ -128,10 +128,11 @@ def make_site(tmp: Path, server_factory: Callable[..., ServerProcess], registry:
     with server.http(admin) as c:
         assert c.post("/keys", json={"name": "volumes"}).status_code < 300
         assert c.post("/ca/init").status_code == 201
-        issued = c.post("/ca/issue", json={"name": HOST, "role": "host"})
+        host_key_pem, csr = x509ca.make_csr("acme", "host", HOST)
+        issued = c.post("/ca/issue", json={"name": HOST, "role": "host", "csr_pem": csr.decode()})
         assert issued.status_code == 201, issued.text
     host_cert = _write(tmp / "host.pem", issued.json()["cert_pem"])
-    host_key = _write(tmp / "host.key", issued.json()["key_pem"])
+    host_key = _write(tmp / "host.key", bytes(host_key_pem).decode())
     # the NBD side: the proxy's server certificate and the clients' CA (a CA of the tenant's own)
     ca_pem, ca_key = x509ca.new_ca("acme nbd clients")
     served = x509ca.issue_server_cert(ca_pem, ca_key, hostnames=["localhost"], ips=["127.0.0.1"])

@@ -42,9 +42,15 @@ def test_agent_authenticates_with_a_tenant_certificate(
         assert c.post("/keys", json={"name": "vol-keys"}).status_code == 201
     with server.http(cert=cert) as agent:
         assert agent.get("/whoami").json() == {"tenant": "acme", "role": "agent", "name": "web-1", "kind": "cert"}
-        pair = agent.post("/keys/vol-keys/generate-data-key", json={}).json()
-        secret_registry.b64(pair["plaintext"], "agent data key")
-        assert agent.post("/decrypt", json={"ciphertext": pair["ciphertext"]}).json()["plaintext"] == pair["plaintext"]
+        # machines release volumes; they use envelope keys only where the tenant's policy names them
+        refused = agent.post("/keys/vol-keys/generate-data-key", json={})
+        assert refused.status_code == 403 and refused.json()["code"] == "no_permit"
+    with server.http(admin) as c:
+        pair = c.post("/keys/vol-keys/generate-data-key", json={}).json()
+        secret_registry.b64(pair["plaintext"], "admin data key")
+    with server.http(cert=cert) as agent:
+        refused = agent.post("/decrypt", json={"ciphertext": pair["ciphertext"]})
+        assert refused.status_code == 403 and refused.json()["code"] == "no_permit"
         # machines use keys; they do not manage them
         denied = agent.post("/keys", json={"name": "mine"})
         assert denied.status_code == 403 and denied.json()["code"] == "role_forbidden"

@@ -46,7 +46,8 @@ def test_import_customer_ca(manager: Manager) -> None:
     r = manager.call(admin, "POST", "/v1/ca/import", json={"cert_pem": cert_pem})
     assert r.status_code == 201 and r.json()["can_issue"] is False
     assert manager.call(admin, "POST", "/v1/ca/import", json={"cert_pem": cert_pem}).json()["code"] == "ca_exists"
-    r = manager.call(admin, "POST", "/v1/ca/issue", json={"name": "web-1", "role": "agent"})
+    csr = x509ca.make_csr("acme", "agent", "web-1")[1].decode()
+    r = manager.call(admin, "POST", "/v1/ca/issue", json={"name": "web-1", "role": "agent", "csr_pem": csr})
     assert r.status_code == 409 and r.json()["code"] == "ca_key_absent"
     der = load_pem_x509_certificate(leaf.cert_pem.encode())
     principal = manager.svc.cas.authenticate(der.public_bytes(Encoding.DER))
@@ -56,7 +57,11 @@ def test_import_customer_ca(manager: Manager) -> None:
     manager.call(beta, "POST", "/v1/ca/init")
     r = manager.call(beta, "POST", "/v1/ca/issue", json={"name": "boss", "role": "admin"})
     assert r.status_code == 422
-    issued = manager.call(beta, "POST", "/v1/ca/issue", json={"name": "h1", "role": "host", "days": 30}).json()
-    assert issued["key_pem"].startswith("-----BEGIN PRIVATE KEY-----") and "BEGIN CERTIFICATE" in issued["ca_pem"]
+    key_pem, csr = x509ca.make_csr("beta", "host", "h1")
+    issued = manager.call(
+        beta, "POST", "/v1/ca/issue", json={"name": "h1", "role": "host", "days": 30, "csr_pem": csr.decode()}
+    ).json()
+    assert issued["key_pem"] is None and "BEGIN CERTIFICATE" in issued["ca_pem"]  # the server never had the key
+    assert bytes(key_pem).decode() not in str(issued)
     records = manager.call(beta, "GET", "/v1/audit").json()["records"]
     assert "ca.issue" in records[-1]["body"] and "PRIVATE KEY" not in "".join(r["body"] for r in records)

@@ -9,6 +9,7 @@ leaves the leases alone.
 from __future__ import annotations
 
 import base64
+import importlib.resources
 import json
 import threading
 import time
@@ -25,7 +26,7 @@ from sqlalchemy import select
 from keysteward.attest.binding import binding
 from keysteward.crypto.hpke import MLKEM768_X25519, X25519, OneTimeKey
 from keysteward.devcloud.provider import DevCloud, Instance
-from keysteward.release.service import MAGIC, TOKEN_SIZE, seal_info
+from keysteward.formats.release_wire import MAGIC, TOKEN_SIZE, seal_info
 from keysteward.store.models import DataKey
 from tests.fixtures.keysteward import Manager
 
@@ -219,9 +220,9 @@ def test_replay_expiry_binding_and_forgery_are_denied(world: World, cloud: DevCl
     # forged and expired nonces
     fake = base64.urlsafe_b64encode(b"\x01" + bytes(40)).decode().rstrip("=")
     denied(world.release(vm, volume_id, nonce=fake)[0], "nonce_invalid")
-    world.m.svc.release.nonces.ttl = -1.0
+    world.m.svc.nonces.ttl = -1.0
     denied(world.release(vm, volume_id)[0], "nonce_expired")
-    world.m.svc.release.nonces.ttl = 60.0
+    world.m.svc.nonces.ttl = 60.0
     # an altered document (same signature), and a document signed by another provider's key
     nonce3 = world.challenge()
     ev = world.evidence(vm, nonce3, otk.public_bytes)
@@ -260,7 +261,7 @@ def test_replay_expiry_binding_and_forgery_are_denied(world: World, cloud: DevCl
 def test_tenants_bindings_and_clones(world: World, cloud: DevCloud) -> None:
     alerts: list[dict[str, Any]] = []
     with webhook(alerts) as url:
-        world.m.svc.release.alerts.url = url
+        world.m.svc.alerts.url = url
         vm = cloud.create(account="111122223333", image_id="img-base")
         pinned, _ = world.volume("pinned", {"provider": "devcloud", "account": "111122223333", "instance_id": vm.id})
         fleet, _ = world.volume("fleet", {"provider": "devcloud", "account": "111122223333", "image_id": "img-base"})
@@ -407,3 +408,27 @@ def webhook(received: list[dict[str, Any]]) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}/alerts"
     finally:
         server.shutdown()
+
+
+def test_renewal_asks_the_policy_again(world: World, cloud: DevCloud) -> None:
+    """A policy change that no longer permits a holder turns its next renewal into ``revoked``."""
+    vm = cloud.create(account="111122223333", image_id="img-base")
+    other = cloud.create(account="111122223333", image_id="img-base")
+    volume_id, secret = world.volume("data", {"provider": "devcloud", "account": "111122223333"})
+    got, lease_id, token = world.released(vm, volume_id)
+    assert got == secret
+    more, _ = world.volume("more", {"provider": "devcloud", "account": "111122223333"})
+    _, other_lease, other_token = world.released(other, more)
+    binding_ = importlib.resources.files("keysteward.policy").joinpath("binding.cedar").read_text()
+    forbid = (
+        "forbid (principal, action, resource) when "
+        f'{{ principal is Keysteward::Instance && principal.instance_id == "{vm.id}" }};'
+    )
+    r = world.call("PUT", "/v1/policy", json={"sources": {"binding.cedar": binding_, "quarantine.cedar": forbid}})
+    assert r.status_code in (200, 201), r.text
+    assert world.renew(lease_id, token).json()["action"] == "revoked"
+    assert world.renew(lease_id, token).json()["action"] == "revoked"  # and stays so
+    assert world.renew(other_lease, other_token).json()["action"] == "continue"  # the others keep going
+    records = [r for r in world.audit() if r["action"] == "lease.renew"]
+    assert len(records) == 1 and records[0]["details"]["answer"] == "revoked"
+    assert records[0]["details"]["reason"] == "forbidden_by_policy"

@@ -89,6 +89,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
     assert names == sorted(
         [
             "allowlist.cedar",
+            "app-keys.cedar",
             "label-binding.cedar",
             "business-hours.cedar",
             "pci-approval.cedar",
@@ -99,7 +100,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
     for name in names:
         assert (EXAMPLES / name).read_text().startswith("// "), f"{name} needs a header comment"
     together = CompiledPolicySet.compile({name: (EXAMPLES / name).read_text() for name in names})
-    assert len(together.ids) == 10 and len(set(together.ids)) == 10
+    assert len(together.ids) == 12 and len(set(together.ids)) == 12
 
 
 def test_allowlist() -> None:
@@ -236,3 +237,24 @@ def test_binding_of_one_volume_by_uuid() -> None:
     check(policies.evaluate(release(BOUND, volume=BOUND_VOLUME)), "permit", "permitted", ("binding-db-volume",))
     check(policies.evaluate(release(BOUND)), "deny", "no_permit")  # another volume
     check(policies.evaluate(release(PROD, volume=BOUND_VOLUME)), "deny", "no_permit")  # another account
+
+
+def test_app_keys_example_lets_only_the_application_use_its_key_with_its_context() -> None:
+    policy = CompiledPolicySet.compile(source("app-keys.cedar"))
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+
+    def ask(principal: dict[str, Any], action: str, context: dict[str, str], source: str | None) -> str:
+        request = PolicyRequest(
+            tenant="acme", action=action, principal=principal, resource={"type": "Key", "name": "orders"},
+            identity={}, platform={}, time=now, source_ip=source, encryption_context=context,
+        )  # fmt: skip
+        return policy.evaluate(request).reason
+
+    app = {"type": "Agent", "name": "orders-app"}
+    assert ask(app, "encrypt", {"app": "orders"}, None) == "permitted"
+    assert ask(app, "decrypt", {"app": "orders"}, "10.1.2.3") == "permitted"
+    assert ask(app, "decrypt", {"app": "orders"}, "192.0.2.7") == "forbidden_by_policy"
+    assert ask(app, "encrypt", {"app": "billing"}, None) == "no_permit"
+    officer = {"type": "Human", "name": "sam", "role": "security-officer", "groups": ["security-officer"]}
+    assert ask(officer, "encrypt", {"app": "orders"}, None) == "no_permit"
+    assert ask({"type": "Agent", "name": "web-1"}, "generate_data_key", {"app": "orders"}, None) == "no_permit"

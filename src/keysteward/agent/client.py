@@ -45,11 +45,16 @@ from keysteward.errors import (
     Unauthenticated,
     Unavailable,
 )
+from keysteward.formats.release_wire import (
+    CREATE_LEASE_ID,
+    PROTOCOL,
+    TOKEN_SIZE,
+    ReleaseWireError,
+    seal_info,
+    split_secret,
+)
 
-PROTOCOL = "keysteward-release/1"
-MAGIC = b"KSR1"
-LEASE_TOKEN_SIZE = 32
-CREATE_LEASE_ID = "create"
+LEASE_TOKEN_SIZE = TOKEN_SIZE
 UNREACHABLE = "kms_unreachable"
 PROTOCOL_ERROR = "kms_protocol"
 MAX_ANSWER = 1 << 20
@@ -70,23 +75,21 @@ def protocol_error(message: str) -> KeystewardError:
 # -- the sealed plaintext ------------------------------------------------------------------------
 
 
-def release_info(tenant: str, volume_id: str, lease_id: str) -> bytes:
-    """HPKE ``info`` of a release (``lease_id`` is ``create`` for a registration)."""
-    return b"\x00".join(part.encode() for part in (PROTOCOL, tenant, volume_id, lease_id))
+release_info = seal_info
+"""HPKE ``info`` of a release (``lease_id`` is ``create`` for a registration)."""
 
 
 def parse_plaintext(plaintext: bytearray) -> tuple[SecretBuffer, SecretBuffer]:
-    """``"KSR1" || u8 len || secret || lease token (32)`` into two locked buffers; ``plaintext`` is wiped."""
+    """A KSR1 plaintext (:mod:`keysteward.formats.release_wire`) into two locked buffers; ``plaintext`` is wiped."""
     try:
-        if len(plaintext) < 6 or plaintext[:4] != MAGIC:
-            raise protocol_error("the sealed value is not a KSR1 release")
-        size = plaintext[4]
-        if size == 0 or len(plaintext) != 5 + size + LEASE_TOKEN_SIZE:
-            raise protocol_error("the KSR1 release has the wrong length")
+        try:
+            secret_at, token_at = split_secret(plaintext)
+        except ReleaseWireError as exc:
+            raise protocol_error(exc.message) from None
         view = memoryview(plaintext)
         try:
-            secret = SecretBuffer.from_bytes(view[5 : 5 + size])
-            lease_token = SecretBuffer.from_bytes(view[5 + size :])
+            secret = SecretBuffer.from_bytes(view[secret_at])
+            lease_token = SecretBuffer.from_bytes(view[token_at])
         finally:
             view.release()
         return secret, lease_token

@@ -10,6 +10,7 @@ import typer
 
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit
+from keysteward.crypto import x509ca
 
 app = typer.Typer(help="The tenant CA that issues agent and host certificates.", no_args_is_help=True)
 
@@ -51,10 +52,24 @@ def ca_issue(
     days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
     as_json: JsonFlag = False,
 ) -> None:
-    """Issue a machine certificate; the key (if made here) is written 0600 and never printed."""
-    body = {"name": name, "role": role, "days": days, "csr_pem": csr.read_text() if csr else None}
-    data: dict[str, Any] = client(ctx).post("/ca/issue", body)
+    """Issue a machine certificate. Without --csr the key pair is made here and written 0600 before the CSR
+    is sent; the server only ever sees the CSR, and the key is never printed."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    key_file = out_dir / f"{name}.key"
+    if csr is not None:
+        csr_pem = csr.read_text()
+    else:
+        tenant = client(ctx).get("/whoami")["tenant"]
+        key_pem, csr_bytes = x509ca.make_csr(tenant, role, name)
+        try:
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key_pem)
+        finally:
+            key_pem[:] = bytes(len(key_pem))
+        csr_pem = csr_bytes.decode()
+    body = {"name": name, "role": role, "days": days, "csr_pem": csr_pem}
+    data: dict[str, Any] = client(ctx).post("/ca/issue", body)
     (out_dir / f"{name}.pem").write_text(data["cert_pem"])
     (out_dir / "ca.pem").write_text(data["ca_pem"])
     written = {
@@ -63,9 +78,6 @@ def ca_issue(
         "serial": data["serial"],
         "not_after": data["not_after"],
     }
-    if data.get("key_pem"):
-        fd = os.open(out_dir / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(data["key_pem"])
-        written["key"] = str(out_dir / f"{name}.key")
+    if csr is None:
+        written["key"] = str(key_file)
     emit(written, as_json, lambda d: console.print(f"issued {role} certificate for {name}: {d}"))

@@ -319,6 +319,44 @@ def check_ca(cert_pem: str, key_pem: bytes | bytearray | None, *, now: dt.dateti
 # ---------------------------------------------------------------------------- issuing
 
 
+MAX_CSR_BYTES = 16 * 1024
+
+
+def _check_csr_claims(csr: x509.CertificateSigningRequest, name: str, uri: str) -> None:
+    """A CSR that asks for more than the identity being issued is refused, not silently narrowed: a CA
+    basic constraint, a common name or SAN URI naming another machine or tenant."""
+    try:
+        extensions = list(csr.extensions)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise BadRequest("the CSR's extensions do not parse", code="bad_csr") from exc
+    for ext in extensions:
+        if isinstance(ext.value, x509.BasicConstraints) and ext.value.ca:
+            raise BadRequest("the CSR asks for a CA certificate: machines get leaf certificates", code="bad_csr")
+        if isinstance(ext.value, x509.SubjectAlternativeName):
+            for asked in ext.value.get_values_for_type(x509.UniformResourceIdentifier):
+                if asked != uri:
+                    raise BadRequest("the CSR's SAN names another identity than the one issued", code="bad_csr")
+    for attribute in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        if attribute.value != name:
+            raise BadRequest("the CSR's common name names another machine than the one issued", code="bad_csr")
+
+
+def make_csr(tenant: str, role: str, name: str) -> tuple[bytearray, bytes]:
+    """A P-256 key pair made here and a CSR for ``keysteward:<tenant>/<role>/<name>``: (key PEM to keep
+    0600 and wipe, CSR PEM to send). The key never leaves the machine that asks."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(tenant, role, name))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
 def issue_client_cert(
     ca_cert_pem: str,
     ca_key_pem: bytes | bytearray,
@@ -344,6 +382,8 @@ def issue_client_cert(
         new_key = ec.generate_private_key(ec.SECP256R1())
         public_key = new_key.public_key()
     else:
+        if len(csr_pem) > MAX_CSR_BYTES:
+            raise BadRequest(f"the CSR is larger than {MAX_CSR_BYTES} bytes", code="csr_too_large")
         try:
             csr = x509.load_pem_x509_csr(bytes(csr_pem))
             signature_ok = csr.is_signature_valid
@@ -358,6 +398,7 @@ def issue_client_cert(
                 code="bad_csr",
             )
         _check_key_strength(csr_key, "CSR", code="bad_csr")
+        _check_csr_claims(csr, name, uri)
         public_key = csr_key
     cert = _issue(
         ca,

@@ -99,6 +99,12 @@ class CertificateAuthorities:
             )
         if not 1 <= days <= 825:
             raise BadRequest("days must be between 1 and 825", code="bad_days")
+        if csr_pem is None:
+            raise BadRequest(
+                "send a certificate signing request: the machine makes its own key pair, and the server never"
+                " holds a machine's private key ('keysteward ca issue' does this for you)",
+                code="csr_required",
+            )
         cert_pem, wrapped = self.certificate(actor.tenant_id)
         if wrapped is None:
             raise Conflict(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, func, insert, select, update
@@ -21,6 +20,7 @@ from keysteward.crypto.aead import AeadKey
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import Principal, check_name
+from keysteward.keys.model import DataKeyInfo, KeyInfo, KeyRef, VersionInfo
 from keysteward.keys.root import RootOfTrust
 from keysteward.keys.wrapping import KekCache, dek_aad, kek_aad
 from keysteward.store.db import Database, checkpoint, for_update
@@ -30,46 +30,7 @@ from keysteward.ttlcache import TtlCache
 ENABLED, DISABLED, DESTROYED = "enabled", "disabled", "destroyed"
 
 
-@dataclass(frozen=True)
-class VersionInfo:
-    version: int
-    state: str
-    created_at: datetime
-    destroyed_at: datetime | None
-    data_keys: int
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    id: str
-    name: str
-    description: str
-    state: str
-    primary_version: int
-    created_at: datetime
-    versions: list[VersionInfo] = field(default_factory=list)
-    rotation: dict[str, object] | None = None
-
-
-@dataclass(frozen=True)
-class DataKeyInfo:
-    id: str
-    name: str
-    key: str
-    kek_version: int
-    created_at: datetime
-    shredded: bool
-
-
 STATE_TTL_SECONDS = 1.0  # how long another server's disable/rotate/destroy may take to reach this one
-
-
-@dataclass(frozen=True)
-class KeyRef:
-    id: str
-    name: str
-    state: str
-    primary_version: int
 
 
 class KeyStore:

@@ -31,7 +31,7 @@ MAX_LONG: Final = 2**63 - 1
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _PCR_NAME = re.compile(r"(sha1|sha256|sha384)_([0-9]{1,2})")
 _REQUEST_FIELDS: Final = frozenset(
-    {"tenant", "action", "principal", "resource", "identity", "platform", "time", "source_ip"}
+    {"tenant", "action", "principal", "resource", "identity", "platform", "time", "source_ip", "encryption_context"}
 )
 _IDENTITY_REQUIRED: Final = ("provider", "kind", "account", "instance_id")
 _IDENTITY_OPTIONAL: Final = ("image_id", "region", "zone")
@@ -113,7 +113,7 @@ def _principal(raw: Any, tenant: str) -> dict[str, Any]:
                 out[name] = _text(data[name], f"principal.{name}", empty=True)
         out["tags"] = _tags(data.get("tags", {}), "principal.tags")
         derived = f"{out['provider']}/{out['account']}/{out['instance_id']}"
-    elif kind in ("Host", "Human"):
+    elif kind in ("Host", "Agent", "Human"):
         extra = ("role", "groups") if kind == "Human" else ()
         _only(data, ("type", "id", "name", *extra), "principal")
         out = {"type": kind, "name": _text(data.get("name"), "principal.name")}
@@ -125,7 +125,7 @@ def _principal(raw: Any, tenant: str) -> dict[str, Any]:
             out["groups"] = sorted({_text(g, "principal.groups[]") for g in groups})
         derived = f"{tenant}/{out['name']}"
     else:
-        raise _fail("principal.type", "must be one of Instance, Host, Human")
+        raise _fail("principal.type", "must be one of Instance, Host, Agent, Human")
     if data.get("id") is not None and data["id"] != derived:
         raise _fail("principal.id", f"must be {derived!r} (derived from the other fields)")
     out["id"] = derived
@@ -143,8 +143,14 @@ def _resource(raw: Any, tenant: str) -> dict[str, Any]:
         if data.get("id") not in (None, tenant):
             raise _fail("resource.id", "must be the request's tenant")
         return {"type": "Tenant", "id": tenant}
+    if kind == "Key":
+        _only(data, ("type", "id", "name"), "resource")
+        name = _text(data.get("name"), "resource.name")
+        if data.get("id") not in (None, f"{tenant}/{name}"):
+            raise _fail("resource.id", f"must be {tenant}/{name!r} (derived from the name)")
+        return {"type": "Key", "id": f"{tenant}/{name}", "name": name}
     if kind != "Volume":
-        raise _fail("resource.type", "must be Volume or Tenant")
+        raise _fail("resource.type", "must be Volume, Key or Tenant")
     _only(data, ("type", "id", "name", "key", "labels", "binding"), "resource")
     binding = _mapping(data.get("binding", {}), "resource.binding")
     _only(binding, _BINDING_FIELDS, "resource.binding")
@@ -277,6 +283,14 @@ def _entities(tenant: str, principal: Mapping[str, Any], resource: Mapping[str, 
         entity["parents"] = [_uid("Group", group) for group in principal["groups"]]
         entities.extend({"uid": _uid("Group", group), "attrs": {}, "parents": []} for group in principal["groups"])
     entities.append(entity)
+    if resource["type"] == "Key":
+        entities.append(
+            {
+                "uid": _uid("Key", resource["id"]),
+                "attrs": {"tenant": tenant, "name": resource["name"]},
+                "parents": [tenant_uid],
+            }
+        )
     if resource["type"] == "Volume":
         key_uid = _uid("Key", f"{tenant}/{resource['key']}")
         labels = dict(resource["labels"])
@@ -314,6 +328,8 @@ class PolicyRequest:
     platform: Mapping[str, Any]
     time: datetime
     source_ip: str | None = None
+    encryption_context: Mapping[str, str] = field(default_factory=dict)
+    """The caller's encryption context (key uses only): ``context.encryption_context`` holds ``"k=v"``."""
     cedar_uids: tuple[dict[str, str], dict[str, str], dict[str, str]] = field(init=False, repr=False, compare=False)
     cedar_entities: str = field(init=False, repr=False, compare=False)
     cedar_context: str = field(init=False, repr=False, compare=False)
@@ -342,6 +358,12 @@ class PolicyRequest:
             ):
                 raise _fail("identity", "names another instance than the principal")
             context: dict[str, Any] = {"identity": identity, "platform": platform, "request": request}
+        elif context_type == "KeyUseContext":
+            if _mapping(self.identity, "identity") or _mapping(self.platform, "platform"):
+                raise _fail("identity", f"and platform apply to release and renew only, not to {self.action}")
+            pairs = _tags(self.encryption_context, "encryption_context")
+            identity, platform = {}, {}
+            context = {"request": request, "encryption_context": sorted(f"{k}={v}" for k, v in pairs.items())}
         else:
             if _mapping(self.identity, "identity") or _mapping(self.platform, "platform"):
                 raise _fail("identity", f"and platform apply to release and renew only, not to {self.action}")
@@ -351,7 +373,10 @@ class PolicyRequest:
             _uid("Action", self.action),
             _uid(resource["type"], resource["id"]),
         )
-        values = {"principal": principal, "resource": resource, "identity": identity, "platform": platform}
+        if context_type != "KeyUseContext" and _mapping(self.encryption_context, "encryption_context"):
+            raise _fail("encryption_context", f"applies to key uses only, not to {self.action}")
+        values = {"principal": principal, "resource": resource, "identity": identity, "platform": platform,
+                  "encryption_context": dict(self.encryption_context)}  # fmt: skip
         for name, value in values.items():
             object.__setattr__(self, name, _freeze(value))
         object.__setattr__(self, "time", moment)
@@ -375,6 +400,8 @@ class PolicyRequest:
         }
         if self.source_ip is not None:
             out["source_ip"] = self.source_ip
+        if self.encryption_context:
+            out["encryption_context"] = _thaw(self.encryption_context)
         return out
 
     @classmethod
@@ -397,4 +424,5 @@ class PolicyRequest:
             platform=body.get("platform", {}),
             time=_datetime(body["time"], "time"),
             source_ip=source_ip,
+            encryption_context=_mapping(body.get("encryption_context", {}), "encryption_context"),
         )

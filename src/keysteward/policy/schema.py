@@ -30,7 +30,12 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "volume_revoke": (("Human",), "Volume", "AdminContext"),
     "volume_destroy": (("Human",), "Volume", "AdminContext"),
     "policy_update": (("Human",), "Tenant", "AdminContext"),
+    "encrypt": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
+    "decrypt": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
+    "generate_data_key": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
+    "re_encrypt": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
 }
+KEY_USE_ACTIONS: Final = ("encrypt", "decrypt", "generate_data_key", "re_encrypt")
 
 
 def _pcr_record() -> str:
@@ -72,6 +77,8 @@ SCHEMA_TEXT: Final = (
     "  } tags String;\n"
     '  // A hypervisor host or NBD proxy authenticated by its certificate, id "tenant/name".\n'
     "  entity Host { tenant: String, name: String };\n"
+    '  // A machine with an agent certificate of the tenant CA (an application, an instance agent), id "tenant/name".\n'
+    "  entity Agent { tenant: String, name: String };\n"
     '  // A person (admin, security officer), id "tenant/name".\n'
     "  entity Human in [Group] { tenant: String, name: String, role: String };\n"
     "\n"
@@ -102,6 +109,8 @@ SCHEMA_TEXT: Final = (
     "  type RequestInfo = { time: Long, hour: Long, weekday: Long, source_ip?: ipaddr };\n"
     "  type ReleaseContext = { identity: Identity, platform: Platform, request: RequestInfo };\n"
     "  type AdminContext = { request: RequestInfo };\n"
+    '  // encryption_context: the caller\'s encryption context as "key=value" strings (bound as AAD).\n'
+    "  type KeyUseContext = { request: RequestInfo, encryption_context: Set<String> };\n"
     "\n"
     "  // -- actions -----------------------------------------------------------------------------\n"
     + _actions()

@@ -2,7 +2,12 @@
 
 The highest version is the one in force. A set that does not compile is refused with the file, line and
 column of the problem, and the set in force stays. A tenant that never stored a set runs on the built-in
-set (:data:`DEFAULT_SOURCES`): the per-volume binding of the key release issue, written in Cedar.
+set (:func:`default_sources`): the per-volume binding of the key release issue, written in Cedar.
+
+Every set in force also holds the built-in role grants (``roles.cedar``: admins use keys and manage
+volumes and policy, security officers revoke and approve) unless the tenant stored a file of that name,
+which then replaces it. So storing a set for releases keeps the operators' rights, and a tenant narrows
+them with a ``forbid`` beside them or with its own ``roles.cedar``.
 
 A server trusts what it read for :data:`CACHE_SECONDS`, so a change reaches every server of a cluster
 within that time; the server that made it sees it at once.
@@ -32,12 +37,22 @@ CACHE_SECONDS: Final = 1.0
 MAX_DIFF: Final = 60_000
 MAX_COMPILED: Final = 256  # compiled sets kept by content digest (oldest dropped first)
 DEFAULT_FILE: Final = "binding.cedar"
+ROLES_FILE: Final = "roles.cedar"
+
+
+def _builtin(name: str) -> str:
+    return resources.files("keysteward.policy").joinpath(name).read_text(encoding="utf-8")
 
 
 def default_sources() -> dict[str, str]:
-    """The built-in set: a volume goes to the instances or the host its binding names (docs/policies/binding.cedar)."""
-    text = resources.files("keysteward.policy").joinpath(DEFAULT_FILE).read_text(encoding="utf-8")
-    return {DEFAULT_FILE: text}
+    """The built-in set: a volume goes to the instances or the host its binding names (binding.cedar), and
+    the role grants (roles.cedar)."""
+    return {DEFAULT_FILE: _builtin(DEFAULT_FILE), ROLES_FILE: _builtin(ROLES_FILE)}
+
+
+def in_force(stored: dict[str, str]) -> dict[str, str]:
+    """The set that decides for a stored set: the stored files plus the built-in roles.cedar unless stored."""
+    return stored if ROLES_FILE in stored else {**stored, ROLES_FILE: _builtin(ROLES_FILE)}
 
 
 @dataclass(frozen=True)
@@ -104,7 +119,9 @@ class PolicyStore:
                 return self._default
             raise NotFound(f"no policy set version {version}", code="policy_version_not_found")
         sources = json.loads(row.sources)
-        return PolicyVersion(row.version, sources, row.digest, row.created_by, row.created_at, self._compile(sources))
+        return PolicyVersion(
+            row.version, sources, row.digest, row.created_by, row.created_at, self._compile(in_force(sources))
+        )
 
     def _compile(self, sources: dict[str, str]) -> CompiledPolicySet:
         """Compile ``sources`` once per content (a 200-policy set takes ~50 ms): the one-second cache of the
@@ -133,7 +150,7 @@ class PolicyStore:
 
     def put(self, actor: Principal, sources: dict[str, str]) -> PolicyVersion:
         """Store ``sources`` as the tenant's next version (compiled first: a bad set changes nothing)."""
-        compiled = self._compile(sources)
+        compiled = self._compile(in_force(sources))
         now = datetime.now(UTC)
         made: dict[str, PolicyVersion] = {}
 

@@ -69,6 +69,7 @@ def grant(
     token: bytes | bytearray,
     now: datetime,
     seconds: int,
+    facts: str | None = None,
 ) -> LeaseInfo:
     """A new lease for ``holder``; its own earlier active leases on the volume become superseded."""
     conn.execute(
@@ -88,6 +89,7 @@ def grant(
             created_at=now,
             renewed_at=now,
             expires_at=expires,
+            facts=facts,
         )
     )
     return LeaseInfo(lease_id, volume_id, holder, ACTIVE, now, now, expires)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,10 +20,10 @@ from sqlalchemy.exc import IntegrityError
 from keysteward.attest.identity import InstanceIdentity
 from keysteward.attest.providers import ProviderTrust
 from keysteward.audit.log import AuditLog
-from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import Principal, check_name
 from keysteward.keys.keystore import KeyStore
+from keysteward.release import leases
 from keysteward.store.db import Database, for_update
 from keysteward.store.models import DataKey, Key, Lease, Provider, RevokedInstance, Volume
 from keysteward.ttlcache import TtlCache
@@ -232,57 +232,36 @@ class Registry:
         return trusts
 
     # -- volumes --------------------------------------------------------------------------------
-    def register(self, actor: Principal, spec: VolumeSpec) -> tuple[VolumeInfo, SecretBuffer]:
-        """Create the volume's secret and its row; the caller seals the secret to the creator and wipes it."""
+    def insert_volume(
+        self, conn: Connection, tenant_id: str, spec: VolumeSpec, volume_id: str, now: datetime
+    ) -> tuple[VolumeInfo, str]:
+        """Create the volume's secret (stored only wrapped) and its row in the caller's transaction: the
+        access path's ``volume.register`` bookkeeping. Returns the volume and its data key's id."""
         spec.check()
-        volume_id = str(uuid.uuid4())
-        now = datetime.now(UTC)
-        with self.db.write() as conn:
-            if conn.execute(
-                select(Volume.id).where(Volume.tenant_id == actor.tenant_id, Volume.name == spec.name)
-            ).first():
-                raise Conflict(f"a volume named '{spec.name}' exists", code="volume_exists")
-            dek_id, version, secret = self.keys.new_data_key(
-                conn, actor.tenant_id, spec.key, f"volume-{volume_id}", size=SECRET_SIZE
-            )
-            try:
-                key_id = conn.execute(
-                    select(Key.id).where(Key.tenant_id == actor.tenant_id, Key.name == spec.key)
-                ).scalar_one()
-                row = dict(
-                    id=volume_id,
-                    tenant_id=actor.tenant_id,
-                    name=spec.name,
-                    key_id=key_id,
-                    dek_id=dek_id,
-                    labels=json.dumps(spec.labels, sort_keys=True),
-                    binding=json.dumps(spec.binding.as_dict(), sort_keys=True),
-                    state=ACTIVE,
-                    lease_seconds=spec.lease_seconds,
-                    renew_seconds=spec.renew_seconds,
-                    grace_seconds=spec.grace_seconds,
-                    created_at=now,
-                    changed_at=now,
-                )
-                conn.execute(insert(Volume).values(**row))
-                self.audit.append(
-                    conn,
-                    actor.tenant_id,
-                    actor=actor.describe(),
-                    action="volume.register",
-                    target=f"volume:{volume_id}",
-                    details={
-                        "name": spec.name,
-                        "key": spec.key,
-                        "key_version": version,
-                        "labels": spec.labels,
-                        "binding": spec.binding.as_dict(),
-                    },
-                )
-            except BaseException:
-                secret.wipe()
-                raise
-        return _info(_Row(row), spec.key, version), secret
+        if conn.execute(select(Volume.id).where(Volume.tenant_id == tenant_id, Volume.name == spec.name)).first():
+            raise Conflict(f"a volume named '{spec.name}' exists", code="volume_exists")
+        dek_id, version, secret = self.keys.new_data_key(
+            conn, tenant_id, spec.key, f"volume-{volume_id}", size=SECRET_SIZE
+        )
+        secret.wipe()  # delivered after the commit, unwrapped again from its stored form
+        key_id = conn.execute(select(Key.id).where(Key.tenant_id == tenant_id, Key.name == spec.key)).scalar_one()
+        row = dict(
+            id=volume_id,
+            tenant_id=tenant_id,
+            name=spec.name,
+            key_id=key_id,
+            dek_id=dek_id,
+            labels=json.dumps(spec.labels, sort_keys=True),
+            binding=json.dumps(spec.binding.as_dict(), sort_keys=True),
+            state=ACTIVE,
+            lease_seconds=spec.lease_seconds,
+            renew_seconds=spec.renew_seconds,
+            grace_seconds=spec.grace_seconds,
+            created_at=now,
+            changed_at=now,
+        )
+        conn.execute(insert(Volume).values(**row))
+        return _info(_Row(row), spec.key, version), dek_id
 
     def _select(self) -> Any:
         return (
@@ -392,6 +371,11 @@ class Registry:
 
     def _forget(self, volume_id: str) -> None:
         self._volumes.drop_where(lambda key, _: key[1] == volume_id)
+
+    def leases(self, tenant_id: str, volume_id: str | None) -> Sequence[leases.LeaseInfo]:
+        """The tenant's leases (of one volume), newest first."""
+        with self.db.read() as conn:
+            return leases.listing(conn, tenant_id, volume_id)
 
     # -- instances ------------------------------------------------------------------------------
     def revoke_instance(self, actor: Principal, holder: str, *, shred: bool, reason: str) -> None:

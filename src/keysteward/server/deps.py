@@ -64,6 +64,22 @@ async def authorize_async(request: Request, permission: Permission) -> Principal
     return who
 
 
+async def authenticate_async(request: Request) -> Principal:
+    """The caller, proven by its token or certificate, with no role check: for the routes where the tenant's
+    policy decides (the access path). A token or certificate seen within the last second needs no thread."""
+    svc = services(request)
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if header:
+        who = svc.tenants.seen(token.strip()) if scheme.lower() == "bearer" else None
+    else:
+        der = client_cert_der(request)
+        who = svc.cas.seen(der) if der else None
+    if who is None:
+        return await anyio.to_thread.run_sync(principal, request)
+    return who
+
+
 def need(permission: Permission) -> Callable[[Request], Principal]:
     """``Depends(need(Permission.X))`` in a route signature."""
 

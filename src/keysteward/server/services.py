@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from keysteward.access import key_actions, volume_actions
+from keysteward.access.actions import ActionTable
+from keysteward.access.key_actions import KeyUse
+from keysteward.access.service import AccessService
 from keysteward.audit.log import AuditLog
 from keysteward.identity.tenants import Tenants
 from keysteward.keys.ca import CertificateAuthorities
@@ -16,7 +20,6 @@ from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces
 from keysteward.release.platform import PlatformVerifier
 from keysteward.release.registry import Registry
-from keysteward.release.service import ReleaseService
 from keysteward.release.tpm_enrollment import TpmEnrollments
 from keysteward.settings import Settings
 from keysteward.store.db import Database
@@ -30,11 +33,13 @@ class Services:
     audit: AuditLog
     tenants: Tenants
     keys: KeyStore
-    envelope: Envelope
+    envelope: KeyUse
     cas: CertificateAuthorities
     rewrapper: Rewrapper
     registry: Registry
-    release: ReleaseService
+    access: AccessService
+    nonces: Nonces
+    alerts: Alerts
     policies: PolicyStore
     tpm: TpmEnrollments
 
@@ -57,6 +62,11 @@ class Services:
         nonces = Nonces(root, settings.release.nonce_ttl_seconds)
         policies = PolicyStore(db, audit)
         platform = PlatformVerifier(db, settings.release)
+        actions = ActionTable()
+        envelope = Envelope(keys)
+        key_actions.register(actions, envelope)
+        volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
+        access = AccessService(tenants, policies, audit, actions, alert=alerts.send)
         return cls(
             settings=settings,
             db=db,
@@ -64,20 +74,20 @@ class Services:
             audit=audit,
             tenants=tenants,
             keys=keys,
-            envelope=Envelope(keys, audit),
+            envelope=KeyUse(access, envelope),
             cas=CertificateAuthorities(db, root, audit),
             rewrapper=Rewrapper(keys, settings.rewrap),
             registry=registry,
-            release=ReleaseService(
-                tenants, registry, keys, audit, nonces, alerts, settings.release, policies, platform
-            ),
+            access=access,
+            nonces=nonces,
+            alerts=alerts,
             policies=policies,
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
         )
 
     def close(self) -> None:
         self.rewrapper.stop()
-        self.release.alerts.close()
+        self.alerts.close()
         self.audit.close()
         self.root.seal()
         self.db.dispose()

@@ -203,6 +203,8 @@ class Lease(Base):
     renewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    facts: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The policy request (JSON) the lease was granted on; renewals ask the policy again with it."""
     __table_args__ = (Index("ix_leases_volume_state", "volume_id", "state"),)
 
 

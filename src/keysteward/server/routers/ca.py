@@ -37,12 +37,9 @@ def ca_issue(body: CertIssue, request: Request, who: Manage) -> CertOut:
     issued = cas.issue(
         who, body.name, body.role, csr_pem=body.csr_pem.encode() if body.csr_pem else None, days=body.days
     )
-    key_pem = issued.key_pem.decode() if issued.key_pem is not None else None
-    if issued.key_pem is not None:
-        issued.key_pem[:] = bytes(len(issued.key_pem))
     return CertOut(
         cert_pem=issued.cert_pem,
-        key_pem=key_pem,
+        key_pem=None,  # the machine made its own key: only its CSR came here
         serial=issued.serial,
         not_after=issued.not_after,
         ca_pem=cas.certificate(who.tenant_id)[0],

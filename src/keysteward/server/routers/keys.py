@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 
 from keysteward.identity.principal import Permission, Principal
-from keysteward.keys.keystore import DataKeyInfo, KeyInfo
+from keysteward.keys.model import DataKeyInfo, KeyInfo
 from keysteward.server.deps import need, services
 from keysteward.server.schemas import DataKeyCreate, DataKeyOut, DestroyVersion, KeyCreate, KeyOut, VersionOut
 

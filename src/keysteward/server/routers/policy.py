@@ -14,7 +14,7 @@ from keysteward.identity.principal import Permission, Principal
 from keysteward.policy import approvals
 from keysteward.policy.engine import CompiledPolicySet, PolicyDecision
 from keysteward.policy.facts import PolicyRequest
-from keysteward.policy.store import SEPARATION, PolicyVersion
+from keysteward.policy.store import SEPARATION, PolicyVersion, in_force
 from keysteward.server.deps import need, services
 from keysteward.server.schemas import Strict
 
@@ -114,7 +114,7 @@ def policy_test(body: TestIn, request: Request, who: Read) -> DecisionOut:
     store = services(request).policies
     facts = PolicyRequest.from_json({**body.request, "tenant": who.tenant})
     if body.sources is not None:
-        return decision_out(CompiledPolicySet.compile(body.sources).evaluate(facts), None)
+        return decision_out(CompiledPolicySet.compile(in_force(body.sources)).evaluate(facts), None)
     found = store.current(who.tenant_id) if body.version is None else store.get(who.tenant_id, body.version)
     return decision_out(found.compiled.evaluate(facts), found.version)
 

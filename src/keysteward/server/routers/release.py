@@ -1,9 +1,9 @@
 """The key release protocol's front-end (docs/release-protocol.md): challenge, release, renew, end.
 
 These routes take no API token: the evidence in the request is the credential (for a ``host`` of the
-tenant, such as the NBD proxy, its mTLS client certificate), and every decision is made by
-:class:`keysteward.release.service.ReleaseService`. They translate JSON to a
-``ReleaseRequest`` and the decision back; they never see the key unsealed.
+tenant, such as the NBD proxy, its mTLS client certificate), and every decision is made by the access
+path (:mod:`keysteward.access`). They translate JSON to an ``AccessRequest`` and the decision back; they
+never see the key unsealed.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import anyio.to_thread
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
-from keysteward.crypto.hpke import SUITES
+from keysteward.access import volume_actions
+from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
+from keysteward.access.volume_actions import LeaseInputs, ReleaseInputs, RenewAnswer, lease_tenant
 from keysteward.errors import Denied
 from keysteward.policy.approvals import Waiting
-from keysteward.release.service import PROTOCOL, ReleaseRequest
 from keysteward.server.deps import services
 from keysteward.server.release_schemas import (
     ChallengeOut,
@@ -37,8 +38,10 @@ LeaseId = Annotated[str, Path(max_length=64)]
 
 @router.post("/release/challenge")
 async def challenge(request: Request) -> ChallengeOut:
-    nonce, expires_at = services(request).release.challenge()
-    return ChallengeOut(protocol=PROTOCOL, nonce=nonce, expires_at=expires_at, suites=list(SUITES))
+    issued = volume_actions.challenge(services(request).nonces)
+    return ChallengeOut(
+        protocol=issued.protocol, nonce=issued.nonce, expires_at=issued.expires_at, suites=list(issued.suites)
+    )
 
 
 @router.post(
@@ -51,17 +54,22 @@ async def challenge(request: Request) -> ChallengeOut:
 )
 async def release(body: ReleaseIn, request: Request) -> ReleasedOut | JSONResponse:
     svc = services(request)
-    decided = await svc.release.decide_async(
-        ReleaseRequest(
+    decided = await svc.access.decide_async(
+        AccessRequest(
             tenant=body.tenant,
-            volume_id=body.volume_id,
-            nonce=body.nonce,
-            suite=body.suite,
-            public_key=unb64(body.public_key),
+            action="volume.release",
+            resource=Resource("Volume", body.volume_id),
+            delivery=Delivery.SEALED,
             evidence=body.evidence.model_dump(),
-            source=request.client.host if request.client else "",
-            host=await _host(request, body.tenant),
-            on_behalf_of=body.on_behalf_of,
+            context=RequestContext(source=request.client.host if request.client else ""),
+            inputs=ReleaseInputs(
+                volume_id=body.volume_id,
+                nonce=body.nonce,
+                suite=body.suite,
+                public_key=unb64(body.public_key),
+                host=await _host(request, body.tenant),
+                on_behalf_of=body.on_behalf_of,
+            ),
         )
     )
     if isinstance(decided, Waiting):
@@ -103,12 +111,26 @@ async def _host(request: Request, tenant: str) -> str | None:
     return who.name
 
 
+def _lease_request(request: Request, action: str, lease_id: str, token: bytes) -> AccessRequest:
+    svc = services(request)
+    return AccessRequest(
+        tenant=lease_tenant(svc.registry, lease_id),
+        action=action,
+        resource=Resource("Lease", lease_id),
+        delivery=Delivery.NOTHING,
+        context=RequestContext(source=request.client.host if request.client else ""),
+        inputs=LeaseInputs(lease_id, token),
+    )
+
+
 @router.post("/leases/{lease_id}/renew")
 def renew(lease_id: LeaseId, body: LeaseToken, request: Request) -> RenewOut:
-    action, expires_at = services(request).release.renew(lease_id, unb64(body.token))
-    return RenewOut(action=action, expires_at=expires_at)
+    answer: RenewAnswer = services(request).access.decide(
+        _lease_request(request, "lease.renew", lease_id, unb64(body.token))
+    )
+    return RenewOut(action=answer.action, expires_at=answer.expires_at)
 
 
 @router.post("/leases/{lease_id}/end", status_code=204)
 def end(lease_id: LeaseId, body: LeaseToken, request: Request) -> None:
-    services(request).release.end(lease_id, unb64(body.token))
+    services(request).access.decide(_lease_request(request, "lease.end", lease_id, unb64(body.token)))

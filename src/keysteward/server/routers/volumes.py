@@ -6,14 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 
+from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
+from keysteward.access.volume_actions import Created, CreateInputs
 from keysteward.attest.providers import ProviderTrust, describe_certificate
-from keysteward.crypto import hpke
-from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import BadRequest
 from keysteward.identity.principal import Permission, Principal
-from keysteward.release import leases
 from keysteward.release.registry import Binding, VolumeInfo, VolumeSpec
-from keysteward.release.service import pack_secret, seal_info
 from keysteward.server.deps import need, services
 from keysteward.server.release_schemas import (
     DestroyIn,
@@ -33,7 +31,6 @@ Manage = Annotated[Principal, Depends(need(Permission.VOLUME_MANAGE))]
 Read = Annotated[Principal, Depends(need(Permission.VOLUME_READ))]
 Revoke = Annotated[Principal, Depends(need(Permission.VOLUME_REVOKE))]
 Ref = Annotated[str, Path(min_length=1, max_length=128)]
-CREATE_LEASE = "create"
 
 
 def volume_out(info: VolumeInfo, tenant: str) -> VolumeOut:
@@ -55,8 +52,6 @@ def volume_out(info: VolumeInfo, tenant: str) -> VolumeOut:
 
 @router.post("/volumes", status_code=201)
 def create_volume(body: VolumeCreate, request: Request, who: Manage) -> VolumeCreated:
-    public_key = unb64(body.public_key)
-    hpke.load_public_key(body.suite, public_key)  # refuse a bad key before anything is created
     spec = VolumeSpec(
         name=body.name,
         key=body.key,
@@ -66,14 +61,18 @@ def create_volume(body: VolumeCreate, request: Request, who: Manage) -> VolumeCr
         renew_seconds=body.renew_seconds,
         grace_seconds=body.grace_seconds,
     )
-    info, secret = services(request).registry.register(who, spec)
-    with secret:
-        plaintext = pack_secret(secret.view(), bytes(32))
-        try:
-            sealed = hpke.seal(body.suite, public_key, plaintext, seal_info(who.tenant, info.id, CREATE_LEASE))
-        finally:
-            wipe_bytearray(plaintext)
-    return VolumeCreated(volume=volume_out(info, who.tenant), suite=body.suite, sealed=b64(sealed))
+    created: Created = services(request).access.decide(
+        AccessRequest(
+            tenant=who.tenant,
+            action="volume.register",
+            resource=Resource("Volume", body.name),
+            delivery=Delivery.SEALED,
+            principal=who,
+            context=RequestContext(source=request.client.host if request.client else ""),
+            inputs=CreateInputs(spec, body.suite, unb64(body.public_key)),
+        )
+    )
+    return VolumeCreated(volume=volume_out(created.volume, who.tenant), suite=created.suite, sealed=b64(created.sealed))
 
 
 @router.get("/volumes")
@@ -114,8 +113,7 @@ def list_leases(
 ) -> list[LeaseInfoOut]:
     svc = services(request)
     volume_id = svc.registry.find(who, volume).id if volume else None
-    with svc.db.read() as conn:
-        found = leases.listing(conn, who.tenant_id, volume_id)
+    found = svc.registry.leases(who.tenant_id, volume_id)
     return [
         LeaseInfoOut(
             id=lease.id,

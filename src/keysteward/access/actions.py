@@ -1,0 +1,138 @@
+"""The table of actions, and what an action's handler provides to the one path.
+
+Each action of the access path (``volume.release``, ``key.decrypt``, ``volume.destroy``...) is one
+:class:`ActionHandler` registered in an :class:`ActionTable` under its audit name, with the Cedar action it
+is decided by and how its result is delivered. The handler holds what differs between actions (how the
+resource and the evidence turn into facts, what the bookkeeping writes, what is delivered); the order, the
+policy evaluation, the audit record and the rule "nothing is delivered before the commit, nothing on a
+denial" belong to :class:`~keysteward.access.service.AccessService` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from keysteward.access.request import AccessRequest, Delivery
+from keysteward.audit.log import Effect
+from keysteward.errors import Denied, KeystewardError, NotFound
+from keysteward.policy import approvals
+from keysteward.policy.engine import PolicyDecision
+from keysteward.policy.facts import PolicyRequest
+from keysteward.policy.store import PolicyVersion
+
+
+@dataclass
+class Subject:
+    """What :meth:`ActionHandler.resolve` proved and found: the facts the policy sees and the handler's state."""
+
+    tenant_id: str
+    actor: str
+    """The audit actor: ``token:acme/admin/bob``, ``instance:devcloud/111/i-1``, ``host:proxy-1``."""
+    target: str
+    """The audit target: ``volume:<uuid>``, ``key:<name>``."""
+    facts: PolicyRequest | None
+    """The Cedar request, or None for an action that is not a policy question (giving a lease back)."""
+    more_facts: tuple[PolicyRequest, ...] = ()
+    """Further requests the policy must also permit (re-encrypt to another key asks for both keys)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    state: Any = None
+    """Handler-private: the loaded resource, the spent nonce, the one-time key..."""
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    """Alerts the transaction raised (a suspected clone), sent after the commit."""
+
+
+@dataclass
+class Booked:
+    """What the bookkeeping wrote: a value for delivery, or a pending approval (nothing is delivered)."""
+
+    value: Any = None
+    pending: approvals.Waiting | None = None
+    quiet: bool = False
+    """A routine step that needs no audit record (a renewal that continues: the lease row says it)."""
+
+
+class Refusal(Exception):
+    """Raised by ``resolve`` when the request fails before a principal is proven: it is audited with
+    ``effect`` (which may spend a genuine nonce presented with it) and ``denied`` is raised to the caller."""
+
+    def __init__(self, tenant_id: str, denied: Denied, effect: Effect) -> None:
+        super().__init__(denied.message)
+        self.tenant_id = tenant_id
+        self.denied = denied
+        self.effect = effect
+
+
+class ActionHandler:
+    """One action of the access path. Subclasses set the class attributes and override the steps they need."""
+
+    action: str = ""
+    """The audit action and the table key, e.g. ``volume.release``."""
+    cedar_action: str | None = None
+    """The schema action the tenant's policy is asked (``release``, ``decrypt``), or None: no policy question."""
+    delivery: Delivery = Delivery.NOTHING
+
+    def unknown_tenant(self) -> KeystewardError:
+        """What a request naming no tenant of this server gets (the same answer as an unknown resource)."""
+        return NotFound("no such tenant", code="tenant_not_found")
+
+    def warm(self, request: AccessRequest, tenant_id: str) -> bool:
+        """Whether :meth:`resolve` needs no database read (then it runs on the event loop)."""
+        return False
+
+    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
+        """Steps 1-2: the principal proven (with the nonce), the evidence verified into facts, the resource loaded."""
+        raise NotImplementedError
+
+    def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
+        """Step 3, in the transaction: nonce spent, revocations and resource state (raise Denied)."""
+
+    def denial(self, policy: PolicyVersion, decision: PolicyDecision, subject: Subject) -> Denied:
+        """The denial an operator can act on when the policy says no."""
+        named = ", ".join(decision.policies[:5]) or "none"
+        if decision.reason == "forbidden_by_policy":
+            return Denied(f"forbidden by policy version {policy.version} ({named})", code="forbidden_by_policy")
+        if decision.reason == "policy_error":
+            return Denied(f"the policy could not be evaluated: {'; '.join(decision.errors)[:300]}", code="policy_error")
+        return Denied(f"no policy of version {policy.version} permits this {self.cedar_action}", code="no_permit")
+
+    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
+        """Step 4, in the transaction with the audit record: lease, approval, state change (raise Denied)."""
+        return Booked()
+
+    def perform(self, subject: Subject) -> Any:
+        """For :attr:`Delivery.OPERATION`: the operation, run after a permit and before the commit; its
+        result is held back until the record of it is committed. Errors (KeystewardError) are recorded."""
+        return None
+
+    def deliver(self, subject: Subject, booked: Booked, performed: Any) -> Any:
+        """Step 5, after the commit and only on permit: unwrap and deliver (or hand back the operation's result)."""
+        return booked.value
+
+    def discard(self, subject: Subject, performed: Any) -> None:
+        """Wipe what :meth:`perform` produced when it is not delivered (the record could not be written)."""
+
+
+class ActionTable:
+    """Every action the access path knows, by name: the one registry front-ends reach through."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, ActionHandler] = {}
+
+    def register(self, handler: ActionHandler) -> None:
+        if not handler.action or handler.action in self._handlers:
+            raise ValueError(f"action {handler.action!r} is empty or registered twice")
+        self._handlers[handler.action] = handler
+
+    def get(self, action: str) -> ActionHandler:
+        try:
+            return self._handlers[action]
+        except KeyError:
+            raise NotFound(f"no action '{action[:64]}'", code="action_not_found") from None
+
+    def __iter__(self) -> Iterator[ActionHandler]:
+        return iter(self._handlers.values())

@@ -1,0 +1,204 @@
+"""AccessService: the one decision every key use goes through (DESIGN.md section 2).
+
+    decide(request)
+      1. the principal proven by the front-end (or by the evidence), the nonce checked  } handler.resolve
+      2. evidence verified into typed facts, the resource loaded                         }
+      3. the tenant's Cedar policy evaluated on those facts (here, for every action)
+         an operation on the caller's behalf runs now, only on permit, its result held  (handler.perform)
+      4. in one transaction with the audit record: revocations and state (handler.check), the policy's
+         denial, then the action's bookkeeping (handler.book: lease, approval, state change)
+      5. after the commit, only on permit: unwrap and deliver (handler.deliver)
+
+A denial never reaches step 5, so it never unwraps a key; a request that fails before a principal is
+proven is audited as a refusal. Front-ends build an :class:`~keysteward.access.request.AccessRequest`
+and turn the result (or the :class:`~keysteward.errors.Denied` raised) back into their protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio.to_thread
+from sqlalchemy import Connection
+
+from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
+from keysteward.access.request import AccessRequest, Delivery
+from keysteward.audit.log import AuditLog
+from keysteward.errors import Denied, KeystewardError, NotFound
+from keysteward.identity.tenants import Tenants
+from keysteward.policy.engine import PolicyDecision
+from keysteward.policy.store import PolicyStore, PolicyVersion
+
+log = logging.getLogger("keysteward.access")
+NO_QUESTION = PolicyDecision("permit", (), None, (), "permitted")
+"""The decision of an action that asks the policy nothing (a holder giving its lease back)."""
+
+
+@dataclass
+class _Verdict:
+    denied: Denied | None = None
+    booked: Booked | None = None
+
+
+@dataclass
+class _Step:
+    """A prepared decision: the effect committed with its audit record, and how to answer after it."""
+
+    tenant_id: str
+    effect: Callable[[Connection], dict[str, Any]]
+    verdict: _Verdict
+    handler: ActionHandler | None = None
+    subject: Subject | None = None
+    performed: Any = None
+    failed: KeystewardError | None = None
+
+
+class AccessService:
+    def __init__(
+        self,
+        tenants: Tenants,
+        policies: PolicyStore,
+        audit: AuditLog,
+        actions: ActionTable,
+        alert: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.tenants = tenants
+        self.policies = policies
+        self.audit = audit
+        self.actions = actions
+        self._alert = alert
+
+    # -- the one path ---------------------------------------------------------------------------------
+    def decide(self, request: AccessRequest) -> Any:
+        """Decide ``request``: the delivered value, a :class:`~keysteward.policy.approvals.Waiting`, or
+        :class:`~keysteward.errors.Denied` (and other KeystewardErrors) raised, each audited first."""
+        step = self._prepare(request)
+        self._commit(step)
+        return self._finish(step)
+
+    async def decide_async(self, request: AccessRequest) -> Any:
+        """:meth:`decide` on the event loop: what is cached runs here, a database read goes to a thread."""
+        handler = self.actions.get(request.action)
+        tenant_id = self.tenants.cached_id(request.tenant)
+        if tenant_id is not None and self.policies.cached(tenant_id) is not None and handler.warm(request, tenant_id):
+            step = self._prepare(request)
+        else:
+            step = await anyio.to_thread.run_sync(self._prepare, request)
+        try:
+            await self.audit.commit_async(step.tenant_id, step.effect)
+        except BaseException:
+            self._discard(step)
+            raise
+        return self._finish(step)
+
+    def _commit(self, step: _Step) -> None:
+        try:
+            self.audit.commit(step.tenant_id, step.effect)
+        except BaseException:
+            self._discard(step)
+            raise
+
+    def _discard(self, step: _Step) -> None:
+        if step.handler is not None and step.subject is not None and step.performed is not None:
+            step.handler.discard(step.subject, step.performed)
+
+    def _prepare(self, request: AccessRequest) -> _Step:
+        handler = self.actions.get(request.action)
+        if request.delivery != handler.delivery:
+            raise ValueError(f"{request.action} delivers {handler.delivery}, not {request.delivery}")
+        now = datetime.now(UTC)
+        try:
+            tenant_id = self.tenants.id_of(request.tenant)
+        except NotFound:
+            log.info("%s for an unknown tenant refused", request.action)
+            raise handler.unknown_tenant() from None
+        if request.principal is not None and request.principal.tenant_id != tenant_id:
+            raise handler.unknown_tenant()  # a principal of one tenant never reaches another's resources
+        try:
+            subject = handler.resolve(request, tenant_id, now)
+        except Refusal as refused:
+            return _Step(refused.tenant_id, refused.effect, _Verdict(denied=refused.denied))
+        policy, decision = self._evaluate(tenant_id, subject)
+        step = _Step(tenant_id, _no_effect, _Verdict(), handler, subject)
+        step.effect = self._effect(step, policy, decision, now)
+        if decision.effect != "deny" and handler.delivery is Delivery.OPERATION:
+            try:
+                step.performed = handler.perform(subject)
+            except KeystewardError as exc:
+                step.failed = exc
+        return step
+
+    def _evaluate(self, tenant_id: str, subject: Subject) -> tuple[PolicyVersion | None, PolicyDecision]:
+        if subject.facts is None:
+            return None, NO_QUESTION
+        policy = self.policies.current(tenant_id)
+        decision = policy.compiled.evaluate(subject.facts)
+        for more in subject.more_facts:
+            if decision.effect == "deny":
+                break
+            other = policy.compiled.evaluate(more)
+            if other.effect == "deny" or (other.effect == "approval" and decision.effect == "permit"):
+                decision = other
+        return policy, decision
+
+    @staticmethod
+    def _effect(
+        step: _Step, policy: PolicyVersion | None, decision: PolicyDecision, now: datetime
+    ) -> Callable[[Connection], dict[str, Any]]:
+        """Step 4 as the audit log's effect: it runs in the batch transaction and returns the record."""
+        handler, subject, verdict = step.handler, step.subject, step.verdict
+        assert handler is not None and subject is not None
+
+        def effect(conn: Connection) -> dict[str, Any]:
+            subject.alerts.clear()  # an effect may run again after a deadlock
+            details = dict(subject.details)
+            record = {"actor": subject.actor, "action": handler.action, "target": subject.target}
+            try:
+                if policy is not None:
+                    details.update(policy_version=policy.version, policies=list(decision.policies))
+                handler.check(conn, subject, decision)
+                if decision.effect == "deny":
+                    assert policy is not None and subject.facts is not None
+                    details["request"] = json.dumps(subject.facts.to_json(), sort_keys=True)
+                    raise handler.denial(policy, decision, subject)
+                if step.failed is not None:
+                    return {**record, "outcome": "error", "reason": step.failed.code, "details": details}
+                booked = handler.book(conn, subject, decision, now)
+            except Denied as exc:
+                verdict.denied, verdict.booked = exc, None
+                details.update(subject.details)
+                return {**record, "outcome": "denied", "reason": exc.code, "details": details}
+            verdict.denied, verdict.booked = None, booked
+            if booked.quiet:
+                return {}
+            details.update(subject.details)
+            if booked.pending is not None:
+                return {**record, "outcome": "pending", "reason": "approval_required", "details": details}
+            return {**record, "details": details}
+
+        return effect
+
+    def _finish(self, step: _Step) -> Any:
+        verdict = step.verdict
+        if step.subject is not None and self._alert is not None:
+            for alert in step.subject.alerts:
+                self._alert(alert)
+        if verdict.denied is not None:
+            self._discard(step)
+            raise verdict.denied
+        if step.failed is not None:
+            raise step.failed
+        booked = verdict.booked
+        assert booked is not None and step.handler is not None and step.subject is not None
+        if booked.pending is not None:
+            return booked.pending
+        return step.handler.deliver(step.subject, booked, step.performed)
+
+
+def _no_effect(conn: Connection) -> dict[str, Any]:
+    return {}

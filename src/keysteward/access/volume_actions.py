@@ -1,0 +1,616 @@
+"""Volume key release, renewal and lease end as actions of the access path (docs/release-protocol.md).
+
+``volume.release`` (Cedar ``release``): the caller is an instance proven by its provider-signed identity
+document, or a host of the tenant proven by its mTLS certificate; platform evidence (TPM quote, SEV-SNP
+report) bound to ``sha256(nonce || one-time key)`` becomes facts. In the transaction: the nonce is spent,
+the volume's state and the caller's revocation are read under a row lock, a live lease of another holder
+makes a suspected clone, then the policy's denial, approval bookkeeping and the lease. Only after the
+commit is the volume secret unwrapped and sealed (KSR1, HPKE) to the one-time key.
+
+``lease.renew`` asks the policy again (Cedar ``release`` with the facts the lease was granted on, at the
+current time and policy version, and ``renew``): a policy change that no longer permits the holder turns
+its next renewal into ``revoked``. A permit that needs approval keeps the lease going: the approval was
+given for this lease. ``lease.end`` asks nothing: giving a key back is always allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
+from keysteward.access.principals import policy_principal
+from keysteward.access.request import AccessRequest, Delivery
+from keysteward.attest.binding import binding
+from keysteward.attest.errors import EvidenceRejected
+from keysteward.attest.identity import InstanceIdentity, verify_identity
+from keysteward.crypto import hpke
+from keysteward.crypto.secret import wipe_bytearray
+from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
+from keysteward.formats.release_wire import CREATE_LEASE_ID, PROTOCOL, TOKEN_SIZE, pack_secret, seal_info
+from keysteward.keys.keystore import KeyStore
+from keysteward.policy import approvals
+from keysteward.policy.engine import PolicyDecision
+from keysteward.policy.errors import PolicyRequestInvalid
+from keysteward.policy.facts import PolicyRequest
+from keysteward.policy.store import PolicyStore, PolicyVersion
+from keysteward.release import leases
+from keysteward.release.nonces import Nonces, decode
+from keysteward.release.platform import PlatformVerifier
+from keysteward.release.registry import (
+    ACTIVE,
+    DESTROYED,
+    SHRED,
+    Caller,
+    HostIdentity,
+    Registry,
+    VolumeInfo,
+    VolumeSpec,
+    actor_of,
+)
+from keysteward.settings import ReleaseSettings
+from keysteward.store.db import for_update
+from keysteward.store.models import DataKey, Lease, Tenant, Volume
+
+log = logging.getLogger("keysteward.release")
+SWEEP_SECONDS = 60.0
+
+
+@dataclass(frozen=True, repr=False)
+class ReleaseInputs:
+    volume_id: str
+    nonce: str
+    suite: str
+    public_key: bytes
+    on_behalf_of: str | None = None
+    """The human (name in the tenant) who asked for this release on the instance's behalf, if any."""
+    host: str | None = None
+    """Set by the front-end when the caller proved itself with a ``host`` client certificate of the tenant;
+    the certificate is then the identity evidence (the platform evidence still counts)."""
+
+
+@dataclass(frozen=True, repr=False)
+class Released:
+    suite: str
+    sealed: bytes
+    key_version: int
+    lease: leases.LeaseInfo
+    lease_seconds: int
+    renew_seconds: int
+    grace_seconds: int | None
+
+    def __repr__(self) -> str:
+        return f"Released(lease={self.lease.id}, version={self.key_version})"
+
+
+@dataclass
+class _Release:
+    inputs: ReleaseInputs
+    tenant: str
+    raw: bytes
+    expires: datetime
+    volume: VolumeInfo
+    key_id: str
+    wrapped: bytes | None
+    caller: Caller
+    lease_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    token: bytearray = field(default_factory=lambda: bytearray(os.urandom(TOKEN_SIZE)))
+
+
+def policy_request(
+    tenant: str, source: str, volume: VolumeInfo, caller: Caller, platform: Mapping[str, Any], now: datetime
+) -> PolicyRequest:
+    """The facts of one release for the tenant's policy (raises PolicyRequestInvalid on bad facts)."""
+    principal: dict[str, Any]
+    if isinstance(caller, HostIdentity):
+        principal = {"type": "Host", "name": caller.name}
+        identity: dict[str, Any] = {"provider": "host", "kind": "host", "account": tenant,
+                                    "instance_id": caller.name}  # fmt: skip
+    else:
+        identity = caller.claims()
+        principal = {"type": "Instance", **{k: v for k, v in identity.items() if k not in ("kind", "launched_at")}}
+    try:
+        address = str(ipaddress.ip_address(source)) if source else None
+    except ValueError:
+        address = None
+    return PolicyRequest(
+        tenant=tenant,
+        action="release",
+        principal=principal,
+        resource={
+            "type": "Volume",
+            "id": volume.id,
+            "name": volume.name,
+            "key": volume.key,
+            "labels": dict(volume.labels),
+            "binding": volume.binding.as_dict(),
+        },
+        identity=identity,
+        platform=dict(platform),
+        time=now,
+        source_ip=address,
+    )
+
+
+class VolumeRelease(ActionHandler):
+    action, cedar_action, delivery = "volume.release", "release", Delivery.SEALED
+
+    def __init__(
+        self,
+        registry: Registry,
+        keys: KeyStore,
+        nonces: Nonces,
+        platform: PlatformVerifier,
+        policies: PolicyStore,
+        settings: ReleaseSettings,
+    ) -> None:
+        self.registry = registry
+        self.keys = keys
+        self.nonces = nonces
+        self.platform = platform
+        self.policies = policies
+        self.settings = settings
+        self._next_sweep = 0.0
+
+    def unknown_tenant(self) -> KeystewardError:
+        return Denied("no such volume in this tenant", code="volume_not_found")
+
+    def warm(self, request: AccessRequest, tenant_id: str) -> bool:
+        inputs: ReleaseInputs = request.inputs
+        if not self.registry.trusts_cached(tenant_id) or request.evidence.get("tpm") is not None:
+            return False  # the enrolled AK may need a read
+        cached = self.registry.cached_for_release(tenant_id, inputs.volume_id)
+        if cached is None:
+            return False
+        volume, key_id, _ = cached
+        return self.keys.is_warm(tenant_id, key_id=key_id, version=volume.key_version)
+
+    def _sweep_due(self) -> bool:
+        """Whether this transaction should also forget expired spent nonces (about once a minute)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + SWEEP_SECONDS
+        return True
+
+    # -- steps 1-2 ----------------------------------------------------------------------------------
+    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
+        inputs: ReleaseInputs = request.inputs
+        spent: tuple[bytes, datetime] | None = None
+        try:
+            raw = decode(inputs.nonce)
+            expires = self.nonces.check(raw)
+            spent = (raw, expires)
+            hpke.load_public_key(inputs.suite, inputs.public_key)
+            try:
+                volume, key_id, wrapped = self.registry.for_release(tenant_id, inputs.volume_id)
+            except NotFound:
+                raise Denied("no such volume in this tenant", code="volume_not_found") from None
+            caller: Caller
+            if inputs.host is not None:
+                if request.evidence.get("identity"):
+                    raise Denied("a host proves itself by its certificate: send no identity document",
+                                 code="evidence_invalid")  # fmt: skip
+                caller = HostIdentity(request.tenant, inputs.host)
+            else:
+                caller = self._identity(tenant_id, request, raw)
+            bound = binding(raw, inputs.public_key)
+            try:
+                platform, summary = self.platform.verify(
+                    tenant_id, caller.key(), request.evidence, binding=bound, now=now
+                )
+            except EvidenceRejected as exc:
+                raise Denied(exc.message, code=exc.code) from None
+        except (Denied, hpke.HpkeError) as exc:
+            raise Refusal(tenant_id, *self._refusal(inputs.volume_id, exc, spent, request.context.source)) from None
+        state = _Release(inputs, request.tenant, raw, expires, volume, key_id, wrapped, caller)
+        details: dict[str, Any] = {"instance": caller.claims(), "volume": volume.name}
+        if request.context.source:
+            details["source"] = request.context.source[:64]
+        if summary:
+            details["platform"] = summary
+        subject = Subject(tenant_id, actor_of(caller.key()), f"volume:{volume.id}", None, details=details, state=state)
+        try:
+            subject.facts = policy_request(request.tenant, request.context.source, volume, caller, platform, now)
+        except PolicyRequestInvalid as exc:
+            log.warning("release facts did not make a policy request: %s", exc.code)
+            raise Refusal(tenant_id, *self._refusal(inputs.volume_id, Denied(exc.message, code="policy_error"),
+                                                    spent, request.context.source)) from None  # fmt: skip
+        return subject
+
+    def _identity(self, tenant_id: str, request: AccessRequest, raw: bytes) -> InstanceIdentity:
+        """Step 2 for instances: the provider-signed identity document, bound to this request."""
+        inputs: ReleaseInputs = request.inputs
+        try:
+            return verify_identity(
+                request.evidence.get("identity") or {},
+                self.registry.trusts(tenant_id),
+                binding=binding(raw, inputs.public_key),
+                now=datetime.now(UTC),
+                audience=self.settings.audience,
+            )
+        except EvidenceRejected as exc:
+            raise Denied(exc.message, code=exc.code) from None
+
+    def _refusal(
+        self, volume_id: str, exc: KeystewardError, spent: tuple[bytes, datetime] | None, source: str
+    ) -> tuple[Denied, Any]:
+        """A refusal before the evidence named anyone; a genuine nonce presented with it is spent too."""
+        denied = exc if isinstance(exc, Denied) else Denied(exc.message, code=exc.code)
+
+        def effect(conn: Connection) -> dict[str, Any]:
+            if spent is not None:
+                try:
+                    self.nonces.spend(conn, *spent)
+                except Denied:
+                    pass  # spent before: the refusal stands with its own reason
+            return {
+                "actor": "instance:unverified",
+                "action": self.action,
+                "target": f"volume:{volume_id[:64]}",
+                "outcome": "denied",
+                "reason": denied.code,
+                "details": {"source": source[:64]},
+            }
+
+        return denied, effect
+
+    # -- steps 3-4, in the transaction ----------------------------------------------------------------
+    def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
+        state: _Release = subject.state
+        volume, holder = state.volume, state.caller.key()
+        now = datetime.now(UTC)
+        if self._sweep_due():
+            self.nonces.sweep(conn, now)
+        self.nonces.spend(conn, state.raw, state.expires)
+        row = conn.execute(
+            for_update(
+                select(Volume.state, DataKey.wrapped.is_(None).label("shredded"))
+                .join(DataKey, DataKey.id == Volume.dek_id)
+                .where(Volume.id == volume.id),
+                self.registry.db,
+            )
+        ).one()
+        if row.state == DESTROYED or row.shredded:
+            raise Denied("the volume's key was destroyed", code="volume_destroyed")
+        if row.state != ACTIVE:
+            raise Denied("the volume is revoked", code="volume_revoked")
+        if self.registry.instance_revocation(conn, subject.tenant_id, holder) is not None:
+            raise Denied("this instance is revoked", code="instance_revoked")
+        # An instance the policy permits, or one matching a pinned binding in all but its instance id,
+        # while another instance holds a live lease has the clone's signature (a copy of the disk booted
+        # as a new instance): alert. Others are simply not permitted.
+        live = leases.live_holder(conn, volume.id, now)
+        clone_like = decision.effect != "deny" or volume.binding.mismatch(state.caller) == "instance_id"
+        if live is not None and live.holder != holder and clone_like:
+            subject.alerts.append(
+                {
+                    "alert": "suspected_clone",
+                    "tenant": state.tenant,
+                    "volume_id": volume.id,
+                    "volume": volume.name,
+                    "holder": live.holder,
+                    "requester": holder,
+                    "lease_expires_at": leases.aware(live.expires_at).isoformat(),
+                    "at": now.isoformat(),
+                }
+            )
+            subject.details.update(alert="suspected_clone", holder=live.holder)
+            raise Denied(
+                f"volume '{volume.name}' is held by another instance under a live lease: suspected clone",
+                code="suspected_clone",
+            )
+
+    def denial(self, policy: PolicyVersion, decision: PolicyDecision, subject: Subject) -> Denied:
+        state: _Release = subject.state
+        if policy.version == 0 and decision.reason == "no_permit":
+            mismatch = state.volume.binding.mismatch(state.caller) or "binding"
+            return Denied(f"the instance does not match the volume's binding ({mismatch})", code="not_bound")
+        if decision.reason == "no_permit":
+            return Denied(f"no policy of version {policy.version} permits this release", code="no_permit")
+        return super().denial(policy, decision, subject)
+
+    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
+        state: _Release = subject.state
+        facts = subject.facts
+        assert facts is not None
+        holder = state.caller.key()
+        if decision.effect == "approval":
+            assert decision.approval is not None
+            policy = self.policies.current(subject.tenant_id)
+            outcome, found = approvals.settle(
+                conn,
+                tenant_id=subject.tenant_id,
+                volume_id=state.volume.id,
+                holder=holder,
+                approval=decision.approval,
+                policy_version=policy.version,
+                policies=decision.policies,
+                facts=facts.to_json(),
+                on_behalf_of=state.inputs.on_behalf_of,
+                now=now,
+                ttl=timedelta(seconds=self.settings.approval_ttl_seconds),
+            )
+            if isinstance(found, approvals.Waiting):
+                subject.details.update(approval=found.request_id, request=json.dumps(facts.to_json(), sort_keys=True))
+                return Booked(pending=found)
+            subject.details["approval"] = found
+            if outcome == "denied":
+                raise Denied(f"an approver denied the release of volume '{state.volume.name}'", code="approval_denied")
+        lease = leases.grant(
+            conn,
+            lease_id=state.lease_id,
+            tenant_id=subject.tenant_id,
+            volume_id=state.volume.id,
+            holder=holder,
+            token=state.token,
+            now=now,
+            seconds=state.volume.lease_seconds,
+            facts=json.dumps(facts.to_json(), sort_keys=True),
+        )
+        subject.details.update(
+            decision="released", lease=state.lease_id, key_version=state.volume.key_version, suite=state.inputs.suite
+        )
+        return Booked(value=lease)
+
+    # -- step 5 -------------------------------------------------------------------------------------
+    def deliver(self, subject: Subject, booked: Booked, performed: Any) -> Released:
+        state: _Release = subject.state
+        volume = state.volume
+        try:
+            try:
+                secret = self.keys.open_data_key(
+                    subject.tenant_id, state.key_id, volume.key_version, volume.dek_id, state.wrapped
+                )
+            except Conflict:
+                raise Denied("the volume's key was destroyed", code="volume_destroyed") from None
+            with secret:
+                plaintext = pack_secret(secret.view(), state.token)
+                try:
+                    sealed = hpke.seal(
+                        state.inputs.suite,
+                        state.inputs.public_key,
+                        plaintext,
+                        seal_info(state.tenant, volume.id, state.lease_id),
+                    )
+                finally:
+                    wipe_bytearray(plaintext)
+        finally:
+            wipe_bytearray(state.token)
+        return Released(
+            state.inputs.suite,
+            sealed,
+            volume.key_version,
+            booked.value,
+            volume.lease_seconds,
+            volume.renew_seconds,
+            volume.grace_seconds,
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class LeaseInputs:
+    lease_id: str
+    token: bytes
+
+
+@dataclass(frozen=True)
+class RenewAnswer:
+    action: str
+    """``continue``, ``revoked``, ``shred`` or ``expired``."""
+    expires_at: datetime
+
+
+class _LeaseAction(ActionHandler):
+    def __init__(self, registry: Registry, policies: PolicyStore) -> None:
+        self.registry = registry
+        self.policies = policies
+
+    def unknown_tenant(self) -> KeystewardError:
+        return NotFound("no such lease, or not this token", code="lease_not_found")
+
+    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
+        inputs: LeaseInputs = request.inputs
+        with self.registry.db.read() as conn:
+            row = leases.load(conn, inputs.lease_id, inputs.token)
+        if str(row.tenant_id) != tenant_id:
+            raise NotFound("no such lease, or not this token", code="lease_not_found")
+        return Subject(tenant_id, actor_of(row.holder), f"volume:{row.volume_id}", None, state=inputs)
+
+
+class LeaseRenew(_LeaseAction):
+    action, cedar_action, delivery = "lease.renew", None, Delivery.NOTHING
+
+    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
+        inputs: LeaseInputs = subject.state
+        row = leases.load(conn, inputs.lease_id, inputs.token)
+        volume = conn.execute(select(Volume.state, Volume.lease_seconds).where(Volume.id == row.volume_id)).one()
+        instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
+        expires = leases.aware(row.expires_at)
+        subject.details["lease"] = row.id
+        if row.state in (leases.REVOKED, leases.SHRED):
+            action = row.state
+        elif row.state != leases.ACTIVE or expires <= now:
+            action = "expired"
+            if row.state == leases.ACTIVE:
+                leases.set_state(conn, row.id, leases.EXPIRED, now)
+        elif volume.state in (SHRED, DESTROYED) or instance is True:
+            action = leases.SHRED
+        elif volume.state != ACTIVE or instance is False:
+            action = leases.REVOKED
+        elif not self._still_permitted(subject, row, now):
+            action = leases.REVOKED
+        else:
+            return Booked(RenewAnswer("continue", leases.extend(conn, row.id, now, volume.lease_seconds)), quiet=True)
+        if action in (leases.REVOKED, leases.SHRED) and row.state == leases.ACTIVE:
+            leases.set_state(conn, row.id, action, now)
+        subject.details["answer"] = action
+        return Booked(RenewAnswer(action, expires), quiet=action == row.state)  # delivered before: recorded
+
+    def _still_permitted(self, subject: Subject, row: Any, now: datetime) -> bool:
+        """The policy in force asked again with the facts the lease was granted on, at ``now``."""
+        if row.facts is None:
+            return True  # granted before renewals asked the policy
+        policy = self.policies.current(subject.tenant_id)
+        try:
+            granted = json.loads(row.facts)
+            granted["time"] = now.isoformat()
+            release = PolicyRequest.from_json(granted)
+            renew = PolicyRequest.from_json({**granted, "action": "renew"})
+        except (PolicyRequestInvalid, ValueError) as exc:
+            log.warning("a lease's facts no longer make a policy request: %s", type(exc).__name__)
+            subject.details.update(policy_version=policy.version, reason="policy_error")
+            return False
+        decided = policy.compiled.evaluate(release)
+        renewal = policy.compiled.evaluate(renew)
+        if decided.effect == "deny" or renewal.reason in ("forbidden_by_policy", "policy_error"):
+            subject.details.update(
+                policy_version=policy.version,
+                policies=list(decided.policies + renewal.policies),
+                reason=decided.reason if decided.effect == "deny" else renewal.reason,
+            )
+            return False
+        return True
+
+
+class LeaseEnd(_LeaseAction):
+    action, cedar_action, delivery = "lease.end", None, Delivery.NOTHING
+
+    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
+        inputs: LeaseInputs = subject.state
+        row = leases.load(conn, inputs.lease_id, inputs.token)
+        if row.state != leases.ACTIVE:
+            return Booked(quiet=True)
+        leases.set_state(conn, row.id, leases.ENDED, now)
+        subject.details["lease"] = row.id
+        return Booked()
+
+
+@dataclass(frozen=True)
+class Challenge:
+    protocol: str
+    nonce: str
+    expires_at: datetime
+    suites: tuple[str, ...]
+
+
+def challenge(nonces: Nonces) -> Challenge:
+    """A fresh nonce for a release, with the protocol and the HPKE suites a one-time key may use."""
+    nonce, expires_at = nonces.issue()
+    return Challenge(PROTOCOL, nonce, expires_at, tuple(hpke.SUITES))
+
+
+def lease_tenant(registry: Registry, lease_id: str) -> str:
+    """The tenant name a lease belongs to (the renewal protocol names only the lease)."""
+    try:
+        uuid.UUID(lease_id)
+    except ValueError:
+        raise NotFound("no such lease, or not this token", code="lease_not_found") from None
+    with registry.db.read() as conn:
+        name = conn.execute(
+            select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == lease_id)
+        ).scalar_one_or_none()
+    if name is None:
+        raise NotFound("no such lease, or not this token", code="lease_not_found")
+    return str(name)
+
+
+@dataclass(frozen=True, repr=False)
+class CreateInputs:
+    spec: VolumeSpec
+    suite: str
+    public_key: bytes
+
+
+@dataclass(frozen=True, repr=False)
+class Created:
+    volume: VolumeInfo
+    suite: str
+    sealed: bytes
+
+
+class VolumeCreate(ActionHandler):
+    """``volume.register`` (Cedar ``volume_create``): the volume's secret is made and stored wrapped in the
+    transaction; after the commit it is unwrapped and sealed to the creating tool's one-time key."""
+
+    action, cedar_action, delivery = "volume.register", "volume_create", Delivery.SEALED
+
+    def __init__(self, registry: Registry, keys: KeyStore) -> None:
+        self.registry = registry
+        self.keys = keys
+
+    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
+        inputs: CreateInputs = request.inputs
+        who = request.principal
+        if who is None:
+            raise Denied("registering a volume needs an authenticated principal", code="no_credentials")
+        hpke.load_public_key(inputs.suite, inputs.public_key)  # a bad key is refused before anything is made
+        spec = inputs.spec
+        spec.check()
+        volume_id = str(uuid.uuid4())
+        facts = PolicyRequest(
+            tenant=request.tenant,
+            action="volume_create",
+            principal=policy_principal(who),
+            resource={
+                "type": "Volume",
+                "id": volume_id,
+                "name": spec.name,
+                "key": spec.key,
+                "labels": dict(spec.labels),
+                "binding": spec.binding.as_dict(),
+            },
+            identity={},
+            platform={},
+            time=now,
+        )
+        details = {"name": spec.name, "key": spec.key, "labels": spec.labels, "binding": spec.binding.as_dict()}
+        state = (volume_id, inputs)
+        return Subject(tenant_id, who.describe(), f"volume:{volume_id}", facts, details=details, state=state)
+
+    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
+        volume_id, inputs = subject.state
+        if decision.effect == "approval":
+            raise Denied("registering a volume is not held for approval", code="approval_unsupported")
+        info, dek_id = self.registry.insert_volume(conn, subject.tenant_id, inputs.spec, volume_id, now)
+        subject.details["key_version"] = info.key_version
+        return Booked(value=(info, dek_id))
+
+    def deliver(self, subject: Subject, booked: Booked, performed: Any) -> Created:
+        _, inputs = subject.state
+        info, dek_id = booked.value
+        tenant = subject.facts.tenant if subject.facts is not None else ""
+        with self.keys.unwrap_data_key(subject.tenant_id, dek_id) as secret:
+            plaintext = pack_secret(secret.view(), bytes(TOKEN_SIZE))
+            try:
+                sealed = hpke.seal(
+                    inputs.suite, inputs.public_key, plaintext, seal_info(tenant, info.id, CREATE_LEASE_ID)
+                )
+            finally:
+                wipe_bytearray(plaintext)
+        return Created(info, inputs.suite, sealed)
+
+
+def register(
+    table: ActionTable,
+    registry: Registry,
+    keys: KeyStore,
+    nonces: Nonces,
+    platform: PlatformVerifier,
+    policies: PolicyStore,
+    settings: ReleaseSettings,
+) -> None:
+    table.register(VolumeRelease(registry, keys, nonces, platform, policies, settings))
+    table.register(LeaseRenew(registry, policies))
+    table.register(LeaseEnd(registry, policies))
+    table.register(VolumeCreate(registry, keys))
