@@ -29,6 +29,12 @@ class ServerSettings:
     tls_key: str = ""
     tls_ca: str = ""
     max_body_bytes: int = 65536
+    max_header_bytes: int = 16384  # request line and headers together; more: 431
+    max_headers: int = 100  # header fields in one request; more: 431
+    header_timeout: float = 10.0  # seconds for the TLS handshake, then for each request head
+    body_timeout: float = 30.0  # seconds for a request body once its head is in
+    max_connections: int = 1024  # open connections per listener (per worker process)
+    max_connections_per_source: int = 128  # of those, from one IPv4 address or IPv6 /64
     workers: int = 1
     log_level: str = "info"
 

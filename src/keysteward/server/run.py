@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 
@@ -24,10 +24,11 @@ from keysteward.errors import BadRequest, Conflict
 from keysteward.identity.principal import SYSTEM_TENANT
 from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
+from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
 from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, supervise
-from keysteward.server.tls import add_client_ca, server_ssl_context, uvicorn_server
+from keysteward.server.tls import ClientCertHttpToolsProtocol, add_client_ca, server_ssl_context
 from keysteward.settings import CONFIG_NAME, Settings, load, render
 from keysteward.store.db import Database
 
@@ -172,10 +173,24 @@ def _refresh_cas(svc: Services, ctx: ssl.SSLContext, stop: threading.Event) -> N
             log.warning("could not refresh tenant CAs from the database")
 
 
+def listener_limits(settings: Settings) -> Limits:
+    """The REST listener's connection, head and timing limits (``[server]`` settings)."""
+    s = settings.server
+    return Limits(
+        max_connections=s.max_connections,
+        max_connections_per_source=s.max_connections_per_source,
+        max_header_bytes=s.max_header_bytes,
+        max_headers=s.max_headers,
+        header_timeout=s.header_timeout,
+        body_timeout=s.body_timeout,
+    )
+
+
 def serve(settings: Settings, listen_fd: int | None = None) -> None:
     """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes."""
     if settings.server.workers > 1 and listen_fd is None:
         raise SystemExit(supervise(settings))
+    limits = listener_limits(settings)  # bad limits fail the start before anything opens
     disable_core_dumps()
     # request threads, the audit writer and the event loop hand the GIL around constantly; the default
     # 5 ms switch interval would add whole milliseconds of queueing to each hand-off
@@ -198,13 +213,15 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
             "timeout_keep_alive": 30,
         }
         host, port = settings.server.listen_host, settings.server.listen_port
+        ctx: ssl.SSLContext | None = None
         if settings.server.tls:
             ctx = server_ssl_context(settings.server.tls_cert, settings.server.tls_key, svc.cas.trusted_pems())
-            svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
+            tls_ctx = ctx
+            svc.cas.on_new_ca.append(lambda pem: add_client_ca(tls_ctx, pem))
             threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
-            server = uvicorn_server(app, host, port, ctx, **server_kw)
-        else:
-            server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **server_kw))
+        # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
+        protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
         server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
     finally:
         stop.set()
