@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from keysteward.audit.log import AuditLog
+from keysteward.audit.publisher import CheckpointPublisher
 from keysteward.identity.tenants import Tenants
 from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
@@ -37,6 +38,7 @@ class Services:
     release: ReleaseService
     policies: PolicyStore
     tpm: TpmEnrollments
+    checkpoints: CheckpointPublisher
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -50,6 +52,14 @@ class Services:
         root = RootOfTrust(db, settings.seal)
         root.on_unseal(lambda r: audit.set_signer(r.signer))
         root.on_seal(lambda: audit.set_signer(None))
+        checkpoints = CheckpointPublisher.from_settings(
+            audit,
+            settings.audit.checkpoint_sinks,
+            settings.data_dir,
+            interval=settings.audit.checkpoint_interval,
+            webhook_timeout=settings.audit.checkpoint_webhook_timeout,
+        )
+        root.on_unseal(lambda _r: checkpoints.wake())
         keys = KeyStore(db, root, audit)
         tenants = Tenants(db, audit)
         registry = Registry(db, keys, audit)
@@ -73,9 +83,11 @@ class Services:
             ),
             policies=policies,
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
+            checkpoints=checkpoints,
         )
 
     def close(self) -> None:
+        self.checkpoints.stop()  # its last round signs the final heads: before the seal below
         self.rewrapper.stop()
         self.release.alerts.close()
         self.audit.close()
