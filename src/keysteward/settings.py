@@ -78,6 +78,16 @@ class ReleaseSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    # where signed checkpoints of every chain head go (see keysteward.audit.sinks): "file:PATH", "syslog",
+    # "syslog:/socket/path", "syslog://HOST:PORT", "https://..."; the environment override is a
+    # comma-separated list or a JSON array
+    checkpoint_sinks: tuple[str, ...] = ()
+    checkpoint_interval: float = 60.0  # seconds between rounds; destroys and unseals publish at once
+    checkpoint_webhook_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -85,6 +95,7 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     rewrap: RewrapSettings = field(default_factory=RewrapSettings)
     release: ReleaseSettings = field(default_factory=ReleaseSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def database_url(self) -> str:
@@ -104,11 +115,26 @@ _SECTIONS: dict[str, type[Any]] = {
     "storage": StorageSettings,
     "rewrap": RewrapSettings,
     "release": ReleaseSettings,
+    "audit": AuditSettings,
 }
+_STRINGS = (tuple[str, ...], "tuple[str, ...]")
+MAX_LIST = 64
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    """A TOML array of strings, or (from the environment) a JSON array or a comma-separated list."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else [v for v in (p.strip() for p in text.split(",")) if v]
+    if not isinstance(value, list | tuple) or len(value) > MAX_LIST or not all(isinstance(v, str) for v in value):
+        raise ValueError("a list of strings")
+    return tuple(value)
 
 
 def _coerce(section: str, name: str, kind: Any, value: Any) -> Any:
     try:
+        if kind in _STRINGS:
+            return _string_list(value)
         if kind in (bool, "bool"):
             if isinstance(value, bool):
                 return value
@@ -173,6 +199,9 @@ def render(settings: Settings) -> str:
         for key, value in dataclasses.asdict(getattr(settings, section)).items():
             if isinstance(value, bool):
                 lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, list | tuple):
+                items = ", ".join(json.dumps(str(v), ensure_ascii=False) for v in value)
+                lines.append(f"{key} = [{items}]")
             elif isinstance(value, int | float):
                 lines.append(f"{key} = {value}")
             else:

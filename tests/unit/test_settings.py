@@ -357,3 +357,40 @@ def test_render_escapes_control_characters(tmp_path: Path, value: str) -> None:
     assert s.server.log_level == value
     write(tmp_path, settings.render(s))
     assert settings.load(tmp_path, env={}) == s
+
+
+# --- [audit] checkpoint sinks ----------------------------------------------------------------------
+
+
+def test_audit_checkpoint_settings_from_file_and_env(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        '[audit]\ncheckpoint_sinks = ["file:/var/log/ks/cp.jsonl", "syslog"]\ncheckpoint_interval = 30\n',
+    )
+    s = settings.load(tmp_path, env={})
+    assert s.audit.checkpoint_sinks == ("file:/var/log/ks/cp.jsonl", "syslog")
+    assert s.audit.checkpoint_interval == 30.0
+    env = settings.load(tmp_path, env={"KEYSTEWARD_AUDIT_CHECKPOINT_SINKS": "file:a.jsonl, https://siem/hook"})
+    assert env.audit.checkpoint_sinks == ("file:a.jsonl", "https://siem/hook")
+    as_json = settings.load(tmp_path, env={"KEYSTEWARD_AUDIT_CHECKPOINT_SINKS": '["https://h/x?a=1,2"]'})
+    assert as_json.audit.checkpoint_sinks == ("https://h/x?a=1,2",)
+    assert settings.load(tmp_path, env={"KEYSTEWARD_AUDIT_CHECKPOINT_SINKS": ""}).audit.checkpoint_sinks == ()
+    write(tmp_path, settings.render(s))
+    assert settings.load(tmp_path, env={}) == s
+    assert Settings(data_dir=tmp_path).audit.checkpoint_sinks == ()
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [
+        ("[audit]\ncheckpoint_sinks = [1]\n", {}),
+        ('[audit]\ncheckpoint_sinks = {a = "b"}\n', {}),
+        ("", {"KEYSTEWARD_AUDIT_CHECKPOINT_SINKS": "[not json"}),
+        ("", {"KEYSTEWARD_AUDIT_CHECKPOINT_SINKS": '["a", 2]'}),
+        ("", {"KEYSTEWARD_AUDIT_CHECKPOINT_SINKS": ",".join(["syslog"] * 65)}),
+        ("[audit]\ncheckpoint_interval = true\n", {}),
+    ],
+)
+def test_bad_audit_checkpoint_settings(tmp_path: Path, toml: str, env: dict[str, str]) -> None:
+    write(tmp_path, toml)
+    assert load_error(tmp_path, env).code == "bad_setting"

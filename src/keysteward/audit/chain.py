@@ -38,6 +38,12 @@ class ChainBroken(KeystewardError):
         self.seq = seq
 
 
+class UnsignedTail(ChainBroken):
+    """The newest records carry no signature: anyone who can write the database or an export made them."""
+
+    code = "audit_unsigned_tail"
+
+
 @dataclass(frozen=True)
 class Link:
     tenant_id: str
@@ -157,3 +163,19 @@ def verify(
         prev, expected_seq = link.hash, expected_seq + 1
         count += 1
     return VerifyReport(count, signed, expected_seq - 1, prev, unsigned_tail)
+
+
+def require_signed_head(report: VerifyReport) -> None:
+    """Raise :class:`UnsignedTail` unless the newest record is signed.
+
+    An unsigned link is legal while the server is sealed, and the next signed link covers it; but an
+    unsigned *tail* is covered by nothing: a hand-made record appended to a database or an export looks
+    exactly like it. Verifiers refuse it unless told to allow it (a server that is sealed right now).
+    """
+    if report.unsigned_tail:
+        first = report.head_seq - report.unsigned_tail + 1
+        raise UnsignedTail(
+            f"the newest {report.unsigned_tail} record(s), from record {first}, carry no signature: nothing "
+            "proves the server wrote them (allow only while the server is sealed)",
+            first,
+        )

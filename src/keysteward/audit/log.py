@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from keysteward.audit import chain
+from keysteward.audit import chain, checkpoint
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database, for_update
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
@@ -41,6 +41,11 @@ def _check_details(details: Mapping[str, Any]) -> None:
         items = value if isinstance(value, list | tuple) else [value]
         if not isinstance(key, str) or not all(isinstance(v, _SCALARS) for v in items):
             _refuse(key)
+
+
+def _is_destroy(action: str) -> bool:
+    """Key, key version, volume (and any later kind's) destruction: each one publishes a checkpoint."""
+    return action.endswith(".destroy")
 
 
 def _refuse(key: object) -> None:
@@ -97,6 +102,8 @@ class AuditLog:
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._closed = False
+        self.on_destroy: list[Callable[[str, int], None]] = []
+        """Called with (tenant, seq) when a destroy record is appended (before its transaction commits)."""
 
     def set_signer(self, key: Ed25519PrivateKey | None) -> None:
         with self._lock:
@@ -174,10 +181,31 @@ class AuditLog:
                     )
                     seqs[i] = seq
                 conn.execute(insert(AuditRecord), rows)
+                destroyed = [seqs[i] for i in indexes if _is_destroy(entries[i][1].get("action", ""))]
                 conn.execute(update(AuditHead).where(AuditHead.tenant_id == tenant_id).values(seq=seq, hash=prev))
+                if destroyed:
+                    for callback in self.on_destroy:
+                        callback(tenant_id, max(destroyed))
         except (SQLAlchemyError, KeystewardError) as exc:
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
         return seqs
+
+    def heads(self) -> list[tuple[str, int, str]]:
+        """Every chain's committed head: (tenant, seq, hash), chains with no record left out."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(AuditHead.tenant_id, AuditHead.seq, AuditHead.hash)
+                .where(AuditHead.seq > 0)
+                .order_by(AuditHead.tenant_id)
+            ).all()
+        return [(r.tenant_id, r.seq, r.hash) for r in rows]
+
+    def sign_checkpoint(self, tenant_id: str, seq: int, hash_hex: str) -> checkpoint.Checkpoint | None:
+        """A checkpoint of this head signed by the audit key, or None while sealed (no key to sign with)."""
+        signer = self._signer
+        if signer is None:
+            return None
+        return checkpoint.sign(signer, tenant_id, seq, hash_hex, datetime.now(UTC).isoformat(timespec="microseconds"))
 
     def record(self, tenant_id: str, **fields: Any) -> int:
         """Append one record and wait until it is committed (group commit with concurrent callers)."""

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from keysteward.audit import chain
+from keysteward.audit import chain, checkpoint
 from keysteward.cli.client import Client
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fail, table
@@ -43,12 +44,34 @@ def _link(r: dict[str, Any]) -> chain.Link:
 def audit_list(
     ctx: typer.Context,
     as_json: JsonFlag = False,
-    last: Annotated[int, typer.Option(help="Show the last N records (0 = all).")] = 50,
+    last: Annotated[int, typer.Option(help="Show the last N matching records (0 = all).")] = 50,
+    outcome: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Only records with this outcome ({', '.join(chain.OUTCOMES)}); repeatable."),
+    ] = None,
+    actor: Annotated[
+        list[str] | None,
+        typer.Option(help="Only records whose actor matches this shell pattern (e.g. 'token:ops*'); repeatable."),
+    ] = None,
 ) -> None:
+    """List records, newest last; filters apply before --last, so a flood of one kind hides nothing else."""
+    bad = sorted(set(outcome or []) - set(chain.OUTCOMES))
+    if bad:
+        fail(f"--outcome {bad[0]!r} is not one of {', '.join(chain.OUTCOMES)}")
     _, _, records = _pages(client(ctx))
-    rows = [dict(json.loads(r["body"]), signed=r["signature"] is not None) for r in records]
+    rows = [
+        row
+        for row in (dict(json.loads(r["body"]), signed=r["signature"] is not None) for r in records)
+        if _matches(row, outcome, actor)
+    ]
     rows = rows[-last:] if last else rows
     emit(rows, as_json, lambda d: table(d, ["seq", "ts", "actor", "action", "target", "outcome", "reason", "signed"]))
+
+
+def _matches(row: dict[str, Any], outcomes: list[str] | None, actors: list[str] | None) -> bool:
+    if outcomes and row.get("outcome") not in outcomes:
+        return False
+    return not actors or any(fnmatch.fnmatchcase(str(row.get("actor", "")), pattern) for pattern in actors)
 
 
 @app.command("export")
@@ -71,13 +94,32 @@ def audit_verify(
     ctx: typer.Context,
     public_key: Annotated[str | None, typer.Option(help="Pin the audit public key (hex, from init).")] = None,
     file: Annotated[Path | None, typer.Option(help="Verify an export offline instead.")] = None,
+    checkpoint_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="Signed head checkpoints (JSON lines, from a file sink): the log must reach and agree with "
+            "every one of this chain's. Needs --public-key.",
+        ),
+    ] = None,
+    allow_unsigned_tail: Annotated[
+        bool,
+        typer.Option(help="Accept newest records without a signature (only while the server is sealed)."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Check the whole chain: names the first modified, deleted, inserted or reordered record."""
+    """Check the whole chain: names the first modified, deleted, inserted or reordered record.
+
+    Fails when the newest records are unsigned (unless --allow-unsigned-tail), and with --checkpoint
+    when the log ends before a published head or disagrees with it.
+    """
+    if checkpoint_file is not None and not public_key:
+        fail("--checkpoint needs --public-key: checkpoints are checked against the pinned audit key")
     if file is not None:
         if not public_key:
             fail("verifying an export needs --public-key")
-        key_hex, tenant_id = public_key or "", None
+        key_hex = public_key or ""
+        tenant_id = _first_tenant(file)
         lines = (json.loads(line) for line in file.read_text().splitlines() if line.strip())
         links = (_link(r) for r in lines)
     else:
@@ -86,12 +128,23 @@ def audit_verify(
             fail("the server's audit public key differs from the pinned one")
         links = (_link(r) for r in records)
     try:
-        report = chain.verify(links, Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex)), tenant_id=tenant_id)
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))
+    except ValueError:
+        fail("the audit public key must be 64 hex digits (32 bytes)")
+        return
+    observer = checkpoint.Observer({})
+    try:
+        if checkpoint_file is not None:
+            observer = checkpoint.Observer(_checkpoints(checkpoint_file, key, tenant_id))
+        report = chain.verify(observer.links(links), key, tenant_id=tenant_id)
+        if not allow_unsigned_tail:
+            chain.require_signed_head(report)
+        newest = observer.check(report)
     except chain.ChainBroken as exc:
-        if as_json:
-            sys.stdout.write(json.dumps({"ok": False, "first_bad_seq": exc.seq, "detail": exc.message}) + "\n")
-            raise SystemExit(1) from None
-        fail(f"audit chain broken at record {exc.seq}: {exc.message}")
+        _broken(exc.code, exc.message, as_json, seq=exc.seq, human=f"audit chain broken at record {exc.seq}")
+        return
+    except checkpoint.CheckpointError as exc:
+        _broken(exc.code, exc.message, as_json, human="audit log fails its checkpoints")
         return
     data = {
         "ok": True,
@@ -100,6 +153,9 @@ def audit_verify(
         "head_seq": report.head_seq,
         "head_hash": report.head_hash,
         "unsigned_tail": report.unsigned_tail,
+        "checkpoints": len(observer.checkpoints),
+        "checkpoint_seq": newest.seq if newest else None,
+        "checkpoint_ts": newest.ts if newest else None,
     }
     emit(
         data,
@@ -107,5 +163,50 @@ def audit_verify(
         lambda d: console.print(
             f"[green]audit chain intact[/green]: {d['records']} records, head {d['head_seq']} {d['head_hash'][:16]}…"
             + (f" ({d['unsigned_tail']} newest records not yet signed)" if d["unsigned_tail"] else "")
+            + (
+                f"; reaches and agrees with {d['checkpoints']} checkpoint(s), newest record {d['checkpoint_seq']}"
+                f" at {d['checkpoint_ts']}"
+                if d["checkpoints"]
+                else ""
+            )
         ),
     )
+
+
+def _broken(code: str, message: str, as_json: bool, *, human: str, seq: int | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({"ok": False, "code": code, "first_bad_seq": seq, "detail": message}) + "\n")
+        raise SystemExit(1)
+    fail(f"{human}: {message} ({code})")
+
+
+def _first_tenant(file: Path) -> str | None:
+    """Whose chain an export holds (its first record names it), so checkpoints of other chains are skipped."""
+    with file.open() as fh:
+        for line in fh:
+            if line.strip():
+                return str(json.loads(line)["tenant_id"])
+    return None
+
+
+def _checkpoints(path: Path, key: Ed25519PublicKey, tenant_id: str | None) -> dict[int, checkpoint.Checkpoint]:
+    with path.open("rb") as fh:
+        mine = checkpoint.read(_bounded_lines(fh), key, tenant_id or "")
+    if not mine:
+        raise checkpoint.CheckpointMissing(
+            f"{path} holds no checkpoint of this chain (tenant id {tenant_id or 'unknown'}): wrong file, or the "
+            "server publishes to another sink"
+        )
+    return mine
+
+
+def _bounded_lines(fh: BinaryIO) -> Iterator[bytes]:
+    """Lines of at most one byte over the codec's limit: a longer one is refused by the codec, not read whole."""
+    while True:
+        line = fh.readline(checkpoint.MAX_LINE + 2)
+        if not line:
+            return
+        if len(line) > checkpoint.MAX_LINE + 1 or (len(line) == checkpoint.MAX_LINE + 1 and not line.endswith(b"\n")):
+            yield line  # refused by parse as oversized
+            return
+        yield line

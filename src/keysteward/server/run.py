@@ -206,6 +206,7 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
     if listen_fd is not None:
         _join_worker_seal(svc)
     svc.rewrapper.start()
+    svc.checkpoints.start()
     try:
         server_kw: dict[str, Any] = {
             "log_level": settings.server.log_level,

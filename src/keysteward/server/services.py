@@ -9,6 +9,7 @@ from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
 from keysteward.access.service import AccessService
 from keysteward.audit.log import AuditLog
+from keysteward.audit.publisher import CheckpointPublisher
 from keysteward.identity.tenants import Tenants
 from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
@@ -42,6 +43,7 @@ class Services:
     alerts: Alerts
     policies: PolicyStore
     tpm: TpmEnrollments
+    checkpoints: CheckpointPublisher
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -55,6 +57,14 @@ class Services:
         root = RootOfTrust(db, settings.seal)
         root.on_unseal(lambda r: audit.set_signer(r.signer))
         root.on_seal(lambda: audit.set_signer(None))
+        checkpoints = CheckpointPublisher.from_settings(
+            audit,
+            settings.audit.checkpoint_sinks,
+            settings.data_dir,
+            interval=settings.audit.checkpoint_interval,
+            webhook_timeout=settings.audit.checkpoint_webhook_timeout,
+        )
+        root.on_unseal(lambda _r: checkpoints.wake())
         keys = KeyStore(db, root, audit)
         tenants = Tenants(db, audit)
         registry = Registry(db, keys, audit)
@@ -83,9 +93,11 @@ class Services:
             alerts=alerts,
             policies=policies,
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
+            checkpoints=checkpoints,
         )
 
     def close(self) -> None:
+        self.checkpoints.stop()  # its last round signs the final heads: before the seal below
         self.rewrapper.stop()
         self.alerts.close()
         self.audit.close()
