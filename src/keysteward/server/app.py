@@ -18,6 +18,7 @@ from prometheus_client import (
 
 from keysteward import __version__
 from keysteward.server import problems
+from keysteward.server.ratelimit import FailureLimiter
 from keysteward.server.routers import attest, audit, ca, crypto, keys, policy, release, system, tenants, volumes
 from keysteward.server.services import Services
 
@@ -108,6 +109,10 @@ def create_app(svc: Services) -> FastAPI:
         redoc_url=None,
     )
     app.state.services = svc
+    seal = svc.settings.seal
+    app.state.unseal_limiter = FailureLimiter(
+        seal.unseal_failures_per_source, seal.unseal_failures_overall, seal.unseal_failure_window_seconds
+    )
     problems.install(app)
     for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest):
         app.include_router(module.router, prefix="/v1")
