@@ -91,11 +91,14 @@ def init(
 @app.command()
 def start(data_dir: DataDir) -> None:
     """Run the server in the foreground (TLS by default)."""
+    from keysteward.server.datadir import secure
     from keysteward.server.run import serve
 
     if not (data_dir / CONFIG_NAME).exists():
         raise typer.BadParameter(f"{data_dir} is not initialised: run 'keysteward server init' first")
-    serve(load(data_dir))
+    settings = load(data_dir)
+    secure(data_dir, settings.database_url)  # repair modes changed since init (a restore, a copy, an editor)
+    serve(settings)
 
 
 @app.command()
