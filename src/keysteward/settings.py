@@ -23,6 +23,7 @@ CONFIG_NAME = "keysteward.toml"
 class ServerSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8443
+    metrics_access: str = "loopback"  # "loopback": /metrics for loopback peers and system tokens; "token": tokens only
     database_url: str = ""
     tls: bool = True
     tls_cert: str = ""
