@@ -14,6 +14,7 @@ Every error raised on purpose derives from :class:`KeystewardError` and carries 
     ├── NotFound              404  unknown tenant, key, version, token...
     ├── Conflict              409  duplicate name, state that forbids the operation
     ├── PayloadTooLarge       413
+    ├── RateLimited           429  too many failures from one source (``retry_after`` seconds)
     ├── Sealed                503  the server is sealed; nothing that touches keys is served
     └── Unavailable           503  a dependency failed (audit write, HSM, database): fail closed
 """
@@ -90,6 +91,16 @@ class PayloadTooLarge(KeystewardError):
     code = "payload_too_large"
     status = 413
     title = "Payload too large"
+
+
+class RateLimited(KeystewardError):
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 0) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class Sealed(KeystewardError):

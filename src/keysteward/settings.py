@@ -23,6 +23,7 @@ CONFIG_NAME = "keysteward.toml"
 class ServerSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8443
+    metrics_access: str = "loopback"  # "loopback": /metrics for loopback peers and system tokens; "token": tokens only
     database_url: str = ""
     tls: bool = True
     tls_cert: str = ""
@@ -46,6 +47,10 @@ class SealSettings:
     pkcs11_token_label: str = "keysteward"  # noqa: S105 - a label
     pkcs11_key_label: str = "keysteward-root-seal"
     pkcs11_pin_file: str = ""
+    # bad unseal shares (and refused resets) one source, and all sources together, may send per window
+    unseal_failures_per_source: int = 10
+    unseal_failures_overall: int = 100
+    unseal_failure_window_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,10 @@ def test_shamir_unseal_any_order_and_bad_shares(manager_factory: Callable[..., M
     status = m.client.get("/v1/sys/status").json()
     assert status["sealed"] is True and status["threshold"] == 3 and status["insecure"] is False
     admin_sys = m.root_token
-    # sealed: tokens authenticate, but nothing that touches keys is served
+    # sealed: nothing that changes state is served, since its audit record could not be signed
     r = m.call(admin_sys, "POST", "/v1/tenants", json={"name": "acme"})
-    assert r.status_code == 201  # tenants hold no key material
-    admin = r.json()["admin_token"]["token"]
-    assert m.call(admin, "POST", "/v1/keys", json={"name": "k"}).json()["code"] == "sealed"
+    assert r.status_code == 503 and r.json()["code"] == "sealed", r.text
+    assert m.call(admin_sys, "GET", "/v1/tenants").status_code == 200  # reading is fine
 
     assert unseal(m, shares[4])["progress"] == 1
     dup = unseal(m, shares[4])
@@ -48,31 +47,50 @@ def test_shamir_unseal_any_order_and_bad_shares(manager_factory: Callable[..., M
     assert m.client.get("/v1/sys/status").json()["progress"] == 1  # bad input changed nothing
     assert unseal(m, shares[1])["sealed"] is True
     done = unseal(m, shares[2])
-    assert done["sealed"] is False and done["progress"] == 0
+    assert done["sealed"] is False and done["progress"] == 0 and done["share_commitments"] is True
+    r = m.call(admin_sys, "POST", "/v1/tenants", json={"name": "acme"})
+    admin = r.json()["admin_token"]["token"]
     assert m.call(admin, "POST", "/v1/keys", json={"name": "k"}).status_code == 201
 
-    # a forged share with this server's id: accepted as a share, but the combination does not open the root
+    # forged shares with this server's id and a valid checksum are refused one by one; progress stays
     m.call(admin_sys, "POST", "/v1/sys/seal")
-    forged = share_codec.encode(share_codec.Share(bytes.fromhex(m.svc.root.cluster_id), 9, secrets.token_bytes(32)))
+    cluster = bytes.fromhex(m.svc.root.cluster_id)
     unseal(m, shares[0])
-    unseal(m, forged)
-    failed = unseal(m, shares[3])
-    assert failed["status"] == 400 and failed["code"] == "unseal_failed"
-    assert m.client.get("/v1/sys/status").json() | {} and m.svc.root.sealed and m.svc.root.progress == 0
-    for s in (shares[3], shares[0], shares[2]):
+    for index, code in ((9, "share_unknown_index"), (4, "share_rejected"), (1, "share_rejected")):
+        forged = share_codec.encode(share_codec.Share(cluster, index, secrets.token_bytes(32)))
+        refused = unseal(m, forged)
+        assert refused["status"] == 400 and refused["code"] == code, refused
+    assert m.client.get("/v1/sys/status").json()["progress"] == 1
+    for s in (shares[3], shares[2]):
         last = unseal(m, s)
     assert last["sealed"] is False
     # every share event is in the system tenant's audit chain, none carries the share
     records = m.call(admin_sys, "GET", "/v1/audit").json()["records"]
     text = "".join(r["body"] for r in records)
-    assert "seal.unseal_share" in text and "share_wrong_server" in text and "unseal_failed" in text
+    assert "seal.unseal_share" in text and "share_wrong_server" in text and "share_rejected" in text
     assert not any(share.split("-")[3] in text for share in shares)
 
 
-def test_reset_progress(manager_factory: Callable[..., Manager]) -> None:
+def test_reset_progress_needs_a_share_or_the_root_token(manager_factory: Callable[..., Manager]) -> None:
     m = manager_factory(seal="shamir")
-    unseal(m, m.init.result.shares[0])
-    assert m.client.post("/v1/sys/unseal/reset").json()["progress"] == 0
+    shares = m.init.result.shares
+    unseal(m, shares[0])
+    anonymous = m.client.post("/v1/sys/unseal/reset")
+    assert anonymous.status_code == 401 and anonymous.json()["code"] == "reset_needs_share_or_token"
+    cluster = bytes.fromhex(m.svc.root.cluster_id)
+    forged = share_codec.encode(share_codec.Share(cluster, 2, secrets.token_bytes(32)))
+    for bad in (forged, "kss1-nonsense", shares[0][:-1]):
+        r = m.client.post("/v1/sys/unseal/reset", json={"share": bad})
+        assert r.status_code == 400 and r.json()["code"] in {"share_rejected", "invalid_share"}, r.text
+    for bad_body in ({"share": ""}, {"share": 5}, {"other": "x"}, {"share": "k" * 2000}):
+        assert m.client.post("/v1/sys/unseal/reset", json=bad_body).status_code == 422
+    assert m.client.get("/v1/sys/status").json()["progress"] == 1
+    # a custodian's valid share resets (it is checked, not counted)
+    assert m.client.post("/v1/sys/unseal/reset", json={"share": shares[3]}).json()["progress"] == 0
+    unseal(m, shares[1])
+    # so does the root token; a token without seal.manage does not
+    assert m.call("nonsense", "POST", "/v1/sys/unseal/reset").status_code == 401
+    assert m.call(m.root_token, "POST", "/v1/sys/unseal/reset").json()["progress"] == 0
 
 
 def test_dev_seal_is_refused_unless_asked_and_flagged(manager_factory: Callable[..., Manager], tmp_path: Path) -> None:

@@ -294,3 +294,56 @@ def test_combine_rejects_mismatched_lengths() -> None:
         shamir.combine([shares[0], (shares[1][0], shares[1][1][:-1])])
     with pytest.raises(ValueError):
         shamir.combine([shares[0], (shares[1][0], shares[1][1] + b"\x00")])
+
+
+# --- evaluate at any point, share commitments -------------------------------------------------
+
+
+@BOUNDED
+@given(secret=st.binary(min_size=1, max_size=48), k=st.integers(2, 6), extra=st.integers(0, 4), seed=st.integers())
+def test_any_quorum_regenerates_every_share(secret: bytes, k: int, extra: int, seed: int) -> None:
+    n = k + extra
+    shares = shamir.split(secret, k, n)
+    quorum = random.Random(seed).sample(shares, k)
+    assert shamir.evaluate(quorum, 0) == bytearray(secret) == shamir.combine(quorum)
+    for x, y in shares:
+        assert shamir.evaluate(quorum, x) == y
+    beyond = shamir.evaluate(quorum, n + 1)  # a point never handed out: consistent with the same polynomials
+    assert shamir.combine([*quorum[: k - 1], (n + 1, beyond)]) == bytearray(secret)
+
+
+def test_evaluate_refuses_bad_points() -> None:
+    shares = shamir.split(b"\x01" * 16, 2, 3)
+    for bad in (-1, 256):
+        with pytest.raises(ValueError):
+            shamir.evaluate(shares, bad)
+    with pytest.raises(ValueError):
+        shamir.evaluate([shares[0], shares[0]], 1)
+    with pytest.raises(ValueError):
+        shamir.evaluate([shares[0], (2, b"\x00")], 1)
+
+
+def test_commitment_matches_an_independent_encoding() -> None:
+    import hashlib
+
+    context, x, y = bytes.fromhex("0123456789abcdef"), 3, bytes(range(32))
+    expected = hashlib.sha256(
+        b"keysteward/v1/shamir-share-commitment" + bytes([len(context)]) + context + bytes([x]) + b"\x00\x20" + y
+    ).digest()
+    assert shamir.commitment(context, x, y) == expected
+    assert shamir.commitment(context, x, bytearray(y)) == shamir.commitment(context, x, memoryview(y))
+
+
+def test_commitment_binds_context_index_and_value() -> None:
+    y = bytes(32)
+    base = shamir.commitment(b"ctx", 1, y)
+    assert shamir.commitment(b"ctx2", 1, y) != base
+    assert shamir.commitment(b"ctx", 2, y) != base
+    assert shamir.commitment(b"ctx", 1, b"\x01" + y[1:]) != base
+    assert shamir.commitment(b"ctx", 1, y + b"\x00") != base  # lengths are part of the input
+    assert shamir.commitment(b"ct", 1, b"x" + y) != shamir.commitment(b"ctx", 1, y)
+    for bad_x in (0, 256, -1):
+        with pytest.raises(ValueError):
+            shamir.commitment(b"ctx", bad_x, y)
+    with pytest.raises(ValueError):
+        shamir.commitment(b"c" * 256, 1, y)

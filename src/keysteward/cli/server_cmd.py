@@ -6,7 +6,7 @@ import dataclasses
 import getpass
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,15 +46,17 @@ def init(
         database_url=database_url or settings.server.database_url,
         tls=not plain_http,
     )
-    seal_settings = settings.seal
-    for name, value in (
-        ("pkcs11_module", pkcs11_module),
-        ("pkcs11_token_label", pkcs11_token_label),
-        ("pkcs11_key_label", pkcs11_key_label),
-        ("pkcs11_pin_file", pkcs11_pin_file),
-    ):
-        if value:
-            seal_settings = dataclasses.replace(seal_settings, **{name: value})
+    hsm: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("pkcs11_module", pkcs11_module),
+            ("pkcs11_token_label", pkcs11_token_label),
+            ("pkcs11_key_label", pkcs11_key_label),
+            ("pkcs11_pin_file", pkcs11_pin_file),
+        )
+        if value
+    }
+    seal_settings = dataclasses.replace(settings.seal, **hsm)
     settings = dataclasses.replace(settings, server=server, seal=seal_settings)
     out = initialize(settings, seal, threshold=threshold, shares=shares, allow_dev_seal=insecure_dev_seal)
     data = {
@@ -89,11 +91,14 @@ def init(
 @app.command()
 def start(data_dir: DataDir) -> None:
     """Run the server in the foreground (TLS by default)."""
+    from keysteward.server.datadir import secure
     from keysteward.server.run import serve
 
     if not (data_dir / CONFIG_NAME).exists():
         raise typer.BadParameter(f"{data_dir} is not initialised: run 'keysteward server init' first")
-    serve(load(data_dir))
+    settings = load(data_dir)
+    secure(data_dir, settings.database_url)  # repair modes changed since init (a restore, a copy, an editor)
+    serve(settings)
 
 
 @app.command()
@@ -118,16 +123,25 @@ def unseal(
     share: Annotated[
         str | None, typer.Argument(help="One unseal share; read from stdin (or prompted) if absent.")
     ] = None,
-    reset: Annotated[bool, typer.Option("--reset", help="Forget the shares given so far.")] = False,
+    reset: Annotated[
+        bool,
+        typer.Option(
+            "--reset", help="Forget the shares given so far (proven with your share, or with the root token)."
+        ),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Give one unseal share (any order); the server unseals when enough distinct shares are in."""
     api = client(ctx)
-    if reset:
+    if reset and api.options.token:
         emit(api.post("/sys/unseal/reset"), as_json, lambda d: console.print("unseal progress reset"))
         return
     if share is None:
         share = getpass.getpass("Unseal share: ") if sys.stdin.isatty() else sys.stdin.readline()
+    if reset:  # the share proves the right to reset; it is checked, not counted
+        data = api.post("/sys/unseal/reset", {"share": share.strip()})
+        emit(data, as_json, lambda d: console.print("unseal progress reset"))
+        return
     data = api.post("/sys/unseal", {"share": share.strip()})
 
     def human(d: dict[str, object]) -> None:

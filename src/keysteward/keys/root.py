@@ -1,7 +1,11 @@
 """The root of trust: the sealed root key and the three ways to unseal it.
 
 ``shamir``  the unseal key is split k-of-n; the server starts sealed until k distinct shares
-            are given (one per call, any order). Shares are printed once at init, never stored.
+            are given (one per call, any order). Shares are printed once at init, never stored;
+            a SHA-256 commitment to each is (``seal_params["commitments"]``), so every share is
+            checked on its own when it is given and a forged one never enters the custodians'
+            progress. A cluster initialised before commitments existed gets them written at its
+            next successful unseal (any k good shares fix all n).
 ``pkcs11``  the root key is sealed by a non-extractable AES key in an HSM; unsealed at start.
 ``dev``     the unseal key lies in a local file: demo only, refused unless asked for, shown as
             insecure in status.
@@ -12,7 +16,9 @@ it and tells every listener to drop what it derived from it.
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -25,17 +31,18 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from keysteward.crypto import aead, shamir
 from keysteward.crypto.secret import SecretBuffer, wipe_bytearray
-from keysteward.errors import BadRequest, Conflict, InvalidShare, Sealed, Unavailable
+from keysteward.errors import BadRequest, Conflict, InvalidShare, KeystewardError, Sealed, Unavailable
 from keysteward.formats import share as share_codec
 from keysteward.keys.hsm import HsmKey
 from keysteward.settings import SealSettings
 from keysteward.store.db import Database
 from keysteward.store.models import Cluster
 
+log = logging.getLogger("keysteward.seal")
 SEAL_TYPES = ("shamir", "pkcs11", "dev")
 DEV_WARNING = "dev seal: the root key unseals from a local file; for demos only, never for real keys"
 
@@ -46,6 +53,12 @@ def root_aad(cluster_id: str) -> bytes:
 
 def audit_key_aad(cluster_id: str) -> bytes:
     return b"keysteward/v1/audit-signing-key|" + cluster_id.encode()
+
+
+def share_commitments(cluster_id: str, shares: list[tuple[int, bytearray]]) -> dict[str, str]:
+    """``{"index": hex}``: the commitment to each share, as stored in the cluster's seal parameters."""
+    context = bytes.fromhex(cluster_id)
+    return {str(x): shamir.commitment(context, x, y).hex() for x, y in shares}
 
 
 @dataclass
@@ -105,9 +118,13 @@ def initialize(
                 raise BadRequest("need 2 <= threshold <= shares <= 16", code="bad_shamir_parameters")
             with SecretBuffer.from_bytes(aead.random_key()) as unseal_key:
                 sealed_root = aead.seal(unseal_key.view(), root.view(), root_aad(cluster_id))
-                for x, y in shamir.split(unseal_key.view(), threshold, share_count):
+                split = shamir.split(unseal_key.view(), threshold, share_count)
+                for x, y in split:
                     result.shares.append(share_codec.encode(share_codec.Share(bytes.fromhex(cluster_id), x, bytes(y))))
-            params = {"threshold": threshold, "shares": share_count}
+                commitments = share_commitments(cluster_id, split)
+                for _, y in split:
+                    wipe_bytearray(y)
+            params = {"threshold": threshold, "shares": share_count, "commitments": commitments}
             result.threshold = threshold
         elif seal_type == "dev":
             if dev_key_file is None:
@@ -243,13 +260,55 @@ class RootOfTrust:
                 root = hsm.unseal(row.sealed_root, root_aad(self.cluster_id))
         self._install(root, row)
 
-    def submit_share(self, text: str) -> int:
-        """Take one unseal share; returns the number still needed (0 once unsealed)."""
+    @property
+    def share_commitments(self) -> bool:
+        """True when each share is checked on its own (always, except on a cluster from before commitments)."""
+        return bool(self._commitments())
+
+    def _commitments(self) -> dict[int, bytes]:
+        raw = self.params.get("commitments")
+        if not raw and self.seal_type == "shamir":
+            # another server on the same database may have written them since this one started
+            self.params = json.loads(self._cluster().seal_params)
+            raw = self.params.get("commitments")
+        if not isinstance(raw, dict):
+            return {}
+        return {int(x): bytes.fromhex(str(c)) for x, c in raw.items()}
+
+    def _checked(self, text: str) -> tuple[share_codec.Share, bool]:
+        """Decode one share and check it against its commitment; also says whether a commitment existed."""
         if self.seal_type != "shamir":
             raise Conflict(f"this server uses the {self.seal_type} seal, which takes no shares", code="not_shamir")
         share = share_codec.decode(text)
         if share.cluster.hex() != self.cluster_id:
             raise InvalidShare("this share belongs to another keysteward server", code="share_wrong_server")
+        commitments = self._commitments()
+        if not commitments:
+            return share, False
+        expected = commitments.get(share.index)
+        if expected is None:
+            raise InvalidShare(f"this server made no share with index {share.index}", code="share_unknown_index")
+        actual = shamir.commitment(share.cluster, share.index, share.value)
+        if not hmac.compare_digest(actual, expected):
+            raise InvalidShare(
+                f"this is not the share {share.index} made at init (forged or corrupted); progress is unchanged",
+                code="share_rejected",
+            )
+        return share, True
+
+    def verify_share(self, text: str) -> int:
+        """Check one share on its own without counting it; returns its index. Needs stored commitments."""
+        share, verified = self._checked(text)
+        if not verified:
+            raise InvalidShare(
+                "this server has no share commitments yet (initialised before them): use the root token",
+                code="share_unverifiable",
+            )
+        return share.index
+
+    def submit_share(self, text: str) -> int:
+        """Take one unseal share; returns the number still needed (0 once unsealed)."""
+        share, verified = self._checked(text)
         with self._lock:
             if not self.sealed:
                 return 0
@@ -273,8 +332,30 @@ class RootOfTrust:
                         "the shares given do not open the root key (a wrong or corrupted share); start again",
                         code="unseal_failed",
                     ) from exc
+            if not verified:
+                try:
+                    self._write_commitments(shares)
+                except KeystewardError as exc:  # unsealing matters more; the next unseal tries again
+                    log.warning("could not write unseal share commitments: %s", exc.code)
             self._install(root, row)
             return 0
+
+    def _write_commitments(self, shares: list[tuple[int, bytes]]) -> None:
+        """A cluster from before share commitments: the quorum just proved good fixes every share; commit to all."""
+        count = int(str(self.params.get("shares", 0)))
+        every = [(x, shamir.evaluate(shares, x)) for x in range(1, count + 1)]
+        try:
+            commitments = share_commitments(self.cluster_id, every)
+        finally:
+            for _, y in every:
+                wipe_bytearray(y)
+        params = {**self.params, "commitments": commitments}
+        with self.db.write() as conn:
+            current = json.loads(conn.execute(select(Cluster.seal_params)).scalar_one())
+            if not current.get("commitments"):
+                conn.execute(update(Cluster).values(seal_params=json.dumps(params)))
+        self.params = params
+        log.info("unseal share commitments written for cluster %s (it predates them)", self.cluster_id)
 
     def reset_progress(self) -> None:
         with self._lock:

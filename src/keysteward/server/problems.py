@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from keysteward.errors import Denied, KeystewardError
+from keysteward.errors import Denied, KeystewardError, RateLimited
 
 log = logging.getLogger("keysteward.server")
 PROBLEM = "application/problem+json"
@@ -36,7 +36,10 @@ def install(app: FastAPI) -> None:
             log.warning("%s %s -> %s", request.method, request.url.path, exc.diagnostics())
         if isinstance(exc, Denied):  # a release decision, not a fault: agents read "decision"
             return problem(exc.status, exc.code, exc.title, exc.message, request.url.path, decision="denied")
-        return problem(exc.status, exc.code, exc.title, exc.message, request.url.path)
+        response = problem(exc.status, exc.code, exc.title, exc.message, request.url.path)
+        if isinstance(exc, RateLimited) and exc.retry_after > 0:
+            response.headers["retry-after"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

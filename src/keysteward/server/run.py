@@ -25,6 +25,7 @@ from keysteward.identity.principal import SYSTEM_TENANT
 from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
 from keysteward.netlimits import Limits, uvicorn_protocol
+from keysteward.server import datadir
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
 from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, supervise
@@ -104,7 +105,7 @@ def initialize(settings: Settings, seal_type: str, *, threshold: int, shares: in
         raise Conflict(f"{settings.data_dir} holds a keysteward configuration already", code="already_initialized")
     if not settings.server.tls and settings.server.listen_host not in {"127.0.0.1", "::1", "localhost"}:
         raise BadRequest("plain HTTP is only allowed on loopback", code="tls_required")
-    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    datadir.prepare(settings.data_dir)  # 0700 before anything is written into it, whatever it was
     ca_file = Path(settings.server.tls_ca) if settings.server.tls_ca else Path()
     if settings.server.tls and not settings.server.tls_cert:
         settings, ca_file = _make_tls(settings)
@@ -142,6 +143,7 @@ def initialize(settings: Settings, seal_type: str, *, threshold: int, shares: in
     finally:
         db.dispose()
     (settings.data_dir / CONFIG_NAME).write_text(render(settings))
+    datadir.lock_down(settings.data_dir, datadir.sqlite_files(settings.database_url))
     return InitOutput(settings, result, token, ca_file)
 
 

@@ -44,6 +44,10 @@ class UnsealRequest(Strict):
     share: str = Field(min_length=1, max_length=1024)
 
 
+class UnsealResetRequest(Strict):
+    share: str | None = Field(default=None, min_length=1, max_length=1024)
+
+
 class SealStatus(Strict):
     initialized: bool
     sealed: bool
@@ -54,6 +58,7 @@ class SealStatus(Strict):
     progress: int
     cluster_id: str
     version: str
+    share_commitments: bool = False  # shares checked one by one; false only on an old cluster not yet unsealed
 
 
 class TenantCreate(Strict):

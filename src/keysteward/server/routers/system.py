@@ -1,18 +1,27 @@
-"""Health, seal status, unseal and seal."""
+"""Health, seal status, unseal and seal.
+
+Unsealing is unauthenticated by design (holding a share is the authority), so it is where an anonymous
+client could interfere: every share is checked on its own against its commitment before it counts, so a
+forged one never touches the custodians' progress; resetting progress needs a valid share or a system
+token with ``seal.manage`` (the root token); bad shares and refused resets are limited per source and
+overall (``[seal] unseal_failures_*``), and past the limit they are refused without an audit record each.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
 from keysteward import __version__
-from keysteward.errors import KeystewardError
+from keysteward.errors import InvalidShare, KeystewardError, RateLimited, Unauthenticated
 from keysteward.identity.principal import SYSTEM_TENANT, Permission, Principal
 from keysteward.keys.root import DEV_WARNING
-from keysteward.server.deps import need, services
-from keysteward.server.schemas import SealStatus, UnsealRequest
+from keysteward.server.deps import authorize, need, services
+from keysteward.server.ratelimit import FailureLimiter
+from keysteward.server.schemas import SealStatus, UnsealRequest, UnsealResetRequest
 
 router = APIRouter(tags=["system"])
 
@@ -29,6 +38,7 @@ def _status(request: Request) -> SealStatus:
         progress=root.progress,
         cluster_id=root.cluster_id,
         version=__version__,
+        share_commitments=root.seal_type == "shamir" and root.share_commitments,
     )
 
 
@@ -47,17 +57,70 @@ def _system_tenant_id(request: Request) -> str:
     return services(request).tenants.get(SYSTEM_TENANT).id
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _limiter(request: Request) -> FailureLimiter:
+    limiter: FailureLimiter = request.app.state.unseal_limiter
+    return limiter
+
+
+def _refused(request: Request, action: str, exc: KeystewardError) -> RateLimited | None:
+    """Count one refusal of this source; audit it while under the limit, once at the limit, then no more."""
+    limiter, client = _limiter(request), _client(request)
+    already = limiter.retry_after(client)
+    limiter.fail(client)
+    if already:
+        return _limited(already)
+    svc = services(request)
+    svc.audit.record(
+        _system_tenant_id(request),
+        actor=f"share-holder@{client}",
+        action=action,
+        target="cluster",
+        outcome="denied",
+        reason=exc.code,
+    )
+    now = limiter.retry_after(client)
+    if now:
+        svc.audit.record(
+            _system_tenant_id(request),
+            actor=f"share-holder@{client}",
+            action=action,
+            target="cluster",
+            outcome="denied",
+            reason="rate_limited",
+            details={"window_seconds": limiter.window, "retry_after": math.ceil(now)},
+        )
+    return None
+
+
+def _limited(retry_after: float) -> RateLimited:
+    seconds = max(1, math.ceil(retry_after))
+    return RateLimited(
+        f"too many refused unseal requests from this address; try again in {seconds} s", retry_after=seconds
+    )
+
+
 @router.post("/sys/unseal")
 def unseal(body: UnsealRequest, request: Request) -> SealStatus:
     """Give one unseal share. Unauthenticated by design: holding a share is the authority."""
     svc = services(request)
-    client = request.client.host if request.client else "unknown"
-    system_id = _system_tenant_id(request)
+    client = _client(request)
+    waiting = _limiter(request).retry_after(client)
+    if waiting and svc.root.seal_type == "shamir" and not svc.root.share_commitments:
+        raise _limited(waiting)  # an old cluster cannot tell a good share from a bad one on its own
     try:
         remaining = svc.root.submit_share(body.share)
+    except InvalidShare as exc:
+        limited = _refused(request, "seal.unseal_share", exc)
+        if limited is not None:
+            raise limited from exc
+        raise
     except KeystewardError as exc:
         svc.audit.record(
-            system_id,
+            _system_tenant_id(request),
             actor=f"share-holder@{client}",
             action="seal.unseal_share",
             target="cluster",
@@ -65,6 +128,7 @@ def unseal(body: UnsealRequest, request: Request) -> SealStatus:
             reason=exc.code,
         )
         raise
+    system_id = _system_tenant_id(request)
     svc.audit.record(
         system_id,
         actor=f"share-holder@{client}",
@@ -78,9 +142,26 @@ def unseal(body: UnsealRequest, request: Request) -> SealStatus:
 
 
 @router.post("/sys/unseal/reset")
-def unseal_reset(request: Request) -> SealStatus:
+def unseal_reset(request: Request, body: UnsealResetRequest | None = None) -> SealStatus:
+    """Forget the shares given so far: needs a valid share (checked, not counted) or a system token."""
     svc = services(request)
-    svc.audit.record(_system_tenant_id(request), actor="anonymous", action="seal.unseal_reset", target="cluster")
+    if request.headers.get("authorization"):
+        actor = authorize(request, Permission.SEAL_MANAGE).describe()
+    else:
+        try:
+            if body is None or body.share is None:
+                raise Unauthenticated(
+                    "resetting unseal progress needs a valid unseal share or the root token",
+                    code="reset_needs_share_or_token",
+                )
+            index = svc.root.verify_share(body.share)
+        except (InvalidShare, Unauthenticated) as exc:
+            limited = _refused(request, "seal.unseal_reset", exc)
+            if limited is not None:
+                raise limited from exc
+            raise
+        actor = f"share-holder:{index}@{_client(request)}"
+    svc.audit.record(_system_tenant_id(request), actor=actor, action="seal.unseal_reset", target="cluster")
     svc.root.reset_progress()
     return _status(request)
 
