@@ -175,5 +175,7 @@ def test_openapi_and_metrics(manager: Manager) -> None:
     spec = manager.client.get("/v1/openapi.json").json()
     assert spec["openapi"].startswith("3.") and "/v1/decrypt" in spec["paths"]
     manager.client.get("/v1/health")
-    metrics = manager.client.get("/metrics").text
+    # the test client is not a loopback peer: /metrics wants a system token from it
+    assert manager.client.get("/metrics").status_code == 401
+    metrics = manager.call(manager.root_token, "GET", "/metrics").text
     assert "keysteward_http_requests_total" in metrics and "keysteward_sealed 0.0" in metrics

@@ -140,3 +140,25 @@ def test_pkcs11_seal_with_softhsm(
     with pytest.raises(Unauthenticated) as err:
         build_services(out.settings)
     assert err.value.code == "hsm_pin_incorrect" and "999999" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [["00"], {"1": "zz"}, {"1": "00" * 31}, {"x": "00" * 32}, {"0": "00" * 32}, {"1": 5}, "text"],
+)
+def test_damaged_commitments_fail_closed(manager_factory: Callable[..., Manager], damaged: object) -> None:
+    import json
+
+    from sqlalchemy import update
+
+    from keysteward.store.models import Cluster
+
+    m = manager_factory(seal="shamir")
+    params = {**m.svc.root.params, "commitments": damaged}
+    with m.svc.db.write() as conn:
+        conn.execute(update(Cluster).values(seal_params=json.dumps(params)))
+    m.svc.root.params = params
+    r = m.client.post("/v1/sys/unseal", json={"share": m.init.result.shares[0]})
+    assert r.status_code == 503 and r.json()["code"] == "share_commitments_damaged", r.text
+    assert m.svc.root.progress == 0 and m.svc.root.sealed
+    assert m.client.get("/v1/sys/status").json()["share_commitments"] is False  # status still answers

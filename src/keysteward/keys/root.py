@@ -271,9 +271,20 @@ class RootOfTrust:
             # another server on the same database may have written them since this one started
             self.params = json.loads(self._cluster().seal_params)
             raw = self.params.get("commitments")
-        if not isinstance(raw, dict):
+        if not raw:
             return {}
-        return {int(x): bytes.fromhex(str(c)) for x, c in raw.items()}
+        try:
+            if not isinstance(raw, dict):
+                raise TypeError("not a map")
+            parsed = {int(x): bytes.fromhex(c) for x, c in raw.items()}
+            if any(len(c) != 32 or not 1 <= x <= 255 for x, c in parsed.items()):
+                raise ValueError("bad commitment")
+        except (TypeError, ValueError) as exc:
+            raise Unavailable(
+                "the unseal share commitments stored in the database are damaged; no share can be checked",
+                code="share_commitments_damaged",
+            ) from exc
+        return parsed
 
     def _checked(self, text: str) -> tuple[share_codec.Share, bool]:
         """Decode one share and check it against its commitment; also says whether a commitment existed."""

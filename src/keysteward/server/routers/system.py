@@ -26,6 +26,14 @@ from keysteward.server.schemas import SealStatus, UnsealRequest, UnsealResetRequ
 router = APIRouter(tags=["system"])
 
 
+def _commitments_in_use(request: Request) -> bool:
+    root = services(request).root
+    try:
+        return root.seal_type == "shamir" and root.share_commitments
+    except KeystewardError:  # damaged commitments: status still answers; unseal says what is wrong
+        return False
+
+
 def _status(request: Request) -> SealStatus:
     root = services(request).root
     return SealStatus(
@@ -38,7 +46,7 @@ def _status(request: Request) -> SealStatus:
         progress=root.progress,
         cluster_id=root.cluster_id,
         version=__version__,
-        share_commitments=root.seal_type == "shamir" and root.share_commitments,
+        share_commitments=_commitments_in_use(request),
     )
 
 
