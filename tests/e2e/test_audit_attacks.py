@@ -80,7 +80,8 @@ def one_error_line(stderr: str, code: str) -> None:
 
 
 @pytest.fixture
-def audited(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry) -> Audited:
+def served(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry) -> Audited:
+    """A server with a file checkpoint sink, a tenant, an auditor and a few records (some destroys)."""
     data = tmp_path / "ks"
     out = init_manager(data, secret_registry)
     sink = tmp_path / "outside" / "checkpoints.jsonl"
@@ -95,9 +96,14 @@ def audited(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret
     server.cli("key", "destroy", "scratch", "--yes", token=admin)
     with sqlite3.connect(data / "keysteward.db") as conn:
         tenant_id = conn.execute("SELECT id FROM tenants WHERE name='acme'").fetchone()[0]
-    a = Audited(server, admin, auditor, out.result.audit_public_key, tenant_id, sink, data / "keysteward.db")
-    a.settle()
-    return a
+    return Audited(server, admin, auditor, out.result.audit_public_key, tenant_id, sink, data / "keysteward.db")
+
+
+@pytest.fixture
+def audited(served: Audited) -> Audited:
+    """:func:`served`, once its current head is in the checkpoint file."""
+    served.settle()
+    return served
 
 
 def test_intact_log_verifies_against_its_checkpoints(audited: Audited) -> None:
@@ -159,7 +165,8 @@ def test_attack_deleting_the_newest_records_and_resetting_the_head(audited: Audi
     one_error_line(err, "audit_checkpoint_mismatch")
 
 
-def test_attack_appending_an_unsigned_record_to_an_export(audited: Audited, tmp_path: Path) -> None:
+def test_attack_appending_an_unsigned_record_to_an_export(served: Audited, tmp_path: Path) -> None:
+    audited = served
     export = tmp_path / "audit.jsonl"
     audited.server.cli("audit", "export", "--output", str(export), token=audited.auditor)
     last = json.loads(export.read_text().splitlines()[-1])
@@ -236,7 +243,8 @@ def test_attack_tampering_with_the_checkpoint_file(audited: Audited, tmp_path: P
     one_error_line(err, "audit_checkpoint_missing")
 
 
-def test_a_flood_of_denials_does_not_hide_real_events(audited: Audited) -> None:
+def test_a_flood_of_denials_does_not_hide_real_events(served: Audited) -> None:
+    audited = served
     flooder = audited.server.cli_json("token", "create", "flood", "--role", "auditor", token=audited.admin)["token"]
     for i in range(12):
         denied = audited.server.cli("key", "create", f"nope-{i}", token=flooder, check=False)

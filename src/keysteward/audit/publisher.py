@@ -103,14 +103,9 @@ class CheckpointPublisher:
             for index, sink in enumerate(self.sinks):
                 last = self._last[index]
                 due = [h for h in heads if last.get(h[0]) != (h[1], h[2])]
-                lines = []
-                for head in due:
-                    if head not in signed:
-                        cp = self.audit.sign_checkpoint(*head)
-                        if cp is None:
-                            return took  # sealed: nothing can be signed until the next unseal
-                        signed[head] = checkpoint.encode(cp)
-                    lines.append(signed[head])
+                lines = self._sign(due, signed)
+                if lines is None:
+                    break  # sealed: nothing can be signed until the next unseal
                 try:
                     sink.publish(lines)
                 except SinkFailed as exc:
@@ -126,6 +121,18 @@ class CheckpointPublisher:
                 took += len(lines)
             self.published += took
             return took
+
+    def _sign(self, due: list[tuple[str, int, str]], signed: dict[tuple[str, int, str], str]) -> list[str] | None:
+        """The checkpoint lines of ``due`` (each head signed once per round), or None while sealed."""
+        lines = []
+        for head in due:
+            if head not in signed:
+                cp = self.audit.sign_checkpoint(*head)
+                if cp is None:
+                    return None
+                signed[head] = checkpoint.encode(cp)
+            lines.append(signed[head])
+        return lines
 
     def _heads_after_commits(self) -> list[tuple[str, int, str]]:
         """The heads, once every destroy record this round was woken for has committed (or a timeout)."""

@@ -16,6 +16,7 @@ from keysteward.audit import chain, checkpoint
 from keysteward.cli.client import Client
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fail, table
+from keysteward.errors import BadRequest
 
 app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 PAGE = 1000
@@ -120,8 +121,7 @@ def audit_verify(
             fail("verifying an export needs --public-key")
         key_hex = public_key or ""
         tenant_id = _first_tenant(file)
-        lines = (json.loads(line) for line in file.read_text().splitlines() if line.strip())
-        links = (_link(r) for r in lines)
+        links = _export_links(file)
     else:
         key_hex, tenant_id, records = _pages(client(ctx))
         if public_key and public_key.lower() != key_hex:
@@ -182,11 +182,20 @@ def _broken(code: str, message: str, as_json: bool, *, human: str, seq: int | No
 
 def _first_tenant(file: Path) -> str | None:
     """Whose chain an export holds (its first record names it), so checkpoints of other chains are skipped."""
-    with file.open() as fh:
-        for line in fh:
-            if line.strip():
-                return str(json.loads(line)["tenant_id"])
+    for link in _export_links(file):
+        return link.tenant_id
     return None
+
+
+def _export_links(file: Path) -> Iterator[chain.Link]:
+    with file.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield _link(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise BadRequest(f"line {number} of {file} is not an audit export record", code="bad_export") from exc
 
 
 def _checkpoints(path: Path, key: Ed25519PublicKey, tenant_id: str | None) -> dict[int, checkpoint.Checkpoint]:
