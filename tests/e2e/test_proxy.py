@@ -59,7 +59,9 @@ class Site:
     tls_key: str
     client_ca: str
     client_dir: str
-    """qemu's and libnbd's layout: ca-cert.pem, client-cert.pem, client-key.pem."""
+    """qemu's and libnbd's layout: ca-cert.pem, client-cert.pem, client-key.pem (the client ``vm-1``)."""
+    other_client_dir: str
+    """The same for ``vm-2``: another guest's certificate from the same CA."""
 
     @property
     def url(self) -> str:
@@ -136,16 +138,20 @@ def make_site(tmp: Path, server_factory: Callable[..., ServerProcess], registry:
     # the NBD side: the proxy's server certificate and the clients' CA (a CA of the tenant's own)
     ca_pem, ca_key = x509ca.new_ca("acme nbd clients")
     served = x509ca.issue_server_cert(ca_pem, ca_key, hostnames=["localhost"], ips=["127.0.0.1"])
-    client = x509ca.issue_client_cert(ca_pem, ca_key, tenant="acme", role="agent", name="vm-1")
-    assert served.key_pem is not None and client.key_pem is not None
-    client_dir = tmp / "nbd-client"
-    client_dir.mkdir()
-    _write(client_dir / "ca-cert.pem", ca_pem)
-    _write(client_dir / "client-cert.pem", client.cert_pem)
-    _write(client_dir / "client-key.pem", client.key_pem)
+    assert served.key_pem is not None
+    client_dirs = []
+    for name in ("vm-1", "vm-2"):
+        client = x509ca.issue_client_cert(ca_pem, ca_key, tenant="acme", role="agent", name=name)
+        assert client.key_pem is not None
+        client_dir = tmp / f"nbd-client-{name}"
+        client_dir.mkdir()
+        _write(client_dir / "ca-cert.pem", ca_pem)
+        _write(client_dir / "client-cert.pem", client.cert_pem)
+        _write(client_dir / "client-key.pem", client.key_pem)
+        client_dirs.append(str(client_dir))
     tls_cert, tls_key = _write(tmp / "nbd-server.pem", served.cert_pem), _write(tmp / "nbd-server.key", served.key_pem)
     client_ca = _write(tmp / "nbd-client-ca.pem", ca_pem)
-    return Site(server, admin, registry, tmp, host_cert, host_key, tls_cert, tls_key, client_ca, str(client_dir))
+    return Site(server, admin, registry, tmp, host_cert, host_key, tls_cert, tls_key, client_ca, *client_dirs)
 
 
 @pytest.fixture
@@ -156,9 +162,18 @@ def site(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_re
 # -- the proxy process ------------------------------------------------------------------------------------
 
 
-def export_toml(name: str, path: Path, *, pass_file: Path | None = None, read_only: bool = False) -> str:
+VM1 = "keysteward:acme/agent/vm-1"
+VM2 = "keysteward:acme/agent/vm-2"
+"""The identity URIs of the two NBD client certificates (Site.client_dir, Site.other_client_dir)."""
+
+
+def export_toml(
+    name: str, path: Path, *, pass_file: Path | None = None, read_only: bool = False, clients: tuple[str, ...] = ()
+) -> str:
+    """One ``[[exports]]`` table; ``clients`` (needed with TLS) names who may open it."""
     source = f'passphrase_file = "{pass_file}"' if pass_file else "kms = true"
-    return f'[[exports]]\nname = "{name}"\npath = "{path}"\nread_only = {str(read_only).lower()}\n{source}\n'
+    allowed = f"clients = {json.dumps(list(clients))}\n" if clients else ""
+    return f'[[exports]]\nname = "{name}"\npath = "{path}"\nread_only = {str(read_only).lower()}\n{source}\n{allowed}'
 
 
 def tls_toml(site: Site) -> str:
@@ -330,8 +345,8 @@ def test_host_release_serves_and_revocation_drops_the_export(
 ) -> None:
     data, volume_id = site.kms_volume("data1")
     plain, plain_pass = passphrase_volume(site.tmp, "plain")
-    proxy = ProxyProcess(site.tmp, tls_toml(site), [export_toml("data1", data),
-                         export_toml("plain", plain, pass_file=plain_pass)], site.registry)  # fmt: skip
+    proxy = ProxyProcess(site.tmp, tls_toml(site), [export_toml("data1", data, clients=(VM1,)),
+                         export_toml("plain", plain, pass_file=plain_pass, clients=(VM1,))], site.registry)  # fmt: skip
     proxies.append(proxy)
     proxy.wait(lambda s: proxy.states() == {"data1": "open", "plain": "open"})
     lease = site.admin_call("GET", f"/leases?volume={volume_id}")
@@ -448,7 +463,7 @@ def test_check_validates_without_opening(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["exports"] == [{"name": "v", "path": str(vol), "read_only": False,
-                                                   "source": "passphrase_file"}]  # fmt: skip
+                                                   "source": "passphrase_file", "clients": []}]  # fmt: skip
     config.write_text(PLAINTEXT.replace("127.0.0.1", "0.0.0.0") + export_toml("v", vol, pass_file=pass_file))  # noqa: S104
     bad = subprocess.run([KEYSTEWARD, "proxy", "check", "--config", str(config)],
                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
@@ -457,3 +472,76 @@ def test_check_validates_without_opening(tmp_path: Path) -> None:
     serve = subprocess.run([KEYSTEWARD, "proxy", "serve", "--config", str(config)],
                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert serve.returncode == 1 and "(proxy_config)" in serve.stderr and "Traceback" not in serve.stderr
+
+
+def nbd_fails(port: int, export: str, tls_dir: str) -> bool:
+    """True if neither libnbd (nbdinfo) nor qemu-io can open ``export`` with the certificate in ``tls_dir``."""
+    info = subprocess.run([tool("nbdinfo", "libnbd-bin"), f"nbds://127.0.0.1:{port}/{export}?tls-certificates={tls_dir}"],
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    qemu = subprocess.run([tool("qemu-io", "qemu-utils"), *qemu_target(port, export, tls_dir), "-c", "read 0 4k"],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    qemu_failed = qemu.returncode != 0 or bool(QEMU_FAILED.search(qemu.stdout + qemu.stderr))
+    return info.returncode != 0 and "export-size" not in info.stdout and "read 4096" not in qemu.stdout and qemu_failed
+
+
+def test_a_guest_certificate_lists_and_opens_only_the_exports_that_name_it(
+    site: Site, proxies: list[ProxyProcess]
+) -> None:
+    """Issue 11, item 3: another guest's certificate from the same CA neither sees nor opens an export."""
+    one, one_pass = passphrase_volume(site.tmp, "guest1")
+    two, two_pass = passphrase_volume(site.tmp, "guest2")
+    exports = [export_toml("guest1", one, pass_file=one_pass, clients=(VM1,)),
+               export_toml("guest2", two, pass_file=two_pass, clients=(VM2, "vm-9"))]  # fmt: skip
+    proxy = ProxyProcess(site.tmp, tls_toml(site), exports, site.registry)
+    proxies.append(proxy)
+    proxy.wait(lambda s: proxy.states() == {"guest1": "open", "guest2": "open"})
+
+    # each guest lists only its own export, and reads and writes it
+    assert nbd_list(proxy.port, site.client_dir) == {"guest1"}
+    assert nbd_list(proxy.port, site.other_client_dir) == {"guest2"}
+    qemu_io(proxy.port, "guest1", "write -P 0x61 0 4k", "read -P 0x61 0 4k", tls_dir=site.client_dir)
+    qemu_io(proxy.port, "guest2", "write -P 0x62 0 4k", "read -P 0x62 0 4k", tls_dir=site.other_client_dir)
+    # neither opens the other's, by name or as the default export
+    assert nbd_fails(proxy.port, "guest2", site.client_dir)
+    assert nbd_fails(proxy.port, "guest1", site.other_client_dir)
+    assert nbd_fails(proxy.port, "", site.other_client_dir)
+    # what guest1 holds was never read by vm-2: its data is intact and guest2's writes stayed in guest2
+    assert volume_read(one, one_pass, 0, 4096) == b"\x61" * 4096
+    assert volume_read(two, two_pass, 0, 4096) == b"\x62" * 4096
+
+    # refused opens are counted per export and logged with the client's names, never a secret
+    text = proxy.metrics()
+    assert metric(text, "keysteward_proxy_refused_opens_total", export="guest2", reason="not_allowed") >= 2
+    assert metric(text, "keysteward_proxy_refused_opens_total", export="guest1", reason="not_allowed") >= 2
+    refusals = [e.get("msg", "") for e in proxy.events() if "nbd open refused" in e.get("msg", "")]
+    assert any(VM2 in m and "'guest1'" in m and "not_allowed" in m for m in refusals), refusals
+    assert any(VM1 in m and "'guest2'" in m for m in refusals), refusals
+    assert BREAK_GLASS.decode() not in proxy.log.read_text()
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("head", "export_clients", "complaint"),
+    [
+        ('[listen]\naddress = "0.0.0.0"\nallow_plaintext = true\n', False, "loopback"),
+        ("TLS_NO_CA", True, "client_ca_file"),
+        ("TLS", False, "clients"),
+        ("PLAINTEXT", True, "without client certificates"),
+    ],
+)
+def test_config_without_client_identities_does_not_load(
+    tmp_path: Path, head: str, export_clients: bool, complaint: str
+) -> None:
+    vol, pass_file = tmp_path / "v.img", tmp_path / "v.pass"
+    vol.write_bytes(b"x" * 4096)
+    pass_file.write_bytes(b"x")
+    pem = _write(tmp_path / "any.pem", "not read: the config is refused first")
+    tls = f'[listen]\naddress = "127.0.0.1"\n[tls]\ncert_file = "{pem}"\nkey_file = "{pem}"\n'
+    text = {"TLS_NO_CA": tls, "TLS": tls + f'client_ca_file = "{pem}"\n', "PLAINTEXT": PLAINTEXT}.get(head, head)
+    config = tmp_path / "proxy.toml"
+    config.write_text(text + export_toml("v", vol, pass_file=pass_file, clients=(VM1,) if export_clients else ()))
+    for command in ("check", "serve"):
+        done = subprocess.run([KEYSTEWARD, "proxy", command, "--config", str(config)],
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 1 and "(proxy_config)" in done.stderr and complaint in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

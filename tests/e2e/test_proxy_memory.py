@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_proxy import (
+    VM1,
     ProxyProcess,
     QemuIoSession,
     Site,
@@ -50,7 +51,7 @@ def test_the_volume_key_is_in_the_proxy_only_and_gone_after_revocation(
     path, volume_id = site.kms_volume("guest-disk")
     key = volume_key(path)
     needles = {"volume key": key, "volume key (first half)": key[: len(key) // 2]}
-    proxy = ProxyProcess(site.tmp, tls_toml(site), [export_toml("guest-disk", path)], site.registry)
+    proxy = ProxyProcess(site.tmp, tls_toml(site), [export_toml("guest-disk", path, clients=(VM1,))], site.registry)
     proxies.append(proxy)
     proxy.wait(lambda s: proxy.states() == {"guest-disk": "open"})
 

@@ -134,6 +134,33 @@ def test_tls_is_mandatory_before_anything_else(tmp_path: Path) -> None:
         good.disconnect()
 
 
+def test_an_export_that_does_not_name_the_client_is_hidden_and_refused(tmp_path: Path) -> None:
+    """The client's certificate (host-1) is valid, but only "mine" names it: "theirs" is neither listed nor
+    opened, by NBD_OPT_GO (the answer for a name that does not exist) or NBD_OPT_EXPORT_NAME (dropped)."""
+    pki = make_pki(tmp_path / "pki")
+    exports = {name: LuksExport.open(name, str(make_volume(tmp_path / f"{name}.img", MIB)), PASSPHRASE)
+               for name in ("mine", "theirs")}  # fmt: skip
+    refusals: list[tuple[str, str]] = []
+    with ServerThread(exports, tls=server_context(pki), clients={"mine": ["host-1"], "theirs": ["host-2"]}) as server:
+        server.server.on_refused = lambda export, reason: refusals.append((export, reason))
+        client = RawClient.connect(server.port)
+        client.greet()
+        client.starttls(client_context(pki))
+        listed = client.option(nbd.OPT_LIST)
+        assert [nbd.decode_server_entry(r.data)[0] for r in listed[:-1]] == ["mine"]
+        for option in (nbd.OPT_INFO, nbd.OPT_GO):
+            assert client.option(option, nbd.encode_info_request("theirs"))[-1].reply == nbd.REP_ERR_UNKNOWN
+            assert client.option(option, nbd.encode_info_request("nobody"))[-1].reply == nbd.REP_ERR_UNKNOWN
+        client.send(nbd.encode_option(nbd.OPT_EXPORT_NAME, b"theirs"))
+        assert client.closed_by_server()
+        good = RawClient.connect(server.port)
+        good.open("mine", tls=client_context(pki))
+        good.write(0, b"mine" * 10)
+        assert good.read(0, 40) == b"mine" * 10
+        good.disconnect()
+    assert refusals.count(("theirs", "not_allowed")) == 3 and refusals.count(("", "unknown_export")) == 2
+
+
 def test_request_errors(served: tuple[ServerThread, Path]) -> None:
     server, _ = served
     client = RawClient.connect(server.port)

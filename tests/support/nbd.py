@@ -15,7 +15,7 @@ import ssl
 import struct
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,10 @@ def _write_private(path: Path, data: bytes | bytearray) -> None:
         fh.write(data)
 
 
-def make_pki(root: Path, *, tenant: str = "acme", client: str = "host-1") -> Pki:
+DEFAULT_CLIENT = "host-1"
+
+
+def make_pki(root: Path, *, tenant: str = "acme", client: str = DEFAULT_CLIENT) -> Pki:
     root.mkdir(parents=True, exist_ok=True)
     ca_pem, ca_key = x509ca.new_ca(f"{tenant} tenant CA")
     server = x509ca.issue_server_cert(ca_pem, ca_key, hostnames=["localhost"], ips=["127.0.0.1"])
@@ -115,8 +118,14 @@ class ServerThread:
         tls: ssl.SSLContext | None = None,
         default_export: str | None = None,
         unix_path: str | None = None,
+        clients: Mapping[str, Collection[str]] | None = None,
     ) -> None:
-        self.server = NbdServer(exports, tls=tls, allow_plaintext=tls is None, default_export=default_export)
+        """With ``tls``, ``clients`` (export -> certificate names) says who may open what; by default every
+        export names the client certificate of :func:`make_pki` (``host-1``) and nothing else."""
+        policy = dict(clients) if clients is not None else {name: (DEFAULT_CLIENT,) for name in exports}
+        self.clients = policy
+        self.server = NbdServer(exports, tls=tls, allow_plaintext=tls is None, default_export=default_export,
+                                clients=lambda name: self.clients.get(name, ()))  # fmt: skip
         self.unix_path = unix_path
         self.port = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -340,7 +349,7 @@ async def _serve(args: argparse.Namespace) -> None:
         name, _, path = spec.partition("=")
         exports[name] = LuksExport.open(name, path, passphrase, read_only=args.read_only)
     tls = server_context(Pki(*(Path(p) for p in args.tls.split(",")))) if args.tls else None
-    server = NbdServer(exports, tls=tls, allow_plaintext=tls is None)
+    server = NbdServer(exports, tls=tls, allow_plaintext=tls is None, clients=lambda _name: (DEFAULT_CLIENT,))
     port = await server.start(args.host, args.port)
     if args.unix:
         await server.serve_unix(args.unix)

@@ -52,12 +52,14 @@ name = "data1"
 path = "data1.img"
 kms = true
 description = "tenant data"
+clients = ["keysteward:acme/agent/vm-1", "vm-1.guests.example", "keysteward:acme/agent/vm-1"]
 
 [[exports]]
 name = "scratch"
 path = "/srv/scratch.img"
 read_only = true
 passphrase_file = "scratch.pass"
+clients = ["backup-host"]
 """
 
 
@@ -86,6 +88,8 @@ def test_a_full_config_parses_with_paths_from_the_config_directory() -> None:
         "data1", "/etc/keysteward/data1.img", True, None, False,
     )  # fmt: skip
     assert (scratch.read_only, scratch.kms, scratch.passphrase_file) == (True, False, "/etc/keysteward/scratch.pass")
+    assert data1.clients == ("keysteward:acme/agent/vm-1", "vm-1.guests.example")  # duplicates dropped
+    assert scratch.clients == ("backup-host",)
     assert config.status_file == "/etc/keysteward/run/proxy.json" and config.log_level == "debug"
     assert [what for what, _ in config.files()] == [
         "tls.cert_file", "tls.key_file", "tls.client_ca_file", "kms.ca_file", "kms.cert_file", "kms.key_file",
@@ -167,11 +171,11 @@ def test_export_and_kms_mistakes(exports: str, expected: str) -> None:
 
 
 def _files(tmp_path: Path) -> str:
-    for name in ("proxy.pem", "proxy.key", "vol.img", "vol.pass"):
+    for name in ("proxy.pem", "proxy.key", "ca.pem", "vol.img", "vol.pass"):
         (tmp_path / name).write_bytes(b"x" * 16)
     return (
-        "[listen]\nport = 0\n[tls]\ncert_file = 'proxy.pem'\nkey_file = 'proxy.key'\n"
-        "[[exports]]\nname = 'vol'\npath = 'vol.img'\npassphrase_file = 'vol.pass'\n"
+        "[listen]\nport = 0\n[tls]\ncert_file = 'proxy.pem'\nkey_file = 'proxy.key'\nclient_ca_file = 'ca.pem'\n"
+        "[[exports]]\nname = 'vol'\npath = 'vol.img'\npassphrase_file = 'vol.pass'\nclients = ['vm-1']\n"
     )
 
 
@@ -180,7 +184,8 @@ def test_load_config_checks_every_file_it_names(tmp_path: Path) -> None:
     config_file.write_text(_files(tmp_path))
     config = load_config(str(config_file))
     assert config.exports[0].path == str(tmp_path / "vol.img")
-    for name, expected in (("proxy.key", "tls.key_file: cannot use"), ("vol.img", "exports[vol].path: cannot use"),
+    for name, expected in (("proxy.key", "tls.key_file: cannot use"), ("ca.pem", "tls.client_ca_file: cannot use"),
+                           ("vol.img", "exports[vol].path: cannot use"),
                            ("vol.pass", "exports[vol].passphrase_file: cannot use")):  # fmt: skip
         moved = tmp_path / f"{name}.away"
         (tmp_path / name).rename(moved)
@@ -310,3 +315,44 @@ def test_json_log_lines() -> None:
     except KeystewardError as exc:
         with_exc = _format("oops", exc_info=(type(exc), exc, exc.__traceback__))
     assert with_exc["error"] == "KeystewardError: bad thing" and "Traceback" not in json.dumps(with_exc)
+
+
+TLS = "[listen]\n[tls]\ncert_file = 'p.pem'\nkey_file = 'p.key'\nclient_ca_file = 'ca.pem'\n"
+EXPORT = "[[exports]]\nname = 'vol'\npath = '/v.img'\npassphrase_file = '/v.pass'\n"
+
+
+def test_tls_needs_a_client_ca_and_every_export_names_its_clients() -> None:
+    assert "tls.client_ca_file: is required" in refused("[listen]\n[tls]\ncert_file = 'a'\nkey_file = 'b'\n")
+    assert "exports[vol].clients: is required with [tls]" in refused(TLS + EXPORT)
+    assert "exports[vol].clients: needs [tls]" in refused(PLAIN + EXPORT + "clients = ['vm-1']\n")
+    assert parse(PLAIN + EXPORT).exports[0].clients == ()  # plaintext loopback: no identities at all
+
+
+@pytest.mark.parametrize(
+    ("clients", "expected"),
+    [
+        ("[]", "must be a non-empty array of strings"),
+        ("'vm-1'", "must be a non-empty array of strings"),
+        ("[1]", "clients[0]: must be a string"),
+        ("['']", "clients[0]: must be a string"),
+        ("['vm-1', ['x']]", "clients[1]: must be a string"),
+        (f"['{'a' * 1025}']", "clients[0]: must be a string of 1-1024"),
+        ('["vm-1\\u0007"]', "control characters"),
+        ("[' vm-1']", "surrounding spaces"),
+        ("['*']", "not a wildcard"),
+        ("[" + ",".join(f"'c{i}'" for i in range(257)) + "]", "more than 256 clients"),
+        ("{a = 1}", "must be a non-empty array of strings"),
+    ],
+)
+def test_bad_client_lists_are_refused(clients: str, expected: str) -> None:
+    assert expected in refused(TLS + EXPORT + f"clients = {clients}\n")
+
+
+@given(st.lists(st.text(max_size=40), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_fuzz_client_lists_parse_or_are_one_proxy_config_error(clients: list[str]) -> None:
+    try:
+        config = parse(TLS + EXPORT + f"clients = {json.dumps(clients)}\n")
+    except ProxyConfigError:
+        return
+    assert config.exports[0].clients and all(c and c == c.strip() for c in config.exports[0].clients)

@@ -60,7 +60,13 @@ def check(
         "allow_plaintext": loaded.allow_plaintext,
         "metrics": f"{loaded.metrics_address}:{loaded.metrics_port}" if loaded.metrics_port is not None else None,
         "exports": [
-            {"name": e.name, "path": e.path, "read_only": e.read_only, "source": "kms" if e.kms else "passphrase_file"}
+            {
+                "name": e.name,
+                "path": e.path,
+                "read_only": e.read_only,
+                "source": "kms" if e.kms else "passphrase_file",
+                "clients": list(e.clients),
+            }
             for e in loaded.exports
         ],
     }

@@ -10,7 +10,7 @@
     [tls]                            # mandatory unless allow_plaintext
     cert_file = "proxy.pem"          # the proxy's server certificate and key
     key_file = "proxy.key"
-    client_ca_file = "tenant-ca.pem" # optional: clients must then present a certificate from this CA
+    client_ca_file = "tenant-ca.pem" # required: every client presents a certificate this CA issued
 
     [metrics]                        # optional: Prometheus text on http://ADDRESS:PORT/metrics
     address = "127.0.0.1"
@@ -31,10 +31,18 @@
     description = "tenant volume"
     kms = true                       # the key comes by a release as a host (the volume's token says where)
     # passphrase_file = "data1.pass" # or: break-glass passphrase (exactly one of the two)
+    clients = ["keysteward:acme/agent/vm-1"]  # with [tls], required: who may list and open it (below)
+
+``clients`` names the client certificates that may see and open the export: an entry matches a certificate
+whose subject common name, DNS name or URI (subject alternative names) equals it exactly. The identity URI
+``keysteward:<tenant>/<role>/<name>`` of a certificate from ``keysteward ca issue`` pins tenant, role and
+name; a bare name matches the common name, which a CA may also give a certificate of another role. Without
+[tls] (plaintext, loopback only) there are no client identities, so ``clients`` is refused there.
 
 Relative paths are taken from the config file's directory. Every mistake is one :class:`ProxyConfigError`
 (``code = proxy_config``) that names the file and the key: bad TOML, an unknown key, a value of the wrong
-type, plaintext on a non-loopback address, a file that is missing or unreadable. Parsing reads the TOML
+type, plaintext on a non-loopback address, TLS without ``client_ca_file``, an export without ``clients``
+under TLS (or with them without TLS), a file that is missing or unreadable. Parsing reads the TOML
 text only; :func:`check_files` looks at (never opens for writing, never unlocks) the files it names.
 """
 
@@ -64,7 +72,10 @@ _LISTEN = frozenset({"address", "port", "allow_plaintext"})
 _TLS = frozenset({"cert_file", "key_file", "client_ca_file"})
 _METRICS = frozenset({"address", "port"})
 _KMS = frozenset({"url", "ca_file", "cert_file", "key_file", "timeout", "grace_seconds"})
-_EXPORT = frozenset({"name", "path", "read_only", "description", "kms", "passphrase_file"})
+_EXPORT = frozenset({"name", "path", "read_only", "description", "kms", "passphrase_file", "clients"})
+MAX_CLIENTS = 256
+"""Client identities one export may name."""
+CLIENT_NAME_MAX = 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -79,7 +90,7 @@ class ProxyConfigError(BadRequest):
 class TlsConfig:
     cert_file: str
     key_file: str
-    client_ca_file: str | None = None
+    client_ca_file: str
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,8 @@ class ExportConfig:
     description: str = ""
     kms: bool = False
     passphrase_file: str | None = None
+    clients: tuple[str, ...] = ()
+    """Client certificate names (common name, DNS or URI SAN) that may list and open it; TLS only."""
 
 
 @dataclass(frozen=True)
@@ -130,9 +143,8 @@ class ProxyConfig:
         """``(what, path)`` of every file the proxy reads, for :func:`check_files` and ``proxy check``."""
         found: list[tuple[str, str]] = []
         if self.tls is not None:
-            found += [("tls.cert_file", self.tls.cert_file), ("tls.key_file", self.tls.key_file)]
-            if self.tls.client_ca_file:
-                found.append(("tls.client_ca_file", self.tls.client_ca_file))
+            found += [("tls.cert_file", self.tls.cert_file), ("tls.key_file", self.tls.key_file),
+                      ("tls.client_ca_file", self.tls.client_ca_file)]  # fmt: skip
         if self.kms is not None:
             if self.kms.ca_file:
                 found.append(("kms.ca_file", self.kms.ca_file))
@@ -239,7 +251,32 @@ def is_loopback(address: str) -> bool:
 # -- parsing ---------------------------------------------------------------------------------------
 
 
-def _exports(r: _Reader, raw: Any) -> tuple[ExportConfig, ...]:
+def _clients(r: _Reader, item: Mapping[str, Any], where: str, *, tls: bool) -> tuple[str, ...]:
+    raw = item.get("clients")
+    if raw is None:
+        if tls:
+            raise r.error(f"{where}.clients", "is required with [tls]: the client certificate names that may open "
+                                              "this export (common name, DNS name or URI)")  # fmt: skip
+        return ()
+    if not tls:
+        raise r.error(f"{where}.clients", "needs [tls]: without client certificates there is no identity to check")
+    if not isinstance(raw, list) or not raw:
+        raise r.error(f"{where}.clients", "must be a non-empty array of strings")
+    if len(raw) > MAX_CLIENTS:
+        raise r.error(f"{where}.clients", f"names more than {MAX_CLIENTS} clients")
+    names: list[str] = []
+    for index, name in enumerate(raw):
+        if not isinstance(name, str) or not name or len(name) > CLIENT_NAME_MAX:
+            raise r.error(f"{where}.clients[{index}]", f"must be a string of 1-{CLIENT_NAME_MAX} characters")
+        if name != name.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+            raise r.error(f"{where}.clients[{index}]", "holds control characters or surrounding spaces")
+        if name == "*":
+            raise r.error(f"{where}.clients[{index}]", "'*' is not a wildcard: name each client")
+        names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _exports(r: _Reader, raw: Any, *, tls: bool) -> tuple[ExportConfig, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
@@ -267,7 +304,10 @@ def _exports(r: _Reader, raw: Any) -> tuple[ExportConfig, ...]:
         if len(description) > 1024:
             raise r.error(f"{where}.description", "is longer than 1024 characters")
         assert path is not None
-        exports.append(ExportConfig(name, path, r.boolean(item, "read_only", where), description, kms, passphrase))
+        clients = _clients(r, item, where, tls=tls)
+        exports.append(
+            ExportConfig(name, path, r.boolean(item, "read_only", where), description, kms, passphrase, clients)
+        )
     return tuple(exports)
 
 
@@ -311,8 +351,12 @@ def parse_config(text: str, *, source: str = "proxy.toml", base_dir: str = ".") 
         table = r.table(data, "tls", _TLS, "tls")
         cert = r.path(table, "cert_file", "tls", required=True)
         key = r.path(table, "key_file", "tls", required=True)
+        ca = r.path(table, "client_ca_file", "tls")
+        if ca is None:
+            why = "every client proves who it is, and each export names who may open it"
+            raise r.error("tls.client_ca_file", f"is required: the CA of the clients' certificates ({why})")
         assert cert is not None and key is not None
-        tls = TlsConfig(cert, key, r.path(table, "client_ca_file", "tls"))
+        tls = TlsConfig(cert, key, ca)
     elif not plaintext:
         raise r.error("tls", "TLS is mandatory: give [tls] cert_file and key_file (or, on loopback only, "
                              "listen.allow_plaintext = true)")  # fmt: skip
@@ -324,7 +368,7 @@ def parse_config(text: str, *, source: str = "proxy.toml", base_dir: str = ".") 
         metrics_port = r.port(table, "port", "metrics", default=None)
         if metrics_port is None:
             raise r.error("metrics.port", "is required")
-    exports = _exports(r, data.get("exports"))
+    exports = _exports(r, data.get("exports"), tls=tls is not None)
     level = r.string(data, "log_level", "top level", default="info") or "info"
     if level not in LOG_LEVELS:
         raise r.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")

@@ -13,6 +13,8 @@ Series (``export`` is the export's name, ``command`` the NBD command in lower ca
     keysteward_proxy_request_seconds{export,command}         histogram
     keysteward_proxy_export_open{export}                     1 while served, 0 when locked (revoked, lease lost)
     keysteward_proxy_export_closes_total{export,reason}      revoked, shred, lease_expired, removed, ...
+    keysteward_proxy_refused_opens_total{export,reason}      not_allowed (a client the export does not name),
+                                                             unknown_export (export="": a name not served)
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class ProxyMetrics:
         self.closes = Counter(
             "keysteward_proxy_export_closes", "Exports closed, by reason.", ["export", "reason"], registry=self.registry
         )
+        self.refused_opens = Counter(
+            "keysteward_proxy_refused_opens", "NBD opens and lookups refused, by export and reason.",
+            ["export", "reason"], registry=self.registry,
+        )  # fmt: skip
         self._children: dict[tuple[str, Any], _Children] = {}
         self._commands: dict[str, set[str]] = {}
         self._reasons: dict[str, set[str]] = {}
@@ -103,6 +109,11 @@ class ProxyMetrics:
         self.export_open.labels(export).set(0)
         self.closes.labels(export, reason).inc()
         self._reasons.setdefault(export, set()).add(reason)
+
+    def refused(self, export: str, reason: str) -> None:
+        """The NBD server's ``on_refused`` hook. ``export`` is a served export's name or "" (never a name a
+        client made up), so the series stay as few as the exports."""
+        self.refused_opens.labels(export, reason).inc()
 
     def forget(self, export: str) -> None:
         """An export removed from the config: its series leave the endpoint."""

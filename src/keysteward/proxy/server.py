@@ -13,7 +13,13 @@ after checking that the client sent nothing behind its STARTTLS (a plaintext inj
 be read as if it had come through TLS).
 
 With ``tls`` set TLS is mandatory: before STARTTLS every option but STARTTLS and ABORT is refused with
-NBD_REP_ERR_TLS_REQD. Whether a client certificate is required is the SSLContext's business.
+NBD_REP_ERR_TLS_REQD. The context must require a client certificate (``CERT_REQUIRED``), and ``clients``
+says, per export, which certificate names may see and open it (:func:`peer_names`: the subject common name,
+DNS and URI subject alternative names). ``NBD_OPT_LIST`` lists only those exports; ``NBD_OPT_INFO`` and
+``NBD_OPT_GO`` for any other answer NBD_REP_ERR_UNKNOWN exactly as for a name that does not exist (so a
+client cannot learn other exports' names), ``NBD_OPT_EXPORT_NAME`` drops the connection; each refusal is
+logged (peer address, certificate names, export) and passed to ``on_refused``. Without TLS (plaintext,
+allowed on loopback only by the config) there is no identity and every export is open to every client.
 
 A client that breaks the protocol (bad magic, unknown flags, over-long option, a write longer than the
 export's maximum, a handshake that stalls) loses its connection; every other client goes on. Bad
@@ -30,7 +36,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -54,6 +60,29 @@ INLINE_READ = 64 * 1024
 ALLOWED_FLAGS = nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_DF
 
 RequestHook = Callable[[str, str, int, float], None]
+ClientPolicy = Callable[[str], Collection[str]]
+"""Export name -> the client certificate names that may list and open it."""
+RefusalHook = Callable[[str, str], None]
+"""(export name, or "" for a name that is not served; reason) of a refused open."""
+NAME_LOG_MAX = 80
+
+
+def peer_names(cert: Mapping[str, object] | None) -> frozenset[str]:
+    """The names a verified peer certificate (``SSLObject.getpeercert()``) carries: subject common names,
+    DNS names and URIs of its subject alternative names. Empty for no certificate."""
+    if not cert:
+        return frozenset()
+    names: set[str] = set()
+    subject = cert.get("subject", ())
+    for rdn in subject if isinstance(subject, tuple) else ():
+        for attribute in rdn if isinstance(rdn, tuple) else ():
+            if isinstance(attribute, tuple) and len(attribute) == 2 and attribute[0] == "commonName":
+                names.add(str(attribute[1]))
+    alt = cert.get("subjectAltName", ())
+    for entry in alt if isinstance(alt, tuple) else ():
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in ("DNS", "URI"):
+            names.add(str(entry[1]))
+    return frozenset(names)
 
 
 class _Closed(ConnectionError):
@@ -234,6 +263,14 @@ class _Wire(asyncio.BufferedProtocol):
             raise _Closed("the TLS handshake did not complete")
         self.transport = transport
 
+    def peer_certificate(self) -> dict[str, object] | None:
+        """The verified client certificate of the TLS connection (``getpeercert()``), or None."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is None:
+            return None
+        cert = ssl_object.getpeercert()
+        return dict(cert) if cert else None
+
     def close(self, abort: bool = False) -> None:
         if self.transport is not None and not self.transport.is_closing():
             if abort:
@@ -249,6 +286,8 @@ class _Connection:
         self.wire = wire
         self.peer = peer
         self.tls = False
+        self.names: frozenset[str] = frozenset()
+        """The client certificate's names (after STARTTLS)."""
         self.structured = False
         self.no_zeroes = False
         self.export: Export | None = None
@@ -281,13 +320,21 @@ class NbdServer:
         tls: ssl.SSLContext | None,
         allow_plaintext: bool = False,
         default_export: str | None = None,
+        clients: ClientPolicy | None = None,
     ) -> None:
         if tls is None and not allow_plaintext:
             raise BadRequest("the NBD server needs a TLS context unless plaintext is allowed", code="nbd_tls_required")
+        if tls is not None and (tls.verify_mode != ssl.CERT_REQUIRED or clients is None):
+            raise BadRequest(
+                "an NBD server with TLS requires client certificates and, per export, the clients that may open it",
+                code="nbd_clients_required",
+            )
         self._exports: dict[str, Export] = dict(exports)
         self._tls = tls
+        self._clients = clients
         self.default_export = default_export
         self.on_request: RequestHook | None = None
+        self.on_refused: RefusalHook | None = None
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -357,6 +404,40 @@ class NbdServer:
         export = self._exports.get(name)
         return None if export is None or getattr(export, "closed", False) else export
 
+    def _allowed(self, conn: _Connection, name: str) -> bool:
+        """May this connection's client see and open export ``name``? (Always, without TLS.)"""
+        if self._tls is None:
+            return True
+        if self._clients is None or not conn.names:
+            return False
+        try:
+            allowed = self._clients(name)
+        except Exception:
+            log.exception("nbd client policy failed export=%s", name)
+            return False
+        return not conn.names.isdisjoint(allowed)
+
+    def _open(self, conn: _Connection, name: str) -> Export | None:
+        """The export ``name`` if it is served and this client may open it; a refusal is logged and counted."""
+        export = self._lookup(name)
+        if export is None:
+            self._refused(conn, "", name, "unknown_export")
+            return None
+        if not self._allowed(conn, export.name):
+            self._refused(conn, export.name, export.name, "not_allowed")
+            return None
+        return export
+
+    def _refused(self, conn: _Connection, export: str, asked: str, reason: str) -> None:
+        client = ",".join(sorted(conn.names))[:NAME_LOG_MAX] or "-"
+        log.warning("nbd open refused peer=%s client=%r export=%r reason=%s", conn.peer, client,
+                    asked[:NAME_LOG_MAX], reason)  # fmt: skip
+        if self.on_refused is not None:
+            try:
+                self.on_refused(export, reason)
+            except Exception:
+                log.exception("nbd on_refused hook failed")
+
     async def _handshake(self, conn: _Connection) -> bool:
         """Options until GO / EXPORT_NAME (True) or ABORT (False); protocol errors raise."""
         wire = conn.wire
@@ -383,7 +464,7 @@ class NbdServer:
                     await self._reply_option(conn, opt, nbd.REP_ACK)
                 return False
             if opt == nbd.OPT_EXPORT_NAME:
-                export = self._lookup(nbd.decode_export_name(data))
+                export = self._open(conn, nbd.decode_export_name(data))
                 if export is None:
                     raise nbd.NbdProtocolError("NBD_OPT_EXPORT_NAME names no export", code="nbd_unknown_export")
                 wire.write(nbd.encode_export_name_reply(export.size, _flags(export), no_zeroes=conn.no_zeroes))
@@ -400,6 +481,8 @@ class NbdServer:
                     await self._reply_option(conn, opt, nbd.REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
                     continue
                 for name, listed in list(self._exports.items()):
+                    if not self._allowed(conn, name):
+                        continue
                     entry = nbd.encode_server_entry(name, listed.description)
                     await self._reply_option(conn, opt, nbd.REP_SERVER, entry)
                 await self._reply_option(conn, opt, nbd.REP_ACK)
@@ -428,6 +511,7 @@ class NbdServer:
             await self._reply_option(conn, opt, nbd.REP_ACK)
             await conn.wire.start_tls(self._tls)
             conn.tls, conn.structured = True, False  # forget what was negotiated in plaintext
+            conn.names = peer_names(conn.wire.peer_certificate())
 
     async def _info(self, conn: _Connection, opt: int, data: bytes) -> Export | None:
         try:
@@ -435,8 +519,8 @@ class NbdServer:
         except nbd.NbdProtocolError as exc:
             await self._reply_option(conn, opt, nbd.REP_ERR_INVALID, exc.message.encode())
             return None
-        export = self._lookup(request.name)
-        if export is None:
+        export = self._open(conn, request.name)
+        if export is None:  # not served, or not to this client: the same answer
             await self._reply_option(conn, opt, nbd.REP_ERR_UNKNOWN, b"no such export")
             return None
         infos = [nbd.encode_info_export(export.size, _flags(export))]

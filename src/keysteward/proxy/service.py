@@ -103,8 +103,8 @@ def event(name: str, level: int = logging.INFO, /, **fields: Any) -> None:
 
 
 def tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
-    """The NBD server's TLS context: TLS 1.2+, the proxy's certificate; with ``client_ca_file`` clients must
-    present a certificate that CA issued (``CERT_REQUIRED``)."""
+    """The NBD server's TLS context: TLS 1.2+, the proxy's certificate; clients must present a certificate
+    that ``client_ca_file`` issued (``CERT_REQUIRED``)."""
     if config.tls is None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -112,9 +112,8 @@ def tls_context(config: ProxyConfig) -> ssl.SSLContext | None:
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     try:
         ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
-        if config.tls.client_ca_file:
-            ctx.load_verify_locations(cafile=config.tls.client_ca_file)
-            ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=config.tls.client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
         raise ProxyConfigError(f"{config.source}: tls: cannot load the certificate, key or CA: {exc}") from None
     return ctx
@@ -211,9 +210,11 @@ class ProxyService:
         from keysteward.proxy.server import NbdServer  # the server's modules load when it starts
 
         server = NbdServer(
-            dict(self.exports), tls=tls_context(self.config), allow_plaintext=self.config.allow_plaintext
-        )
+            dict(self.exports), tls=tls_context(self.config), allow_plaintext=self.config.allow_plaintext,
+            clients=self._clients,
+        )  # fmt: skip
         server.on_request = self.metrics.observe
+        server.on_refused = self.metrics.refused
         self.port = await server.start(self.config.listen_address, self.config.listen_port)
         self.server = server
         server.set_exports(dict(self.exports))  # those that opened while it started
@@ -224,6 +225,13 @@ class ProxyService:
               metrics_port=self.metrics_port)  # fmt: skip
         self._status()
         sd_notify("READY=1")
+
+    def _clients(self, name: str) -> tuple[str, ...]:
+        """Who may open export ``name`` under the config in force (a reload that changes it reopens the export)."""
+        try:
+            return self.config.export(name).clients
+        except KeyError:
+            return ()
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
