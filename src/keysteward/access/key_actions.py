@@ -14,7 +14,6 @@ they never reach :class:`~keysteward.keys.envelope.Envelope` themselves.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,7 +77,7 @@ class _KeyUse(ActionHandler):
             identity={},
             platform={},
             time=now,
-            source_ip=_address(request.context.source),
+            source_ip=request.context.address(),
             encryption_context=dict(context or {}),
         )
 
@@ -186,13 +185,6 @@ class ReEncrypt(_KeyUse):
 def register(table: ActionTable, envelope: Envelope) -> None:
     for handler in (GenerateDataKey, Encrypt, Decrypt, ReEncrypt):
         table.register(handler(envelope))
-
-
-def _address(source: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(source)) if source else None
-    except ValueError:
-        return None
 
 
 class KeyUse:

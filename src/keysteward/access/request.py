@@ -9,6 +9,7 @@ the action's handler.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -44,6 +45,13 @@ class RequestContext:
     """Which listener took the request (``rest``, ``nbd``, ``kmip``, ``xks``): for the audit record."""
     request_id: str | None = None
     """The caller's own request id, where its protocol has one (XKS, KMIP), for the audit record."""
+
+    def address(self) -> str | None:
+        """``source`` as an IP address for the policy's ``context.request.source_ip``, or None."""
+        try:
+            return str(ipaddress.ip_address(self.source)) if self.source else None
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True, repr=False)

@@ -15,7 +15,6 @@ given for this lease. ``lease.end`` asks nothing: giving a key back is always al
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -108,7 +107,7 @@ class _Release:
 
 
 def policy_request(
-    tenant: str, source: str, volume: VolumeInfo, caller: Caller, platform: Mapping[str, Any], now: datetime
+    tenant: str, source: str | None, volume: VolumeInfo, caller: Caller, platform: Mapping[str, Any], now: datetime
 ) -> PolicyRequest:
     """The facts of one release for the tenant's policy (raises PolicyRequestInvalid on bad facts)."""
     principal: dict[str, Any]
@@ -119,10 +118,6 @@ def policy_request(
     else:
         identity = caller.claims()
         principal = {"type": "Instance", **{k: v for k, v in identity.items() if k not in ("kind", "launched_at")}}
-    try:
-        address = str(ipaddress.ip_address(source)) if source else None
-    except ValueError:
-        address = None
     return PolicyRequest(
         tenant=tenant,
         action="release",
@@ -138,7 +133,7 @@ def policy_request(
         identity=identity,
         platform=dict(platform),
         time=now,
-        source_ip=address,
+        source_ip=source,
     )
 
 
@@ -221,7 +216,7 @@ class VolumeRelease(ActionHandler):
             details["platform"] = summary
         subject = Subject(tenant_id, actor_of(caller.key()), f"volume:{volume.id}", None, details=details, state=state)
         try:
-            subject.facts = policy_request(request.tenant, request.context.source, volume, caller, platform, now)
+            subject.facts = policy_request(request.tenant, request.context.address(), volume, caller, platform, now)
         except PolicyRequestInvalid as exc:
             log.warning("release facts did not make a policy request: %s", exc.code)
             raise Refusal(tenant_id, *self._refusal(inputs.volume_id, Denied(exc.message, code="policy_error"),
