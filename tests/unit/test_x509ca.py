@@ -280,14 +280,15 @@ def test_server_cert_rejects_bad_names(
     assert info.value.code == code
 
 
-def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> x509.CertificateSigningRequest:
+def _csr(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    name: str = "vm-csr",
+    uri: str = "keysteward:a/agent/vm-csr",
+) -> x509.CertificateSigningRequest:
     return (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whatever the agent says")]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier("keysteward:other/admin/root")]),
-            critical=False,
-        )
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
         .sign(key, hashes.SHA256())
     )
 
@@ -306,6 +307,17 @@ def test_csr_path(ca_a: tuple[str, bytearray], kind: str) -> None:
     ident = x509identity.verify_client_cert(_der(issued.cert_pem), ca_a[0])
     assert (ident.tenant, ident.role, ident.name) == ("a", "agent", "vm-csr")
     assert cert.subject.rfc4514_string() == "CN=vm-csr"
+
+
+@pytest.mark.parametrize(
+    ("name", "uri"),
+    [("vm-csr", "keysteward:other/admin/root"), ("whatever the agent says", "keysteward:a/agent/vm-csr")],
+)
+def test_csr_asking_for_another_identity_is_refused(ca_a: tuple[str, bytearray], name: str, uri: str) -> None:
+    csr_pem = _csr(ec.generate_private_key(ec.SECP256R1()), name, uri).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(BadRequest) as info:
+        _agent(ca_a, name="vm-csr", csr_pem=csr_pem)
+    assert info.value.code == "bad_csr"
 
 
 def test_csr_with_broken_signature(ca_a: tuple[str, bytearray]) -> None:
