@@ -174,6 +174,7 @@ class AccessService:
                 details.update(subject.details)
                 return {**record, "outcome": "denied", "reason": exc.code, "details": details}
             verdict.denied, verdict.booked = None, booked
+            record["target"] = subject.target  # the bookkeeping may name what it made (policy:v7)
             if booked.quiet:
                 return {}
             details.update(subject.details)

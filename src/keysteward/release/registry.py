@@ -325,49 +325,28 @@ class Registry:
             rows = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id).order_by(Volume.name)).all()
             return [_info(r) for r in rows]
 
-    def revoke(self, actor: Principal, ref: str, *, shred: bool, reason: str) -> VolumeInfo:
-        volume = self.find(actor, ref)
-        if volume.state == DESTROYED:
-            raise Conflict("the volume's key is destroyed already", code="volume_destroyed")
+    def mark_revoked(self, conn: Connection, volume: VolumeInfo, *, shred: bool, now: datetime) -> None:
+        """The access path's ``volume.revoke`` bookkeeping, in its transaction: holders' next renewal
+        answers ``revoked`` (or ``shred``); the secret stays, so an admin can release the volume again."""
         state = SHRED if shred else REVOKED
-        with self.db.write() as conn:
-            conn.execute(update(Volume).where(Volume.id == volume.id).values(state=state, changed_at=datetime.now(UTC)))
-            self.audit.append(
-                conn,
-                actor.tenant_id,
-                actor=actor.describe(),
-                action="volume.revoke",
-                target=f"volume:{volume.id}",
-                details={"name": volume.name, "shred": shred, "reason": reason[:500]},
-            )
-        self._forget(volume.id)
-        return self.get(actor.tenant_id, volume.id)
+        conn.execute(update(Volume).where(Volume.id == volume.id).values(state=state, changed_at=now))
 
-    def destroy(self, actor: Principal, ref: str, *, reason: str) -> VolumeInfo:
-        """Crypto-shred the volume's secret: no release can ever give it again."""
-        volume = self.find(actor, ref)
-        with self.db.write() as conn:
-            conn.execute(for_update(select(Volume.id).where(Volume.id == volume.id), self.db)).one()
-            self.keys.shred_data_key(conn, actor.tenant_id, volume.dek_id)
-            conn.execute(
-                update(Volume).where(Volume.id == volume.id).values(state=DESTROYED, changed_at=datetime.now(UTC))
-            )
-            conn.execute(
-                update(Lease)
-                .where(Lease.volume_id == volume.id, Lease.state == ACTIVE)
-                .values(state=SHRED, ended_at=datetime.now(UTC))
-            )
-            self.audit.append(
-                conn,
-                actor.tenant_id,
-                actor=actor.describe(),
-                action="volume.destroy",
-                target=f"volume:{volume.id}",
-                details={"name": volume.name, "reason": reason[:500]},
-            )
-        self.keys.after_data_key_shred()
+    def shred_volume(self, conn: Connection, tenant_id: str, volume: VolumeInfo, now: datetime) -> None:
+        """The access path's ``volume.destroy`` bookkeeping, in its transaction: the secret is crypto-shredded,
+        the volume is destroyed and every active lease ends ``shred``. Call :meth:`changed` after the commit."""
+        conn.execute(for_update(select(Volume.id).where(Volume.id == volume.id), self.db)).one()
+        self.keys.shred_data_key(conn, tenant_id, volume.dek_id)
+        conn.execute(update(Volume).where(Volume.id == volume.id).values(state=DESTROYED, changed_at=now))
+        conn.execute(
+            update(Lease).where(Lease.volume_id == volume.id, Lease.state == ACTIVE).values(state=SHRED, ended_at=now)
+        )
+
+    def changed(self, volume: VolumeInfo, *, shredded: bool = False) -> VolumeInfo:
+        """After a committed state change: this server forgets its cached view and answers the new state."""
+        if shredded:
+            self.keys.after_data_key_shred()
         self._forget(volume.id)
-        return self.get(actor.tenant_id, volume.id)
+        return self.get(volume.tenant_id, volume.id)
 
     def _forget(self, volume_id: str) -> None:
         self._volumes.drop_where(lambda key, _: key[1] == volume_id)

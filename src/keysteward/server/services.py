@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keysteward.access import key_actions, volume_actions
+from keysteward.access import admin_actions, key_actions, volume_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
 from keysteward.access.service import AccessService
@@ -76,6 +76,7 @@ class Services:
         envelope = Envelope(keys)
         key_actions.register(actions, envelope)
         volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
+        admin_actions.register(actions, registry, policies)
         access = AccessService(tenants, policies, audit, actions, alert=alerts.send)
         return cls(
             settings=settings,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import Field
 from sqlalchemy import Connection
 
+from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
 from keysteward.errors import KeystewardError
 from keysteward.identity.principal import Permission, Principal
 from keysteward.policy import approvals
@@ -95,7 +96,18 @@ def policy_show(request: Request, who: Read) -> PolicyOut:
 
 @router.put("/policy")
 def policy_set(body: PolicyIn, request: Request, who: Manage) -> PolicyOut:
-    return _out(services(request).policies.put(who, body.sources))
+    stored: PolicyVersion = services(request).access.decide(
+        AccessRequest(
+            tenant=who.tenant,
+            action="policy.update",
+            resource=Resource("Tenant", who.tenant),
+            delivery=Delivery.NOTHING,
+            principal=who,
+            context=RequestContext(source=request.client.host if request.client else ""),
+            inputs=dict(body.sources),
+        )
+    )
+    return _out(stored)
 
 
 @router.get("/policy/versions")
