@@ -41,6 +41,7 @@ from keysteward.proxy.config import ExportConfig, ProxyConfig, ProxyConfigError,
 from keysteward.proxy.export import Export, LuksExport
 from keysteward.proxy.keys import ExportKeeper, open_passphrase_export
 from keysteward.proxy.metrics import ProxyMetrics
+from keysteward.proxy.revocations import POLL_SECONDS, RevocationFetcher
 
 if TYPE_CHECKING:
     from keysteward.proxy.server import NbdServer
@@ -142,6 +143,7 @@ class ProxyService:
         self._wake = asyncio.Event()
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.revocations: RevocationFetcher | None = None
 
     # -- hooks the keeper calls from its worker thread ------------------------------------------------
 
@@ -221,6 +223,12 @@ class ProxyService:
         if self.config.metrics_address is not None and self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         self._spawn(self._keep_leases())
+        if self.config.tls is not None and self.config.kms is not None:
+            self.revocations = RevocationFetcher(self.config.kms, self._kms_url)
+            self._spawn(self._follow_revocations())
+        elif self.config.tls is not None:
+            event("revocations_unchecked", logging.WARNING,
+                  why="no [kms]: the proxy cannot learn the key manager's certificate revocations")  # fmt: skip
         event("listening", address=self.config.listen_address, port=self.port, tls=self.config.tls is not None,
               metrics_port=self.metrics_port)  # fmt: skip
         self._status()
@@ -251,14 +259,34 @@ class ProxyService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
+    def _kms_url(self) -> str | None:
+        """The key manager of a released volume (when ``[kms] url`` is not set)."""
+        keeper = self.keeper
+        volumes = list(keeper.volumes) if keeper is not None else []
+        return next((v.unlocked.url for v in volumes if v.unlocked is not None), None)
+
+    async def _follow_revocations(self) -> None:
+        """Every second: the key manager's revoked certificates and retired CAs, applied to the NBD server."""
+        fetcher = self.revocations
+        assert fetcher is not None
+        try:
+            while not self._stop.is_set():
+                found = await asyncio.to_thread(fetcher.fetch)
+                if found is not None and self.server is not None:
+                    self.server.set_revocations(found)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=POLL_SECONDS)
+        finally:
+            fetcher.close()
+
     async def run(self) -> None:
         """Start, then serve until SIGTERM/SIGINT; SIGHUP reloads."""
         loop = asyncio.get_running_loop()
-        await self.start()
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a stop during start-up is a clean stop too
             loop.add_signal_handler(signum, self._stop.set)
         try:
+            await self.start()
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
             await self._stop.wait()
         finally:
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
@@ -328,6 +356,10 @@ class ProxyService:
             self.metrics.forget(name)
         self.config = new
         self.keeper.kms = new.kms
+        if self.revocations is not None and new.kms is not None:
+            self.revocations.kms = new.kms
+            self.revocations.close()
+        self._add_client_cas(new)
         added = [e for name, e in after.items() if name not in before or name in gone]
         for entry in added:
             if entry.kms:
@@ -337,6 +369,17 @@ class ProxyService:
         self._wake.set()  # the keeper releases the new kms exports now
         event("reloaded", removed=gone, added=[e.name for e in added], exports=sorted(after))
         self._status()
+
+    def _add_client_cas(self, new: ProxyConfig) -> None:
+        """A reload trusts the CAs now in ``client_ca_file`` as well (a rotated tenant CA beside the old); a CA can
+        only be added to a live context: a retired one is refused by the revocation list."""
+        tls = self.server.tls if self.server is not None else None
+        if tls is None or new.tls is None:
+            return
+        try:
+            tls.load_verify_locations(cafile=new.tls.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            event("client_ca_reload_failed", logging.ERROR, error=type(exc).__name__)
 
     # -- status -----------------------------------------------------------------------------------------
 
