@@ -253,6 +253,19 @@ def test_only_the_holder_renews_and_only_while_valid(
         assert r.status_code == 201, r.text
         assert r.json()["serial"] != serial
 
+    # the CLI renews in place; without the certificate, or with something else in its place, it refuses
+    renewed = server.cli_json("--cert", str(cert), "--key", str(key), "ca", "renew", "--days", "7")
+    assert renewed["cert"] == str(cert) and renewed["renewed"] == serial
+    assert oct(key.stat().st_mode)[-3:] == "600"
+    with server.http(cert=(cert, key)) as holder:
+        assert whoami(holder).json()["name"] == "web-1"
+    missing = server.cli("ca", "renew", check=False)
+    assert missing.returncode != 0 and "--cert" in missing.stderr
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    bad = server.cli("--cert", str(junk), "--key", str(key), "ca", "renew", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
     # an expired certificate of the tenant's own CA does not renew (checked by the same service the route uses)
     manager = manager_factory()
     svc = manager.svc
