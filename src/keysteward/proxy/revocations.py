@@ -13,6 +13,8 @@ forgets a revocation it has seen.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -121,3 +123,25 @@ class RevocationFetcher:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+async def follow(fetcher: RevocationFetcher, apply: Callable[[Revocations], None], stop: asyncio.Event) -> None:
+    """Every :data:`POLL_SECONDS` until ``stop``: fetch (in a worker thread) and ``apply`` what was found."""
+    try:
+        while not stop.is_set():
+            found = await asyncio.to_thread(fetcher.fetch)
+            if found is not None:
+                apply(found)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=POLL_SECONDS)
+    finally:
+        fetcher.close()
+
+
+def add_client_cas(ctx: ssl.SSLContext, ca_file: str) -> None:
+    """A reload trusts the CAs now in ``client_ca_file`` as well (a rotated tenant CA beside the old one). A live
+    context cannot forget a CA: a retired one is refused through the revocation list instead."""
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("event=client_ca_reload_failed error=%s", type(exc).__name__)

@@ -8,6 +8,8 @@ and serve the metrics. From then on:
 - the keeper runs in a worker thread, one :meth:`~keysteward.proxy.keys.ExportKeeper.tick` at a time: lease
   renewals; a revocation, shred or lost lease drops that export (its connections are closed, the key wiped)
   and leaves the others alone;
+- with ``[tls]`` and ``[kms]``, the key manager's revoked certificates and retired CAs are fetched every second
+  (:mod:`keysteward.proxy.revocations`) and applied to the NBD server: their connections are aborted;
 - ``SIGHUP`` reloads the export list: exports that left the file (or whose settings changed) are dropped,
   new ones opened, the others keep serving without a dropped connection. A config that does not load is
   logged and the running one kept. The listen address, TLS and metrics settings need a restart (said in
@@ -41,7 +43,7 @@ from keysteward.proxy.config import ExportConfig, ProxyConfig, ProxyConfigError,
 from keysteward.proxy.export import Export, LuksExport
 from keysteward.proxy.keys import ExportKeeper, open_passphrase_export
 from keysteward.proxy.metrics import ProxyMetrics
-from keysteward.proxy.revocations import POLL_SECONDS, RevocationFetcher
+from keysteward.proxy.revocations import RevocationFetcher, Revocations, add_client_cas, follow
 
 if TYPE_CHECKING:
     from keysteward.proxy.server import NbdServer
@@ -225,7 +227,7 @@ class ProxyService:
         self._spawn(self._keep_leases())
         if self.config.tls is not None and self.config.kms is not None:
             self.revocations = RevocationFetcher(self.config.kms, self._kms_url)
-            self._spawn(self._follow_revocations())
+            self._spawn(follow(self.revocations, self._apply_revocations, self._stop))
         elif self.config.tls is not None:
             event("revocations_unchecked", logging.WARNING,
                   why="no [kms]: the proxy cannot learn the key manager's certificate revocations")  # fmt: skip
@@ -265,19 +267,9 @@ class ProxyService:
         volumes = list(keeper.volumes) if keeper is not None else []
         return next((v.unlocked.url for v in volumes if v.unlocked is not None), None)
 
-    async def _follow_revocations(self) -> None:
-        """Every second: the key manager's revoked certificates and retired CAs, applied to the NBD server."""
-        fetcher = self.revocations
-        assert fetcher is not None
-        try:
-            while not self._stop.is_set():
-                found = await asyncio.to_thread(fetcher.fetch)
-                if found is not None and self.server is not None:
-                    self.server.set_revocations(found)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=POLL_SECONDS)
-        finally:
-            fetcher.close()
+    def _apply_revocations(self, found: Revocations) -> None:
+        if self.server is not None:
+            self.server.set_revocations(found)
 
     async def run(self) -> None:
         """Start, then serve until SIGTERM/SIGINT; SIGHUP reloads."""
@@ -359,7 +351,8 @@ class ProxyService:
         if self.revocations is not None and new.kms is not None:
             self.revocations.kms = new.kms
             self.revocations.close()
-        self._add_client_cas(new)
+        if self.server is not None and self.server.tls is not None and new.tls is not None:
+            add_client_cas(self.server.tls, new.tls.client_ca_file)
         added = [e for name, e in after.items() if name not in before or name in gone]
         for entry in added:
             if entry.kms:
@@ -369,17 +362,6 @@ class ProxyService:
         self._wake.set()  # the keeper releases the new kms exports now
         event("reloaded", removed=gone, added=[e.name for e in added], exports=sorted(after))
         self._status()
-
-    def _add_client_cas(self, new: ProxyConfig) -> None:
-        """A reload trusts the CAs now in ``client_ca_file`` as well (a rotated tenant CA beside the old); a CA can
-        only be added to a live context: a retired one is refused by the revocation list."""
-        tls = self.server.tls if self.server is not None else None
-        if tls is None or new.tls is None:
-            return
-        try:
-            tls.load_verify_locations(cafile=new.tls.client_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            event("client_ca_reload_failed", logging.ERROR, error=type(exc).__name__)
 
     # -- status -----------------------------------------------------------------------------------------
 
