@@ -124,7 +124,7 @@ def test_revocation_ends_access_on_every_server_within_a_second(
         revoked = a.cli_json("ca", "revoke", "agent:web-1", "--reason", "stolen laptop", token=admin)
         assert sorted(revoked["revoked"]) == sorted([web[2], web_2[2]])
         assert wait_refused(agent_b, "cert_revoked") < STALE
-        assert whoami(agent_b2).json()["code"] == "cert_revoked"
+        assert wait_refused(agent_b2, "cert_revoked") < STALE  # each within a second of the revocation
         assert whoami(other_b).status_code == 200  # another machine of the tenant is untouched
 
         # instance revoke host:NAME revokes the host's certificate: no more decrypt, on either server
@@ -136,7 +136,9 @@ def test_revocation_ends_access_on_every_server_within_a_second(
         assert whoami(host_a).json()["code"] == "cert_revoked"
 
     # by serial, with the --role spelling refused when it is ambiguous; bad targets are refused
-    assert a.cli_json("ca", "revoke", other[2].upper(), token=admin)["revoked"] == [other[2]]
+    with a.http(admin) as c:  # a security officer revokes too (an emergency needs no admin)
+        officer = c.post("/tokens", json={"name": "so", "role": "security-officer"}).json()["token"]
+    assert a.cli_json("ca", "revoke", other[2].upper(), token=officer)["revoked"] == [other[2]]
     assert a.cli_json("ca", "revoke", other[2], token=admin)["revoked"] == []  # already revoked: nothing new
     for bad in ("zz-not-hex", "agent:", "agent:Bad Name", "root:web-1", "0x" + "f" * 41):
         r = a.cli("ca", "revoke", bad, token=admin, check=False)
