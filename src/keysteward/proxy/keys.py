@@ -125,6 +125,10 @@ class ExportKeeper:
         the middle of a tick is at worst one step old."""
         return {v.name: v.status() for v in list(self.agent.volumes)}
 
+    def released_url(self) -> str | None:
+        """The key manager some export's key was released by (the volume's token names it)."""
+        return next((v.unlocked.url for v in list(self.agent.volumes) if v.unlocked is not None), None)
+
     # -- the agent's hooks ------------------------------------------------------------------------------
 
     def _track(self, entry: ExportConfig) -> None:

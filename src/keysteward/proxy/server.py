@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from keysteward.errors import BadRequest, KeystewardError
 from keysteward.formats import nbd
 from keysteward.proxy.export import Export, ExportClosed
+from keysteward.proxy.revocations import CertRef, Revocations, cert_ref
 from keysteward.proxy.wire import Closed, Wire
 
 log = logging.getLogger("keysteward.proxy")
@@ -88,6 +89,8 @@ class _Connection:
         self.tls = False
         self.names: frozenset[str] = frozenset()
         """The client certificate's names (after STARTTLS)."""
+        self.cert: CertRef | None = None
+        """Its serial and issuer: what a revocation names."""
         self.structured = False
         self.no_zeroes = False
         self.export: Export | None = None
@@ -140,10 +143,15 @@ class NbdServer:
         self._background: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="ks-nbd")
         self._stopped = False
+        self._revocations = Revocations()
 
     @property
     def exports(self) -> Mapping[str, Export]:
         return dict(self._exports)
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return self._tls
 
     # -- listening -------------------------------------------------------------------------------------
 
@@ -208,7 +216,7 @@ class NbdServer:
         """May this connection's client see and open export ``name``? (Always, without TLS.)"""
         if self._tls is None:
             return True
-        if self._clients is None or not conn.names:
+        if self._clients is None or not conn.names or self._revocations.refuses(conn.cert):
             return False
         try:
             allowed = self._clients(name)
@@ -312,6 +320,10 @@ class NbdServer:
             await conn.wire.start_tls(self._tls, HANDSHAKE_TIMEOUT)
             conn.tls, conn.structured = True, False  # forget what was negotiated in plaintext
             conn.names = peer_names(conn.wire.peer_certificate())
+            conn.cert = cert_ref(conn.wire.peer_certificate_der())
+            if self._revocations.refuses(conn.cert):
+                self._refused(conn, "", "", "revoked")
+                raise nbd.NbdProtocolError("the client certificate is revoked", code="cert_revoked")
 
     async def _info(self, conn: _Connection, opt: int, data: bytes) -> Export | None:
         try:
@@ -539,6 +551,13 @@ class NbdServer:
             if new.get(name) is not export and id(export) not in kept:
                 self._spawn(self._retire(export, "removed from the export list", abort=False))
         log.info("nbd export list now %s", ",".join(sorted(new)) or "(empty)")
+
+    def set_revocations(self, revocations: Revocations) -> None:
+        """Refuse these certificates from now on, and abort the connections of those connected now."""
+        self._revocations = revocations
+        for conn in [c for c in self._connections if revocations.refuses(c.cert)]:
+            self._refused(conn, conn.export.name if conn.export else "", "", "revoked")
+            self._drop(conn, abort=True)
 
     async def close_export(self, name: str, reason: str) -> None:
         """Revocation: drop every connection to ``name`` now, then close (wipe) the export."""

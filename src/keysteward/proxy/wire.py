@@ -208,6 +208,10 @@ class Wire(asyncio.BufferedProtocol):
         cert = ssl_object.getpeercert()
         return dict(cert) if cert else None
 
+    def peer_certificate_der(self) -> bytes | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
     def close(self, abort: bool = False) -> None:
         if self.transport is not None and not self.transport.is_closing():
             if abort:

@@ -22,6 +22,7 @@ from keysteward.attest.providers import ProviderTrust
 from keysteward.audit.log import AuditLog
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import Principal, check_name
+from keysteward.keys.cert_revocations import revoke_host_certs
 from keysteward.keys.keystore import KeyStore
 from keysteward.release import leases
 from keysteward.store.db import Database, for_update
@@ -358,6 +359,7 @@ class Registry:
 
     # -- instances ------------------------------------------------------------------------------
     def revoke_instance(self, actor: Principal, holder: str, *, shred: bool, reason: str) -> None:
+        """The instance's (or host's) renewals answer revoked; a host's certificates are revoked too."""
         if not 0 < len(holder) <= 256 or (holder.count("/") < 2 and not holder.startswith("host:")):
             raise BadRequest("an instance is named provider/account/instance_id, a host host:NAME", code="bad_instance")
         with self.db.write() as conn:
@@ -375,13 +377,16 @@ class Registry:
                     created_at=datetime.now(UTC),
                 )
             )
+            # a host's certificates end with it, in the same transaction: no listener accepts them any more
+            host = holder.removeprefix("host:") if holder.startswith("host:") else None
+            certs = revoke_host_certs(conn, actor.tenant_id, host, reason) if host else []
             self.audit.append(
                 conn,
                 actor.tenant_id,
                 actor=actor.describe(),
                 action="instance.revoke",
                 target=actor_of(holder),
-                details={"shred": shred, "reason": reason[:500]},
+                details={"shred": shred, "reason": reason[:500], "revoked_certs": certs},
             )
 
     @staticmethod

@@ -34,7 +34,7 @@ from keysteward.settings import CONFIG_NAME, Settings, load, render
 from keysteward.store.db import Database
 
 log = logging.getLogger("keysteward.server")
-CA_REFRESH_SECONDS = 15.0
+CA_REFRESH_SECONDS = 1.0
 SWITCH_INTERVAL = 0.0005
 GC_THRESHOLDS = (20_000, 50, 100)
 _ANY_V4 = "0.0.0.0"  # noqa: S104 - only to leave the wildcard out of certificate names

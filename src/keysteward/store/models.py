@@ -135,6 +135,33 @@ class IssuedCert(Base):
     role: Mapped[str] = mapped_column(String(32))
     not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_issued_certs_identity", "tenant_id", "role", "name"),)
+
+
+class CertRevocation(Base):
+    """A revoked machine certificate: every server refuses it on every listener (``ca revoke``)."""
+
+    __tablename__ = "cert_revocations"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    serial: Mapped[str] = mapped_column(String(48), primary_key=True)
+    role: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    not_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """None for a serial keysteward did not issue (a customer's CA): kept for good."""
+    reason: Mapped[str] = mapped_column(Text, default="")
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PreviousCA(Base):
+    """A tenant CA a ``ca rotate`` replaced: still trusted (no longer issuing) until ``ca rotate --retire``,
+    then kept with ``retired_at`` so that listeners outside the database (the NBD proxy) learn to refuse it."""
+
+    __tablename__ = "tenant_ca_previous"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    rotated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class AuditHead(Base):
