@@ -236,3 +236,30 @@ def test_a_policy_update_is_decided_by_the_set_in_force_and_cannot_lock_out(site
         assert c.get("/policy").json()["sources"] == {"not-bob.cedar": not_bob}
     denied = [r for r in _audit(server, admin) if r["action"] == "policy.update" and r.get("outcome") == "denied"]
     assert len(denied) == 1 and denied[0]["actor"] == "token:acme/admin/bob"
+
+
+def test_destructive_verbs_refuse_without_a_terminal_or_yes(site: tuple) -> None:
+    """`volume destroy IMG </dev/null` used to crypto-shred at once: now every destroying, shredding or
+    revoking verb refuses without --yes when stdin is not a terminal, and changes nothing."""
+    server, admin, _, tmp = site
+    volume = _register(server, admin, "scratch", {})
+    _agent(server, admin, tmp, "web-1")
+    verbs = [
+        ("volume", "destroy", volume, "--kms", server.url, "--ca-file", str(server.settings.server.tls_ca)),
+        ("volume", "revoke", volume, "--shred", "--kms", server.url, "--ca-file", str(server.settings.server.tls_ca)),
+        ("key", "destroy", "orders"),
+        ("instance", "revoke", "host:proxy-1"),
+        ("ca", "revoke", "agent:web-1"),
+        ("ca", "rotate", "--retire"),
+    ]
+    for verb in verbs:
+        r = server.cli(*verb, token=admin, check=False, input="y\n")  # a piped "y" is not a confirmation
+        assert r.returncode != 0 and "confirmation_required" in r.stderr, (verb, r.stdout, r.stderr)
+    with server.http(admin) as c:
+        assert c.get(f"/volumes/{volume}").json()["state"] == "active"
+        assert c.get("/keys/orders").json()["state"] == "enabled"
+    assert not [r for r in _audit(server, admin) if r["action"] in ("volume.destroy", "volume.revoke", "key.destroy")]
+    r = server.cli("volume", "destroy", volume, "--yes", "--kms", server.url, "--ca-file",
+                   str(server.settings.server.tls_ca), token=admin)  # fmt: skip
+    with server.http(admin) as c:
+        assert c.get(f"/volumes/{volume}").json()["state"] == "destroyed"

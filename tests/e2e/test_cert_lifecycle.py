@@ -121,14 +121,14 @@ def test_revocation_ends_access_on_every_server_within_a_second(
         secret_registry.b64(decrypted.json()["plaintext"], "host data key")
 
         # revoking the machine by name on A ends both of its certificates on B, on the open connections
-        revoked = a.cli_json("ca", "revoke", "agent:web-1", "--reason", "stolen laptop", token=admin)
+        revoked = a.cli_json("ca", "revoke", "--yes", "agent:web-1", "--reason", "stolen laptop", token=admin)
         assert sorted(revoked["revoked"]) == sorted([web[2], web_2[2]])
         assert wait_refused(agent_b, "cert_revoked") < STALE
         assert wait_refused(agent_b2, "cert_revoked") < STALE  # each within a second of the revocation
         assert whoami(other_b).status_code == 200  # another machine of the tenant is untouched
 
         # instance revoke host:NAME revokes the host's certificate: no more decrypt, on either server
-        a.cli("instance", "revoke", "host:proxy-1", "--reason", "decommissioned", token=admin)
+        a.cli("instance", "revoke", "--yes", "host:proxy-1", "--reason", "decommissioned", token=admin)
         wait_refused(host_b, "cert_revoked")
         refused = host_b.post("/decrypt", json={"ciphertext": pair["ciphertext"]})
         assert refused.status_code == 401 and refused.json()["code"] == "cert_revoked"
@@ -138,14 +138,14 @@ def test_revocation_ends_access_on_every_server_within_a_second(
     # by serial, with the --role spelling refused when it is ambiguous; bad targets are refused
     with a.http(admin) as c:  # a security officer revokes too (an emergency needs no admin)
         officer = c.post("/tokens", json={"name": "so", "role": "security-officer"}).json()["token"]
-    assert a.cli_json("ca", "revoke", other[2].upper(), token=officer)["revoked"] == [other[2]]
-    assert a.cli_json("ca", "revoke", other[2], token=admin)["revoked"] == []  # already revoked: nothing new
+    assert a.cli_json("ca", "revoke", "--yes", other[2].upper(), token=officer)["revoked"] == [other[2]]
+    assert a.cli_json("ca", "revoke", "--yes", other[2], token=admin)["revoked"] == []  # already revoked: nothing new
     for bad in ("zz-not-hex", "agent:", "agent:Bad Name", "root:web-1", "0x" + "f" * 41):
-        r = a.cli("ca", "revoke", bad, token=admin, check=False)
+        r = a.cli("ca", "revoke", "--yes", bad, token=admin, check=False)
         assert r.returncode != 0 and ("bad_revoke_target" in r.stderr or "bad_name" in r.stderr), (bad, r.stderr)
-    r = a.cli("ca", "revoke", "nobody", "--role", "agent", token=admin, check=False)
+    r = a.cli("ca", "revoke", "--yes", "nobody", "--role", "agent", token=admin, check=False)
     assert r.returncode != 0 and "cert_not_found" in r.stderr
-    r = a.cli("ca", "revoke", "host:x", "--role", "agent", token=admin, check=False)
+    r = a.cli("ca", "revoke", "--yes", "host:x", "--role", "agent", token=admin, check=False)
     assert r.returncode != 0
 
     # a revoked certificate cannot renew itself back to life
@@ -155,7 +155,7 @@ def test_revocation_ends_access_on_every_server_within_a_second(
     # an auditor cannot revoke; each revocation is audited with its serials and reason
     with a.http(admin) as c:
         auditor = c.post("/tokens", json={"name": "aud", "role": "auditor"}).json()["token"]
-    denied = a.cli("ca", "revoke", "agent:web-2", token=auditor, check=False)
+    denied = a.cli("ca", "revoke", "--yes", "agent:web-2", token=auditor, check=False)
     assert denied.returncode != 0 and "role_forbidden" in denied.stderr
     records = audit_actions(b, admin)
     revokes = [r for r in records if r["action"] == "ca.revoke" and r.get("outcome") != "denied"]
@@ -174,7 +174,7 @@ def test_rotation_keeps_machines_working_until_retire(
     old = issue(a, admin, "web-1", "agent", tmp_path / "old")
     mover = issue(a, admin, "web-2", "agent", tmp_path / "mover")
     time.sleep(STALE)
-    retire_early = a.cli("ca", "rotate", "--retire", token=admin, check=False)
+    retire_early = a.cli("ca", "rotate", "--retire", "--yes", token=admin, check=False)
     assert retire_early.returncode != 0 and "ca_no_previous" in retire_early.stderr
 
     with b.http(cert=old[:2]) as old_b, a.http(cert=old[:2]) as old_a:
@@ -209,7 +209,7 @@ def test_rotation_keeps_machines_working_until_retire(
         assert oct(Path(moved["key"]).stat().st_mode)[-3:] == "600"
 
         # retire on A: the old CA's certificates end on both servers within a second
-        a.cli("ca", "rotate", "--retire", token=admin)
+        a.cli("ca", "rotate", "--retire", "--yes", token=admin)
         assert wait_refused(old_b, "bad_client_cert") < STALE
         assert whoami(old_a).json()["code"] == "bad_client_cert"
     with b.http(cert=(Path(moved["cert"]), Path(moved["key"]))) as moved_b:

@@ -111,7 +111,9 @@ def test_revoked_guest_certificate_loses_its_nbd_connection(
     one.ok("write -P 0x31 0 4k")
     two.ok("read 0 4k")
 
-    revoked = site.server.cli_json("ca", "revoke", "agent:vm-1", "--reason", "guest compromised", token=site.admin)
+    revoked = site.server.cli_json(
+        "ca", "revoke", "agent:vm-1", "--yes", "--reason", "guest compromised", token=site.admin
+    )
     assert revoked["revoked"] == [vm1_serial]
     assert wait_failed(one, FETCH) < FETCH
     assert nbd_fails(proxy.port, "shared", vm1)  # no new connection either
@@ -132,7 +134,7 @@ def test_revoked_guest_certificate_loses_its_nbd_connection(
     two.ok("read 0 4k")  # the old-CA guest is still served
     # the proxy's own host certificate moves to the new CA before the old one is retired (else its fetch fails)
     site.server.cli("--cert", site.host_cert, "--key", site.host_key, "ca", "renew")
-    site.server.cli("ca", "rotate", "--retire", token=site.admin)
+    site.server.cli("ca", "rotate", "--retire", "--yes", token=site.admin)
     assert wait_failed(two, FETCH) < FETCH
     assert nbd_fails(proxy.port, "shared", vm2)
     three.ok("read 0 4k")

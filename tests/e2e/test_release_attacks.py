@@ -167,12 +167,12 @@ def test_release_cli_groups(remote: World) -> None:
                         token=remote.admin).stdout  # fmt: skip
     assert volume_id in listed and "bound to account=111122223333" in listed
 
-    bad = server.cli("instance", "revoke", "not-a-triple", token=remote.admin, check=False)
+    bad = server.cli("instance", "revoke", "not-a-triple", "--yes", token=remote.admin, check=False)
     assert bad.returncode != 0 and "provider/account/instance-id" in bad.stderr
-    server.cli("instance", "revoke", f"devcloud/111122223333/{vm.id}", "--reason", "test", token=remote.admin)
+    server.cli("instance", "revoke", f"devcloud/111122223333/{vm.id}", "--yes", "--reason", "test", token=remote.admin)
     assert remote.renew(lease_id, token).json()["action"] == "revoked"
     # an auditor may read but not revoke
     auditor = remote.call("POST", "/v1/tokens", json={"name": "aud", "role": "auditor"}).json()["token"]
-    refused = server.cli("volume", "revoke", "data", "--kms", server.url, "--ca-file", server.settings.server.tls_ca,
-                         token=auditor, check=False)  # fmt: skip
+    refused = server.cli("volume", "revoke", "data", "--yes", "--kms", server.url, "--ca-file",
+                         server.settings.server.tls_ca, token=auditor, check=False)  # fmt: skip
     assert refused.returncode == 1 and "role_forbidden" in refused.stderr and "Traceback" not in refused.stderr

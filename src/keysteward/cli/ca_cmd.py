@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from keysteward.cli.confirm import confirm
 from keysteward.cli.context import CliState, JsonFlag, client
 from keysteward.cli.output import console, emit
 from keysteward.crypto import x509ca, x509identity
@@ -131,6 +132,7 @@ def ca_revoke(
     target: Annotated[str, typer.Argument(help="A certificate serial (hex), or a machine: ROLE:NAME (host:proxy-1).")],
     role: Annotated[str | None, typer.Option(help="agent or host: TARGET is then a machine NAME.")] = None,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Revoke a certificate, or every unexpired certificate of a machine; every server refuses it within a second,
@@ -139,6 +141,7 @@ def ca_revoke(
         if role not in ("agent", "host") or ":" in target:
             raise typer.BadParameter("--role is agent or host, and TARGET then a bare machine NAME")
         target = f"{role}:{target}"
+    confirm(f"Revoke {target}: every server and proxy refuses it from now on?", yes=yes)
     data = client(ctx).post("/ca/revoke", {"target": target, "reason": reason})
     emit(data, as_json, lambda d: console.print(f"revoked {d['target']}: {', '.join(d['revoked']) or 'already'}"))
 
@@ -149,11 +152,13 @@ def ca_rotate(
     retire: Annotated[
         bool, typer.Option("--retire", help="Finish the rotation: stop trusting the previous CA.")
     ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Put a new CA beside the current one (both trusted; new certificates come from the new one; machines move
     with 'ca renew'), then, with --retire, stop trusting the old one."""
     if retire:
+        confirm("Retire the previous CA: certificates it issued are refused from now on?", yes=yes)
         emit(client(ctx).post("/ca/retire"), as_json, lambda d: console.print("previous CA retired"))
     else:
         emit(client(ctx).post("/ca/rotate"), as_json, lambda d: console.print(d["cert_pem"]))

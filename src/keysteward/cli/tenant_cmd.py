@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fields, table
 
@@ -53,7 +54,13 @@ def token_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 
 @token_app.command("revoke")
-def token_revoke(ctx: typer.Context, token_id: str, as_json: JsonFlag = False) -> None:
+def token_revoke(
+    ctx: typer.Context,
+    token_id: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    confirm(f"Revoke token {token_id}?", yes=yes)
     client(ctx).delete(f"/tokens/{token_id}")
     emit({"revoked": token_id}, as_json, lambda d: console.print(f"token {token_id} revoked"))
 
