@@ -188,11 +188,18 @@ def test_the_minting_admin_cannot_count_the_token_they_made(quorum: Callable[[fl
     own = q.pending(ledger, asker=ops)
     assert q.vote(alice_new, own).json()["code"] == "approver_granted_by_party"
     assert q.vote(ops_officer, own).json()["code"] == "approver_is_requester"
+    # revoking the token ops saw ends the shadow over alice at once: her own token counts again
+    minted = next(t for t in q.world.call("GET", "/v1/tokens").json() if t["name"] == "alice-new")
+    assert minted["created_by"] == "ops"
+    assert q.world.call("DELETE", f"/v1/tokens/{minted['id']}").status_code == 204
+    assert q.vote(alice, own).json()["state"] == "pending"
 
-    # once the period is over the token is alice's alone
+    # once the period is over a token ops minted is alice's alone
+    alice_later = q.token("alice-later", person="alice", by=ops)
+    assert q.vote(alice_later, request_id).json()["code"] == "approver_granted_by_party"
     time.sleep(COOLING + 0.5)
     assert q.vote(ops_officer, request_id).json()["code"] == "approval_already_voted"
-    assert q.vote(alice_new, request_id).json()["state"] == "approved"
+    assert q.vote(alice_later, request_id).json()["state"] == "approved"
     assert ("approver_granted_by_party", "alice") in q.refused() and ("approver_granted_by_party", "ops") in q.refused()
 
 
