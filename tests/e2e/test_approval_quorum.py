@@ -203,6 +203,35 @@ def test_the_minting_admin_cannot_count_the_token_they_made(quorum: Callable[[fl
     assert ("approver_granted_by_party", "alice") in q.refused() and ("approver_granted_by_party", "ops") in q.refused()
 
 
+def test_the_minting_admin_cannot_launder_a_token_through_an_admin_token(
+    quorum: Callable[[float | None], Quorum],
+) -> None:
+    q = quorum(COOLING)
+    ops = q.token("ops", "admin")
+    ops_officer = q.token("ops-officer", person="ops")
+    alice, carol = q.token("alice"), q.token("carol")
+    time.sleep(COOLING + 0.5)
+    # ops mints alice an admin token and with it an officer token in alice's own name (created_by alice) ...
+    alice_admin = q.token("alice-admin", "admin", person="alice", by=ops)
+    alice_new = q.token("alice-new", person="alice", by=alice_admin)
+    # ... and a new person bob an admin token, with which an officer token for carol (created_by bob)
+    bob_admin = q.token("bob-admin", "admin", person="bob", by=ops)
+    carol_new = q.token("carol-new", person="carol", by=bob_admin)
+    minted = {t["name"]: t for t in q.world.call("GET", "/v1/tokens").json()}
+    assert minted["alice-new"]["created_by"] == "alice" and minted["carol-new"]["created_by"] == "bob"
+
+    request_id = q.pending(q.volume("cards"))
+    assert q.vote(ops_officer, request_id).json()["state"] == "pending"
+    for token in (alice_new, carol_new, alice, carol):  # ops may hold a secret voting as alice or carol
+        laundered = q.vote(token, request_id)
+        assert laundered.status_code == 403 and laundered.json()["code"] == "approver_granted_by_party", laundered.text
+    # revoking the admin token does not unmint what it minted: the shadow stays for the period
+    assert q.world.call("DELETE", f"/v1/tokens/{minted['alice-admin']['id']}").status_code == 204
+    assert q.vote(alice, request_id).json()["code"] == "approver_granted_by_party"
+    assert q.state(request_id) == "pending"
+    assert {("approver_granted_by_party", "alice"), ("approver_granted_by_party", "carol")} <= set(q.refused())
+
+
 def test_exclusions_apply_to_people_not_tokens_or_claims(quorum: Callable[[float | None], Quorum]) -> None:
     q = quorum(COOLING)
     bob, bob_laptop = q.token("bob"), q.token("bob-laptop", person="bob")

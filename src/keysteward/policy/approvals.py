@@ -8,9 +8,10 @@ time). Security officers approve or deny it, each with a reason:
 - a person votes only once they have held the approving role for the cooling-off period
   (``[release] approver_cooling_off_seconds``, a day by default): an admin cannot make an approver and
   use them at once;
-- for the cooling-off period after an admin mints someone an approving token, that token's vote does
+- for the cooling-off period after an admin mints someone an approving token, that person's vote does
   not count on a request the admin is a party to (requester, policy changer, voter), nor the admin's
-  vote beside it: the admin saw the token's secret;
+  vote beside it: the admin saw the token's secret. Minting them an admin token counts the same (it
+  mints approving tokens in their name), and so does minting an admin token for whoever minted theirs;
 - the person who asked for the release, proven by their own token on the release request
   (``requested_by``), and anyone who changed the tenant's policy within the last hour may not approve;
   what the instance claims (``on_behalf_of``) is shown, never trusted; nobody votes twice;
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import ColumnElement, Connection, insert, select, update
 
 from keysteward.errors import Conflict, Forbidden, NotFound
 from keysteward.identity.principal import Principal
@@ -197,10 +198,10 @@ def _people_of(conn: Connection, tenant_id: str, actors: set[str]) -> set[str]:
 def _standing(
     conn: Connection, actor: Principal, now: datetime, cooling_off: timedelta
 ) -> tuple[datetime | None, set[str]]:
-    """Since when ``actor``'s person holds ``actor``'s role (their oldest live token with it), and who minted
-    them such a token within the cooling-off period (other people only)."""
+    """Since when ``actor``'s person holds ``actor``'s role (their oldest live token with it), and the other
+    people who may hold a secret that votes as them: see :func:`_minters`."""
     rows = conn.execute(
-        select(ApiToken.created_at, ApiToken.created_by)
+        select(ApiToken.created_at)
         .join(Person, Person.id == ApiToken.person_id)
         .where(
             ApiToken.tenant_id == actor.tenant_id,
@@ -210,12 +211,32 @@ def _standing(
         )
     ).all()
     since = min((_aware(r.created_at) for r in rows), default=None)
-    granters = {
-        r.created_by
-        for r in rows
-        if r.created_by and r.created_by != actor.person and now - _aware(r.created_at) < cooling_off
-    }
-    return since, granters
+    return since, _minters(conn, actor, now - cooling_off)
+
+
+def _minters(conn: Connection, actor: Principal, after: datetime) -> set[str]:
+    """Who minted ``actor``'s person, after ``after``, a live token with ``actor``'s role (they saw a secret
+    that votes) or an ``admin`` token, revoked or not (until it was revoked it could mint more, recorded as
+    the person's own), and so on up the chain through the admin tokens of each of those minters: an admin
+    cannot launder a token through a second admin token they minted, for the person or for someone else."""
+    seen, found, frontier = {actor.person}, set[str](), {actor.person}
+    voting: ColumnElement[bool] = (ApiToken.role == actor.role) & ApiToken.revoked_at.is_(None)
+    while frontier:
+        rows = conn.execute(
+            select(ApiToken.created_at, ApiToken.created_by)
+            .join(Person, Person.id == ApiToken.person_id)
+            .where(
+                ApiToken.tenant_id == actor.tenant_id,
+                Person.name.in_(frontier),
+                (ApiToken.role == "admin") | voting,
+                ApiToken.created_by.is_not(None),
+            )
+        ).all()
+        frontier = {str(r.created_by) for r in rows if _aware(r.created_at) > after} - seen
+        found |= frontier
+        seen |= frontier
+        voting = ApiToken.role == "admin"
+    return found
 
 
 def _hours(delta: timedelta) -> str:
