@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -83,6 +84,14 @@ class ReleaseSettings:
     tpm_ek_roots: str = ""  # PEM file: TPM manufacturer roots an EK certificate must chain to for enrollment
     snp_roots: str = ""  # PEM file: ARKs trusted besides AMD's built-in ones (test chains, never by default)
     snp_cert_cache: str = ""  # directory of VCEK/ASK certificates put there by the operator (nothing is fetched)
+
+    def __post_init__(self) -> None:
+        cooling = self.approver_cooling_off_seconds
+        if not math.isfinite(cooling) or cooling < 0:  # nan or a negative period would switch the rules off
+            raise BadRequest(
+                "setting release.approver_cooling_off_seconds must be a number of seconds, 0 or more",
+                code="bad_setting",
+            )
 
 
 @dataclass(frozen=True)
