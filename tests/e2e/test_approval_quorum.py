@@ -4,9 +4,10 @@ start`` process. Each test plays one attack with the shipped "2 security officer
 - one admin minting two security-officer tokens for themselves is one person: one vote;
 - a freshly made (or promoted) officer cannot vote for the cooling-off period, a day by default;
 - the admin who minted an approver's token cannot count that vote beside their own, or on their own
-  request, within the cooling-off period;
+  request, within the cooling-off period, nor launder the token through an admin token they minted;
 - the requester and policy-changer exclusions hold for the person, whichever of their tokens votes;
-  what the instance claims (``on_behalf_of``) excludes nobody, only a person's own token proves a requester.
+  what the instance claims (``on_behalf_of``) excludes nobody, only a person's own token proves a requester;
+- bad person names and bad requester proofs are refused.
 
 Every refused vote is in the audit log with its reason and the person.
 """
@@ -274,3 +275,24 @@ def test_exclusions_apply_to_people_not_tokens_or_claims(quorum: Callable[[float
 
     assert {("approver_is_requester", "bob"), ("approver_is_requester", "dave"),
             ("approver_changed_policy", "ops")} <= set(q.refused())  # fmt: skip
+
+
+def test_bad_person_names_and_proofs_are_refused(quorum: Callable[[float | None], Quorum]) -> None:
+    q = quorum(COOLING)
+    for person in ("", "Alice", "a b", "../x", "-lead", "x" * 65, "ops\n", 5, ["ops"]):
+        body = {"name": "stray", "role": "security-officer", "person": person}
+        r = q.world.m.call(q.world.admin, "POST", "/v1/tokens", json=body)
+        assert r.status_code in (400, 422), (person, r.text)
+    r = q.world.m.call(q.world.admin, "POST", "/v1/tokens", json={"name": "stray", "role": "security-officer",
+                                                                   "person": "ok", "persons": "x"})  # fmt: skip
+    assert r.status_code in (400, 422), r.text  # an unknown field is not ignored
+    cli = q.server.cli("token", "create", "stray", "--person", "Not A Name", token=q.world.admin, check=False)
+    assert cli.returncode != 0 and "person" in (cli.stderr + cli.stdout).lower(), cli.stderr
+    assert "stray" not in {t["name"] for t in q.world.call("GET", "/v1/tokens").json()}
+
+    # what proves a requester is a good token of the tenant, nothing else
+    cards = q.volume("cards")
+    for header in ("Basic YWRtaW46YWRtaW4=", "Bearer", "Bearer kst_", "kst_x.y", f"Bearer {q.world.admin}x"):
+        r, _ = q.world.release(q.vm, cards, headers={"authorization": header})
+        assert r.status_code == 401 and r.json()["code"] in ("bad_token", "no_credentials"), (header, r.text)
+    assert not q.world.call("GET", "/v1/approvals").json()  # no request was made by any of them
