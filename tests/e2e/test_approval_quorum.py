@@ -250,6 +250,8 @@ def test_exclusions_apply_to_people_not_tokens_or_claims(quorum: Callable[[float
     # the instance claims carol asked: carol still votes (a claim excludes nobody) ...
     listed = next(a for a in q.world.call("GET", "/v1/approvals").json() if a["id"] == asked)
     assert listed["requested_by"] == "bob"
+    held = [r for r in q.world.audit() if r["action"] == "volume.release" and r["outcome"] == "pending"]
+    assert held[-1]["details"]["requested_by"] == "bob" and held[-1]["details"]["approval"] == asked
     vault = q.volume("vault")
     claimed = q.pending(vault, on_behalf_of="carol")
     listed = next(a for a in q.world.call("GET", "/v1/approvals").json() if a["id"] == claimed)
