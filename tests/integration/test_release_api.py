@@ -114,9 +114,11 @@ class World:
         evidence: dict[str, Any] | None = None,
         tenant: str | None = None,
         platform: Callable[[bytes], dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> tuple[Any, OneTimeKey]:
-        """``platform(binding)`` adds platform evidence (``tpm``, ``snp``) bound to this request."""
+        """``platform(binding)`` adds platform evidence (``tpm``, ``snp``) bound to this request; ``headers``
+        go with it (a person's ``authorization`` proves who asks)."""
         otk = OneTimeKey.generate(suite)
         nonce = nonce or self.challenge()
         body = {
@@ -131,7 +133,7 @@ class World:
         if platform is not None:
             raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
             body["evidence"].update(platform(binding(raw, otk.public_bytes)))
-        return self.m.client.post("/v1/release", json=body), otk
+        return self.m.client.post("/v1/release", json=body, headers=headers), otk
 
     def released(self, instance: Instance, volume_id: str, **kw: Any) -> tuple[bytes, str, bytes]:
         r, otk = self.release(instance, volume_id, **kw)

@@ -72,7 +72,11 @@ class ReleaseInputs:
     suite: str
     public_key: bytes
     on_behalf_of: str | None = None
-    """The human (name in the tenant) who asked for this release on the instance's behalf, if any."""
+    """The human (name in the tenant) the instance says asked for this release: shown to approvers, never
+    trusted."""
+    requested_by: str | None = None
+    """Set by the front-end when a person of the tenant proved they ask (their own API token came with the
+    request): that person may not approve it, whichever of their tokens they vote with."""
     host: str | None = None
     """Set by the front-end when the caller proved itself with a ``host`` client certificate of the tenant;
     the certificate is then the identity evidence (the platform evidence still counts)."""
@@ -214,6 +218,8 @@ class VolumeRelease(ActionHandler):
             details["source"] = request.context.source[:64]
         if summary:
             details["platform"] = summary
+        if inputs.requested_by is not None:
+            details["requested_by"] = inputs.requested_by
         subject = Subject(tenant_id, actor_of(caller.key()), f"volume:{volume.id}", None, details=details, state=state)
         try:
             subject.facts = policy_request(request.tenant, request.context.address(), volume, caller, platform, now)
@@ -333,6 +339,7 @@ class VolumeRelease(ActionHandler):
                 policies=decision.policies,
                 facts=facts.to_json(),
                 on_behalf_of=state.inputs.on_behalf_of,
+                requested_by=state.inputs.requested_by,
                 now=now,
                 ttl=timedelta(seconds=self.settings.approval_ttl_seconds),
             )

@@ -110,6 +110,9 @@ class Principal:
     kind: str  # "token" or "cert"
     serial: str = ""
     """The client certificate's serial (hex) for a ``cert`` principal: what renewal and revocation name."""
+    person: str = ""
+    """The person a token belongs to (a name in the tenant); empty for machines (certificates)."""
+    token_id: str = ""
 
     @property
     def is_system(self) -> bool:

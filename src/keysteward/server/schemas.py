@@ -75,6 +75,7 @@ class TenantOut(Strict):
 class TokenCreate(Strict):
     name: Name
     role: Annotated[str, Field(pattern=r"^(admin|security-officer|auditor)$")]
+    person: Name | None = None  # whose token it is; a new person named after the token when not given
 
 
 class TokenOut(Strict):
@@ -84,6 +85,8 @@ class TokenOut(Strict):
     role: str
     created_at: datetime
     revoked: bool
+    person: str
+    created_by: str | None = None
     token: str | None = None
 
 
@@ -97,6 +100,7 @@ class WhoAmI(Strict):
     role: str
     name: str
     kind: str
+    person: str | None = None
 
 
 class KeyCreate(Strict):
