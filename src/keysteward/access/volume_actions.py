@@ -429,7 +429,11 @@ class LeaseRenew(_LeaseAction):
     def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
         inputs: LeaseInputs = subject.state
         row = leases.load(conn, inputs.lease_id, inputs.token)
-        volume = conn.execute(select(Volume.state, Volume.lease_seconds).where(Volume.id == row.volume_id)).one()
+        volume = conn.execute(
+            select(Volume.state, Volume.lease_seconds, DataKey.wrapped.is_(None).label("shredded"))
+            .join(DataKey, DataKey.id == Volume.dek_id)
+            .where(Volume.id == row.volume_id)
+        ).one()
         instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
         expires = leases.aware(row.expires_at)
         subject.details["lease"] = row.id
@@ -439,7 +443,7 @@ class LeaseRenew(_LeaseAction):
             action = "expired"
             if row.state == leases.ACTIVE:
                 leases.set_state(conn, row.id, leases.EXPIRED, now)
-        elif volume.state in (SHRED, DESTROYED) or instance is True:
+        elif volume.state in (SHRED, DESTROYED) or volume.shredded or instance is True:
             action = leases.SHRED
         elif volume.state != ACTIVE or instance is False:
             action = leases.REVOKED
