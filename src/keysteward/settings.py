@@ -84,6 +84,9 @@ class ReleaseSettings:
     tpm_ek_roots: str = ""  # PEM file: TPM manufacturer roots an EK certificate must chain to for enrollment
     snp_roots: str = ""  # PEM file: ARKs trusted besides AMD's built-in ones (test chains, never by default)
     snp_cert_cache: str = ""  # directory of VCEK/ASK certificates put there by the operator (nothing is fetched)
+    # refused releases one source may cause, before its evidence proved anyone, per window; then 429
+    refusals_per_source: int = 60
+    refusal_window_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         cooling = self.approver_cooling_off_seconds
@@ -102,6 +105,8 @@ class AuditSettings:
     checkpoint_sinks: tuple[str, ...] = ()
     checkpoint_interval: float = 60.0  # seconds between rounds; destroys and unseals publish at once
     checkpoint_webhook_timeout: float = 5.0
+    # refusals of unproven callers are counted, one record per interval per tenant, action and reason
+    refusal_interval: float = 60.0
 
 
 @dataclass(frozen=True)

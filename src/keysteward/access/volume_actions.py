@@ -27,12 +27,13 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
+from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject, Unproven
 from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.attest.binding import binding
 from keysteward.attest.errors import EvidenceRejected
 from keysteward.attest.identity import InstanceIdentity, verify_identity
+from keysteward.audit.refusals import escaped
 from keysteward.crypto import hpke
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
@@ -183,6 +184,10 @@ class VolumeRelease(ActionHandler):
         return True
 
     # -- steps 1-2 ----------------------------------------------------------------------------------
+    def unproven(self, request: AccessRequest) -> Unproven | None:
+        inputs: ReleaseInputs = request.inputs
+        return None if inputs.host is not None else Unproven("volume:*", inputs.volume_id)
+
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
         inputs: ReleaseInputs = request.inputs
         spent: tuple[bytes, datetime] | None = None
@@ -203,15 +208,14 @@ class VolumeRelease(ActionHandler):
                 caller = HostIdentity(request.tenant, inputs.host)
             else:
                 caller = self._identity(tenant_id, request, raw)
-            bound = binding(raw, inputs.public_key)
-            try:
-                platform, summary = self.platform.verify(
-                    tenant_id, caller.key(), request.evidence, binding=bound, now=now
-                )
-            except EvidenceRejected as exc:
-                raise Denied(exc.message, code=exc.code) from None
         except (Denied, hpke.HpkeError) as exc:
-            raise Refusal(tenant_id, *self._refusal(inputs.volume_id, exc, spent, request.context.source)) from None
+            raise self._refusal(request, tenant_id, exc, spent, None) from None
+        bound = binding(raw, inputs.public_key)
+        try:
+            platform, summary = self.platform.verify(tenant_id, caller.key(), request.evidence, binding=bound, now=now)
+        except EvidenceRejected as exc:  # the caller is proven by now: its own record
+            denied = Denied(exc.message, code=exc.code)
+            raise self._refusal(request, tenant_id, denied, spent, (caller, volume)) from None
         state = _Release(inputs, request.tenant, raw, expires, volume, key_id, wrapped, caller)
         details: dict[str, Any] = {"instance": caller.claims(), "volume": volume.name}
         if request.context.source:
@@ -225,8 +229,8 @@ class VolumeRelease(ActionHandler):
             subject.facts = policy_request(request.tenant, request.context.address(), volume, caller, platform, now)
         except PolicyRequestInvalid as exc:
             log.warning("release facts did not make a policy request: %s", exc.code)
-            raise Refusal(tenant_id, *self._refusal(inputs.volume_id, Denied(exc.message, code="policy_error"),
-                                                    spent, request.context.source)) from None  # fmt: skip
+            denied = Denied(exc.message, code="policy_error")
+            raise self._refusal(request, tenant_id, denied, spent, (caller, volume)) from None
         return subject
 
     def _identity(self, tenant_id: str, request: AccessRequest, raw: bytes) -> InstanceIdentity:
@@ -244,10 +248,30 @@ class VolumeRelease(ActionHandler):
             raise Denied(exc.message, code=exc.code) from None
 
     def _refusal(
-        self, volume_id: str, exc: KeystewardError, spent: tuple[bytes, datetime] | None, source: str
-    ) -> tuple[Denied, Any]:
-        """A refusal before the evidence named anyone; a genuine nonce presented with it is spent too."""
+        self,
+        request: AccessRequest,
+        tenant_id: str,
+        exc: KeystewardError,
+        spent: tuple[bytes, datetime] | None,
+        proven: tuple[Caller, VolumeInfo] | None,
+    ) -> Refusal:
+        """A refusal in steps 1-2; a genuine nonce presented with it is spent too. A caller nobody has proven
+        gets no record of its own (it is counted: see access/refusals.py); a proven one (its evidence verified,
+        or a host by its certificate) gets its record as any denial does."""
         denied = exc if isinstance(exc, Denied) else Denied(exc.message, code=exc.code)
+        inputs: ReleaseInputs = request.inputs
+        source = request.context.source[:64]
+        unproven = self.unproven(request) if proven is None else None
+        if unproven is not None and spent is None:
+            return Refusal(tenant_id, denied, None, unproven=unproven)
+        record: dict[str, Any] = {"action": self.action, "outcome": "denied", "reason": denied.code}
+        if proven is not None:
+            caller, volume = proven
+            record.update(actor=actor_of(caller.key()), target=f"volume:{volume.id}",
+                          details={"source": source, "instance": caller.claims(), "volume": volume.name})  # fmt: skip
+        else:
+            record.update(actor=f"host:{inputs.host}", target=f"volume:{escaped(inputs.volume_id, 64)}",
+                          details={"source": source})  # fmt: skip
 
         def effect(conn: Connection) -> dict[str, Any]:
             if spent is not None:
@@ -255,16 +279,9 @@ class VolumeRelease(ActionHandler):
                     self.nonces.spend(conn, *spent)
                 except Denied:
                     pass  # spent before: the refusal stands with its own reason
-            return {
-                "actor": "instance:unverified",
-                "action": self.action,
-                "target": f"volume:{volume_id[:64]}",
-                "outcome": "denied",
-                "reason": denied.code,
-                "details": {"source": source[:64]},
-            }
+            return {} if unproven is not None else dict(record)
 
-        return denied, effect
+        return Refusal(tenant_id, denied, effect, unproven=unproven)
 
     # -- steps 3-4, in the transaction ----------------------------------------------------------------
     def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
@@ -436,7 +453,11 @@ class LeaseRenew(_LeaseAction):
     def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
         inputs: LeaseInputs = subject.state
         row = leases.load(conn, inputs.lease_id, inputs.token)
-        volume = conn.execute(select(Volume.state, Volume.lease_seconds).where(Volume.id == row.volume_id)).one()
+        volume = conn.execute(
+            select(Volume.state, Volume.lease_seconds, DataKey.wrapped.is_(None).label("shredded"))
+            .join(DataKey, DataKey.id == Volume.dek_id)
+            .where(Volume.id == row.volume_id)
+        ).one()
         instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
         expires = leases.aware(row.expires_at)
         subject.details["lease"] = row.id
@@ -446,7 +467,7 @@ class LeaseRenew(_LeaseAction):
             action = "expired"
             if row.state == leases.ACTIVE:
                 leases.set_state(conn, row.id, leases.EXPIRED, now)
-        elif volume.state in (SHRED, DESTROYED) or instance is True:
+        elif volume.state in (SHRED, DESTROYED) or volume.shredded or instance is True:
             action = leases.SHRED
         elif volume.state != ACTIVE or instance is False:
             action = leases.REVOKED

@@ -27,6 +27,10 @@ from keysteward.ttlcache import TtlCache
 
 TOKEN_PREFIX = "kst_"  # noqa: S105 - the public prefix of tokens
 MAX_TOKEN_TEXT = 256
+NO_TENANT_ID = "00000000-0000-0000-0000-000000000000"
+"""An id no tenant has (tenant ids are random UUIDs): what an unauthenticated request naming an unknown
+tenant is resolved with, so that it finds nothing and gets the answer a known tenant's unknown resource gets
+(tenant names are not to be learnt by probing)."""
 SEEN_TTL_SECONDS = 1.0
 
 
@@ -126,6 +130,14 @@ class Tenants:
             hit = self.get(name).id
             self._ids.put(name, hit)
         return hit
+
+    def id_or_unknown(self, name: str) -> str:
+        """The tenant's id, or :data:`NO_TENANT_ID` when there is no such tenant (for unauthenticated
+        routes, which must answer an unknown tenant as they answer a known one's unknown resource)."""
+        try:
+            return self.id_of(name)
+        except NotFound:
+            return NO_TENANT_ID
 
     # -- tokens ------------------------------------------------------------------------------
     def _person_id(self, conn: Connection, tenant_id: str, person: str, now: datetime, created_by: str | None) -> str:

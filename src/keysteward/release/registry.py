@@ -175,6 +175,7 @@ class Registry:
         self.audit = audit
         self._trusts: TtlCache[str, list[ProviderTrust]] = TtlCache(CACHE_SECONDS)
         self._volumes: TtlCache[tuple[str, str], tuple[VolumeInfo, str, bytes | None]] = TtlCache(CACHE_SECONDS)
+        keys.on_shred.append(self._destroy_under_key)
 
     # -- providers ------------------------------------------------------------------------------
     def add_provider(self, actor: Principal, name: str, kind: str, pem: str, audience: str | None) -> ProviderTrust:
@@ -337,10 +338,7 @@ class Registry:
         the volume is destroyed and every active lease ends ``shred``. Call :meth:`changed` after the commit."""
         conn.execute(for_update(select(Volume.id).where(Volume.id == volume.id), self.db)).one()
         self.keys.shred_data_key(conn, tenant_id, volume.dek_id)
-        conn.execute(update(Volume).where(Volume.id == volume.id).values(state=DESTROYED, changed_at=now))
-        conn.execute(
-            update(Lease).where(Lease.volume_id == volume.id, Lease.state == ACTIVE).values(state=SHRED, ended_at=now)
-        )
+        self._mark_destroyed(conn, volume.id, now)
 
     def changed(self, volume: VolumeInfo, *, shredded: bool = False) -> VolumeInfo:
         """After a committed state change: this server forgets its cached view and answers the new state."""
@@ -348,6 +346,42 @@ class Registry:
             self.keys.after_data_key_shred()
         self._forget(volume.id)
         return self.get(volume.tenant_id, volume.id)
+
+    @staticmethod
+    def _mark_destroyed(conn: Connection, volume_id: str, now: datetime) -> None:
+        """The volume is destroyed and its live leases end in ``shred``: each holder's next renewal says so."""
+        conn.execute(update(Volume).where(Volume.id == volume_id).values(state=DESTROYED, changed_at=now))
+        conn.execute(
+            update(Lease).where(Lease.volume_id == volume_id, Lease.state == ACTIVE).values(state=SHRED, ended_at=now)
+        )
+
+    def _destroy_under_key(self, conn: Connection, tenant_id: str, key_id: str, version: int | None, actor: str) -> int:
+        """A key (version) is being destroyed in ``conn``'s transaction: every volume whose secret it held is
+        destroyed with it, each with its ``volume.destroy`` record in the same transaction."""
+        stmt = (
+            select(Volume.id, Volume.name, DataKey.kek_version)
+            .join(DataKey, DataKey.id == Volume.dek_id)
+            .where(Volume.tenant_id == tenant_id, Volume.key_id == key_id, Volume.state != DESTROYED)
+            .order_by(Volume.name)
+        )
+        if version is not None:
+            stmt = stmt.where(DataKey.kek_version == version)
+        rows = conn.execute(stmt).all()
+        now = datetime.now(UTC)
+        cause = "key destroyed" if version is None else f"key version {version} destroyed"
+        for row in rows:
+            self._mark_destroyed(conn, row.id, now)
+            self.audit.append(
+                conn,
+                tenant_id,
+                actor=actor,
+                action="volume.destroy",
+                target=f"volume:{row.id}",
+                details={"name": row.name, "reason": cause, "key_version": row.kek_version},
+            )
+        for row in rows:
+            self._forget(row.id)
+        return len(rows)
 
     def _forget(self, volume_id: str) -> None:
         self._volumes.drop_where(lambda key, _: key[1] == volume_id)

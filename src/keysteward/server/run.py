@@ -225,10 +225,17 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
         # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
         protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
+        # uvicorn stops on SIGTERM and then raises it again for the handler it found: with the default one the
+        # process would die there, before the close below writes the counted refusals and the last checkpoints
+        signal.signal(signal.SIGTERM, _stopped)
         server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
     finally:
         stop.set()
         svc.close()
+
+
+def _stopped(_signum: int, _frame: object) -> None:
+    """SIGTERM once the server has stopped: nothing more to do than let ``serve`` close its services."""
 
 
 def _join_worker_seal(svc: Services) -> None:

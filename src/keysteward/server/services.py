@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from keysteward.access import admin_actions, key_actions, volume_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
+from keysteward.access.refusals import RefusalGate
 from keysteward.access.service import AccessService
 from keysteward.audit.log import AuditLog
 from keysteward.audit.publisher import CheckpointPublisher
+from keysteward.audit.refusals import RefusalTally
 from keysteward.identity.tenants import Tenants
 from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
@@ -17,6 +19,7 @@ from keysteward.keys.keystore import KeyStore
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
 from keysteward.policy.store import PolicyStore
+from keysteward.ratelimit import FailureLimiter
 from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces
 from keysteward.release.platform import PlatformVerifier
@@ -44,6 +47,7 @@ class Services:
     policies: PolicyStore
     tpm: TpmEnrollments
     checkpoints: CheckpointPublisher
+    refusals: RefusalTally
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -77,7 +81,11 @@ class Services:
         key_actions.register(actions, envelope)
         volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
         admin_actions.register(actions, registry, policies)
-        access = AccessService(tenants, policies, audit, actions, alert=alerts.send)
+        refusals = RefusalTally(audit, settings.audit.refusal_interval)
+        limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
+        access = AccessService(
+            tenants, policies, audit, actions, alert=alerts.send, refusals=RefusalGate(limiter, refusals)
+        )
         return cls(
             settings=settings,
             db=db,
@@ -95,9 +103,11 @@ class Services:
             policies=policies,
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
             checkpoints=checkpoints,
+            refusals=refusals,
         )
 
     def close(self) -> None:
+        self.refusals.stop()  # the counted refusals pending, into the chains the last checkpoints cover
         self.checkpoints.stop()  # its last round signs the final heads: before the seal below
         self.rewrapper.stop()
         self.alerts.close()
