@@ -21,6 +21,7 @@ from sqlalchemy import Connection
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Subject
 from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery
+from keysteward.access.resources import volume_resource
 from keysteward.errors import Conflict, Denied
 from keysteward.identity.principal import Principal
 from keysteward.policy.engine import PolicyDecision
@@ -29,18 +30,6 @@ from keysteward.policy.store import PolicyStore, PolicyVersion
 from keysteward.release.registry import DESTROYED, Registry, VolumeInfo
 
 MAX_REASON = 500
-
-
-def volume_resource(volume: VolumeInfo) -> dict[str, Any]:
-    """A stored volume as the policy's ``resource``."""
-    return {
-        "type": "Volume",
-        "id": volume.id,
-        "name": volume.name,
-        "key": volume.key,
-        "labels": dict(volume.labels),
-        "binding": volume.binding.as_dict(),
-    }
 
 
 def _admin(request: AccessRequest) -> Principal:

@@ -15,8 +15,9 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from keysteward.access import volume_actions
+from keysteward.access.lease_actions import LeaseInputs, RenewAnswer, lease_tenant
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
-from keysteward.access.volume_actions import LeaseInputs, ReleaseInputs, RenewAnswer, lease_tenant
+from keysteward.access.volume_actions import ReleaseInputs
 from keysteward.errors import Denied
 from keysteward.policy.approvals import Waiting
 from keysteward.server.deps import principal, services

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 
 from keysteward.access.admin_actions import VolumeChange
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
-from keysteward.access.volume_actions import Created, CreateInputs
+from keysteward.access.volume_create import Created, CreateInputs
 from keysteward.attest.providers import ProviderTrust, describe_certificate
 from keysteward.errors import BadRequest
 from keysteward.identity.principal import Permission, Principal
