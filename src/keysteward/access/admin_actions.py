@@ -27,7 +27,8 @@ from keysteward.identity.principal import Principal
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.store import PolicyStore, PolicyVersion
-from keysteward.release.registry import DESTROYED, Registry, VolumeInfo
+from keysteward.release.registry import Registry
+from keysteward.release.volumes import DESTROYED, VolumeInfo
 
 MAX_REASON = 500
 

@@ -26,7 +26,8 @@ from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.store import PolicyStore
 from keysteward.release import leases
-from keysteward.release.registry import ACTIVE, DESTROYED, SHRED, Registry, actor_of
+from keysteward.release.registry import Registry
+from keysteward.release.volumes import ACTIVE, DESTROYED, SHRED, actor_of
 from keysteward.store.models import DataKey, Lease, Tenant, Volume
 
 log = logging.getLogger("keysteward.release")

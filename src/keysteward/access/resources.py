@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from keysteward.release.registry import VolumeInfo, VolumeSpec
+from keysteward.release.volumes import VolumeInfo, VolumeSpec
 
 
 def volume_resource(volume: VolumeInfo) -> dict[str, Any]:

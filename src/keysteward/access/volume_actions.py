@@ -47,15 +47,8 @@ from keysteward.policy.store import PolicyStore, PolicyVersion
 from keysteward.release import leases
 from keysteward.release.nonces import Nonces, decode
 from keysteward.release.platform import PlatformVerifier
-from keysteward.release.registry import (
-    ACTIVE,
-    DESTROYED,
-    Caller,
-    HostIdentity,
-    Registry,
-    VolumeInfo,
-    actor_of,
-)
+from keysteward.release.registry import Registry
+from keysteward.release.volumes import ACTIVE, DESTROYED, Caller, HostIdentity, VolumeInfo, actor_of
 from keysteward.settings import ReleaseSettings
 from keysteward.store.db import for_update
 from keysteward.store.models import DataKey, Volume

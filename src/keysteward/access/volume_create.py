@@ -24,7 +24,8 @@ from keysteward.formats.release_wire import CREATE_LEASE_ID, TOKEN_SIZE, pack_se
 from keysteward.keys.keystore import KeyStore
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
-from keysteward.release.registry import Registry, VolumeInfo, VolumeSpec
+from keysteward.release.registry import Registry
+from keysteward.release.volumes import VolumeInfo, VolumeSpec
 
 
 @dataclass(frozen=True, repr=False)

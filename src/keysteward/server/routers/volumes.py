@@ -12,7 +12,7 @@ from keysteward.access.volume_create import Created, CreateInputs
 from keysteward.attest.providers import ProviderTrust, describe_certificate
 from keysteward.errors import BadRequest
 from keysteward.identity.principal import Permission, Principal
-from keysteward.release.registry import Binding, VolumeInfo, VolumeSpec
+from keysteward.release.volumes import Binding, VolumeInfo, VolumeSpec
 from keysteward.server.deps import need, services
 from keysteward.server.release_schemas import (
     DestroyIn,
