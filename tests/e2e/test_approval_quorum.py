@@ -298,3 +298,28 @@ def test_bad_person_names_and_proofs_are_refused(quorum: Callable[[float | None]
         r, _ = q.world.release(q.vm, cards, headers={"authorization": header})
         assert r.status_code == 401 and r.json()["code"] in ("bad_token", "no_credentials"), (header, r.text)
     assert not q.world.call("GET", "/v1/approvals").json()  # no request was made by any of them
+
+
+def test_the_tenant_policy_decides_who_votes_on_which_volume(quorum: Callable[[float | None], Quorum]) -> None:
+    """``approve`` is asked of the tenant's Cedar policy on the held volume: a forbid takes a person's vote
+    away on some volumes (here: carol does not vote on volumes labelled pci), audited as forbidden_by_policy;
+    the same person still votes where the policy lets them."""
+    q = quorum(0)
+    carol, dave, erin = q.token("carol"), q.token("dave"), q.token("erin")
+    not_carol = (
+        '@id("carol-not-on-pci")\nforbid (principal == Keysteward::Human::"acme/carol", '
+        'action == Keysteward::Action::"approve", resource) when { resource.hasTag("pci") };\n'
+    )
+    policy_admin = q.token("policy-admin-2", "admin")
+    r = q.world.m.call(policy_admin, "PUT", "/v1/policy", json={"sources": {"pci.cedar": POLICY, "v.cedar": not_carol}})
+    assert r.status_code == 200, r.text
+    request_id = q.pending(q.volume("cards"))
+    refused = q.vote(carol, request_id)
+    assert refused.status_code == 403 and refused.json()["code"] == "forbidden_by_policy", refused.text
+    assert q.state(request_id) == "pending"
+    assert ("forbidden_by_policy", "carol") in q.refused()
+    assert q.vote(dave, request_id).json()["state"] == "pending"
+    assert q.vote(erin, request_id).json()["state"] == "approved"
+    unknown = q.vote(dave, "00000000-0000-4000-8000-000000000000")
+    assert unknown.status_code == 404 and unknown.json()["code"] == "approval_not_found"
+    assert ("approval_not_found", "dave") in q.refused()

@@ -33,7 +33,7 @@ from keysteward.release.volumes import DESTROYED, VolumeInfo
 MAX_REASON = 500
 
 
-def _admin(request: AccessRequest) -> Principal:
+def authenticated(request: AccessRequest) -> Principal:
     if request.principal is None:
         raise Denied(f"{request.action} needs an authenticated principal", code="no_credentials")
     return request.principal
@@ -76,7 +76,7 @@ class _VolumeAdmin(ActionHandler):
         self.registry = registry
 
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
-        who = _admin(request)
+        who = authenticated(request)
         inputs: VolumeChange = request.inputs
         volume = self.registry.find(who, inputs.ref)
         if volume.state == DESTROYED:
@@ -130,7 +130,7 @@ class PolicyUpdate(ActionHandler):
         self.policies = policies
 
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
-        who = _admin(request)
+        who = authenticated(request)
         sources: dict[str, str] = request.inputs
         compiled = self.policies.compile_proposed(sources)  # a bad set raises here: nothing is stored
         facts = _facts(request, "policy_update", who, {"type": "Tenant"}, now)

@@ -30,7 +30,7 @@ from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusa
 from keysteward.access.refusals import RefusalGate
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.audit.log import AuditLog
-from keysteward.errors import Denied, KeystewardError, NotFound
+from keysteward.errors import KeystewardError, NotFound
 from keysteward.identity.tenants import NO_TENANT_ID, Tenants
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.store import PolicyStore, PolicyVersion
@@ -42,7 +42,7 @@ NO_QUESTION = PolicyDecision("permit", (), None, (), "permitted")
 
 @dataclass
 class _Verdict:
-    denied: Denied | None = None
+    denied: KeystewardError | None = None
     booked: Booked | None = None
 
 
@@ -190,7 +190,7 @@ class AccessService:
                 if step.failed is not None:
                     return {**record, "outcome": "error", "reason": step.failed.code, "details": details}
                 booked = handler.book(conn, subject, decision, now)
-            except Denied as exc:
+            except handler.audited_refusals as exc:
                 verdict.denied, verdict.booked = exc, None
                 details.update(subject.details)
                 return {**record, "outcome": "denied", "reason": exc.code, "details": details}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
-from keysteward.access import admin_actions, key_actions, volume_actions
+from keysteward.access import admin_actions, approval_actions, key_actions, volume_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
 from keysteward.access.refusals import RefusalGate
@@ -81,6 +82,8 @@ class Services:
         key_actions.register(actions, envelope)
         volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
         admin_actions.register(actions, registry, policies)
+        cooling_off = timedelta(seconds=settings.release.approver_cooling_off_seconds)
+        approval_actions.register(actions, registry, policies, cooling_off)
         refusals = RefusalTally(audit, settings.audit.refusal_interval)
         limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
         access = AccessService(

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import Field
-from sqlalchemy import Connection
 
+from keysteward.access.approval_actions import Vote
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
-from keysteward.errors import KeystewardError
 from keysteward.identity.principal import Permission, Principal
 from keysteward.policy import approvals
 from keysteward.policy.engine import CompiledPolicySet, PolicyDecision
 from keysteward.policy.facts import PolicyRequest
-from keysteward.policy.store import SEPARATION, PolicyVersion, in_force
+from keysteward.policy.store import PolicyVersion, in_force
 from keysteward.server.deps import need, services
 from keysteward.server.schemas import Strict
 
@@ -143,44 +142,17 @@ def approvals_list(
 
 
 def _vote(request: Request, who: Principal, request_id: str, decision: str, reason: str) -> dict[str, Any]:
-    svc = services(request)
-    now = datetime.now(UTC)
-    cooling_off = timedelta(seconds=svc.settings.release.approver_cooling_off_seconds)
-    outcome: dict[str, Any] = {}
-
-    def effect(conn: Connection) -> dict[str, Any]:
-        changers = svc.policies.changed_by_since(conn, who.tenant_id, now - SEPARATION)
-        outcome.update(
-            approvals.vote(
-                conn, who, request_id, decision, reason, now=now, policy_changers=changers, cooling_off=cooling_off
-            )
-        )
-        return {
-            "actor": who.describe(),
-            "action": f"approval.{decision}",
-            "target": f"approval:{request_id}",
-            "details": {
-                "volume_id": outcome["volume_id"],
-                "requester": outcome["requester"],
-                "state": outcome["state"],
-                "person": who.person,
-                "reason": reason[: approvals.MAX_REASON],
-            },
-        }
-
-    try:
-        svc.audit.commit(who.tenant_id, effect)
-    except KeystewardError as exc:
-        svc.audit.record(
-            who.tenant_id,
-            actor=who.describe(),
+    outcome: dict[str, Any] = services(request).access.decide(
+        AccessRequest(
+            tenant=who.tenant,
             action=f"approval.{decision}",
-            target=f"approval:{request_id[:64]}",
-            outcome="denied",
-            reason=exc.code,
-            details={"person": who.person},
+            resource=Resource("Approval", request_id),
+            delivery=Delivery.NOTHING,
+            principal=who,
+            context=RequestContext(source=request.client.host if request.client else ""),
+            inputs=Vote(request_id, reason),
         )
-        raise
+    )
     return outcome
 
 
