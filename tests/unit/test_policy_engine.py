@@ -577,3 +577,31 @@ def test_source_addresses_as_cedar_reads_them() -> None:
 def test_naive_times_are_refused() -> None:
     with pytest.raises(PolicyRequestInvalid, match="time must be"):
         request(time=datetime(2026, 11, 23, 10, 0))
+
+
+def _key_use(source_ip: str, moment: datetime, context: dict[str, str] | None = None) -> PolicyRequest:
+    return PolicyRequest(
+        tenant="acme", action="decrypt", principal={"type": "Human", "name": "bob", "role": "admin", "groups": []},
+        resource={"type": "Key", "name": "orders"}, identity={}, platform={}, time=moment, source_ip=source_ip,
+        encryption_context=context or {},
+    )  # fmt: skip
+
+
+def test_remembered_decisions_never_answer_a_different_question() -> None:
+    """Decisions are remembered by Cedar's exact inputs: another address, another second (a policy on the
+    hour), another encryption context or another compiled set is decided afresh."""
+    text = (
+        '@id("p")\npermit (principal, action == Keysteward::Action::"decrypt", resource)\n'
+        'when { context.request has source_ip && context.request.source_ip.isInRange(ip("10.0.0.0/8"))'
+        " && context.request.hour < 11 };\n"
+        '@id("f")\nforbid (principal, action == Keysteward::Action::"decrypt", resource)\n'
+        'when { context.encryption_context.contains("team=red") };\n'
+    )
+    policies = CompiledPolicySet.compile({"p.cedar": text})
+    for _ in range(3):  # asked again: the same answers
+        assert policies.evaluate(_key_use("10.1.2.3", NOW)).effect == "permit"
+        assert policies.evaluate(_key_use("192.0.2.1", NOW)).effect == "deny"
+        assert policies.evaluate(_key_use("10.1.2.3", NOW + timedelta(hours=1))).effect == "deny"
+        assert policies.evaluate(_key_use("10.1.2.3", NOW, {"team": "red"})).reason == "forbidden_by_policy"
+    narrower = CompiledPolicySet.compile({"p.cedar": text.replace("hour < 11", "hour < 10")})
+    assert narrower.evaluate(_key_use("10.1.2.3", NOW)).effect == "deny"

@@ -14,6 +14,8 @@ they never reach :class:`~keysteward.keys.envelope.Envelope` themselves.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +33,9 @@ from keysteward.identity.principal import Principal
 from keysteward.keys.envelope import MAX_PLAINTEXT, DataKeyPair, Decrypted, Envelope
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
+
+RECENT_FACTS = 1024
+"""Key-use facts remembered for reuse within their second (see ``_KeyUse._facts``)."""
 
 Context = Mapping[str, str] | None
 __all__ = ["DataKeyPair", "Decrypted", "KeyUse", "KeyUseInputs", "register"]
@@ -60,6 +65,8 @@ class _KeyUse(ActionHandler):
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
+        self._recent: OrderedDict[tuple[Any, ...], PolicyRequest] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     def warm(self, request: AccessRequest, tenant_id: str) -> bool:
         inputs: KeyUseInputs = request.inputs
@@ -68,6 +75,23 @@ class _KeyUse(ActionHandler):
         return self.envelope.warm(tenant_id, name=inputs.key_name)
 
     def _facts(self, request: AccessRequest, key: str, now: datetime, context: Context) -> PolicyRequest:
+        """The facts of one key use. They hold the time to the second, so the same caller using the same key
+        from the same address with the same context within a second gets the same (immutable) request."""
+        assert request.principal is not None and self.cedar_action is not None
+        ctx = tuple(sorted((context or {}).items()))
+        recent = (request.tenant, request.principal.describe(), key, request.context.source, ctx, int(now.timestamp()))
+        with self._recent_lock:
+            known = self._recent.get(recent)
+        if known is not None:
+            return known
+        made = self._make_facts(request, key, now, context)
+        with self._recent_lock:
+            self._recent[recent] = made
+            while len(self._recent) > RECENT_FACTS:
+                self._recent.popitem(last=False)
+        return made
+
+    def _make_facts(self, request: AccessRequest, key: str, now: datetime, context: Context) -> PolicyRequest:
         assert request.principal is not None and self.cedar_action is not None
         return PolicyRequest(
             tenant=request.tenant,

@@ -54,6 +54,9 @@ MAX_QUORUM: Final = 32
 MAX_VALID_FOR: Final = 30 * 86400
 ENTITY_CACHE_SIZE: Final = 4096
 SELECTED_SET_CACHE_SIZE: Final = 1024
+DECISION_CACHE_SIZE: Final = 4096
+"""Decisions remembered per compiled set, keyed by Cedar's exact inputs (which hold the time to the second):
+the same caller asking the same of the same key within a second is decided once (Cedar is deterministic)."""
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,127}")
 _GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _CEDAR_ID = re.compile(r"policy\d+")
@@ -198,6 +201,8 @@ class CompiledPolicySet:
         self._partitions = {
             action: _Partition([p for p in policies if p.actions is None or action in p.actions]) for action in ACTIONS
         }
+        self._decisions: OrderedDict[tuple[str, ...], PolicyDecision] = OrderedDict()
+        self._decisions_lock = threading.Lock()
 
     @classmethod
     def compile(cls, sources: Mapping[str, str]) -> CompiledPolicySet:
@@ -227,11 +232,24 @@ class CompiledPolicySet:
 
     def evaluate(self, request: PolicyRequest) -> PolicyDecision:
         """Decide one request (see the module docstring for the outcomes)."""
+        principal, action, resource = request.cedar_uids
+        key = (principal["type"], principal["id"], action["id"], resource["type"], resource["id"],
+               request.cedar_entities, request.cedar_context)  # fmt: skip
+        with self._decisions_lock:
+            known = self._decisions.get(key)
+            if known is not None:
+                self._decisions.move_to_end(key)
+                return known
         selected = self._partitions[request.action].select(request)
         result = cedarpy.is_authorized(
             _cedar_request(request), selected.policy_set, _ENTITIES.get(request.cedar_entities)
         )
-        return selected.decide(result)
+        decision = selected.decide(result)
+        with self._decisions_lock:
+            self._decisions[key] = decision
+            while len(self._decisions) > DECISION_CACHE_SIZE:
+                self._decisions.popitem(last=False)
+        return decision
 
     def evaluate_many(self, requests: Sequence[PolicyRequest]) -> list[PolicyDecision]:
         """Decide many requests: those sharing their selected policies and entities go to Cedar in one batch."""
