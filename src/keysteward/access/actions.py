@@ -91,6 +91,9 @@ class ActionHandler:
     cedar_action: str | None = None
     """The schema action the tenant's policy is asked (``release``, ``decrypt``), or None: no policy question."""
     delivery: Delivery = Delivery.NOTHING
+    writes: bool = True
+    """False for an action whose ``check`` and ``book`` never write (key uses): its record is appended without
+    a savepoint of its own."""
     audited_refusals: tuple[type[KeystewardError], ...] = (Denied,)
     """Errors ``check`` and ``book`` raise that are refusals, recorded as ``denied`` with their code (and what
     the step wrote before raising is kept). Other errors undo the step and write nothing."""

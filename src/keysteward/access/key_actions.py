@@ -62,6 +62,7 @@ class _State:
 
 class _KeyUse(ActionHandler):
     delivery = Delivery.OPERATION
+    writes = False  # check and book only decide: the record is the only row written
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope

@@ -60,6 +60,10 @@ class _Step:
     counted: tuple[str, str, Unproven] | None = None
     """(action, source, what) of an unproven caller's refusal, counted after its effect committed."""
 
+    @property
+    def writes(self) -> bool:
+        return self.handler is None or self.handler.writes
+
 
 class AccessService:
     def __init__(
@@ -97,7 +101,7 @@ class AccessService:
         if step.effect is _no_effect:
             return self._finish(step)
         try:
-            await self.audit.commit_async(step.tenant_id, step.effect)
+            await self.audit.commit_async(step.tenant_id, step.effect, writes=step.writes)
         except BaseException:
             self._discard(step)
             raise
@@ -107,7 +111,7 @@ class AccessService:
         if step.effect is _no_effect:
             return
         try:
-            self.audit.commit(step.tenant_id, step.effect)
+            self.audit.commit(step.tenant_id, step.effect, writes=step.writes)
         except BaseException:
             self._discard(step)
             raise

@@ -38,7 +38,7 @@ KeystewardError undoes the change and records nothing."""
 class Pending:
     """One record waiting for its batch: a thread waits on ``done``; a coroutine gets ``notify`` called."""
 
-    __slots__ = ("done", "effect", "error", "fields", "notify", "seq", "tenant_id", "tries")
+    __slots__ = ("done", "effect", "error", "fields", "notify", "seq", "tenant_id", "tries", "writes")
 
     def __init__(
         self,
@@ -46,8 +46,12 @@ class Pending:
         fields: dict[str, Any],
         notify: Callable[[], object] | None = None,
         effect: Effect | None = None,
+        *,
+        writes: bool = True,
     ) -> None:
         self.tenant_id = tenant_id
+        self.writes = writes
+        """False: the effect reads but never writes, so it runs without a savepoint of its own."""
         self.fields = fields
         self.done = threading.Event()
         self.notify = notify
@@ -82,7 +86,9 @@ class GroupCommit:
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
         return pending.result()
 
-    async def wait_async(self, tenant_id: str, fields: dict[str, Any], effect: Effect | None) -> int:
+    async def wait_async(
+        self, tenant_id: str, fields: dict[str, Any], effect: Effect | None, *, writes: bool = True
+    ) -> int:
         loop = asyncio.get_running_loop()
         committed: asyncio.Future[None] = loop.create_future()
 
@@ -90,7 +96,8 @@ class GroupCommit:
             if not committed.done():
                 committed.set_result(None)
 
-        pending = self.enqueue(Pending(tenant_id, fields, lambda: loop.call_soon_threadsafe(wake), effect))
+        notify = lambda: loop.call_soon_threadsafe(wake)  # noqa: E731 - a callback made here for this loop
+        pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes))
         try:
             await asyncio.wait_for(committed, WAIT_SECONDS)
         except TimeoutError as exc:
@@ -174,7 +181,11 @@ class GroupCommit:
             pending.error = None
             if pending.effect is not None:
                 try:
-                    with conn.begin_nested():
+                    if pending.writes:
+                        with conn.begin_nested():
+                            pending.fields = pending.effect(conn)
+                            self._check(pending.fields.get("details") or {})
+                    else:  # nothing to undo: two statements (SAVEPOINT, RELEASE) fewer per record
                         pending.fields = pending.effect(conn)
                         self._check(pending.fields.get("details") or {})
                 except KeystewardError as exc:

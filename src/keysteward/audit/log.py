@@ -174,13 +174,14 @@ class AuditLog:
         _check_details(fields.get("details") or {})
         return await self._group.wait_async(tenant_id, fields, None)
 
-    def commit(self, tenant_id: str, effect: Effect) -> int:
-        """Run ``effect`` and append the record it returns in one group-committed transaction."""
-        return self._group.wait(self._group.enqueue(Pending(tenant_id, {}, effect=effect)))
+    def commit(self, tenant_id: str, effect: Effect, *, writes: bool = True) -> int:
+        """Run ``effect`` and append the record it returns in one group-committed transaction (``writes``
+        False: the effect only reads, and runs without a savepoint)."""
+        return self._group.wait(self._group.enqueue(Pending(tenant_id, {}, effect=effect, writes=writes)))
 
-    async def commit_async(self, tenant_id: str, effect: Effect) -> int:
+    async def commit_async(self, tenant_id: str, effect: Effect, *, writes: bool = True) -> int:
         """:meth:`commit` for the event loop."""
-        return await self._group.wait_async(tenant_id, {}, effect)
+        return await self._group.wait_async(tenant_id, {}, effect, writes=writes)
 
     def close(self) -> None:
         self._group.close()
