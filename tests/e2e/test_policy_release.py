@@ -182,7 +182,9 @@ def test_snp_policy_with_a_test_chain(site: Site) -> None:
     record = _last_denial(world, "forbidden_by_policy")
     recorded = site.tmp / "denial.json"
     recorded.write_text(json.dumps(record))
-    cli = site.server.cli("policy", "test", "--request", str(recorded), token=world.admin).stdout
+    tested = site.server.cli("policy", "test", "--request", str(recorded), token=world.admin, check=False)
+    assert tested.returncode == 2, tested.stderr  # a deny fails a CI gate
+    cli = tested.stdout
     assert "decision: deny (forbidden_by_policy)" in cli and "snp-required-for-confidential" in cli
     bad_file = site.tmp / "bad.cedar"
     bad_file.write_text("permit (principal, action, resource) when { principal.nope };\n")

@@ -173,6 +173,7 @@ def test_two_servers_share_one_postgresql(
     assert seqs == list(range(1, len(seqs) + 1))
     verify = a.cli("audit", "verify", "--json", token=admin)
     assert json.loads(verify.stdout)["ok"] is True
+    assert "--public-key" in verify.stderr  # trusting the server's own key is said, on stderr
     # a key disabled, and a token revoked, on one server stop working on the other within a second
     with a.http(admin) as ca, b.http(admin) as cb:
         ct = cb.post("/keys/shared/encrypt", json={"plaintext": "aGVsbG8="}).json()["ciphertext"]

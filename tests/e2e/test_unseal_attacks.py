@@ -33,6 +33,13 @@ def client_from(server: ServerProcess, source: str, token: str | None = None) ->
     return httpx.Client(base_url=server.url + "/v1", transport=transport, headers=headers, timeout=30)
 
 
+def sealed_status(server: ServerProcess) -> dict:
+    """``server status --json`` of a sealed server: it exits 2, as Vault's does."""
+    r = server.cli("server", "status", "--json", check=False)
+    assert r.returncode == 2, r.stderr
+    return dict(json.loads(r.stdout))
+
+
 def forge(cluster_id: str, index: int) -> str:
     """A share as an attacker makes it: this cluster's id, a real index, a valid checksum, a random value."""
     return share_codec.encode(share_codec.Share(bytes.fromhex(cluster_id), index, secrets.token_bytes(32)))
@@ -76,16 +83,26 @@ def test_reset_with_a_share_or_the_root_token_through_the_cli(
     out = init_manager(tmp_path / "ks", secret_registry, seal="shamir")
     shares = out.result.shares
     server = server_factory(tmp_path / "ks")
+    with server.http() as c:  # a load balancer sends nothing to a sealed server; a liveness probe sees it up
+        sealed = c.get("/health")
+        assert sealed.status_code == 503 and sealed.json()["status"] == "sealed"
+        assert sealed.headers["cache-control"] == "no-store"
+        assert c.get("/health", params={"sealed_ok": "true"}).status_code == 200
     server.cli("server", "unseal", shares[0])
     refused = server.cli("server", "unseal", "--reset", check=False, input="\n")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert server.cli_json("server", "status")["progress"] == 1
+    assert sealed_status(server)["progress"] == 1
     reset = server.cli("server", "unseal", "--reset", input=shares[3] + "\n")
     assert "reset" in reset.stdout
-    assert server.cli_json("server", "status")["progress"] == 0
+    assert sealed_status(server)["progress"] == 0
     server.cli("server", "unseal", shares[1])
     server.cli("server", "unseal", "--reset", token=out.root_token.secret)
-    assert server.cli_json("server", "status")["progress"] == 0
+    assert sealed_status(server)["progress"] == 0
+    for share in shares[:3]:
+        server.cli("server", "unseal", share)
+    assert server.cli_json("server", "status")["sealed"] is False  # exit 0 once unsealed
+    with server.http() as c:
+        assert c.get("/health").json()["status"] == "ok"
 
 
 def test_a_flood_of_bad_shares_is_rate_limited_and_the_quorum_still_unseals(

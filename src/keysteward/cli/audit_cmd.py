@@ -126,6 +126,11 @@ def audit_verify(
         key_hex, tenant_id, records = _pages(client(ctx))
         if public_key and public_key.lower() != key_hex:
             fail("the server's audit public key differs from the pinned one")
+        if not public_key:
+            sys.stderr.write(
+                "warning: verified against the audit key the server itself reports; a server that rewrote its log "
+                "could report another. Pin the key you recorded at init with --public-key.\n"
+            )
         links = (_link(r) for r in records)
     try:
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))

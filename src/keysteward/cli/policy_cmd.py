@@ -39,6 +39,10 @@ def _read(path: Path) -> str:
         raise BadRequest(f"cannot read {path}: {exc}", code="policy_files") from exc
 
 
+DECISION_EXIT = {"permit": 0, "deny": 2, "approval": 3}
+"""``policy test`` exits 0 on permit, 2 on deny, 3 when approval is needed, 1 on an error: a CI gate."""
+
+
 def _show_decision(d: dict[str, Any]) -> None:
     console.print(f"decision: {d['effect']} ({d['reason']})")
     if d.get("policy_version") is not None:
@@ -114,7 +118,9 @@ def policy_test(
         body["sources"] = _sources(proposed)
     if version is not None:
         body["version"] = version
-    emit(client(ctx).post("/policy/test", body), as_json, _show_decision)
+    decided = client(ctx).post("/policy/test", body)
+    emit(decided, as_json, _show_decision)
+    raise SystemExit(DECISION_EXIT.get(str(decided.get("effect")), 1))
 
 
 def _recorded_request(data: Any) -> Any:

@@ -101,9 +101,12 @@ def start(data_dir: DataDir) -> None:
     serve(settings)
 
 
+SEALED_EXIT = 2
+
+
 @app.command()
 def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Seal state, seal type and unseal progress."""
+    """Seal state, seal type and unseal progress. Exits 0 unsealed, 2 sealed, 1 on an error (as Vault does)."""
     data = client(ctx).get("/sys/status")
 
     def human(d: dict[str, object]) -> None:
@@ -115,6 +118,8 @@ def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
             console.print(f"[bold red]INSECURE[/bold red]: {d['warning']}")
 
     emit(data, as_json, human)
+    if data["sealed"]:
+        raise SystemExit(SEALED_EXIT)
 
 
 @app.command()

@@ -15,7 +15,10 @@ import math
 import os
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward import __version__
 from keysteward.errors import InvalidShare, KeystewardError, RateLimited, Unauthenticated
@@ -52,10 +55,26 @@ def _status(request: Request) -> SealStatus:
     )
 
 
-@router.get("/health")
-def health(request: Request) -> dict[str, object]:
-    root = services(request).root
-    return {"status": "ok", "sealed": root.sealed, "process": os.getpid()}
+@router.get("/health", response_model=None)
+def health(
+    request: Request, sealed_ok: Annotated[bool, Query(description="Answer 200 while sealed (liveness).")] = False
+) -> dict[str, object] | JSONResponse:
+    """For load balancers and probes, as Vault's: 200 only while this server serves (unsealed, database
+    reachable); 503 sealed or database_unreachable otherwise, so traffic goes elsewhere. ``sealed_ok=true``
+    is the liveness question: 200 while sealed too (the process is up and reaches its database)."""
+    svc = services(request)
+    sealed = svc.root.sealed
+    try:
+        with svc.db.read() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError:
+        status = "database_unreachable"
+    else:
+        status = "sealed" if sealed and not sealed_ok else "ok"
+    body: dict[str, object] = {"status": status, "sealed": sealed, "process": os.getpid()}
+    if status != "ok":
+        return JSONResponse(body, status_code=503, headers={"cache-control": "no-store"})
+    return body
 
 
 @router.get("/sys/status")
