@@ -236,6 +236,10 @@ def test_revoke_closes_and_wipes(kms: Kms, agents: list[AgentProcess]) -> None:
     status = agent.wait(lambda s: s["volumes"]["data1"]["state"] == "locked", timeout=10)
     assert status["volumes"]["data1"]["reason"] == "revoked"
     assert status["volumes"]["data1"]["lease_expires_at"] is None
+    shown = subprocess.run([KEYSTEWARD, "agent", "status", "--status-file", str(agent.status_file)],
+                           capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
+    assert "data1: state=locked reason=revoked" in shown, shown
+    assert "HTTP Request" not in agent.log.read_text()  # httpx's INFO lines (with URLs) stay out of the log
     assert memory_holds(agent.proc.pid, needles) == set()
     text = agent.status_file.read_text() + agent.log.read_text()
     assert secret.hex() not in text and key.hex() not in text

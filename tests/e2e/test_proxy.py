@@ -419,6 +419,9 @@ def test_reload_adds_and_removes_exports_and_sigterm_stops_cleanly(
     proxies.append(proxy)
     proxy.wait(lambda s: proxy.states() == {"a": "open", "b": "open"})
     assert nbd_list(proxy.port) == {"a", "b"}
+    shown = subprocess.run([KEYSTEWARD, "proxy", "status", "--config", str(proxy.config), "--json"],
+                           capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
+    assert {name: e["state"] for name, e in json.loads(shown)["exports"].items()} == {"a": "open", "b": "open"}
     on_a, on_b = QemuIoSession(proxy.port, "a"), QemuIoSession(proxy.port, "b")
     sessions += [on_a, on_b]
     on_a.ok("write -P 0x11 0 64k")

@@ -147,6 +147,7 @@ def run(
 
     from keysteward.agent.config import read_config
     from keysteward.agent.daemon import run_agent
+    from keysteward.daemon_status import quiet_http_clients
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
@@ -156,12 +157,27 @@ def run(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.handlers[:] = [handler]
+    quiet_http_clients()
     entries = read_config(config)
     if ca_file:
         entries = [e if e.options.ca_file else replace(e, options=replace(e.options, ca_file=ca_file)) for e in entries]
     if not entries:
         raise KeystewardError(f"{config} lists no volumes", code="agent_config")
     run_agent(entries, os.path.abspath(status_file), config=os.path.abspath(config))
+
+
+@app.command()
+def status(
+    status_file: Annotated[
+        str, typer.Option("--status-file", metavar="FILE", help="The running agent's status file.")
+    ] = "/run/keysteward/agent.json",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """The running agent's volumes: open or locked, why, lease expiry, last action (from its status file)."""
+    from keysteward.daemon_status import read_status, status_lines
+
+    data = read_status(status_file, "agent")
+    _print(data, as_json, status_lines(data, "agent", "volumes"))
 
 
 @app.command("enroll-tpm")

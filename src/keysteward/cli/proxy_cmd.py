@@ -45,6 +45,25 @@ def serve(
 
 
 @app.command()
+def status(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """The running proxy's exports: served or locked, why, lease expiry (from the status file its config names)."""
+    from keysteward.daemon_status import read_status, status_lines
+    from keysteward.proxy.config import load_config
+
+    loaded = load_config(config, check=False)
+    if not loaded.status_file:
+        raise KeystewardError(f"{loaded.source} names no status_file", code="status_unavailable")
+    data = read_status(loaded.status_file, "proxy")
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(status_lines(data, "proxy", "exports"))
+
+
+@app.command()
 def check(
     config: ConfigOpt = DEFAULT_CONFIG,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from keysteward.agent.daemon import harden_process, logline, sd_notify, write_status
+from keysteward.daemon_status import quiet_http_clients
 from keysteward.errors import KeystewardError
 from keysteward.proxy.config import ExportConfig, ProxyConfig, ProxyConfigError, load_config
 from keysteward.proxy.export import Export, LuksExport
@@ -96,6 +97,7 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    quiet_http_clients()
 
 
 def event(name: str, level: int = logging.INFO, /, **fields: Any) -> None:
