@@ -263,3 +263,24 @@ def test_destructive_verbs_refuse_without_a_terminal_or_yes(site: tuple) -> None
                    str(server.settings.server.tls_ca), token=admin)  # fmt: skip
     with server.http(admin) as c:
         assert c.get(f"/volumes/{volume}").json()["state"] == "destroyed"
+
+
+def test_a_shown_policy_set_can_be_stored_back(site: tuple) -> None:
+    """`policy show > x.cedar; policy set x.cedar` stores the same files again (the show used `#` lines,
+    which Cedar refuses); a file with a broken mark is refused and nothing is stored."""
+    server, admin, _, tmp = site
+    shown = tmp / "shown.cedar"
+    shown.write_text(server.cli("policy", "show", token=admin).stdout)
+    stored = server.cli_json("policy", "set", str(shown), token=admin)
+    assert stored["version"] == 1
+    with server.http(admin) as c:
+        assert set(c.get("/policy").json()["sources"]) == {"binding.cedar", "roles.cedar"}
+    again = tmp / "again.cedar"
+    again.write_text(server.cli("policy", "show", token=admin).stdout)
+    assert server.cli_json("policy", "set", str(again), token=admin)["version"] == 2
+    twice = tmp / "twice.cedar"
+    twice.write_text("// keysteward-policy-file: a.cedar\n// keysteward-policy-file: a.cedar\n")
+    refused = server.cli("policy", "set", str(twice), token=admin, check=False)
+    assert refused.returncode == 1 and "policy_files" in refused.stderr
+    with server.http(admin) as c:
+        assert c.get("/policy").json()["version"] == 2

@@ -24,10 +24,34 @@ def _sources(files: list[Path]) -> dict[str, str]:
             for found in sorted(path.glob("*.cedar")):
                 out[found.name] = _read(found)
         else:
-            out[path.name] = _read(path)
+            out.update(split_shown(path.name, _read(path)))
     if not out:
         raise BadRequest("no .cedar files given", code="policy_files")
     return out
+
+
+FILE_MARK = "// keysteward-policy-file: "
+"""``policy show`` starts each file of the set with this Cedar comment; ``policy set`` splits on it again."""
+
+
+def split_shown(name: str, text: str) -> dict[str, str]:
+    """A file as ``policy show`` printed it (one set, its files marked) back into its files; any other file
+    is itself. Lines before the first mark (the version header) are comments and dropped."""
+    if FILE_MARK not in text:
+        return {name: text}
+    files: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines(keepends=True):
+        if line.startswith(FILE_MARK):
+            marked = line[len(FILE_MARK) :].strip()
+            if not marked or marked in files:
+                raise BadRequest(
+                    f"{name}: a file mark names no file, or one twice: {marked[:64]!r}", code="policy_files"
+                )
+            current = files[marked] = []
+        elif current is not None:
+            current.append(line)
+    return {marked: "".join(lines) for marked, lines in files.items()}
 
 
 def _read(path: Path) -> str:
@@ -78,10 +102,10 @@ def policy_show(
     path = "/policy" if version is None else f"/policy/versions/{version}"
 
     def human(d: dict[str, Any]) -> None:
-        console.print(f"# version {d['version']} by {d['created_by']} ({d['digest'][:16]})")
+        console.print(f"// version {d['version']} by {d['created_by']} ({d['digest'][:16]})", markup=False)
         for name, text in sorted(d["sources"].items()):
-            console.print(f"# --- {name}", markup=False)
-            console.print(text, markup=False, highlight=False)
+            console.print(f"{FILE_MARK}{name}", markup=False, highlight=False)
+            console.print(text, markup=False, highlight=False, end="" if text.endswith("\n") else "\n")
 
     emit(client(ctx).get(path), as_json, human)
 
