@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keysteward.access import key_actions, volume_actions
+from keysteward.access import key_actions, volume_actions, xks_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
 from keysteward.access.service import AccessService
@@ -16,6 +16,8 @@ from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
+from keysteward.keys.xks_crypto import XksCrypto
+from keysteward.keys.xks_registry import XksRegistry
 from keysteward.policy.store import PolicyStore
 from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces
@@ -24,6 +26,7 @@ from keysteward.release.registry import Registry
 from keysteward.release.tpm_enrollment import TpmEnrollments
 from keysteward.settings import Settings
 from keysteward.store.db import Database
+from keysteward.xks.metrics import XksMetrics
 
 
 @dataclass
@@ -44,6 +47,9 @@ class Services:
     policies: PolicyStore
     tpm: TpmEnrollments
     checkpoints: CheckpointPublisher
+    xks: XksRegistry
+    xks_crypto: XksCrypto
+    xks_metrics: XksMetrics
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -76,6 +82,9 @@ class Services:
         envelope = Envelope(keys)
         key_actions.register(actions, envelope)
         volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
+        xks = XksRegistry(db, root, keys, audit)
+        xks_crypto = XksCrypto(keys, db)
+        xks_actions.register(actions, xks, xks_crypto, keys)
         access = AccessService(tenants, policies, audit, actions, alert=alerts.send)
         return cls(
             settings=settings,
@@ -94,6 +103,9 @@ class Services:
             policies=policies,
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
             checkpoints=checkpoints,
+            xks=xks,
+            xks_crypto=xks_crypto,
+            xks_metrics=XksMetrics(),
         )
 
     def close(self) -> None:
