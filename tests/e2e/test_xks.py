@@ -150,11 +150,6 @@ def put_policy(server: ServerProcess, admin: str) -> None:
         assert r.status_code == 200, r.text
 
 
-def audit_records(server: ServerProcess, admin: str) -> list[dict[str, Any]]:
-    with server.http(admin) as c:
-        return [json.loads(r["body"]) for r in c.get("/audit").json()["records"]]
-
-
 def test_botocore_peer_metadata_encrypt_decrypt_under_the_tenant_policy(
     site: tuple[ServerProcess, str, Xks], secret_registry: SecretRegistry
 ) -> None:
@@ -206,7 +201,7 @@ def test_botocore_peer_metadata_encrypt_decrypt_under_the_tenant_policy(
     s3 = decrypt_body(enc, aad, kmsViaService="s3")
     assert error(xks.call("keys/k1/decrypt", s3)) == (403, "AccessDeniedException")
     request_id = s3["requestMetadata"]["kmsRequestId"]
-    found = [x for x in audit_records(server, admin) if x.get("details", {}).get("kms_request_id") == request_id]
+    found = server.cli_json("audit", "list", "--kms-request-id", request_id, token=admin)
     assert len(found) == 1 and found[0]["outcome"] == "denied" and found[0]["action"] == "xks.decrypt"
     assert found[0]["actor"] == f"xks:acme/kms/{xks.akid}" and found[0]["details"]["latency_ms"] > 0
     assert "decrypt-only-for-ebs" in found[0]["details"]["policies"]
