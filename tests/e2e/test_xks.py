@@ -29,6 +29,7 @@ from botocore.credentials import Credentials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.e2e.test_secret_scan import _files, _forms, _scan
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
 
 pytestmark = pytest.mark.e2e
@@ -231,6 +232,14 @@ def test_botocore_peer_metadata_encrypt_decrypt_under_the_tenant_policy(
     assert base64.b64decode(xks.call("keys/k1/decrypt", decrypt_body(enc, aad)).json()["plaintext"]) == plaintext
     listed = server.cli_json("xks", "key", "list", "--store", "acme/ebs", token=admin)
     assert {k["id"]: k["usage"] for k in listed} == {"k1": "both", "enc-only": "encrypt"}
+
+    # neither the plaintext nor the SigV4 secret lies in the database, its WAL or the server's log
+    needles = [
+        (form, label)
+        for secret, label in [(plaintext, "plaintext"), (xks.secret.encode(), "sigv4 secret")]
+        for form in _forms(secret)
+    ]
+    assert _scan(_files([server.data_dir]), needles) == []
 
 
 def test_authentication_and_bad_input(site: tuple[ServerProcess, str, Xks], monkeypatch: pytest.MonkeyPatch) -> None:

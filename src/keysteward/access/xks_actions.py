@@ -37,7 +37,7 @@ from keysteward.formats.xks_wire import (
 )
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import ENABLED, KeyStore
-from keysteward.keys.xks_crypto import XksCrypto
+from keysteward.keys.xks_crypto import XksCrypto, metadata_version
 from keysteward.keys.xks_registry import KeyLink, StoreRef, XksRegistry
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
@@ -83,6 +83,19 @@ class _XksCall(ActionHandler):
         self.registry = registry
         self.crypto = crypto
         self.keys = keys
+
+    def warm(self, request: AccessRequest, tenant_id: str) -> bool:
+        inputs: XksInputs = request.inputs
+        link = self.registry.cached_key(inputs.store, inputs.external_id)
+        if link is None:
+            return False
+        version = None
+        if inputs.decrypt is not None:
+            try:
+                version = metadata_version(inputs.decrypt.ciphertext_metadata)
+            except KeystewardError:
+                return True  # refused without a database read
+        return self.keys.is_warm(tenant_id, key_id=link.key_id, version=version)
 
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
         who = request.principal

@@ -41,7 +41,6 @@ ALGORITHM: Final = "AES_GCM"
 CDIV_ALGORITHM: Final = "SHA_256"
 KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 OPERATIONS: Final = ("metadata", "encrypt", "decrypt")
-_B64_RE: Final = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _METADATA_FIELDS: Final = {
     "awsPrincipalArn": "principal_arn",
     "kmsKeyArn": "key_arn",
@@ -193,11 +192,9 @@ def b64decode(value: Any, name: str, *, max_size: int, error: str = "ValidationE
     if len(value) > 4 * ((max_size + 2) // 3):
         too_big = "UnsupportedOperationException" if error == "ValidationException" else error
         raise XksError(too_big, f"{name} is larger than {max_size} bytes")
-    if not _B64_RE.fullmatch(value):
-        raise XksError(error, f"{name} is not standard base64")
-    try:
-        decoded = base64.b64decode(value, validate=True)
-    except binascii.Error:
+    try:  # strict: only the standard alphabet, padding only at the end and exactly right, no whitespace
+        decoded = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError):
         raise XksError(error, f"{name} is not standard base64") from None
     if len(decoded) > max_size:
         too_big = "UnsupportedOperationException" if error == "ValidationException" else error

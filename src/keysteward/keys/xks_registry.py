@@ -150,6 +150,10 @@ class XksRegistry:
         self._secrets.put((store.prefix, access_key_id), secret)
         return secret
 
+    def cached_key(self, store: StoreRef, external_id: str) -> KeyLink | None:
+        """:meth:`key` if it needs no database read now, else None."""
+        return self._links.get((store.prefix, external_id))
+
     def key(self, store: StoreRef, external_id: str) -> KeyLink | None:
         """The external key (its ``state`` may be a second old: ask the key store for the current one)."""
         hit = self._links.get((store.prefix, external_id))
