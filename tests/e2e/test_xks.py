@@ -29,6 +29,7 @@ from botocore.credentials import Credentials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from keysteward.crypto import x509ca
 from tests.e2e.test_secret_scan import _files, _forms, _scan
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
 
@@ -58,6 +59,7 @@ class Xks:
     akid: str
     secret: str
     region: str = REGION
+    cert: tuple[str, str] | None = None
 
     def url(self, tail: str, prefix: str | None = None) -> str:
         return f"https://127.0.0.1:{self.port}{self.prefix if prefix is None else prefix}/kms/xks/v1/{tail}"
@@ -83,7 +85,10 @@ class Xks:
         headers = dict(request.headers.items())
         if tamper is not None:
             headers, data = tamper(headers, data)
-        with httpx.Client(verify=ssl.create_default_context(cafile=self.ca), timeout=10) as client:
+        ctx = ssl.create_default_context(cafile=self.ca)
+        if self.cert is not None:
+            ctx.load_cert_chain(*self.cert)
+        with httpx.Client(verify=ctx, timeout=10) as client:
             return client.request(method, request.url, headers=headers, content=data)
 
 
@@ -412,3 +417,47 @@ def test_quota_and_metrics(
     with server.http(out.root_token.secret) as c:
         text = c.get(server.url + "/metrics").text
     assert 'keysteward_xks_request_seconds_count{operation="health",outcome="ThrottlingException"}' in text
+
+
+def _client_cert(tmp: Path, ca_pem: str, ca_key: bytearray, name: str) -> tuple[str, str]:
+    issued = x509ca.issue_client_cert(ca_pem, ca_key, tenant="aws", role="agent", name=name)
+    assert issued.key_pem is not None
+    (tmp / f"{name}.pem").write_text(issued.cert_pem)
+    (tmp / f"{name}.key").write_bytes(bytes(issued.key_pem))
+    return str(tmp / f"{name}.pem"), str(tmp / f"{name}.key")
+
+
+def test_mtls_health_when_slow_and_when_sealed(
+    tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    out = init_manager(tmp_path / "ks", secret_registry)
+    ca_pem, ca_key = x509ca.new_ca("Amazon stand-in CA")
+    (tmp_path / "kms-ca.pem").write_text(ca_pem)
+    kms = _client_cert(tmp_path, ca_pem, ca_key, f"cks.kms.{REGION}.amazonaws.com")
+    other = _client_cert(tmp_path, ca_pem, ca_key, "someone.example.com")
+    port = free_port()
+    env = {
+        "KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}",
+        "KEYSTEWARD_XKS_MTLS_CA": str(tmp_path / "kms-ca.pem"),
+        "KEYSTEWARD_XKS_MTLS_SUBJECT": f"cks.kms.{REGION}.amazonaws.com",
+        "KEYSTEWARD_XKS_SLOW_DATABASE_MS": "0",
+    }
+    server = server_factory(tmp_path / "ks", env=env)
+    with server.http(out.root_token.secret) as c:
+        admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
+    store = server.cli_json("xks", "store", "create", "m", "--region", REGION, token=admin)
+    xks = Xks(port, str(server.settings.server.tls_ca), "/m", store["access_key_id"], store["secret_access_key"])
+    health = {"requestMetadata": {"kmsOperation": "KmsHealthCheck", "kmsRequestId": "m"}}
+    with pytest.raises(httpx.TransportError):  # no client certificate: the handshake fails
+        xks.call("health", health)
+    xks.cert = other
+    assert error(xks.call("health", health)) == (401, "AuthenticationFailedException")
+    xks.cert = kms
+    r = xks.call("health", health)
+    # a database read slower than slow_database_ms (0 here) is reported, not hidden
+    assert r.status_code == 200 and r.json()["ekmFleetDetails"][0]["healthStatus"] == "DEGRADED"
+    with server.http(out.root_token.secret) as c:
+        assert c.post("/sys/seal").status_code == 200
+    sealed = xks.call("health", health)
+    assert sealed.status_code == 200 and sealed.json()["ekmFleetDetails"][0]["healthStatus"] == "DEGRADED"
+    assert error(xks.call("keys/k/encrypt", encrypt_body(b"x"))) == (500, "InternalException")
