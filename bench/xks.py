@@ -151,7 +151,7 @@ def run_engine(
     try:
         port = free_port()
         env = {"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", "KEYSTEWARD_XKS_QUOTA_TPS": "1000000"}
-        server, pg = engine_server(cleanup, engine, workers=1, env=env)
+        server, pg = engine_server(cleanup, engine, workers=args.workers, env=env)
         admin = server.cli(["tenant", "create", "acme", "--json"], token=server.root_token)["admin_token"]["token"]
         store = server.cli(["xks", "store", "create", PREFIX, "--region", REGION, "--json"], token=admin)
         server.cli(["xks", "key", "create", KEY, "--store", PREFIX, "--json"], token=admin)
@@ -230,6 +230,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=None, help="seconds per wrk run (default 20, 5 with --quick)")
     parser.add_argument("--connections", type=int, default=64, help="concurrent clients (wrk connections)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="sqlite,postgresql (default both)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server worker processes")
     args = parser.parse_args(argv)
     check_engine_args(parser, args, ENGINES)
     if args.quick and args.engines == list(ENGINES):

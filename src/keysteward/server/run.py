@@ -28,12 +28,12 @@ from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
-from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, supervise
+from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, bind, supervise
 from keysteward.server.tls import ClientCertHttpToolsProtocol, add_client_ca, server_ssl_context
 from keysteward.settings import CONFIG_NAME, Settings, load, render
 from keysteward.store.db import Database
 from keysteward.xks.app import XksApp
-from keysteward.xks.listener import XksListener
+from keysteward.xks.listener import XksListener, parse_listen
 
 log = logging.getLogger("keysteward.server")
 CA_REFRESH_SECONDS = 15.0
@@ -209,15 +209,18 @@ def xks_ssl_context(settings: Settings) -> ssl.SSLContext:
 
 
 def start_xks(settings: Settings, svc: Services) -> XksListener | None:
-    """The XKS listener, when ``[xks] listen`` is set (one server process: not with ``workers`` > 1)."""
+    """The XKS listener, when ``[xks] listen`` is set: in every worker, on a socket of its own (SO_REUSEPORT),
+    each worker holding its share of the per-store quota."""
     if not settings.xks.listen:
         return None
-    if settings.server.workers > 1:
-        raise BadRequest("the XKS listener runs with server.workers = 1 only", code="bad_setting")
-    app = XksApp(svc.xks, svc.access, svc.xks_crypto.probe, settings.xks, svc.xks_metrics)
-    listener = XksListener(
-        app, settings.xks.listen, xks_ssl_context(settings), listener_limits(settings), ClientCertHttpToolsProtocol
-    )
+    share = max(1, settings.server.workers)
+    xks_settings = dataclasses.replace(settings.xks, quota_tps=settings.xks.quota_tps / share)
+    app = XksApp(svc.xks, svc.access, svc.xks_crypto.probe, xks_settings, svc.xks_metrics)
+    try:
+        sock = bind(*parse_listen(settings.xks.listen))
+    except OSError as exc:
+        raise BadRequest(f"cannot listen on {settings.xks.listen}: {exc.strerror}", code="xks_listen_failed") from None
+    listener = XksListener(app, sock, xks_ssl_context(settings), listener_limits(settings), ClientCertHttpToolsProtocol)
     listener.start()
     return listener
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import threading
 from typing import Any, cast
@@ -31,13 +32,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 class XksListener:
-    def __init__(self, app: Any, listen: str, ctx: ssl.SSLContext, limits: Limits, protocol: type[Any]) -> None:
-        host, port = parse_listen(listen)
+    def __init__(self, app: Any, sock: socket.socket, ctx: ssl.SSLContext, limits: Limits, protocol: type[Any]) -> None:
+        """``sock`` is bound and listening (each server worker binds its own with SO_REUSEPORT)."""
+        self.sock = sock
         http = uvicorn_protocol(protocol, limits, tls=ctx)
         config = uvicorn.Config(
             app,
-            host=host,
-            port=port,
             http=cast(Any, http),
             log_level="warning",
             access_log=False,
@@ -50,7 +50,7 @@ class XksListener:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self.server.serve())
+            asyncio.run(self.server.serve(sockets=[self.sock]))
         except BaseException as exc:  # noqa: BLE001 - reported by start() and in the log
             self.failed = exc
             log.error("the XKS listener stopped: %s", type(exc).__name__)
