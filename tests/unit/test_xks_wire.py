@@ -205,3 +205,19 @@ def test_fuzzed_json_shapes_only_ever_raise_xks_errors(value: object) -> None:
     for parse in (wire.parse_encrypt, wire.parse_decrypt, wire.parse_metadata):
         with pytest.raises(wire.XksError):
             parse(body.encode())
+
+
+def test_version_metadata_round_trip_and_refusals() -> None:
+    from keysteward.errors import InvalidCiphertext
+    from keysteward.keys.xks_crypto import metadata_version, version_metadata
+
+    assert len(version_metadata(7)) <= wire.MAX_METADATA and metadata_version(version_metadata(7)) == 7
+    for bad in [None, b"", b"ks1", b"ks2\x00\x00\x00\x01", b"ks1\x00\x00\x00\x00", b"ks1\x00\x00\x00\x01\x00"]:
+        with pytest.raises(InvalidCiphertext):
+            metadata_version(bad)
+
+
+def test_framed_aad_never_begins_like_keystewards_own_aads() -> None:
+    # every AAD keysteward uses under a KEK begins with "keysteward/"; the framed XKS AAD begins with a length <= 8192
+    for size in (0, 1, 255, 8192):
+        assert wire.framed_aad(b"k" * size, b"ks1\x00\x00\x00\x01")[:1] < b"k"

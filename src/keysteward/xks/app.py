@@ -93,6 +93,13 @@ class XksApp:
         except wire.XksError as exc:
             outcome = exc.name
             await _answer(send, exc.status, exc.body())
+        except Exception as exc:  # noqa: BLE001 - the spec's generic failure, never a traceback to the caller
+            log.warning("xks %s failed: %s", operation, type(exc).__name__)
+            failed = (
+                to_xks(exc, "") if isinstance(exc, KeystewardError) else wire.XksError("InternalException", "failed")
+            )
+            outcome = failed.name
+            await _answer(send, failed.status, failed.body())
         finally:
             self.metrics.observe(operation, outcome, time.perf_counter() - started)
 
