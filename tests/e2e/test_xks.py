@@ -246,6 +246,12 @@ def test_botocore_peer_metadata_encrypt_decrypt_under_the_tenant_policy(
     ]
     assert _scan(_files([server.data_dir]), needles) == []
 
+    # crypto-shredding: destroying the tenant key makes every ciphertext of the external key unreadable
+    server.cli_json("key", "destroy", "k1", "--yes", token=admin)
+    time.sleep(1.2)
+    assert error(xks.call("keys/k1/decrypt", decrypt_body(enc, aad))) == (400, "InvalidStateException")
+    assert xks.call("keys/k1/metadata", {"requestMetadata": meta("DescribeKey")}).json()["keyStatus"] == "DISABLED"
+
 
 def test_authentication_and_bad_input(site: tuple[ServerProcess, str, Xks], monkeypatch: pytest.MonkeyPatch) -> None:
     server, admin, xks = site
