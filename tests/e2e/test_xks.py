@@ -467,3 +467,31 @@ def test_mtls_health_when_slow_and_when_sealed(
     sealed = xks.call("health", health)
     assert sealed.status_code == 200 and sealed.json()["ekmFleetDetails"][0]["healthStatus"] == "DEGRADED"
     assert error(xks.call("keys/k/encrypt", encrypt_body(b"x"))) == (500, "InternalException")
+
+
+def test_every_worker_serves_xks_and_sees_a_retired_credential(
+    tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    out = init_manager(tmp_path / "ks", secret_registry)
+    port = free_port()
+    env = {"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", "KEYSTEWARD_SERVER_WORKERS": "2"}
+    server = server_factory(tmp_path / "ks", env=env)
+    with server.http(out.root_token.secret) as c:
+        admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
+    store = server.cli_json("xks", "store", "create", "w", "--region", REGION, token=admin)
+    server.cli_json("xks", "key", "create", "k1", "--store", "w", token=admin)
+    put_policy(server, admin)
+    xks = Xks(port, str(server.settings.server.tls_ca), "/w", store["access_key_id"], store["secret_access_key"])
+    # both worker processes listen on the XKS port, each on its own socket
+    listening = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    assert len({line.split("pid=")[1].split(",")[0] for line in listening.stdout.splitlines()}) == 2, listening.stdout
+    # one connection per call: the kernel spreads them over both workers' sockets
+    sealed = [xks.call("keys/k1/encrypt", encrypt_body(os.urandom(32))) for _ in range(16)]
+    assert [r.status_code for r in sealed] == [200] * 16
+    # each worker opens what any worker sealed (they share the database, not memory)
+    opened = [xks.call("keys/k1/decrypt", decrypt_body(r.json())) for r in sealed]
+    assert [r.status_code for r in opened] == [200] * 16
+    server.cli_json("xks", "credential", "retire", xks.akid, token=admin)
+    time.sleep(1.2)
+    refused = [xks.call("keys/k1/encrypt", encrypt_body(b"x")) for _ in range(12)]
+    assert {error(r) for r in refused} == {(401, "AuthenticationFailedException")}
