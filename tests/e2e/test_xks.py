@@ -235,8 +235,11 @@ def test_botocore_peer_metadata_encrypt_decrypt_under_the_tenant_policy(
     again = xks.call("keys/k1/encrypt", encrypt_body(b"b" * 16)).json()
     assert base64.b64decode(again["ciphertextMetadata"]) == b"ks1\x00\x00\x00\x02"
     assert base64.b64decode(xks.call("keys/k1/decrypt", decrypt_body(enc, aad)).json()["plaintext"]) == plaintext
+    upper = server.cli_json("xks", "key", "create", "B42C7FBF-DE61.x_1", "--store", "acme/ebs", token=admin)
+    assert upper["key"] == "b42c7fbf-de61.x_1"
+    assert xks.call("keys/B42C7FBF-DE61.x_1/metadata", {"requestMetadata": meta("CreateKey")}).status_code == 200
     listed = server.cli_json("xks", "key", "list", "--store", "acme/ebs", token=admin)
-    assert {k["id"]: k["usage"] for k in listed} == {"k1": "both", "enc-only": "encrypt"}
+    assert {k["id"]: k["usage"] for k in listed} == {"k1": "both", "enc-only": "encrypt", "B42C7FBF-DE61.x_1": "both"}
 
     # neither the plaintext nor the SigV4 secret lies in the database, its WAL or the server's log
     needles = [

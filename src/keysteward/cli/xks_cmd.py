@@ -78,7 +78,7 @@ def key_create(
     key_id: Annotated[str, typer.Argument(metavar="ID", help="The external key id AWS KMS will name.")],
     store: Store,
     usage: Annotated[str, typer.Option(help="both | encrypt | decrypt | none")] = "both",
-    key: Annotated[str | None, typer.Option(help="Name of the new tenant key (default: ID).")] = None,
+    key: Annotated[str | None, typer.Option(help="Name of the new tenant key (default: ID in lower case).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """A new external key: a new tenant key whose versions do its AES-GCM."""

@@ -303,13 +303,13 @@ class XksRegistry:
         return KeyLink(row.prefix, row.external_id, row.key_id, row.name, row.usage, row.state)
 
     def create_key(self, actor: Principal, prefix: str, external_id: str, usage: str, key_name: str | None) -> KeyLink:
-        """A new external key id of the store, on a new tenant key (named ``key_name``, default the id)."""
+        """A new external key id of the store on a new tenant key (``key_name``, default: the id in lower case)."""
         prefix = self._prefix(prefix)
         if not KEY_ID_RE.fullmatch(external_id or ""):
             raise BadRequest("an external key id is 1-128 of A-Z, a-z, 0-9, '.', '_' and '-'", code="bad_xks_key_id")
         if usage not in USAGES:
             raise BadRequest(f"usage must be one of {', '.join(USAGES)}", code="bad_xks_usage")
-        name = check_name("key", key_name or external_id)
+        name = check_name("key", key_name or external_id.lower())
         with self.db.read() as conn:
             self._owned(conn, actor, prefix)
             if self._link(conn, prefix, external_id) is not None:
