@@ -127,6 +127,12 @@ class XksRegistry:
         self._stores.put(prefix, ref)
         return ref
 
+    def warm(self, prefix: str, access_key_id: str | None) -> bool:
+        """Whether :meth:`store` and :meth:`secret` would answer from memory right now."""
+        if self._stores.get(prefix) is None:
+            return False
+        return access_key_id is None or self._secrets.get((prefix, access_key_id)) is not None
+
     def secret(self, store: StoreRef, access_key_id: str) -> str | None:
         """The secret access key of an active credential of ``store``, or None (unknown, retired, another store's)."""
         hit = self._secrets.get((store.prefix, access_key_id))

@@ -103,23 +103,32 @@ class XksApp:
         finally:
             self.metrics.observe(operation, outcome, time.perf_counter() - started)
 
-    async def _handle(self, scope: Scope, route: wire.Route, body: bytes, started: float) -> bytes:
+    def _authenticate(
+        self, scope: Scope, route: wire.Route, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[StoreRef, sigv4.Authorization]:
         store = self.registry.store(route.prefix)
         if store is None:
             raise wire.XksError("InvalidUriPathException", "no external key store has this URI path")
         self._check_client_cert(scope)
+        auth = sigv4.verify(
+            method=scope["method"],
+            path=(scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
+            headers=headers,
+            body=body,
+            region=store.region,
+            secret_of=lambda akid: self.registry.secret(store, akid),
+            now=datetime.now(UTC),
+            max_skew=self.settings.max_skew_seconds,
+        )
+        return store, auth
+
+    async def _handle(self, scope: Scope, route: wire.Route, body: bytes, started: float) -> bytes:
         headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
-        try:
-            auth = sigv4.verify(
-                method=scope["method"],
-                path=(scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
-                headers=headers,
-                body=body,
-                region=store.region,
-                secret_of=lambda akid: self.registry.secret(store, akid),
-                now=datetime.now(UTC),
-                max_skew=self.settings.max_skew_seconds,
-            )
+        try:  # on the event loop when the store and the secret are in memory, else in a thread (database reads)
+            if self.registry.warm(route.prefix, sigv4.access_key_id(headers)):
+                store, auth = self._authenticate(scope, route, headers, body)
+            else:
+                store, auth = await anyio.to_thread.run_sync(self._authenticate, scope, route, headers, body)
         except Sealed:
             if route.api == "health":  # the credentials are under the root key: say so, nothing more
                 return self._health_body(Probe(False, True, 0.0, "sealed"))

@@ -60,6 +60,12 @@ def parse_authorization(value: str | None) -> Authorization:
     return Authorization(akid, date, region, service, tuple(signed.split(";")), signature)
 
 
+def access_key_id(headers: Sequence[tuple[str, str]]) -> str | None:
+    """The access key id an Authorization header names, or None (nothing checked: :func:`verify` does)."""
+    match = _AUTH_RE.fullmatch(next((v for k, v in headers if k == "authorization"), "").strip())
+    return match.group(1) if match else None
+
+
 def _header(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
     return [value for key, value in headers if key == name]
 
