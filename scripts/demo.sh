@@ -116,7 +116,7 @@ if KEYSTEWARD_METADATA_URL="$metadata/$clone" keysteward volume read "$bound" --
 fi
 
 say "keysteward volume revoke web-data: the running agent locks the volume at its next renewal"
-keysteward volume revoke web-data --kms "$kms_url" --reason "demo: instance retired"
+keysteward volume revoke web-data --yes --kms "$kms_url" --reason "demo: instance retired"
 for _ in $(seq 1 150); do [ "$(agent_state)" = locked ] && break; sleep 0.1; done
 echo "agent: volume web-data is $(agent_state)"
 [ "$(agent_state)" = locked ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -77,9 +78,23 @@ class ReleaseSettings:
     default_renew_seconds: int = 10
     approval_ttl_seconds: float = 900.0  # a release waiting for approval expires after this
     approval_poll_seconds: float = 5.0  # what a pending answer tells the agent to wait before asking again
+    # a person votes on releases only this long after gaining the approving role, and for this long after an
+    # admin mints them a token, a vote with it does not count where that admin is a party (requester, voter)
+    approver_cooling_off_seconds: float = 86400.0
     tpm_ek_roots: str = ""  # PEM file: TPM manufacturer roots an EK certificate must chain to for enrollment
     snp_roots: str = ""  # PEM file: ARKs trusted besides AMD's built-in ones (test chains, never by default)
     snp_cert_cache: str = ""  # directory of VCEK/ASK certificates put there by the operator (nothing is fetched)
+    # refused releases one source may cause, before its evidence proved anyone, per window; then 429
+    refusals_per_source: int = 60
+    refusal_window_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        cooling = self.approver_cooling_off_seconds
+        if not math.isfinite(cooling) or cooling < 0:  # nan or a negative period would switch the rules off
+            raise BadRequest(
+                "setting release.approver_cooling_off_seconds must be a number of seconds, 0 or more",
+                code="bad_setting",
+            )
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,8 @@ class AuditSettings:
     checkpoint_sinks: tuple[str, ...] = ()
     checkpoint_interval: float = 60.0  # seconds between rounds; destroys and unseals publish at once
     checkpoint_webhook_timeout: float = 5.0
+    # refusals of unproven callers are counted, one record per interval per tenant, action and reason
+    refusal_interval: float = 60.0
 
 
 @dataclass(frozen=True)

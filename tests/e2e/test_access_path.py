@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from keysteward.agent.client import AgentClient
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, init_manager
 
 pytestmark = pytest.mark.e2e
@@ -160,3 +161,105 @@ def test_certificates_only_from_csrs_that_ask_for_nothing_more(site: tuple) -> N
     issued = x509.load_pem_x509_certificate(cert.read_bytes())
     assert issued.public_key() == serialization.load_pem_private_key(key_file.read_bytes(), None).public_key()
     server.registry.secret(key_file.read_bytes(), "machine private key")  # scanned for in logs and db
+
+
+PROD_DESTROYED_ONLY_BY_BOB = (Path(__file__).parents[2] / "docs/policies/admin-rules.cedar").read_text()
+
+
+def _register(server: ServerProcess, token: str, name: str, labels: dict[str, str]) -> str:
+    with server.http(token) as c:
+        assert c.post("/keys", json={"name": "volumes"}).status_code in (201, 409)
+    client = AgentClient(server.url, ca_file=str(server.settings.server.tls_ca), token=token)
+    try:
+        made = client.register_volume(
+            {"name": name, "key": "volumes", "labels": labels, "binding": {"host": "proxy-1"}}
+        )
+    finally:
+        client.close()
+    server.registry.secret(bytes(made.secret.view()), "volume secret")
+    made.secret.wipe()
+    return str(made.volume["id"])
+
+
+def test_admin_actions_are_asked_of_the_tenant_policy(site: tuple) -> None:
+    """volume_destroy, volume_revoke and policy_update are evaluated where they happen: an admin that the
+    roles allow is still refused by a tenant forbid, the refusal is audited and nothing changes."""
+    server, admin, people, _ = site
+    with server.http(admin) as c:
+        bob = c.post("/tokens", json={"name": "bob", "role": "admin"}).json()["token"]
+        r = c.put("/policy", json={"sources": {"admin-rules.cedar": PROD_DESTROYED_ONLY_BY_BOB}})
+        assert r.status_code == 200, r.text
+    prod, test = _register(server, admin, "db-prod", {"env": "prod"}), _register(server, admin, "db-test", {})
+    with server.http(admin) as c:
+        r = c.post(f"/volumes/{prod}/destroy", json={"reason": "mistake"})
+        assert r.status_code == 403 and r.json()["code"] == "forbidden_by_policy", r.text
+        assert "prod-destroyed-only-by-bob" in r.json()["detail"]
+        assert c.get(f"/volumes/{prod}").json()["state"] == "active"  # nothing shredded
+        assert c.post(f"/volumes/{test}/destroy", json={}).json()["state"] == "destroyed"
+    with server.http(people["security-officer"]) as c:
+        r = c.post(f"/volumes/{prod}/revoke", json={"shred": False, "reason": "x"})
+        assert r.status_code == 403 and r.json()["code"] == "forbidden_by_policy", r.text
+    with server.http(bob) as c:
+        assert c.post(f"/volumes/{prod}/revoke", json={"shred": False}).json()["state"] == "revoked"
+        assert c.post(f"/volumes/{prod}/destroy", json={"reason": "end of life"}).json()["state"] == "destroyed"
+    records = _audit(server, admin)
+    refused = [
+        r for r in records if r.get("outcome") == "denied" and r["action"] in ("volume.destroy", "volume.revoke")
+    ]
+    assert {(r["action"], r["target"]) for r in refused} == {("volume.destroy", f"volume:{prod}"),
+                                                            ("volume.revoke", f"volume:{prod}")}  # fmt: skip
+    assert all(r["reason"] == "forbidden_by_policy" for r in refused)
+    done = [r for r in records if r["action"] == "volume.destroy" and r["outcome"] == "ok"]
+    assert [(r["target"], r["actor"].split("/")[-1]) for r in done] == [(f"volume:{test}", "admin"),
+                                                                         (f"volume:{prod}", "bob")]  # fmt: skip
+
+
+def test_a_policy_update_is_decided_by_the_set_in_force_and_cannot_lock_out(site: tuple) -> None:
+    server, admin, _, _ = site
+    no_more_changes = '@id("frozen")\nforbid (principal, action == Keysteward::Action::"policy_update", resource);\n'
+    without_update = APP_ONLY.split('@id("admins-manage")')[0]
+    with server.http(admin) as c:
+        before = c.get("/policy").json()["version"]
+        # a set that takes policy_update away from its own author is refused, and nothing is stored
+        r = c.put("/policy", json={"sources": {"roles.cedar": without_update}})
+        assert r.status_code == 409 and r.json()["code"] == "policy_lockout", r.text
+        r = c.put("/policy", json={"sources": {"frozen.cedar": no_more_changes}})
+        assert r.status_code == 409 and r.json()["code"] == "policy_lockout", r.text
+        assert c.get("/policy").json()["version"] == before
+        # a set in force that forbids a person to change it is obeyed
+        bob = c.post("/tokens", json={"name": "bob", "role": "admin"}).json()["token"]
+        not_bob = '@id("not-bob")\nforbid (principal == Keysteward::Human::"acme/bob", action, resource);\n'
+        assert c.put("/policy", json={"sources": {"not-bob.cedar": not_bob}}).status_code == 200
+    with server.http(bob) as c:
+        r = c.put("/policy", json={"sources": {}})
+        assert r.status_code == 403 and r.json()["code"] == "forbidden_by_policy", r.text
+        assert c.get("/policy").json()["sources"] == {"not-bob.cedar": not_bob}
+    denied = [r for r in _audit(server, admin) if r["action"] == "policy.update" and r.get("outcome") == "denied"]
+    assert len(denied) == 1 and denied[0]["actor"] == "token:acme/admin/bob"
+
+
+def test_destructive_verbs_refuse_without_a_terminal_or_yes(site: tuple) -> None:
+    """`volume destroy IMG </dev/null` used to crypto-shred at once: now every destroying, shredding or
+    revoking verb refuses without --yes when stdin is not a terminal, and changes nothing."""
+    server, admin, _, tmp = site
+    volume = _register(server, admin, "scratch", {})
+    _agent(server, admin, tmp, "web-1")
+    verbs = [
+        ("volume", "destroy", volume, "--kms", server.url, "--ca-file", str(server.settings.server.tls_ca)),
+        ("volume", "revoke", volume, "--shred", "--kms", server.url, "--ca-file", str(server.settings.server.tls_ca)),
+        ("key", "destroy", "orders"),
+        ("instance", "revoke", "host:proxy-1"),
+        ("ca", "revoke", "agent:web-1"),
+        ("ca", "rotate", "--retire"),
+    ]
+    for verb in verbs:
+        r = server.cli(*verb, token=admin, check=False, input="y\n")  # a piped "y" is not a confirmation
+        assert r.returncode != 0 and "confirmation_required" in r.stderr, (verb, r.stdout, r.stderr)
+    with server.http(admin) as c:
+        assert c.get(f"/volumes/{volume}").json()["state"] == "active"
+        assert c.get("/keys/orders").json()["state"] == "enabled"
+    assert not [r for r in _audit(server, admin) if r["action"] in ("volume.destroy", "volume.revoke", "key.destroy")]
+    r = server.cli("volume", "destroy", volume, "--yes", "--kms", server.url, "--ca-file",
+                   str(server.settings.server.tls_ca), token=admin)  # fmt: skip
+    with server.http(admin) as c:
+        assert c.get(f"/volumes/{volume}").json()["state"] == "destroyed"

@@ -261,6 +261,24 @@ def test_shred_removes_keyslot_and_token(kms: Kms, agents: list[AgentProcess]) -
     assert agent.stop() == 0
 
 
+def test_destroying_the_key_shreds_the_open_volume(kms: Kms, agents: list[AgentProcess]) -> None:
+    """Issue 11 item 2 with a real agent: the tenant crypto-shreds the key; the agent holding the volume open
+    hears ``shred`` at its next renewal, closes it and removes the keyslot (before: ``continue`` forever)."""
+    vm, md = kms.instance()
+    path, made = kms.volume("data1", vm, lease_seconds=20, renew_seconds=1)
+    secret = kms.secret_of(path, md)
+    agent = AgentProcess(kms, [f"data1 {path} metadata={md}"])
+    agents.append(agent)
+    agent.wait(lambda s: s["volumes"]["data1"]["state"] == "open")
+    kms.admin_post("/keys/volumes/destroy", {})
+    status = agent.wait(lambda s: s["volumes"]["data1"]["state"] == "shredded", timeout=10)
+    assert status["volumes"]["data1"]["last_action"] == "shred"
+    assert not opens_with(path, secret) and opens_with(path, BREAK_GLASS)
+    with kms.server.http(kms.admin) as c:
+        assert c.get(f"/volumes/{made['volume']['id']}").json()["state"] == "destroyed"
+    assert agent.stop() == 0
+
+
 def test_unreachable_key_manager_grace(kms: Kms, agents: list[AgentProcess]) -> None:
     vm, md = kms.instance()
     keep, _ = kms.volume("keep", vm, lease_seconds=8, renew_seconds=1)  # grace null: until the lease expires

@@ -47,6 +47,7 @@ def test_newcomer_path(
         "role": "admin",
         "name": "admin",
         "kind": "token",
+        "person": "admin",
     }
     server.cli("key", "create", "orders-db", token=admin)
     gen = server.cli_json("crypto", "generate-data-key", "orders-db", "-c", "app=orders", token=admin)

@@ -388,8 +388,8 @@ def test_host_release_serves_and_revocation_drops_the_export(
     on_data.ok("read -P 0x5a 1M 4k")
     on_plain.ok("read 0 4k")
     revoked_at = time.monotonic()
-    site.server.cli("volume", "revoke", volume_id, "--kms", site.url, "--ca-file", site.kms_ca, "--reason", "test",
-                    token=site.admin)  # fmt: skip
+    site.server.cli("volume", "revoke", volume_id, "--yes", "--kms", site.url, "--ca-file", site.kms_ca,
+                    "--reason", "test", token=site.admin)  # fmt: skip
     status = proxy.wait(lambda s: s["exports"]["data1"].get("reason") == "revoked", timeout=10)
     assert time.monotonic() - revoked_at < 1 + 3  # within a renewal interval (1 s) and a margin for the machine
     assert status["exports"]["data1"]["reason"] == "revoked" and status["exports"]["plain"]["state"] == "open"

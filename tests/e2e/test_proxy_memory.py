@@ -64,7 +64,9 @@ def test_the_volume_key_is_in_the_proxy_only_and_gone_after_revocation(
     assert memory_holds(client.proc.pid, needles) == set()  # the guest's side never held the key
     assert memory_holds(proxy.proc.pid, needles) == set(needles)  # the proxy does, while it serves
 
-    site.server.cli("volume", "revoke", volume_id, "--kms", site.url, "--ca-file", site.kms_ca, token=site.admin)
+    site.server.cli(
+        "volume", "revoke", volume_id, "--yes", "--kms", site.url, "--ca-file", site.kms_ca, token=site.admin
+    )
     # the keeper's reason reaches the status file after its step, that is after the key was wiped
     proxy.wait(lambda s: s["exports"]["guest-disk"].get("reason") == "revoked", timeout=10)
     assert memory_holds(proxy.proc.pid, needles) == set()

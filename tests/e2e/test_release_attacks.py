@@ -25,6 +25,7 @@ from tests.integration.test_release_api import World, denied, wait_for, webhook
 
 pytestmark = pytest.mark.e2e
 NONCE_TTL = 3.0
+REFUSAL_INTERVAL = 0.5
 
 
 class ProcessManager:
@@ -63,7 +64,11 @@ def remote(
     alerts: tuple[str, list[dict[str, Any]]],
 ) -> Iterator[World]:
     out = init_manager(tmp_path / "ks", secret_registry)
-    env = {"KEYSTEWARD_RELEASE_ALERT_WEBHOOK_URL": alerts[0], "KEYSTEWARD_RELEASE_NONCE_TTL_SECONDS": str(NONCE_TTL)}
+    env = {
+        "KEYSTEWARD_RELEASE_ALERT_WEBHOOK_URL": alerts[0],
+        "KEYSTEWARD_RELEASE_NONCE_TTL_SECONDS": str(NONCE_TTL),
+        "KEYSTEWARD_AUDIT_REFUSAL_INTERVAL": str(REFUSAL_INTERVAL),
+    }
     server = server_factory(tmp_path / "ks", env=env)
     manager = ProcessManager(server, out.root_token.secret, secret_registry)
     yield World(manager, DevCloud.init(tmp_path / "devcloud"))  # type: ignore[arg-type]
@@ -138,11 +143,16 @@ def test_attacks_against_a_server_process(remote: World, alerts: tuple[str, list
     assert remote.call("POST", "/v1/volumes/fleet/destroy", json={}).json()["state"] == "destroyed"
     denied(remote.release(survivor, fleet)[0], "volume_destroyed")
 
-    # every refusal is in the audit chain with its reason, none with the secret
-    reasons = [r["reason"] for r in remote.audit() if r["action"] == "volume.release" and r["outcome"] == "denied"]
-    for code in ("nonce_replayed", "nonce_expired", "binding_mismatch", "evidence_invalid", "not_bound",
-                 "suspected_clone", "volume_revoked", "volume_destroyed"):  # fmt: skip
-        assert code in reasons, code
+    # every refusal is in the audit chain with its reason, none with the secret: those of callers whose
+    # evidence verified one by one, the others counted (within the refusal interval)
+    def reasons(actor: Callable[[str], bool]) -> set[str]:
+        records = [r for r in remote.audit() if r["action"] == "volume.release" and r["outcome"] == "denied"]
+        return {r["reason"] for r in records if actor(r["actor"])}
+
+    wait_for(lambda: {"nonce_expired", "binding_mismatch", "evidence_invalid"} <= reasons(lambda a: a == "anonymous"))
+    assert {"nonce_replayed", "not_bound", "suspected_clone", "volume_revoked", "volume_destroyed"} <= reasons(
+        lambda a: a.startswith("instance:devcloud/")
+    )
     text = json.dumps(remote.audit()) + remote.m.server.log_path.read_text()
     assert base64.b64encode(secret).decode() not in text and secret.hex() not in text
 
@@ -167,12 +177,12 @@ def test_release_cli_groups(remote: World) -> None:
                         token=remote.admin).stdout  # fmt: skip
     assert volume_id in listed and "bound to account=111122223333" in listed
 
-    bad = server.cli("instance", "revoke", "not-a-triple", token=remote.admin, check=False)
+    bad = server.cli("instance", "revoke", "not-a-triple", "--yes", token=remote.admin, check=False)
     assert bad.returncode != 0 and "provider/account/instance-id" in bad.stderr
-    server.cli("instance", "revoke", f"devcloud/111122223333/{vm.id}", "--reason", "test", token=remote.admin)
+    server.cli("instance", "revoke", f"devcloud/111122223333/{vm.id}", "--yes", "--reason", "test", token=remote.admin)
     assert remote.renew(lease_id, token).json()["action"] == "revoked"
     # an auditor may read but not revoke
     auditor = remote.call("POST", "/v1/tokens", json={"name": "aud", "role": "auditor"}).json()["token"]
-    refused = server.cli("volume", "revoke", "data", "--kms", server.url, "--ca-file", server.settings.server.tls_ca,
-                         token=auditor, check=False)  # fmt: skip
+    refused = server.cli("volume", "revoke", "data", "--yes", "--kms", server.url, "--ca-file",
+                         server.settings.server.tls_ca, token=auditor, check=False)  # fmt: skip
     assert refused.returncode == 1 and "role_forbidden" in refused.stderr and "Traceback" not in refused.stderr

@@ -292,7 +292,11 @@ def test_authentication_and_bad_input(site: tuple[ServerProcess, str, Xks], monk
         == 200
     )
     assert xks.call("keys/k1/encrypt", body).status_code == 200
-    server.cli_json("xks", "credential", "retire", xks.akid, token=admin)
+    piped = server.cli("xks", "credential", "retire", xks.akid, token=admin, check=False, input="y\n")
+    assert piped.returncode != 0 and "confirmation_required" in piped.stderr  # a piped "y" is not a confirmation
+    time.sleep(1.2)
+    assert xks.call("keys/k1/encrypt", body).status_code == 200
+    server.cli_json("xks", "credential", "retire", xks.akid, "--yes", token=admin)
     time.sleep(1.2)
     unauth(xks.call("keys/k1/encrypt", body))
     assert (
@@ -494,7 +498,7 @@ def test_every_worker_serves_xks_and_sees_a_retired_credential(
     # each worker opens what any worker sealed (they share the database, not memory)
     opened = [xks.call("keys/k1/decrypt", decrypt_body(r.json())) for r in sealed]
     assert [r.status_code for r in opened] == [200] * 16
-    server.cli_json("xks", "credential", "retire", xks.akid, token=admin)
+    server.cli_json("xks", "credential", "retire", xks.akid, "--yes", token=admin)
     time.sleep(1.2)
     refused = [xks.call("keys/k1/encrypt", encrypt_body(b"x")) for _ in range(12)]
     assert {error(r) for r in refused} == {(401, "AuthenticationFailedException")}

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_pem_x509_certificate
+from sqlalchemy import select, text
 
 from keysteward.crypto import x509ca
+from keysteward.store import db as store_db
 from keysteward.store.db import Database
-from keysteward.store.models import Base
+from keysteward.store.models import ApiToken, Base, Person
 from tests.fixtures.keysteward import Manager
 
 pytestmark = pytest.mark.integration
+PEOPLE = "0006"  # the migration that makes people
 
 
 def test_migrations_match_models(db_url: str) -> None:
@@ -65,3 +73,40 @@ def test_import_customer_ca(manager: Manager) -> None:
     assert bytes(key_pem).decode() not in str(issued)
     records = manager.call(beta, "GET", "/v1/audit").json()["records"]
     assert "ca.issue" in records[-1]["body"] and "PRIVATE KEY" not in "".join(r["body"] for r in records)
+
+
+def test_migration_0006_makes_each_token_a_person(db_url: str) -> None:
+    """Tokens made before people existed become one person each, named and dated after the token, so no
+    officer who could vote before the upgrade is held in a cooling-off period by it."""
+    db = Database(db_url)
+    try:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(store_db._MIGRATIONS))
+        made = datetime.now(UTC) - timedelta(days=30)
+        with db.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            before = ScriptDirectory.from_config(cfg).get_revision(PEOPLE).down_revision
+            assert isinstance(before, str)
+            command.upgrade(cfg, before)  # the schema just before people
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t1', 'acme', :at)"), {"at": made})
+            for token_id, name, role in (("a1", "admin", "admin"), ("s1", "sam", "security-officer")):
+                conn.execute(
+                    text(
+                        "INSERT INTO api_tokens (id, tenant_id, name, role, secret_hash, created_at) "
+                        "VALUES (:id, 't1', :name, :role, :hash, :at)"
+                    ),
+                    {"id": token_id, "name": name, "role": role, "hash": bytes(32), "at": made},
+                )
+        db.migrate()
+        with db.engine.connect() as conn:
+            rows = conn.execute(
+                select(ApiToken.name, Person.name, Person.created_at, ApiToken.created_by)
+                .join(Person, Person.id == ApiToken.person_id)
+                .order_by(ApiToken.name)
+            ).all()
+        assert [(r[0], r[1], r[3]) for r in rows] == [("admin", "admin", None), ("sam", "sam", None)]
+        for row in rows:
+            at = row[2] if row[2].tzinfo else row[2].replace(tzinfo=UTC)
+            assert abs(at - made) < timedelta(seconds=1)
+    finally:
+        db.dispose()

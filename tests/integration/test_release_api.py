@@ -114,9 +114,11 @@ class World:
         evidence: dict[str, Any] | None = None,
         tenant: str | None = None,
         platform: Callable[[bytes], dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> tuple[Any, OneTimeKey]:
-        """``platform(binding)`` adds platform evidence (``tpm``, ``snp``) bound to this request."""
+        """``platform(binding)`` adds platform evidence (``tpm``, ``snp``) bound to this request; ``headers``
+        go with it (a person's ``authorization`` proves who asks)."""
         otk = OneTimeKey.generate(suite)
         nonce = nonce or self.challenge()
         body = {
@@ -131,7 +133,7 @@ class World:
         if platform is not None:
             raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
             body["evidence"].update(platform(binding(raw, otk.public_bytes)))
-        return self.m.client.post("/v1/release", json=body), otk
+        return self.m.client.post("/v1/release", json=body, headers=headers), otk
 
     def released(self, instance: Instance, volume_id: str, **kw: Any) -> tuple[bytes, str, bytes]:
         r, otk = self.release(instance, volume_id, **kw)
@@ -244,16 +246,12 @@ def test_replay_expiry_binding_and_forgery_are_denied(world: World, cloud: DevCl
         "evidence": {"identity": {"type": "aws-iid", "document": b64(document), "signature": b64(signature)}},
     }
     denied(world.m.client.post("/v1/release", json=body4), "evidence_invalid")
-    reasons = [r["reason"] for r in world.audit() if r["action"] == "volume.release" and r["outcome"] == "denied"]
-    assert reasons == [
-        "binding_mismatch",
-        "nonce_replayed",
-        "nonce_replayed",
-        "nonce_invalid",
-        "nonce_expired",
-        "evidence_invalid",
-        "evidence_invalid",
-    ]
+    # the replays came with evidence that verified: a record each; the others proved nobody: counted
+    world.m.svc.refusals.flush()
+    denials = [r for r in world.audit() if r["action"] == "volume.release" and r["outcome"] == "denied"]
+    assert [r["reason"] for r in denials if r["actor"] != "anonymous"] == ["nonce_replayed", "nonce_replayed"]
+    counted = {r["reason"]: r["details"]["count"] for r in denials if r["actor"] == "anonymous"}
+    assert counted == {"binding_mismatch": 1, "nonce_invalid": 1, "nonce_expired": 1, "evidence_invalid": 2}
     # only the one genuine release holds a lease
     assert [lease["state"] for lease in world.leases()] == ["active"]
 
@@ -375,11 +373,13 @@ def test_bad_bodies_are_refused_and_change_nothing(world: World, cloud: DevCloud
     assert client.post("/v1/release", json=bad_key).json()["code"] == "hpke_invalid"
     assert client.post("/v1/release", json=dict(bad_key, suite="rsa")).status_code == 422
     assert client.post("/v1/leases/not-a-uuid/renew", json={"token": "AA=="}).status_code == 404
+    world.m.svc.refusals.flush()
     records = world.audit()[before:]
-    assert [(r["action"], r["outcome"]) for r in records] == [
-        ("volume.release", "ok"),
-        ("volume.release", "denied"),
+    assert [(r["action"], r["outcome"], r["actor"]) for r in records] == [
+        ("volume.release", "ok", f"instance:devcloud/111122223333/{vm.id}"),
+        ("volume.release", "denied", "anonymous"),  # the bad one-time key, counted
     ]
+    assert records[1]["reason"] == "hpke_invalid" and records[1]["details"]["count"] == 1
 
 
 def wait_for(check: Any, timeout: float = 10.0) -> None:

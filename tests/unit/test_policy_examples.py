@@ -88,6 +88,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
     names = sorted(p.name for p in EXAMPLES.glob("*.cedar"))
     assert names == sorted(
         [
+            "admin-rules.cedar",
             "allowlist.cedar",
             "app-keys.cedar",
             "label-binding.cedar",
@@ -100,7 +101,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
     for name in names:
         assert (EXAMPLES / name).read_text().startswith("// "), f"{name} needs a header comment"
     together = CompiledPolicySet.compile({name: (EXAMPLES / name).read_text() for name in names})
-    assert len(together.ids) == 12 and len(set(together.ids)) == 12
+    assert len(together.ids) == 14 and len(set(together.ids)) == 14
 
 
 def test_allowlist() -> None:

@@ -1,10 +1,10 @@
-"""Failure limiting per source and overall (keysteward.server.ratelimit), on a hand-driven clock."""
+"""Failure limiting per source and overall (keysteward.ratelimit), on a hand-driven clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from keysteward.server.ratelimit import FailureLimiter, source_key
+from keysteward.ratelimit import FailureLimiter, source_key
 
 pytestmark = pytest.mark.unit
 
@@ -65,3 +65,16 @@ def test_memory_is_bounded_by_max_sources() -> None:
 def test_bad_limits_are_refused(per_source: int, overall: int, window: float) -> None:
     with pytest.raises(ValueError):
         FailureLimiter(per_source, overall, window)
+
+
+def test_no_overall_limit_lets_every_other_source_through() -> None:
+    """The release path's limiter: many failing sources never lock out one that has not failed."""
+    clock = Clock()
+    limiter = FailureLimiter(2, None, 60.0, clock=clock)
+    for i in range(5000):
+        limiter.fail(f"10.1.{i // 256}.{i % 256}")
+    assert limiter.retry_after("192.0.2.1") == 0
+    assert not limiter._all  # nothing kept for an overall count
+    limiter.fail("192.0.2.1")
+    limiter.fail("192.0.2.1")
+    assert limiter.retry_after("192.0.2.1") == pytest.approx(60.0)

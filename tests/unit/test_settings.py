@@ -394,3 +394,26 @@ def test_audit_checkpoint_settings_from_file_and_env(tmp_path: Path) -> None:
 def test_bad_audit_checkpoint_settings(tmp_path: Path, toml: str, env: dict[str, str]) -> None:
     write(tmp_path, toml)
     assert load_error(tmp_path, env).code == "bad_setting"
+
+
+# --- [release] approver cooling-off ----------------------------------------------------------------
+
+
+def test_approver_cooling_off_default_file_and_env(tmp_path: Path) -> None:
+    assert settings.load(tmp_path, env={}).release.approver_cooling_off_seconds == 86400.0
+    write(tmp_path, "[release]\napprover_cooling_off_seconds = 3600\n")
+    assert settings.load(tmp_path, env={}).release.approver_cooling_off_seconds == 3600.0
+    env = {"KEYSTEWARD_RELEASE_APPROVER_COOLING_OFF_SECONDS": "0"}
+    assert settings.load(tmp_path, env=env).release.approver_cooling_off_seconds == 0.0
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf", "a day", "", "true"])
+def test_bad_approver_cooling_off(tmp_path: Path, value: str) -> None:
+    env = {"KEYSTEWARD_RELEASE_APPROVER_COOLING_OFF_SECONDS": value}
+    assert load_error(tmp_path, env).code == "bad_setting"
+
+
+@pytest.mark.parametrize("value", ["-0.5", "nan", "-inf", "true", "[]"])
+def test_bad_approver_cooling_off_in_file(tmp_path: Path, value: str) -> None:
+    write(tmp_path, f"[release]\napprover_cooling_off_seconds = {value}\n")
+    assert load_error(tmp_path).code == "bad_setting"

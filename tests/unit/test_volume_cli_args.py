@@ -121,7 +121,7 @@ def test_every_verb_keeps_its_options() -> None:
         "remove-key": {"--slot", "--passphrase-file", "--json"},
         "list": admin,
         "status": admin,
-        "revoke": {"--shred", "--reason", *admin},
-        "destroy": {"--reason", *admin},
+        "revoke": {"--shred", "--reason", "--yes", *admin},
+        "destroy": {"--reason", "--yes", *admin},
     }  # fmt: skip
     assert {verb.name: {opt.name for opt in verb.options} for verb in volume_cmd.VERBS} == expected

@@ -420,3 +420,17 @@ def test_unusable_tenant_ca_is_unauthenticated(ca_a: tuple[str, bytearray]) -> N
     with pytest.raises(Unauthenticated) as info:
         x509identity.verify_client_cert(_der(_agent(ca_a).cert_pem), "not a pem")
     assert info.value.code == "bad_client_cert"
+
+
+def test_pem_helpers_name_one_certificate(ca_a: tuple[str, bytearray]) -> None:
+    cert = _cert(ca_a[0])
+    assert x509identity.pem_to_der(ca_a[0]) == cert.public_bytes(serialization.Encoding.DER)
+    assert x509identity.subject_of(ca_a[0]) == cert.subject
+    assert len(x509identity.pem_fingerprint(ca_a[0])) == 64
+    other_pem, _ = x509ca.new_ca("another CA")
+    assert x509identity.pem_fingerprint(other_pem) != x509identity.pem_fingerprint(ca_a[0])
+    for bad in ("", "not a pem", ca_a[0] + other_pem, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"):
+        for helper in (x509identity.pem_to_der, x509identity.subject_of, x509identity.pem_fingerprint):
+            with pytest.raises(BadRequest) as info:
+                helper(bad)
+            assert info.value.code == "bad_pem"

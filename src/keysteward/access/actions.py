@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from keysteward.access.request import AccessRequest, Delivery
-from keysteward.audit.log import Effect
+from keysteward.audit.group_commit import Effect
 from keysteward.errors import Denied, KeystewardError, NotFound
 from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision
@@ -56,15 +56,31 @@ class Booked:
     """A routine step that needs no audit record (a renewal that continues: the lease row says it)."""
 
 
-class Refusal(Exception):
-    """Raised by ``resolve`` when the request fails before a principal is proven: it is audited with
-    ``effect`` (which may spend a genuine nonce presented with it) and ``denied`` is raised to the caller."""
+@dataclass(frozen=True)
+class Unproven:
+    """A request whose caller nothing has proven yet: what its counted refusal record names."""
 
-    def __init__(self, tenant_id: str, denied: Denied, effect: Effect) -> None:
+    target: str
+    """The record's target, for every refusal of the kind: ``volume:*``."""
+    sample: str
+    """What this caller named (a volume id): attacker-chosen, so escaped and cut before it is recorded."""
+
+
+class Refusal(Exception):
+    """Raised by ``resolve`` when the request fails before its caller is proven by what resolve verifies.
+
+    ``effect`` (if any) runs in a transaction (it may spend a genuine nonce presented with the request) and
+    returns the record of a proven caller's refusal; for an ``unproven`` caller it returns no record and the
+    refusal is counted instead (:mod:`keysteward.access.refusals`). ``denied`` is raised to the caller."""
+
+    def __init__(
+        self, tenant_id: str, denied: Denied, effect: Effect | None, *, unproven: Unproven | None = None
+    ) -> None:
         super().__init__(denied.message)
         self.tenant_id = tenant_id
         self.denied = denied
         self.effect = effect
+        self.unproven = unproven
 
 
 class ActionHandler:
@@ -79,6 +95,13 @@ class ActionHandler:
     def unknown_tenant(self) -> KeystewardError:
         """What a request naming no tenant of this server gets (the same answer as an unknown resource)."""
         return NotFound("no such tenant", code="tenant_not_found")
+
+    def unproven(self, request: AccessRequest) -> Unproven | None:
+        """For a request with no principal whose caller only :meth:`resolve` can prove (by its evidence): what
+        its refusals are counted as. Such requests are limited per source, their refusals counted, and one
+        naming an unknown tenant is resolved with ``NO_TENANT_ID``, to get the answer a known tenant's
+        unknown resource gets. None (the default): the front-end proved the caller."""
+        return None
 
     def warm(self, request: AccessRequest, tenant_id: str) -> bool:
         """Whether :meth:`resolve` needs no database read (then it runs on the event loop)."""

@@ -26,11 +26,12 @@ from typing import Any
 import anyio.to_thread
 from sqlalchemy import Connection
 
-from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
+from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject, Unproven
+from keysteward.access.refusals import RefusalGate
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.audit.log import AuditLog
 from keysteward.errors import Denied, KeystewardError, NotFound
-from keysteward.identity.tenants import Tenants
+from keysteward.identity.tenants import NO_TENANT_ID, Tenants
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.store import PolicyStore, PolicyVersion
 
@@ -56,6 +57,8 @@ class _Step:
     subject: Subject | None = None
     performed: Any = None
     failed: KeystewardError | None = None
+    counted: tuple[str, str, Unproven] | None = None
+    """(action, source, what) of an unproven caller's refusal, counted after its effect committed."""
 
 
 class AccessService:
@@ -66,12 +69,14 @@ class AccessService:
         audit: AuditLog,
         actions: ActionTable,
         alert: Callable[[dict[str, Any]], None] | None = None,
+        refusals: RefusalGate | None = None,
     ) -> None:
         self.tenants = tenants
         self.policies = policies
         self.audit = audit
         self.actions = actions
         self._alert = alert
+        self.refusals = refusals
 
     # -- the one path ---------------------------------------------------------------------------------
     def decide(self, request: AccessRequest) -> Any:
@@ -89,6 +94,8 @@ class AccessService:
             step = self._prepare(request)
         else:
             step = await anyio.to_thread.run_sync(self._prepare, request)
+        if step.effect is _no_effect:
+            return self._finish(step)
         try:
             await self.audit.commit_async(step.tenant_id, step.effect)
         except BaseException:
@@ -97,6 +104,8 @@ class AccessService:
         return self._finish(step)
 
     def _commit(self, step: _Step) -> None:
+        if step.effect is _no_effect:
+            return
         try:
             self.audit.commit(step.tenant_id, step.effect)
         except BaseException:
@@ -112,17 +121,29 @@ class AccessService:
         if request.delivery != handler.delivery:
             raise ValueError(f"{request.action} delivers {handler.delivery}, not {request.delivery}")
         now = datetime.now(UTC)
-        try:
-            tenant_id = self.tenants.id_of(request.tenant)
-        except NotFound:
-            log.info("%s for an unknown tenant refused", request.action)
-            raise handler.unknown_tenant() from None
-        if request.principal is not None and request.principal.tenant_id != tenant_id:
-            raise handler.unknown_tenant()  # a principal of one tenant never reaches another's resources
+        unproven = handler.unproven(request) if request.principal is None else None
+        if unproven is not None:
+            if self.refusals is not None:
+                cached = self.tenants.cached_id(request.tenant)
+                self.refusals.admit(request.context.source, cached, handler.action, unproven.target, unproven.sample)
+            tenant_id = self.tenants.id_or_unknown(request.tenant)
+        else:
+            try:
+                tenant_id = self.tenants.id_of(request.tenant)
+            except NotFound:
+                log.info("%s for an unknown tenant refused", request.action)
+                raise handler.unknown_tenant() from None
+            if request.principal is not None and request.principal.tenant_id != tenant_id:
+                raise handler.unknown_tenant()  # a principal of one tenant never reaches another's resources
         try:
             subject = handler.resolve(request, tenant_id, now)
         except Refusal as refused:
-            return _Step(refused.tenant_id, refused.effect, _Verdict(denied=refused.denied))
+            step = _Step(refused.tenant_id, refused.effect or _no_effect, _Verdict(denied=refused.denied))
+            if refused.unproven is not None:
+                step.counted = (handler.action, request.context.source, refused.unproven)
+            return step
+        if tenant_id == NO_TENANT_ID:  # resolve found something of no tenant: never go on with it
+            raise handler.unknown_tenant()
         policy, decision = self._evaluate(tenant_id, subject)
         step = _Step(tenant_id, _no_effect, _Verdict(), handler, subject)
         step.effect = self._effect(step, policy, decision, now)
@@ -174,6 +195,7 @@ class AccessService:
                 details.update(subject.details)
                 return {**record, "outcome": "denied", "reason": exc.code, "details": details}
             verdict.denied, verdict.booked = None, booked
+            record["target"] = subject.target  # the bookkeeping may name what it made (policy:v7)
             if booked.quiet:
                 return {}
             details.update(subject.details)
@@ -185,6 +207,11 @@ class AccessService:
 
     def _finish(self, step: _Step) -> Any:
         verdict = step.verdict
+        if step.counted is not None and verdict.denied is not None and self.refusals is not None:
+            action, source, what = step.counted
+            self.refusals.refused(
+                step.tenant_id, action, verdict.denied.code, source=source, target=what.target, sample=what.sample
+            )
         if step.subject is not None and self._alert is not None:
             for alert in step.subject.alerts:
                 self._alert(alert)

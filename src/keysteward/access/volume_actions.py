@@ -1,4 +1,4 @@
-"""Volume key release, renewal and lease end as actions of the access path (docs/release-protocol.md).
+"""Volume key release as an action of the access path (docs/release-protocol.md).
 
 ``volume.release`` (Cedar ``release``): the caller is an instance proven by its provider-signed identity
 document, or a host of the tenant proven by its mTLS certificate; platform evidence (TPM quote, SEV-SNP
@@ -7,10 +7,8 @@ the volume's state and the caller's revocation are read under a row lock, a live
 makes a suspected clone, then the policy's denial, approval bookkeeping and the lease. Only after the
 commit is the volume secret unwrapped and sealed (KSR1, HPKE) to the one-time key.
 
-``lease.renew`` asks the policy again (Cedar ``release`` with the facts the lease was granted on, at the
-current time and policy version, and ``renew``): a policy change that no longer permits the holder turns
-its next renewal into ``revoked``. A permit that needs approval keeps the lease going: the approval was
-given for this lease. ``lease.end`` asks nothing: giving a key back is always allowed.
+Renewal and lease end are :mod:`keysteward.access.lease_actions`; registration (``volume.register``) is
+:mod:`keysteward.access.volume_create`.
 """
 
 from __future__ import annotations
@@ -27,16 +25,19 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
-from keysteward.access.principals import policy_principal
+from keysteward.access import lease_actions
+from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject, Unproven
 from keysteward.access.request import AccessRequest, Delivery
+from keysteward.access.resources import volume_resource
+from keysteward.access.volume_create import VolumeCreate
 from keysteward.attest.binding import binding
 from keysteward.attest.errors import EvidenceRejected
 from keysteward.attest.identity import InstanceIdentity, verify_identity
+from keysteward.audit.refusals import escaped
 from keysteward.crypto import hpke
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
-from keysteward.formats.release_wire import CREATE_LEASE_ID, PROTOCOL, TOKEN_SIZE, pack_secret, seal_info
+from keysteward.formats.release_wire import PROTOCOL, TOKEN_SIZE, pack_secret, seal_info
 from keysteward.keys.keystore import KeyStore
 from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision
@@ -46,20 +47,11 @@ from keysteward.policy.store import PolicyStore, PolicyVersion
 from keysteward.release import leases
 from keysteward.release.nonces import Nonces, decode
 from keysteward.release.platform import PlatformVerifier
-from keysteward.release.registry import (
-    ACTIVE,
-    DESTROYED,
-    SHRED,
-    Caller,
-    HostIdentity,
-    Registry,
-    VolumeInfo,
-    VolumeSpec,
-    actor_of,
-)
+from keysteward.release.registry import Registry
+from keysteward.release.volumes import ACTIVE, DESTROYED, Caller, HostIdentity, VolumeInfo, actor_of
 from keysteward.settings import ReleaseSettings
 from keysteward.store.db import for_update
-from keysteward.store.models import DataKey, Lease, Tenant, Volume
+from keysteward.store.models import DataKey, Volume
 
 log = logging.getLogger("keysteward.release")
 SWEEP_SECONDS = 60.0
@@ -72,7 +64,11 @@ class ReleaseInputs:
     suite: str
     public_key: bytes
     on_behalf_of: str | None = None
-    """The human (name in the tenant) who asked for this release on the instance's behalf, if any."""
+    """The human (name in the tenant) the instance says asked for this release: shown to approvers, never
+    trusted."""
+    requested_by: str | None = None
+    """Set by the front-end when a person of the tenant proved they ask (their own API token came with the
+    request): that person may not approve it, whichever of their tokens they vote with."""
     host: str | None = None
     """Set by the front-end when the caller proved itself with a ``host`` client certificate of the tenant;
     the certificate is then the identity evidence (the platform evidence still counts)."""
@@ -122,14 +118,7 @@ def policy_request(
         tenant=tenant,
         action="release",
         principal=principal,
-        resource={
-            "type": "Volume",
-            "id": volume.id,
-            "name": volume.name,
-            "key": volume.key,
-            "labels": dict(volume.labels),
-            "binding": volume.binding.as_dict(),
-        },
+        resource=volume_resource(volume),
         identity=identity,
         platform=dict(platform),
         time=now,
@@ -179,6 +168,10 @@ class VolumeRelease(ActionHandler):
         return True
 
     # -- steps 1-2 ----------------------------------------------------------------------------------
+    def unproven(self, request: AccessRequest) -> Unproven | None:
+        inputs: ReleaseInputs = request.inputs
+        return None if inputs.host is not None else Unproven("volume:*", inputs.volume_id)
+
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
         inputs: ReleaseInputs = request.inputs
         spent: tuple[bytes, datetime] | None = None
@@ -199,28 +192,29 @@ class VolumeRelease(ActionHandler):
                 caller = HostIdentity(request.tenant, inputs.host)
             else:
                 caller = self._identity(tenant_id, request, raw)
-            bound = binding(raw, inputs.public_key)
-            try:
-                platform, summary = self.platform.verify(
-                    tenant_id, caller.key(), request.evidence, binding=bound, now=now
-                )
-            except EvidenceRejected as exc:
-                raise Denied(exc.message, code=exc.code) from None
         except (Denied, hpke.HpkeError) as exc:
-            raise Refusal(tenant_id, *self._refusal(inputs.volume_id, exc, spent, request.context.source)) from None
+            raise self._refusal(request, tenant_id, exc, spent, None) from None
+        bound = binding(raw, inputs.public_key)
+        try:
+            platform, summary = self.platform.verify(tenant_id, caller.key(), request.evidence, binding=bound, now=now)
+        except EvidenceRejected as exc:  # the caller is proven by now: its own record
+            denied = Denied(exc.message, code=exc.code)
+            raise self._refusal(request, tenant_id, denied, spent, (caller, volume)) from None
         state = _Release(inputs, request.tenant, raw, expires, volume, key_id, wrapped, caller)
         details: dict[str, Any] = {"instance": caller.claims(), "volume": volume.name}
         if request.context.source:
             details["source"] = request.context.source[:64]
         if summary:
             details["platform"] = summary
+        if inputs.requested_by is not None:
+            details["requested_by"] = inputs.requested_by
         subject = Subject(tenant_id, actor_of(caller.key()), f"volume:{volume.id}", None, details=details, state=state)
         try:
             subject.facts = policy_request(request.tenant, request.context.address(), volume, caller, platform, now)
         except PolicyRequestInvalid as exc:
             log.warning("release facts did not make a policy request: %s", exc.code)
-            raise Refusal(tenant_id, *self._refusal(inputs.volume_id, Denied(exc.message, code="policy_error"),
-                                                    spent, request.context.source)) from None  # fmt: skip
+            denied = Denied(exc.message, code="policy_error")
+            raise self._refusal(request, tenant_id, denied, spent, (caller, volume)) from None
         return subject
 
     def _identity(self, tenant_id: str, request: AccessRequest, raw: bytes) -> InstanceIdentity:
@@ -238,10 +232,30 @@ class VolumeRelease(ActionHandler):
             raise Denied(exc.message, code=exc.code) from None
 
     def _refusal(
-        self, volume_id: str, exc: KeystewardError, spent: tuple[bytes, datetime] | None, source: str
-    ) -> tuple[Denied, Any]:
-        """A refusal before the evidence named anyone; a genuine nonce presented with it is spent too."""
+        self,
+        request: AccessRequest,
+        tenant_id: str,
+        exc: KeystewardError,
+        spent: tuple[bytes, datetime] | None,
+        proven: tuple[Caller, VolumeInfo] | None,
+    ) -> Refusal:
+        """A refusal in steps 1-2; a genuine nonce presented with it is spent too. A caller nobody has proven
+        gets no record of its own (it is counted: see access/refusals.py); a proven one (its evidence verified,
+        or a host by its certificate) gets its record as any denial does."""
         denied = exc if isinstance(exc, Denied) else Denied(exc.message, code=exc.code)
+        inputs: ReleaseInputs = request.inputs
+        source = request.context.source[:64]
+        unproven = self.unproven(request) if proven is None else None
+        if unproven is not None and spent is None:
+            return Refusal(tenant_id, denied, None, unproven=unproven)
+        record: dict[str, Any] = {"action": self.action, "outcome": "denied", "reason": denied.code}
+        if proven is not None:
+            caller, volume = proven
+            record.update(actor=actor_of(caller.key()), target=f"volume:{volume.id}",
+                          details={"source": source, "instance": caller.claims(), "volume": volume.name})  # fmt: skip
+        else:
+            record.update(actor=f"host:{inputs.host}", target=f"volume:{escaped(inputs.volume_id, 64)}",
+                          details={"source": source})  # fmt: skip
 
         def effect(conn: Connection) -> dict[str, Any]:
             if spent is not None:
@@ -249,16 +263,9 @@ class VolumeRelease(ActionHandler):
                     self.nonces.spend(conn, *spent)
                 except Denied:
                     pass  # spent before: the refusal stands with its own reason
-            return {
-                "actor": "instance:unverified",
-                "action": self.action,
-                "target": f"volume:{volume_id[:64]}",
-                "outcome": "denied",
-                "reason": denied.code,
-                "details": {"source": source[:64]},
-            }
+            return {} if unproven is not None else dict(record)
 
-        return denied, effect
+        return Refusal(tenant_id, denied, effect, unproven=unproven)
 
     # -- steps 3-4, in the transaction ----------------------------------------------------------------
     def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
@@ -333,6 +340,7 @@ class VolumeRelease(ActionHandler):
                 policies=decision.policies,
                 facts=facts.to_json(),
                 on_behalf_of=state.inputs.on_behalf_of,
+                requested_by=state.inputs.requested_by,
                 now=now,
                 ttl=timedelta(seconds=self.settings.approval_ttl_seconds),
             )
@@ -393,104 +401,6 @@ class VolumeRelease(ActionHandler):
         )
 
 
-@dataclass(frozen=True, repr=False)
-class LeaseInputs:
-    lease_id: str
-    token: bytes
-
-
-@dataclass(frozen=True)
-class RenewAnswer:
-    action: str
-    """``continue``, ``revoked``, ``shred`` or ``expired``."""
-    expires_at: datetime
-
-
-class _LeaseAction(ActionHandler):
-    def __init__(self, registry: Registry, policies: PolicyStore) -> None:
-        self.registry = registry
-        self.policies = policies
-
-    def unknown_tenant(self) -> KeystewardError:
-        return NotFound("no such lease, or not this token", code="lease_not_found")
-
-    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
-        inputs: LeaseInputs = request.inputs
-        with self.registry.db.read() as conn:
-            row = leases.load(conn, inputs.lease_id, inputs.token)
-        if str(row.tenant_id) != tenant_id:
-            raise NotFound("no such lease, or not this token", code="lease_not_found")
-        return Subject(tenant_id, actor_of(row.holder), f"volume:{row.volume_id}", None, state=inputs)
-
-
-class LeaseRenew(_LeaseAction):
-    action, cedar_action, delivery = "lease.renew", None, Delivery.NOTHING
-
-    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
-        inputs: LeaseInputs = subject.state
-        row = leases.load(conn, inputs.lease_id, inputs.token)
-        volume = conn.execute(select(Volume.state, Volume.lease_seconds).where(Volume.id == row.volume_id)).one()
-        instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
-        expires = leases.aware(row.expires_at)
-        subject.details["lease"] = row.id
-        if row.state in (leases.REVOKED, leases.SHRED):
-            action = row.state
-        elif row.state != leases.ACTIVE or expires <= now:
-            action = "expired"
-            if row.state == leases.ACTIVE:
-                leases.set_state(conn, row.id, leases.EXPIRED, now)
-        elif volume.state in (SHRED, DESTROYED) or instance is True:
-            action = leases.SHRED
-        elif volume.state != ACTIVE or instance is False:
-            action = leases.REVOKED
-        elif not self._still_permitted(subject, row, now):
-            action = leases.REVOKED
-        else:
-            return Booked(RenewAnswer("continue", leases.extend(conn, row.id, now, volume.lease_seconds)), quiet=True)
-        if action in (leases.REVOKED, leases.SHRED) and row.state == leases.ACTIVE:
-            leases.set_state(conn, row.id, action, now)
-        subject.details["answer"] = action
-        return Booked(RenewAnswer(action, expires), quiet=action == row.state)  # delivered before: recorded
-
-    def _still_permitted(self, subject: Subject, row: Any, now: datetime) -> bool:
-        """The policy in force asked again with the facts the lease was granted on, at ``now``."""
-        if row.facts is None:
-            return True  # granted before renewals asked the policy
-        policy = self.policies.current(subject.tenant_id)
-        try:
-            granted = json.loads(row.facts)
-            granted["time"] = now.isoformat()
-            release = PolicyRequest.from_json(granted)
-            renew = PolicyRequest.from_json({**granted, "action": "renew"})
-        except (PolicyRequestInvalid, ValueError) as exc:
-            log.warning("a lease's facts no longer make a policy request: %s", type(exc).__name__)
-            subject.details.update(policy_version=policy.version, reason="policy_error")
-            return False
-        decided = policy.compiled.evaluate(release)
-        renewal = policy.compiled.evaluate(renew)
-        if decided.effect == "deny" or renewal.reason in ("forbidden_by_policy", "policy_error"):
-            subject.details.update(
-                policy_version=policy.version,
-                policies=list(decided.policies + renewal.policies),
-                reason=decided.reason if decided.effect == "deny" else renewal.reason,
-            )
-            return False
-        return True
-
-
-class LeaseEnd(_LeaseAction):
-    action, cedar_action, delivery = "lease.end", None, Delivery.NOTHING
-
-    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
-        inputs: LeaseInputs = subject.state
-        row = leases.load(conn, inputs.lease_id, inputs.token)
-        if row.state != leases.ACTIVE:
-            return Booked(quiet=True)
-        leases.set_state(conn, row.id, leases.ENDED, now)
-        subject.details["lease"] = row.id
-        return Booked()
-
-
 @dataclass(frozen=True)
 class Challenge:
     protocol: str
@@ -505,97 +415,6 @@ def challenge(nonces: Nonces) -> Challenge:
     return Challenge(PROTOCOL, nonce, expires_at, tuple(hpke.SUITES))
 
 
-def lease_tenant(registry: Registry, lease_id: str) -> str:
-    """The tenant name a lease belongs to (the renewal protocol names only the lease)."""
-    try:
-        uuid.UUID(lease_id)
-    except ValueError:
-        raise NotFound("no such lease, or not this token", code="lease_not_found") from None
-    with registry.db.read() as conn:
-        name = conn.execute(
-            select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == lease_id)
-        ).scalar_one_or_none()
-    if name is None:
-        raise NotFound("no such lease, or not this token", code="lease_not_found")
-    return str(name)
-
-
-@dataclass(frozen=True, repr=False)
-class CreateInputs:
-    spec: VolumeSpec
-    suite: str
-    public_key: bytes
-
-
-@dataclass(frozen=True, repr=False)
-class Created:
-    volume: VolumeInfo
-    suite: str
-    sealed: bytes
-
-
-class VolumeCreate(ActionHandler):
-    """``volume.register`` (Cedar ``volume_create``): the volume's secret is made and stored wrapped in the
-    transaction; after the commit it is unwrapped and sealed to the creating tool's one-time key."""
-
-    action, cedar_action, delivery = "volume.register", "volume_create", Delivery.SEALED
-
-    def __init__(self, registry: Registry, keys: KeyStore) -> None:
-        self.registry = registry
-        self.keys = keys
-
-    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
-        inputs: CreateInputs = request.inputs
-        who = request.principal
-        if who is None:
-            raise Denied("registering a volume needs an authenticated principal", code="no_credentials")
-        hpke.load_public_key(inputs.suite, inputs.public_key)  # a bad key is refused before anything is made
-        spec = inputs.spec
-        spec.check()
-        volume_id = str(uuid.uuid4())
-        facts = PolicyRequest(
-            tenant=request.tenant,
-            action="volume_create",
-            principal=policy_principal(who),
-            resource={
-                "type": "Volume",
-                "id": volume_id,
-                "name": spec.name,
-                "key": spec.key,
-                "labels": dict(spec.labels),
-                "binding": spec.binding.as_dict(),
-            },
-            identity={},
-            platform={},
-            time=now,
-        )
-        details = {"name": spec.name, "key": spec.key, "labels": spec.labels, "binding": spec.binding.as_dict()}
-        state = (volume_id, inputs)
-        return Subject(tenant_id, who.describe(), f"volume:{volume_id}", facts, details=details, state=state)
-
-    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
-        volume_id, inputs = subject.state
-        if decision.effect == "approval":
-            raise Denied("registering a volume is not held for approval", code="approval_unsupported")
-        info, dek_id = self.registry.insert_volume(conn, subject.tenant_id, inputs.spec, volume_id, now)
-        subject.details["key_version"] = info.key_version
-        return Booked(value=(info, dek_id))
-
-    def deliver(self, subject: Subject, booked: Booked, performed: Any) -> Created:
-        _, inputs = subject.state
-        info, dek_id = booked.value
-        tenant = subject.facts.tenant if subject.facts is not None else ""
-        with self.keys.unwrap_data_key(subject.tenant_id, dek_id) as secret:
-            plaintext = pack_secret(secret.view(), bytes(TOKEN_SIZE))
-            try:
-                sealed = hpke.seal(
-                    inputs.suite, inputs.public_key, plaintext, seal_info(tenant, info.id, CREATE_LEASE_ID)
-                )
-            finally:
-                wipe_bytearray(plaintext)
-        return Created(info, inputs.suite, sealed)
-
-
 def register(
     table: ActionTable,
     registry: Registry,
@@ -606,6 +425,5 @@ def register(
     settings: ReleaseSettings,
 ) -> None:
     table.register(VolumeRelease(registry, keys, nonces, platform, policies, settings))
-    table.register(LeaseRenew(registry, policies))
-    table.register(LeaseEnd(registry, policies))
+    lease_actions.register(table, registry, policies)
     table.register(VolumeCreate(registry, keys))

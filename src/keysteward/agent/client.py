@@ -31,19 +31,13 @@ from typing import Any
 
 import httpx
 
+from keysteward.api_errors import answer_error, transport_error
 from keysteward.attest.binding import binding
 from keysteward.crypto.hpke import SUITES, X25519, OneTimeKey
 from keysteward.crypto.secret import SecretBuffer, wipe_bytearray
 from keysteward.errors import (
     BadRequest,
-    Conflict,
-    Denied,
-    Forbidden,
     KeystewardError,
-    NotFound,
-    PayloadTooLarge,
-    Unauthenticated,
-    Unavailable,
 )
 from keysteward.formats.release_wire import (
     CREATE_LEASE_ID,
@@ -62,10 +56,6 @@ RENEW_ACTIONS = ("continue", "revoked", "shred", "expired")
 
 Evidence = Callable[[bytes], Mapping[str, Any]]
 """``evidence(binding) -> identity``: the ``evidence.identity`` object for a 32-byte binding."""
-
-_BY_STATUS: dict[int, type[KeystewardError]] = {
-    400: BadRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
-}  # fmt: skip
 
 
 def protocol_error(message: str) -> KeystewardError:
@@ -267,32 +257,20 @@ class AgentClient:
         try:
             response = self._http.post(path, json=dict(body))
         except httpx.HTTPError as exc:
-            raise Unavailable(f"cannot reach the key manager at {self.url}: {exc}", code=UNREACHABLE) from exc
+            raise transport_error(exc, self.url, UNREACHABLE) from exc
         if len(response.content) > MAX_ANSWER:
             raise protocol_error(f"an answer of {len(response.content)} bytes")
         try:
             data = response.json() if response.content else {}
         except ValueError:
             data = None
-        if response.status_code >= 500:
-            code = data.get("code") if isinstance(data, dict) else None
-            detail = data.get("detail") if isinstance(data, dict) else None
-            raise Unavailable(
-                f"the key manager at {self.url} answered {response.status_code}: {detail or response.reason_phrase}"
-                f" ({code or 'no code'})",
-                code=UNREACHABLE,
-            )
-        if not isinstance(data, dict):
-            raise protocol_error(f"{path} answered {response.status_code} without a JSON object")
-        if response.status_code >= 400:
-            code = str(data.get("code") or "error")[:64]
-            detail = str(data.get("detail") or response.reason_phrase)[:500]
-            if response.status_code == 403 and data.get("decision") == "denied":
-                raise Denied(detail, code=code)
-            cls = _BY_STATUS.get(response.status_code, KeystewardError)
-            error = cls(detail, code=code)
-            error.status = response.status_code
+        status = response.status_code
+        if status < 500 and not isinstance(data, dict):
+            raise protocol_error(f"{path} answered {status} without a JSON object")
+        error = answer_error(status, data, response.reason_phrase, self.url, unavailable_code=UNREACHABLE)
+        if error is not None:
             raise error
+        assert isinstance(data, dict)
         return response.status_code, data
 
     # -- protocol ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,8 @@ DEFAULT_STATUS_FILE = "/run/keysteward/agent.json"
 RETRY_MIN = 1.0
 RETRY_MAX = 60.0
 UNREACHABLE_RETRY = 5.0
+USE_FAILED_RETRY = 30.0
+"""Seconds before a volume that was released but could not be used (``on_unlock`` raised) is tried again."""
 """Seconds between renewal attempts while the key manager is unreachable (at most; renew_seconds if lower)."""
 
 
@@ -124,6 +127,10 @@ class Tracked:
         return out
 
 
+UnlockHook = Callable[[Tracked], None]
+LockHook = Callable[[Tracked, str], None]
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -173,12 +180,25 @@ def harden_process() -> None:
 class Agent:
     """The daemon's state machine over its volumes; :meth:`run` loops until :meth:`stop`."""
 
-    def __init__(self, entries: list[VolumeEntry], status_file: str, *, config: str = "") -> None:
+    def __init__(
+        self,
+        entries: list[VolumeEntry],
+        status_file: str,
+        *,
+        config: str = "",
+        on_unlock: UnlockHook | None = None,
+        before_lock: LockHook | None = None,
+    ) -> None:
+        """``status_file`` "" writes none. ``on_unlock(v)`` runs when a volume has opened (raising: the volume
+        cannot be used, so its lease ends and it locks again, retried later); ``before_lock(v, reason)`` runs
+        before a volume's key is wiped (the NBD proxy drops the export and its connections there)."""
         self.volumes = [Tracked(entry) for entry in entries]
         self.status_file = status_file
         self.config = config
         self.started_at = _now_iso()
         self._stop = threading.Event()
+        self._on_unlock = on_unlock
+        self._before_lock = before_lock
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -218,7 +238,25 @@ class Agent:
             "volumes": {v.name: v.status() for v in self.volumes},
         }  # fmt: skip
 
+    def track(self, entry: VolumeEntry) -> None:
+        """Keep one more volume; it is released at the next :meth:`step`."""
+        self.volumes.append(Tracked(entry, retry_at=time.monotonic()))
+
+    def forget(self, name: str, reason: str) -> None:
+        """Stop keeping ``name``: end its lease cleanly, wipe its key, drop it."""
+        for v in list(self.volumes):
+            if v.name == name:
+                self._end_lease(v)
+                self._lock(v, reason, action=reason)
+                self.volumes.remove(v)
+
+    def next_due(self) -> float:
+        """Seconds until something is due (a renewal, a lock at a deadline, a retry)."""
+        return self._sleep()
+
     def write_status(self) -> None:
+        if not self.status_file:
+            return
         try:
             write_status(self.status_file, self.status())
         except OSError as exc:
@@ -266,6 +304,16 @@ class Agent:
         v.last_action = "unlock"
         log.info(logline("unlocked", volume=v.name, path=v.entry.path, mode=unlocked.mode,
                          lease=unlocked.lease.id, expires_at=v.expires_at))  # fmt: skip
+        if self._on_unlock is None:
+            return
+        try:
+            self._on_unlock(v)
+        except Exception as exc:  # noqa: BLE001 - a volume that cannot be used must not stay unlocked
+            code = exc.code if isinstance(exc, KeystewardError) else "open_failed"
+            log.error(logline("use_failed", volume=v.name, code=code, error=type(exc).__name__))
+            self._end_lease(v)
+            self._lock(v, code, action="open_failed")
+            v.retry_at = time.monotonic() + USE_FAILED_RETRY
 
     def _leased(self, v: Tracked, lease: Lease, now: float) -> None:
         v.expires = _expiry_mono(lease.expires_at)
@@ -321,6 +369,11 @@ class Agent:
         v.state, v.reason, v.last_action = "locked", reason, action
         if unlocked is None:
             return
+        if self._before_lock is not None:
+            try:
+                self._before_lock(v, reason)
+            except Exception as exc:  # noqa: BLE001 - whatever the hook did, the key is wiped below
+                log.error(logline("before_lock_failed", volume=v.name, reason=reason, error=type(exc).__name__))
         try:
             unlocked.close()  # wipes the volume key (userspace) or has the kernel drop it (dm); wipes the lease
         except KeystewardError as exc:

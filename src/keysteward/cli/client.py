@@ -1,4 +1,4 @@
-"""The CLI's HTTP client: one place that turns problem+json answers into one-line errors."""
+"""The CLI's HTTP client; answers that are errors become errors in :mod:`keysteward.api_errors`."""
 
 from __future__ import annotations
 
@@ -11,15 +11,7 @@ from typing import Any
 
 import httpx
 
-from keysteward.errors import KeystewardError, Unavailable
-
-
-class ApiError(KeystewardError):
-    """An error the server answered with (its code and detail are carried over)."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail, code=code)
-        self.status = status
+from keysteward.api_errors import answer_error, transport_error
 
 
 @dataclass(frozen=True)
@@ -68,22 +60,16 @@ class Client:
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         try:
             response = self._http.request(method, path, json=json, params=params)
-        except httpx.ConnectError as exc:
-            raise Unavailable(
-                f"cannot reach the key manager at {self.options.url}: {exc}", code="server_unreachable"
-            ) from exc
         except httpx.HTTPError as exc:
-            raise Unavailable(f"request to {self.options.url} failed: {exc}", code="server_unreachable") from exc
+            raise transport_error(exc, self.options.url, "server_unreachable") from exc
         if response.status_code >= 400:
             try:
                 body = response.json()
-                raise ApiError(
-                    response.status_code,
-                    str(body.get("code", "error")),
-                    str(body.get("detail", response.reason_phrase)),
-                )
             except ValueError:
-                raise ApiError(response.status_code, "http_error", response.reason_phrase) from None
+                body = None
+            error = answer_error(response.status_code, body, response.reason_phrase, self.options.url)
+            assert error is not None
+            raise error
         if response.status_code == 204 or not response.content:
             return None
         return response.json()

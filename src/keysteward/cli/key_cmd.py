@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fields, table
 
@@ -63,12 +64,11 @@ def key_destroy_version(
     name: str,
     version: int,
     force: Annotated[bool, typer.Option("--force", help="Also shred data keys still under it.")] = False,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Crypto-shred one version: whatever it encrypted is unrecoverable afterwards."""
-    if not yes:
-        typer.confirm(f"Destroy version {version} of '{name}' for good?", abort=True)
+    confirm(f"Destroy version {version} of '{name}' for good?", yes=yes)
     emit(client(ctx).post(f"/keys/{name}/versions/{version}/destroy", {"force": force}), as_json, show_key)
 
 
@@ -76,12 +76,11 @@ def key_destroy_version(
 def key_destroy(
     ctx: typer.Context,
     name: str,
-    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Crypto-shred the whole key and every data key under it."""
-    if not yes:
-        typer.confirm(f"Destroy key '{name}' and everything encrypted under it, for good?", abort=True)
+    confirm(f"Destroy key '{name}' and everything encrypted under it, for good?", yes=yes)
     emit(client(ctx).post(f"/keys/{name}/destroy"), as_json, show_key)
 
 

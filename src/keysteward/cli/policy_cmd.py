@@ -136,8 +136,11 @@ def approvals_list(
     def human(rows: list[dict[str, Any]]) -> None:
         for r in rows:
             r["needs"] = ", ".join(f"{g['quorum']} {g['group']}" for g in r["groups"])
-            r["approved_by"] = ", ".join(v["approver"] for v in r["votes"] if v["decision"] == "approve")
-        table(rows, ["id", "state", "requester", "volume_id", "needs", "approved_by", "expires_at"])
+            r["approved_by"] = ", ".join(
+                v.get("person") or v["approver"] for v in r["votes"] if v["decision"] == "approve"
+            )
+            r["asked_by"] = r.get("requested_by") or ""
+        table(rows, ["id", "state", "requester", "asked_by", "volume_id", "needs", "approved_by", "expires_at"])
 
     emit(client(ctx).get("/approvals", params={"state": state} if state else None), as_json, human)
 

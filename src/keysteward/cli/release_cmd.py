@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, table
 
@@ -63,6 +64,7 @@ def instance_revoke(
         bool, typer.Option(help="Also make its agent remove the keysteward keyslot from its volumes.")
     ] = False,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
 ) -> None:
     """The instance's next renewal answers revoked (or shred); no release goes to it any more."""
     body: dict[str, object] = {"shred": shred, "reason": reason}
@@ -73,6 +75,7 @@ def instance_revoke(
         body.update(provider=parts[0], account=parts[1], instance_id=parts[2])
     else:
         raise typer.BadParameter("name the instance as provider/account/instance-id, or a host as host:NAME")
+    confirm(f"Revoke {instance}" + (" and shred its keyslots" if shred else "") + "?", yes=yes)
     client(ctx).post("/instances/revoke", body)
     console.print(f"instance {instance} revoked" + (" (shred)" if shred else ""))
 

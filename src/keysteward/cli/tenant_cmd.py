@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fields, table
 
@@ -40,24 +41,38 @@ def token_create(
     ctx: typer.Context,
     name: str,
     role: Annotated[str, typer.Option(help="admin, security-officer or auditor.")] = "auditor",
+    person: Annotated[
+        str | None,
+        typer.Option(help="The person the token belongs to (approvals count people); default: a person named NAME."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Create an API token; the secret is shown once."""
-    data = client(ctx).post("/tokens", {"name": name, "role": role})
-    emit(data, as_json, lambda d: fields(d, ["id", "name", "role", "token"]))
+    """Create an API token for a person; the secret is shown once."""
+    body: dict[str, str] = {"name": name, "role": role}
+    if person is not None:
+        body["person"] = person
+    data = client(ctx).post("/tokens", body)
+    emit(data, as_json, lambda d: fields(d, ["id", "name", "role", "person", "token"]))
 
 
 @token_app.command("list")
 def token_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    emit(client(ctx).get("/tokens"), as_json, lambda d: table(d, ["id", "name", "role", "created_at", "revoked"]))
+    columns = ["id", "name", "person", "role", "created_at", "created_by", "revoked"]
+    emit(client(ctx).get("/tokens"), as_json, lambda d: table(d, columns))
 
 
 @token_app.command("revoke")
-def token_revoke(ctx: typer.Context, token_id: str, as_json: JsonFlag = False) -> None:
+def token_revoke(
+    ctx: typer.Context,
+    token_id: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    confirm(f"Revoke token {token_id}?", yes=yes)
     client(ctx).delete(f"/tokens/{token_id}")
     emit({"revoked": token_id}, as_json, lambda d: console.print(f"token {token_id} revoked"))
 
 
 def whoami(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Show the identity the server sees."""
-    emit(client(ctx).get("/whoami"), as_json, lambda d: fields(d, ["tenant", "role", "name", "kind"]))
+    emit(client(ctx).get("/whoami"), as_json, lambda d: fields(d, ["tenant", "role", "name", "kind", "person"]))

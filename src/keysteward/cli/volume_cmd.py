@@ -41,6 +41,7 @@ KEY_SOURCE = (
     *volume_kms.RELEASE_OPTS,
 )
 JSON = Opt("--json", "flag", "Print JSON for scripts.")
+YES_OPT = Opt("--yes", "flag", "Do not ask (required when stdin is not a terminal).")
 KDF_OPTS = (
     Opt("--kdf", metavar="pbkdf2|argon2id", help="KDF of the new keyslot."),
     Opt("--pbkdf-iterations", "int", "PBKDF2 iterations or Argon2 time cost (default: about 2 s / 4)."),
@@ -299,11 +300,11 @@ VERBS = (
          path_help=VOLUME_REF),
     Verb("revoke", "Revoke a volume: its agents lock it at their next renewal and no release gives its key.", (
         Opt("--shred", "flag", "Also make the agents remove the keysteward keyslot and token from the header."),
-        Opt("--reason", default="", help="Why (kept in the audit log)."),
+        Opt("--reason", default="", help="Why (kept in the audit log)."), YES_OPT,
         *volume_kms.ADMIN_OPTS, JSON,
     ), volume_kms.revoke, path_help=VOLUME_REF),
     Verb("destroy", "Destroy the volume's key in the key manager (crypto-shredding; cannot be undone).", (
-        Opt("--reason", default="", help="Why (kept in the audit log)."), *volume_kms.ADMIN_OPTS, JSON,
+        Opt("--reason", default="", help="Why (kept in the audit log)."), YES_OPT, *volume_kms.ADMIN_OPTS, JSON,
     ), volume_kms.destroy, path_help=VOLUME_REF),
 )  # fmt: skip
 

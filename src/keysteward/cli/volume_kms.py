@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from keysteward.cli.confirm import confirm
 from keysteward.cli.volume_args import Opt
 from keysteward.volume.errors import option_error
 
@@ -155,6 +156,9 @@ def listing(args: Args) -> None:
 
 
 def revoke(args: Args) -> None:
+    confirm(
+        f"Revoke volume {args['path']}" + (" and shred its keyslot" if args["shred"] else "") + "?", yes=args["yes"]
+    )
     client, ref = _admin(args)
     volume = client.post(f"/volumes/{ref}/revoke", {"shred": args["shred"], "reason": args["reason"]})
     what = "revoked and marked for shredding" if args["shred"] else "revoked"
@@ -162,6 +166,7 @@ def revoke(args: Args) -> None:
 
 
 def destroy(args: Args) -> None:
+    confirm(f"Destroy the key of volume {args['path']} for good (crypto-shredding)?", yes=args["yes"])
     client, ref = _admin(args)
     volume = client.post(f"/volumes/{ref}/destroy", {"reason": args["reason"]})
     _show(volume, args["json"], f"volume {volume['name']}: its key is destroyed; no release can give it again\n")

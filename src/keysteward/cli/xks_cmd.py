@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
+from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fields, table
 
@@ -63,8 +64,14 @@ def credential_list(ctx: typer.Context, store: Store, as_json: JsonFlag = False)
 
 
 @credential_app.command("retire")
-def credential_retire(ctx: typer.Context, access_key_id: str, as_json: JsonFlag = False) -> None:
+def credential_retire(
+    ctx: typer.Context,
+    access_key_id: str,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
     """Stop accepting a credential (on every server within a second)."""
+    confirm(f"Retire credential {access_key_id}? AWS KMS calls signed with it fail from now on.", yes=yes)
     emit(
         client(ctx).post(f"/xks/credentials/{access_key_id}/retire"),
         as_json,

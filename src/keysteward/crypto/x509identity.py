@@ -16,11 +16,13 @@ Pure functions: DER/PEM in, objects out. Every failure to authenticate raises
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
@@ -35,6 +37,9 @@ __all__ = [
     "ClientIdentity",
     "identity_uri",
     "peek_identity",
+    "pem_fingerprint",
+    "pem_to_der",
+    "subject_of",
     "verify_client_cert",
 ]
 
@@ -44,7 +49,6 @@ NAME_COMPONENT_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 ROLE_AGENT = "agent"
 ROLE_HOST = "host"
 
-_COMPONENT_RE = re.compile(NAME_COMPONENT_PATTERN)
 _COMPONENT_RE = re.compile(NAME_COMPONENT_PATTERN)
 
 
@@ -106,6 +110,22 @@ def _load_cert_pem(pem: str, what: str) -> x509.Certificate:
     if len(certs) != 1:
         raise BadRequest(f"{what}: expected exactly one PEM certificate, got {len(certs)}", code="bad_pem")
     return certs[0]
+
+
+def pem_fingerprint(pem: str) -> str:
+    """SHA-256 (hex) of one PEM certificate's DER: how a tenant's CAs are told apart."""
+    der = _load_cert_pem(pem, "certificate").public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem_to_der(pem: str) -> bytes:
+    """One PEM certificate as DER (BadRequest ``bad_pem`` if it is not exactly one)."""
+    return _load_cert_pem(pem, "certificate").public_bytes(serialization.Encoding.DER)
+
+
+def subject_of(pem: str) -> x509.Name:
+    """The subject name of one PEM certificate (a CA: the issuer name of what it issued)."""
+    return _load_cert_pem(pem, "certificate").subject
 
 
 # ---------------------------------------------------------------------------- verifying

@@ -33,6 +33,7 @@ class Permission(Enum):
     TOKEN_MANAGE = "token.manage"  # noqa: S105 - a permission name
     CA_MANAGE = "ca.manage"
     CA_READ = "ca.read"
+    CA_REVOKE = "ca.revoke"
     AUDIT_READ = "audit.read"
     VOLUME_MANAGE = "volume.manage"
     VOLUME_READ = "volume.read"
@@ -53,6 +54,7 @@ _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
             Permission.TOKEN_MANAGE,
             Permission.CA_MANAGE,
             Permission.CA_READ,
+            Permission.CA_REVOKE,
             Permission.AUDIT_READ,
             Permission.VOLUME_MANAGE,
             Permission.VOLUME_READ,
@@ -68,6 +70,7 @@ _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
         {
             Permission.KEY_READ,
             Permission.CA_READ,
+            Permission.CA_REVOKE,
             Permission.AUDIT_READ,
             Permission.VOLUME_READ,
             Permission.VOLUME_REVOKE,
@@ -105,6 +108,11 @@ class Principal:
     role: str
     name: str
     kind: str  # "token" or "cert"
+    serial: str = ""
+    """The client certificate's serial (hex) for a ``cert`` principal: what renewal and revocation name."""
+    person: str = ""
+    """The person a token belongs to (a name in the tenant); empty for machines (certificates)."""
+    token_id: str = ""
 
     @property
     def is_system(self) -> bool:

@@ -1,4 +1,9 @@
-"""Tenants and their API tokens (humans); machine identities come from tenant CA certificates."""
+"""Tenants, their people and the people's API tokens; machine identities come from tenant CA certificates.
+
+Every token belongs to a person (``token create NAME --role R --person P``; without ``--person`` the person
+is named after the token). Approvals count people, so one person's many tokens are one vote, and each token
+records who minted it (:mod:`keysteward.policy.approvals`).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,15 @@ from keysteward.audit.log import AuditLog
 from keysteward.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from keysteward.identity.principal import HUMAN_ROLES, SYSTEM_TENANT, Principal, check_name
 from keysteward.store.db import Database
-from keysteward.store.models import ApiToken, Tenant
+from keysteward.store.models import ApiToken, Person, Tenant
 from keysteward.ttlcache import TtlCache
 
 TOKEN_PREFIX = "kst_"  # noqa: S105 - the public prefix of tokens
 MAX_TOKEN_TEXT = 256
+NO_TENANT_ID = "00000000-0000-0000-0000-000000000000"
+"""An id no tenant has (tenant ids are random UUIDs): what an unauthenticated request naming an unknown
+tenant is resolved with, so that it finds nothing and gets the answer a known tenant's unknown resource gets
+(tenant names are not to be learnt by probing)."""
 SEEN_TTL_SECONDS = 1.0
 
 
@@ -40,6 +49,8 @@ class TokenInfo:
     role: str
     created_at: datetime
     revoked: bool
+    person: str = ""
+    created_by: str | None = None
 
 
 @dataclass(frozen=True, repr=False)
@@ -72,7 +83,9 @@ class Tenants:
             with self.db.write() as conn:
                 conn.execute(insert(Tenant).values(id=tenant_id, name=name, created_at=now))
                 self.audit.ensure_head(conn, tenant_id)
-                token = self._issue(conn, tenant_id, name, first_admin, "admin", now)
+                token = self._issue(
+                    conn, tenant_id, name, first_admin, "admin", now, person=first_admin, created_by=None
+                )
                 actor_text = actor.describe() if actor else "init"
                 self.audit.append(conn, tenant_id, actor=actor_text, action="tenant.create", target=f"tenant:{name}")
                 self.audit.append(
@@ -81,7 +94,7 @@ class Tenants:
                     actor=actor_text,
                     action="token.create",
                     target=f"token:{token.info.id}",
-                    details={"name": first_admin, "role": "admin"},
+                    details={"name": first_admin, "role": "admin", "person": first_admin},
                 )
                 if actor is not None:
                     self.audit.append(
@@ -118,8 +131,39 @@ class Tenants:
             self._ids.put(name, hit)
         return hit
 
+    def id_or_unknown(self, name: str) -> str:
+        """The tenant's id, or :data:`NO_TENANT_ID` when there is no such tenant (for unauthenticated
+        routes, which must answer an unknown tenant as they answer a known one's unknown resource)."""
+        try:
+            return self.id_of(name)
+        except NotFound:
+            return NO_TENANT_ID
+
     # -- tokens ------------------------------------------------------------------------------
-    def _issue(self, conn: Connection, tenant_id: str, tenant: str, name: str, role: str, now: datetime) -> NewToken:
+    def _person_id(self, conn: Connection, tenant_id: str, person: str, now: datetime, created_by: str | None) -> str:
+        """The id of the tenant's person ``person``, created now if new."""
+        check_name("person", person)
+        found = conn.execute(select(Person.id).where(Person.tenant_id == tenant_id, Person.name == person)).scalar()
+        if found is not None:
+            return str(found)
+        person_id = str(uuid.uuid4())
+        conn.execute(
+            insert(Person).values(id=person_id, tenant_id=tenant_id, name=person, created_at=now, created_by=created_by)
+        )
+        return person_id
+
+    def _issue(
+        self,
+        conn: Connection,
+        tenant_id: str,
+        tenant: str,
+        name: str,
+        role: str,
+        now: datetime,
+        *,
+        person: str,
+        created_by: str | None,
+    ) -> NewToken:
         check_name("token", name)
         if role not in HUMAN_ROLES:
             raise BadRequest(
@@ -130,31 +174,46 @@ class Tenants:
         secret = secrets.token_urlsafe(32)
         try:
             with conn.begin_nested():
+                person_id = self._person_id(conn, tenant_id, person, now, created_by)
                 conn.execute(
                     insert(ApiToken).values(
                         id=token_id,
                         tenant_id=tenant_id,
                         name=name,
                         role=role,
+                        person_id=person_id,
+                        created_by=created_by,
                         secret_hash=_hash(secret),
                         created_at=now,
                     )
                 )
         except IntegrityError as exc:
             raise Conflict(f"a token named '{name}' exists already", code="token_exists") from exc
-        return NewToken(TokenInfo(token_id, tenant, name, role, now, False), f"{TOKEN_PREFIX}{token_id}.{secret}")
+        info = TokenInfo(token_id, tenant, name, role, now, False, person, created_by)
+        return NewToken(info, f"{TOKEN_PREFIX}{token_id}.{secret}")
 
-    def create_token(self, actor: Principal, name: str, role: str) -> NewToken:
+    def create_token(self, actor: Principal, name: str, role: str, person: str | None = None) -> NewToken:
+        """A new token for ``person`` (by default a person named after the token), minted by ``actor``: the
+        token records that ``actor``'s person saw its secret."""
         now = datetime.now(UTC)
         with self.db.write() as conn:
-            token = self._issue(conn, actor.tenant_id, actor.tenant, name, role, now)
+            token = self._issue(
+                conn,
+                actor.tenant_id,
+                actor.tenant,
+                name,
+                role,
+                now,
+                person=person or name,
+                created_by=actor.person or None,
+            )
             self.audit.append(
                 conn,
                 actor.tenant_id,
                 actor=actor.describe(),
                 action="token.create",
                 target=f"token:{token.info.id}",
-                details={"name": name, "role": role},
+                details={"name": name, "role": role, "person": token.info.person},
             )
         return token
 
@@ -166,9 +225,17 @@ class Tenants:
     def list_tokens(self, actor: Principal) -> list[TokenInfo]:
         with self.db.read() as conn:
             rows = conn.execute(
-                select(ApiToken).where(ApiToken.tenant_id == actor.tenant_id).order_by(ApiToken.created_at)
+                select(ApiToken, Person.name.label("person"))
+                .join(Person, Person.id == ApiToken.person_id)
+                .where(ApiToken.tenant_id == actor.tenant_id)
+                .order_by(ApiToken.created_at)
             ).all()
-        return [TokenInfo(r.id, actor.tenant, r.name, r.role, r.created_at, r.revoked_at is not None) for r in rows]
+        return [
+            TokenInfo(
+                r.id, actor.tenant, r.name, r.role, r.created_at, r.revoked_at is not None, r.person, r.created_by
+            )
+            for r in rows
+        ]
 
     def revoke_token(self, actor: Principal, token_id: str) -> None:
         with self.db.write() as conn:
@@ -213,13 +280,30 @@ class Tenants:
         token_id, _, secret = text[len(TOKEN_PREFIX) :].partition(".")
         with self.db.read() as conn:
             row = conn.execute(
-                select(ApiToken.secret_hash, ApiToken.role, ApiToken.name, ApiToken.revoked_at, Tenant.id, Tenant.name)
+                select(
+                    ApiToken.secret_hash,
+                    ApiToken.role,
+                    ApiToken.name,
+                    ApiToken.revoked_at,
+                    Tenant.id,
+                    Tenant.name,
+                    Person.name.label("person"),
+                )
                 .join(Tenant, Tenant.id == ApiToken.tenant_id)
+                .join(Person, Person.id == ApiToken.person_id)
                 .where(ApiToken.id == token_id)
             ).first()
         expected = row.secret_hash if row is not None else bytes(32)
         if not hmac.compare_digest(expected, _hash(secret)) or row is None or row.revoked_at is not None:
             raise bad
-        principal = Principal(tenant_id=row[4], tenant=row[5], role=row.role, name=row.name, kind="token")
+        principal = Principal(
+            tenant_id=row[4],
+            tenant=row[5],
+            role=row.role,
+            name=row.name,
+            kind="token",
+            person=row.person,
+            token_id=token_id,
+        )
         self._seen.put(digest, (principal, token_id))
         return principal

@@ -3,6 +3,11 @@
 A tenant either lets keysteward make its CA (``ca init``: the CA key is stored wrapped under the
 root key) or brings its own (``ca import``: with its key, keysteward can issue; without, the
 customer issues and keysteward only verifies).
+
+Machine certificates last at most :data:`MAX_CERT_DAYS` (90 days by default) and their holders renew them
+(:meth:`CertificateAuthorities.renew`); ``ca revoke`` ends one or all of a machine's certificates on every
+server within :data:`SEEN_TTL_SECONDS` (:mod:`keysteward.keys.cert_revocations`); ``ca rotate`` puts a new
+CA beside the old one until ``ca rotate --retire`` (:mod:`keysteward.keys.ca_rotation`).
 """
 
 from __future__ import annotations
@@ -11,20 +16,24 @@ import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 
 from keysteward.audit.log import AuditLog
 from keysteward.crypto import x509ca, x509identity
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from keysteward.identity.principal import MACHINE_ROLES, Principal, check_name
+from keysteward.keys import ca_rotation, cert_revocations
 from keysteward.keys.root import RootOfTrust
 from keysteward.store.db import Database
 from keysteward.store.models import IssuedCert, Tenant, TenantCA
 from keysteward.ttlcache import TtlCache
 
 MAX_PEM = 64 * 1024
-SEEN_TTL_SECONDS = 1.0  # a certificate verified this recently is not verified again
+SEEN_TTL_SECONDS = 1.0
+"""A certificate verified this recently is not verified again: the most a revocation waits on any server."""
+DEFAULT_CERT_DAYS = 90
+MAX_CERT_DAYS = 90
 
 
 def ca_key_aad(tenant_id: str) -> bytes:
@@ -88,8 +97,14 @@ class CertificateAuthorities:
             raise NotFound("this tenant has no CA: run 'keysteward ca init' or 'ca import'", code="ca_not_found")
         return row.cert_pem, row.key_wrapped
 
+    def previous_pem(self, tenant_id: str) -> str | None:
+        """The CA the current rotation replaced (still trusted), or None."""
+        with self.db.read() as conn:
+            previous = ca_rotation.trusted_previous_pems(conn, tenant_id)
+        return previous[0] if previous else None
+
     def issue(
-        self, actor: Principal, name: str, role: str, *, csr_pem: bytes | None = None, days: int = 365
+        self, actor: Principal, name: str, role: str, *, csr_pem: bytes | None = None, days: int = DEFAULT_CERT_DAYS
     ) -> x509ca.IssuedCert:
         check_name("identity", name)
         if role not in MACHINE_ROLES:
@@ -97,24 +112,39 @@ class CertificateAuthorities:
                 f"certificates are for machines: role must be one of {', '.join(MACHINE_ROLES)}",
                 code="bad_role",
             )
-        if not 1 <= days <= 825:
-            raise BadRequest("days must be between 1 and 825", code="bad_days")
+        check_days(days)
         if csr_pem is None:
             raise BadRequest(
                 "send a certificate signing request: the machine makes its own key pair, and the server never"
                 " holds a machine's private key ('keysteward ca issue' does this for you)",
                 code="csr_required",
             )
-        cert_pem, wrapped = self.certificate(actor.tenant_id)
+        return self._sign(actor, actor.tenant_id, actor.tenant, role, name, csr_pem, days, action="ca.issue")
+
+    def _sign(
+        self,
+        actor: Principal,
+        tenant_id: str,
+        tenant: str,
+        role: str,
+        name: str,
+        csr_pem: bytes,
+        days: int,
+        *,
+        action: str,
+        details: dict[str, object] | None = None,
+    ) -> x509ca.IssuedCert:
+        """Sign ``csr_pem`` for ``tenant/role/name`` with the tenant's current CA, record it and audit it."""
+        cert_pem, wrapped = self.certificate(tenant_id)
         if wrapped is None:
             raise Conflict(
                 "this tenant's CA was imported without its key: issue certificates with your own CA",
                 code="ca_key_absent",
             )
-        key_pem = self.root.root().open(wrapped, ca_key_aad(actor.tenant_id))
+        key_pem = self.root.root().open(wrapped, ca_key_aad(tenant_id))
         try:
             issued = x509ca.issue_client_cert(
-                cert_pem, key_pem, tenant=actor.tenant, role=role, name=name, csr_pem=csr_pem, days=days
+                cert_pem, key_pem, tenant=tenant, role=role, name=name, csr_pem=csr_pem, days=days
             )
         finally:
             wipe_bytearray(key_pem)
@@ -122,7 +152,7 @@ class CertificateAuthorities:
             conn.execute(
                 insert(IssuedCert).values(
                     serial=issued.serial,
-                    tenant_id=actor.tenant_id,
+                    tenant_id=tenant_id,
                     name=name,
                     role=role,
                     not_after=issued.not_after,
@@ -131,27 +161,94 @@ class CertificateAuthorities:
             )
             self.audit.append(
                 conn,
-                actor.tenant_id,
+                tenant_id,
                 actor=actor.describe(),
-                action="ca.issue",
+                action=action,
                 target=f"{role}:{name}",
-                details={"serial": issued.serial, "days": days, "csr": csr_pem is not None},
-            )
+                details={"serial": issued.serial, "days": days, "not_after": issued.not_after.isoformat(),
+                         **(details or {})},
+            )  # fmt: skip
         return issued
 
-    def trusted_pems(self) -> list[str]:
+    def renew(self, cert_der: bytes, csr_pem: bytes, days: int = DEFAULT_CERT_DAYS) -> x509ca.IssuedCert:
+        """A new certificate for the identity of ``cert_der``, the holder's current certificate, checked now
+        (never from the cache): an expired, revoked or retired-CA certificate does not renew."""
+        check_days(days)
+        holder = self._verify(cert_der)
+        return self._sign(
+            holder, holder.tenant_id, holder.tenant, holder.role, holder.name, csr_pem, days,
+            action="ca.renew", details={"renewed": holder.serial},
+        )  # fmt: skip
+
+    def revoke(self, actor: Principal, target_text: str, reason: str = "") -> list[str]:
+        """Revoke one certificate (serial) or all of a machine's (``ROLE:NAME``); the serials revoked now."""
+        target = cert_revocations.parse_target(target_text)
+        with self.db.write() as conn:
+            serials = cert_revocations.revoke(conn, actor.tenant_id, target, reason)
+            if not serials and target.serial is None:
+                raise NotFound(f"no unexpired certificate of {target.describe()}", code="cert_not_found")
+            self.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="ca.revoke",
+                target=target.describe(),
+                details={"serials": serials, "reason": reason[: cert_revocations.MAX_REASON]},
+            )
+        self.forget_seen()
+        return serials
+
+    def revoke_machine_in(self, conn: Connection, tenant_id: str, role: str, name: str, reason: str) -> list[str]:
+        """In the caller's transaction (``instance revoke host:NAME``): revoke the machine's certificates."""
+        target = cert_revocations.RevokeTarget(role=role, name=name)
+        return cert_revocations.revoke(conn, tenant_id, target, reason)
+
+    def forget_seen(self) -> None:
+        """Drop the certificates verified in the last second: the next request of each is checked again."""
+        self._seen.clear()
+
+    def rotate(self, actor: Principal) -> str:
+        """A new CA beside the current one (which stays trusted, no longer issuing); its certificate."""
+        cert_pem, key_pem = ca_rotation.new_ca(actor.tenant)
+        try:
+            wrapped = self.root.root().seal(key_pem, ca_key_aad(actor.tenant_id))
+        finally:
+            wipe_bytearray(key_pem)
+        return ca_rotation.rotate(self, actor, cert_pem, wrapped)
+
+    def retire(self, actor: Principal) -> str:
+        """Retire the CA the last rotation replaced: its certificates are refused from now on."""
+        pem = ca_rotation.retire(self, actor)
+        self.forget_seen()
+        return pem
+
+    def revocation_list(self, tenant_id: str) -> dict[str, list[str]]:
+        """What a listener outside this process (the NBD proxy) needs to refuse what servers refuse."""
         with self.db.read() as conn:
-            return [pem for (pem,) in conn.execute(select(TenantCA.cert_pem))]
+            return {
+                "revoked_serials": cert_revocations.revoked_serials(conn, tenant_id),
+                "retired_cas": ca_rotation.retired_pems(conn, tenant_id),
+            }
+
+    def trusted_pems(self) -> list[str]:
+        """Every tenant's CAs a client certificate may come from (the TLS listener's trust anchors)."""
+        with self.db.read() as conn:
+            return [pem for (pem,) in conn.execute(select(TenantCA.cert_pem))] + ca_rotation.all_previous_pems(conn)
 
     def seen(self, cert_der: bytes) -> Principal | None:
         """The principal of a certificate verified within the last second, without a database read."""
         return self._seen.get(hashlib.sha256(cert_der).digest())
 
     def authenticate(self, cert_der: bytes) -> Principal:
-        """The machine principal of a client certificate verified against its own tenant's CA."""
+        """The machine principal of a client certificate verified against its own tenant's CAs, unrevoked."""
         seen = self.seen(cert_der)
         if seen is not None:
             return seen
+        principal = self._verify(cert_der)
+        self._seen.put(hashlib.sha256(cert_der).digest(), principal)
+        return principal
+
+    def _verify(self, cert_der: bytes) -> Principal:
         claimed = x509identity.peek_identity(cert_der)
         with self.db.read() as conn:
             row = conn.execute(
@@ -159,13 +256,36 @@ class CertificateAuthorities:
                 .join(TenantCA, TenantCA.tenant_id == Tenant.id)
                 .where(Tenant.name == claimed.tenant)
             ).first()
-        if row is None:
-            raise Unauthenticated("the client certificate names a tenant without a CA", code="bad_client_cert")
-        identity = x509identity.verify_client_cert(cert_der, row.cert_pem)
+            if row is None:
+                raise Unauthenticated("the client certificate names a tenant without a CA", code="bad_client_cert")
+            cas = [row.cert_pem, *ca_rotation.trusted_previous_pems(conn, row.id)]
+            revoked = cert_revocations.is_revoked(conn, row.id, claimed.serial)
+        identity = _verify_against(cert_der, cas)
         if identity.role not in MACHINE_ROLES:
             raise Unauthenticated("the client certificate carries no machine role", code="bad_client_cert")
-        principal = Principal(
-            tenant_id=row.id, tenant=identity.tenant, role=identity.role, name=identity.name, kind="cert"
+        if revoked:
+            raise Unauthenticated("the client certificate was revoked", code="cert_revoked")
+        return Principal(
+            tenant_id=row.id, tenant=identity.tenant, role=identity.role, name=identity.name, kind="cert",
+            serial=identity.serial,
+        )  # fmt: skip
+
+
+def check_days(days: int) -> None:
+    if not 1 <= days <= MAX_CERT_DAYS:
+        raise BadRequest(
+            f"days must be between 1 and {MAX_CERT_DAYS}: machines renew their certificates ('ca renew')",
+            code="bad_days",
         )
-        self._seen.put(hashlib.sha256(cert_der).digest(), principal)
-        return principal
+
+
+def _verify_against(cert_der: bytes, ca_pems: list[str]) -> x509identity.ClientIdentity:
+    """Verified by the first of the tenant's CAs (current first) that issued it; else the current CA's refusal."""
+    first: Unauthenticated | None = None
+    for pem in ca_pems:
+        try:
+            return x509identity.verify_client_cert(cert_der, pem)
+        except Unauthenticated as exc:
+            first = first or exc
+    assert first is not None
+    raise first

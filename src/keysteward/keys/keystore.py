@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, func, insert, select, update
@@ -32,6 +33,10 @@ ENABLED, DISABLED, DESTROYED = "enabled", "disabled", "destroyed"
 
 STATE_TTL_SECONDS = 1.0  # how long another server's disable/rotate/destroy may take to reach this one
 
+ShredHook = Callable[[Connection, str, str, int | None, str], int]
+"""Called inside a key (version) destroy's transaction with (conn, tenant id, key id, the version or None for
+the whole key, the actor); destroys what lived under it (volumes) with its own audit records, returns how many."""
+
 
 class KeyStore:
     def __init__(self, db: Database, root: RootOfTrust, audit: AuditLog) -> None:
@@ -43,6 +48,7 @@ class KeyStore:
         # changes made here drop them at once, changes made by another server within STATE_TTL_SECONDS
         self._refs: TtlCache[tuple[str, str], KeyRef] = TtlCache(STATE_TTL_SECONDS)
         self._live_versions: TtlCache[tuple[str, int], bool] = TtlCache(STATE_TTL_SECONDS)
+        self.on_shred: list[ShredHook] = []
         root.on_seal(self.cache.clear)
         root.on_seal(self._forget_all)
 
@@ -297,13 +303,14 @@ class KeyStore:
                     code="destroy_primary_version",
                 )
             deks = self._shred(conn, actor, row, version, force=force)
+            volumes = self._shred_dependents(conn, actor, row.id, version)
             self.audit.append(
                 conn,
                 actor.tenant_id,
                 actor=actor.describe(),
                 action="key.version.destroy",
                 target=f"key:{name}",
-                details={"version": version, "data_keys_shredded": deks},
+                details={"version": version, "data_keys_shredded": deks, "volumes_destroyed": volumes},
             )
         self._after_shred(row.id, version)
         return self.describe(actor, name)
@@ -319,6 +326,7 @@ class KeyStore:
                 )
             ]
             deks = sum(self._shred(conn, actor, row, v, force=True) for v in versions)
+            volumes = self._shred_dependents(conn, actor, row.id, None)
             conn.execute(update(Key).where(Key.id == row.id).values(state=DESTROYED, updated_at=datetime.now(UTC)))
             conn.execute(
                 update(RotationJob)
@@ -331,7 +339,7 @@ class KeyStore:
                 actor=actor.describe(),
                 action="key.destroy",
                 target=f"key:{name}",
-                details={"versions": versions, "data_keys_shredded": deks},
+                details={"versions": versions, "data_keys_shredded": deks, "volumes_destroyed": volumes},
             )
         self._after_shred(row.id, None)
         return self.describe(actor, name)
@@ -357,6 +365,10 @@ class KeyStore:
             .values(state=DESTROYED, wrapped=None, destroyed_at=datetime.now(UTC))
         )
         return int(live)
+
+    def _shred_dependents(self, conn: Connection, actor: Principal, key_id: str, version: int | None) -> int:
+        """Destroy, in this transaction, what held a data key under the key (version): see :data:`ShredHook`."""
+        return sum(hook(conn, actor.tenant_id, key_id, version, actor.describe()) for hook in self.on_shred)
 
     def _after_shred(self, key_id: str, version: int | None) -> None:
         self._forget(key_id)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Final
 
@@ -148,47 +148,47 @@ class PolicyStore:
             for r in rows
         ]
 
-    def put(self, actor: Principal, sources: dict[str, str]) -> PolicyVersion:
-        """Store ``sources`` as the tenant's next version (compiled first: a bad set changes nothing)."""
-        compiled = self._compile(in_force(sources))
-        now = datetime.now(UTC)
-        made: dict[str, PolicyVersion] = {}
+    def compile_proposed(self, sources: dict[str, str]) -> CompiledPolicySet:
+        """``sources`` compiled as they would be in force (with the built-in roles unless replaced): a bad
+        set raises here, before anything is stored."""
+        return self._compile(in_force(sources))
 
-        def effect(conn: Connection) -> dict[str, object]:
-            before = self._load(conn, actor.tenant_id, None)
-            latest = conn.execute(
-                select(func.max(PolicySet.version)).where(PolicySet.tenant_id == actor.tenant_id)
-            ).scalar_one()
-            version = int(latest or 0) + 1
-            conn.execute(
-                insert(PolicySet).values(
-                    tenant_id=actor.tenant_id,
-                    version=version,
-                    sources=json.dumps(sources, sort_keys=True),
-                    digest=digest(sources),
-                    created_by=actor.describe(),
-                    created_at=now,
-                )
+    def store(
+        self, conn: Connection, actor: Principal, sources: dict[str, str], compiled: CompiledPolicySet, now: datetime
+    ) -> tuple[PolicyVersion, dict[str, object]]:
+        """The access path's ``policy.update`` bookkeeping, in its transaction: the next version stored.
+        Returns it and the audit details (version, previous, digest, policies, diff). Call :meth:`stored`
+        after the commit."""
+        before = self._load(conn, actor.tenant_id, None)
+        latest = conn.execute(
+            select(func.max(PolicySet.version)).where(PolicySet.tenant_id == actor.tenant_id)
+        ).scalar_one()
+        version = int(latest or 0) + 1
+        conn.execute(
+            insert(PolicySet).values(
+                tenant_id=actor.tenant_id,
+                version=version,
+                sources=json.dumps(sources, sort_keys=True),
+                digest=digest(sources),
+                created_by=actor.describe(),
+                created_at=now,
             )
-            made["v"] = PolicyVersion(version, dict(sources), digest(sources), actor.describe(), now, compiled)
-            changes = diff(before.sources, sources)
-            return {
-                "actor": actor.describe(),
-                "action": "policy.update",
-                "target": f"policy:v{version}",
-                "details": {
-                    "version": version,
-                    "previous": before.version,
-                    "digest": digest(sources),
-                    "policies": list(compiled.ids),
-                    "diff": changes[:MAX_DIFF],
-                    "diff_truncated": len(changes) > MAX_DIFF,
-                },
-            }
+        )
+        made = PolicyVersion(version, dict(sources), digest(sources), actor.describe(), now, compiled)
+        changes = diff(before.sources, sources)
+        details: dict[str, object] = {
+            "version": version,
+            "previous": before.version,
+            "digest": digest(sources),
+            "policies": list(compiled.ids),
+            "diff": changes[:MAX_DIFF],
+            "diff_truncated": len(changes) > MAX_DIFF,
+        }
+        return made, details
 
-        self.audit.commit(actor.tenant_id, effect)
-        self._cache.put(actor.tenant_id, made["v"])
-        return made["v"]
+    def stored(self, tenant_id: str, version: PolicyVersion) -> None:
+        """After the commit: this server uses the new version at once (others within CACHE_SECONDS)."""
+        self._cache.put(tenant_id, version)
 
     def changed_by_since(self, conn: Connection, tenant_id: str, since: datetime) -> set[str]:
         """Who (``Principal.describe()``) stored a policy version of the tenant after ``since``."""

@@ -6,11 +6,8 @@ own: the export's blocking call in a worker thread, then its reply (replies carr
 so they may leave in any order). Reading the next request goes on meanwhile, within a budget of
 requests and payload bytes per connection, so a client cannot make the server buffer without bound.
 
-Bytes come in through :class:`_Wire`, an ``asyncio.BufferedProtocol``: headers through a small staging
-buffer, a write's payload straight into the buffer it is written from (no copy); a read's reply goes
-out as one ``writelines`` of header and data. STARTTLS swaps the transport under the same protocol,
-after checking that the client sent nothing behind its STARTTLS (a plaintext injection would otherwise
-be read as if it had come through TLS).
+Bytes come in and go out through :class:`~keysteward.proxy.wire.Wire`, the connection's transport
+(module :mod:`keysteward.proxy.wire`).
 
 With ``tls`` set TLS is mandatory: before STARTTLS every option but STARTTLS and ABORT is refused with
 NBD_REP_ERR_TLS_REQD. The context must require a client certificate (``CERT_REQUIRED``), and ``clients``
@@ -33,16 +30,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
 
 from keysteward.errors import BadRequest, KeystewardError
 from keysteward.formats import nbd
 from keysteward.proxy.export import Export, ExportClosed
+from keysteward.proxy.revocations import CertRef, Revocations, cert_ref
+from keysteward.proxy.wire import Closed, Wire
 
 log = logging.getLogger("keysteward.proxy")
 
@@ -52,8 +49,6 @@ MAX_OPTIONS = 128
 MAX_REQUESTS_IN_FLIGHT = 32
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 """Per connection: payload bytes of the requests being served (reads and writes) before reading pauses."""
-STAGE_SIZE = 256 * 1024
-SOCKET_BUFFER = 4 * 1024 * 1024
 WORKER_THREADS = 8
 INLINE_READ = 64 * 1024
 """Reads up to this size run on the event loop (see ``_read_inline``)."""
@@ -85,209 +80,17 @@ def peer_names(cert: Mapping[str, object] | None) -> frozenset[str]:
     return frozenset(names)
 
 
-class _Closed(ConnectionError):
-    """The peer went away (or the server dropped it) while a read was waiting."""
-
-
-class _Wire(asyncio.BufferedProtocol):
-    """One connection's bytes (see the module doc)."""
-
-    def __init__(self, on_connect: Callable[[_Wire], None]) -> None:
-        self.transport: asyncio.Transport | None = None
-        """uvloop's transports do not derive from asyncio's classes: typed by what they do, never isinstance."""
-        self._on_connect = on_connect
-        self._stage = bytearray(STAGE_SIZE)
-        self._view = memoryview(self._stage)
-        self._lo = self._hi = 0
-        self._target: memoryview | None = None
-        self._target_got = 0
-        self._into_target = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._ended = False
-        self._reading_paused = False
-        self._writing_paused = False
-        self._drainers: list[asyncio.Future[None]] = []
-
-    # -- protocol callbacks ----------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first, self.transport = self.transport is None, cast(asyncio.Transport, transport)
-        if first:
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            self._on_connect(self)
-
-    def _target_open(self) -> bool:
-        """A payload is being received and the staging buffer is empty: bytes may go straight into it."""
-        return self._target is not None and self._lo == self._hi and self._target_got < self._target.nbytes
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._target_open():
-            assert self._target is not None
-            self._into_target = True
-            return self._target[self._target_got :]
-        self._into_target = False
-        if self._hi == len(self._stage):
-            self._compact()
-        if self._hi == len(self._stage):  # a transport that delivers while paused: grow, within a bound
-            if len(self._stage) >= 4 * STAGE_SIZE:
-                raise nbd.NbdProtocolError("the client sends faster than its requests are served")
-            self._stage = self._stage + bytearray(len(self._stage))
-            self._view = memoryview(self._stage)
-        return self._view[self._hi :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._into_target:
-            self._target_got += nbytes
-        else:
-            self._hi += nbytes
-        if self._hi == len(self._stage) and not self._target_open():
-            self._pause_reading()  # resumed once the reader consumes (see _resume_reading)
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._ended = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._ended = True
-        self._wake()
-        for fut in self._drainers:
-            if not fut.done():
-                fut.set_result(None)
-        self._drainers.clear()
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        for fut in self._drainers:
-            if not fut.done():
-                fut.set_result(None)
-        self._drainers.clear()
-
-    # -- helpers ---------------------------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def _wait(self) -> None:
-        if self._ended:
-            raise _Closed("the client closed the connection")
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    def _compact(self) -> None:
-        if self._lo:
-            n = self._hi - self._lo
-            self._stage[:n] = self._stage[self._lo : self._hi]
-            self._lo, self._hi = 0, n
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        """Resume if there is room to receive into (at the end of the stage, after compaction, or a target)."""
-        room = self._lo > 0 or self._hi < len(self._stage) or self._target_open()
-        if room and self._reading_paused and self.transport is not None:
-            self._reading_paused = False
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
-
-    def _consumed(self, n: int) -> None:
-        self._lo += n
-        if self._lo == self._hi:
-            self._lo = self._hi = 0
-        self._resume_reading()
-
-    # -- reading and writing -------------------------------------------------------------------------
-
-    async def read_exactly(self, n: int) -> bytes:
-        """``n`` bytes (at most :data:`STAGE_SIZE`), through the staging buffer."""
-        while self._hi - self._lo < n:
-            if self._lo + n > len(self._stage):
-                self._compact()
-            self._resume_reading()
-            await self._wait()
-        data = bytes(self._view[self._lo : self._lo + n])
-        self._consumed(n)
-        return data
-
-    async def read_into(self, view: memoryview) -> None:
-        """Fill ``view``: what is staged is copied, the rest is received straight into it."""
-        k = min(self._hi - self._lo, view.nbytes)
-        view[:k] = self._view[self._lo : self._lo + k]
-        self._consumed(k)
-        if k == view.nbytes:
-            return
-        self._target, self._target_got = view, k
-        try:
-            self._resume_reading()
-            while self._target_got < view.nbytes:
-                await self._wait()
-        finally:
-            self._target, self._into_target = None, False
-
-    def write(self, *parts: bytes | memoryview) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            raise _Closed("the connection is closed")
-        transport.writelines(parts)
-
-    async def drain(self) -> None:
-        while self._writing_paused and not self._ended:
-            fut = asyncio.get_running_loop().create_future()
-            self._drainers.append(fut)
-            await fut
-
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        if self._hi != self._lo:
-            raise nbd.NbdProtocolError("bytes after STARTTLS, before the TLS handshake")
-        if self.transport is None:
-            raise _Closed("the connection is closed")
-        loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
-        )
-        if transport is None:
-            raise _Closed("the TLS handshake did not complete")
-        self.transport = transport
-
-    def peer_certificate(self) -> dict[str, object] | None:
-        """The verified client certificate of the TLS connection (``getpeercert()``), or None."""
-        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
-        if ssl_object is None:
-            return None
-        cert = ssl_object.getpeercert()
-        return dict(cert) if cert else None
-
-    def close(self, abort: bool = False) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
-
-
 class _Connection:
     """One client: its wire, the export it chose, and the requests it has in flight."""
 
-    def __init__(self, wire: _Wire, peer: str) -> None:
+    def __init__(self, wire: Wire, peer: str) -> None:
         self.wire = wire
         self.peer = peer
         self.tls = False
         self.names: frozenset[str] = frozenset()
         """The client certificate's names (after STARTTLS)."""
+        self.cert: CertRef | None = None
+        """Its serial and issuer: what a revocation names."""
         self.structured = False
         self.no_zeroes = False
         self.export: Export | None = None
@@ -340,17 +143,22 @@ class NbdServer:
         self._background: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="ks-nbd")
         self._stopped = False
+        self._revocations = Revocations()
 
     @property
     def exports(self) -> Mapping[str, Export]:
         return dict(self._exports)
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return self._tls
 
     # -- listening -------------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); returns the bound port."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Wire(self._accept), host, port, reuse_address=True)
+        server = await loop.create_server(lambda: Wire(self._accept), host, port, reuse_address=True)
         self._servers.append(server)
         bound = int(server.sockets[0].getsockname()[1])
         log.info("nbd listening host=%s port=%d tls=%s", host, bound, self._tls is not None)
@@ -359,10 +167,10 @@ class NbdServer:
     async def serve_unix(self, path: str) -> None:
         """Listen on a Unix socket at ``path`` as well."""
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_unix_server(lambda: _Wire(self._accept), path))
+        self._servers.append(await loop.create_unix_server(lambda: Wire(self._accept), path))
         log.info("nbd listening socket=%s tls=%s", path, self._tls is not None)
 
-    def _accept(self, wire: _Wire) -> None:
+    def _accept(self, wire: Wire) -> None:
         if self._stopped:
             wire.close(abort=True)
             return
@@ -380,7 +188,7 @@ class NbdServer:
                 await self._transmission(conn)
         except asyncio.CancelledError:
             pass  # dropped by set_exports / close_export / stop
-        except (_Closed, ConnectionError, ssl.SSLError) as exc:
+        except (Closed, ConnectionError, ssl.SSLError) as exc:
             log.info("nbd client left peer=%s reason=%s", conn.peer, type(exc).__name__)
         except TimeoutError:
             log.warning("nbd handshake timed out peer=%s", conn.peer)
@@ -408,7 +216,7 @@ class NbdServer:
         """May this connection's client see and open export ``name``? (Always, without TLS.)"""
         if self._tls is None:
             return True
-        if self._clients is None or not conn.names:
+        if self._clients is None or not conn.names or self._revocations.refuses(conn.cert):
             return False
         try:
             allowed = self._clients(name)
@@ -450,7 +258,7 @@ class NbdServer:
             header = nbd.decode_option_header(await wire.read_exactly(nbd.OPTION_HEADER_SIZE))
             opt = header.option
             if header.length > nbd.MAX_OPTION_LENGTH:
-                with contextlib.suppress(_Closed):
+                with contextlib.suppress(Closed):
                     await self._reply_option(conn, opt, nbd.REP_ERR_TOO_BIG, b"option too long")
                 raise nbd.NbdProtocolError(f"option {opt} of {header.length} bytes", code=nbd.TOO_LONG)
             data = await wire.read_exactly(header.length)
@@ -460,7 +268,7 @@ class NbdServer:
                 await self._reply_option(conn, opt, nbd.REP_ERR_TLS_REQD, b"TLS is required")
                 continue
             if opt == nbd.OPT_ABORT:
-                with contextlib.suppress(_Closed, ConnectionError):
+                with contextlib.suppress(Closed, ConnectionError):
                     await self._reply_option(conn, opt, nbd.REP_ACK)
                 return False
             if opt == nbd.OPT_EXPORT_NAME:
@@ -509,9 +317,13 @@ class NbdServer:
             await self._reply_option(conn, opt, nbd.REP_ERR_INVALID, b"STARTTLS takes no data; once only")
         else:
             await self._reply_option(conn, opt, nbd.REP_ACK)
-            await conn.wire.start_tls(self._tls)
+            await conn.wire.start_tls(self._tls, HANDSHAKE_TIMEOUT)
             conn.tls, conn.structured = True, False  # forget what was negotiated in plaintext
             conn.names = peer_names(conn.wire.peer_certificate())
+            conn.cert = cert_ref(conn.wire.peer_certificate_der())
+            if self._revocations.refuses(conn.cert):
+                self._refused(conn, "", "", "revoked")
+                raise nbd.NbdProtocolError("the client certificate is revoked", code="cert_revoked")
 
     async def _info(self, conn: _Connection, opt: int, data: bytes) -> Export | None:
         try:
@@ -680,7 +492,7 @@ class NbdServer:
             payload = None
             self._send_reply(conn, request, error, data)
             await conn.wire.drain()
-        except (_Closed, ConnectionError):
+        except (Closed, ConnectionError):
             return
         finally:
             await self._release(conn, reserved)
@@ -739,6 +551,13 @@ class NbdServer:
             if new.get(name) is not export and id(export) not in kept:
                 self._spawn(self._retire(export, "removed from the export list", abort=False))
         log.info("nbd export list now %s", ",".join(sorted(new)) or "(empty)")
+
+    def set_revocations(self, revocations: Revocations) -> None:
+        """Refuse these certificates from now on, and abort the connections of those connected now."""
+        self._revocations = revocations
+        for conn in [c for c in self._connections if revocations.refuses(c.cert)]:
+            self._refused(conn, conn.export.name if conn.export else "", "", "revoked")
+            self._drop(conn, abort=True)
 
     async def close_export(self, name: str, reason: str) -> None:
         """Revocation: drop every connection to ``name`` now, then close (wipe) the export."""

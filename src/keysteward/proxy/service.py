@@ -8,6 +8,8 @@ and serve the metrics. From then on:
 - the keeper runs in a worker thread, one :meth:`~keysteward.proxy.keys.ExportKeeper.tick` at a time: lease
   renewals; a revocation, shred or lost lease drops that export (its connections are closed, the key wiped)
   and leaves the others alone;
+- with ``[tls]`` and ``[kms]``, the key manager's revoked certificates and retired CAs are fetched every second
+  (:mod:`keysteward.proxy.revocations`) and applied to the NBD server: their connections are aborted;
 - ``SIGHUP`` reloads the export list: exports that left the file (or whose settings changed) are dropped,
   new ones opened, the others keep serving without a dropped connection. A config that does not load is
   logged and the running one kept. The listen address, TLS and metrics settings need a restart (said in
@@ -41,6 +43,7 @@ from keysteward.proxy.config import ExportConfig, ProxyConfig, ProxyConfigError,
 from keysteward.proxy.export import Export, LuksExport
 from keysteward.proxy.keys import ExportKeeper, open_passphrase_export
 from keysteward.proxy.metrics import ProxyMetrics
+from keysteward.proxy.revocations import RevocationFetcher, Revocations, add_client_cas, follow
 
 if TYPE_CHECKING:
     from keysteward.proxy.server import NbdServer
@@ -142,6 +145,7 @@ class ProxyService:
         self._wake = asyncio.Event()
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.revocations: RevocationFetcher | None = None
 
     # -- hooks the keeper calls from its worker thread ------------------------------------------------
 
@@ -221,6 +225,12 @@ class ProxyService:
         if self.config.metrics_address is not None and self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         self._spawn(self._keep_leases())
+        if self.config.tls is not None and self.config.kms is not None:
+            self.revocations = RevocationFetcher(self.config.kms, self._kms_url)
+            self._spawn(follow(self.revocations, self._apply_revocations, self._stop))
+        elif self.config.tls is not None:
+            event("revocations_unchecked", logging.WARNING,
+                  why="no [kms]: the proxy cannot learn the key manager's certificate revocations")  # fmt: skip
         event("listening", address=self.config.listen_address, port=self.port, tls=self.config.tls is not None,
               metrics_port=self.metrics_port)  # fmt: skip
         self._status()
@@ -251,14 +261,22 @@ class ProxyService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
+    def _kms_url(self) -> str | None:
+        """The key manager of a released volume (when ``[kms] url`` is not set)."""
+        return self.keeper.released_url() if self.keeper is not None else None
+
+    def _apply_revocations(self, found: Revocations) -> None:
+        if self.server is not None:
+            self.server.set_revocations(found)
+
     async def run(self) -> None:
         """Start, then serve until SIGTERM/SIGINT; SIGHUP reloads."""
         loop = asyncio.get_running_loop()
-        await self.start()
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a stop during start-up is a clean stop too
             loop.add_signal_handler(signum, self._stop.set)
         try:
+            await self.start()
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
             await self._stop.wait()
         finally:
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
@@ -328,6 +346,11 @@ class ProxyService:
             self.metrics.forget(name)
         self.config = new
         self.keeper.kms = new.kms
+        if self.revocations is not None and new.kms is not None:
+            self.revocations.kms = new.kms
+            self.revocations.close()
+        if self.server is not None and self.server.tls is not None and new.tls is not None:
+            add_client_cas(self.server.tls, new.tls.client_ca_file)
         added = [e for name, e in after.items() if name not in before or name in gone]
         for entry in added:
             if entry.kms:

@@ -1,4 +1,5 @@
-"""What the release path decides over: trusted providers, registered volumes and their bindings, revocations.
+"""What the release path decides over: trusted providers, registered volumes, revocations (the types of a
+volume, its binding and its callers are :mod:`keysteward.release.volumes`).
 
 Every change here is written with its audit record in one transaction. A volume's keyslot secret is a
 stored data key (see :mod:`keysteward.keys.keystore`); registering a volume hands the new secret back once
@@ -9,162 +10,36 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from keysteward.attest.identity import InstanceIdentity
 from keysteward.attest.providers import ProviderTrust
 from keysteward.audit.log import AuditLog
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import Principal, check_name
+from keysteward.keys.cert_revocations import revoke_host_certs
 from keysteward.keys.keystore import KeyStore
 from keysteward.release import leases
+from keysteward.release.volumes import (
+    ACTIVE,
+    DESTROYED,
+    REVOKED,
+    SECRET_SIZE,
+    SHRED,
+    VolumeInfo,
+    VolumeSpec,
+    actor_of,
+    volume_info,
+)
 from keysteward.store.db import Database, for_update
 from keysteward.store.models import DataKey, Key, Lease, Provider, RevokedInstance, Volume
 from keysteward.ttlcache import TtlCache
 
-ACTIVE, REVOKED, SHRED, DESTROYED = "active", "revoked", "shred", "destroyed"
-MAX_LABELS = 32
-SECRET_SIZE = 32  # the keysteward keyslot's passphrase: random, so pbkdf2 at 1000 iterations is enough
 CACHE_SECONDS = 1.0  # how long another server's revocation may take to reach this one's cached view
-
-
-@dataclass(frozen=True)
-class HostIdentity:
-    """A machine of the tenant (a hypervisor host, the NBD proxy) proven by its mTLS client certificate."""
-
-    tenant: str
-    name: str
-
-    def key(self) -> str:
-        """``host:NAME``: the holder of the host's leases, never equal to an instance's key."""
-        return f"host:{self.name}"
-
-    def claims(self) -> dict[str, str]:
-        return {"host": self.name}
-
-
-Caller = InstanceIdentity | HostIdentity
-
-
-def actor_of(holder: str) -> str:
-    """The audit name of a lease holder: ``host:NAME`` as it is, ``instance:provider/account/id``."""
-    return holder if holder.startswith("host:") else f"instance:{holder}"
-
-
-_BINDING_FIELDS = ("provider", "account", "instance_id", "image_id", "host")
-
-
-@dataclass(frozen=True)
-class Binding:
-    """Who may receive a volume's key by the built-in rule: instances of a provider and account (one
-    instance, one image if set), or one host of the tenant. A tenant's Cedar policies may say more."""
-
-    provider: str | None = None
-    account: str | None = None
-    instance_id: str | None = None
-    image_id: str | None = None
-    host: str | None = None
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> Binding:
-        unknown = set(raw) - set(_BINDING_FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown binding field(s): {', '.join(sorted(unknown))[:200]}", code="bad_binding")
-        values: dict[str, str | None] = {}
-        for name in _BINDING_FIELDS:
-            value = raw.get(name)
-            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 128):
-                raise BadRequest(f"binding.{name} must be a string of 1-128 characters", code="bad_binding")
-            values[name] = value
-        if values["host"] is not None:
-            if any(values[n] is not None for n in _BINDING_FIELDS[:4]):
-                raise BadRequest("a binding names either a host or instances, not both", code="bad_binding")
-            check_name("host", values["host"])
-        elif not values["provider"] or not values["account"]:
-            raise BadRequest("a binding needs 'provider' and 'account', or 'host'", code="bad_binding")
-        return cls(**values)
-
-    def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
-    def mismatch(self, caller: Caller) -> str | None:
-        """The first bound attribute the caller does not have, or None when it matches."""
-        if isinstance(caller, HostIdentity):
-            return None if self.host == caller.name else "host"
-        if self.host is not None:
-            return "host"
-        for name, want, have in (
-            ("provider", self.provider, caller.provider),
-            ("account", self.account, caller.account),
-            ("instance_id", self.instance_id, caller.instance_id),
-            ("image_id", self.image_id, caller.image_id),
-        ):
-            if want is not None and want != have:
-                return name
-        return None
-
-
-@dataclass(frozen=True)
-class VolumeInfo:
-    id: str
-    tenant_id: str
-    name: str
-    key: str
-    key_version: int
-    dek_id: str
-    labels: dict[str, str]
-    binding: Binding
-    state: str
-    lease_seconds: int
-    renew_seconds: int
-    grace_seconds: int | None
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class VolumeSpec:
-    name: str
-    key: str
-    labels: dict[str, str]
-    binding: Binding
-    lease_seconds: int
-    renew_seconds: int
-    grace_seconds: int | None
-
-    def check(self) -> None:
-        check_name("volume", self.name)
-        if len(self.labels) > MAX_LABELS or any(not 0 < len(k) <= 64 or len(v) > 256 for k, v in self.labels.items()):
-            raise BadRequest(f"at most {MAX_LABELS} labels, names 1-64 and values 0-256 characters", code="bad_labels")
-        if not 5 <= self.lease_seconds <= 86400:
-            raise BadRequest("lease_seconds must be between 5 and 86400", code="bad_lease")
-        if not 1 <= self.renew_seconds <= self.lease_seconds // 2:
-            raise BadRequest("renew_seconds must be at least 1 and at most half of lease_seconds", code="bad_lease")
-        if self.grace_seconds is not None and not 0 <= self.grace_seconds <= self.lease_seconds:
-            raise BadRequest("grace_seconds must be between 0 and lease_seconds (or null)", code="bad_lease")
-
-
-def _info(row: Any, key_name: str | None = None, key_version: int | None = None) -> VolumeInfo:
-    return VolumeInfo(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        name=row.name,
-        key=row.key_name if key_name is None else key_name,
-        key_version=row.key_version if key_version is None else key_version,
-        dek_id=row.dek_id,
-        labels=json.loads(row.labels),
-        binding=Binding.parse(json.loads(row.binding)),
-        state=row.state,
-        lease_seconds=row.lease_seconds,
-        renew_seconds=row.renew_seconds,
-        grace_seconds=row.grace_seconds,
-        created_at=row.created_at,
-    )
 
 
 class Registry:
@@ -174,6 +49,7 @@ class Registry:
         self.audit = audit
         self._trusts: TtlCache[str, list[ProviderTrust]] = TtlCache(CACHE_SECONDS)
         self._volumes: TtlCache[tuple[str, str], tuple[VolumeInfo, str, bytes | None]] = TtlCache(CACHE_SECONDS)
+        keys.on_shred.append(self._destroy_under_key)
 
     # -- providers ------------------------------------------------------------------------------
     def add_provider(self, actor: Principal, name: str, kind: str, pem: str, audience: str | None) -> ProviderTrust:
@@ -261,7 +137,7 @@ class Registry:
             changed_at=now,
         )
         conn.execute(insert(Volume).values(**row))
-        return _info(_Row(row), spec.key, version), dek_id
+        return volume_info(_Row(row), spec.key, version), dek_id
 
     def _select(self) -> Any:
         return (
@@ -291,7 +167,7 @@ class Registry:
             row = conn.execute(stmt).first()
         if row is None:
             raise NotFound("no such volume", code="volume_not_found")
-        return _info(row), row
+        return volume_info(row), row
 
     def cached_for_release(self, tenant_id: str, volume_id: str) -> tuple[VolumeInfo, str, bytes | None] | None:
         return self._volumes.get((tenant_id, volume_id))
@@ -317,57 +193,69 @@ class Registry:
         with self.db.read() as conn:
             row = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id, Volume.name == ref)).first()
             if row is not None:
-                return _info(row)
+                return volume_info(row)
             return self.get(actor.tenant_id, ref, conn)
 
     def list(self, actor: Principal) -> list[VolumeInfo]:
         with self.db.read() as conn:
             rows = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id).order_by(Volume.name)).all()
-            return [_info(r) for r in rows]
+            return [volume_info(r) for r in rows]
 
-    def revoke(self, actor: Principal, ref: str, *, shred: bool, reason: str) -> VolumeInfo:
-        volume = self.find(actor, ref)
-        if volume.state == DESTROYED:
-            raise Conflict("the volume's key is destroyed already", code="volume_destroyed")
+    def mark_revoked(self, conn: Connection, volume: VolumeInfo, *, shred: bool, now: datetime) -> None:
+        """The access path's ``volume.revoke`` bookkeeping, in its transaction: holders' next renewal
+        answers ``revoked`` (or ``shred``); the secret stays, so an admin can release the volume again."""
         state = SHRED if shred else REVOKED
-        with self.db.write() as conn:
-            conn.execute(update(Volume).where(Volume.id == volume.id).values(state=state, changed_at=datetime.now(UTC)))
-            self.audit.append(
-                conn,
-                actor.tenant_id,
-                actor=actor.describe(),
-                action="volume.revoke",
-                target=f"volume:{volume.id}",
-                details={"name": volume.name, "shred": shred, "reason": reason[:500]},
-            )
-        self._forget(volume.id)
-        return self.get(actor.tenant_id, volume.id)
+        conn.execute(update(Volume).where(Volume.id == volume.id).values(state=state, changed_at=now))
 
-    def destroy(self, actor: Principal, ref: str, *, reason: str) -> VolumeInfo:
-        """Crypto-shred the volume's secret: no release can ever give it again."""
-        volume = self.find(actor, ref)
-        with self.db.write() as conn:
-            conn.execute(for_update(select(Volume.id).where(Volume.id == volume.id), self.db)).one()
-            self.keys.shred_data_key(conn, actor.tenant_id, volume.dek_id)
-            conn.execute(
-                update(Volume).where(Volume.id == volume.id).values(state=DESTROYED, changed_at=datetime.now(UTC))
-            )
-            conn.execute(
-                update(Lease)
-                .where(Lease.volume_id == volume.id, Lease.state == ACTIVE)
-                .values(state=SHRED, ended_at=datetime.now(UTC))
-            )
+    def shred_volume(self, conn: Connection, tenant_id: str, volume: VolumeInfo, now: datetime) -> None:
+        """The access path's ``volume.destroy`` bookkeeping, in its transaction: the secret is crypto-shredded,
+        the volume is destroyed and every active lease ends ``shred``. Call :meth:`changed` after the commit."""
+        conn.execute(for_update(select(Volume.id).where(Volume.id == volume.id), self.db)).one()
+        self.keys.shred_data_key(conn, tenant_id, volume.dek_id)
+        self._mark_destroyed(conn, volume.id, now)
+
+    def changed(self, volume: VolumeInfo, *, shredded: bool = False) -> VolumeInfo:
+        """After a committed state change: this server forgets its cached view and answers the new state."""
+        if shredded:
+            self.keys.after_data_key_shred()
+        self._forget(volume.id)
+        return self.get(volume.tenant_id, volume.id)
+
+    @staticmethod
+    def _mark_destroyed(conn: Connection, volume_id: str, now: datetime) -> None:
+        """The volume is destroyed and its live leases end in ``shred``: each holder's next renewal says so."""
+        conn.execute(update(Volume).where(Volume.id == volume_id).values(state=DESTROYED, changed_at=now))
+        conn.execute(
+            update(Lease).where(Lease.volume_id == volume_id, Lease.state == ACTIVE).values(state=SHRED, ended_at=now)
+        )
+
+    def _destroy_under_key(self, conn: Connection, tenant_id: str, key_id: str, version: int | None, actor: str) -> int:
+        """A key (version) is being destroyed in ``conn``'s transaction: every volume whose secret it held is
+        destroyed with it, each with its ``volume.destroy`` record in the same transaction."""
+        stmt = (
+            select(Volume.id, Volume.name, DataKey.kek_version)
+            .join(DataKey, DataKey.id == Volume.dek_id)
+            .where(Volume.tenant_id == tenant_id, Volume.key_id == key_id, Volume.state != DESTROYED)
+            .order_by(Volume.name)
+        )
+        if version is not None:
+            stmt = stmt.where(DataKey.kek_version == version)
+        rows = conn.execute(stmt).all()
+        now = datetime.now(UTC)
+        cause = "key destroyed" if version is None else f"key version {version} destroyed"
+        for row in rows:
+            self._mark_destroyed(conn, row.id, now)
             self.audit.append(
                 conn,
-                actor.tenant_id,
-                actor=actor.describe(),
+                tenant_id,
+                actor=actor,
                 action="volume.destroy",
-                target=f"volume:{volume.id}",
-                details={"name": volume.name, "reason": reason[:500]},
+                target=f"volume:{row.id}",
+                details={"name": row.name, "reason": cause, "key_version": row.kek_version},
             )
-        self.keys.after_data_key_shred()
-        self._forget(volume.id)
-        return self.get(actor.tenant_id, volume.id)
+        for row in rows:
+            self._forget(row.id)
+        return len(rows)
 
     def _forget(self, volume_id: str) -> None:
         self._volumes.drop_where(lambda key, _: key[1] == volume_id)
@@ -379,6 +267,7 @@ class Registry:
 
     # -- instances ------------------------------------------------------------------------------
     def revoke_instance(self, actor: Principal, holder: str, *, shred: bool, reason: str) -> None:
+        """The instance's (or host's) renewals answer revoked; a host's certificates are revoked too."""
         if not 0 < len(holder) <= 256 or (holder.count("/") < 2 and not holder.startswith("host:")):
             raise BadRequest("an instance is named provider/account/instance_id, a host host:NAME", code="bad_instance")
         with self.db.write() as conn:
@@ -396,13 +285,16 @@ class Registry:
                     created_at=datetime.now(UTC),
                 )
             )
+            # a host's certificates end with it, in the same transaction: no listener accepts them any more
+            host = holder.removeprefix("host:") if holder.startswith("host:") else None
+            certs = revoke_host_certs(conn, actor.tenant_id, host, reason) if host else []
             self.audit.append(
                 conn,
                 actor.tenant_id,
                 actor=actor.describe(),
                 action="instance.revoke",
                 target=actor_of(holder),
-                details={"shred": shred, "reason": reason[:500]},
+                details={"shred": shred, "reason": reason[:500], "revoked_certs": certs},
             )
 
     @staticmethod

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import uuid
 from collections.abc import Mapping
@@ -26,8 +27,8 @@ from typing import Any, Final
 from sqlalchemy import Connection, delete, insert, select
 
 from keysteward.attest.binding import binding
-from keysteward.attest.errors import EvidenceRejected
-from keysteward.attest.identity import verify_identity
+from keysteward.attest.errors import EVIDENCE_INVALID, EvidenceRejected
+from keysteward.attest.identity import InstanceIdentity, verify_identity
 from keysteward.attest.tpm import ak_name, check_ak, make_credential, verify_ek_certificate
 from keysteward.audit.log import AuditLog
 from keysteward.errors import BadRequest, Conflict, Denied, NotFound
@@ -38,6 +39,7 @@ from keysteward.release.registry import Registry
 from keysteward.settings import ReleaseSettings
 from keysteward.store.models import TpmEnrollment, TpmKey
 
+log = logging.getLogger("keysteward.attest.tpm")
 CHALLENGE_SECONDS: Final = 300
 SECRET_SIZE: Final = 32
 
@@ -76,13 +78,7 @@ class TpmEnrollments:
         expires = self.nonces.check(raw)
         try:
             check_ak(ak_public)
-            who = verify_identity(
-                identity,
-                self.registry.trusts(tenant_id),
-                binding=binding(raw, ak_public),
-                now=now,
-                audience=self.settings.audience,
-            )
+            who = self._identity(tenant_id, identity, binding(raw, ak_public), now)
             if not self.roots:
                 raise EvidenceRejected(
                     "no TPM manufacturer roots are configured ([release] tpm_ek_roots): an admin must pin the AK"
@@ -125,6 +121,22 @@ class TpmEnrollments:
 
         self.audit.commit(tenant_id, effect)
         return enrollment_id, credential
+
+    def _identity(self, tenant_id: str, identity: Mapping[str, Any], bound: bytes, now: datetime) -> InstanceIdentity:
+        """The instance, proven by its identity evidence. Evidence that proves nothing gets one message,
+        whatever the tenant trusts (or whether the tenant exists: unknown ones come as NO_TENANT_ID), so a
+        forged document cannot tell a tenant with that kind of provider from one without, or from none."""
+        try:
+            return verify_identity(
+                identity, self.registry.trusts(tenant_id), binding=bound, now=now, audience=self.settings.audience
+            )
+        except EvidenceRejected as exc:
+            if exc.code != EVIDENCE_INVALID:
+                raise
+            log.info("TPM enrollment: identity evidence refused: %s", exc.message[:200])
+            raise EvidenceRejected(
+                "the identity evidence does not prove an instance of a provider this tenant trusts"
+            ) from None
 
     @staticmethod
     def _enrolled(conn: Connection, tenant_id: str, holder: str) -> Any:

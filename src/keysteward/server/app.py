@@ -28,9 +28,9 @@ from prometheus_client import (
 from keysteward import __version__
 from keysteward.errors import BadRequest, Forbidden
 from keysteward.identity.principal import Permission, Principal
+from keysteward.ratelimit import FailureLimiter
 from keysteward.server import problems
 from keysteward.server.deps import principal
-from keysteward.server.ratelimit import FailureLimiter
 from keysteward.server.routers import attest, audit, ca, crypto, keys, policy, release, system, tenants, volumes, xks
 from keysteward.server.services import Services
 

@@ -36,7 +36,7 @@ from keysteward.xks.app import XksApp
 from keysteward.xks.listener import XksListener, parse_listen
 
 log = logging.getLogger("keysteward.server")
-CA_REFRESH_SECONDS = 15.0
+CA_REFRESH_SECONDS = 1.0
 SWITCH_INTERVAL = 0.0005
 GC_THRESHOLDS = (20_000, 50, 100)
 _ANY_V4 = "0.0.0.0"  # noqa: S104 - only to leave the wildcard out of certificate names
@@ -264,12 +264,19 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
         # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
         protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
+        # uvicorn stops on SIGTERM and then raises it again for the handler it found: with the default one the
+        # process would die there, before the close below writes the counted refusals and the last checkpoints
+        signal.signal(signal.SIGTERM, _stopped)
         server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
     finally:
         stop.set()
         if xks is not None:
             xks.stop()
         svc.close()
+
+
+def _stopped(_signum: int, _frame: object) -> None:
+    """SIGTERM once the server has stopped: nothing more to do than let ``serve`` close its services."""
 
 
 def _join_worker_seal(svc: Services) -> None:

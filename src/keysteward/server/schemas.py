@@ -75,6 +75,7 @@ class TenantOut(Strict):
 class TokenCreate(Strict):
     name: Name
     role: Annotated[str, Field(pattern=r"^(admin|security-officer|auditor)$")]
+    person: Name | None = None  # whose token it is; a new person named after the token when not given
 
 
 class TokenOut(Strict):
@@ -84,6 +85,8 @@ class TokenOut(Strict):
     role: str
     created_at: datetime
     revoked: bool
+    person: str
+    created_by: str | None = None
     token: str | None = None
 
 
@@ -97,6 +100,7 @@ class WhoAmI(Strict):
     role: str
     name: str
     kind: str
+    person: str | None = None
 
 
 class KeyCreate(Strict):
@@ -189,13 +193,38 @@ class CaImport(Strict):
 class CaOut(Strict):
     cert_pem: str
     can_issue: bool
+    previous_pem: str | None = None
+    """During a rotation: the replaced CA, still trusted until ``ca rotate --retire``."""
 
 
 class CertIssue(Strict):
     name: Name
     role: Annotated[str, Field(pattern=r"^(agent|host)$")]
     csr_pem: str | None = Field(default=None, max_length=65536)
-    days: int = Field(default=365, ge=1, le=825)
+    days: int = Field(default=90, ge=1, le=90)
+
+
+class CertRenew(Strict):
+    csr_pem: str = Field(min_length=1, max_length=65536)
+    days: int = Field(default=90, ge=1, le=90)
+
+
+class CertRevoke(Strict):
+    target: str = Field(min_length=1, max_length=200)
+    """A serial (hex) or ROLE:NAME (``host:proxy-1``)."""
+    reason: str = Field(default="", max_length=500)
+
+
+class CertRevokeOut(Strict):
+    target: str
+    revoked: list[str]
+
+
+class RevocationListOut(Strict):
+    tenant: str
+    revoked_serials: list[str]
+    retired_cas: list[str]
+    max_age_seconds: float
 
 
 class CertOut(Strict):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keysteward.access import key_actions, volume_actions, xks_actions
+from keysteward.access import admin_actions, key_actions, volume_actions, xks_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
+from keysteward.access.refusals import RefusalGate
 from keysteward.access.service import AccessService
 from keysteward.audit.log import AuditLog
 from keysteward.audit.publisher import CheckpointPublisher
+from keysteward.audit.refusals import RefusalTally
 from keysteward.identity.tenants import Tenants
 from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
@@ -19,6 +21,7 @@ from keysteward.keys.root import RootOfTrust
 from keysteward.keys.xks_crypto import XksCrypto
 from keysteward.keys.xks_registry import XksRegistry
 from keysteward.policy.store import PolicyStore
+from keysteward.ratelimit import FailureLimiter
 from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces
 from keysteward.release.platform import PlatformVerifier
@@ -47,6 +50,7 @@ class Services:
     policies: PolicyStore
     tpm: TpmEnrollments
     checkpoints: CheckpointPublisher
+    refusals: RefusalTally
     xks: XksRegistry
     xks_crypto: XksCrypto
     xks_metrics: XksMetrics
@@ -82,10 +86,15 @@ class Services:
         envelope = Envelope(keys)
         key_actions.register(actions, envelope)
         volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
+        admin_actions.register(actions, registry, policies)
         xks = XksRegistry(db, root, keys, audit)
         xks_crypto = XksCrypto(keys, db)
         xks_actions.register(actions, xks, xks_crypto, keys)
-        access = AccessService(tenants, policies, audit, actions, alert=alerts.send)
+        refusals = RefusalTally(audit, settings.audit.refusal_interval)
+        limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
+        access = AccessService(
+            tenants, policies, audit, actions, alert=alerts.send, refusals=RefusalGate(limiter, refusals)
+        )
         return cls(
             settings=settings,
             db=db,
@@ -103,12 +112,14 @@ class Services:
             policies=policies,
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
             checkpoints=checkpoints,
+            refusals=refusals,
             xks=xks,
             xks_crypto=xks_crypto,
             xks_metrics=XksMetrics(),
         )
 
     def close(self) -> None:
+        self.refusals.stop()  # the counted refusals pending, into the chains the last checkpoints cover
         self.checkpoints.stop()  # its last round signs the final heads: before the seal below
         self.rewrapper.stop()
         self.alerts.close()

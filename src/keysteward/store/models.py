@@ -48,12 +48,32 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class Person(Base):
+    """A human of a tenant. API tokens belong to a person; approvals count people, not tokens.
+
+    ``created_by`` is the person (name) whose admin token created this one, or None (the tenant's first
+    admin, made by a system admin or at init)."""
+
+    __tablename__ = "people"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_person_name"),)
+
+
 class ApiToken(Base):
+    """A person's API token with one role. ``created_by`` is the person whose admin token minted it (None for
+    a tenant's first admin): that admin saw the secret and, for a while, counts as a party to its votes."""
+
     __tablename__ = "api_tokens"
     id: Mapped[str] = mapped_column(String(24), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(32))
+    person_id: Mapped[str] = mapped_column(ForeignKey("people.id"), index=True)
+    created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -135,6 +155,33 @@ class IssuedCert(Base):
     role: Mapped[str] = mapped_column(String(32))
     not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_issued_certs_identity", "tenant_id", "role", "name"),)
+
+
+class CertRevocation(Base):
+    """A revoked machine certificate: every server refuses it on every listener (``ca revoke``)."""
+
+    __tablename__ = "cert_revocations"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    serial: Mapped[str] = mapped_column(String(48), primary_key=True)
+    role: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    not_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """None for a serial keysteward did not issue (a customer's CA): kept for good."""
+    reason: Mapped[str] = mapped_column(Text, default="")
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PreviousCA(Base):
+    """A tenant CA a ``ca rotate`` replaced: still trusted (no longer issuing) until ``ca rotate --retire``,
+    then kept with ``retired_at`` so that listeners outside the database (the NBD proxy) learn to refuse it."""
+
+    __tablename__ = "tenant_ca_previous"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    rotated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class AuditHead(Base):
@@ -246,7 +293,8 @@ class ApprovalRequest(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     volume_id: Mapped[str] = mapped_column(String(36))
     holder: Mapped[str] = mapped_column(String(256))
-    on_behalf_of: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    on_behalf_of: Mapped[str | None] = mapped_column(String(128), nullable=True)  # claimed by the instance
+    requested_by: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a proven person (their token)
     groups: Mapped[str] = mapped_column(Text)
     valid_for_seconds: Mapped[int] = mapped_column(Integer)
     policy_version: Mapped[int] = mapped_column(Integer)
@@ -261,12 +309,20 @@ class ApprovalRequest(Base):
 
 
 class ApprovalVote(Base):
+    """One person's vote: ``approver`` is the token's principal, ``person`` and ``role`` what it counts as,
+    ``granted_by`` (JSON list) the people who minted the voter an approving token within the cooling-off
+    period. Votes from before people existed have no ``person``."""
+
     __tablename__ = "approval_votes"
     request_id: Mapped[str] = mapped_column(ForeignKey("approval_requests.id"), primary_key=True)
     approver: Mapped[str] = mapped_column(String(256), primary_key=True)
     decision: Mapped[str] = mapped_column(String(8))
     reason: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    person: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    role: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    granted_by: Mapped[str] = mapped_column(Text, default="[]")
+    __table_args__ = (Index("uq_approval_vote_person", "request_id", "person", unique=True),)
 
 
 class TpmKey(Base):

@@ -1,4 +1,8 @@
-"""TPM attestation keys: enrollment by credential activation (instances) and pinning (admins)."""
+"""TPM attestation keys: enrollment by credential activation (instances) and pinning (admins).
+
+Enrollment is unauthenticated (the instance's evidence is its credential): a request naming an unknown
+tenant gets exactly the answer a known tenant gives the same request, so tenant names cannot be probed.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ def enroll(body: EnrollIn, request: Request) -> EnrollOut:
     """Step 1 (the instance, by its identity evidence bound to the nonce and its AK): a credential to activate."""
     svc = services(request)
     enrollment_id, credential = svc.tpm.start(
-        svc.tenants.id_of(body.tenant),
+        svc.tenants.id_or_unknown(body.tenant),  # an unknown tenant answers as one that trusts no such provider
         body.nonce,
         body.identity,
         unb64(body.ek_public),
@@ -74,7 +78,8 @@ def enroll(body: EnrollIn, request: Request) -> EnrollOut:
 def activate(body: ActivateIn, request: Request) -> ActivateOut:
     """Step 2: the secret the TPM recovered; the AK is enrolled for the instance."""
     svc = services(request)
-    return ActivateOut(instance=svc.tpm.finish(svc.tenants.id_of(body.tenant), body.enrollment_id, unb64(body.secret)))
+    tenant_id = svc.tenants.id_or_unknown(body.tenant)  # an unknown tenant has no enrollment: the same answer
+    return ActivateOut(instance=svc.tpm.finish(tenant_id, body.enrollment_id, unb64(body.secret)))
 
 
 @router.put("/attest/tpm/keys", status_code=204)

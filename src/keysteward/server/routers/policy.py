@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import Field
 from sqlalchemy import Connection
 
+from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
 from keysteward.errors import KeystewardError
 from keysteward.identity.principal import Permission, Principal
 from keysteward.policy import approvals
@@ -95,7 +96,18 @@ def policy_show(request: Request, who: Read) -> PolicyOut:
 
 @router.put("/policy")
 def policy_set(body: PolicyIn, request: Request, who: Manage) -> PolicyOut:
-    return _out(services(request).policies.put(who, body.sources))
+    stored: PolicyVersion = services(request).access.decide(
+        AccessRequest(
+            tenant=who.tenant,
+            action="policy.update",
+            resource=Resource("Tenant", who.tenant),
+            delivery=Delivery.NOTHING,
+            principal=who,
+            context=RequestContext(source=request.client.host if request.client else ""),
+            inputs=dict(body.sources),
+        )
+    )
+    return _out(stored)
 
 
 @router.get("/policy/versions")
@@ -133,11 +145,16 @@ def approvals_list(
 def _vote(request: Request, who: Principal, request_id: str, decision: str, reason: str) -> dict[str, Any]:
     svc = services(request)
     now = datetime.now(UTC)
+    cooling_off = timedelta(seconds=svc.settings.release.approver_cooling_off_seconds)
     outcome: dict[str, Any] = {}
 
     def effect(conn: Connection) -> dict[str, Any]:
         changers = svc.policies.changed_by_since(conn, who.tenant_id, now - SEPARATION)
-        outcome.update(approvals.vote(conn, who, request_id, decision, reason, now=now, policy_changers=changers))
+        outcome.update(
+            approvals.vote(
+                conn, who, request_id, decision, reason, now=now, policy_changers=changers, cooling_off=cooling_off
+            )
+        )
         return {
             "actor": who.describe(),
             "action": f"approval.{decision}",
@@ -146,6 +163,7 @@ def _vote(request: Request, who: Principal, request_id: str, decision: str, reas
                 "volume_id": outcome["volume_id"],
                 "requester": outcome["requester"],
                 "state": outcome["state"],
+                "person": who.person,
                 "reason": reason[: approvals.MAX_REASON],
             },
         }
@@ -160,6 +178,7 @@ def _vote(request: Request, who: Principal, request_id: str, decision: str, reas
             target=f"approval:{request_id[:64]}",
             outcome="denied",
             reason=exc.code,
+            details={"person": who.person},
         )
         raise
     return outcome

@@ -15,11 +15,12 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from keysteward.access import volume_actions
+from keysteward.access.lease_actions import LeaseInputs, RenewAnswer, lease_tenant
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
-from keysteward.access.volume_actions import LeaseInputs, ReleaseInputs, RenewAnswer, lease_tenant
+from keysteward.access.volume_actions import ReleaseInputs
 from keysteward.errors import Denied
 from keysteward.policy.approvals import Waiting
-from keysteward.server.deps import services
+from keysteward.server.deps import principal, services
 from keysteward.server.release_schemas import (
     ChallengeOut,
     LeaseOut,
@@ -69,6 +70,7 @@ async def release(body: ReleaseIn, request: Request) -> ReleasedOut | JSONRespon
                 public_key=unb64(body.public_key),
                 host=await _host(request, body.tenant),
                 on_behalf_of=body.on_behalf_of,
+                requested_by=await _person(request, body.tenant),
             ),
         )
     )
@@ -92,6 +94,17 @@ async def release(body: ReleaseIn, request: Request) -> ReleasedOut | JSONRespon
             grace_seconds=decided.grace_seconds,
         ),
     )
+
+
+async def _person(request: Request, tenant: str) -> str | None:
+    """The person of ``tenant`` whose API token came with the release (they asked for it), or None."""
+    header = request.headers.get("authorization", "")
+    if not header:
+        return None
+    who = await anyio.to_thread.run_sync(principal, request)
+    if who.tenant != tenant:
+        raise Denied("a person asks only for their own tenant's releases", code="tenant_mismatch")
+    return who.person or None
 
 
 async def _host(request: Request, tenant: str) -> str | None:

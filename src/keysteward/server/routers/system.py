@@ -4,7 +4,9 @@ Unsealing is unauthenticated by design (holding a share is the authority), so it
 client could interfere: every share is checked on its own against its commitment before it counts, so a
 forged one never touches the custodians' progress; resetting progress needs a valid share or a system
 token with ``seal.manage`` (the root token); bad shares and refused resets are limited per source and
-overall (``[seal] unseal_failures_*``), and past the limit they are refused without an audit record each.
+overall (``[seal] unseal_failures_*``). No refusal has a record of its own: they are counted, one record
+per interval, action and reason in the system chain (``[audit] refusal_interval``), past the limit as
+``rate_limited``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from keysteward import __version__
 from keysteward.errors import InvalidShare, KeystewardError, RateLimited, Unauthenticated
 from keysteward.identity.principal import SYSTEM_TENANT, Permission, Principal
 from keysteward.keys.root import DEV_WARNING
+from keysteward.ratelimit import FailureLimiter
 from keysteward.server.deps import authorize, need, services
-from keysteward.server.ratelimit import FailureLimiter
 from keysteward.server.schemas import SealStatus, UnsealRequest, UnsealResetRequest
 
 router = APIRouter(tags=["system"])
@@ -62,7 +64,7 @@ def status(request: Request) -> SealStatus:
 
 
 def _system_tenant_id(request: Request) -> str:
-    return services(request).tenants.get(SYSTEM_TENANT).id
+    return services(request).tenants.id_of(SYSTEM_TENANT)
 
 
 def _client(request: Request) -> str:
@@ -75,33 +77,15 @@ def _limiter(request: Request) -> FailureLimiter:
 
 
 def _refused(request: Request, action: str, exc: KeystewardError) -> RateLimited | None:
-    """Count one refusal of this source; audit it while under the limit, once at the limit, then no more."""
+    """Count one refusal of this source, under the limit by its reason, past it as ``rate_limited``: into the
+    system chain's counted record of the interval (one per action and reason, see audit/refusals.py)."""
     limiter, client = _limiter(request), _client(request)
     already = limiter.retry_after(client)
     limiter.fail(client)
-    if already:
-        return _limited(already)
     svc = services(request)
-    svc.audit.record(
-        _system_tenant_id(request),
-        actor=f"share-holder@{client}",
-        action=action,
-        target="cluster",
-        outcome="denied",
-        reason=exc.code,
-    )
-    now = limiter.retry_after(client)
-    if now:
-        svc.audit.record(
-            _system_tenant_id(request),
-            actor=f"share-holder@{client}",
-            action=action,
-            target="cluster",
-            outcome="denied",
-            reason="rate_limited",
-            details={"window_seconds": limiter.window, "retry_after": math.ceil(now)},
-        )
-    return None
+    reason = "rate_limited" if already else exc.code
+    svc.refusals.count(_system_tenant_id(request), action, reason, source=client, target="cluster", sample="")
+    return _limited(already) if already else None
 
 
 def _limited(retry_after: float) -> RateLimited:
@@ -121,20 +105,10 @@ def unseal(body: UnsealRequest, request: Request) -> SealStatus:
         raise _limited(waiting)  # an old cluster cannot tell a good share from a bad one on its own
     try:
         remaining = svc.root.submit_share(body.share)
-    except InvalidShare as exc:
+    except KeystewardError as exc:
         limited = _refused(request, "seal.unseal_share", exc)
         if limited is not None:
             raise limited from exc
-        raise
-    except KeystewardError as exc:
-        svc.audit.record(
-            _system_tenant_id(request),
-            actor=f"share-holder@{client}",
-            action="seal.unseal_share",
-            target="cluster",
-            outcome="denied",
-            reason=exc.code,
-        )
         raise
     system_id = _system_tenant_id(request)
     svc.audit.record(

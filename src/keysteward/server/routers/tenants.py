@@ -22,6 +22,8 @@ def _token_out(info: TokenInfo, secret: str | None = None) -> TokenOut:
         role=info.role,
         created_at=info.created_at,
         revoked=info.revoked,
+        person=info.person,
+        created_by=info.created_by,
         token=secret,
     )
 
@@ -30,9 +32,9 @@ def _new_token_out(token: NewToken) -> TokenOut:
     return _token_out(token.info, token.secret)
 
 
-@router.get("/whoami")
+@router.get("/whoami", response_model_exclude_none=True)
 def whoami(who: Annotated[Principal, Depends(principal)]) -> WhoAmI:
-    return WhoAmI(tenant=who.tenant, role=who.role, name=who.name, kind=who.kind)
+    return WhoAmI(tenant=who.tenant, role=who.role, name=who.name, kind=who.kind, person=who.person or None)
 
 
 @router.post("/tenants", status_code=201)
@@ -57,7 +59,7 @@ def list_tenants(
 def create_token(
     body: TokenCreate, request: Request, who: Annotated[Principal, Depends(need(Permission.TOKEN_MANAGE))]
 ) -> TokenOut:
-    return _new_token_out(services(request).tenants.create_token(who, body.name, body.role))
+    return _new_token_out(services(request).tenants.create_token(who, body.name, body.role, body.person))
 
 
 @router.get("/tokens")

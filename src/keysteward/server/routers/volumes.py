@@ -6,12 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 
+from keysteward.access.admin_actions import VolumeChange
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
-from keysteward.access.volume_actions import Created, CreateInputs
+from keysteward.access.volume_create import Created, CreateInputs
 from keysteward.attest.providers import ProviderTrust, describe_certificate
 from keysteward.errors import BadRequest
 from keysteward.identity.principal import Permission, Principal
-from keysteward.release.registry import Binding, VolumeInfo, VolumeSpec
+from keysteward.release.volumes import Binding, VolumeInfo, VolumeSpec
 from keysteward.server.deps import need, services
 from keysteward.server.release_schemas import (
     DestroyIn,
@@ -87,13 +88,28 @@ def get_volume(ref: Ref, request: Request, who: Read) -> VolumeOut:
 
 @router.post("/volumes/{ref}/revoke")
 def revoke_volume(ref: Ref, body: RevokeIn, request: Request, who: Revoke) -> VolumeOut:
-    info = services(request).registry.revoke(who, ref, shred=body.shred, reason=body.reason)
-    return volume_out(info, who.tenant)
+    change = VolumeChange(ref, reason=body.reason, shred=body.shred)
+    return volume_out(_admin(request, who, "volume.revoke", change), who.tenant)
 
 
 @router.post("/volumes/{ref}/destroy")
 def destroy_volume(ref: Ref, body: DestroyIn, request: Request, who: Manage) -> VolumeOut:
-    return volume_out(services(request).registry.destroy(who, ref, reason=body.reason), who.tenant)
+    return volume_out(_admin(request, who, "volume.destroy", VolumeChange(ref, reason=body.reason)), who.tenant)
+
+
+def _admin(request: Request, who: Principal, action: str, change: VolumeChange) -> VolumeInfo:
+    info: VolumeInfo = services(request).access.decide(
+        AccessRequest(
+            tenant=who.tenant,
+            action=action,
+            resource=Resource("Volume", change.ref),
+            delivery=Delivery.NOTHING,
+            principal=who,
+            context=RequestContext(source=request.client.host if request.client else ""),
+            inputs=change,
+        )
+    )
+    return info
 
 
 @router.post("/instances/revoke", status_code=204)

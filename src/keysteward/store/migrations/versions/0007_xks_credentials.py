@@ -1,15 +1,15 @@
 """xks: external key stores (URI prefixes), their SigV4 credentials (secrets wrapped) and external keys
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-04 17:00:00.000000
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

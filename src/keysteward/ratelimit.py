@@ -1,4 +1,4 @@
-"""Failure counting for unauthenticated endpoints: per source, and overall, in a sliding window.
+"""Failure counting for unauthenticated endpoints: per source, and (optionally) overall, in a sliding window.
 
 A source is an IPv4 address or an IPv6 /64 (one host usually holds a whole /64). Only failures count:
 a caller that keeps succeeding is never limited. Memory is bounded: at most ``max_sources`` sources are
@@ -28,18 +28,22 @@ def source_key(host: str) -> str:
 
 
 class FailureLimiter:
-    """At most ``per_source`` failures per source and ``overall`` failures in all within ``window`` seconds."""
+    """At most ``per_source`` failures per source and ``overall`` failures in all within ``window`` seconds.
+
+    ``overall=None`` sets no overall limit: for endpoints where many failing sources must not lock out the
+    good ones (key release), unlike the unseal, where the share check itself is what needs protecting.
+    """
 
     def __init__(
         self,
         per_source: int,
-        overall: int,
+        overall: int | None,
         window: float,
         *,
         max_sources: int = 4096,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if per_source < 1 or overall < 1 or window <= 0 or max_sources < 1:
+        if per_source < 1 or (overall is not None and overall < 1) or window <= 0 or max_sources < 1:
             raise ValueError("failure limits and the window must be positive")
         self.per_source = per_source
         self.overall = overall
@@ -61,7 +65,7 @@ class FailureLimiter:
         with self._lock:
             self._expire(self._all, now)
             waits = []
-            if len(self._all) >= self.overall:
+            if self.overall is not None and len(self._all) >= self.overall:
                 waits.append(self._all[len(self._all) - self.overall] + self.window - now)
             times = self._sources.get(key)
             if times is not None:
@@ -82,6 +86,7 @@ class FailureLimiter:
                     self._sources.popitem(last=False)
             times.append(now)
             self._sources[key] = times  # most recently seen last
-            self._all.append(now)
-            while len(self._all) > self.overall:
-                self._all.popleft()
+            if self.overall is not None:
+                self._all.append(now)
+                while len(self._all) > self.overall:
+                    self._all.popleft()

@@ -1,0 +1,155 @@
+"""Lease renewal and lease end as actions of the access path (docs/release-protocol.md).
+
+``lease.renew`` asks the policy again (Cedar ``release`` with the facts the lease was granted on, at the
+current time and policy version, and ``renew``): a policy change that no longer permits the holder turns
+its next renewal into ``revoked``; a destroyed volume or key, a shredded secret or a shredding revocation
+answers ``shred``. A permit that needs approval keeps the lease going: the approval was given for this
+lease. ``lease.end`` asks nothing: giving a key back is always allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from keysteward.access.actions import ActionHandler, ActionTable, Booked, Subject
+from keysteward.access.request import AccessRequest, Delivery
+from keysteward.errors import KeystewardError, NotFound
+from keysteward.policy.engine import PolicyDecision
+from keysteward.policy.errors import PolicyRequestInvalid
+from keysteward.policy.facts import PolicyRequest
+from keysteward.policy.store import PolicyStore
+from keysteward.release import leases
+from keysteward.release.registry import Registry
+from keysteward.release.volumes import ACTIVE, DESTROYED, SHRED, actor_of
+from keysteward.store.models import DataKey, Lease, Tenant, Volume
+
+log = logging.getLogger("keysteward.release")
+
+
+@dataclass(frozen=True, repr=False)
+class LeaseInputs:
+    lease_id: str
+    token: bytes
+
+
+@dataclass(frozen=True)
+class RenewAnswer:
+    action: str
+    """``continue``, ``revoked``, ``shred`` or ``expired``."""
+    expires_at: datetime
+
+
+class _LeaseAction(ActionHandler):
+    def __init__(self, registry: Registry, policies: PolicyStore) -> None:
+        self.registry = registry
+        self.policies = policies
+
+    def unknown_tenant(self) -> KeystewardError:
+        return NotFound("no such lease, or not this token", code="lease_not_found")
+
+    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
+        inputs: LeaseInputs = request.inputs
+        with self.registry.db.read() as conn:
+            row = leases.load(conn, inputs.lease_id, inputs.token)
+        if str(row.tenant_id) != tenant_id:
+            raise NotFound("no such lease, or not this token", code="lease_not_found")
+        return Subject(tenant_id, actor_of(row.holder), f"volume:{row.volume_id}", None, state=inputs)
+
+
+class LeaseRenew(_LeaseAction):
+    action, cedar_action, delivery = "lease.renew", None, Delivery.NOTHING
+
+    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
+        inputs: LeaseInputs = subject.state
+        row = leases.load(conn, inputs.lease_id, inputs.token)
+        volume = conn.execute(
+            select(Volume.state, Volume.lease_seconds, DataKey.wrapped.is_(None).label("shredded"))
+            .join(DataKey, DataKey.id == Volume.dek_id)
+            .where(Volume.id == row.volume_id)
+        ).one()
+        instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
+        expires = leases.aware(row.expires_at)
+        subject.details["lease"] = row.id
+        if row.state in (leases.REVOKED, leases.SHRED):
+            action = row.state
+        elif row.state != leases.ACTIVE or expires <= now:
+            action = "expired"
+            if row.state == leases.ACTIVE:
+                leases.set_state(conn, row.id, leases.EXPIRED, now)
+        elif volume.state in (SHRED, DESTROYED) or volume.shredded or instance is True:
+            action = leases.SHRED
+        elif volume.state != ACTIVE or instance is False:
+            action = leases.REVOKED
+        elif not self._still_permitted(subject, row, now):
+            action = leases.REVOKED
+        else:
+            return Booked(RenewAnswer("continue", leases.extend(conn, row.id, now, volume.lease_seconds)), quiet=True)
+        if action in (leases.REVOKED, leases.SHRED) and row.state == leases.ACTIVE:
+            leases.set_state(conn, row.id, action, now)
+        subject.details["answer"] = action
+        return Booked(RenewAnswer(action, expires), quiet=action == row.state)  # delivered before: recorded
+
+    def _still_permitted(self, subject: Subject, row: Any, now: datetime) -> bool:
+        """The policy in force asked again with the facts the lease was granted on, at ``now``."""
+        if row.facts is None:
+            return True  # granted before renewals asked the policy
+        policy = self.policies.current(subject.tenant_id)
+        try:
+            granted = json.loads(row.facts)
+            granted["time"] = now.isoformat()
+            release = PolicyRequest.from_json(granted)
+            renew = PolicyRequest.from_json({**granted, "action": "renew"})
+        except (PolicyRequestInvalid, ValueError) as exc:
+            log.warning("a lease's facts no longer make a policy request: %s", type(exc).__name__)
+            subject.details.update(policy_version=policy.version, reason="policy_error")
+            return False
+        decided = policy.compiled.evaluate(release)
+        renewal = policy.compiled.evaluate(renew)
+        if decided.effect == "deny" or renewal.reason in ("forbidden_by_policy", "policy_error"):
+            subject.details.update(
+                policy_version=policy.version,
+                policies=list(decided.policies + renewal.policies),
+                reason=decided.reason if decided.effect == "deny" else renewal.reason,
+            )
+            return False
+        return True
+
+
+class LeaseEnd(_LeaseAction):
+    action, cedar_action, delivery = "lease.end", None, Delivery.NOTHING
+
+    def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
+        inputs: LeaseInputs = subject.state
+        row = leases.load(conn, inputs.lease_id, inputs.token)
+        if row.state != leases.ACTIVE:
+            return Booked(quiet=True)
+        leases.set_state(conn, row.id, leases.ENDED, now)
+        subject.details["lease"] = row.id
+        return Booked()
+
+
+def lease_tenant(registry: Registry, lease_id: str) -> str:
+    """The tenant name a lease belongs to (the renewal protocol names only the lease)."""
+    try:
+        uuid.UUID(lease_id)
+    except ValueError:
+        raise NotFound("no such lease, or not this token", code="lease_not_found") from None
+    with registry.db.read() as conn:
+        name = conn.execute(
+            select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == lease_id)
+        ).scalar_one_or_none()
+    if name is None:
+        raise NotFound("no such lease, or not this token", code="lease_not_found")
+    return str(name)
+
+
+def register(table: ActionTable, registry: Registry, policies: PolicyStore) -> None:
+    table.register(LeaseRenew(registry, policies))
+    table.register(LeaseEnd(registry, policies))

@@ -1,0 +1,220 @@
+"""The proxy's transport: one NBD connection's bytes, as an ``asyncio.BufferedProtocol``.
+
+Headers come in through a small staging buffer, a write's payload straight into the buffer it is
+written from (no copy); a read's reply goes out as one ``writelines`` of header and data. Reading
+pauses while the NBD session has no room for more. STARTTLS swaps the transport under the same
+protocol, after checking that the client sent nothing behind its STARTTLS (a plaintext injection
+would otherwise be read as if it had come through TLS). The NBD session that drives it is
+:class:`keysteward.proxy.server.NbdServer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+from keysteward.formats import nbd
+
+STAGE_SIZE = 256 * 1024
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class Closed(ConnectionError):
+    """The peer went away (or the server dropped it) while a read was waiting."""
+
+
+class Wire(asyncio.BufferedProtocol):
+    """One connection's bytes (see the module doc)."""
+
+    def __init__(self, on_connect: Callable[[Wire], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        """uvloop's transports do not derive from asyncio's classes: typed by what they do, never isinstance."""
+        self._on_connect = on_connect
+        self._stage = bytearray(STAGE_SIZE)
+        self._view = memoryview(self._stage)
+        self._lo = self._hi = 0
+        self._target: memoryview | None = None
+        self._target_got = 0
+        self._into_target = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drainers: list[asyncio.Future[None]] = []
+
+    # -- protocol callbacks ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first, self.transport = self.transport is None, cast(asyncio.Transport, transport)
+        if first:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            self._on_connect(self)
+
+    def _target_open(self) -> bool:
+        """A payload is being received and the staging buffer is empty: bytes may go straight into it."""
+        return self._target is not None and self._lo == self._hi and self._target_got < self._target.nbytes
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target_open():
+            assert self._target is not None
+            self._into_target = True
+            return self._target[self._target_got :]
+        self._into_target = False
+        if self._hi == len(self._stage):
+            self._compact()
+        if self._hi == len(self._stage):  # a transport that delivers while paused: grow, within a bound
+            if len(self._stage) >= 4 * STAGE_SIZE:
+                raise nbd.NbdProtocolError("the client sends faster than its requests are served")
+            self._stage = self._stage + bytearray(len(self._stage))
+            self._view = memoryview(self._stage)
+        return self._view[self._hi :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_target:
+            self._target_got += nbytes
+        else:
+            self._hi += nbytes
+        if self._hi == len(self._stage) and not self._target_open():
+            self._pause_reading()  # resumed once the reader consumes (see _resume_reading)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = True
+        self._wake()
+        for fut in self._drainers:
+            if not fut.done():
+                fut.set_result(None)
+        self._drainers.clear()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        for fut in self._drainers:
+            if not fut.done():
+                fut.set_result(None)
+        self._drainers.clear()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._ended:
+            raise Closed("the client closed the connection")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _compact(self) -> None:
+        if self._lo:
+            n = self._hi - self._lo
+            self._stage[:n] = self._stage[self._lo : self._hi]
+            self._lo, self._hi = 0, n
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        """Resume if there is room to receive into (at the end of the stage, after compaction, or a target)."""
+        room = self._lo > 0 or self._hi < len(self._stage) or self._target_open()
+        if room and self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _consumed(self, n: int) -> None:
+        self._lo += n
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        self._resume_reading()
+
+    # -- reading and writing -------------------------------------------------------------------------
+
+    async def read_exactly(self, n: int) -> bytes:
+        """``n`` bytes (at most :data:`STAGE_SIZE`), through the staging buffer."""
+        while self._hi - self._lo < n:
+            if self._lo + n > len(self._stage):
+                self._compact()
+            self._resume_reading()
+            await self._wait()
+        data = bytes(self._view[self._lo : self._lo + n])
+        self._consumed(n)
+        return data
+
+    async def read_into(self, view: memoryview) -> None:
+        """Fill ``view``: what is staged is copied, the rest is received straight into it."""
+        k = min(self._hi - self._lo, view.nbytes)
+        view[:k] = self._view[self._lo : self._lo + k]
+        self._consumed(k)
+        if k == view.nbytes:
+            return
+        self._target, self._target_got = view, k
+        try:
+            self._resume_reading()
+            while self._target_got < view.nbytes:
+                await self._wait()
+        finally:
+            self._target, self._into_target = None, False
+
+    def write(self, *parts: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise Closed("the connection is closed")
+        transport.writelines(parts)
+
+    async def drain(self) -> None:
+        while self._writing_paused and not self._ended:
+            fut = asyncio.get_running_loop().create_future()
+            self._drainers.append(fut)
+            await fut
+
+    async def start_tls(self, context: ssl.SSLContext, handshake_timeout: float) -> None:
+        if self._hi != self._lo:
+            raise nbd.NbdProtocolError("bytes after STARTTLS, before the TLS handshake")
+        if self.transport is None:
+            raise Closed("the connection is closed")
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout
+        )
+        if transport is None:
+            raise Closed("the TLS handshake did not complete")
+        self.transport = transport
+
+    def peer_certificate(self) -> dict[str, object] | None:
+        """The verified client certificate of the TLS connection (``getpeercert()``), or None."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is None:
+            return None
+        cert = ssl_object.getpeercert()
+        return dict(cert) if cert else None
+
+    def peer_certificate_der(self) -> bytes | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+    def close(self, abort: bool = False) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
