@@ -139,7 +139,8 @@ def site(
 ) -> tuple[ServerProcess, str, Xks]:
     out = init_manager(tmp_path / "ks", secret_registry)
     port = free_port()
-    server = server_factory(tmp_path / "ks", env={"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}"})
+    env = {"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", "KEYSTEWARD_AUDIT_REFUSAL_INTERVAL": "0.5"}
+    server = server_factory(tmp_path / "ks", env=env)
     with server.http(out.root_token.secret) as c:
         admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
     store = server.cli_json("xks", "store", "create", "acme/ebs", "--region", REGION, token=admin)
@@ -278,6 +279,14 @@ def test_authentication_and_bad_input(site: tuple[ServerProcess, str, Xks], monk
         monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda stamp=stamp: stamp)
         unauth(xks.call("keys/k1/encrypt", body))
     monkeypatch.undo()
+    # refused signatures are counted into the store tenant's audit log (one record per interval, not one each)
+    time.sleep(1.0)
+    counted = [
+        r
+        for r in server.cli_json("audit", "list", "--outcome", "denied", token=admin)
+        if r["action"] == "xks.encrypt" and r["reason"] == "authentication_failed"
+    ]
+    assert counted and sum(r["details"]["count"] for r in counted) == 7 and counted[0]["actor"] == "anonymous"
 
     # a second store of another tenant: prefix A's credential never reaches prefix B, nor the other way
     with server.http(admin) as c:

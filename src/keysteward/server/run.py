@@ -215,7 +215,7 @@ def start_xks(settings: Settings, svc: Services) -> XksListener | None:
         return None
     share = max(1, settings.server.workers)
     xks_settings = dataclasses.replace(settings.xks, quota_tps=settings.xks.quota_tps / share)
-    app = XksApp(svc.xks, svc.access, svc.xks_crypto.probe, xks_settings, svc.xks_metrics)
+    app = XksApp(svc.xks, svc.access, svc.xks_crypto.probe, xks_settings, svc.xks_metrics, svc.refusals)
     try:
         sock = bind(*parse_listen(settings.xks.listen))
     except OSError as exc:

@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 from keysteward import __version__
 from keysteward.access.service import AccessService
 from keysteward.access.xks_actions import Encrypted, KeyMetadata, XksInputs, credential_principal, xks_request
+from keysteward.audit.refusals import RefusalTally
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import KeystewardError, Sealed
 from keysteward.formats import xks_wire as wire
@@ -60,12 +61,14 @@ class XksApp:
         probe: Callable[[], Probe],
         settings: XksSettings,
         metrics: XksMetrics,
+        refusals: RefusalTally | None = None,
     ) -> None:
         self.registry = registry
         self.access = access
         self.probe = probe
         self.settings = settings
         self.metrics = metrics
+        self.refusals = refusals
         self.quotas = Quotas(settings.quota_tps)
         self.fleet_id = f"keysteward-{socket.gethostname()}"[:64]
         self._health: _Health | None = None
@@ -109,17 +112,29 @@ class XksApp:
         store = self.registry.store(route.prefix)
         if store is None:
             raise wire.XksError("InvalidUriPathException", "no external key store has this URI path")
-        self._check_client_cert(scope)
-        auth = sigv4.verify(
-            method=scope["method"],
-            path=(scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
-            headers=headers,
-            body=body,
-            region=store.region,
-            secret_of=lambda akid: self.registry.secret(store, akid),
-            now=datetime.now(UTC),
-            max_skew=self.settings.max_skew_seconds,
-        )
+        try:
+            self._check_client_cert(scope)
+            auth = sigv4.verify(
+                method=scope["method"],
+                path=(scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
+                headers=headers,
+                body=body,
+                region=store.region,
+                secret_of=lambda akid: self.registry.secret(store, akid),
+                now=datetime.now(UTC),
+                max_skew=self.settings.max_skew_seconds,
+            )
+        except wire.XksError as exc:  # counted into the store's tenant's audit log, one record per interval
+            if self.refusals is not None:
+                self.refusals.count(
+                    store.tenant_id,
+                    f"xks.{route.api}",
+                    "authentication_failed",
+                    source=_source(scope),
+                    target=f"xks_store:{store.prefix}",
+                    sample=exc.message,
+                )
+            raise
         return store, auth
 
     async def _handle(self, scope: Scope, route: wire.Route, body: bytes, started: float) -> bytes:
@@ -164,9 +179,7 @@ class XksApp:
             inputs = XksInputs(store, route.key_id, dcall.metadata, started, decrypt=dcall)
         else:
             inputs = XksInputs(store, route.key_id, wire.parse_metadata(body), started)
-        client = scope.get("client")
-        source = client[0] if isinstance(client, tuple | list) and client else ""
-        request = xks_request(credential_principal(store, akid), f"xks.{api}", inputs, source)
+        request = xks_request(credential_principal(store, akid), f"xks.{api}", inputs, _source(scope))
         try:
             result = await self.access.decide_async(request)
         except KeystewardError as exc:
@@ -200,6 +213,11 @@ class XksApp:
             status = "DEGRADED" if probe.sealed else "UNAVAILABLE"
         member = wire.FleetMember(self.fleet_id, f"keysteward {__version__}", status)
         return wire.encode_health(1, VENDOR, f"keysteward XKS proxy {__version__}", [member])
+
+
+def _source(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if isinstance(client, tuple | list) and client else ""
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
