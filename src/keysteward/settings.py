@@ -110,6 +110,22 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class XksSettings:
+    # the AWS KMS external key store listener (docs/xks.md): HOST:PORT, off when empty; it uses the
+    # [server] TLS certificate and connection limits unless tls_cert/tls_key are set here
+    listen: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    mtls_ca: str = ""  # PEM file: require client certificates chained to it (AWS KMS presents one)
+    mtls_subject: str = ""  # with mtls_ca: the client certificate's CN must be this (cks.kms.REGION.amazonaws.com)
+    quota_tps: float = 1800.0  # requests per second per store prefix; more answer 429 ThrottlingException
+    max_skew_seconds: float = 300.0  # how far x-amz-date may be from this server's clock
+    max_body_bytes: int = 65536
+    health_cache_seconds: float = 30.0  # a deep health check's result is reused this long (at most 60)
+    slow_database_ms: float = 100.0  # a health probe slower than this reports DEGRADED
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -118,6 +134,7 @@ class Settings:
     rewrap: RewrapSettings = field(default_factory=RewrapSettings)
     release: ReleaseSettings = field(default_factory=ReleaseSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    xks: XksSettings = field(default_factory=XksSettings)
 
     @property
     def database_url(self) -> str:
@@ -138,6 +155,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "rewrap": RewrapSettings,
     "release": ReleaseSettings,
     "audit": AuditSettings,
+    "xks": XksSettings,
 }
 _STRINGS = (tuple[str, ...], "tuple[str, ...]")
 MAX_LIST = 64

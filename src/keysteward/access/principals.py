@@ -19,6 +19,8 @@ def policy_principal(who: Principal) -> dict[str, Any]:
     if who.is_system:
         raise Forbidden("the system tenant's principals run the service; they never use tenant keys",
                         code="role_forbidden")  # fmt: skip
+    if who.kind == "xks":  # a KMS's SigV4 credential uses keys only through the XKS actions (xks_actions.py)
+        raise Forbidden("an XKS credential uses its store's external keys only", code="role_forbidden")
     if who.kind == "cert":
         kind = _MACHINE_TYPES.get(who.role)
         if kind is None:

@@ -54,6 +54,9 @@ def audit_list(
         list[str] | None,
         typer.Option(help="Only records whose actor matches this shell pattern (e.g. 'token:ops*'); repeatable."),
     ] = None,
+    kms_request_id: Annotated[
+        str | None, typer.Option("--kms-request-id", help="Only the records of this AWS KMS request (XKS calls).")
+    ] = None,
 ) -> None:
     """List records, newest last; filters apply before --last, so a flood of one kind hides nothing else."""
     bad = sorted(set(outcome or []) - set(chain.OUTCOMES))
@@ -64,6 +67,7 @@ def audit_list(
         row
         for row in (dict(json.loads(r["body"]), signed=r["signature"] is not None) for r in records)
         if _matches(row, outcome, actor)
+        and (kms_request_id is None or (row.get("details") or {}).get("kms_request_id") == kms_request_id)
     ]
     rows = rows[-last:] if last else rows
     emit(rows, as_json, lambda d: table(d, ["seq", "ts", "actor", "action", "target", "outcome", "reason", "signed"]))

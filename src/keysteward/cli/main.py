@@ -79,6 +79,9 @@ def build_app() -> typer.Typer:
     from keysteward.cli import proxy_cmd
 
     app.add_typer(proxy_cmd.app, name="proxy")
+    from keysteward.cli import xks_cmd
+
+    app.add_typer(xks_cmd.app, name="xks")
     app.command("whoami")(tenant_cmd.whoami)
 
     app.callback()(root)

@@ -22,17 +22,18 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from keysteward.policy.errors import PolicyRequestInvalid
-from keysteward.policy.schema import ACTIONS, PCR_BANKS, PCR_COUNT, TEE_KINDS, entity_type
+from keysteward.policy.schema import ACTIONS, KMS_FIELDS, PCR_BANKS, PCR_COUNT, TEE_KINDS, entity_type
 
 MAX_TEXT: Final = 256
 MAX_TAGS: Final = 64
 MAX_GROUPS: Final = 64
 MAX_LONG: Final = 2**63 - 1
+MAX_KMS_TEXT: Final = 2048  # ARNs are up to 2048 characters
 _HEX = re.compile(r"[0-9a-fA-F]*")
 _PCR_NAME = re.compile(r"(sha1|sha256|sha384)_([0-9]{1,2})")
 _REQUEST_FIELDS: Final = frozenset(
     {"tenant", "action", "principal", "resource", "identity", "platform", "time", "source_ip", "encryption_context"}
-)
+) | {"kms"}
 _IDENTITY_REQUIRED: Final = ("provider", "kind", "account", "instance_id")
 _IDENTITY_OPTIONAL: Final = ("image_id", "region", "zone")
 _INSTANCE_OPTIONAL: Final = ("image_id", "region", "zone")
@@ -113,10 +114,12 @@ def _principal(raw: Any, tenant: str) -> dict[str, Any]:
                 out[name] = _text(data[name], f"principal.{name}", empty=True)
         out["tags"] = _tags(data.get("tags", {}), "principal.tags")
         derived = f"{out['provider']}/{out['account']}/{out['instance_id']}"
-    elif kind in ("Host", "Agent", "Human"):
-        extra = ("role", "groups") if kind == "Human" else ()
+    elif kind in ("Host", "Agent", "Human", "CloudService"):
+        extra = {"Human": ("role", "groups"), "CloudService": ("store",)}.get(kind, ())
         _only(data, ("type", "id", "name", *extra), "principal")
         out = {"type": kind, "name": _text(data.get("name"), "principal.name")}
+        if kind == "CloudService":
+            out["store"] = _text(data.get("store"), "principal.store", empty=True)
         if kind == "Human":
             out["role"] = _text(data.get("role"), "principal.role")
             groups = data.get("groups", [])
@@ -125,7 +128,7 @@ def _principal(raw: Any, tenant: str) -> dict[str, Any]:
             out["groups"] = sorted({_text(g, "principal.groups[]") for g in groups})
         derived = f"{tenant}/{out['name']}"
     else:
-        raise _fail("principal.type", "must be one of Instance, Host, Agent, Human")
+        raise _fail("principal.type", "must be one of Instance, Host, Agent, Human, CloudService")
     if data.get("id") is not None and data["id"] != derived:
         raise _fail("principal.id", f"must be {derived!r} (derived from the other fields)")
     out["id"] = derived
@@ -245,6 +248,22 @@ def _address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
+def _kms(raw: Any) -> dict[str, str]:
+    """An XKS call's requestMetadata facts: ``operation`` and ``request_id`` required, the rest optional."""
+    data = _mapping(raw, "kms")
+    _only(data, KMS_FIELDS, "kms")
+    out: dict[str, str] = {}
+    for name in KMS_FIELDS:
+        value = data.get(name)
+        if value is None and name in ("operation", "request_id"):
+            raise _fail(f"kms.{name}", "is missing")
+        if value is not None:
+            if not isinstance(value, str) or len(value) > MAX_KMS_TEXT or not _is_unicode(value):
+                raise _fail(f"kms.{name}", f"must be a string of at most {MAX_KMS_TEXT} characters")
+            out[name] = value
+    return out
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, dict):
         return MappingProxyType({k: _freeze(v) for k, v in value.items()})
@@ -278,6 +297,8 @@ def _entities(tenant: str, principal: Mapping[str, Any], resource: Mapping[str, 
         entity["tags"] = dict(principal["tags"])
     else:
         entity["attrs"]["name"] = principal["name"]
+    if kind == "CloudService":
+        entity["attrs"]["store"] = principal["store"]
     if kind == "Human":
         entity["attrs"]["role"] = principal["role"]
         entity["parents"] = [_uid("Group", group) for group in principal["groups"]]
@@ -330,6 +351,8 @@ class PolicyRequest:
     source_ip: str | None = None
     encryption_context: Mapping[str, str] = field(default_factory=dict)
     """The caller's encryption context (key uses only): ``context.encryption_context`` holds ``"k=v"``."""
+    kms: Mapping[str, str] = field(default_factory=dict)
+    """An XKS call's requestMetadata (key uses only): ``context.kms`` (see :data:`KMS_FIELDS`)."""
     cedar_uids: tuple[dict[str, str], dict[str, str], dict[str, str]] = field(init=False, repr=False, compare=False)
     cedar_entities: str = field(init=False, repr=False, compare=False)
     cedar_context: str = field(init=False, repr=False, compare=False)
@@ -364,6 +387,8 @@ class PolicyRequest:
             pairs = _tags(self.encryption_context, "encryption_context")
             identity, platform = {}, {}
             context = {"request": request, "encryption_context": sorted(f"{k}={v}" for k, v in pairs.items())}
+            if _mapping(self.kms, "kms"):
+                context["kms"] = _kms(self.kms)
         else:
             if _mapping(self.identity, "identity") or _mapping(self.platform, "platform"):
                 raise _fail("identity", f"and platform apply to release and renew only, not to {self.action}")
@@ -375,8 +400,16 @@ class PolicyRequest:
         )
         if context_type != "KeyUseContext" and _mapping(self.encryption_context, "encryption_context"):
             raise _fail("encryption_context", f"applies to key uses only, not to {self.action}")
-        values = {"principal": principal, "resource": resource, "identity": identity, "platform": platform,
-                  "encryption_context": dict(self.encryption_context)}  # fmt: skip
+        if context_type != "KeyUseContext" and _mapping(self.kms, "kms"):
+            raise _fail("kms", f"applies to key uses only, not to {self.action}")
+        values = {
+            "principal": principal,
+            "resource": resource,
+            "identity": identity,
+            "platform": platform,
+            "encryption_context": dict(self.encryption_context),
+            "kms": dict(context.get("kms", {})),
+        }
         for name, value in values.items():
             object.__setattr__(self, name, _freeze(value))
         object.__setattr__(self, "time", moment)
@@ -402,6 +435,8 @@ class PolicyRequest:
             out["source_ip"] = self.source_ip
         if self.encryption_context:
             out["encryption_context"] = _thaw(self.encryption_context)
+        if self.kms:
+            out["kms"] = _thaw(self.kms)
         return out
 
     @classmethod
@@ -425,4 +460,5 @@ class PolicyRequest:
             time=_datetime(body["time"], "time"),
             source_ip=source_ip,
             encryption_context=_mapping(body.get("encryption_context", {}), "encryption_context"),
+            kms=_mapping(body.get("kms", {}), "kms"),
         )

@@ -30,12 +30,15 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "volume_revoke": (("Human",), "Volume", "AdminContext"),
     "volume_destroy": (("Human",), "Volume", "AdminContext"),
     "policy_update": (("Human",), "Tenant", "AdminContext"),
-    "encrypt": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
-    "decrypt": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
+    "encrypt": (("Human", "Agent", "Host", "CloudService"), "Key", "KeyUseContext"),
+    "decrypt": (("Human", "Agent", "Host", "CloudService"), "Key", "KeyUseContext"),
+    "describe_key": (("CloudService",), "Key", "KeyUseContext"),
     "generate_data_key": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
     "re_encrypt": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
 }
 KEY_USE_ACTIONS: Final = ("encrypt", "decrypt", "generate_data_key", "re_encrypt")
+KMS_FIELDS: Final = ("operation", "request_id", "principal_arn", "key_arn", "via_service", "source_vpc", "source_vpce")
+"""``context.kms`` of an XKS call: its requestMetadata (operation and request_id always, the rest when sent)."""
 
 
 def _pcr_record() -> str:
@@ -81,6 +84,9 @@ SCHEMA_TEXT: Final = (
     "  entity Agent { tenant: String, name: String };\n"
     '  // A person (admin, security officer), id "tenant/name".\n'
     "  entity Human in [Group] { tenant: String, name: String, role: String };\n"
+    "  // A cloud KMS calling through an external key store (XKS) with one of the store's SigV4 credentials,\n"
+    '  // id "tenant/access key id"; store is the store\'s URI path prefix.\n'
+    "  entity CloudService { tenant: String, name: String, store: String };\n"
     "\n"
     "  // -- resources ---------------------------------------------------------------------------\n"
     '  // A key, id "tenant/name".\n'
@@ -110,7 +116,13 @@ SCHEMA_TEXT: Final = (
     "  type ReleaseContext = { identity: Identity, platform: Platform, request: RequestInfo };\n"
     "  type AdminContext = { request: RequestInfo };\n"
     '  // encryption_context: the caller\'s encryption context as "key=value" strings (bound as AAD).\n'
-    "  type KeyUseContext = { request: RequestInfo, encryption_context: Set<String> };\n"
+    "  // kms: an XKS call's requestMetadata (kmsOperation, kmsRequestId, awsPrincipalArn, kmsKeyArn,\n"
+    "  // kmsViaService, awsSourceVpc, awsSourceVpce); present on XKS calls only.\n"
+    "  type KmsRequest = {\n"
+    "    operation: String, request_id: String, principal_arn?: String, key_arn?: String,\n"
+    "    via_service?: String, source_vpc?: String, source_vpce?: String\n"
+    "  };\n"
+    "  type KeyUseContext = { request: RequestInfo, encryption_context: Set<String>, kms?: KmsRequest };\n"
     "\n"
     "  // -- actions -----------------------------------------------------------------------------\n"
     + _actions()

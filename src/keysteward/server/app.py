@@ -31,7 +31,7 @@ from keysteward.identity.principal import Permission, Principal
 from keysteward.ratelimit import FailureLimiter
 from keysteward.server import problems
 from keysteward.server.deps import principal
-from keysteward.server.routers import attest, audit, ca, crypto, keys, policy, release, system, tenants, volumes
+from keysteward.server.routers import attest, audit, ca, crypto, keys, policy, release, system, tenants, volumes, xks
 from keysteward.server.services import Services
 
 Scope = MutableMapping[str, Any]
@@ -217,7 +217,7 @@ def create_app(svc: Services) -> FastAPI:
             f"setting server.metrics_access must be one of {', '.join(METRICS_ACCESS)}", code="bad_setting"
         )
     problems.install(app)
-    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest):
+    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest, xks):
         app.include_router(module.router, prefix="/v1")
 
     registry = CollectorRegistry()
@@ -231,6 +231,7 @@ def create_app(svc: Services) -> FastAPI:
         registry=registry,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     )
+    svc.xks_metrics.register(registry)
     sealed = Gauge("keysteward_sealed", "1 while the server is sealed", registry=registry)
     sealed.set_function(lambda: 1.0 if svc.root.sealed else 0.0)
 

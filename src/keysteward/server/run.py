@@ -28,10 +28,12 @@ from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
-from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, supervise
+from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, bind, supervise
 from keysteward.server.tls import ClientCertHttpToolsProtocol, add_client_ca, server_ssl_context
 from keysteward.settings import CONFIG_NAME, Settings, load, render
 from keysteward.store.db import Database
+from keysteward.xks.app import XksApp
+from keysteward.xks.listener import XksListener, parse_listen
 
 log = logging.getLogger("keysteward.server")
 CA_REFRESH_SECONDS = 1.0
@@ -188,6 +190,41 @@ def listener_limits(settings: Settings) -> Limits:
     )
 
 
+def xks_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The XKS listener's TLS: the REST listener's settings and certificate (or ``[xks] tls_cert``), client
+    certificates required only with ``[xks] mtls_ca`` (AWS KMS presents one when asked)."""
+    cert = settings.xks.tls_cert or settings.server.tls_cert
+    key = settings.xks.tls_key or settings.server.tls_key
+    if not cert or not key:
+        raise BadRequest(
+            "the XKS listener needs TLS: set [server] tls or [xks] tls_cert and tls_key", code="tls_required"
+        )
+    ctx = server_ssl_context(cert, key, [])
+    if settings.xks.mtls_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=settings.xks.mtls_ca)
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def start_xks(settings: Settings, svc: Services) -> XksListener | None:
+    """The XKS listener, when ``[xks] listen`` is set: in every worker, on a socket of its own (SO_REUSEPORT),
+    each worker holding its share of the per-store quota."""
+    if not settings.xks.listen:
+        return None
+    share = max(1, settings.server.workers)
+    xks_settings = dataclasses.replace(settings.xks, quota_tps=settings.xks.quota_tps / share)
+    app = XksApp(svc.xks, svc.access, svc.xks_crypto.probe, xks_settings, svc.xks_metrics, svc.refusals)
+    try:
+        sock = bind(*parse_listen(settings.xks.listen))
+    except OSError as exc:
+        raise BadRequest(f"cannot listen on {settings.xks.listen}: {exc.strerror}", code="xks_listen_failed") from None
+    listener = XksListener(app, sock, xks_ssl_context(settings), listener_limits(settings), ClientCertHttpToolsProtocol)
+    listener.start()
+    return listener
+
+
 def serve(settings: Settings, listen_fd: int | None = None) -> None:
     """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes."""
     if settings.server.workers > 1 and listen_fd is None:
@@ -209,7 +246,9 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
         _join_worker_seal(svc)
     svc.rewrapper.start()
     svc.checkpoints.start()
+    xks: XksListener | None = None
     try:
+        xks = start_xks(settings, svc)
         server_kw: dict[str, Any] = {
             "log_level": settings.server.log_level,
             "access_log": False,
@@ -231,6 +270,8 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
         server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
     finally:
         stop.set()
+        if xks is not None:
+            xks.stop()
         svc.close()
 
 

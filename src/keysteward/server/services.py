@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from keysteward.access import admin_actions, approval_actions, key_actions, volume_actions
+from keysteward.access import admin_actions, approval_actions, key_actions, volume_actions, xks_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
 from keysteward.access.refusals import RefusalGate
@@ -19,6 +19,8 @@ from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
+from keysteward.keys.xks_crypto import XksCrypto
+from keysteward.keys.xks_registry import XksRegistry
 from keysteward.policy.store import PolicyStore
 from keysteward.ratelimit import FailureLimiter
 from keysteward.release.alerts import Alerts
@@ -28,6 +30,7 @@ from keysteward.release.registry import Registry
 from keysteward.release.tpm_enrollment import TpmEnrollments
 from keysteward.settings import Settings
 from keysteward.store.db import Database
+from keysteward.xks.metrics import XksMetrics
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Services:
     tpm: TpmEnrollments
     checkpoints: CheckpointPublisher
     refusals: RefusalTally
+    xks: XksRegistry
+    xks_crypto: XksCrypto
+    xks_metrics: XksMetrics
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -84,6 +90,9 @@ class Services:
         admin_actions.register(actions, registry, policies)
         cooling_off = timedelta(seconds=settings.release.approver_cooling_off_seconds)
         approval_actions.register(actions, registry, policies, cooling_off)
+        xks = XksRegistry(db, root, keys, audit)
+        xks_crypto = XksCrypto(keys, db)
+        xks_actions.register(actions, xks, xks_crypto, keys)
         refusals = RefusalTally(audit, settings.audit.refusal_interval)
         limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
         access = AccessService(
@@ -107,6 +116,9 @@ class Services:
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
             checkpoints=checkpoints,
             refusals=refusals,
+            xks=xks,
+            xks_crypto=xks_crypto,
+            xks_metrics=XksMetrics(),
         )
 
     def close(self) -> None:

@@ -350,3 +350,35 @@ class TpmEnrollment(Base):
     ek_digest: Mapped[str] = mapped_column(String(64))
     secret_digest: Mapped[str] = mapped_column(String(64))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class XksStore(Base):
+    """An AWS KMS external key store: one URI path prefix of the XKS listener, owned by one tenant."""
+
+    __tablename__ = "xks_stores"
+    prefix: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    region: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class XksCredential(Base):
+    """A SigV4 credential of a store; the secret access key only wrapped under the root key."""
+
+    __tablename__ = "xks_credentials"
+    access_key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    prefix: Mapped[str] = mapped_column(ForeignKey("xks_stores.prefix"), index=True)
+    secret_wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class XksKey(Base):
+    """An external key id of a store, naming the tenant key whose versions do its AES-GCM."""
+
+    __tablename__ = "xks_keys"
+    prefix: Mapped[str] = mapped_column(ForeignKey("xks_stores.prefix"), primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("keys.id"), unique=True)
+    usage: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
