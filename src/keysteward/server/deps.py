@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio.to_thread
 from fastapi import Request
 
+from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
 from keysteward.errors import KeystewardError, Unauthenticated
 from keysteward.identity.principal import Permission, Principal
 from keysteward.server.services import Services
@@ -16,6 +18,26 @@ from keysteward.server.tls import client_cert_der
 def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
+
+
+def request_context(request: Request) -> RequestContext:
+    """What the access path knows of the HTTP request: the caller's address."""
+    return RequestContext(source=request.client.host if request.client else "")
+
+
+def decide_as(
+    request: Request,
+    who: Principal,
+    action: str,
+    resource: Resource,
+    inputs: object,
+    delivery: Delivery = Delivery.NOTHING,
+) -> Any:
+    """An authenticated caller's request of ``action`` on ``resource``, decided by the one access path."""
+    return services(request).access.decide(
+        AccessRequest(tenant=who.tenant, action=action, resource=resource, delivery=delivery, principal=who,
+                      context=request_context(request), inputs=inputs)
+    )  # fmt: skip
 
 
 def principal(request: Request) -> Principal:

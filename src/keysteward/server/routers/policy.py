@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import Field
 
 from keysteward.access.approval_actions import Vote
-from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
+from keysteward.access.request import Resource
 from keysteward.identity.principal import Permission, Principal
 from keysteward.policy import approvals
 from keysteward.policy.engine import CompiledPolicySet, PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.store import PolicyVersion, in_force
-from keysteward.server.deps import need, services
+from keysteward.server.deps import decide_as, need, services
 from keysteward.server.schemas import Strict
 
 router = APIRouter(tags=["policy"])
@@ -95,17 +95,7 @@ def policy_show(request: Request, who: Read) -> PolicyOut:
 
 @router.put("/policy")
 def policy_set(body: PolicyIn, request: Request, who: Manage) -> PolicyOut:
-    stored: PolicyVersion = services(request).access.decide(
-        AccessRequest(
-            tenant=who.tenant,
-            action="policy.update",
-            resource=Resource("Tenant", who.tenant),
-            delivery=Delivery.NOTHING,
-            principal=who,
-            context=RequestContext(source=request.client.host if request.client else ""),
-            inputs=dict(body.sources),
-        )
-    )
+    stored: PolicyVersion = decide_as(request, who, "policy.update", Resource("Tenant", who.tenant), dict(body.sources))
     return _out(stored)
 
 
@@ -142,16 +132,8 @@ def approvals_list(
 
 
 def _vote(request: Request, who: Principal, request_id: str, decision: str, reason: str) -> dict[str, Any]:
-    outcome: dict[str, Any] = services(request).access.decide(
-        AccessRequest(
-            tenant=who.tenant,
-            action=f"approval.{decision}",
-            resource=Resource("Approval", request_id),
-            delivery=Delivery.NOTHING,
-            principal=who,
-            context=RequestContext(source=request.client.host if request.client else ""),
-            inputs=Vote(request_id, reason),
-        )
+    outcome: dict[str, Any] = decide_as(
+        request, who, f"approval.{decision}", Resource("Approval", request_id), Vote(request_id, reason)
     )
     return outcome
 

@@ -16,11 +16,11 @@ from fastapi.responses import JSONResponse
 
 from keysteward.access import volume_actions
 from keysteward.access.lease_actions import LeaseInputs, RenewAnswer, lease_tenant
-from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
+from keysteward.access.request import AccessRequest, Delivery, Resource
 from keysteward.access.volume_actions import ReleaseInputs
 from keysteward.errors import Denied
 from keysteward.policy.approvals import Waiting
-from keysteward.server.deps import principal, services
+from keysteward.server.deps import principal, request_context, services
 from keysteward.server.release_schemas import (
     ChallengeOut,
     LeaseOut,
@@ -62,7 +62,7 @@ async def release(body: ReleaseIn, request: Request) -> ReleasedOut | JSONRespon
             resource=Resource("Volume", body.volume_id),
             delivery=Delivery.SEALED,
             evidence=body.evidence.model_dump(),
-            context=RequestContext(source=request.client.host if request.client else ""),
+            context=request_context(request),
             inputs=ReleaseInputs(
                 volume_id=body.volume_id,
                 nonce=body.nonce,
@@ -131,7 +131,7 @@ def _lease_request(request: Request, action: str, lease_id: str, token: bytes) -
         action=action,
         resource=Resource("Lease", lease_id),
         delivery=Delivery.NOTHING,
-        context=RequestContext(source=request.client.host if request.client else ""),
+        context=request_context(request),
         inputs=LeaseInputs(lease_id, token),
     )
 

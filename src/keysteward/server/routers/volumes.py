@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request
 
 from keysteward.access.admin_actions import VolumeChange
-from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
+from keysteward.access.request import Delivery, Resource
 from keysteward.access.volume_create import Created, CreateInputs
 from keysteward.attest.providers import ProviderTrust, describe_certificate
 from keysteward.errors import BadRequest
 from keysteward.identity.principal import Permission, Principal
 from keysteward.release.volumes import Binding, VolumeInfo, VolumeSpec
-from keysteward.server.deps import need, services
+from keysteward.server.deps import decide_as, need, services
 from keysteward.server.release_schemas import (
     DestroyIn,
     InstanceRevokeIn,
@@ -62,16 +62,9 @@ def create_volume(body: VolumeCreate, request: Request, who: Manage) -> VolumeCr
         renew_seconds=body.renew_seconds,
         grace_seconds=body.grace_seconds,
     )
-    created: Created = services(request).access.decide(
-        AccessRequest(
-            tenant=who.tenant,
-            action="volume.register",
-            resource=Resource("Volume", body.name),
-            delivery=Delivery.SEALED,
-            principal=who,
-            context=RequestContext(source=request.client.host if request.client else ""),
-            inputs=CreateInputs(spec, body.suite, unb64(body.public_key)),
-        )
+    inputs = CreateInputs(spec, body.suite, unb64(body.public_key))
+    created: Created = decide_as(
+        request, who, "volume.register", Resource("Volume", body.name), inputs, Delivery.SEALED
     )
     return VolumeCreated(volume=volume_out(created.volume, who.tenant), suite=created.suite, sealed=b64(created.sealed))
 
@@ -98,17 +91,7 @@ def destroy_volume(ref: Ref, body: DestroyIn, request: Request, who: Manage) -> 
 
 
 def _admin(request: Request, who: Principal, action: str, change: VolumeChange) -> VolumeInfo:
-    info: VolumeInfo = services(request).access.decide(
-        AccessRequest(
-            tenant=who.tenant,
-            action=action,
-            resource=Resource("Volume", change.ref),
-            delivery=Delivery.NOTHING,
-            principal=who,
-            context=RequestContext(source=request.client.host if request.client else ""),
-            inputs=change,
-        )
-    )
+    info: VolumeInfo = decide_as(request, who, action, Resource("Volume", change.ref), change)
     return info
 
 
