@@ -2,14 +2,12 @@
 
 Both daemons write one JSON object (never key bytes): a header (``agent`` or ``proxy``: pid, start, update
 time) and one entry per volume or export. Reading it is all a status command does, so it works without the
-daemon's privileges to the volumes and without reaching the key manager. Also here: the daemons' quieting
-of HTTP client libraries, whose INFO lines carry request URLs.
+daemon's privileges to the volumes and without reaching the key manager.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +48,3 @@ def status_lines(data: dict[str, Any], kind: str, items: str) -> str:
     if len(lines) == 1:
         lines.append(f"  (no {items})")
     return "\n".join(lines) + "\n"
-
-
-def quiet_http_clients() -> None:
-    """httpx and httpcore log every request at INFO/DEBUG with its URL: keep them to warnings and errors."""
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)

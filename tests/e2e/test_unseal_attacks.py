@@ -101,6 +101,9 @@ def test_reset_with_a_share_or_the_root_token_through_the_cli(
     for share in shares[:3]:
         server.cli("server", "unseal", share)
     assert server.cli_json("server", "status")["sealed"] is False  # exit 0 once unsealed
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(line.get("event") == "unsealed" and line["logger"] == "keysteward.seal" for line in lines)
+    assert not [line for line in server.log_path.read_text().splitlines() if line and not line.startswith("{")]
     with server.http() as c:
         assert c.get("/health").json()["status"] == "ok"
 

@@ -147,7 +147,7 @@ def run(
 
     from keysteward.agent.config import read_config
     from keysteward.agent.daemon import run_agent
-    from keysteward.daemon_status import quiet_http_clients
+    from keysteward.logs import quiet_http_clients
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):

@@ -91,12 +91,14 @@ def init(
 @app.command()
 def start(data_dir: DataDir) -> None:
     """Run the server in the foreground (TLS by default)."""
+    from keysteward.logs import json_logging
     from keysteward.server.datadir import secure
     from keysteward.server.run import serve
 
     if not (data_dir / CONFIG_NAME).exists():
         raise typer.BadParameter(f"{data_dir} is not initialised: run 'keysteward server init' first")
     settings = load(data_dir)
+    json_logging(settings.server.log_level)  # the server's log is JSON lines from its first line
     secure(data_dir, settings.database_url)  # repair modes changed since init (a restore, a copy, an editor)
     serve(settings)
 

@@ -382,6 +382,7 @@ class RootOfTrust:
             self._root, self._aead, self.signer = buf, key, signer
             for fn in self._on_unseal:
                 fn(self)
+        log.info("event=unsealed cluster=%s seal=%s", self.cluster_id, self.seal_type)
 
     signer: Ed25519PrivateKey | None = None
 
@@ -396,3 +397,4 @@ class RootOfTrust:
             if self._root is not None:
                 self._root.wipe()
             self._root, self._aead, self.signer = None, None, None
+        log.warning("event=sealed cluster=%s seal=%s", self.cluster_id, self.seal_type)

@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import re
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from keysteward.agent.daemon import harden_process, logline, sd_notify, write_status
-from keysteward.daemon_status import quiet_http_clients
 from keysteward.errors import KeystewardError
+from keysteward.logs import JsonFormatter, json_logging
 from keysteward.proxy.config import ExportConfig, ProxyConfig, ProxyConfigError, load_config
 from keysteward.proxy.export import Export, LuksExport
 from keysteward.proxy.keys import ExportKeeper, open_passphrase_export
@@ -52,52 +49,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("keysteward.proxy")
 DROP_TIMEOUT = 30.0
 """Seconds the keeper waits for the server to drop a revoked export before it wipes the key regardless."""
-_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
 # -- logs --------------------------------------------------------------------------------------------
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: ``time``, ``level``, ``logger``, ``event`` and the record's fields.
-
-    Messages in the agent's ``event=NAME key=value`` form are split into fields; any other message is
-    ``msg``. Exceptions are reduced to their type and message (a traceback could carry locals' reprs).
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        message = record.getMessage()
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            out.update(fields)
-        elif message.startswith("event="):
-            for key, raw in _FIELD.findall(message):
-                value: Any = raw
-                if raw.startswith('"'):
-                    with contextlib.suppress(ValueError):
-                        value = json.loads(raw)
-                out[key] = value
-        else:
-            out["msg"] = message
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            out["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        return json.dumps(out, default=str)
-
-
 def setup_logging(level: str) -> None:
     """JSON lines on standard error at ``level`` for the whole process."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    quiet_http_clients()
+    json_logging(level)
 
 
 def event(name: str, level: int = logging.INFO, /, **fields: Any) -> None:

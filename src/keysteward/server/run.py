@@ -24,6 +24,7 @@ from keysteward.errors import BadRequest, Conflict
 from keysteward.identity.principal import SYSTEM_TENANT
 from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
+from keysteward.logs import json_logging
 from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir
 from keysteward.server.app import create_app
@@ -227,6 +228,7 @@ def start_xks(settings: Settings, svc: Services) -> XksListener | None:
 
 def serve(settings: Settings, listen_fd: int | None = None) -> None:
     """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes."""
+    json_logging(settings.server.log_level)
     if settings.server.workers > 1 and listen_fd is None:
         raise SystemExit(supervise(settings))
     limits = listener_limits(settings)  # bad limits fail the start before anything opens
@@ -252,6 +254,7 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
         server_kw: dict[str, Any] = {
             "log_level": settings.server.log_level,
             "access_log": False,
+            "log_config": None,  # uvicorn's own lines go through the process's JSON handler
             "timeout_keep_alive": 30,
         }
         host, port = settings.server.listen_host, settings.server.listen_port
@@ -301,5 +304,4 @@ def _join_worker_seal(svc: Services) -> None:
 
 def worker_main() -> None:
     """Entry point of a worker process started by :func:`keysteward.server.supervisor.supervise`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(load(Path(os.environ["KEYSTEWARD_DATA_DIR"])), listen_fd=int(os.environ[WORKER_FD]))
