@@ -46,7 +46,7 @@ def ca_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 def ca_issue(
     ctx: typer.Context,
     name: str,
-    role: Annotated[str, typer.Option(help="agent or host.")] = "agent",
+    role: Annotated[str, typer.Option(help="agent, host or hypervisor (a KMIP client).")] = "agent",
     out_dir: Annotated[Path, typer.Option(help="Where to write NAME.pem, NAME.key and ca.pem.")] = Path("."),
     csr: Annotated[Path | None, typer.Option(help="Sign this CSR instead of making a key.")] = None,
     days: Annotated[int, typer.Option(help="Validity in days (at most 90: machines renew with 'ca renew').")] = 90,
@@ -129,15 +129,15 @@ def ca_renew(
 def ca_revoke(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="A certificate serial (hex), or a machine: ROLE:NAME (host:proxy-1).")],
-    role: Annotated[str | None, typer.Option(help="agent or host: TARGET is then a machine NAME.")] = None,
+    role: Annotated[str | None, typer.Option(help="agent, host or hypervisor: TARGET is then a machine NAME.")] = None,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
     as_json: JsonFlag = False,
 ) -> None:
     """Revoke a certificate, or every unexpired certificate of a machine; every server refuses it within a second,
     and NBD proxies at their next revocation-list fetch (every second)."""
     if role is not None:
-        if role not in ("agent", "host") or ":" in target:
-            raise typer.BadParameter("--role is agent or host, and TARGET then a bare machine NAME")
+        if role not in ("agent", "host", "hypervisor") or ":" in target:
+            raise typer.BadParameter("--role is agent, host or hypervisor, and TARGET then a bare machine NAME")
         target = f"{role}:{target}"
     data = client(ctx).post("/ca/revoke", {"target": target, "reason": reason})
     emit(data, as_json, lambda d: console.print(f"revoked {d['target']}: {', '.join(d['revoked']) or 'already'}"))

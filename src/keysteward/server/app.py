@@ -236,7 +236,10 @@ def create_app(svc: Services) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_reader(metrics_access))])
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(registry)
+        if svc.kmip_metrics is not None:
+            text += generate_latest(svc.kmip_metrics)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # outermost last: headers on every answer (413s and sealed refusals too), the sealed guard before routing
     app.add_middleware(SealedGuard, sealed=lambda: svc.root.sealed)

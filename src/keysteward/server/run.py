@@ -24,6 +24,8 @@ from keysteward.errors import BadRequest, Conflict
 from keysteward.identity.principal import SYSTEM_TENANT
 from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
+from keysteward.kmip.listener import KmipLimits, KmipListener, KmipServer, parse_listen
+from keysteward.kmip.operations import Operations
 from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir
 from keysteward.server.app import create_app
@@ -205,6 +207,7 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     stop = threading.Event()
+    kmip: KmipListener | None = None
     if listen_fd is not None:
         _join_worker_seal(svc)
     svc.rewrapper.start()
@@ -222,13 +225,48 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
             tls_ctx = ctx
             svc.cas.on_new_ca.append(lambda pem: add_client_ca(tls_ctx, pem))
             threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
+        kmip = start_kmip(svc, stop)
         # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
         protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
         server.run(sockets=[socket.socket(fileno=listen_fd)] if listen_fd is not None else None)
     finally:
         stop.set()
+        if kmip is not None:
+            kmip.stop()
         svc.close()
+
+
+def start_kmip(svc: Services, stop: threading.Event) -> KmipListener | None:
+    """The KMIP listener when ``[kmip] listen`` is set: mutual TLS required, tenant CAs as trust anchors."""
+    k = svc.settings.kmip
+    if not k.listen:
+        return None
+    if not svc.settings.server.tls:
+        raise BadRequest("the KMIP listener needs TLS: server.tls must be true", code="bad_setting")
+    try:
+        host, port = parse_listen(k.listen)
+    except ValueError:
+        raise BadRequest("setting kmip.listen must be HOST:PORT", code="bad_setting") from None
+    limits = Limits(
+        max_connections=k.max_connections,
+        max_connections_per_source=k.max_connections_per_source,
+        header_timeout=k.read_timeout,
+        body_timeout=k.read_timeout,
+    )
+    ctx = server_ssl_context(svc.settings.server.tls_cert, svc.settings.server.tls_key, svc.cas.trusted_pems())
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if k.tls_ciphers:
+        ctx.set_ciphers(k.tls_ciphers)
+    svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
+    threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
+    operations = Operations(svc.kmip, k.max_locate_items)
+    bounds = KmipLimits(k.max_message_bytes, k.idle_timeout, k.read_timeout)
+    server = KmipServer(operations, svc.cas.authenticate, svc.cas.seen, bounds)
+    listener = KmipListener(server, host, port, ctx, limits)
+    listener.start()
+    svc.kmip_metrics = server.metrics.registry
+    return listener
 
 
 def _join_worker_seal(svc: Services) -> None:

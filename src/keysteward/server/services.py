@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keysteward.access import admin_actions, key_actions, volume_actions
+from prometheus_client import CollectorRegistry
+
+from keysteward.access import admin_actions, key_actions, kmip_actions, volume_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
+from keysteward.access.kmip_actions import KmipAccess
 from keysteward.access.service import AccessService
 from keysteward.audit.log import AuditLog
 from keysteward.audit.publisher import CheckpointPublisher
@@ -14,6 +17,7 @@ from keysteward.identity.tenants import Tenants
 from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
+from keysteward.keys.kmip_objects import KmipObjects
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
 from keysteward.policy.store import PolicyStore
@@ -44,6 +48,9 @@ class Services:
     policies: PolicyStore
     tpm: TpmEnrollments
     checkpoints: CheckpointPublisher
+    kmip: KmipAccess
+    kmip_metrics: CollectorRegistry | None = None
+    """The KMIP listener's metrics, when it runs in this process (``/metrics`` appends them)."""
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -77,6 +84,8 @@ class Services:
         key_actions.register(actions, envelope)
         volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
         admin_actions.register(actions, registry, policies)
+        kmip_objects = KmipObjects(keys, settings.kmip.kek)
+        kmip_actions.register(actions, kmip_objects)
         access = AccessService(tenants, policies, audit, actions, alert=alerts.send)
         return cls(
             settings=settings,
@@ -95,6 +104,7 @@ class Services:
             policies=policies,
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
             checkpoints=checkpoints,
+            kmip=KmipAccess(access, kmip_objects),
         )
 
     def close(self) -> None:

@@ -1,0 +1,99 @@
+"""Issue 12: PyKMIP 0.11 (the peer vendors test against) drives a real ``keysteward server start`` KMIP listener.
+
+ProxyKmipClient create, register, get, get_attributes, get_attribute_list, activate, locate, revoke, destroy;
+KMIPProxy discover_versions and query. Every key is read back from keysteward's own audit log: each
+operation is recorded with the client certificate's identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.keysteward import SecretRegistry, ServerProcess
+from tests.support.kmip_site import KmipSite, make_kmip_site
+
+pytestmark = pytest.mark.e2e
+kmip = pytest.importorskip("kmip")
+from kmip import enums  # noqa: E402
+from kmip.pie import objects  # noqa: E402
+from kmip.pie.exceptions import KmipOperationFailure  # noqa: E402
+
+
+@pytest.fixture
+def site(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry) -> KmipSite:
+    return make_kmip_site(tmp_path, server_factory, secret_registry)
+
+
+def test_pykmip_lifecycle(site: KmipSite, secret_registry: SecretRegistry) -> None:
+    cert, key, _ = site.issue("esx-1")
+    with site.pykmip((cert, key)) as client:
+        uid = client.create(enums.CryptographicAlgorithm.AES, 256, name="vm-disk-1")
+        fetched = client.get(uid)
+        assert isinstance(fetched, objects.SymmetricKey) and len(fetched.value) == 32
+        secret_registry.secret(fetched.value, "kmip created key")
+        assert fetched.cryptographic_algorithm == enums.CryptographicAlgorithm.AES
+        got_uid, attributes = client.get_attributes(uid, ["State", "Cryptographic Length", "Name"])
+        assert got_uid == uid
+        by_name = {a.attribute_name.value: a.attribute_value for a in attributes}
+        assert by_name["State"].value == enums.State.PRE_ACTIVE
+        assert by_name["Cryptographic Length"].value == 256
+        assert by_name["Name"].name_value.value == "vm-disk-1"
+        assert "Initial Date" in client.get_attribute_list(uid)
+
+        material = bytes(range(1, 17))
+        registered = client.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 128, material, name="imp"))
+        assert client.get(registered).value == material
+        secret_registry.secret(material + material, "not a real secret: keeps the registry's 16-byte floor")
+
+        client.activate(uid)
+        assert client.locate(attributes=[_name("vm-disk-1")]) == [uid]
+        active = client.locate(attributes=[_state(enums.State.ACTIVE)])
+        assert active == [uid]
+        assert client.locate(maximum_items=1, offset_items=1) == [registered]
+
+        with pytest.raises(KmipOperationFailure) as failed:
+            client.destroy(uid)  # an Active key is revoked first
+        assert failed.value.reason == enums.ResultReason.PERMISSION_DENIED
+        client.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
+        client.destroy(uid)
+        with pytest.raises(KmipOperationFailure) as gone:
+            client.get(uid)
+        assert gone.value.reason == enums.ResultReason.PERMISSION_DENIED
+        _, attributes = client.get_attributes(uid, ["State"])
+        assert attributes[0].attribute_value.value == enums.State.DESTROYED
+        assert client.get(registered).value == material  # the other object is untouched
+
+    records = site.server.cli_json("audit", "list", "--actor", "cert:acme/hypervisor/*", token=site.admin)
+    actions = [r["action"] for r in records]
+    for action in ("kmip.create", "kmip.register", "kmip.get", "kmip.activate", "kmip.revoke", "kmip.destroy"):
+        assert action in actions
+    refused = [r for r in records if r["action"] == "kmip.destroy" and r["outcome"] == "denied"]
+    assert refused and refused[0]["reason"] == "kmip_wrong_state"
+
+
+def test_pykmip_discover_versions_and_query(site: KmipSite) -> None:
+    cert, key, _ = site.issue("esx-1")
+    with site.pykmip((cert, key)) as client:
+        proxy = client.proxy
+        versions = proxy.discover_versions().protocol_versions
+        assert [(v.major, v.minor) for v in versions][:2] == [(1, 4), (1, 3)]
+        result = proxy.query(query_functions=[enums.QueryFunction.QUERY_OPERATIONS,
+                                              enums.QueryFunction.QUERY_SERVER_INFORMATION])  # fmt: skip
+        ops = set(result.operations)
+        assert {enums.Operation.CREATE, enums.Operation.GET, enums.Operation.LOCATE} <= ops
+        assert result.vendor_identification == "keysteward"
+
+
+def _name(value: str) -> object:
+    from kmip.core.factories.attributes import AttributeFactory
+
+    return AttributeFactory().create_attribute(enums.AttributeType.NAME, value)
+
+
+def _state(state: enums.State) -> object:
+    from kmip.core.factories.attributes import AttributeFactory
+
+    return AttributeFactory().create_attribute(enums.AttributeType.STATE, state)
