@@ -18,6 +18,10 @@ class KmipSite:
     admin: str
     tmp: Path
     port: int
+    root_token: str
+
+    def server_root_token(self) -> str:
+        return self.root_token
 
     @property
     def server_ca(self) -> str:
@@ -59,4 +63,4 @@ def make_kmip_site(
         admin = str(c.post("/tenants", json={"name": tenant}).json()["admin_token"]["token"])
     with server.http(admin) as c:
         assert c.post("/ca/init").status_code == 201
-    return KmipSite(server, admin, tmp, port)
+    return KmipSite(server, admin, tmp, port, out.root_token.secret)

@@ -77,7 +77,7 @@ def _facts(request: AccessRequest, cedar_action: str, now: datetime, resource: d
 
 
 def _object_resource(uid: str, object_type: str, state: str, attributes: Attributes) -> dict[str, Any]:
-    return {"type": "KmipObject", "uid": uid, "object_type": object_type, "state": state, "tags": attributes.tags()}
+    return {"type": "KmipObject", "uid": uid, "object_type": object_type, "state": state, "labels": attributes.tags()}
 
 
 @dataclass

@@ -150,7 +150,7 @@ def _resource(raw: Any, tenant: str) -> dict[str, Any]:
             raise _fail("resource.id", f"must be {tenant}/{name!r} (derived from the name)")
         return {"type": "Key", "id": f"{tenant}/{name}", "name": name}
     if kind == "KmipObject":
-        _only(data, ("type", "id", "uid", "object_type", "state", "tags"), "resource")
+        _only(data, ("type", "id", "uid", "object_type", "state", "labels"), "resource")
         uid = _text(data.get("uid"), "resource.uid")
         if data.get("id") not in (None, f"{tenant}/{uid}"):
             raise _fail("resource.id", f"must be {tenant}/{uid!r} (derived from the uid)")
@@ -160,7 +160,7 @@ def _resource(raw: Any, tenant: str) -> dict[str, Any]:
             "uid": uid,
             "object_type": _text(data.get("object_type"), "resource.object_type"),
             "state": _text(data.get("state"), "resource.state"),
-            "tags": _tags(data.get("tags", {}), "resource.tags"),
+            "labels": _tags(data.get("labels", {}), "resource.labels"),  # entity tags, named as a volume's
         }
     if kind != "Volume":
         raise _fail("resource.type", "must be Volume, Key, KmipObject or Tenant")
@@ -311,7 +311,7 @@ def _entities(tenant: str, principal: Mapping[str, Any], resource: Mapping[str, 
                 "uid": _uid("KmipObject", resource["id"]),
                 "attrs": {"tenant": tenant, **attrs},
                 "parents": [tenant_uid],
-                "tags": dict(resource["tags"]),
+                "tags": dict(resource["labels"]),
             }
         )
     if resource["type"] == "Volume":

@@ -1,0 +1,94 @@
+"""Issue 12, item 5: vCenter's sequence against a real KMIP listener, a new TLS connection per operation.
+
+DiscoverVersions with an empty payload, then with a batch id; Query (server information); Create AES-256 with
+only algorithm, length and usage mask (no Name); GetAttributes of x-Product_Version, x-Vendor, x-Product
+(absent: Success with no attribute); one batch of three AddAttribute; Get while Pre-Active; State, Activate;
+later x-Identifier, x-Component, x-Name, which the audit record of the next Get names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from keysteward.formats import kmip_ttlv as t
+from keysteward.formats.kmip_enums import STATE
+from tests.fixtures.keysteward import SecretRegistry, ServerProcess
+from tests.support.kmip_client import KmipConn, aes_256_template, attribute, batch_item, query_server_information
+from tests.support.kmip_client import text as value
+from tests.support.kmip_client import uid as uid_item
+from tests.support.kmip_site import KmipSite, make_kmip_site
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def site(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry) -> KmipSite:
+    return make_kmip_site(tmp_path, server_factory, secret_registry)
+
+
+def test_vsphere_sequence(site: KmipSite, secret_registry: SecretRegistry) -> None:
+    cert, key, _ = site.issue("vcenter")
+    ctx = site.tls((cert, key))
+
+    def conn() -> KmipConn:
+        return KmipConn(site.port, ctx, version=(1, 1))  # vCenter negotiates down from what the server lists
+
+    with conn() as c:
+        versions = c.one("DiscoverVersions")
+        assert versions.ok and versions.payload is not None
+        served = [(v.items[0].value, v.items[1].value) for v in versions.payload.all("ProtocolVersion")]
+        assert served[0] == (1, 4) and (1, 1) in served
+    with conn() as c:
+        again = c.one("DiscoverVersions", batch_id=b"\x00\x01")
+        assert again.ok and again.batch_id == b"\x00\x01"
+    with conn() as c:
+        info = c.one("Query", query_server_information())
+        assert info.ok and info.payload is not None
+        vendor = info.payload.first("VendorIdentification")
+        assert vendor is not None and vendor.value == "keysteward"
+    with conn() as c:
+        created = c.one("Create", *aes_256_template())
+        assert created.ok, created.reason
+        uid = created.uid()
+    with conn() as c:
+        names = [t.text("AttributeName", n) for n in ("x-Product_Version", "x-Vendor", "x-Product")]
+        absent = c.one("GetAttributes", uid_item(uid), *names)
+        assert absent.ok and absent.attributes() == {}
+    with conn() as c:
+        tags = [("x-Vendor", "VMware, Inc."), ("x-Product", "VMware vSphere"), ("x-Product_Version", "8.0.2")]
+        results = c.request(*(
+            batch_item("AddAttribute", uid_item(uid), attribute(n, value(v)), batch_id=bytes([i]))
+            for i, (n, v) in enumerate(tags)
+        ))  # fmt: skip
+        assert [r.ok for r in results] == [True] * 3
+        assert [r.batch_id for r in results] == [b"\x00", b"\x01", b"\x02"]
+    with conn() as c:
+        got = c.one("Get", uid_item(uid))
+        assert got.ok, got.reason  # Pre-Active keys are served: vCenter relies on it
+        assert got.payload is not None
+        material = next(i for i in got.payload.walk() if i.name == "KeyMaterial").value
+        assert isinstance(material, bytes) and len(material) == 32
+        secret_registry.secret(material, "vSphere key")
+    with conn() as c:
+        state = c.one("GetAttributes", uid_item(uid), t.text("AttributeName", "State"))
+        assert state.attributes()["State"][0].value == STATE["PreActive"]
+    with conn() as c:
+        assert c.one("Activate", uid_item(uid)).ok
+    with conn() as c:
+        state = c.one("GetAttributes", uid_item(uid), t.text("AttributeName", "State"))
+        assert state.attributes()["State"][0].value == STATE["Active"]
+        assert c.one("Activate", uid_item(uid)).reason == "PermissionDenied"  # only a pre-active key activates
+    with conn() as c:
+        later = [("x-Identifier", "5003a1b2-vm"), ("x-Component", "Virtual Machine"), ("x-Name", "db-01")]
+        results = c.request(*(batch_item("AddAttribute", uid_item(uid), attribute(n, value(v))) for n, v in later))
+        assert all(r.ok for r in results)
+        assert c.one("Get", uid_item(uid)).ok
+        listed = c.one("GetAttributes", uid_item(uid))
+        assert listed.attributes()["x-Component"][0].value == "Virtual Machine"
+    records = site.server.cli_json("audit", "list", "--actor", "cert:acme/hypervisor/vcenter", token=site.admin)
+    gets = [r for r in records if r["action"] == "kmip.get"]
+    assert gets[-1]["details"]["x-Name"] == "db-01" and gets[-1]["details"]["x-Component"] == "Virtual Machine"
+    assert gets[-1]["target"] == f"kmip:{uid}"
