@@ -7,6 +7,7 @@ operation is recorded with the client certificate's identity.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,3 +98,23 @@ def _state(state: enums.State) -> object:
     from kmip.core.factories.attributes import AttributeFactory
 
     return AttributeFactory().create_attribute(enums.AttributeType.STATE, state)
+
+
+def test_kek_rotation_rewraps_kmip_objects(site: KmipSite, secret_registry: SecretRegistry) -> None:
+    """KMIP material is a data key of the tenant's kmip KEK: a rotation rewraps it, Get serves the same bytes,
+    and destroying the old version afterwards loses nothing."""
+    cert, key, _ = site.issue("esx-1")
+    with site.pykmip((cert, key)) as client:
+        uid = client.create(enums.CryptographicAlgorithm.AES, 128)
+        before = client.get(uid).value
+        secret_registry.secret(before + before, "kmip key (doubled to the registry's floor)")
+        site.server.cli("key", "rotate", "kmip", token=site.admin)
+        deadline = time.monotonic() + 30
+        while True:
+            versions = site.server.cli_json("key", "describe", "kmip", token=site.admin)["versions"]
+            if versions[0]["data_keys"] == 0 and versions[1]["data_keys"] == 1:
+                break
+            assert time.monotonic() < deadline, versions
+            time.sleep(0.2)
+        site.server.cli("key", "destroy-version", "kmip", "1", "--yes", token=site.admin)
+        assert client.get(uid).value == before

@@ -92,3 +92,13 @@ def test_vsphere_sequence(site: KmipSite, secret_registry: SecretRegistry) -> No
     gets = [r for r in records if r["action"] == "kmip.get"]
     assert gets[-1]["details"]["x-Name"] == "db-01" and gets[-1]["details"]["x-Component"] == "Virtual Machine"
     assert gets[-1]["target"] == f"kmip:{uid}"
+    # keysteward kmip status|clients|objects: the tenant's view, no material
+    status = site.server.cli_json("kmip", "status", token=site.admin)
+    assert status["enabled"] and status["objects"] == {"Active": 1} and status["listen"].endswith(f":{site.port}")
+    [client] = site.server.cli_json("kmip", "clients", token=site.admin)
+    assert client["name"] == "vcenter" and client["objects_created"] == 1 and not client["revoked"]
+    [listed] = site.server.cli_json("kmip", "objects", token=site.admin)
+    assert listed["uid"] == uid and listed["vm"] == "db-01" and listed["last_get_at"]
+    assert "KeyMaterial" not in str(listed)
+    assert site.server.cli_json("kmip", "objects", "--stale-days", "1", token=site.admin) == []
+    assert [o["uid"] for o in site.server.cli_json("kmip", "objects", "--stale-days", "0", token=site.admin)] == [uid]

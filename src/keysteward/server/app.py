@@ -31,7 +31,7 @@ from keysteward.identity.principal import Permission, Principal
 from keysteward.server import problems
 from keysteward.server.deps import principal
 from keysteward.server.ratelimit import FailureLimiter
-from keysteward.server.routers import attest, audit, ca, crypto, keys, policy, release, system, tenants, volumes
+from keysteward.server.routers import attest, audit, ca, crypto, keys, kmip, policy, release, system, tenants, volumes
 from keysteward.server.services import Services
 
 Scope = MutableMapping[str, Any]
@@ -217,7 +217,7 @@ def create_app(svc: Services) -> FastAPI:
             f"setting server.metrics_access must be one of {', '.join(METRICS_ACCESS)}", code="bad_setting"
         )
     problems.install(app)
-    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest):
+    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest, kmip):
         app.include_router(module.router, prefix="/v1")
 
     registry = CollectorRegistry()

@@ -10,6 +10,7 @@ from keysteward.access import admin_actions, key_actions, kmip_actions, volume_a
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
 from keysteward.access.kmip_actions import KmipAccess
+from keysteward.access.kmip_report import KmipReport
 from keysteward.access.service import AccessService
 from keysteward.audit.log import AuditLog
 from keysteward.audit.publisher import CheckpointPublisher
@@ -49,6 +50,7 @@ class Services:
     tpm: TpmEnrollments
     checkpoints: CheckpointPublisher
     kmip: KmipAccess
+    kmip_report: KmipReport
     kmip_metrics: CollectorRegistry | None = None
     """The KMIP listener's metrics, when it runs in this process (``/metrics`` appends them)."""
 
@@ -105,6 +107,7 @@ class Services:
             tpm=TpmEnrollments(registry, audit, nonces, platform, settings.release),
             checkpoints=checkpoints,
             kmip=KmipAccess(access, kmip_objects),
+            kmip_report=KmipReport(db),
         )
 
     def close(self) -> None:
