@@ -8,6 +8,7 @@ later x-Identifier, x-Component, x-Name, which the audit record of the next Get 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,3 +103,48 @@ def test_vsphere_sequence(site: KmipSite, secret_registry: SecretRegistry) -> No
     assert "KeyMaterial" not in str(listed)
     assert site.server.cli_json("kmip", "objects", "--stale-days", "1", token=site.admin) == []
     assert [o["uid"] for o in site.server.cli_json("kmip", "objects", "--stale-days", "0", token=site.admin)] == [uid]
+
+
+def _vcenter_csr(common_name: str) -> tuple[bytes, bytes]:
+    """A CSR as vCenter makes it: its own key, a subject with its host name, no keysteward SAN."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "VMware")])  # fmt: skip
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return csr.public_bytes(serialization.Encoding.PEM), pem
+
+
+def test_trust_mode_csr_and_foreign_certificates(site: KmipSite) -> None:
+    """Trust mode B: keysteward signs vCenter's CSR (its key never leaves vCenter); a CSR naming another
+    machine is refused; a client certificate from a CA of its own fails the handshake."""
+    csr, key = _vcenter_csr("vcsa.example.com")
+    (site.tmp / "vcenter.csr").write_bytes(csr)
+    (site.tmp / "vcenter.key").write_bytes(key)
+    out = site.tmp / "signed"
+    site.server.cli("ca", "sign-csr", str(site.tmp / "vcenter.csr"), "--name", "vcsa.example.com",
+                    "--out-dir", str(out), token=site.admin)  # fmt: skip
+    ctx = site.tls((out / "vcsa.example.com.pem", site.tmp / "vcenter.key"))
+    with KmipConn(site.port, ctx) as c:
+        assert c.one("Create", *aes_256_template()).ok
+    refused = site.server.cli("ca", "sign-csr", str(site.tmp / "vcenter.csr"), "--name", "esx-1",
+                              "--out-dir", str(out), token=site.admin, check=False)  # fmt: skip
+    assert refused.returncode != 0 and "bad_csr" in refused.stderr
+    from keysteward.crypto import x509ca
+
+    own_ca, own_key = x509ca.new_ca("not the tenant's CA")
+    forged = x509ca.issue_client_cert(own_ca, own_key, tenant="acme", role="hypervisor", name="esx-1")
+    assert forged.key_pem is not None
+    (site.tmp / "forged.pem").write_text(forged.cert_pem)
+    (site.tmp / "forged.key").write_bytes(bytes(forged.key_pem))
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with KmipConn(site.port, site.tls((site.tmp / "forged.pem", site.tmp / "forged.key"))) as c:
+            c.one("Locate")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with KmipConn(site.port, site.tls(None)) as c:  # no client certificate at all
+            c.one("Locate")

@@ -76,6 +76,22 @@ def ca_issue(
     emit(written, as_json, lambda d: console.print(f"issued {role} certificate for {name}: {d}"))
 
 
+@app.command("sign-csr")
+def ca_sign_csr(
+    ctx: typer.Context,
+    csr: Annotated[
+        Path, typer.Argument(help="The PEM CSR the machine made (vCenter: 'New Certificate Signing Request').")
+    ],
+    name: Annotated[str, typer.Option(help="The machine's name: the CSR's common name.")],
+    role: Annotated[str, typer.Option(help="agent, host or hypervisor (a KMIP client).")] = "hypervisor",
+    out_dir: Annotated[Path, typer.Option(help="Where to write NAME.pem and ca.pem.")] = Path("."),
+    days: Annotated[int, typer.Option(help="Validity in days (at most 90).")] = 90,
+    as_json: JsonFlag = False,
+) -> None:
+    """Sign a CSR a machine made (its key never leaves it): the same as 'ca issue NAME --csr FILE'."""
+    ca_issue(ctx, name, role=role, out_dir=out_dir, csr=csr, days=days, as_json=as_json)
+
+
 def _new_key(key_file: Path, tenant: str, role: str, name: str) -> str:
     """A key pair made here, written 0600 to ``key_file`` (wiped from memory); the CSR to send."""
     key_pem, csr_bytes = x509ca.make_csr(tenant, role, name)
