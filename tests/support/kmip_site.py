@@ -34,6 +34,13 @@ class KmipSite:
         assert Path(out / f"{name}.pem").exists() and Path(out / "ca.pem").exists()
         return Path(made["cert"]), Path(made["key"]), str(made["serial"])
 
+    def issue_once(self, name: str) -> tuple[Path, Path]:
+        """A hypervisor certificate issued at the first call and reused afterwards."""
+        folder = self.tmp / f"certs-{name}"
+        if not (folder / f"{name}.pem").exists():
+            self.issue(name)
+        return folder / f"{name}.pem", folder / f"{name}.key"
+
     def tls(self, cert: tuple[Path, Path] | None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.server_ca)
         ctx.check_hostname = False

@@ -26,7 +26,7 @@ from keysteward.access.request import AccessRequest, Delivery, RequestContext, R
 from keysteward.access.service import AccessService
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import Denied, KeystewardError
-from keysteward.formats.kmip_enums import REVOCATION_REASON_CODE
+from keysteward.formats.kmip_enums import HASHING_ALGORITHM, KEY_FORMAT_TYPE, REVOCATION_REASON_CODE
 from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
@@ -150,6 +150,13 @@ class _KmipAction(ActionHandler):
         return state.record
 
 
+def _digest(value: bytes) -> Item:
+    sha256 = Item(TAGS["HashingAlgorithm"], ItemType.ENUMERATION, HASHING_ALGORITHM["Sha256"])
+    raw = Item(TAGS["KeyFormatType"], ItemType.ENUMERATION, KEY_FORMAT_TYPE["Raw"])
+    return Item(TAGS["AttributeValue"], ItemType.STRUCTURE, (sha256, Item(TAGS["DigestValue"], ItemType.BYTE_STRING,
+                                                                            value), raw))  # fmt: skip
+
+
 def _set_dates(attributes: Attributes, now: datetime, *names: str) -> None:
     for name in names:
         attributes.set(name, value_item(ItemType.DATE_TIME, int(now.timestamp())))
@@ -180,13 +187,20 @@ class KmipCreate(_KmipAction):
         for name, value in inputs.template:
             attributes.add(name, value)
         _set_dates(attributes, now, "Initial Date", "Last Change Date")
+        if self.action == "kmip.create":  # the operating system's generator made it: RNG Algorithm Unspecified
+            rng = Item(TAGS["RngAlgorithm"], ItemType.ENUMERATION, 1)
+            attributes.set("Random Number Generator", Item(TAGS["AttributeValue"], ItemType.STRUCTURE, (rng,)))
         record = KmipRecord(
             inputs.uid, subject.tenant_id, inputs.object_type, "PreActive", attributes.name_value(), None,
             attributes.to_json(), subject.actor[:200], now, now, None,
         )  # fmt: skip
         state.record = record
-        version = self.objects.insert(conn, record, size=inputs.size, material=inputs.material)
+        version, digest = self.objects.insert(conn, record, size=inputs.size, material=inputs.material)
         subject.details["kek_version"] = version
+        if inputs.object_type == "SymmetricKey" and digest:  # never of secret data: a password's hash is a guess test
+            attributes.set("Digest", _digest(digest))
+            record.attributes = attributes.to_json()
+            self.objects.save(conn, record, now)
         return inputs.uid
 
 
@@ -336,6 +350,8 @@ class KmipLocate(_KmipAction):
             subject.tenant_id, object_type=locate.get("object_type"), state=locate.get("state"), name=locate.get("name")
         )
         match: Callable[[KmipRecord], bool] | None = locate.get("match")
+        if locate.get("state") is None:  # destroyed objects (no material left) only when their state is asked
+            records = [r for r in records if r.state not in ("Destroyed", "DestroyedCompromised")]
         return [r for r in records if match is None or match(r)]
 
 

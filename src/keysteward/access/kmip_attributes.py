@@ -39,6 +39,10 @@ SERVER_SET: Final[dict[str, ItemType]] = {
     "Digest": _T.STRUCTURE,
     "Original Creation Date": _T.DATE_TIME,
     "Fresh": _T.BOOLEAN,
+    "Random Number Generator": _T.STRUCTURE,
+    "Lease Time": _T.INTERVAL,
+    "Always Sensitive": _T.BOOLEAN,
+    "Never Extractable": _T.BOOLEAN,
 }
 CREATE_ONLY: Final[dict[str, ItemType]] = {
     "Cryptographic Algorithm": _T.ENUMERATION,

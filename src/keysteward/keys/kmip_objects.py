@@ -9,6 +9,7 @@ where the access path writes the audit record.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -81,13 +82,15 @@ class KmipObjects:
         *,
         size: int = 0,
         material: bytes | None = None,
-    ) -> int:
-        """Store ``record`` with fresh material of ``size`` bytes or the client's ``material``; the KEK version."""
-        version = 0
+    ) -> tuple[int, bytes]:
+        """Store ``record`` with fresh material of ``size`` bytes or the client's ``material``: the KEK version,
+        and the SHA-256 digest of the material (the KMIP Digest attribute of a key)."""
+        version, digest = 0, b""
         if size or material is not None:
             dek_id, version, dek = self.keys.new_data_key(
                 conn, record.tenant_id, self.kek, f"kmip-{record.uid}", size=size, material=material
             )
+            digest = hashlib.sha256(dek.view()).digest()
             dek.wipe()
             record.data_key_id = dek_id
         conn.execute(
@@ -97,7 +100,7 @@ class KmipObjects:
                 created_by=record.created_by, created_at=record.created_at, updated_at=record.updated_at,
             )
         )  # fmt: skip
-        return version
+        return version, digest
 
     def get(self, tenant_id: str, uid: str, conn: Connection | None = None) -> KmipRecord | None:
         stmt = select(KmipObject.__table__).where(KmipObject.tenant_id == tenant_id, KmipObject.id == uid)

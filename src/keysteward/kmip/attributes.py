@@ -82,17 +82,52 @@ def attribute(name: str, index: int, value: Item) -> Item:
     )
 
 
-def all_attributes(record: KmipRecord) -> list[tuple[str, list[Item]]]:
-    """Every attribute of the object, the server's first, in a stable order."""
+LEASE_TIME = 3600
+"""Seconds, advisory: the Lease Time attribute a client reads (KMIP's Obtain Lease is not served)."""
+SINCE: dict[str, tuple[int, int]] = {
+    "Fresh": (1, 1), "Original Creation Date": (1, 3), "Random Number Generator": (1, 3),
+    "Sensitive": (1, 4), "Always Sensitive": (1, 4), "Extractable": (1, 4), "Never Extractable": (1, 4),
+}  # fmt: skip
+"""The first protocol version that defines an attribute (a response never names one its version lacks)."""
+
+
+def _server_defaults(record: KmipRecord, stored: Attributes, version: tuple[int, int]) -> list[tuple[str, Item]]:
+    """Attributes the server states for every object, in the versions that define them."""
+    out: list[tuple[str, Item]] = [("Lease Time", value_item(ItemType.INTERVAL, LEASE_TIME))]
+    if version >= (1, 1):
+        out.append(("Fresh", value_item(ItemType.BOOLEAN, record.last_get_at is None)))
+    initial = stored.first("Initial Date")
+    if version >= (1, 3) and initial is not None:
+        out.append(("Original Creation Date", initial))
+    if version >= (1, 4):
+        sensitive = stored.first("Sensitive")
+        extractable = stored.first("Extractable")
+        out += [
+            ("Always Sensitive", value_item(ItemType.BOOLEAN, bool(sensitive is not None and sensitive.value))),
+            (
+                "Never Extractable",
+                value_item(ItemType.BOOLEAN, bool(extractable is not None and not extractable.value)),
+            ),
+        ]
+        if sensitive is None:
+            out.append(("Sensitive", value_item(ItemType.BOOLEAN, False)))
+        if extractable is None:
+            out.append(("Extractable", value_item(ItemType.BOOLEAN, True)))
+    return out
+
+
+def all_attributes(record: KmipRecord, version: tuple[int, int] = (1, 4)) -> list[tuple[str, list[Item]]]:
+    """Every attribute of the object in ``version``: the server's first, then the stored ones."""
     stored = Attributes.from_json(record.attributes)
     out: list[tuple[str, list[Item]]] = [
         ("Unique Identifier", [value_item(ItemType.TEXT_STRING, record.uid)]),
         ("Object Type", [value_item(ItemType.ENUMERATION, OBJECT_TYPE[record.object_type])]),
         ("State", [value_item(ItemType.ENUMERATION, STATE[record.state])]),
     ]
+    out.extend((name, [value]) for name, value in _server_defaults(record, stored, version))
     out.extend((name, values) for name, values in stored.values.items() if values)
-    return out
+    return [(name, values) for name, values in out if SINCE.get(name, (1, 0)) <= version]
 
 
-def names(record: KmipRecord) -> list[str]:
-    return [name for name, _ in all_attributes(record)]
+def names(record: KmipRecord, version: tuple[int, int] = (1, 4)) -> list[str]:
+    return [name for name, _ in all_attributes(record, version)]

@@ -181,7 +181,7 @@ class Operations:
         wanted = [i.value for i in payload.all("AttributeName") if isinstance(i.value, str)]
         record = await self._record(session, uid)
         out: list[Item] = []
-        for name, values in attrs.all_attributes(record):
+        for name, values in attrs.all_attributes(record, session.version):
             if not wanted or name in wanted:
                 out.extend(attrs.attribute(name, index, value) for index, value in enumerate(values))
         return _payload(t.text("UniqueIdentifier", uid), *out)
@@ -189,7 +189,9 @@ class Operations:
     async def get_attribute_list(self, session: Session, payload: Item) -> Item:
         uid = _uid(session, payload)
         record = await self._record(session, uid)
-        return _payload(t.text("UniqueIdentifier", uid), *(t.text("AttributeName", n) for n in attrs.names(record)))
+        return _payload(
+            t.text("UniqueIdentifier", uid), *(t.text("AttributeName", n) for n in attrs.names(record, session.version))
+        )
 
     async def _change(self, session: Session, payload: Item, change: str) -> Item:
         uid = _uid(session, payload)
@@ -269,7 +271,8 @@ class Operations:
         filters["match"] = _matcher(others)
         found = await self._access(session, "kmip.locate", KmipInputs(locate=filters, request_id=session.batch_id))
         page = found[skip : skip + limit]
-        located = t.integer("LocatedItems", len(found)) if session.version >= (1, 3) else None
+        paged = maximum is not None or offset is not None
+        located = t.integer("LocatedItems", len(found)) if session.version >= (1, 3) and paged else None
         return _payload(located, *(t.text("UniqueIdentifier", r.uid) for r in page))
 
 
