@@ -7,7 +7,9 @@
 - a Destroy of an Active key: Permission Denied, audited, the key still served;
 - garbage, a header announcing a huge message, a bad body, a slow client: only that connection closes
   (or answers Invalid Message), while another client's open connection goes on working;
-- an unsupported operation: Operation Not Supported, the connection stays up.
+- an unsupported operation: Operation Not Supported, the connection stays up;
+- attributes of the wrong type, a key size not served, a server attribute set by a client: Invalid Field or
+  Permission Denied, nothing created or changed; a Locate asking for millions answers the server's cap.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ REVOCATION_SECONDS = 1.0 + 2.0
 
 @pytest.fixture
 def site(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry) -> KmipSite:
-    return make_kmip_site(tmp_path, server_factory, secret_registry, env={"KEYSTEWARD_KMIP_READ_TIMEOUT": "1"})
+    return make_kmip_site(
+        tmp_path,
+        server_factory,
+        secret_registry,
+        env={"KEYSTEWARD_KMIP_READ_TIMEOUT": "1", "KEYSTEWARD_KMIP_MAX_LOCATE_ITEMS": "3"},
+    )
 
 
 def _create(c: KmipConn, component: str = "") -> str:
@@ -172,3 +179,34 @@ def test_bad_messages_close_only_their_connection(site: KmipSite) -> None:
 
 def Item_unknown() -> t.Item:
     return t.Item(0x42FFF0, t.ItemType.INTEGER, 1)
+
+
+def test_wrong_types_change_nothing_and_locate_is_capped(site: KmipSite) -> None:
+    ctx = site.tls(site.issue("esx-1")[:2])
+    with KmipConn(site.port, ctx) as c:
+        object_type = aes_256_template()[0]
+        aes = attribute("Cryptographic Algorithm", t.enumeration("AttributeValue", 3))
+        wrong_length = t.struct_("TemplateAttribute", aes, attribute("Cryptographic Length", text("256")))
+        assert c.one("Create", object_type, wrong_length).reason == "InvalidField"
+        odd_size = t.struct_(
+            "TemplateAttribute", aes, attribute("Cryptographic Length", t.integer("AttributeValue", 100))
+        )
+        assert c.one("Create", object_type, odd_size).reason == "InvalidField"
+        located = c.one("Locate")
+        assert located.payload is not None and located.payload.all("UniqueIdentifier") == []  # nothing was made
+        key = _create(c)
+        assert c.one("AddAttribute", uid(key), attribute("Name", text("not a structure"))).reason == "InvalidField"
+        assert c.one("AddAttribute", uid(key), attribute("State", t.enumeration("AttributeValue", 2))).reason == (
+            "PermissionDenied"
+        )
+        assert c.one("ModifyAttribute", uid(key), attribute("x-Name", text("a"), index=7)).reason == "ItemNotFound"
+        assert c.one("DeleteAttribute", uid(key), t.text("AttributeName", "Unique Identifier")).reason == (
+            "PermissionDenied"
+        )
+        assert c.one("GetAttributes", uid(key), t.text("AttributeName", "State")).attributes()["State"][0].value == 1
+        for _ in range(4):
+            _create(c)
+        capped = c.one("Locate", t.integer("MaximumItems", 1_000_000))
+        assert capped.payload is not None
+        assert len(capped.payload.all("UniqueIdentifier")) == 3  # the server's max_locate_items
+        assert capped.payload.first("LocatedItems").value == 5  # type: ignore[union-attr]

@@ -106,9 +106,15 @@ def to_item(element: ET.Element, attribute_name: str = "") -> Item:
     if kind is ItemType.BOOLEAN:
         return Item(tag, kind, value == "true")
     if kind in (ItemType.BYTE_STRING, ItemType.BIG_INTEGER):
-        return Item(tag, kind, bytes.fromhex(value.removeprefix("0x")))
+        try:
+            return Item(tag, kind, bytes.fromhex(value.removeprefix("0x")))
+        except ValueError:
+            raise Unsupported(f"a placeholder byte string {value[:20]}") from None
     if kind in (ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED):
-        return Item(tag, kind, _date(value))
+        try:
+            return Item(tag, kind, _date(value))
+        except ValueError:
+            raise Unsupported(f"a date-time {value[:20]}") from None
     return Item(tag, kind, value)
 
 
