@@ -1,4 +1,4 @@
-"""Issue 12: the OASIS KMIP 1.4 profile test cases over a real KMIP listener.
+"""Issue 12: the OASIS KMIP 1.4 and 2.1 profile test cases over a real KMIP listener.
 
 Each case file's requests are sent in order over mutual TLS (a new connection per file); each response is
 compared with the expected one (tests/support/kmip_xml.py says what a server may choose). The mandatory
@@ -20,9 +20,11 @@ from tests.support.kmip_site import KmipSite, make_kmip_site
 from tests.support.kmip_xml import Bindings, Unsupported, describe, expected_item, load_case, matches, to_item
 
 pytestmark = pytest.mark.e2e
-OASIS = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "kmip-oasis" / "v1.4" / "mandatory"
+OASIS = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "kmip-oasis"
 SKIPS = tomllib.loads((Path(__file__).parent / "kmip_oasis_skips.toml").read_text())
-CASES = sorted(p for p in OASIS.glob("*.xml") if p.name.split("-M-")[0] in SKIPS["profiles"]) if OASIS.exists() else []
+CASES = sorted(
+    p for p in OASIS.glob("v*/mandatory/*.xml") if p.name.split("-M-")[0] in SKIPS["profiles"]
+) if OASIS.exists() else []  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,4 +76,4 @@ def test_oasis_case(site: KmipSite, path: Path) -> None:
 def test_the_cases_are_there() -> None:
     if not OASIS.exists():
         pytest.skip("../shared/testdata/kmip-oasis is not on this machine")
-    assert len(CASES) == 16
+    assert len(CASES) == 32

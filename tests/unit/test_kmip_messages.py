@@ -50,7 +50,7 @@ def test_a_request_is_read() -> None:
         t.struct_("RequestMessage", item()),
         t.struct_("RequestMessage", header(None), item()),
         t.struct_("RequestMessage", header((3, 0)), item()),
-        t.struct_("RequestMessage", header((2, 1)), item()),
+        t.struct_("RequestMessage", header((2, 2)), item()),
         t.struct_("RequestMessage", header((1, 4), None), item()),
         t.struct_("RequestMessage", header((1, 4), 2), item()),
         t.struct_("RequestMessage", header((1, 4), 0)),

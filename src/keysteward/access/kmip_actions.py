@@ -51,6 +51,8 @@ class KmipInputs:
     change: str = ""
     """Add/Modify/Delete attribute: ``add``, ``modify``, ``delete``, ``set``."""
     index: int = 0
+    current: Item | None = None
+    """KMIP 2 Modify/Delete: the value to change, instead of an index."""
     revocation_code: int = 0
     compromise_date: int | None = None
     locate: dict[str, Any] = field(default_factory=dict)
@@ -246,6 +248,10 @@ class KmipModifyAttributes(_KmipAction):
             raise _refuse("kmip_wrong_state", f"'{name}' changes only while the object is pre-active")
         attributes = Attributes.from_json(record.attributes)
         index = inputs.index
+        if inputs.current is not None:
+            held = attributes.values.get(name, [])
+            found = [n for n, v in enumerate(held) if v.type is inputs.current.type and v.value == inputs.current.value]
+            index = found[0] if found else len(held)  # no such value: not found below
         try:
             if inputs.change == "add":
                 index = attributes.add(name, value)

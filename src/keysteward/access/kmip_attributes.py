@@ -43,6 +43,9 @@ SERVER_SET: Final[dict[str, ItemType]] = {
     "Lease Time": _T.INTERVAL,
     "Always Sensitive": _T.BOOLEAN,
     "Never Extractable": _T.BOOLEAN,
+    "Short Unique Identifier": _T.BYTE_STRING,
+    "Protection Storage Mask": _T.INTEGER,
+    "Key Format Type": _T.ENUMERATION,
 }
 CREATE_ONLY: Final[dict[str, ItemType]] = {
     "Cryptographic Algorithm": _T.ENUMERATION,

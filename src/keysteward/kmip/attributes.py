@@ -6,11 +6,13 @@ request parsing and the response items, including the attributes the server comp
 
 from __future__ import annotations
 
+import hashlib
+
 from keysteward.access.kmip_actions import KmipRecord
 from keysteward.access.kmip_attributes import Attributes, check_deletable, check_settable, value_item
 from keysteward.errors import KeystewardError
 from keysteward.formats import kmip_ttlv as t
-from keysteward.formats.kmip_enums import OBJECT_TYPE, STATE
+from keysteward.formats.kmip_enums import KEY_FORMAT_TYPE, OBJECT_TYPE, STATE
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.kmip.errors import KmipError
 
@@ -87,7 +89,10 @@ LEASE_TIME = 3600
 SINCE: dict[str, tuple[int, int]] = {
     "Fresh": (1, 1), "Original Creation Date": (1, 3), "Random Number Generator": (1, 3),
     "Sensitive": (1, 4), "Always Sensitive": (1, 4), "Extractable": (1, 4), "Never Extractable": (1, 4),
+    "Short Unique Identifier": (2, 0), "Protection Storage Mask": (2, 0), "Key Format Type": (2, 0),
 }  # fmt: skip
+PROTECTION_SOFTWARE = 1
+"""Protection Storage Mask Software: the material is wrapped under a KEK held by keysteward, not in an HSM."""
 """The first protocol version that defines an attribute (a response never names one its version lacks)."""
 
 
@@ -99,6 +104,14 @@ def _server_defaults(record: KmipRecord, stored: Attributes, version: tuple[int,
     initial = stored.first("Initial Date")
     if version >= (1, 3) and initial is not None:
         out.append(("Original Creation Date", initial))
+    if version >= (2, 0):
+        short = hashlib.sha256(record.uid.encode()).digest()
+        out += [
+            ("Short Unique Identifier", value_item(ItemType.BYTE_STRING, short)),
+            ("Protection Storage Mask", value_item(ItemType.INTEGER, PROTECTION_SOFTWARE)),
+        ]
+        if record.object_type in ("SymmetricKey", "SecretData"):
+            out.append(("Key Format Type", value_item(ItemType.ENUMERATION, KEY_FORMAT_TYPE["Raw"])))
     if version >= (1, 4):
         sensitive = stored.first("Sensitive")
         extractable = stored.first("Extractable")

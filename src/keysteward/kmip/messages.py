@@ -16,8 +16,9 @@ from keysteward.formats.kmip_enums import BATCH_ERROR_CONTINUATION_OPTION, OPERA
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.kmip.errors import KmipError, reason_for
 
-SUPPORTED: Final = ((1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
-"""Protocol versions served, most preferred first (what DiscoverVersions answers)."""
+SUPPORTED: Final = ((1, 4), (1, 3), (1, 2), (1, 1), (1, 0), (2, 1), (2, 0))
+"""Protocol versions served, most preferred first (what DiscoverVersions answers): 1.4 first, the version
+vSphere's flows and custom attributes are served in; 2.0 and 2.1 to clients that ask in them."""
 MAX_BATCH: Final = 64
 OPERATION_NAMES: Final = {number: name for name, number in OPERATION.items()}
 

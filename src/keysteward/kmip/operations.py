@@ -29,6 +29,7 @@ from keysteward.formats.kmip_enums import (
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.kmip import attributes as attrs
+from keysteward.kmip import v2
 from keysteward.kmip.errors import KmipError, from_keysteward
 from keysteward.kmip.messages import SUPPORTED
 
@@ -122,7 +123,7 @@ class Operations:
         object_type = _enum(payload.first("ObjectType"), OBJECT_TYPE, "Object Type")
         if object_type != OBJECT_TYPE["SymmetricKey"]:
             raise KmipError("InvalidField", "Create makes symmetric keys only")
-        template = attrs.template(payload)
+        template = _template(session, payload)
         found = {name: value for name, value in template}
         algorithm, length = found.get("Cryptographic Algorithm"), found.get("Cryptographic Length")
         if algorithm is None or length is None:
@@ -142,7 +143,7 @@ class Operations:
         name = OBJECT_NAMES[object_type]
         if name not in STORED_TYPES:
             raise KmipError("InvalidField", "Register stores symmetric keys, secret data and opaque objects")
-        template = attrs.template(payload)
+        template = _template(session, payload)
         material = _material(payload, name)
         if name == "SymmetricKey":
             template = _key_block_attributes(payload, template, len(material))
@@ -178,6 +179,11 @@ class Operations:
 
     async def get_attributes(self, session: Session, payload: Item) -> Item:
         uid = _uid(session, payload)
+        if session.version[0] >= 2:
+            wanted_v2 = v2.references(payload)
+            record = await self._record(session, uid)
+            pairs = attrs.all_attributes(record, session.version)
+            return _payload(t.text("UniqueIdentifier", uid), v2.attributes(pairs, wanted_v2))
         wanted = [i.value for i in payload.all("AttributeName") if isinstance(i.value, str)]
         record = await self._record(session, uid)
         out: list[Item] = []
@@ -189,11 +195,14 @@ class Operations:
     async def get_attribute_list(self, session: Session, payload: Item) -> Item:
         uid = _uid(session, payload)
         record = await self._record(session, uid)
-        return _payload(
-            t.text("UniqueIdentifier", uid), *(t.text("AttributeName", n) for n in attrs.names(record, session.version))
-        )
+        names = attrs.names(record, session.version)
+        if session.version[0] >= 2:
+            return _payload(t.text("UniqueIdentifier", uid), *v2.attribute_references(names))
+        return _payload(t.text("UniqueIdentifier", uid), *(t.text("AttributeName", n) for n in names))
 
     async def _change(self, session: Session, payload: Item, change: str) -> Item:
+        if session.version[0] >= 2:
+            return await self._change_v2(session, payload, change)
         uid = _uid(session, payload)
         if change == "delete":
             name_item = payload.first("AttributeName")
@@ -218,6 +227,35 @@ class Operations:
         done_name, done_index, done_value = await self._access(session, "kmip.modify_attributes", inputs)
         session.placeholder = uid
         return _payload(t.text("UniqueIdentifier", uid), attrs.attribute(done_name, done_index, done_value))
+
+    async def _change_v2(self, session: Session, payload: Item, change: str) -> Item:
+        uid = _uid(session, payload)
+        current = None
+        if payload.first("CurrentAttribute") is not None:
+            current = v2.one_attribute(payload.first("CurrentAttribute"), "Current Attribute")
+        if change == "delete":
+            if current is None:
+                names = v2.references(payload)
+                if len(names) != 1:
+                    raise KmipError("MissingData", "DeleteAttribute names one attribute")
+                name, value = names[0], None
+            else:
+                name, value = current
+            attrs.deletable(name)
+        else:
+            name, value = attrs.settable(*v2.one_attribute(payload.first("NewAttribute"), "New Attribute"),
+                                         creating=False)  # fmt: skip
+        template = ((name, value if value is not None else t.text("AttributeValue", "")),)
+        match = current[1] if current is not None else None
+        inputs = KmipInputs(uid=uid, template=template, change=change, current=match, request_id=session.batch_id)
+        await self._access(session, "kmip.modify_attributes", inputs)
+        session.placeholder = uid
+        return _payload(t.text("UniqueIdentifier", uid))
+
+    async def set_attribute(self, session: Session, payload: Item) -> Item:
+        if session.version[0] < 2:
+            raise KmipError("OperationNotSupported", "SetAttribute is a KMIP 2 operation")
+        return await self._change_v2(session, payload, "set")
 
     async def add_attribute(self, session: Session, payload: Item) -> Item:
         return await self._change(session, payload, "add")
@@ -258,8 +296,13 @@ class Operations:
         skip = offset.value if offset is not None and isinstance(offset.value, int) and offset.value > 0 else 0
         filters: dict[str, Any] = {}
         others: list[tuple[str, Item]] = []
+        given: list[tuple[str, Item | None]] = []
         for item in payload.all("Attribute"):
-            name, _, value = attrs.parse_attribute(item)
+            name, _, maybe = attrs.parse_attribute(item)
+            given.append((name, maybe))
+        for holder in payload.all("Attributes"):
+            given.extend(v2.to_value(item) for item in holder.items)
+        for name, value in given:
             if value is None:
                 raise KmipError("InvalidField", f"attribute '{name[:64]}' has no value")
             if name == "Object Type":
@@ -274,6 +317,10 @@ class Operations:
         paged = maximum is not None or offset is not None
         located = t.integer("LocatedItems", len(found)) if session.version >= (1, 3) and paged else None
         return _payload(located, *(t.text("UniqueIdentifier", r.uid) for r in page))
+
+
+def _template(session: Session, payload: Item) -> list[tuple[str, Item]]:
+    return v2.template(payload) if session.version[0] >= 2 else attrs.template(payload)
 
 
 def _matcher(wanted: list[tuple[str, Item]]) -> Callable[[KmipRecord], bool]:
@@ -353,6 +400,7 @@ _SERVED: dict[int, Handler] = {
     OPERATION["AddAttribute"]: Operations.add_attribute,
     OPERATION["ModifyAttribute"]: Operations.modify_attribute,
     OPERATION["DeleteAttribute"]: Operations.delete_attribute,
+    OPERATION["SetAttribute"]: Operations.set_attribute,
     OPERATION["Activate"]: Operations.activate,
     OPERATION["Revoke"]: Operations.revoke,
     OPERATION["Destroy"]: Operations.destroy,
