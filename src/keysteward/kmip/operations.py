@@ -118,6 +118,14 @@ class Operations:
             out.append(t.struct_("ServerInformation"))
         return _payload(*out)
 
+    async def interop(self, session: Session, payload: Item) -> Item:
+        """KMIP 2's test-harness markers (Begin, End, Reset of an interop case): acknowledged, nothing done."""
+        return _payload()
+
+    async def log(self, session: Session, payload: Item) -> Item:
+        """KMIP 2's Log: acknowledged; the client's text is not written anywhere (it could carry anything)."""
+        return _payload()
+
     # -- create and register ------------------------------------------------------------------------
     async def create(self, session: Session, payload: Item) -> Item:
         object_type = _enum(payload.first("ObjectType"), OBJECT_TYPE, "Object Type")
@@ -392,6 +400,8 @@ def _object_item(record: KmipRecord, secret: SecretBuffer) -> Item:
 _SERVED: dict[int, Handler] = {
     OPERATION["DiscoverVersions"]: Operations.discover_versions,
     OPERATION["Query"]: Operations.query,
+    OPERATION["Interop"]: Operations.interop,
+    OPERATION["Log"]: Operations.log,
     OPERATION["Create"]: Operations.create,
     OPERATION["Register"]: Operations.register,
     OPERATION["Get"]: Operations.get,
