@@ -118,3 +118,43 @@ def test_kek_rotation_rewraps_kmip_objects(site: KmipSite, secret_registry: Secr
             time.sleep(0.2)
         site.server.cli("key", "destroy-version", "kmip", "1", "--yes", token=site.admin)
         assert client.get(uid).value == before
+
+
+def test_encrypt_and_decrypt(site: KmipSite) -> None:
+    """PyKMIP's encrypt/decrypt (AES-CBC, PKCS#5), AES-GCM with additional data over keysteward's own client;
+    only an Active key is used, and a tampered GCM message does not decrypt."""
+    from keysteward.formats import kmip_ttlv as t
+    from tests.support.kmip_client import KmipConn, uid
+
+    cert, key, _ = site.issue("esx-1")
+    cbc = {"block_cipher_mode": enums.BlockCipherMode.CBC, "padding_method": enums.PaddingMethod.PKCS5,
+           "cryptographic_algorithm": enums.CryptographicAlgorithm.AES}  # fmt: skip
+    with site.pykmip((cert, key)) as client:
+        kid = client.create(enums.CryptographicAlgorithm.AES, 256)
+        with pytest.raises(KmipOperationFailure) as early:
+            client.encrypt(b"pre-active", uid=kid, cryptographic_parameters=cbc)
+        assert early.value.reason == enums.ResultReason.PERMISSION_DENIED  # a Pre-Active key is not used
+        client.activate(kid)
+        sealed, iv = client.encrypt(b"the quick brown fox", uid=kid, cryptographic_parameters=cbc)
+        assert len(iv) == 16 and len(sealed) == 32 and b"quick" not in sealed
+        assert client.decrypt(sealed, uid=kid, cryptographic_parameters=cbc, iv_counter_nonce=iv) == (
+            b"the quick brown fox"
+        )
+    gcm = t.struct_("CryptographicParameters", t.enumeration("BlockCipherMode", 9))
+    with KmipConn(site.port, site.tls((cert, key))) as c:
+        aad = t.byte_string("AuthenticatedEncryptionAdditionalData", b"vm-7")
+        out = c.one("Encrypt", uid(kid), gcm, t.byte_string("Data", b"disk key"), aad)
+        assert out.ok and out.payload is not None
+        data, nonce, tag = (
+            out.payload.first(n).value for n in ("Data", "IvCounterNonce", "AuthenticatedEncryptionTag")
+        )  # type: ignore[union-attr]
+        back = c.one("Decrypt", uid(kid), gcm, t.byte_string("Data", data), t.byte_string("IvCounterNonce", nonce),
+                     aad, t.byte_string("AuthenticatedEncryptionTag", tag))  # type: ignore[arg-type]  # fmt: skip
+        assert back.payload.first("Data").value == b"disk key"  # type: ignore[union-attr]
+        tampered = c.one("Decrypt", uid(kid), gcm, t.byte_string("Data", data), t.byte_string("IvCounterNonce", nonce),
+                         t.byte_string("AuthenticatedEncryptionAdditionalData", b"vm-8"),
+                         t.byte_string("AuthenticatedEncryptionTag", tag))  # type: ignore[arg-type]  # fmt: skip
+        assert tampered.reason == "CryptographicFailure"
+    records = site.server.cli_json("audit", "list", "--actor", "cert:acme/hypervisor/esx-1", token=site.admin)
+    uses = [r for r in records if r["action"] in ("kmip.encrypt", "kmip.decrypt")]
+    assert [r["outcome"] for r in uses][:1] == ["error"] and len(uses) == 6

@@ -58,6 +58,8 @@ class KmipInputs:
     locate: dict[str, Any] = field(default_factory=dict)
     """Locate: ``object_type``, ``state``, ``name``, ``match`` (a predicate on a record)."""
     request_id: str = ""
+    crypto: Any = None
+    """Encrypt/Decrypt: the :class:`~keysteward.access.kmip_crypto.CryptoRequest`."""
 
 
 def _refuse(code: str, message: str) -> Denied:
@@ -383,7 +385,8 @@ class KmipAccess:
         return self.objects.new_uid()
 
     async def run(self, who: Principal, action: str, inputs: KmipInputs, source: str) -> Any:
-        delivery = Delivery.CHANNEL if action == "kmip.get" else Delivery.NOTHING
+        delivery = {"kmip.get": Delivery.CHANNEL, "kmip.encrypt": Delivery.OPERATION,
+                    "kmip.decrypt": Delivery.OPERATION}.get(action, Delivery.NOTHING)  # fmt: skip
         request = AccessRequest(
             tenant=who.tenant,
             action=action,

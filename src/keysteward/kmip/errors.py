@@ -25,6 +25,8 @@ _BY_CODE: Final[dict[str, tuple[str, str]]] = {
     "kmip_no_material": ("KeyValueNotPresent", "KeyValueNotPresent"),
     "data_key_shredded": ("PermissionDenied", "ObjectDestroyed"),
     "tenant_not_found": ("PermissionDenied", "PermissionDenied"),
+    "kmip_missing_data": ("MissingData", "MissingData"),
+    "kmip_crypto_failure": ("CryptographicFailure", "CryptographicFailure"),
 }
 
 

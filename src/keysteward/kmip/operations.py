@@ -27,7 +27,7 @@ from keysteward.formats.kmip_enums import (
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.kmip import attributes as attrs
-from keysteward.kmip import objects, v2
+from keysteward.kmip import crypto_ops, objects, v2
 from keysteward.kmip.errors import KmipError, from_keysteward
 from keysteward.kmip.messages import SUPPORTED
 
@@ -63,7 +63,7 @@ def _enum(item: Item | None, table: dict[str, int], what: str) -> int:
     return item.value
 
 
-def _uid(session: Session, payload: Item) -> str:
+def uid_of(session: Session, payload: Item) -> str:
     item = payload.first("UniqueIdentifier")
     if item is None:
         if session.placeholder is None:
@@ -85,7 +85,7 @@ class Operations:
             raise KmipError("OperationNotSupported", "this operation is not served")
         return await handler(self, session, payload if payload is not None else t.struct_("RequestPayload"))
 
-    async def _access(self, session: Session, action: str, inputs: KmipInputs) -> Any:
+    async def access(self, session: Session, action: str, inputs: KmipInputs) -> Any:
         try:
             return await self.kmip.run(session.who, action, inputs, session.source)
         except KeystewardError as exc:
@@ -140,7 +140,7 @@ class Operations:
         uid = self.kmip.new_uid()
         inputs = KmipInputs(uid=uid, object_type="SymmetricKey", template=tuple(template), size=length.value // 8,
                             request_id=session.batch_id)  # fmt: skip
-        await self._access(session, "kmip.create", inputs)
+        await self.access(session, "kmip.create", inputs)
         session.placeholder = uid
         return _payload(t.enumeration("ObjectType", object_type), t.text("UniqueIdentifier", uid))
 
@@ -156,19 +156,19 @@ class Operations:
         uid = self.kmip.new_uid()
         inputs = KmipInputs(uid=uid, object_type=name, template=tuple(template), material=material,
                             request_id=session.batch_id)  # fmt: skip
-        await self._access(session, "kmip.register", inputs)
+        await self.access(session, "kmip.register", inputs)
         session.placeholder = uid
         return _payload(t.text("UniqueIdentifier", uid))
 
     # -- one object ---------------------------------------------------------------------------------
     async def get(self, session: Session, payload: Item) -> Item:
-        uid = _uid(session, payload)
+        uid = uid_of(session, payload)
         fmt = payload.first("KeyFormatType")
         if fmt is not None and fmt.value not in (KEY_FORMAT_TYPE["Raw"], KEY_FORMAT_TYPE["Opaque"]):
             raise KmipError("KeyFormatTypeNotSupported", "keys are served in the Raw format")
         if payload.first("KeyWrappingSpecification") is not None:
             raise KmipError("FeatureNotSupported", "key wrapping is not served yet")
-        record, secret = await self._access(session, "kmip.get", KmipInputs(uid=uid, request_id=session.batch_id))
+        record, secret = await self.access(session, "kmip.get", KmipInputs(uid=uid, request_id=session.batch_id))
         session.placeholder = uid
         try:
             body = objects.object_item(record, secret)
@@ -178,13 +178,13 @@ class Operations:
                         body)  # fmt: skip
 
     async def _record(self, session: Session, uid: str) -> KmipRecord:
-        record: KmipRecord = await self._access(session, "kmip.get_attributes",
+        record: KmipRecord = await self.access(session, "kmip.get_attributes",
                                                 KmipInputs(uid=uid, request_id=session.batch_id))  # fmt: skip
         session.placeholder = uid
         return record
 
     async def get_attributes(self, session: Session, payload: Item) -> Item:
-        uid = _uid(session, payload)
+        uid = uid_of(session, payload)
         if session.version[0] >= 2:
             wanted_v2 = v2.references(payload)
             record = await self._record(session, uid)
@@ -199,7 +199,7 @@ class Operations:
         return _payload(t.text("UniqueIdentifier", uid), *out)
 
     async def get_attribute_list(self, session: Session, payload: Item) -> Item:
-        uid = _uid(session, payload)
+        uid = uid_of(session, payload)
         record = await self._record(session, uid)
         names = attrs.names(record, session.version)
         if session.version[0] >= 2:
@@ -209,7 +209,7 @@ class Operations:
     async def _change(self, session: Session, payload: Item, change: str) -> Item:
         if session.version[0] >= 2:
             return await self._change_v2(session, payload, change)
-        uid = _uid(session, payload)
+        uid = uid_of(session, payload)
         if change == "delete":
             name_item = payload.first("AttributeName")
             index_item = payload.first("AttributeIndex")
@@ -230,12 +230,12 @@ class Operations:
             attrs.deletable(name)
         template = ((name, value if value is not None else t.text("AttributeValue", "")),)
         inputs = KmipInputs(uid=uid, template=template, change=change, index=index, request_id=session.batch_id)
-        done_name, done_index, done_value = await self._access(session, "kmip.modify_attributes", inputs)
+        done_name, done_index, done_value = await self.access(session, "kmip.modify_attributes", inputs)
         session.placeholder = uid
         return _payload(t.text("UniqueIdentifier", uid), attrs.attribute(done_name, done_index, done_value))
 
     async def _change_v2(self, session: Session, payload: Item, change: str) -> Item:
-        uid = _uid(session, payload)
+        uid = uid_of(session, payload)
         current = None
         if payload.first("CurrentAttribute") is not None:
             current = v2.one_attribute(payload.first("CurrentAttribute"), "Current Attribute")
@@ -254,7 +254,7 @@ class Operations:
         template = ((name, value if value is not None else t.text("AttributeValue", "")),)
         match = current[1] if current is not None else None
         inputs = KmipInputs(uid=uid, template=template, change=change, current=match, request_id=session.batch_id)
-        await self._access(session, "kmip.modify_attributes", inputs)
+        await self.access(session, "kmip.modify_attributes", inputs)
         session.placeholder = uid
         return _payload(t.text("UniqueIdentifier", uid))
 
@@ -273,8 +273,8 @@ class Operations:
         return await self._change(session, payload, "delete")
 
     async def _simple(self, session: Session, payload: Item, action: str, **extra: Any) -> Item:
-        uid = _uid(session, payload)
-        await self._access(session, action, KmipInputs(uid=uid, request_id=session.batch_id, **extra))
+        uid = uid_of(session, payload)
+        await self.access(session, action, KmipInputs(uid=uid, request_id=session.batch_id, **extra))
         session.placeholder = uid
         return _payload(t.text("UniqueIdentifier", uid))
 
@@ -318,7 +318,7 @@ class Operations:
             else:
                 others.append((name, value))
         filters["match"] = _matcher(others)
-        found = await self._access(session, "kmip.locate", KmipInputs(locate=filters, request_id=session.batch_id))
+        found = await self.access(session, "kmip.locate", KmipInputs(locate=filters, request_id=session.batch_id))
         page = found[skip : skip + limit]
         paged = maximum is not None or offset is not None
         located = t.integer("LocatedItems", len(found)) if session.version >= (1, 3) and paged else None
@@ -357,4 +357,6 @@ _SERVED: dict[int, Handler] = {
     OPERATION["Revoke"]: Operations.revoke,
     OPERATION["Destroy"]: Operations.destroy,
     OPERATION["Locate"]: Operations.locate,
+    OPERATION["Encrypt"]: crypto_ops.encrypt,
+    OPERATION["Decrypt"]: crypto_ops.decrypt,
 }

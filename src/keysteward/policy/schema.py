@@ -43,6 +43,8 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "kmip_activate": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_revoke": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_destroy": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_encrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_decrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_locate": (("Hypervisor",), "Tenant", "KmipContext"),
 }
 KMIP_ACTIONS: Final = tuple(name for name in ACTIONS if name.startswith("kmip_"))

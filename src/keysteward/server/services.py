@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from keysteward.access import admin_actions, key_actions, kmip_actions, volume_actions
+from keysteward.access import admin_actions, key_actions, kmip_actions, kmip_crypto, volume_actions
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
 from keysteward.access.kmip_actions import KmipAccess
@@ -88,6 +88,7 @@ class Services:
         admin_actions.register(actions, registry, policies)
         kmip_objects = KmipObjects(keys, settings.kmip.kek)
         kmip_actions.register(actions, kmip_objects)
+        kmip_crypto.register(actions, kmip_objects)
         access = AccessService(tenants, policies, audit, actions, alert=alerts.send)
         return cls(
             settings=settings,
