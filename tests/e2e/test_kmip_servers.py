@@ -3,6 +3,8 @@ and destroyed on one, it is gone on the other (both real ``keysteward server sta
 
 from __future__ import annotations
 
+import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +34,15 @@ def test_two_servers_on_one_postgresql_serve_the_same_objects(
         assert c.post("/ca/init").status_code == 201
     site_a = KmipSite(a, admin, tmp_path, port_a, out.root_token.secret)
     ctx = site_a.tls(site_a.issue("esx-1")[:2])
+    deadline = time.monotonic() + 3  # server B trusts the CA made through A within its one-second refresh
+    while True:
+        try:
+            with KmipConn(port_b, ctx) as probe:
+                assert probe.one("DiscoverVersions").ok
+            break
+        except (ssl.SSLError, ConnectionError, OSError):
+            assert time.monotonic() < deadline, "server B never trusted the tenant CA"
+            time.sleep(0.2)
     with KmipConn(port_a, ctx) as on_a, KmipConn(port_b, ctx) as on_b:
         key = on_a.one("Create", *aes_256_template()).uid()
         got_a, got_b = on_a.one("Get", uid(key)), on_b.one("Get", uid(key))
