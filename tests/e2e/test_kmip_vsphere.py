@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from keysteward.formats import kmip_ttlv as t
@@ -93,6 +94,12 @@ def test_vsphere_sequence(site: KmipSite, secret_registry: SecretRegistry) -> No
     gets = [r for r in records if r["action"] == "kmip.get"]
     assert gets[-1]["details"]["x-Name"] == "db-01" and gets[-1]["details"]["x-Component"] == "Virtual Machine"
     assert gets[-1]["target"] == f"kmip:{uid}"
+    # /metrics (loopback): KMIP operations per operation and result, latency; no tenant, no identifier
+    with httpx.Client(base_url=site.server.url, verify=site.tls(None), timeout=30) as near:
+        metrics = near.get("/metrics").text
+    assert 'keysteward_kmip_operations_total{operation="Get",result="Success"} 2.0' in metrics
+    assert 'keysteward_kmip_operations_total{operation="Activate",result="PermissionDenied"} 1.0' in metrics
+    assert "keysteward_kmip_operation_seconds_bucket" in metrics and uid not in metrics and "acme" not in metrics
     # keysteward kmip status|clients|objects: the tenant's view, no material
     status = site.server.cli_json("kmip", "status", token=site.admin)
     assert status["enabled"] and status["objects"] == {"Active": 1} and status["listen"].endswith(f":{site.port}")
