@@ -155,3 +155,26 @@ def test_trust_mode_csr_and_foreign_certificates(site: KmipSite) -> None:
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         with KmipConn(site.port, site.tls(None)) as c:  # no client certificate at all
             c.one("Locate")
+
+
+def test_trust_mode_bundle_pem_and_pkcs12(site: KmipSite) -> None:
+    """Trust mode A: keysteward issues the key and certificate, as PEM files and as a PKCS#12 bundle (0600,
+    under the passphrase given) that a KMIP client can import and connect with."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    (site.tmp / "p12.pass").write_text("correct horse battery\n")
+    out = site.tmp / "bundle"
+    made = site.server.cli_json("ca", "issue", "vcenter", "--role", "hypervisor", "--out-dir", str(out),
+                                "--p12-passphrase-file", str(site.tmp / "p12.pass"), token=site.admin)  # fmt: skip
+    p12 = Path(made["p12"])
+    assert p12.stat().st_mode & 0o777 == 0o600 and (out / "vcenter.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError):
+        pkcs12.load_key_and_certificates(p12.read_bytes(), b"wrong passphrase")
+    key, cert, cas = pkcs12.load_key_and_certificates(p12.read_bytes(), b"correct horse battery")
+    assert key is not None and cert is not None and len(cas) == 1
+    (site.tmp / "from-p12.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (site.tmp / "from-p12.key").write_bytes(key.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    with KmipConn(site.port, site.tls((site.tmp / "from-p12.pem", site.tmp / "from-p12.key"))) as c:
+        assert c.one("Create", *aes_256_template()).ok
