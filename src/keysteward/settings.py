@@ -126,6 +126,20 @@ class XksSettings:
 
 
 @dataclass(frozen=True)
+class KmipSettings:
+    # the KMIP listener (docs/kmip.md): TTLV over mutual TLS, on when listen is "HOST:PORT" (e.g. "0.0.0.0:5696")
+    listen: str = ""
+    kek: str = "kmip"  # the tenant key whose primary version wraps KMIP objects (created at the first Create)
+    tls_ciphers: str = ""  # TLS 1.2 suites (OpenSSL syntax) for old clients; "" keeps the forward-secret AEAD ones
+    max_message_bytes: int = 262144  # a request over this is refused from its header, before its body is read
+    idle_timeout: float = 60.0  # seconds a connection may wait between requests
+    read_timeout: float = 10.0  # seconds for the TLS handshake, and for a whole request once its first byte is in
+    max_connections: int = 1024
+    max_connections_per_source: int = 128
+    max_locate_items: int = 1000  # the most identifiers one Locate answers, whatever Maximum Items asks
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -135,6 +149,7 @@ class Settings:
     release: ReleaseSettings = field(default_factory=ReleaseSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     xks: XksSettings = field(default_factory=XksSettings)
+    kmip: KmipSettings = field(default_factory=KmipSettings)
 
     @property
     def database_url(self) -> str:
@@ -156,6 +171,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "release": ReleaseSettings,
     "audit": AuditSettings,
     "xks": XksSettings,
+    "kmip": KmipSettings,
 }
 _STRINGS = (tuple[str, ...], "tuple[str, ...]")
 MAX_LIST = 64

@@ -93,6 +93,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
             "app-keys.cedar",
             "label-binding.cedar",
             "business-hours.cedar",
+            "kmip-vm-keys.cedar",
             "pci-approval.cedar",
             "snp-only.cedar",
             "tpm-pcr7.cedar",
@@ -101,7 +102,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
     for name in names:
         assert (EXAMPLES / name).read_text().startswith("// "), f"{name} needs a header comment"
     together = CompiledPolicySet.compile({name: (EXAMPLES / name).read_text() for name in names})
-    assert len(together.ids) == 14 and len(set(together.ids)) == 14
+    assert len(together.ids) == 15 and len(set(together.ids)) == 15
 
 
 def test_allowlist() -> None:
@@ -259,3 +260,31 @@ def test_app_keys_example_lets_only_the_application_use_its_key_with_its_context
     officer = {"type": "Human", "name": "sam", "role": "security-officer", "groups": ["security-officer"]}
     assert ask(officer, "encrypt", {"app": "orders"}, None) == "no_permit"
     assert ask({"type": "Agent", "name": "web-1"}, "generate_data_key", {"app": "orders"}, None) == "no_permit"
+
+
+def kmip_get(hypervisor: str, tags: dict[str, str]) -> PolicyRequest:
+    return PolicyRequest(
+        tenant="acme",
+        action="kmip_get",
+        principal={"type": "Hypervisor", "name": hypervisor},
+        resource={
+            "type": "KmipObject",
+            "uid": "u-1",
+            "object_type": "SymmetricKey",
+            "state": "Active",
+            "labels": tags,
+        },
+        identity={},
+        platform={},
+        time=MONDAY_10,
+    )
+
+
+def test_kmip_vm_keys_go_to_esx_1_only() -> None:
+    roles = (EXAMPLES.parents[1] / "src/keysteward/policy/roles.cedar").read_text()
+    policies = CompiledPolicySet.compile({"roles.cedar": roles, **source("kmip-vm-keys.cedar")})
+    vm = {"x-Component": "Virtual Machine"}
+    check(policies.evaluate(kmip_get("esx-1", vm)), "permit", "permitted", ("roles-hypervisor-kmip",))
+    check(policies.evaluate(kmip_get("esx-2", vm)), "deny", "forbidden_by_policy", ("kmip-vm-keys-only-to-esx-1",))
+    check(policies.evaluate(kmip_get("esx-2", {"x-Component": "vSAN"})), "permit", "permitted")
+    check(policies.evaluate(kmip_get("esx-2", {})), "permit", "permitted")

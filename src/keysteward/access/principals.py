@@ -1,7 +1,8 @@
 """How an authenticated principal appears to the tenant's policy: its Cedar principal record.
 
-A token is a ``Human`` (its role is an attribute and its group); a machine certificate is an ``Agent`` or a
-``Host`` by its role. Instances are not here: their evidence names them (:mod:`keysteward.access.volume_actions`).
+A token is a ``Human`` (its role is an attribute and its group); a machine certificate is an ``Agent``, a
+``Host`` or a ``Hypervisor`` (a KMIP client) by its role. Instances are not here: their evidence
+names them (:mod:`keysteward.access.volume_actions`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 from keysteward.errors import Forbidden
 from keysteward.identity.principal import Principal
 
-_MACHINE_TYPES = {"agent": "Agent", "host": "Host"}
+_MACHINE_TYPES = {"agent": "Agent", "host": "Host", "hypervisor": "Hypervisor"}
 
 
 def policy_principal(who: Principal) -> dict[str, Any]:

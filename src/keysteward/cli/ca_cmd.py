@@ -47,14 +47,20 @@ def ca_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 def ca_issue(
     ctx: typer.Context,
     name: str,
-    role: Annotated[str, typer.Option(help="agent or host.")] = "agent",
+    role: Annotated[str, typer.Option(help="agent, host or hypervisor (a KMIP client).")] = "agent",
     out_dir: Annotated[Path, typer.Option(help="Where to write NAME.pem, NAME.key and ca.pem.")] = Path("."),
     csr: Annotated[Path | None, typer.Option(help="Sign this CSR instead of making a key.")] = None,
     days: Annotated[int, typer.Option(help="Validity in days (at most 90: machines renew with 'ca renew').")] = 90,
+    p12_passphrase_file: Annotated[
+        Path | None,
+        typer.Option(help="Also write NAME.p12 (PKCS#12: key, certificate, CA) encrypted with this file's passphrase."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Issue a machine certificate. Without --csr the key pair is made here and written 0600 before the CSR
     is sent; the server only ever sees the CSR, and the key is never printed."""
+    if p12_passphrase_file is not None and csr is not None:
+        raise typer.BadParameter("a PKCS#12 bundle holds the key: it is made without --csr")
     out_dir.mkdir(parents=True, exist_ok=True)
     key_file = out_dir / f"{name}.key"
     if csr is not None:
@@ -74,7 +80,47 @@ def ca_issue(
     }
     if csr is None:
         written["key"] = str(key_file)
+    if p12_passphrase_file is not None:
+        written["p12"] = str(_write_p12(out_dir, name, key_file, data, p12_passphrase_file))
     emit(written, as_json, lambda d: console.print(f"issued {role} certificate for {name}: {d}"))
+
+
+@app.command("sign-csr")
+def ca_sign_csr(
+    ctx: typer.Context,
+    csr: Annotated[
+        Path, typer.Argument(help="The PEM CSR the machine made (vCenter: 'New Certificate Signing Request').")
+    ],
+    name: Annotated[str, typer.Option(help="The machine's name: the CSR's common name.")],
+    role: Annotated[str, typer.Option(help="agent, host or hypervisor (a KMIP client).")] = "hypervisor",
+    out_dir: Annotated[Path, typer.Option(help="Where to write NAME.pem and ca.pem.")] = Path("."),
+    days: Annotated[int, typer.Option(help="Validity in days (at most 90).")] = 90,
+    as_json: JsonFlag = False,
+) -> None:
+    """Sign a CSR a machine made (its key never leaves it): the same as 'ca issue NAME --csr FILE'."""
+    ca_issue(ctx, name, role=role, out_dir=out_dir, csr=csr, days=days, as_json=as_json)
+
+
+def _write_p12(out_dir: Path, name: str, key_file: Path, issued: dict[str, Any], passphrase_file: Path) -> Path:
+    """NAME.p12 (0600): the key, the certificate and the tenant CA, for clients that import one bundle."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    passphrase = passphrase_file.read_bytes().strip()
+    if len(passphrase) < 8:
+        raise typer.BadParameter("the PKCS#12 passphrase is at least 8 characters")
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    bundle = pkcs12.serialize_key_and_certificates(
+        name.encode(), key, x509.load_pem_x509_certificate(issued["cert_pem"].encode()),  # type: ignore[arg-type]
+        [x509.load_pem_x509_certificate(issued["ca_pem"].encode())],
+        serialization.BestAvailableEncryption(passphrase),
+    )  # fmt: skip
+    path = out_dir / f"{name}.p12"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(bundle)
+    return path
 
 
 def _new_key(key_file: Path, tenant: str, role: str, name: str) -> str:
@@ -130,7 +176,7 @@ def ca_renew(
 def ca_revoke(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="A certificate serial (hex), or a machine: ROLE:NAME (host:proxy-1).")],
-    role: Annotated[str | None, typer.Option(help="agent or host: TARGET is then a machine NAME.")] = None,
+    role: Annotated[str | None, typer.Option(help="agent, host or hypervisor: TARGET is then a machine NAME.")] = None,
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")] = False,
     as_json: JsonFlag = False,
@@ -138,8 +184,8 @@ def ca_revoke(
     """Revoke a certificate, or every unexpired certificate of a machine; every server refuses it within a second,
     and NBD proxies at their next revocation-list fetch (every second)."""
     if role is not None:
-        if role not in ("agent", "host") or ":" in target:
-            raise typer.BadParameter("--role is agent or host, and TARGET then a bare machine NAME")
+        if role not in ("agent", "host", "hypervisor") or ":" in target:
+            raise typer.BadParameter("--role is agent, host or hypervisor, and TARGET then a bare machine NAME")
         target = f"{role}:{target}"
     confirm(f"Revoke {target}: every server and proxy refuses it from now on?", yes=yes)
     data = client(ctx).post("/ca/revoke", {"target": target, "reason": reason})

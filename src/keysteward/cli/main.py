@@ -40,7 +40,17 @@ def _import_typer() -> None:
 def build_app() -> typer.Typer:
     """The whole CLI, every group registered (imports them all)."""
     _import_typer()
-    from keysteward.cli import audit_cmd, ca_cmd, crypto_cmd, devcloud_cmd, key_cmd, server_cmd, tenant_cmd, volume_cmd
+    from keysteward.cli import (
+        audit_cmd,
+        ca_cmd,
+        crypto_cmd,
+        devcloud_cmd,
+        key_cmd,
+        kmip_cmd,
+        server_cmd,
+        tenant_cmd,
+        volume_cmd,
+    )
 
     app = typer.Typer(
         name="keysteward",
@@ -56,6 +66,7 @@ def build_app() -> typer.Typer:
     app.add_typer(key_cmd.dek_app, name="data-key")
     app.add_typer(crypto_cmd.app, name="crypto")
     app.add_typer(ca_cmd.app, name="ca")
+    app.add_typer(kmip_cmd.app, name="kmip")
     app.add_typer(audit_cmd.app, name="audit")
     app.command(
         VOLUME,

@@ -10,7 +10,7 @@ from keysteward.errors import BadRequest, Forbidden
 
 SYSTEM_TENANT = "system"
 HUMAN_ROLES = ("admin", "security-officer", "auditor")
-MACHINE_ROLES = ("agent", "host")
+MACHINE_ROLES = ("agent", "host", "hypervisor")
 ROLES = HUMAN_ROLES + MACHINE_ROLES
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -91,6 +91,7 @@ _TENANT_GRANTS: dict[str, frozenset[Permission]] = {
     ),
     "agent": frozenset({Permission.KEY_USE}),
     "host": frozenset({Permission.KEY_USE}),
+    "hypervisor": frozenset(),  # KMIP only: what it may do there, the tenant's policy says
 }
 # The system tenant's admins run the service (tenants, seal); they never use tenant keys.
 _SYSTEM_GRANTS: dict[str, frozenset[Permission]] = {

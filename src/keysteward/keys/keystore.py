@@ -377,9 +377,17 @@ class KeyStore:
 
     # -- stored data keys ---------------------------------------------------------------------
     def new_data_key(
-        self, conn: Connection, tenant_id: str, key_name: str, name: str, *, size: int = 64
+        self,
+        conn: Connection,
+        tenant_id: str,
+        key_name: str,
+        name: str,
+        *,
+        size: int = 64,
+        material: bytes | bytearray | None = None,
     ) -> tuple[str, int, SecretBuffer]:
-        """Insert a fresh data key of ``size`` bytes under ``key_name``'s primary version, in the caller's transaction.
+        """Insert a fresh data key of ``size`` bytes (or the caller's ``material``: a KMIP Register) under
+        ``key_name``'s primary version, in the caller's transaction.
 
         Returns its id, the KEK version and the plaintext in a locked buffer the caller wipes.
         """
@@ -388,7 +396,7 @@ class KeyStore:
         row = self._key_row(conn, tenant_id, key_name)
         self.require_enabled(row)
         kek = self.kek(conn, tenant_id, row.id, row.primary_version)
-        dek = SecretBuffer.from_bytes(bytearray(os.urandom(size)))
+        dek = SecretBuffer.from_bytes(bytearray(os.urandom(size) if material is None else material))
         try:
             wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
             try:

@@ -114,7 +114,7 @@ def _principal(raw: Any, tenant: str) -> dict[str, Any]:
                 out[name] = _text(data[name], f"principal.{name}", empty=True)
         out["tags"] = _tags(data.get("tags", {}), "principal.tags")
         derived = f"{out['provider']}/{out['account']}/{out['instance_id']}"
-    elif kind in ("Host", "Agent", "Human", "CloudService"):
+    elif kind in ("Host", "Agent", "Hypervisor", "Human", "CloudService"):
         extra = {"Human": ("role", "groups"), "CloudService": ("store",)}.get(kind, ())
         _only(data, ("type", "id", "name", *extra), "principal")
         out = {"type": kind, "name": _text(data.get("name"), "principal.name")}
@@ -128,7 +128,7 @@ def _principal(raw: Any, tenant: str) -> dict[str, Any]:
             out["groups"] = sorted({_text(g, "principal.groups[]") for g in groups})
         derived = f"{tenant}/{out['name']}"
     else:
-        raise _fail("principal.type", "must be one of Instance, Host, Agent, Human, CloudService")
+        raise _fail("principal.type", "must be one of Instance, Host, Agent, Hypervisor, Human, CloudService")
     if data.get("id") is not None and data["id"] != derived:
         raise _fail("principal.id", f"must be {derived!r} (derived from the other fields)")
     out["id"] = derived
@@ -152,8 +152,21 @@ def _resource(raw: Any, tenant: str) -> dict[str, Any]:
         if data.get("id") not in (None, f"{tenant}/{name}"):
             raise _fail("resource.id", f"must be {tenant}/{name!r} (derived from the name)")
         return {"type": "Key", "id": f"{tenant}/{name}", "name": name}
+    if kind == "KmipObject":
+        _only(data, ("type", "id", "uid", "object_type", "state", "labels"), "resource")
+        uid = _text(data.get("uid"), "resource.uid")
+        if data.get("id") not in (None, f"{tenant}/{uid}"):
+            raise _fail("resource.id", f"must be {tenant}/{uid!r} (derived from the uid)")
+        return {
+            "type": "KmipObject",
+            "id": f"{tenant}/{uid}",
+            "uid": uid,
+            "object_type": _text(data.get("object_type"), "resource.object_type"),
+            "state": _text(data.get("state"), "resource.state"),
+            "labels": _tags(data.get("labels", {}), "resource.labels"),  # entity tags, named as a volume's
+        }
     if kind != "Volume":
-        raise _fail("resource.type", "must be Volume, Key or Tenant")
+        raise _fail("resource.type", "must be Volume, Key, KmipObject or Tenant")
     _only(data, ("type", "id", "name", "key", "labels", "binding"), "resource")
     binding = _mapping(data.get("binding", {}), "resource.binding")
     _only(binding, _BINDING_FIELDS, "resource.binding")
@@ -310,6 +323,16 @@ def _entities(tenant: str, principal: Mapping[str, Any], resource: Mapping[str, 
                 "uid": _uid("Key", resource["id"]),
                 "attrs": {"tenant": tenant, "name": resource["name"]},
                 "parents": [tenant_uid],
+            }
+        )
+    if resource["type"] == "KmipObject":
+        attrs = {k: resource[k] for k in ("uid", "object_type", "state")}
+        entities.append(
+            {
+                "uid": _uid("KmipObject", resource["id"]),
+                "attrs": {"tenant": tenant, **attrs},
+                "parents": [tenant_uid],
+                "tags": dict(resource["labels"]),
             }
         )
     if resource["type"] == "Volume":

@@ -35,7 +35,20 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "describe_key": (("CloudService",), "Key", "KeyUseContext"),
     "generate_data_key": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
     "re_encrypt": (("Human", "Agent", "Host"), "Key", "KeyUseContext"),
+    # KMIP (docs/kmip.md): a hypervisor's operations on its tenant's KMIP objects
+    "kmip_create": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_register": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_get": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_get_attributes": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_modify_attributes": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_activate": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_revoke": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_destroy": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_encrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_decrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_locate": (("Hypervisor",), "Tenant", "KmipContext"),
 }
+KMIP_ACTIONS: Final = tuple(name for name in ACTIONS if name.startswith("kmip_"))
 KEY_USE_ACTIONS: Final = ("encrypt", "decrypt", "generate_data_key", "re_encrypt")
 KMS_FIELDS: Final = ("operation", "request_id", "principal_arn", "key_arn", "via_service", "source_vpc", "source_vpce")
 """``context.kms`` of an XKS call: its requestMetadata (operation and request_id always, the rest when sent)."""
@@ -82,6 +95,8 @@ SCHEMA_TEXT: Final = (
     "  entity Host { tenant: String, name: String };\n"
     '  // A machine with an agent certificate of the tenant CA (an application, an instance agent), id "tenant/name".\n'
     "  entity Agent { tenant: String, name: String };\n"
+    '  // A KMIP client (hypervisor, storage array) with a hypervisor certificate of the tenant CA, id "tenant/name".\n'
+    "  entity Hypervisor { tenant: String, name: String };\n"
     '  // A person (admin, security officer), id "tenant/name".\n'
     "  entity Human in [Group] { tenant: String, name: String, role: String };\n"
     "  // A cloud KMS calling through an external key store (XKS) with one of the store's SigV4 credentials,\n"
@@ -99,6 +114,9 @@ SCHEMA_TEXT: Final = (
     "  entity Volume in [Tenant] {\n"
     "    tenant: String, name: String, key: Key, sensitivity: String, binding: Binding\n"
     "  } tags String;\n"
+    '  // A KMIP managed object, id "tenant/uid"; its custom attributes (x-Name, x-Component...) are entity tags.\n'
+    "  // state: PreActive, Active, Deactivated, Compromised, Destroyed; object_type: SymmetricKey, SecretData...\n"
+    "  entity KmipObject in [Tenant] { tenant: String, uid: String, object_type: String, state: String } tags String;\n"
     "\n"
     "  // -- verified claims, carried in the context ---------------------------------------------\n"
     "  type Identity = {\n"
@@ -115,6 +133,7 @@ SCHEMA_TEXT: Final = (
     "  type RequestInfo = { time: Long, hour: Long, weekday: Long, source_ip?: ipaddr };\n"
     "  type ReleaseContext = { identity: Identity, platform: Platform, request: RequestInfo };\n"
     "  type AdminContext = { request: RequestInfo };\n"
+    "  type KmipContext = { request: RequestInfo };\n"
     '  // encryption_context: the caller\'s encryption context as "key=value" strings (bound as AAD).\n'
     "  // kms: an XKS call's requestMetadata (kmsOperation, kmsRequestId, awsPrincipalArn, kmsKeyArn,\n"
     "  // kmsViaService, awsSourceVpc, awsSourceVpce); present on XKS calls only.\n"

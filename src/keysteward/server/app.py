@@ -31,7 +31,20 @@ from keysteward.identity.principal import Permission, Principal
 from keysteward.ratelimit import FailureLimiter
 from keysteward.server import problems
 from keysteward.server.deps import principal
-from keysteward.server.routers import attest, audit, ca, crypto, keys, policy, release, system, tenants, volumes, xks
+from keysteward.server.routers import (
+    attest,
+    audit,
+    ca,
+    crypto,
+    keys,
+    kmip,
+    policy,
+    release,
+    system,
+    tenants,
+    volumes,
+    xks,
+)
 from keysteward.server.services import Services
 
 Scope = MutableMapping[str, Any]
@@ -217,7 +230,7 @@ def create_app(svc: Services) -> FastAPI:
             f"setting server.metrics_access must be one of {', '.join(METRICS_ACCESS)}", code="bad_setting"
         )
     problems.install(app)
-    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest, xks):
+    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest, xks, kmip):
         app.include_router(module.router, prefix="/v1")
 
     registry = CollectorRegistry()
@@ -237,7 +250,10 @@ def create_app(svc: Services) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_reader(metrics_access))])
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(registry)
+        if svc.kmip_metrics is not None:
+            text += generate_latest(svc.kmip_metrics)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # outermost last: headers on every answer (413s and sealed refusals too), the sealed guard before routing
     app.add_middleware(SealedGuard, sealed=lambda: svc.root.sealed)

@@ -24,6 +24,9 @@ from keysteward.errors import BadRequest, Conflict
 from keysteward.identity.principal import SYSTEM_TENANT
 from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
+from keysteward.kmip.listener import KmipLimits, KmipListener, KmipServer
+from keysteward.kmip.listener import parse_listen as parse_kmip_listen
+from keysteward.kmip.operations import Operations
 from keysteward.logs import json_logging
 from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir
@@ -244,6 +247,7 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     stop = threading.Event()
+    kmip: KmipListener | None = None
     if listen_fd is not None:
         _join_worker_seal(svc)
     svc.rewrapper.start()
@@ -264,6 +268,7 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
             tls_ctx = ctx
             svc.cas.on_new_ca.append(lambda pem: add_client_ca(tls_ctx, pem))
             threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
+        kmip = start_kmip(svc, stop)
         # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
         protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
@@ -275,11 +280,45 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
         stop.set()
         if xks is not None:
             xks.stop()
+        if kmip is not None:
+            kmip.stop()
         svc.close()
 
 
 def _stopped(_signum: int, _frame: object) -> None:
     """SIGTERM once the server has stopped: nothing more to do than let ``serve`` close its services."""
+
+
+def start_kmip(svc: Services, stop: threading.Event) -> KmipListener | None:
+    """The KMIP listener when ``[kmip] listen`` is set: mutual TLS required, tenant CAs as trust anchors."""
+    k = svc.settings.kmip
+    if not k.listen:
+        return None
+    if not svc.settings.server.tls:
+        raise BadRequest("the KMIP listener needs TLS: server.tls must be true", code="bad_setting")
+    try:
+        host, port = parse_kmip_listen(k.listen)
+    except ValueError:
+        raise BadRequest("setting kmip.listen must be HOST:PORT", code="bad_setting") from None
+    limits = Limits(
+        max_connections=k.max_connections,
+        max_connections_per_source=k.max_connections_per_source,
+        header_timeout=k.read_timeout,
+        body_timeout=k.read_timeout,
+    )
+    ctx = server_ssl_context(svc.settings.server.tls_cert, svc.settings.server.tls_key, svc.cas.trusted_pems())
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if k.tls_ciphers:
+        ctx.set_ciphers(k.tls_ciphers)
+    svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
+    threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
+    operations = Operations(svc.kmip, k.max_locate_items)
+    bounds = KmipLimits(k.max_message_bytes, k.idle_timeout, k.read_timeout)
+    server = KmipServer(operations, svc.cas.authenticate, svc.cas.seen, bounds)
+    listener = KmipListener(server, host, port, ctx, limits)
+    listener.start()
+    svc.kmip_metrics = server.metrics.registry
+    return listener
 
 
 def _join_worker_seal(svc: Services) -> None:

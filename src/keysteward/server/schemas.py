@@ -199,7 +199,7 @@ class CaOut(Strict):
 
 class CertIssue(Strict):
     name: Name
-    role: Annotated[str, Field(pattern=r"^(agent|host)$")]
+    role: Annotated[str, Field(pattern=r"^(agent|host|hypervisor)$")]
     csr_pem: str | None = Field(default=None, max_length=65536)
     days: int = Field(default=90, ge=1, le=90)
 

@@ -5,9 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from keysteward.access import admin_actions, approval_actions, key_actions, volume_actions, xks_actions
+from prometheus_client import CollectorRegistry
+
+from keysteward.access import (
+    admin_actions,
+    approval_actions,
+    key_actions,
+    kmip_actions,
+    kmip_crypto,
+    volume_actions,
+    xks_actions,
+)
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
+from keysteward.access.kmip_actions import KmipAccess
+from keysteward.access.kmip_report import KmipReport
 from keysteward.access.refusals import RefusalGate
 from keysteward.access.service import AccessService
 from keysteward.audit.log import AuditLog
@@ -17,6 +29,7 @@ from keysteward.identity.tenants import Tenants
 from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
+from keysteward.keys.kmip_objects import KmipObjects
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
 from keysteward.keys.xks_crypto import XksCrypto
@@ -55,6 +68,10 @@ class Services:
     xks: XksRegistry
     xks_crypto: XksCrypto
     xks_metrics: XksMetrics
+    kmip: KmipAccess
+    kmip_report: KmipReport
+    kmip_metrics: CollectorRegistry | None = None
+    """The KMIP listener's metrics, when it runs in this process (``/metrics`` appends them)."""
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -93,6 +110,9 @@ class Services:
         xks = XksRegistry(db, root, keys, audit)
         xks_crypto = XksCrypto(keys, db)
         xks_actions.register(actions, xks, xks_crypto, keys)
+        kmip_objects = KmipObjects(keys, settings.kmip.kek)
+        kmip_actions.register(actions, kmip_objects)
+        kmip_crypto.register(actions, kmip_objects)
         refusals = RefusalTally(audit, settings.audit.refusal_interval)
         limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
         access = AccessService(
@@ -119,6 +139,8 @@ class Services:
             xks=xks,
             xks_crypto=xks_crypto,
             xks_metrics=XksMetrics(),
+            kmip=KmipAccess(access, kmip_objects),
+            kmip_report=KmipReport(db),
         )
 
     def close(self) -> None:

@@ -382,3 +382,28 @@ class XksKey(Base):
     key_id: Mapped[str] = mapped_column(ForeignKey("keys.id"), unique=True)
     usage: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class KmipObject(Base):
+    """A KMIP managed object (docs/kmip.md): its attributes, and its material as a data key (``data_keys``)
+    wrapped under the tenant's KMIP KEK, so KEK rotation rewraps it and Destroy crypto-shreds it."""
+
+    __tablename__ = "kmip_objects"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    """The KMIP Unique Identifier."""
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    object_type: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(24))
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """The first Name attribute's value, for Locate by name."""
+    data_key_id: Mapped[str | None] = mapped_column(ForeignKey("data_keys.id"), nullable=True)
+    attributes: Mapped[str] = mapped_column(Text)
+    """JSON: attribute name -> list of TTLV-encoded AttributeValue items (hex), the client-set ones."""
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_get_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (
+        Index("ix_kmip_objects_tenant_state", "tenant_id", "state"),
+        Index("ix_kmip_objects_tenant_name", "tenant_id", "name"),
+    )

@@ -1,0 +1,210 @@
+"""KMIP throughput and latency: keysteward's KMIP listener against PyKMIP's own server, same client, same run.
+
+    python bench/kmip.py [--quick] [--duration S]
+
+A real ``keysteward server start`` (SQLite, dev seal) with its KMIP listener, and ``pykmip-server`` (the
+demonstration server users compare against) with the same server certificate and the same client CA; the
+client is a hypervisor certificate of the keysteward tenant's CA. 16 concurrent clients (4 processes of 4
+threads, keysteward's own TTLV codec), for each server:
+
+* vSphere-style: a new TLS connection for every operation, Create, Get, Activate, GetAttributes in turn
+  (``kmip_new_conn_ops_per_s``, its p99; target: at least 5x PyKMIP's server and at least 500 ops/s);
+* persistent connections: Get of a key per client (``kmip_get_per_s``, ``kmip_get_p99_ms``; targets
+  2,000 Get/s and p99 under 20 ms on SQLite).
+
+* persistent connections: Encrypt (AES-256-CBC, PKCS#5, 64 bytes) with an Active key (``kmip_encrypt_per_s``).
+The last line is the machine-readable result (see bench/_common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import BenchError, Cleanup, KeystewardServer, free_port, make_temp_dir, run_bench, say, stop_process
+from tests.support.kmip_client import KmipConn, aes_256_template, uid
+
+from keysteward.crypto import x509ca
+from keysteward.formats import kmip_ttlv as t
+
+BENCH = "kmip"
+PROCESSES, THREADS = 4, 4
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def _context(files: dict[str, str]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # PyKMIP's server speaks TLS 1.2; both get the same
+    ctx.load_verify_locations(files["server_ca"])
+    ctx.check_hostname = False
+    ctx.load_cert_chain(files["cert"], files["key"])
+    return ctx
+
+
+def _client(mode: str, port: int, files: dict[str, str], seconds: float, out: list[tuple[float, bool]]) -> None:
+    ctx = _context(files)
+    deadline = time.monotonic() + seconds
+    if mode in ("persistent", "encrypt"):
+        with KmipConn(port, ctx, version=(1, 2)) as conn:
+            key = conn.one("Create", *aes_256_template()).uid()
+            ask: tuple[Any, ...] = (uid(key),)
+            if mode == "encrypt":
+                conn.one("Activate", uid(key))
+                params = t.struct_(
+                    "CryptographicParameters",
+                    t.enumeration("BlockCipherMode", 1),
+                    t.enumeration("PaddingMethod", 3),
+                    t.enumeration("CryptographicAlgorithm", 3),
+                )
+                ask = (uid(key), params, t.byte_string("Data", bytes(64)))  # fmt: skip
+            operation = "Encrypt" if mode == "encrypt" else "Get"
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                ok = conn.one(operation, *ask).ok
+                out.append((time.perf_counter() - started, ok))
+        return
+    while time.monotonic() < deadline:
+        key = ""
+        for operation in ("Create", "Get", "Activate", "GetAttributes"):
+            started = time.perf_counter()
+            with KmipConn(port, ctx, version=(1, 2)) as conn:
+                result = conn.one(operation, *aes_256_template()) if operation == "Create" else conn.one(
+                    operation, uid(key))  # fmt: skip
+            out.append((time.perf_counter() - started, result.ok))
+            if operation == "Create":
+                key = result.uid() if result.ok else ""
+            if not key:
+                break
+
+
+def _process(mode: str, port: int, files: dict[str, str], seconds: float) -> list[tuple[float, bool]]:
+    out: list[tuple[float, bool]] = []
+    threads = [threading.Thread(target=_client, args=(mode, port, files, seconds, out)) for _ in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return out
+
+
+def measure(mode: str, port: int, files: dict[str, str], seconds: float) -> tuple[float, float]:
+    """Operations per second and p99 (ms) of 16 clients for ``seconds``; any failed operation fails the run."""
+    started = time.monotonic()
+    with multiprocessing.get_context("spawn").Pool(PROCESSES) as pool:
+        parts = pool.starmap(_process, [(mode, port, files, seconds)] * PROCESSES)
+    elapsed = time.monotonic() - started
+    samples = [s for part in parts for s in part]
+    failed = sum(1 for _, ok in samples if not ok)
+    if failed or not samples:
+        raise BenchError(f"{mode}: {failed} of {len(samples)} operations failed")
+    return len(samples) / elapsed, 1000 * _percentile([s for s, _ in samples], 0.99)
+
+
+def start_pykmip(cleanup: Cleanup, work: Path, files: dict[str, str]) -> int:
+    port = free_port()
+    (work / "policies").mkdir()
+    config = work / "server.conf"
+    config.write_text(
+        "[server]\nhostname=127.0.0.1\nport={port}\ncertificate_path={cert}\nkey_path={key}\nca_path={ca}\n"
+        "auth_suite=TLS1.2\npolicy_path={policies}\nenable_tls_client_auth=True\nlogging_level=WARNING\n"
+        "database_path={db}\n".format(port=port, cert=files["server_cert"], key=files["server_key"],
+                                      ca=files["tenant_ca"], policies=work / "policies", db=work / "pykmip.db")
+    )  # fmt: skip
+    binary = Path(sys.executable).with_name("pykmip-server")
+    if not binary.exists():
+        raise BenchError("no pykmip-server: run `bash scripts/bootstrap.sh` (pykmip is a test dependency)")
+    log = (work / "pykmip.log").open("wb")
+    proc = subprocess.Popen([str(binary), "-f", str(config), "-l", str(work / "pykmip-server.log")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    cleanup.push(f"stop pykmip-server {proc.pid}", lambda: stop_process(proc))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with KmipConn(port, _context(files)) as conn:
+                if conn.one("DiscoverVersions").ok:
+                    return port
+        except OSError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise BenchError(f"pykmip-server exited: {(work / 'pykmip.log').read_text()[-2000:]}")
+    raise BenchError("pykmip-server did not answer within 30 s")
+
+
+def work(args: argparse.Namespace) -> Any:
+    def run(cleanup: Cleanup) -> list[dict[str, Any]]:
+        kmip_port = free_port()
+        server = KeystewardServer.init(cleanup)
+        server.start(cleanup, env={"KEYSTEWARD_KMIP_LISTEN": f"127.0.0.1:{kmip_port}"})
+        admin = server.post_ok("/v1/tenants", {"name": "bench"}, server.root_token)["admin_token"]["token"]
+        ca_pem = server.post_ok("/v1/ca/init", {}, admin)["cert_pem"]
+        key_pem, csr = x509ca.make_csr("bench", "hypervisor", "esx-bench")
+        issued = server.post_ok("/v1/ca/issue", {"name": "esx-bench", "role": "hypervisor",
+                                                 "csr_pem": csr.decode()}, admin)  # fmt: skip
+        scratch = make_temp_dir(cleanup, "ks-bench-kmip-")
+        tls = server.data_dir / "tls"
+        files = {"cert": str(scratch / "client.pem"), "key": str(scratch / "client.key"),
+                 "server_ca": server.ca_file, "tenant_ca": str(scratch / "tenant-ca.pem"),
+                 "server_cert": str(tls / "server.pem"), "server_key": str(tls / "server.key")}  # fmt: skip
+        Path(files["cert"]).write_text(issued["cert_pem"])
+        Path(files["key"]).write_bytes(bytes(key_pem))
+        Path(files["tenant_ca"]).write_text(ca_pem)
+        pykmip_port = start_pykmip(cleanup, scratch, files)
+        seconds = args.duration
+        figures: list[dict[str, Any]] = []
+        ks_new, ks_new_p99 = measure("new", kmip_port, files, seconds)
+        py_new, py_new_p99 = measure("new", pykmip_port, files, seconds)
+        say(f"new connection per op: keysteward {ks_new:.0f}/s p99 {ks_new_p99:.1f} ms; "
+            f"pykmip-server {py_new:.0f}/s p99 {py_new_p99:.1f} ms")  # fmt: skip
+        ks_get, ks_get_p99 = measure("persistent", kmip_port, files, seconds)
+        py_get, py_get_p99 = measure("persistent", pykmip_port, files, seconds)
+        say(f"persistent Get: keysteward {ks_get:.0f}/s p99 {ks_get_p99:.1f} ms; "
+            f"pykmip-server {py_get:.0f}/s p99 {py_get_p99:.1f} ms")  # fmt: skip
+        ks_enc, ks_enc_p99 = measure("encrypt", kmip_port, files, seconds)
+        py_enc, py_enc_p99 = measure("encrypt", pykmip_port, files, seconds)
+        say(f"persistent Encrypt: keysteward {ks_enc:.0f}/s p99 {ks_enc_p99:.1f} ms; "
+            f"pykmip-server {py_enc:.0f}/s p99 {py_enc_p99:.1f} ms")  # fmt: skip
+        ratio = ks_new / py_new if py_new else 0.0
+        figures.append({"name": "kmip_new_conn_ops_per_s", "value": round(ks_new, 1), "unit": "op/s",
+                        "reference": round(py_new, 1), "ratio": round(ratio, 3), "target": 5.0,
+                        "ok": ratio >= 5.0 and ks_new >= 500})  # fmt: skip
+        figures.append({"name": "kmip_new_conn_p99_ms", "value": round(ks_new_p99, 2), "unit": "ms",
+                        "reference": round(py_new_p99, 2), "ratio": round(ks_new_p99 / py_new_p99, 3) if py_new_p99
+                        else None, "target": None, "ok": None})  # fmt: skip
+        figures.append({"name": "kmip_get_per_s", "value": round(ks_get, 1), "unit": "op/s",
+                        "reference": round(py_get, 1), "ratio": round(ks_get / py_get, 3) if py_get else None,
+                        "target": 2000.0, "ok": ks_get >= 2000})  # fmt: skip
+        figures.append({"name": "kmip_get_p99_ms", "value": round(ks_get_p99, 2), "unit": "ms",
+                        "reference": round(py_get_p99, 2), "ratio": round(ks_get_p99 / py_get_p99, 3) if py_get_p99
+                        else None, "target": 20.0, "ok": ks_get_p99 <= 20})  # fmt: skip
+        figures.append({"name": "kmip_encrypt_per_s", "value": round(ks_enc, 1), "unit": "op/s",
+                        "reference": round(py_enc, 1), "ratio": round(ks_enc / py_enc, 3) if py_enc else None,
+                        "target": None, "ok": None})  # fmt: skip
+        return figures
+
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="5 s per measurement instead of 20")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
+    args = parser.parse_args()
+    if args.duration is None:
+        args.duration = 5.0 if args.quick else 20.0
+    return run_bench(BENCH, work(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

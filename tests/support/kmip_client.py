@@ -1,0 +1,134 @@
+"""A small KMIP client on keysteward's own codec, for what PyKMIP cannot send (AddAttribute, bad messages)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Any
+
+from keysteward.formats import kmip_ttlv as t
+from keysteward.formats.kmip_enums import OBJECT_TYPE, OPERATION, QUERY_FUNCTION, RESULT_REASON, RESULT_STATUS
+from keysteward.formats.kmip_ttlv import Item
+
+REASONS = {number: name for name, number in RESULT_REASON.items()}
+STATUS = {number: name for name, number in RESULT_STATUS.items()}
+
+
+class KmipConn:
+    def __init__(self, port: int, ctx: ssl.SSLContext, version: tuple[int, int] = (1, 4)) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.sock = ctx.wrap_socket(raw)
+        self.version = version
+
+    def __enter__(self) -> KmipConn:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.sock.close()
+
+    def send_raw(self, data: bytes) -> bytes:
+        self.sock.sendall(data)
+        return self.read()
+
+    def read(self) -> bytes:
+        head = self._exactly(8)
+        return head + self._exactly(t.frame_length(head, t.Bounds(max_bytes=1 << 24)) - 8)
+
+    def _exactly(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            out += chunk
+        return out
+
+    def request(self, *items: Item) -> list[Result]:
+        header = t.struct_(
+            "RequestHeader",
+            t.struct_("ProtocolVersion", t.integer("ProtocolVersionMajor", self.version[0]),
+                      t.integer("ProtocolVersionMinor", self.version[1])),
+            t.integer("BatchCount", len(items)),
+        )  # fmt: skip
+        answer = t.decode(self.send_raw(t.encode(t.struct_("RequestMessage", header, *items))))
+        assert answer.name == "ResponseMessage"
+        return [Result(item) for item in answer.all("BatchItem")]
+
+    def one(self, operation: str, *payload: Item | None, batch_id: bytes | None = None) -> Result:
+        [result] = self.request(batch_item(operation, *payload, batch_id=batch_id))
+        return result
+
+
+class Result:
+    def __init__(self, item: Item) -> None:
+        self.item = item
+        status = item.first("ResultStatus")
+        assert status is not None
+        self.status = STATUS[int(status.value)]  # type: ignore[arg-type]
+        reason = item.first("ResultReason")
+        self.reason = REASONS[int(reason.value)] if reason is not None else None  # type: ignore[arg-type]
+        self.payload = item.first("ResponsePayload")
+        bid = item.first("UniqueBatchItemId")
+        self.batch_id = bid.value if bid is not None else None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "Success"
+
+    def uid(self) -> str:
+        assert self.payload is not None, self.reason
+        found = self.payload.first("UniqueIdentifier")
+        assert found is not None
+        return str(found.value)
+
+    def attributes(self) -> dict[str, list[Item]]:
+        assert self.payload is not None
+        out: dict[str, list[Item]] = {}
+        for attribute in self.payload.all("Attribute"):
+            name, value = attribute.first("AttributeName"), attribute.first("AttributeValue")
+            assert name is not None and value is not None
+            out.setdefault(str(name.value), []).append(value)
+        return out
+
+
+def batch_item(operation: str, *payload: Item | None, batch_id: bytes | None = None) -> Item:
+    return t.struct_(
+        "BatchItem",
+        t.enumeration("Operation", OPERATION[operation]),
+        t.byte_string("UniqueBatchItemId", batch_id) if batch_id is not None else None,
+        t.struct_("RequestPayload", *payload),
+    )
+
+
+def attribute(name: str, value: Item, index: int | None = None) -> Item:
+    return t.struct_(
+        "Attribute",
+        t.text("AttributeName", name),
+        t.integer("AttributeIndex", index) if index is not None else None,
+        Item(t.TAGS["AttributeValue"], value.type, value.value),
+    )
+
+
+def uid(value: str) -> Item:
+    return t.text("UniqueIdentifier", value)
+
+
+def text(value: str) -> Item:
+    return t.text("AttributeValue", value)
+
+
+def aes_256_template() -> list[Item]:
+    """What vCenter sends: algorithm, length and usage mask, no Name."""
+    return [
+        t.enumeration("ObjectType", OBJECT_TYPE["SymmetricKey"]),
+        t.struct_(
+            "TemplateAttribute",
+            attribute("Cryptographic Algorithm", t.enumeration("AttributeValue", 3)),
+            attribute("Cryptographic Length", t.integer("AttributeValue", 256)),
+            attribute("Cryptographic Usage Mask", t.integer("AttributeValue", 12)),
+        ),
+    ]
+
+
+def query_server_information() -> Item:
+    return t.enumeration("QueryFunction", QUERY_FUNCTION["QueryServerInformation"])
