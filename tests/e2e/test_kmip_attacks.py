@@ -82,7 +82,7 @@ def test_a_revoked_certificate_is_refused(site: KmipSite) -> None:
     with KmipConn(site.port, ctx) as c:
         kept = _create(c)
         assert c.one("Get", uid(kept)).ok
-        site.server.cli("ca", "revoke", "hypervisor:esx-1", token=site.admin)
+        site.server.cli("ca", "revoke", "--yes", "hypervisor:esx-1", token=site.admin)
         deadline = time.monotonic() + REVOCATION_SECONDS
         while c.one("Get", uid(kept)).ok:  # the open connection is refused too, message by message
             assert time.monotonic() < deadline, "a revoked certificate still fetches keys"
