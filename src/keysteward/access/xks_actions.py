@@ -76,6 +76,7 @@ def credential_principal(store: StoreRef, access_key_id: str) -> Principal:
 
 class _XksCall(ActionHandler):
     delivery = Delivery.OPERATION
+    writes = False  # check and book only decide: the record is the only row written
     needs: str | None = None
     """The keyUsage value the key must carry (ENCRYPT, DECRYPT), None for metadata."""
 
