@@ -50,6 +50,8 @@ class Cleanup:
 
     def __init__(self) -> None:
         self._callbacks: list[tuple[str, Callable[[], None]]] = []
+        self.failed = False
+        """Set when the run failed: cleanups may then say what they hold (a server log's errors) first."""
         atexit.register(self.run)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
@@ -178,7 +180,7 @@ class KeystewardServer:
     def init(cls, cleanup: Cleanup, *, database_url: str = "") -> KeystewardServer:
         data_dir = make_temp_dir(cleanup, "ks-bench-data-")
         server = cls(data_dir=data_dir, port=free_port(), log_path=data_dir.parent / f"{data_dir.name}.log")
-        cleanup.push(f"remove {server.log_path}", lambda: server.log_path.unlink(missing_ok=True))
+        cleanup.push(f"remove {server.log_path}", lambda: server.forget_log(cleanup.failed))
         args = ["server", "init", "--seal", "dev", "--insecure-dev-seal", "--listen-port", str(server.port), "--json"]
         if database_url:
             args += ["--database-url", database_url]
@@ -229,6 +231,19 @@ class KeystewardServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+
+    def forget_log(self, failed: bool) -> None:
+        """Remove the server log; after a failed run first print its warnings and errors (the cause of a
+        non-2xx answer wrk cannot show)."""
+        if failed:
+            try:
+                text = self.log_path.read_text(errors="replace")
+            except OSError:
+                text = ""
+            noted = [line for line in text.splitlines() if '"level": "warning"' in line or '"level": "error"' in line]
+            for line in noted[-40:]:
+                print(f"server log: {line[:500]}", file=sys.stderr, flush=True)
+        self.log_path.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -568,6 +583,7 @@ def run_bench(
     try:
         figures = work(cleanup)
     except BenchError as exc:
+        cleanup.failed = True
         print(f"{bench}: FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
