@@ -97,11 +97,11 @@ def test_kill_during_rotation_resumes(
     try:
         # the interrupted state: some DEKs on v1, some on v2, and every one of them unwraps
         who = svc.tenants.get("acme")
-        deks = svc.keys.list_data_keys(Principal(who.id, "acme", "admin", "admin", "token"), "vols")
+        deks = svc.keys.data.listing(Principal(who.id, "acme", "admin", "admin", "token"), "vols")
         assert {d.kek_version for d in deks} == {1, 2}
         plain = {}
         for d in deks:
-            with svc.keys.unwrap_data_key(who.id, d.id) as buf:
+            with svc.keys.data.unwrap(who.id, d.id) as buf:
                 plain[d.id] = buf.bytes()
                 secret_registry.secret(buf.view(), "stored DEK")
     finally:
@@ -118,7 +118,7 @@ def test_kill_during_rotation_resumes(
     svc = build_services(load(tmp_path / "ks", env={}))
     try:
         for dek_id, value in plain.items():
-            with svc.keys.unwrap_data_key(who.id, dek_id) as buf:
+            with svc.keys.data.unwrap(who.id, dek_id) as buf:
                 assert buf.bytes() == value
     finally:
         svc.close()

@@ -32,7 +32,7 @@ def drain(m: Manager) -> None:
 def dek_plaintexts(m: Manager, who: Principal, ids: list[str]) -> dict[str, bytes]:
     out = {}
     for dek_id in ids:
-        with m.svc.keys.unwrap_data_key(who.tenant_id, dek_id) as buf:
+        with m.svc.keys.data.unwrap(who.tenant_id, dek_id) as buf:
             out[dek_id] = buf.bytes()
     return out
 
@@ -40,7 +40,7 @@ def dek_plaintexts(m: Manager, who: Principal, ids: list[str]) -> dict[str, byte
 def test_rotation_rewraps_every_data_key(manager: Manager) -> None:
     who = admin_of(manager, "acme")
     manager.svc.keys.create(who, "vols")
-    ids = [manager.svc.keys.create_data_key(who, "vols", f"vol-{i}").id for i in range(45)]
+    ids = [manager.svc.keys.data.create(who, "vols", f"vol-{i}").id for i in range(45)]
     before = dek_plaintexts(manager, who, ids)
     for value in before.values():
         manager.registry.secret(value, "stored DEK")
@@ -63,7 +63,7 @@ def test_rotation_rewraps_every_data_key(manager: Manager) -> None:
 def test_destroy_refuses_primary_and_in_use_versions(manager: Manager) -> None:
     who = admin_of(manager, "acme")
     manager.svc.keys.create(who, "k")
-    dek = manager.svc.keys.create_data_key(who, "k", "d1")
+    dek = manager.svc.keys.data.create(who, "k", "d1")
     with pytest.raises(Conflict) as err:
         manager.svc.keys.destroy_version(who, "k", 1)
     assert err.value.code == "destroy_primary_version"
@@ -73,7 +73,7 @@ def test_destroy_refuses_primary_and_in_use_versions(manager: Manager) -> None:
     assert err.value.code == "version_in_use"
     manager.svc.keys.destroy_version(who, "k", 1, force=True)
     with pytest.raises(Conflict) as err:
-        manager.svc.keys.unwrap_data_key(who.tenant_id, dek.id)
+        manager.svc.keys.data.unwrap(who.tenant_id, dek.id)
     assert err.value.code == "data_key_shredded"
 
 
@@ -90,7 +90,7 @@ def test_crypto_shred_cannot_be_undone(manager: Manager) -> None:
     with manager.svc.db.read() as conn:
         wrapped_v1 = conn.execute(select(KeyVersion.wrapped).where(KeyVersion.key_id == key_id)).scalar_one()
     assert wrapped_v1
-    dek = manager.svc.keys.create_data_key(who, "pii", "vol")
+    dek = manager.svc.keys.data.create(who, "pii", "vol")
     manager.svc.keys.rotate(who, "pii")
     destroyed = manager.call(admin, "POST", "/v1/keys/pii/versions/1/destroy", json={"force": True}).json()
     assert [v["state"] for v in destroyed["versions"]] == ["destroyed", "enabled"]
@@ -98,7 +98,7 @@ def test_crypto_shred_cannot_be_undone(manager: Manager) -> None:
     r = manager.call(admin, "POST", "/v1/decrypt", json={"ciphertext": ct})
     assert r.status_code == 409 and r.json()["code"] == "key_version_destroyed"
     with pytest.raises(Conflict):
-        manager.svc.keys.unwrap_data_key(who.tenant_id, dek.id)
+        manager.svc.keys.data.unwrap(who.tenant_id, dek.id)
 
     # The attacker's try: every binary value in every table, opened with the root key as version 1's KEK.
     root = manager.svc.root.root()

@@ -372,7 +372,7 @@ class VolumeRelease(ActionHandler):
         volume = state.volume
         try:
             try:
-                secret = self.keys.open_data_key(
+                secret = self.keys.data.open(
                     subject.tenant_id, state.key_id, volume.key_version, volume.dek_id, state.wrapped
                 )
             except Conflict:

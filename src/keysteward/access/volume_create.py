@@ -86,7 +86,7 @@ class VolumeCreate(ActionHandler):
         _, inputs = subject.state
         info, dek_id = booked.value
         tenant = subject.facts.tenant if subject.facts is not None else ""
-        with self.keys.unwrap_data_key(subject.tenant_id, dek_id) as secret:
+        with self.keys.data.unwrap(subject.tenant_id, dek_id) as secret:
             plaintext = pack_secret(secret.view(), bytes(TOKEN_SIZE))
             try:
                 sealed = hpke.seal(

@@ -1,4 +1,5 @@
-"""Tenant keys (KEKs) and their versions: create, rotate, disable, destroy; stored DEKs.
+"""Tenant keys (KEKs) and their versions: create, rotate, disable, destroy. The data keys stored under them
+are :class:`keysteward.keys.data_keys.DataKeys` (``KeyStore.data``).
 
 Every mutation writes its audit record in the same transaction. Key material leaves this
 module only as wrapped bytes, except through :meth:`KeyStore.kek`, which the envelope
@@ -7,7 +8,6 @@ operations and the (future) release service use.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,12 +18,12 @@ from sqlalchemy.exc import IntegrityError
 from keysteward.audit.log import AuditLog
 from keysteward.crypto import aead
 from keysteward.crypto.aead import AeadKey
-from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import Principal, check_name
-from keysteward.keys.model import DataKeyInfo, KeyInfo, KeyRef, VersionInfo
+from keysteward.keys.data_keys import DataKeys
+from keysteward.keys.model import KeyInfo, KeyRef, VersionInfo
 from keysteward.keys.root import RootOfTrust
-from keysteward.keys.wrapping import KekCache, dek_aad, kek_aad
+from keysteward.keys.wrapping import KekCache, kek_aad
 from keysteward.store.db import Database, checkpoint, for_update
 from keysteward.store.models import DataKey, Key, KeyVersion, RotationJob
 from keysteward.ttlcache import TtlCache
@@ -49,6 +49,8 @@ class KeyStore:
         self._refs: TtlCache[tuple[str, str], KeyRef] = TtlCache(STATE_TTL_SECONDS)
         self._live_versions: TtlCache[tuple[str, int], bool] = TtlCache(STATE_TTL_SECONDS)
         self.on_shred: list[ShredHook] = []
+        self.data = DataKeys(self)
+        """The data keys stored under these keys (:mod:`keysteward.keys.data_keys`)."""
         root.on_seal(self.cache.clear)
         root.on_seal(self._forget_all)
 
@@ -97,7 +99,7 @@ class KeyStore:
         return kek
 
     # -- reading -----------------------------------------------------------------------------
-    def _key_row(self, conn: Connection, tenant_id: str, name: str, *, lock: bool = False) -> Key:
+    def key_row(self, conn: Connection, tenant_id: str, name: str, *, lock: bool = False) -> Key:
         stmt = select(Key.__table__).where(Key.tenant_id == tenant_id, Key.name == name)
         row = conn.execute(for_update(stmt, self.db) if lock else stmt).first()
         if row is None:
@@ -151,7 +153,7 @@ class KeyStore:
 
     def describe(self, actor: Principal, name: str) -> KeyInfo:
         with self.db.read() as conn:
-            return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+            return self._info(conn, self.key_row(conn, actor.tenant_id, name), versions=True)
 
     # -- KEK material ------------------------------------------------------------------------
     def _new_version(self, conn: Connection, tenant_id: str, key_id: str, version: int) -> None:
@@ -223,7 +225,7 @@ class KeyStore:
                     target=f"key:{name}",
                     details={"key_id": key_id, "version": 1},
                 )
-                return self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+                return self._info(conn, self.key_row(conn, actor.tenant_id, name), versions=True)
         except IntegrityError as exc:
             raise Conflict(f"a key named '{name}' exists already", code="key_exists") from exc
 
@@ -231,7 +233,7 @@ class KeyStore:
         """New primary version; a rewrap job moves the stored DEKs to it in the background."""
         self.root.root()
         with self.db.write() as conn:
-            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            row = self.key_row(conn, actor.tenant_id, name, lock=True)
             self.require_enabled(row)
             latest = conn.execute(select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id)).scalar_one()
             version = int(latest) + 1
@@ -264,13 +266,13 @@ class KeyStore:
                 target=f"key:{name}",
                 details={"version": version, "rewrap_job": job_id},
             )
-            info = self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+            info = self._info(conn, self.key_row(conn, actor.tenant_id, name), versions=True)
         self._forget(row.id)
         return info
 
     def set_enabled(self, actor: Principal, name: str, enabled: bool) -> KeyInfo:
         with self.db.write() as conn:
-            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            row = self.key_row(conn, actor.tenant_id, name, lock=True)
             if row.state == DESTROYED:
                 raise Conflict(f"key '{name}' was destroyed", code="key_destroyed")
             state = ENABLED if enabled else DISABLED
@@ -282,14 +284,14 @@ class KeyStore:
                 action="key.enable" if enabled else "key.disable",
                 target=f"key:{name}",
             )
-            info = self._info(conn, self._key_row(conn, actor.tenant_id, name), versions=True)
+            info = self._info(conn, self.key_row(conn, actor.tenant_id, name), versions=True)
         self._forget(row.id)
         return info
 
     def destroy_version(self, actor: Principal, name: str, version: int, *, force: bool = False) -> KeyInfo:
         """Crypto-shred one version: its material and the DEKs wrapped under it are gone for good."""
         with self.db.write() as conn:
-            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            row = self.key_row(conn, actor.tenant_id, name, lock=True)
             vrow = conn.execute(
                 select(KeyVersion.state).where(KeyVersion.key_id == row.id, KeyVersion.version == version)
             ).first()
@@ -318,7 +320,7 @@ class KeyStore:
     def destroy(self, actor: Principal, name: str) -> KeyInfo:
         """Crypto-shred the whole key: every version and every DEK under it."""
         with self.db.write() as conn:
-            row = self._key_row(conn, actor.tenant_id, name, lock=True)
+            row = self.key_row(conn, actor.tenant_id, name, lock=True)
             versions = [
                 v
                 for (v,) in conn.execute(
@@ -374,117 +376,3 @@ class KeyStore:
         self._forget(key_id)
         self.cache.evict(key_id, version)
         checkpoint(self.db)
-
-    # -- stored data keys ---------------------------------------------------------------------
-    def new_data_key(
-        self,
-        conn: Connection,
-        tenant_id: str,
-        key_name: str,
-        name: str,
-        *,
-        size: int = 64,
-        material: bytes | bytearray | None = None,
-    ) -> tuple[str, int, SecretBuffer]:
-        """Insert a fresh data key of ``size`` bytes (or the caller's ``material``: a KMIP Register) under
-        ``key_name``'s primary version, in the caller's transaction.
-
-        Returns its id, the KEK version and the plaintext in a locked buffer the caller wipes.
-        """
-        check_name("data key", name)
-        dek_id = str(uuid.uuid4())
-        row = self._key_row(conn, tenant_id, key_name)
-        self.require_enabled(row)
-        kek = self.kek(conn, tenant_id, row.id, row.primary_version)
-        dek = SecretBuffer.from_bytes(bytearray(os.urandom(size) if material is None else material))
-        try:
-            wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
-            try:
-                with conn.begin_nested():
-                    conn.execute(
-                        insert(DataKey).values(
-                            id=dek_id,
-                            tenant_id=tenant_id,
-                            key_id=row.id,
-                            name=name,
-                            kek_version=row.primary_version,
-                            wrapped=wrapped,
-                            created_at=datetime.now(UTC),
-                        )
-                    )
-            except IntegrityError as exc:
-                raise Conflict(
-                    f"key '{key_name}' already has a data key named '{name}'", code="data_key_exists"
-                ) from exc
-        except BaseException:
-            dek.wipe()
-            raise
-        return dek_id, row.primary_version, dek
-
-    def create_data_key(self, actor: Principal, key_name: str, name: str) -> DataKeyInfo:
-        with self.db.write() as conn:
-            dek_id, version, dek = self.new_data_key(conn, actor.tenant_id, key_name, name)
-            dek.wipe()
-            self.audit.append(
-                conn,
-                actor.tenant_id,
-                actor=actor.describe(),
-                action="data_key.create",
-                target=f"data_key:{name}",
-                details={"key": key_name, "kek_version": version, "id": dek_id},
-            )
-        return DataKeyInfo(dek_id, name, key_name, version, datetime.now(UTC), False)
-
-    def shred_data_key(self, conn: Connection, tenant_id: str, dek_id: str) -> None:
-        """Destroy one data key's only stored form, in the caller's transaction (call :meth:`after_data_key_shred`)."""
-        conn.execute(update(DataKey).where(DataKey.tenant_id == tenant_id, DataKey.id == dek_id).values(wrapped=None))
-
-    def after_data_key_shred(self) -> None:
-        checkpoint(self.db)
-
-    def list_data_keys(self, actor: Principal, key_name: str) -> list[DataKeyInfo]:
-        with self.db.read() as conn:
-            row = self._key_row(conn, actor.tenant_id, key_name)
-            rows = conn.execute(
-                select(
-                    DataKey.id,
-                    DataKey.name,
-                    DataKey.kek_version,
-                    DataKey.created_at,
-                    DataKey.wrapped.is_(None).label("shredded"),
-                )
-                .where(DataKey.key_id == row.id)
-                .order_by(DataKey.name)
-            ).all()
-        return [DataKeyInfo(r.id, r.name, key_name, r.kek_version, r.created_at, bool(r.shredded)) for r in rows]
-
-    def open_data_key(
-        self, tenant_id: str, key_id: str, kek_version: int, dek_id: str, wrapped: bytes | None
-    ) -> SecretBuffer:
-        """A data key from its wrapped form (read by the caller), with the cached KEK and key state."""
-        if wrapped is None:
-            raise Conflict("this data key was crypto-shredded", code="data_key_shredded")
-        ref = self.key_ref(tenant_id, key_id=key_id)
-        if ref is None:
-            raise NotFound("no such data key", code="data_key_not_found")
-        self.require_enabled(ref)
-        kek = self.usable_kek(tenant_id, key_id, kek_version)
-        return SecretBuffer.from_bytes(kek.open(wrapped, dek_aad(tenant_id, key_id, kek_version, dek_id)))
-
-    def unwrap_data_key(self, tenant_id: str, dek_id: str) -> SecretBuffer:
-        """The plaintext DEK in a locked buffer, for the release service (the caller wipes it)."""
-        with self.db.read() as conn:
-            row = conn.execute(
-                select(DataKey.__table__).where(DataKey.tenant_id == tenant_id, DataKey.id == dek_id)
-            ).first()
-            if row is None:
-                raise NotFound("no such data key", code="data_key_not_found")
-            if row.wrapped is None:
-                raise Conflict("this data key was crypto-shredded", code="data_key_shredded")
-            key = self.key_by_id(conn, tenant_id, row.key_id)
-            assert key is not None
-            self.require_enabled(key)
-            kek = self.kek(conn, tenant_id, row.key_id, row.kek_version)
-            return SecretBuffer.from_bytes(
-                kek.open(row.wrapped, dek_aad(tenant_id, row.key_id, row.kek_version, dek_id))
-            )

@@ -87,7 +87,7 @@ class KmipObjects:
         and the SHA-256 digest of the material (the KMIP Digest attribute of a key)."""
         version, digest = 0, b""
         if size or material is not None:
-            dek_id, version, dek = self.keys.new_data_key(
+            dek_id, version, dek = self.keys.data.new(
                 conn, record.tenant_id, self.kek, f"kmip-{record.uid}", size=size, material=material
             )
             digest = hashlib.sha256(dek.view()).digest()
@@ -129,16 +129,16 @@ class KmipObjects:
     def shred(self, conn: Connection, record: KmipRecord) -> None:
         """Crypto-shred the material: the only wrapped copy is emptied (call :meth:`after_shred` after the commit)."""
         if record.data_key_id is not None:
-            self.keys.shred_data_key(conn, record.tenant_id, record.data_key_id)
+            self.keys.data.shred(conn, record.tenant_id, record.data_key_id)
 
     def after_shred(self) -> None:
-        self.keys.after_data_key_shred()
+        self.keys.data.after_shred()
 
     def material(self, record: KmipRecord) -> SecretBuffer:
         """The plaintext material in a locked buffer (the caller wipes it); refused once shredded."""
         if record.data_key_id is None:
             raise Conflict("this object has no material", code="kmip_no_material")
-        return self.keys.unwrap_data_key(record.tenant_id, record.data_key_id)
+        return self.keys.data.unwrap(record.tenant_id, record.data_key_id)
 
     def candidates(
         self, tenant_id: str, *, object_type: str | None, state: str | None, name: str | None

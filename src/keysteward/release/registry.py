@@ -116,9 +116,7 @@ class Registry:
         spec.check()
         if conn.execute(select(Volume.id).where(Volume.tenant_id == tenant_id, Volume.name == spec.name)).first():
             raise Conflict(f"a volume named '{spec.name}' exists", code="volume_exists")
-        dek_id, version, secret = self.keys.new_data_key(
-            conn, tenant_id, spec.key, f"volume-{volume_id}", size=SECRET_SIZE
-        )
+        dek_id, version, secret = self.keys.data.new(conn, tenant_id, spec.key, f"volume-{volume_id}", size=SECRET_SIZE)
         secret.wipe()  # delivered after the commit, unwrapped again from its stored form
         key_id = conn.execute(select(Key.id).where(Key.tenant_id == tenant_id, Key.name == spec.key)).scalar_one()
         row = dict(
@@ -211,13 +209,13 @@ class Registry:
         """The access path's ``volume.destroy`` bookkeeping, in its transaction: the secret is crypto-shredded,
         the volume is destroyed and every active lease ends ``shred``. Call :meth:`changed` after the commit."""
         conn.execute(for_update(select(Volume.id).where(Volume.id == volume.id), self.db)).one()
-        self.keys.shred_data_key(conn, tenant_id, volume.dek_id)
+        self.keys.data.shred(conn, tenant_id, volume.dek_id)
         self._mark_destroyed(conn, volume.id, now)
 
     def changed(self, volume: VolumeInfo, *, shredded: bool = False) -> VolumeInfo:
         """After a committed state change: this server forgets its cached view and answers the new state."""
         if shredded:
-            self.keys.after_data_key_shred()
+            self.keys.data.after_shred()
         self._forget(volume.id)
         return self.get(volume.tenant_id, volume.id)
 

@@ -98,9 +98,9 @@ def destroy_key(name: KeyName, request: Request, who: Manage) -> KeyOut:
 
 @router.post("/{name}/data-keys", status_code=201)
 def create_data_key(name: KeyName, body: DataKeyCreate, request: Request, who: Manage) -> DataKeyOut:
-    return _dek_out(services(request).keys.create_data_key(who, name, body.name))
+    return _dek_out(services(request).keys.data.create(who, name, body.name))
 
 
 @router.get("/{name}/data-keys")
 def list_data_keys(name: KeyName, request: Request, who: Read) -> list[DataKeyOut]:
-    return [_dek_out(d) for d in services(request).keys.list_data_keys(who, name)]
+    return [_dek_out(d) for d in services(request).keys.data.listing(who, name)]

@@ -1,0 +1,144 @@
+"""Data keys stored under a tenant key: made, listed, opened, unwrapped and crypto-shredded.
+
+A data key (a volume's keyslot secret, a KMIP object's material, a stored DEK) exists only wrapped under a
+version of its tenant key (AES-256-GCM, AAD tenant|key|version|id); KEK rotation rewraps it
+(:mod:`keysteward.keys.rewrap`), destroying the version or the key shreds it. The KEKs and their lifecycle
+are :class:`keysteward.keys.keystore.KeyStore`, which holds one of these as ``KeyStore.data``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from keysteward.crypto.secret import SecretBuffer
+from keysteward.errors import Conflict, NotFound
+from keysteward.identity.principal import Principal, check_name
+from keysteward.keys.model import DataKeyInfo
+from keysteward.keys.wrapping import dek_aad
+from keysteward.store.db import checkpoint
+from keysteward.store.models import DataKey
+
+if TYPE_CHECKING:
+    from keysteward.keys.keystore import KeyStore
+
+
+class DataKeys:
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+
+    def new(
+        self,
+        conn: Connection,
+        tenant_id: str,
+        key_name: str,
+        name: str,
+        *,
+        size: int = 64,
+        material: bytes | bytearray | None = None,
+    ) -> tuple[str, int, SecretBuffer]:
+        """Insert a fresh data key of ``size`` bytes (or the caller's ``material``: a KMIP Register) under
+        ``key_name``'s primary version, in the caller's transaction.
+
+        Returns its id, the KEK version and the plaintext in a locked buffer the caller wipes.
+        """
+        check_name("data key", name)
+        dek_id = str(uuid.uuid4())
+        row = self.keys.key_row(conn, tenant_id, key_name)
+        self.keys.require_enabled(row)
+        kek = self.keys.kek(conn, tenant_id, row.id, row.primary_version)
+        dek = SecretBuffer.from_bytes(bytearray(os.urandom(size) if material is None else material))
+        try:
+            wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        insert(DataKey).values(
+                            id=dek_id,
+                            tenant_id=tenant_id,
+                            key_id=row.id,
+                            name=name,
+                            kek_version=row.primary_version,
+                            wrapped=wrapped,
+                            created_at=datetime.now(UTC),
+                        )
+                    )
+            except IntegrityError as exc:
+                raise Conflict(
+                    f"key '{key_name}' already has a data key named '{name}'", code="data_key_exists"
+                ) from exc
+        except BaseException:
+            dek.wipe()
+            raise
+        return dek_id, row.primary_version, dek
+
+    def create(self, actor: Principal, key_name: str, name: str) -> DataKeyInfo:
+        with self.keys.db.write() as conn:
+            dek_id, version, dek = self.new(conn, actor.tenant_id, key_name, name)
+            dek.wipe()
+            self.keys.audit.append(
+                conn,
+                actor.tenant_id,
+                actor=actor.describe(),
+                action="data_key.create",
+                target=f"data_key:{name}",
+                details={"key": key_name, "kek_version": version, "id": dek_id},
+            )
+        return DataKeyInfo(dek_id, name, key_name, version, datetime.now(UTC), False)
+
+    def shred(self, conn: Connection, tenant_id: str, dek_id: str) -> None:
+        """Destroy one data key's only stored form, in the caller's transaction (call :meth:`after_shred`)."""
+        conn.execute(update(DataKey).where(DataKey.tenant_id == tenant_id, DataKey.id == dek_id).values(wrapped=None))
+
+    def after_shred(self) -> None:
+        checkpoint(self.keys.db)
+
+    def listing(self, actor: Principal, key_name: str) -> list[DataKeyInfo]:
+        with self.keys.db.read() as conn:
+            row = self.keys.key_row(conn, actor.tenant_id, key_name)
+            rows = conn.execute(
+                select(
+                    DataKey.id,
+                    DataKey.name,
+                    DataKey.kek_version,
+                    DataKey.created_at,
+                    DataKey.wrapped.is_(None).label("shredded"),
+                )
+                .where(DataKey.key_id == row.id)
+                .order_by(DataKey.name)
+            ).all()
+        return [DataKeyInfo(r.id, r.name, key_name, r.kek_version, r.created_at, bool(r.shredded)) for r in rows]
+
+    def open(self, tenant_id: str, key_id: str, kek_version: int, dek_id: str, wrapped: bytes | None) -> SecretBuffer:
+        """A data key from its wrapped form (read by the caller), with the cached KEK and key state."""
+        if wrapped is None:
+            raise Conflict("this data key was crypto-shredded", code="data_key_shredded")
+        ref = self.keys.key_ref(tenant_id, key_id=key_id)
+        if ref is None:
+            raise NotFound("no such data key", code="data_key_not_found")
+        self.keys.require_enabled(ref)
+        kek = self.keys.usable_kek(tenant_id, key_id, kek_version)
+        return SecretBuffer.from_bytes(kek.open(wrapped, dek_aad(tenant_id, key_id, kek_version, dek_id)))
+
+    def unwrap(self, tenant_id: str, dek_id: str) -> SecretBuffer:
+        """The plaintext DEK in a locked buffer, for the release service (the caller wipes it)."""
+        with self.keys.db.read() as conn:
+            row = conn.execute(
+                select(DataKey.__table__).where(DataKey.tenant_id == tenant_id, DataKey.id == dek_id)
+            ).first()
+            if row is None:
+                raise NotFound("no such data key", code="data_key_not_found")
+            if row.wrapped is None:
+                raise Conflict("this data key was crypto-shredded", code="data_key_shredded")
+            key = self.keys.key_by_id(conn, tenant_id, row.key_id)
+            assert key is not None
+            self.keys.require_enabled(key)
+            kek = self.keys.kek(conn, tenant_id, row.key_id, row.kek_version)
+            return SecretBuffer.from_bytes(
+                kek.open(row.wrapped, dek_aad(tenant_id, row.key_id, row.kek_version, dek_id))
+            )
