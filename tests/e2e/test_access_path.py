@@ -284,3 +284,19 @@ def test_a_shown_policy_set_can_be_stored_back(site: tuple) -> None:
     assert refused.returncode == 1 and "policy_files" in refused.stderr
     with server.http(admin) as c:
         assert c.get("/policy").json()["version"] == 2
+
+
+def test_audit_show_prints_one_record_whole(site: tuple) -> None:
+    server, admin, _, _ = site
+    newest = _audit(server, admin)[-1]
+    shown = server.cli_json("audit", "show", str(newest["seq"]), token=admin)
+    assert {k: shown[k] for k in ("seq", "action", "actor", "target")} == {
+        k: newest[k] for k in ("seq", "action", "actor", "target")
+    }
+    assert len(shown["hash"]) == 64 and shown["signature"]
+    human = server.cli("audit", "show", str(newest["seq"]), token=admin).stdout
+    assert f"seq: {newest['seq']}" in human and newest["action"] in human
+    missing = server.cli("audit", "show", "999999", token=admin, check=False)
+    assert missing.returncode == 1 and "no audit record 999999" in missing.stderr
+    bad = server.cli("audit", "show", "0", token=admin, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from keysteward.audit import chain, checkpoint
 from keysteward.cli.client import Client
 from keysteward.cli.context import JsonFlag, client
-from keysteward.cli.output import console, emit, fail, table
+from keysteward.cli.output import console, emit, fail, fields, table
 from keysteward.errors import BadRequest
 
 app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
@@ -77,6 +77,30 @@ def _matches(row: dict[str, Any], outcomes: list[str] | None, actors: list[str] 
     if outcomes and row.get("outcome") not in outcomes:
         return False
     return not actors or any(fnmatch.fnmatchcase(str(row.get("actor", "")), pattern) for pattern in actors)
+
+
+@app.command("show")
+def audit_show(
+    ctx: typer.Context,
+    seq: Annotated[int, typer.Argument(min=1, help="The record's sequence number (audit list shows it).")],
+    as_json: JsonFlag = False,
+) -> None:
+    """One record whole: its fields and details, its hash, the previous hash it links to, its signature."""
+    page = client(ctx).get("/audit", params={"after": seq - 1, "limit": 1})
+    found = [r for r in page["records"] if r["seq"] == seq]
+    if not found:
+        fail(f"no audit record {seq} in this tenant's chain", code=1)
+    link = found[0]
+    record = dict(json.loads(link["body"]), hash=link["hash"], signature=link["signature"])
+
+    def human(d: dict[str, Any]) -> None:
+        details = d.pop("details", None) or {}
+        fields(d, [k for k in ("seq", "ts", "actor", "action", "target", "outcome", "reason", "prev", "hash",
+                               "signature") if k in d])  # fmt: skip
+        for key in sorted(details):
+            console.print(f"  details.{key}: {details[key]}", markup=False, highlight=False)
+
+    emit(record, as_json, human)
 
 
 @app.command("export")
