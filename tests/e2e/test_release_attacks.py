@@ -179,8 +179,14 @@ def test_release_cli_groups(remote: World) -> None:
 
     bad = server.cli("instance", "revoke", "not-a-triple", "--yes", token=remote.admin, check=False)
     assert bad.returncode != 0 and "provider/account/instance-id" in bad.stderr
-    server.cli("instance", "revoke", f"devcloud/111122223333/{vm.id}", "--yes", "--reason", "test", token=remote.admin)
+    holder = f"devcloud/111122223333/{vm.id}"
+    listed_before = {i["holder"]: i for i in server.cli_json("instance", "list", token=remote.admin)}
+    assert listed_before[holder]["live_leases"] == 1 and listed_before[holder]["revoked"] is False
+    server.cli("instance", "revoke", holder, "--yes", "--reason", "test", token=remote.admin)
     assert remote.renew(lease_id, token).json()["action"] == "revoked"
+    after = {i["holder"]: i for i in server.cli_json("instance", "list", token=remote.admin)}[holder]
+    assert (after["revoked"], after["shred"], after["reason"], after["live_leases"]) == (True, False, "test", 0)
+    assert holder in server.cli("instance", "list", token=remote.admin).stdout
     # an auditor may read but not revoke
     auditor = remote.call("POST", "/v1/tokens", json={"name": "aud", "role": "auditor"}).json()["token"]
     refused = server.cli("volume", "revoke", "data", "--yes", "--kms", server.url, "--ca-file",

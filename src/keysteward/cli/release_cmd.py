@@ -13,7 +13,8 @@ from keysteward.cli.output import console, emit, table
 
 provider_app = typer.Typer(help="Clouds whose signed instance identities this tenant trusts.", no_args_is_help=True)
 instance_app = typer.Typer(
-    help="Instances (provider/account/instance-id) and hosts (host:NAME): revoke one.", no_args_is_help=True
+    help="Instances (provider/account/instance-id) and hosts (host:NAME): list them, revoke one.",
+    no_args_is_help=True,
 )
 lease_app = typer.Typer(help="Leases: which instance holds which volume's key until when.", no_args_is_help=True)
 
@@ -78,6 +79,16 @@ def instance_revoke(
     confirm(f"Revoke {instance}" + (" and shred its keyslots" if shred else "") + "?", yes=yes)
     client(ctx).post("/instances/revoke", body)
     console.print(f"instance {instance} revoked" + (" (shred)" if shred else ""))
+
+
+@instance_app.command("list")
+def instance_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Instances and hosts that held a volume's key, or were revoked: live leases, last release, revocation."""
+    emit(
+        client(ctx).get("/instances"),
+        as_json,
+        lambda rows: table(rows, ["holder", "live_leases", "last_release_at", "revoked", "shred", "reason"]),
+    )
 
 
 @lease_app.command("list")

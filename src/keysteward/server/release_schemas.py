@@ -148,6 +148,16 @@ class LeaseInfoOut(Strict):
     expires_at: datetime
 
 
+class InstanceOut(Strict):
+    holder: str
+    live_leases: int
+    last_release_at: datetime | None
+    revoked: bool
+    shred: bool
+    revoked_at: datetime | None
+    reason: str
+
+
 class ProviderIn(Strict):
     name: Name
     kind: Annotated[str, Field(pattern=r"^(aws-iid|gcp-jwt)$")]

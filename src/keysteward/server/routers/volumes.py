@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -12,10 +14,12 @@ from keysteward.access.volume_create import Created, CreateInputs
 from keysteward.attest.providers import ProviderTrust, describe_certificate
 from keysteward.errors import BadRequest
 from keysteward.identity.principal import Permission, Principal
+from keysteward.release import instances
 from keysteward.release.volumes import Binding, VolumeInfo, VolumeSpec
 from keysteward.server.deps import decide_as, need, services
 from keysteward.server.release_schemas import (
     DestroyIn,
+    InstanceOut,
     InstanceRevokeIn,
     LeaseInfoOut,
     ProviderIn,
@@ -104,6 +108,14 @@ def revoke_instance(body: InstanceRevokeIn, request: Request, who: Revoke) -> No
     else:
         raise BadRequest("name either a host, or an instance by provider, account and instance_id", code="bad_instance")
     services(request).registry.revoke_instance(who, holder, shred=body.shred, reason=body.reason)
+
+
+@router.get("/instances")
+def list_instances(request: Request, who: Read) -> list[InstanceOut]:
+    """Every instance or host that held a lease of the tenant, or was revoked: live leases, last release."""
+    with services(request).db.read() as conn:
+        found = instances.listing(conn, who.tenant_id, datetime.now(UTC))
+    return [InstanceOut(**dataclasses.asdict(info)) for info in found]
 
 
 @router.get("/leases")
