@@ -28,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 KmsOpt = Annotated[str | None, typer.Option("--kms", metavar="URL", help="Key manager URL (default: the token's).")]

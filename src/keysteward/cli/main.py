@@ -57,7 +57,8 @@ def build_app() -> typer.Typer:
         help="A key manager a cloud tenant runs for itself.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
-        add_completion=False,
+        add_completion=True,  # keysteward --install-completion [bash|zsh|fish]
+        context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every group and command
     )
     app.add_typer(server_cmd.app, name="server")
     app.add_typer(tenant_cmd.tenant_app, name="tenant")
@@ -106,6 +107,14 @@ def _volume(ctx: typer.Context) -> int:
     return volume_cmd.main(list(ctx.args))
 
 
+def _version(value: bool) -> None:
+    if value:
+        from keysteward import __version__
+
+        sys.stdout.write(f"keysteward {__version__}\n")
+        raise typer.Exit()
+
+
 def root(
     ctx: typer.Context,
     url: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_URL", help="Key manager URL.")] = None,
@@ -114,6 +123,9 @@ def root(
     cert: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_CLIENT_CERT", help="Client certificate (PEM).")] = None,
     key: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_CLIENT_KEY", help="Client key (PEM).")] = None,
     data_dir: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_DATA_DIR", hidden=True)] = None,
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     from keysteward.cli.client import ClientOptions
     from keysteward.cli.context import CliState

@@ -166,7 +166,7 @@ def _scan(
                 return given, words, wants_help, list(args[i:])
             continue
         name, eq, value = arg.partition("=")
-        if name == HELP.name and not eq:
+        if name in (HELP.name, "-h") and not eq:
             wants_help = True
             continue
         opt = by_name.get(name)
