@@ -10,7 +10,7 @@ import typer
 
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import CliState, JsonFlag, client
-from keysteward.cli.output import console, emit
+from keysteward.cli.output import console, emit, fields
 from keysteward.crypto import x509ca, x509identity
 
 app = typer.Typer(help="The tenant CA that issues agent and host certificates.", no_args_is_help=True)
@@ -82,7 +82,7 @@ def ca_issue(
         written["key"] = str(key_file)
     if p12_passphrase_file is not None:
         written["p12"] = str(_write_p12(out_dir, name, key_file, data, p12_passphrase_file))
-    emit(written, as_json, lambda d: console.print(f"issued {role} certificate for {name}: {d}"))
+    emit(written, as_json, lambda d: _show(f"issued {role} certificate for {name}:", d))
 
 
 @app.command("sign-csr")
@@ -169,7 +169,7 @@ def ca_renew(
     fresh_key.replace(key_file)
     done = {"cert": str(cert_file), "key": str(key_file), "serial": data["serial"], "not_after": data["not_after"],
             "renewed": current.serial}  # fmt: skip
-    emit(done, as_json, lambda d: console.print(f"renewed {current.role}:{current.name}: {d}"))
+    emit(done, as_json, lambda d: _show(f"renewed {current.role}:{current.name}:", d))
 
 
 @app.command("revoke")
@@ -208,3 +208,8 @@ def ca_rotate(
         emit(client(ctx).post("/ca/retire"), as_json, lambda d: console.print("previous CA retired"))
     else:
         emit(client(ctx).post("/ca/rotate"), as_json, lambda d: console.print(d["cert_pem"]))
+
+
+def _show(headline: str, data: dict[str, Any]) -> None:
+    console.print(headline, markup=False, highlight=False)
+    fields(data)

@@ -8,7 +8,7 @@ import typer
 
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
-from keysteward.cli.output import console, emit, fields, table
+from keysteward.cli.output import cell, console, emit, fields, table
 
 key_app = typer.Typer(help="Tenant keys (KEKs): create, rotate, disable, destroy.", no_args_is_help=True)
 dek_app = typer.Typer(help="Data keys the server creates and stores wrapped.", no_args_is_help=True)
@@ -19,7 +19,7 @@ def show_key(d: dict[str, Any]) -> None:
     if d.get("versions"):
         table(d["versions"], ["version", "state", "data_keys", "created_at", "destroyed_at"], title="versions")
     if d.get("rotation"):
-        console.print(f"rewrap: {d['rotation']}")
+        console.print("rewrap: " + cell(d["rotation"]), markup=False, highlight=False)
 
 
 @key_app.command("create")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -21,19 +23,38 @@ def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -
     human(data)
 
 
+_NAIVE_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?")
+
+
+def cell(value: Any) -> str:
+    """A value as people read it: no Python reprs, no ``None``/``False``, every time with its zone (the
+    server keeps UTC; a time SQLite gave back without its zone is UTC)."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={cell(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(cell(v) for v in value) or "-"
+    text = str(value)
+    return text + "Z" if _NAIVE_TIME.fullmatch(text) else text
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
     t = Table(title=title)
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[str(r.get(c, "")) for c in columns])
+        t.add_row(*[escape(cell(r.get(c))) for c in columns])
     console.print(t)
 
 
-def fields(data: dict[str, Any], keys: Sequence[str]) -> None:
-    for k in keys:
+def fields(data: dict[str, Any], keys: Sequence[str] | None = None) -> None:
+    """``key: value`` lines (all of ``data``'s keys when none are named), values as :func:`cell` shows them."""
+    for k in keys if keys is not None else list(data):
         if k in data:
-            console.print(f"[bold]{k}[/bold]: {data[k]}")
+            console.print(f"[bold]{escape(k)}[/bold]: {escape(cell(data[k]))}", highlight=False)
 
 
 def fail(message: str, code: int = 1) -> None:
