@@ -299,15 +299,22 @@ def test_two_officers_approve_a_pci_release(site: Site) -> None:
     twice = _vote(world, bob, request_id, "approve")
     assert twice.status_code == 409 and twice.json()["code"] == "approval_already_voted"
     listed_cli = site.server.cli("approvals", "list", token=carol).stdout
-    assert request_id[:8] in listed_cli and "2 security-officer" in listed_cli
+    assert request_id in listed_cli  # whole: it is typed back
+    assert "2 security-officer" in listed_cli and "cards" in listed_cli  # the volume by its name
     approved = site.server.cli_json("approvals", "approve", request_id, "--reason", "ticket 42", token=carol)
     assert approved["state"] == "approved"
+    assert approved["progress"] == [{"group": "security-officer", "quorum": 2, "approved": 2}]
 
     got, _, _ = world.released(vm, cards)
     assert got == key
     # the approval was for that one request: the next release waits again
     next_request = world.release(vm, cards)[0]
     assert next_request.status_code == 202 and next_request.json()["request_id"] != request_id
+    short = next_request.json()["request_id"][:8]  # a prefix names the one pending request it starts
+    first = site.server.cli("approvals", "approve", short, "--reason", "ticket 43", token=bob).stdout
+    assert "pending (1 of 2 security-officer)" in first, first
+    too_short = site.server.cli("approvals", "approve", short[:4], "--reason", "x", token=carol, check=False)
+    assert too_short.returncode == 1 and "Traceback" not in too_short.stderr
     assert _vote(world, dave, next_request.json()["request_id"], "deny", "no change ticket").json()["state"] == "denied"
     denied(world.release(vm, cards)[0], "approval_denied")
 

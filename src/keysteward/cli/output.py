@@ -43,10 +43,15 @@ def cell(value: Any) -> str:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
     t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*[escape(cell(r.get(c))) for c in columns])
+    shown = [[escape(cell(r.get(c))) for c in columns] for r in rows]
+    for i, c in enumerate(columns):
+        if c == "id" or c.endswith("_id"):  # typed back: whole, on one line
+            width = max([len(c), *(len(row[i]) for row in shown)])
+            t.add_column(c, no_wrap=True, min_width=width)
+        else:
+            t.add_column(c, overflow="fold")  # wrapped, never cut with an ellipsis
+    for row in shown:
+        t.add_row(*row)
     console.print(t)
 
 

@@ -157,6 +157,11 @@ def _recorded_request(data: Any) -> Any:
     return data
 
 
+RequestIdArg = Annotated[
+    str, typer.Argument(help="The request's id (approvals list), or 8 or more of its first characters.")
+]
+
+
 @approvals_app.command("list")
 def approvals_list(
     ctx: typer.Context,
@@ -170,23 +175,42 @@ def approvals_list(
                 v.get("person") or v["approver"] for v in r["votes"] if v["decision"] == "approve"
             )
             r["asked_by"] = r.get("requested_by") or ""
-        table(rows, ["id", "state", "requester", "asked_by", "volume_id", "needs", "approved_by", "expires_at"])
+            resource = (r.get("request") or {}).get("resource") or {}
+            r["volume"] = resource.get("name") or r["volume_id"]
+        table(rows, ["id", "state", "requester", "asked_by", "volume", "needs", "approved_by", "expires_at"])
 
     emit(client(ctx).get("/approvals", params={"state": state} if state else None), as_json, human)
 
 
 def _vote(ctx: typer.Context, verb: str, request_id: str, reason: str, as_json: bool) -> None:
-    emit(
-        client(ctx).post(f"/approvals/{request_id}/{verb}", {"reason": reason}),
-        as_json,
-        lambda d: console.print(f"request {d['id']}: {d['state']}"),
-    )
+    api = client(ctx)
+    full = _request_id(api, request_id)
+    emit(api.post(f"/approvals/{full}/{verb}", {"reason": reason}), as_json, _show_vote)
+
+
+def _show_vote(d: dict[str, Any]) -> None:
+    counts = ", ".join(f"{p['approved']} of {p['quorum']} {p['group']}" for p in d.get("progress") or [])
+    console.print(f"request {d['id']}: {d['state']}" + (f" ({counts})" if counts else ""), markup=False)
+
+
+def _request_id(api: Any, given: str) -> str:
+    """A whole request id, or the one pending request whose id starts with ``given`` (at least 8 characters)."""
+    if len(given) >= 36 or len(given) < 8:
+        return given
+    pending = api.get("/approvals", params={"state": "pending"})
+    found = [r["id"] for r in pending if str(r["id"]).startswith(given.lower())]
+    if len(found) != 1:
+        what = "no pending request" if not found else f"{len(found)} pending requests"
+        raise BadRequest(f"{what} with an id starting {given!r}: give more of it", code="approval_id_ambiguous")
+    return str(found[0])
 
 
 @approvals_app.command("approve")
 def approvals_approve(
     ctx: typer.Context,
-    request_id: Annotated[str, typer.Argument(help="The request's id (approvals list).")],
+    request_id: Annotated[
+        str, typer.Argument(help="The request's id (approvals list), or 8+ of its first characters.")
+    ],
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")],
     as_json: JsonFlag = False,
 ) -> None:
@@ -196,7 +220,9 @@ def approvals_approve(
 @approvals_app.command("deny")
 def approvals_deny(
     ctx: typer.Context,
-    request_id: Annotated[str, typer.Argument(help="The request's id (approvals list).")],
+    request_id: Annotated[
+        str, typer.Argument(help="The request's id (approvals list), or 8+ of its first characters.")
+    ],
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")],
     as_json: JsonFlag = False,
 ) -> None:

@@ -342,17 +342,18 @@ def vote(
         )
     )
     state = PENDING
+    votes = conn.execute(select(ApprovalVote).where(ApprovalVote.request_id == row.id)).all()
+    approving = _tally(votes, row.requested_by)
+    progress = [{"group": g, "quorum": q, "approved": min(len(approving.get(g, ())), q)} for g, q in groups]
     if decision == DENY:
         state = DENIED
-    else:
-        votes = conn.execute(select(ApprovalVote).where(ApprovalVote.request_id == row.id)).all()
-        approving = _tally(votes, row.requested_by)
-        if all(len(approving.get(group, ())) >= quorum for group, quorum in groups):
-            state = APPROVED
+    elif all(len(approving.get(group, ())) >= quorum for group, quorum in groups):
+        state = APPROVED
     values: dict[str, Any] = {"state": state}
     if state != PENDING:
         values["decided_at"] = now
     if state == APPROVED and row.valid_for_seconds > 0:
         values["grant_until"] = now + timedelta(seconds=row.valid_for_seconds)
     conn.execute(update(ApprovalRequest).where(ApprovalRequest.id == row.id).values(**values))
-    return {"id": row.id, "state": state, "volume_id": row.volume_id, "requester": row.holder, "person": person}
+    return {"id": row.id, "state": state, "volume_id": row.volume_id, "requester": row.holder, "person": person,
+            "progress": progress}  # fmt: skip
