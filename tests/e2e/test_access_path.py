@@ -300,3 +300,13 @@ def test_audit_show_prints_one_record_whole(site: tuple) -> None:
     assert missing.returncode == 1 and "no audit record 999999" in missing.stderr
     bad = server.cli("audit", "show", "0", token=admin, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_bad_value_is_explained_not_shown_as_a_regex(site: tuple) -> None:
+    server, admin, _, _ = site
+    boss = server.cli("token", "create", "t1", "--role", "boss", token=admin, check=False)
+    assert boss.returncode == 1 and "must be one of admin, security-officer, auditor" in boss.stderr
+    assert "^(" not in boss.stderr and "pattern" not in boss.stderr
+    with server.http(admin) as c:
+        r = c.post("/keys", json={"name": "Bad Name!"})
+        assert r.status_code == 422 and "starting with a letter or digit" in r.json()["detail"], r.text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +15,23 @@ from keysteward.errors import Denied, KeystewardError, RateLimited
 
 log = logging.getLogger("keysteward.server")
 PROBLEM = "application/problem+json"
+
+
+_CHOICES = re.compile(r"\^\(([\w.|-]+)\)\$")
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+def _readable(err: Any) -> str:
+    """A validation error as an operator reads it: the allowed values, never the regular expression."""
+    if err.get("type") == "string_pattern_mismatch":
+        pattern = str((err.get("ctx") or {}).get("pattern", ""))
+        choices = _CHOICES.fullmatch(pattern)
+        if choices:
+            return "must be one of " + ", ".join(choices.group(1).split("|"))
+        if pattern == _NAME_PATTERN:
+            return "must be 1 to 64 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+        return "is not in the allowed form"
+    return str(err.get("msg", "invalid"))
 
 
 def problem(status: int, code: str, title: str, detail: str, instance: str = "", **extra: str) -> JSONResponse:
@@ -46,7 +65,7 @@ def install(app: FastAPI) -> None:
         parts = []
         for err in exc.errors()[:5]:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+            parts.append(f"{where or 'body'}: {_readable(err)}")
         return problem(422, "invalid_request", "Invalid request", "; ".join(parts), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
