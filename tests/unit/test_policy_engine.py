@@ -13,7 +13,8 @@ import cedarpy
 import pytest
 
 from keysteward.errors import BadRequest, KeystewardError
-from keysteward.policy.engine import MAX_POLICIES, MAX_SET_BYTES, Approval, CompiledPolicySet, PolicyDecision, diff
+from keysteward.policy.diff import diff
+from keysteward.policy.engine import MAX_POLICIES, MAX_SET_BYTES, Approval, CompiledPolicySet, PolicyDecision
 from keysteward.policy.errors import PolicyInvalid, PolicyRequestInvalid, PolicyTooLarge
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.schema import cedar_schema

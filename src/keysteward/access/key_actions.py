@@ -14,8 +14,6 @@ they never reach :class:`~keysteward.keys.envelope.Envelope` themselves.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +29,7 @@ from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import BadRequest, Denied, KeystewardError
 from keysteward.identity.principal import Principal
 from keysteward.keys.envelope import MAX_PLAINTEXT, DataKeyPair, Decrypted, Envelope
+from keysteward.lru import Lru
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 
@@ -66,8 +65,7 @@ class _KeyUse(ActionHandler):
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
-        self._recent: OrderedDict[tuple[Any, ...], PolicyRequest] = OrderedDict()
-        self._recent_lock = threading.Lock()
+        self._recent: Lru[tuple[Any, ...], PolicyRequest] = Lru(RECENT_FACTS)
 
     def warm(self, request: AccessRequest, tenant_id: str) -> bool:
         inputs: KeyUseInputs = request.inputs
@@ -81,16 +79,7 @@ class _KeyUse(ActionHandler):
         assert request.principal is not None and self.cedar_action is not None
         ctx = tuple(sorted((context or {}).items()))
         recent = (request.tenant, request.principal.describe(), key, request.context.source, ctx, int(now.timestamp()))
-        with self._recent_lock:
-            known = self._recent.get(recent)
-        if known is not None:
-            return known
-        made = self._make_facts(request, key, now, context)
-        with self._recent_lock:
-            self._recent[recent] = made
-            while len(self._recent) > RECENT_FACTS:
-                self._recent.popitem(last=False)
-        return made
+        return self._recent.get_or_make(recent, lambda: self._make_facts(request, key, now, context))
 
     def _make_facts(self, request: AccessRequest, key: str, now: datetime, context: Context) -> PolicyRequest:
         assert request.principal is not None and self.cedar_action is not None

@@ -20,18 +20,16 @@ requests and tenants. Cedar handles are immutable and the caches are locked, so 
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import cedarpy
 
+from keysteward.lru import Lru
 from keysteward.policy.errors import (
     PolicyInvalid,
     PolicyRequestInvalid,
@@ -135,32 +133,19 @@ class _CedarSet:
         return policy.id if policy else cedar_id
 
 
-class _EntityCache:
-    """Parsed Cedar entities by their JSON text: a principal asking again skips the parse (LRU, locked)."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[str, cedarpy.Entities] = OrderedDict()
-
-    def get(self, text: str) -> cedarpy.Entities:
-        with self._lock:
-            found = self._items.get(text)
-            if found is not None:
-                self._items.move_to_end(text)
-                return found
-        try:
-            entities = cedarpy.Entities.from_json_str(text, cedar_schema())
-        except ValueError as exc:  # facts are checked on construction: this is a bug, and it denies
-            raise PolicyRequestInvalid(f"the request's entities do not fit the schema: {exc}"[:400]) from exc
-        with self._lock:
-            self._items[text] = entities
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return entities
+def _parse_entities(text: str) -> cedarpy.Entities:
+    try:
+        return cedarpy.Entities.from_json_str(text, cedar_schema())
+    except ValueError as exc:  # facts are checked on construction: this is a bug, and it denies
+        raise PolicyRequestInvalid(f"the request's entities do not fit the schema: {exc}"[:400]) from exc
 
 
-_ENTITIES = _EntityCache(ENTITY_CACHE_SIZE)
+def _entities(text: str) -> cedarpy.Entities:
+    """Parsed Cedar entities by their JSON text: a principal asking again skips the parse."""
+    return _ENTITIES.get_or_make(text, lambda: _parse_entities(text))
+
+
+_ENTITIES: Lru[str, cedarpy.Entities] = Lru(ENTITY_CACHE_SIZE)
 
 
 class _Partition:
@@ -174,22 +159,11 @@ class _Partition:
     def __init__(self, policies: Sequence[_Policy]) -> None:
         self.policies = tuple(policies)
         self.index = PolicyIndex([policy.conditions for policy in policies])
-        self._lock = threading.Lock()
-        self._sets: OrderedDict[tuple[int, ...], _CedarSet] = OrderedDict()
+        self._sets: Lru[tuple[int, ...], _CedarSet] = Lru(SELECTED_SET_CACHE_SIZE)
 
     def select(self, request: PolicyRequest) -> _CedarSet:
         selector = self.index.select(request)
-        with self._lock:
-            found = self._sets.get(selector)
-            if found is not None:
-                self._sets.move_to_end(selector)
-                return found
-        built = _CedarSet([self.policies[n] for n in selector])
-        with self._lock:
-            self._sets[selector] = built
-            while len(self._sets) > SELECTED_SET_CACHE_SIZE:
-                self._sets.popitem(last=False)
-        return built
+        return self._sets.get_or_make(selector, lambda: _CedarSet([self.policies[n] for n in selector]))
 
 
 class CompiledPolicySet:
@@ -201,8 +175,7 @@ class CompiledPolicySet:
         self._partitions = {
             action: _Partition([p for p in policies if p.actions is None or action in p.actions]) for action in ACTIONS
         }
-        self._decisions: OrderedDict[tuple[str, ...], PolicyDecision] = OrderedDict()
-        self._decisions_lock = threading.Lock()
+        self._decisions: Lru[tuple[str, ...], PolicyDecision] = Lru(DECISION_CACHE_SIZE)
 
     @classmethod
     def compile(cls, sources: Mapping[str, str]) -> CompiledPolicySet:
@@ -235,21 +208,12 @@ class CompiledPolicySet:
         principal, action, resource = request.cedar_uids
         key = (principal["type"], principal["id"], action["id"], resource["type"], resource["id"],
                request.cedar_entities, request.cedar_context)  # fmt: skip
-        with self._decisions_lock:
-            known = self._decisions.get(key)
-            if known is not None:
-                self._decisions.move_to_end(key)
-                return known
+        return self._decisions.get_or_make(key, lambda: self._decide(request))
+
+    def _decide(self, request: PolicyRequest) -> PolicyDecision:
         selected = self._partitions[request.action].select(request)
-        result = cedarpy.is_authorized(
-            _cedar_request(request), selected.policy_set, _ENTITIES.get(request.cedar_entities)
-        )
-        decision = selected.decide(result)
-        with self._decisions_lock:
-            self._decisions[key] = decision
-            while len(self._decisions) > DECISION_CACHE_SIZE:
-                self._decisions.popitem(last=False)
-        return decision
+        result = cedarpy.is_authorized(_cedar_request(request), selected.policy_set, _entities(request.cedar_entities))
+        return selected.decide(result)
 
     def evaluate_many(self, requests: Sequence[PolicyRequest]) -> list[PolicyDecision]:
         """Decide many requests: those sharing their selected policies and entities go to Cedar in one batch."""
@@ -260,35 +224,10 @@ class CompiledPolicySet:
         decisions: list[PolicyDecision | None] = [None] * len(requests)
         for (_, entities), (selected, indexes) in groups.items():
             batch = [_cedar_request(requests[i]) for i in indexes]
-            results = cedarpy.is_authorized_batch(batch, selected.policy_set, _ENTITIES.get(entities))
+            results = cedarpy.is_authorized_batch(batch, selected.policy_set, _entities(entities))
             for index, result in zip(indexes, results, strict=True):
                 decisions[index] = selected.decide(result)
         return [decision for decision in decisions if decision is not None]
-
-
-def diff(old: Mapping[str, str], new: Mapping[str, str]) -> str:
-    """A unified diff from one policy set to another, file by file, for the audit record of a change."""
-    out: list[str] = []
-    for name in sorted(set(old) | set(new)):
-        before, after = old.get(name), new.get(name)
-        if before == after:
-            continue
-        out.extend(
-            difflib.unified_diff(
-                _lines(before),
-                _lines(after),
-                fromfile=f"a/{name}" if before is not None else "/dev/null",
-                tofile=f"b/{name}" if after is not None else "/dev/null",
-            )
-        )
-    return "".join(out)
-
-
-def _lines(text: str | None) -> list[str]:
-    lines = (text or "").splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n\\ No newline at end of file\n"
-    return lines
 
 
 def _cedar_request(request: PolicyRequest) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from sqlalchemy import Connection, func, insert, select
 from keysteward.audit.log import AuditLog
 from keysteward.errors import NotFound
 from keysteward.identity.principal import Principal
-from keysteward.policy.engine import CompiledPolicySet, diff
+from keysteward.policy.diff import diff
+from keysteward.policy.engine import CompiledPolicySet
 from keysteward.store.db import Database
 from keysteward.store.models import PolicySet
 from keysteward.ttlcache import TtlCache
