@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509csr
 from keysteward.crypto.x509identity import identity_uri
 from keysteward.errors import Unauthenticated
 from keysteward.keys.ca import ca_key_aad
@@ -232,7 +232,7 @@ def test_only_the_holder_renews_and_only_while_valid(
         admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
     server.cli("ca", "init", token=admin)
     cert, key, serial = issue(server, admin, "web-1", "agent", tmp_path / "web")
-    key_pem, csr = x509ca.make_csr("acme", "agent", "web-1")
+    key_pem, csr = x509csr.make_csr("acme", "agent", "web-1")
     key_pem[:] = bytes(len(key_pem))
     # a token (even the admin's) is not the holder
     with server.http(admin, cert=(cert, key)) as both:
@@ -246,7 +246,7 @@ def test_only_the_holder_renews_and_only_while_valid(
         assert r.status_code == 401 and r.json()["code"] == "no_credentials"
     with server.http(cert=(cert, key)) as holder:
         # a CSR for another identity, a bad CSR, too long a validity: refused
-        _k, other_csr = x509ca.make_csr("acme", "host", "web-1")
+        _k, other_csr = x509csr.make_csr("acme", "host", "web-1")
         _k[:] = bytes(len(_k))
         assert holder.post("/ca/renew", json={"csr_pem": other_csr.decode()}).json()["code"] == "bad_csr"
         assert holder.post("/ca/renew", json={"csr_pem": "not a csr"}).json()["code"] == "bad_csr"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from keysteward.agent.client import AgentClient
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509csr
 from keysteward.devcloud.provider import DevCloud
 from keysteward.errors import Denied
 from tests.e2e.test_release_attacks import ProcessManager
@@ -40,7 +40,7 @@ def world(
 def _cert(world: World, tmp_path: Path, role: str, name: str) -> tuple[str, str]:
     if world.call("GET", "/v1/ca").status_code != 200:
         assert world.call("POST", "/v1/ca/init").status_code == 201
-    key_pem, csr = x509ca.make_csr(world.tenant, role, name)
+    key_pem, csr = x509csr.make_csr(world.tenant, role, name)
     r = world.call("POST", "/v1/ca/issue", json={"name": name, "role": role, "csr_pem": csr.decode()})
     assert r.status_code == 201, r.text
     cert, key = tmp_path / f"{world.tenant}-{name}.crt", tmp_path / f"{world.tenant}-{name}.key"

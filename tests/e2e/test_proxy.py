@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from keysteward.agent.kms_volume import KmsVolumeSpec, create_kms_volume
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509ca, x509csr
 from keysteward.volume.create import CreateOptions
 from keysteward.volume.kdf import KdfChoice
 from keysteward.volume.luks_volume import LuksVolume
@@ -130,7 +130,7 @@ def make_site(tmp: Path, server_factory: Callable[..., ServerProcess], registry:
     with server.http(admin) as c:
         assert c.post("/keys", json={"name": "volumes"}).status_code < 300
         assert c.post("/ca/init").status_code == 201
-        host_key_pem, csr = x509ca.make_csr("acme", "host", HOST)
+        host_key_pem, csr = x509csr.make_csr("acme", "host", HOST)
         issued = c.post("/ca/issue", json={"name": HOST, "role": "host", "csr_pem": csr.decode()})
         assert issued.status_code == 201, issued.text
     host_cert = _write(tmp / "host.pem", issued.json()["cert_pem"])

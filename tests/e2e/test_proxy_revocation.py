@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509csr
 from tests.e2e.test_proxy import (
     QEMU_OK,
     ProxyProcess,
@@ -62,7 +62,7 @@ def sessions() -> Iterator[list[QemuIoSession]]:
 
 def tenant_guest(site: Site, name: str) -> tuple[str, str]:
     """A guest certificate from the tenant CA (``ca issue``) in qemu's layout; ``(directory, serial)``."""
-    key_pem, csr = x509ca.make_csr("acme", "agent", name)
+    key_pem, csr = x509csr.make_csr("acme", "agent", name)
     with site.server.http(site.admin) as c:
         r = c.post("/ca/issue", json={"name": name, "role": "agent", "csr_pem": csr.decode()})
     assert r.status_code == 201, r.text

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_pem_x509_certificate
 from sqlalchemy import select, text
 
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509ca, x509csr
 from keysteward.store import db as store_db
 from keysteward.store.db import Database
 from keysteward.store.models import ApiToken, Base, Person
@@ -54,7 +54,7 @@ def test_import_customer_ca(manager: Manager) -> None:
     r = manager.call(admin, "POST", "/v1/ca/import", json={"cert_pem": cert_pem})
     assert r.status_code == 201 and r.json()["can_issue"] is False
     assert manager.call(admin, "POST", "/v1/ca/import", json={"cert_pem": cert_pem}).json()["code"] == "ca_exists"
-    csr = x509ca.make_csr("acme", "agent", "web-1")[1].decode()
+    csr = x509csr.make_csr("acme", "agent", "web-1")[1].decode()
     r = manager.call(admin, "POST", "/v1/ca/issue", json={"name": "web-1", "role": "agent", "csr_pem": csr})
     assert r.status_code == 409 and r.json()["code"] == "ca_key_absent"
     der = load_pem_x509_certificate(leaf.cert_pem.encode())
@@ -65,7 +65,7 @@ def test_import_customer_ca(manager: Manager) -> None:
     manager.call(beta, "POST", "/v1/ca/init")
     r = manager.call(beta, "POST", "/v1/ca/issue", json={"name": "boss", "role": "admin"})
     assert r.status_code == 422
-    key_pem, csr = x509ca.make_csr("beta", "host", "h1")
+    key_pem, csr = x509csr.make_csr("beta", "host", "h1")
     issued = manager.call(
         beta, "POST", "/v1/ca/issue", json={"name": "h1", "role": "host", "days": 30, "csr_pem": csr.decode()}
     ).json()

@@ -11,7 +11,7 @@ import typer
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import CliState, JsonFlag, client
 from keysteward.cli.output import console, emit, fields
-from keysteward.crypto import x509ca, x509identity
+from keysteward.crypto import x509csr, x509identity
 
 app = typer.Typer(help="The tenant CA that issues agent and host certificates.", no_args_is_help=True)
 
@@ -125,7 +125,7 @@ def _write_p12(out_dir: Path, name: str, key_file: Path, issued: dict[str, Any],
 
 def _new_key(key_file: Path, tenant: str, role: str, name: str) -> str:
     """A key pair made here, written 0600 to ``key_file`` (wiped from memory); the CSR to send."""
-    key_pem, csr_bytes = x509ca.make_csr(tenant, role, name)
+    key_pem, csr_bytes = x509csr.make_csr(tenant, role, name)
     try:
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keysteward.crypto.x509csr import csr_public_key, key_pem
 from keysteward.crypto.x509identity import (
     ROLE_AGENT,
     _load_cert_pem,
@@ -141,16 +142,6 @@ def _spki(key: _LeafPublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytearray:
-    return bytearray(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
 def _pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
@@ -206,7 +197,7 @@ def _issue(
 def _issued(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> IssuedCert:
     return IssuedCert(
         cert_pem=_pem(cert),
-        key_pem=_key_pem(key) if key is not None else None,
+        key_pem=key_pem(key) if key is not None else None,
         serial=_serial_hex(cert),
         not_after=cert.not_valid_after_utc,
     )
@@ -239,7 +230,7 @@ def new_ca(common_name: str, *, days: int = 3650) -> tuple[str, bytearray]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    return _pem(cert), _key_pem(key)
+    return _pem(cert), key_pem(key)
 
 
 def check_ca(cert_pem: str, key_pem: bytes | bytearray | None, *, now: dt.datetime | None = None) -> None:
@@ -319,44 +310,6 @@ def check_ca(cert_pem: str, key_pem: bytes | bytearray | None, *, now: dt.dateti
 # ---------------------------------------------------------------------------- issuing
 
 
-MAX_CSR_BYTES = 16 * 1024
-
-
-def _check_csr_claims(csr: x509.CertificateSigningRequest, name: str, uri: str) -> None:
-    """A CSR that asks for more than the identity being issued is refused, not silently narrowed: a CA
-    basic constraint, a common name or SAN URI naming another machine or tenant."""
-    try:
-        extensions = list(csr.extensions)
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
-        raise BadRequest("the CSR's extensions do not parse", code="bad_csr") from exc
-    for ext in extensions:
-        if isinstance(ext.value, x509.BasicConstraints) and ext.value.ca:
-            raise BadRequest("the CSR asks for a CA certificate: machines get leaf certificates", code="bad_csr")
-        if isinstance(ext.value, x509.SubjectAlternativeName):
-            for asked in ext.value.get_values_for_type(x509.UniformResourceIdentifier):
-                if asked != uri:
-                    raise BadRequest("the CSR's SAN names another identity than the one issued", code="bad_csr")
-    for attribute in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
-        if attribute.value != name:
-            raise BadRequest("the CSR's common name names another machine than the one issued", code="bad_csr")
-
-
-def make_csr(tenant: str, role: str, name: str) -> tuple[bytearray, bytes]:
-    """A P-256 key pair made here and a CSR for ``keysteward:<tenant>/<role>/<name>``: (key PEM to keep
-    0600 and wipe, CSR PEM to send). The key never leaves the machine that asks."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity_uri(tenant, role, name))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
-
-
 def issue_client_cert(
     ca_cert_pem: str,
     ca_key_pem: bytes | bytearray,
@@ -382,23 +335,8 @@ def issue_client_cert(
         new_key = ec.generate_private_key(ec.SECP256R1())
         public_key = new_key.public_key()
     else:
-        if len(csr_pem) > MAX_CSR_BYTES:
-            raise BadRequest(f"the CSR is larger than {MAX_CSR_BYTES} bytes", code="csr_too_large")
-        try:
-            csr = x509.load_pem_x509_csr(bytes(csr_pem))
-            signature_ok = csr.is_signature_valid
-            csr_key = csr.public_key()
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise BadRequest("the CSR is not a readable PEM certificate request", code="bad_csr") from exc
-        if not signature_ok:
-            raise BadRequest("the CSR's signature does not verify with its own public key", code="bad_csr")
-        if not isinstance(csr_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-            raise BadRequest(
-                "unsupported CSR key type: use ECDSA (P-256, P-384, P-521) or RSA (2048 bits or more)",
-                code="bad_csr",
-            )
+        csr_key = csr_public_key(csr_pem, name, uri)
         _check_key_strength(csr_key, "CSR", code="bad_csr")
-        _check_csr_claims(csr, name, uri)
         public_key = csr_key
     cert = _issue(
         ca,
