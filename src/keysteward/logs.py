@@ -1,7 +1,7 @@
 """Logs as JSON lines, one object a line, for every long-running process (server, proxy, agents).
 
 ``time``, ``level``, ``logger`` and the record's fields: a message in the ``event=NAME key=value`` form
-(:func:`keysteward.agent.daemon.logline`) is split into fields, any other message is ``msg``; exceptions
+(:func:`keysteward.agent.process.logline`) is split into fields, any other message is ``msg``; exceptions
 are reduced to their type and message (a traceback could carry locals' reprs). HTTP client libraries are
 kept to warnings: their INFO lines carry request URLs (nonces in query strings).
 """

@@ -9,7 +9,8 @@ import pytest
 
 from keysteward.agent.client import LEASE_TOKEN_SIZE, parse_plaintext, release_info
 from keysteward.agent.config import parse_config
-from keysteward.agent.daemon import effective_grace, lock_deadline, logline
+from keysteward.agent.daemon import effective_grace, lock_deadline
+from keysteward.agent.process import logline
 from keysteward.crypto.hpke import OneTimeKey, seal
 from keysteward.errors import BadRequest, KeystewardError
 

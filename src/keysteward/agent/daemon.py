@@ -20,11 +20,9 @@ The status file (JSON, replaced atomically) says per volume: state (``open``, ``
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,8 +32,8 @@ from typing import Any
 
 from keysteward.agent.client import Lease
 from keysteward.agent.config import VolumeEntry
+from keysteward.agent.process import harden_process, logline, sd_notify, write_status
 from keysteward.agent.unlock import Unlocked, unlock
-from keysteward.crypto.secret import disable_core_dumps
 from keysteward.errors import KeystewardError, NotFound, Unavailable
 from keysteward.volume.kms_token import shred
 
@@ -45,22 +43,9 @@ DEFAULT_STATUS_FILE = "/run/keysteward/agent.json"
 RETRY_MIN = 1.0
 RETRY_MAX = 60.0
 UNREACHABLE_RETRY = 5.0
+"""Seconds between renewal attempts while the key manager is unreachable (at most; renew_seconds if lower)."""
 USE_FAILED_RETRY = 30.0
 """Seconds before a volume that was released but could not be used (``on_unlock`` raised) is tried again."""
-"""Seconds between renewal attempts while the key manager is unreachable (at most; renew_seconds if lower)."""
-
-
-def logline(event: str, **fields: Any) -> str:
-    """``event=NAME key=value ...``; values with spaces or quotes are JSON strings."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else json.dumps(value)
-        if not text or any(c in text for c in ' "=\n'):
-            text = json.dumps(text)
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
 
 
 def lock_deadline(*, expires: float, last_success: float, failing_since: float | None, grace: float | None) -> float:
@@ -137,44 +122,6 @@ def _now_iso() -> str:
 
 def _expiry_mono(lease_expires: datetime) -> float:
     return time.monotonic() + (lease_expires - datetime.now(UTC)).total_seconds()
-
-
-def write_status(path: str, data: dict[str, Any]) -> None:
-    """Replace ``path`` atomically (a reader sees the old or the new file, whole)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (``Type=notify``) about readiness; nothing without ``$NOTIFY_SOCKET``."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    address = "\0" + target[1:] if target.startswith("@") else target
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message.encode(), address)
-        except OSError:
-            log.warning(logline("sd_notify_failed"))
-
-
-def harden_process() -> None:
-    """No core dumps, and not ptrace-able or readable through /proc by other processes of this user."""
-    disable_core_dumps()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
-    except (OSError, AttributeError):
-        log.warning(logline("not_hardened", reason="prctl unavailable"))
 
 
 class Agent:

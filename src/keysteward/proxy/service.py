@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from keysteward.agent.daemon import harden_process, logline, sd_notify, write_status
+from keysteward.agent.process import harden_process, logline, sd_notify, write_status
 from keysteward.errors import KeystewardError
 from keysteward.logs import JsonFormatter, json_logging
 from keysteward.proxy.config import ExportConfig, ProxyConfig, ProxyConfigError, load_config
