@@ -18,7 +18,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,7 +27,7 @@ from sqlalchemy import Connection, select
 from keysteward.access import lease_actions
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject, Unproven
 from keysteward.access.request import AccessRequest, Delivery
-from keysteward.access.resources import volume_resource
+from keysteward.access.resources import ReleaseInputs, policy_request
 from keysteward.access.volume_create import VolumeCreate
 from keysteward.attest.binding import binding
 from keysteward.attest.errors import EvidenceRejected
@@ -42,7 +41,6 @@ from keysteward.keys.keystore import KeyStore
 from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.errors import PolicyRequestInvalid
-from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.store import PolicyStore, PolicyVersion
 from keysteward.release import leases
 from keysteward.release.nonces import Nonces, decode
@@ -55,23 +53,6 @@ from keysteward.store.models import DataKey, Volume
 
 log = logging.getLogger("keysteward.release")
 SWEEP_SECONDS = 60.0
-
-
-@dataclass(frozen=True, repr=False)
-class ReleaseInputs:
-    volume_id: str
-    nonce: str
-    suite: str
-    public_key: bytes
-    on_behalf_of: str | None = None
-    """The human (name in the tenant) the instance says asked for this release: shown to approvers, never
-    trusted."""
-    requested_by: str | None = None
-    """Set by the front-end when a person of the tenant proved they ask (their own API token came with the
-    request): that person may not approve it, whichever of their tokens they vote with."""
-    host: str | None = None
-    """Set by the front-end when the caller proved itself with a ``host`` client certificate of the tenant;
-    the certificate is then the identity evidence (the platform evidence still counts)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -100,30 +81,6 @@ class _Release:
     caller: Caller
     lease_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     token: bytearray = field(default_factory=lambda: bytearray(os.urandom(TOKEN_SIZE)))
-
-
-def policy_request(
-    tenant: str, source: str | None, volume: VolumeInfo, caller: Caller, platform: Mapping[str, Any], now: datetime
-) -> PolicyRequest:
-    """The facts of one release for the tenant's policy (raises PolicyRequestInvalid on bad facts)."""
-    principal: dict[str, Any]
-    if isinstance(caller, HostIdentity):
-        principal = {"type": "Host", "name": caller.name}
-        identity: dict[str, Any] = {"provider": "host", "kind": "host", "account": tenant,
-                                    "instance_id": caller.name}  # fmt: skip
-    else:
-        identity = caller.claims()
-        principal = {"type": "Instance", **{k: v for k, v in identity.items() if k not in ("kind", "launched_at")}}
-    return PolicyRequest(
-        tenant=tenant,
-        action="release",
-        principal=principal,
-        resource=volume_resource(volume),
-        identity=identity,
-        platform=dict(platform),
-        time=now,
-        source_ip=source,
-    )
 
 
 class VolumeRelease(ActionHandler):

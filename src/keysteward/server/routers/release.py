@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from keysteward.access import volume_actions
 from keysteward.access.lease_actions import LeaseInputs, RenewAnswer, lease_tenant
 from keysteward.access.request import AccessRequest, Delivery, Resource
-from keysteward.access.volume_actions import ReleaseInputs
+from keysteward.access.resources import ReleaseInputs
 from keysteward.errors import Denied
 from keysteward.policy.approvals import Waiting
 from keysteward.server.deps import principal, request_context, services
