@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any
 
 from keysteward.cli import volume_kms
 from keysteward.cli.volume_args import HelpRequested, Opt, UsageError, Verb, parse_group, print_error
+from keysteward.cli.volume_files import fd_sink, open_input, open_output
 from keysteward.errors import KeystewardError
 from keysteward.volume.errors import io_error, option_error
 
@@ -198,10 +198,10 @@ def read(args: Args) -> None:
         if length is None:
             length = max(0, vol.payload_size - offset) if offset >= 0 else 0
         vol.check_range(offset, length)
-        fd = _open_output(output, vol.device.fd)
+        fd = open_output(output, vol.device.fd)
         try:
             with _progress(length, "reading") as progress:
-                vol.read_to(offset, length, _fd_sink(fd, output or "standard output"), progress)
+                vol.read_to(offset, length, fd_sink(fd, output or "standard output"), progress)
         finally:
             if output is not None:
                 os.close(fd)
@@ -213,7 +213,7 @@ def write(args: Args) -> None:
     input_file = args["input"]
     if input_file is None and args["passphrase_file"] == STDIN and not args["kms"]:
         raise option_error("standard input cannot hold both the passphrase and the data; use --input")
-    fd, known = _open_input(input_file, args["path"])
+    fd, known = open_input(input_file, args["path"])
     try:
         with (
             _secret(args, writable=True) as secret,
@@ -307,74 +307,6 @@ VERBS = (
         Opt("--reason", default="", help="Why (kept in the audit log)."), YES_OPT, *volume_kms.ADMIN_OPTS, JSON,
     ), volume_kms.destroy, path_help=VOLUME_REF),
 )  # fmt: skip
-
-
-# -- files -------------------------------------------------------------------------------------------
-
-
-def _same_file(fd: int, device_fd: int) -> bool:
-    mine, theirs = os.fstat(fd), os.fstat(device_fd)
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino) or (
-        stat.S_ISBLK(mine.st_mode) and mine.st_rdev == theirs.st_rdev
-    )
-
-
-def _open_output(output: str | None, device_fd: int) -> int:
-    if output is None:
-        fd = sys.stdout.fileno()
-    else:
-        try:
-            info, volume = os.stat(output), os.fstat(device_fd)
-            if (info.st_dev, info.st_ino) == (volume.st_dev, volume.st_ino):
-                raise option_error("--output is the volume itself")
-        except FileNotFoundError:
-            pass
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise io_error(exc, "open", output) from exc
-    if _same_file(fd, device_fd):
-        raise option_error("the output is the volume itself")
-    return fd
-
-
-def _fd_sink(fd: int, name: str) -> Callable[[memoryview], None]:
-    def sink(view: memoryview) -> None:
-        while view.nbytes:
-            try:
-                n = os.write(fd, view)
-            except OSError as exc:
-                raise io_error(exc, "write", name) from exc
-            view = view[n:]
-
-    return sink
-
-
-def _open_input(input_file: str | None, volume_path: str) -> tuple[int, int | None]:
-    """The input's descriptor and, when it is a regular file, how many bytes are left in it."""
-    if input_file is None:
-        fd = sys.stdin.fileno()
-    else:
-        try:
-            fd = os.open(input_file, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise io_error(exc, "open", input_file) from exc
-    try:
-        info = os.fstat(fd)
-        try:
-            volume = os.stat(volume_path)
-        except OSError as exc:
-            raise io_error(exc, "open", volume_path) from exc
-        if (info.st_dev, info.st_ino) == (volume.st_dev, volume.st_ino):
-            raise option_error("the input is the volume itself")
-        if stat.S_ISDIR(info.st_mode):
-            raise option_error(f"{input_file} is a directory")
-        known = info.st_size - os.lseek(fd, 0, os.SEEK_CUR) if stat.S_ISREG(info.st_mode) else None
-    except BaseException:
-        if input_file is not None:
-            os.close(fd)
-        raise
-    return fd, known
 
 
 # -- running -----------------------------------------------------------------------------------------
