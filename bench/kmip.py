@@ -10,10 +10,12 @@ threads, keysteward's own TTLV codec), for each server:
 * vSphere-style: a new TLS connection for every operation, Create, Get, Activate, GetAttributes in turn
   (``kmip_new_conn_ops_per_s``, its p99; target: at least 5x PyKMIP's server and at least 500 ops/s);
 * persistent connections: Get of a key per client (``kmip_get_per_s``, ``kmip_get_p99_ms``; targets
-  2,000 Get/s and p99 under 20 ms on SQLite).
-
+  2,000 Get/s and p99 under 20 ms on SQLite);
 * persistent connections: Encrypt (AES-256-CBC, PKCS#5, 64 bytes) with an Active key (``kmip_encrypt_per_s``).
-The last line is the machine-readable result (see bench/_common.py).
+
+Each figure's ratio is keysteward's value over PyKMIP's server's, measured in the same run. The last line
+is the machine-readable result: ``{"bench": "kmip", "figures": [{"name", "value", "unit", "reference",
+"ratio", "target", "ok"}, ...]}`` (DESIGN.md section 7).
 """
 
 from __future__ import annotations

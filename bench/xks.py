@@ -188,37 +188,18 @@ def run_engine(
         scripts = make_temp_dir(cleanup, "ks-bench-xks-")
         runs: list[WrkMeasurement] = []
         paced: list[WrkMeasurement] = []
+
+        def measure(op: str, script: Path) -> WrkMeasurement:
+            return measure_wrk(server, pg, op, f"{base}/{op}", script, args.duration, warmup=warmup,
+                               connections=args.connections, threads=THREADS)  # fmt: skip
+
         for op, body in (("encrypt", enc_body), ("decrypt", dec_body)):
             if engine == "postgresql":  # p99 at the 1,000 ops/s, each connection paced
                 delay = args.connections * 1000.0 / args.pg_rate
-                script = signed_script(scripts / f"{op}-paced.lua", f"{base}/{op}", body, akid, secret, delay)
                 paced.append(
-                    measure_wrk(
-                        server,
-                        pg,
-                        op,
-                        f"{base}/{op}",
-                        script,
-                        args.duration,
-                        warmup=warmup,
-                        connections=args.connections,
-                        threads=THREADS,
-                    )
+                    measure(op, signed_script(scripts / f"{op}-paced.lua", f"{base}/{op}", body, akid, secret, delay))
                 )
-            script = signed_script(scripts / f"{op}.lua", f"{base}/{op}", body, akid, secret)
-            runs.append(
-                measure_wrk(
-                    server,
-                    pg,
-                    op,
-                    f"{base}/{op}",
-                    script,
-                    args.duration,
-                    warmup=warmup,
-                    connections=args.connections,
-                    threads=THREADS,
-                )
-            )
+            runs.append(measure(op, signed_script(scripts / f"{op}.lua", f"{base}/{op}", body, akid, secret)))
     finally:
         cleanup.unwind(mark)
     figures: list[dict[str, Any]] = []
