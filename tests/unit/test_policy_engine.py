@@ -529,7 +529,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
         (_with("principal.tags", {"\udfff": ""}), "principal.tags key must be valid Unicode"),
         (_with("principal.tags", {str(n): "" for n in range(65)}), "principal.tags has more than 64"),
         (_with("resource.labels", ["pci"]), "resource.labels must be an object"),
-        (_with("resource.type", "Disk"), "resource.type must be Volume, Key, KmipObject or Tenant"),
+        (_with("resource.type", "Disk"), "resource.type must be Volume, Vm, Key, KmipObject or Tenant"),
         (_with("identity.account", "222"), "identity names another instance"),
         (_with("identity.kind", None), "identity.kind must be a string"),
         (_with("identity.launched_at", "yesterday"), "identity.launched_at must be an ISO 8601"),

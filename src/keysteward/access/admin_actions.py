@@ -22,13 +22,13 @@ from keysteward.access.actions import ActionHandler, ActionTable, Booked, Subjec
 from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.access.resources import volume_resource
-from keysteward.errors import Conflict, Denied
+from keysteward.errors import Conflict, Denied, NotFound
 from keysteward.identity.principal import Principal
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.store import PolicyStore, PolicyVersion
 from keysteward.release.registry import Registry
-from keysteward.release.volumes import DESTROYED, VolumeInfo
+from keysteward.release.volumes import DESTROYED, VM, VolumeInfo
 
 MAX_REASON = 500
 
@@ -79,6 +79,8 @@ class _VolumeAdmin(ActionHandler):
         who = authenticated(request)
         inputs: VolumeChange = request.inputs
         volume = self.registry.find(who, inputs.ref)
+        if volume.kind == VM:  # a VM's key row: vm revoke / vm destroy
+            raise NotFound("no such volume", code="volume_not_found")
         if volume.state == DESTROYED:
             raise Conflict("the volume's key is destroyed already", code="volume_destroyed")
         assert self.cedar_action is not None

@@ -24,6 +24,7 @@ from keysteward.errors import KeystewardError, NotFound
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.facts import PolicyRequest
+from keysteward.policy.schema import RENEWAL_OF
 from keysteward.policy.store import PolicyStore
 from keysteward.release import leases
 from keysteward.release.registry import Registry
@@ -105,7 +106,7 @@ class LeaseRenew(_LeaseAction):
             granted = json.loads(row.facts)
             granted["time"] = now.isoformat()
             release = PolicyRequest.from_json(granted)
-            renew = PolicyRequest.from_json({**granted, "action": "renew"})
+            renew = PolicyRequest.from_json({**granted, "action": RENEWAL_OF.get(granted.get("action"), "renew")})
         except (PolicyRequestInvalid, ValueError) as exc:
             log.warning("a lease's facts no longer make a policy request: %s", type(exc).__name__)
             subject.details.update(policy_version=policy.version, reason="policy_error")

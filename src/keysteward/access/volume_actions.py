@@ -46,7 +46,7 @@ from keysteward.release import leases
 from keysteward.release.nonces import Nonces, decode
 from keysteward.release.platform import PlatformVerifier
 from keysteward.release.registry import Registry
-from keysteward.release.volumes import ACTIVE, DESTROYED, Caller, HostIdentity, VolumeInfo, actor_of
+from keysteward.release.volumes import ACTIVE, DESTROYED, VM, VM_DISK, Caller, HostIdentity, VolumeInfo, actor_of
 from keysteward.settings import ReleaseSettings
 from keysteward.store.db import for_update
 from keysteward.store.models import DataKey, Volume
@@ -137,10 +137,7 @@ class VolumeRelease(ActionHandler):
             expires = self.nonces.check(raw)
             spent = (raw, expires)
             hpke.load_public_key(inputs.suite, inputs.public_key)
-            try:
-                volume, key_id, wrapped = self.registry.for_release(tenant_id, inputs.volume_id)
-            except NotFound:
-                raise Denied("no such volume in this tenant", code="volume_not_found") from None
+            volume, key_id, wrapped = self._volume(tenant_id, inputs.volume_id)
             caller: Caller
             if inputs.host is not None:
                 if request.evidence.get("identity"):
@@ -173,6 +170,18 @@ class VolumeRelease(ActionHandler):
             denied = Denied(exc.message, code="policy_error")
             raise self._refusal(request, tenant_id, denied, spent, (caller, volume)) from None
         return subject
+
+    def _volume(self, tenant_id: str, volume_id: str) -> tuple[VolumeInfo, str, bytes | None]:
+        """The volume asked for, its key id and wrapped secret; a VM's key or disk is not released alone."""
+        try:
+            volume, key_id, wrapped = self.registry.for_release(tenant_id, volume_id)
+        except NotFound:
+            raise Denied("no such volume in this tenant", code="volume_not_found") from None
+        if volume.kind == VM:
+            raise Denied("no such volume in this tenant", code="volume_not_found")
+        if volume.kind == VM_DISK:
+            raise Denied(f"volume '{volume.name}' is a VM's disk: it is released with its VM", code="vm_disk")
+        return volume, key_id, wrapped
 
     def _identity(self, tenant_id: str, request: AccessRequest, raw: bytes) -> InstanceIdentity:
         """Step 2 for instances: the provider-signed identity document, bound to this request."""

@@ -21,14 +21,15 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from keysteward.policy import fact_values as check
-from keysteward.policy.schema import ACTIONS, KMS_FIELDS, PCR_BANKS, PCR_COUNT, TEE_KINDS, entity_type
+from keysteward.policy.context_facts import host_facts as _host
+from keysteward.policy.context_facts import kms_facts as _kms
+from keysteward.policy.schema import ACTIONS, PCR_BANKS, PCR_COUNT, TEE_KINDS, entity_type
 
 MAX_GROUPS: Final = 64
-MAX_KMS_TEXT: Final = 2048  # ARNs are up to 2048 characters
 _PCR_NAME = re.compile(r"(sha1|sha256|sha384)_([0-9]{1,2})")
 _REQUEST_FIELDS: Final = frozenset(
     {"tenant", "action", "principal", "resource", "identity", "platform", "time", "source_ip", "encryption_context"}
-) | {"kms"}
+) | {"kms", "host"}
 _IDENTITY_REQUIRED: Final = ("provider", "kind", "account", "instance_id")
 _IDENTITY_OPTIONAL: Final = ("image_id", "region", "zone")
 _INSTANCE_OPTIONAL: Final = ("image_id", "region", "zone")
@@ -101,8 +102,18 @@ def _resource(raw: Any, tenant: str) -> dict[str, Any]:
             "state": check.text(data.get("state"), "resource.state"),
             "labels": check.tags(data.get("labels", {}), "resource.labels"),  # entity tags, named as a volume's
         }
+    if kind == "Vm":
+        check.only(data, ("type", "id", "name", "memory_mb", "cpus", "labels"), "resource")
+        return {
+            "type": "Vm",
+            "id": check.text(data.get("id"), "resource.id"),
+            "name": check.text(data.get("name"), "resource.name"),
+            "memory_mb": check.long_int(data.get("memory_mb"), "resource.memory_mb", 1, 1 << 24),
+            "cpus": check.long_int(data.get("cpus"), "resource.cpus", 1, 1024),
+            "labels": check.tags(data.get("labels", {}), "resource.labels"),
+        }
     if kind != "Volume":
-        raise check.fail("resource.type", "must be Volume, Key, KmipObject or Tenant")
+        raise check.fail("resource.type", "must be Volume, Vm, Key, KmipObject or Tenant")
     check.only(data, ("type", "id", "name", "key", "labels", "binding"), "resource")
     binding = check.mapping(data.get("binding", {}), "resource.binding")
     check.only(binding, _BINDING_FIELDS, "resource.binding")
@@ -172,22 +183,6 @@ def _platform(raw: Any) -> dict[str, Any]:
     return out
 
 
-def _kms(raw: Any) -> dict[str, str]:
-    """An XKS call's requestMetadata facts: ``operation`` and ``request_id`` required, the rest optional."""
-    data = check.mapping(raw, "kms")
-    check.only(data, KMS_FIELDS, "kms")
-    out: dict[str, str] = {}
-    for name in KMS_FIELDS:
-        value = data.get(name)
-        if value is None and name in ("operation", "request_id"):
-            raise check.fail(f"kms.{name}", "is missing")
-        if value is not None:
-            if not isinstance(value, str) or len(value) > MAX_KMS_TEXT or not check.is_unicode(value):
-                raise check.fail(f"kms.{name}", f"must be a string of at most {MAX_KMS_TEXT} characters")
-            out[name] = value
-    return out
-
-
 def _uid(kind: str, ident: str) -> dict[str, str]:
     return {"type": entity_type(kind), "id": ident}
 
@@ -230,6 +225,11 @@ def _entities(tenant: str, principal: Mapping[str, Any], resource: Mapping[str, 
                 "tags": dict(resource["labels"]),
             }
         )
+    if resource["type"] == "Vm":
+        attrs = {"tenant": tenant, **{k: resource[k] for k in ("name", "memory_mb", "cpus")}}
+        entities.append(
+            {"uid": _uid("Vm", resource["id"]), "attrs": attrs, "parents": [tenant_uid], "tags": resource["labels"]}
+        )
     if resource["type"] == "Volume":
         key_uid = _uid("Key", f"{tenant}/{resource['key']}")
         labels = dict(resource["labels"])
@@ -271,6 +271,8 @@ class PolicyRequest:
     """The caller's encryption context (key uses only): ``context.encryption_context`` holds ``"k=v"``."""
     kms: Mapping[str, str] = field(default_factory=dict)
     """An XKS call's requestMetadata (key uses only): ``context.kms`` (see :data:`KMS_FIELDS`)."""
+    host: Mapping[str, bool] = field(default_factory=dict)
+    """A host's hardware facts (VM actions only): ``context.host`` (see :data:`HOST_FACTS`)."""
     cedar_uids: tuple[dict[str, str], dict[str, str], dict[str, str]] = field(init=False, repr=False, compare=False)
     cedar_entities: str = field(init=False, repr=False, compare=False)
     cedar_context: str = field(init=False, repr=False, compare=False)
@@ -292,13 +294,17 @@ class PolicyRequest:
         address = None if self.source_ip is None else check.address(self.source_ip)
         if address is not None:
             request["source_ip"] = {"__extn": {"fn": "ip", "arg": str(address)}}
-        if context_type == "ReleaseContext":
+        host: dict[str, bool] = {}
+        if context_type in ("ReleaseContext", "HostContext"):
             identity, platform = _identity(self.identity), _platform(self.platform)
             if principal["type"] == "Instance" and any(
                 identity[k] != principal[k] for k in ("provider", "account", "instance_id")
             ):
                 raise check.fail("identity", "names another instance than the principal")
             context: dict[str, Any] = {"identity": identity, "platform": platform, "request": request}
+            if context_type == "HostContext":
+                host = _host(self.host)
+                context["host"] = host
         elif context_type == "KeyUseContext":
             if check.mapping(self.identity, "identity") or check.mapping(self.platform, "platform"):
                 raise check.fail("identity", f"and platform apply to release and renew only, not to {self.action}")
@@ -320,6 +326,8 @@ class PolicyRequest:
             raise check.fail("encryption_context", f"applies to key uses only, not to {self.action}")
         if context_type != "KeyUseContext" and check.mapping(self.kms, "kms"):
             raise check.fail("kms", f"applies to key uses only, not to {self.action}")
+        if context_type != "HostContext" and check.mapping(self.host, "host"):
+            raise check.fail("host", f"applies to VM actions only, not to {self.action}")
         values = {
             "principal": principal,
             "resource": resource,
@@ -327,6 +335,7 @@ class PolicyRequest:
             "platform": platform,
             "encryption_context": dict(self.encryption_context),
             "kms": dict(context.get("kms", {})),
+            "host": host,
         }
         for name, value in values.items():
             object.__setattr__(self, name, check.freeze(value))
@@ -355,6 +364,8 @@ class PolicyRequest:
             out["encryption_context"] = check.thaw(self.encryption_context)
         if self.kms:
             out["kms"] = check.thaw(self.kms)
+        if self.host:
+            out["host"] = check.thaw(self.host)
         return out
 
     @classmethod
@@ -379,4 +390,5 @@ class PolicyRequest:
             source_ip=source_ip,
             encryption_context=check.mapping(body.get("encryption_context", {}), "encryption_context"),
             kms=check.mapping(body.get("kms", {}), "kms"),
+            host=check.mapping(body.get("host", {}), "host"),
         )

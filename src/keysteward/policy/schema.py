@@ -47,8 +47,20 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "kmip_encrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_decrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_locate": (("Hypervisor",), "Tenant", "KmipContext"),
+    # hypervisor hosts (docs/hosts.md): a host asks to run a VM, save its state, restore it, keep its lease
+    "vm_start": (("Host",), "Vm", "HostContext"),
+    "vm_restore": (("Host",), "Vm", "HostContext"),
+    "vm_snapshot": (("Host",), "Vm", "HostContext"),
+    "vm_renew": (("Host",), "Vm", "HostContext"),
+    "vm_create": (("Human",), "Vm", "AdminContext"),
+    "vm_revoke": (("Human",), "Vm", "AdminContext"),
+    "vm_destroy": (("Human",), "Vm", "AdminContext"),
 }
 KMIP_ACTIONS: Final = tuple(name for name in ACTIONS if name.startswith("kmip_"))
+HOST_FACTS: Final = ("kvm", "sev", "sev_es", "sev_snp", "tdx", "memory_encryption")
+"""``context.host`` of a VM action: what the host's hardware offers, read by its agent (docs/hosts.md)."""
+RENEWAL_OF: Final = {"release": "renew", "vm_start": "vm_renew", "vm_restore": "vm_renew"}
+"""The action a lease's renewal also asks, by the action that granted the lease."""
 KEY_USE_ACTIONS: Final = ("encrypt", "decrypt", "generate_data_key", "re_encrypt")
 KMS_FIELDS: Final = ("operation", "request_id", "principal_arn", "key_arn", "via_service", "source_vpc", "source_vpce")
 """``context.kms`` of an XKS call: its requestMetadata (operation and request_id always, the rest when sent)."""
@@ -117,6 +129,8 @@ SCHEMA_TEXT: Final = (
     '  // A KMIP managed object, id "tenant/uid"; its custom attributes (x-Name, x-Component...) are entity tags.\n'
     "  // state: PreActive, Active, Deactivated, Compromised, Destroyed; object_type: SymmetricKey, SecretData...\n"
     "  entity KmipObject in [Tenant] { tenant: String, uid: String, object_type: String, state: String } tags String;\n"
+    "  // A VM of a hypervisor host, id = its uuid; its labels are entity tags.\n"
+    "  entity Vm in [Tenant] { tenant: String, name: String, memory_mb: Long, cpus: Long } tags String;\n"
     "\n"
     "  // -- verified claims, carried in the context ---------------------------------------------\n"
     "  type Identity = {\n"
@@ -132,6 +146,12 @@ SCHEMA_TEXT: Final = (
     "  // time: unix seconds; hour: 0-23 UTC; weekday: 1-7, Monday 1 (UTC).\n"
     "  type RequestInfo = { time: Long, hour: Long, weekday: Long, source_ip?: ipaddr };\n"
     "  type ReleaseContext = { identity: Identity, platform: Platform, request: RequestInfo };\n"
+    "  // What a host's hardware offers, read from the host by its agent and covered by its TPM quote:\n"
+    "  // KVM, AMD SEV / SEV-ES / SEV-SNP, Intel TDX; memory_encryption is any of the last four.\n"
+    "  type HostFacts = {\n"
+    "    kvm: Bool, sev: Bool, sev_es: Bool, sev_snp: Bool, tdx: Bool, memory_encryption: Bool\n"
+    "  };\n"
+    "  type HostContext = { identity: Identity, platform: Platform, host: HostFacts, request: RequestInfo };\n"
     "  type AdminContext = { request: RequestInfo };\n"
     "  type KmipContext = { request: RequestInfo };\n"
     '  // encryption_context: the caller\'s encryption context as "key=value" strings (bound as AAD).\n'

@@ -30,6 +30,8 @@ from keysteward.release.volumes import (
     REVOKED,
     SECRET_SIZE,
     SHRED,
+    VM,
+    VOLUME,
     VolumeInfo,
     VolumeSpec,
     actor_of,
@@ -109,10 +111,11 @@ class Registry:
 
     # -- volumes --------------------------------------------------------------------------------
     def insert_volume(
-        self, conn: Connection, tenant_id: str, spec: VolumeSpec, volume_id: str, now: datetime
+        self, conn: Connection, tenant_id: str, spec: VolumeSpec, volume_id: str, now: datetime, *, kind: str = VOLUME
     ) -> tuple[VolumeInfo, str]:
         """Create the volume's secret (stored only wrapped) and its row in the caller's transaction: the
-        access path's ``volume.register`` bookkeeping. Returns the volume and its data key's id."""
+        access path's ``volume.register`` bookkeeping (and ``vm.create``'s, ``kind="vm"``). Returns the volume
+        and its data key's id."""
         spec.check()
         if conn.execute(select(Volume.id).where(Volume.tenant_id == tenant_id, Volume.name == spec.name)).first():
             raise Conflict(f"a volume named '{spec.name}' exists", code="volume_exists")
@@ -128,6 +131,7 @@ class Registry:
             labels=json.dumps(spec.labels, sort_keys=True),
             binding=json.dumps(spec.binding.as_dict(), sort_keys=True),
             state=ACTIVE,
+            kind=kind,
             lease_seconds=spec.lease_seconds,
             renew_seconds=spec.renew_seconds,
             grace_seconds=spec.grace_seconds,
@@ -196,7 +200,8 @@ class Registry:
 
     def list(self, actor: Principal) -> list[VolumeInfo]:
         with self.db.read() as conn:
-            rows = conn.execute(self._select().where(Volume.tenant_id == actor.tenant_id).order_by(Volume.name)).all()
+            stmt = self._select().where(Volume.tenant_id == actor.tenant_id, Volume.kind != VM)
+            rows = conn.execute(stmt.order_by(Volume.name)).all()
             return [volume_info(r) for r in rows]
 
     def mark_revoked(self, conn: Connection, volume: VolumeInfo, *, shred: bool, now: datetime) -> None:
@@ -254,6 +259,10 @@ class Registry:
         for row in rows:
             self._forget(row.id)
         return len(rows)
+
+    def forget(self, volume_id: str) -> None:
+        """Drop this server's cached view of a volume whose row changed in a committed transaction."""
+        self._forget(volume_id)
 
     def _forget(self, volume_id: str) -> None:
         self._volumes.drop_where(lambda key, _: key[1] == volume_id)

@@ -16,6 +16,7 @@ from keysteward.errors import BadRequest
 from keysteward.identity.principal import check_name
 
 ACTIVE, REVOKED, SHRED, DESTROYED = "active", "revoked", "shred", "destroyed"
+VOLUME, VM, VM_DISK = "volume", "vm", "vm-disk"
 MAX_LABELS = 32
 SECRET_SIZE = 32  # the keysteward keyslot's passphrase: random, so pbkdf2 at 1000 iterations is enough
 
@@ -111,6 +112,8 @@ class VolumeInfo:
     renew_seconds: int
     grace_seconds: int | None
     created_at: datetime
+    kind: str = VOLUME
+    """``volume``, ``vm`` (a VM's key: :mod:`keysteward.release.vms`) or ``vm-disk`` (released with its VM only)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class VolumeSpec:
 
 
 def volume_info(row: Any, key_name: str | None = None, key_version: int | None = None) -> VolumeInfo:
+    kind = getattr(row, "kind", None) or VOLUME
     return VolumeInfo(
         id=row.id,
         tenant_id=row.tenant_id,
@@ -144,10 +148,11 @@ def volume_info(row: Any, key_name: str | None = None, key_version: int | None =
         key_version=row.key_version if key_version is None else key_version,
         dek_id=row.dek_id,
         labels=json.loads(row.labels),
-        binding=Binding.parse(json.loads(row.binding)),
+        binding=Binding() if kind == VM else Binding.parse(json.loads(row.binding)),
         state=row.state,
         lease_seconds=row.lease_seconds,
         renew_seconds=row.renew_seconds,
         grace_seconds=row.grace_seconds,
         created_at=row.created_at,
+        kind=kind,
     )

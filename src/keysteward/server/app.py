@@ -42,6 +42,7 @@ from keysteward.server.routers import (
     release,
     system,
     tenants,
+    vms,
     volumes,
     xks,
 )
@@ -230,7 +231,7 @@ def create_app(svc: Services) -> FastAPI:
             f"setting server.metrics_access must be one of {', '.join(METRICS_ACCESS)}", code="bad_setting"
         )
     problems.install(app)
-    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, policy, attest, xks, kmip):
+    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, vms, policy, attest, xks, kmip):
         app.include_router(module.router, prefix="/v1")
 
     registry = CollectorRegistry()

@@ -13,6 +13,7 @@ from keysteward.access import (
     key_actions,
     kmip_actions,
     kmip_crypto,
+    vm_actions,
     volume_actions,
     xks_actions,
 )
@@ -41,6 +42,7 @@ from keysteward.release.nonces import Nonces
 from keysteward.release.platform import PlatformVerifier
 from keysteward.release.registry import Registry
 from keysteward.release.tpm_enrollment import TpmEnrollments
+from keysteward.release.vms import Vms
 from keysteward.settings import Settings
 from keysteward.store.db import Database
 from keysteward.xks.metrics import XksMetrics
@@ -70,6 +72,7 @@ class Services:
     xks_metrics: XksMetrics
     kmip: KmipAccess
     kmip_report: KmipReport
+    vms: Vms
     kmip_metrics: CollectorRegistry | None = None
     """The KMIP listener's metrics, when it runs in this process (``/metrics`` appends them)."""
 
@@ -105,6 +108,8 @@ class Services:
         key_actions.register(actions, envelope)
         volume_actions.register(actions, registry, keys, nonces, platform, policies, settings.release)
         admin_actions.register(actions, registry, policies)
+        vms = Vms(registry)
+        vm_actions.register(actions, registry, vms, keys, nonces, platform, policies, settings.release)
         cooling_off = timedelta(seconds=settings.release.approver_cooling_off_seconds)
         approval_actions.register(actions, registry, policies, cooling_off)
         xks = XksRegistry(db, root, keys, audit)
@@ -141,6 +146,7 @@ class Services:
             xks_metrics=XksMetrics(),
             kmip=KmipAccess(access, kmip_objects),
             kmip_report=KmipReport(db),
+            vms=vms,
         )
 
     def close(self) -> None:

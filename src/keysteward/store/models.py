@@ -228,6 +228,9 @@ class Volume(Base):
     labels: Mapped[str] = mapped_column(Text, default="{}")
     binding: Mapped[str] = mapped_column(Text, default="{}")
     state: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(8), default="volume", server_default="volume")
+    """``volume``; ``vm``: the key of a VM (:mod:`keysteward.store.vm_models`); ``vm-disk``: a VM's volume,
+    released only with its VM."""
     lease_seconds: Mapped[int] = mapped_column(Integer)
     renew_seconds: Mapped[int] = mapped_column(Integer)
     grace_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -407,3 +410,6 @@ class KmipObject(Base):
         Index("ix_kmip_objects_tenant_state", "tenant_id", "state"),
         Index("ix_kmip_objects_tenant_name", "tenant_id", "name"),
     )
+
+
+from keysteward.store import vm_models as vm_models  # noqa: E402  (the VM tables, on the same metadata)
