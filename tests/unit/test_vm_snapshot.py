@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -93,6 +94,30 @@ def test_without_verify_first_on_a_pipe() -> None:
     src = io.BufferedReader(io.BytesIO(FILE))  # type: ignore[arg-type]
     assert vs.decrypt_snapshot(VM_KEY, src, out, tenant="t1", vm_id="vm1", verify_first=False) == len(STATE)
     assert out.getvalue() == STATE
+
+
+def test_seal_from_a_real_pipe_with_short_writes() -> None:
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_end, "wb", buffering=0) as w:
+            for i in range(0, len(STATE), 1000):
+                w.write(STATE[i : i + 1000])
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    out = io.BytesIO()
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        info = vs.seal_snapshot(VM_KEY, tenant="t1", vm_id="vm1", snapshot_id="p1", src=pipe, dst=out, segment_size=SEG)
+    writer.join()
+    assert info.plaintext_bytes == len(STATE) and open_file(out.getvalue(), snap="p1") == STATE
+
+
+def test_verify_first_needs_a_seekable_source() -> None:
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as pipe, os.fdopen(write_end, "wb"):
+        with pytest.raises(ValueError, match="seekable"):
+            vs.decrypt_snapshot(VM_KEY, pipe, io.BytesIO(), tenant="t1", vm_id="vm1")
 
 
 def test_other_vm_tenant_or_snapshot_is_refused() -> None:

@@ -159,6 +159,8 @@ def decrypt_snapshot(
     Header, tenant, VM, snapshot id and key are checked before anything is written. With
     ``verify_first`` (needs a seekable ``src``) the whole stream is authenticated in a first pass, so
     a damaged file writes nothing; without it each segment is written once its own tag checked."""
+    if verify_first and not src.seekable():
+        raise ValueError("verify_first needs a seekable source (a file); for a pipe pass verify_first=False")
     start = src.tell() if verify_first else 0
     header, key = _open_header(vm_key, src, tenant, vm_id, snapshot_id)
     try:
