@@ -253,11 +253,20 @@ class AgentClient:
         """POST ``body`` to ``/v1`` + ``path``: the status and the JSON answer; errors raised as in the protocol."""
         return self._post(path, body)
 
-    def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+    def get_list(self, path: str) -> list[dict[str, Any]]:
+        """GET ``/v1`` + ``path``, an answer that is a list of objects; errors raised as in the protocol."""
+        data = self._answer(path, self._send("GET", path, None))
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise protocol_error(f"{path} did not answer a list of objects")
+        return data
+
+    def _send(self, method: str, path: str, body: Mapping[str, Any] | None) -> httpx.Response:
         try:
-            response = self._http.post(path, json=dict(body))
+            return self._http.request(method, path, json=dict(body) if body is not None else None)
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.url, UNREACHABLE) from exc
+
+    def _answer(self, path: str, response: httpx.Response) -> Any:
         if len(response.content) > MAX_ANSWER:
             raise protocol_error(f"an answer of {len(response.content)} bytes")
         try:
@@ -265,12 +274,18 @@ class AgentClient:
         except ValueError:
             data = None
         status = response.status_code
-        if status < 500 and not isinstance(data, dict):
-            raise protocol_error(f"{path} answered {status} without a JSON object")
+        if status < 500 and not isinstance(data, dict | list):
+            raise protocol_error(f"{path} answered {status} without JSON")
         error = answer_error(status, data, response.reason_phrase, self.url, unavailable_code=UNREACHABLE)
         if error is not None:
             raise error
-        assert isinstance(data, dict)
+        return data
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        response = self._send("POST", path, body)
+        data = self._answer(path, response)
+        if not isinstance(data, dict):
+            raise protocol_error(f"{path} answered {response.status_code} without a JSON object")
         return response.status_code, data
 
     # -- protocol ----------------------------------------------------------------------------------

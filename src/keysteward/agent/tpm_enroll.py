@@ -30,10 +30,17 @@ def enroll(url: str, tenant: str, tcti: str, options: UnlockOptions, *, client: 
     client = client or options.client(url)
     try:
         challenge = client.challenge()
-        document = collect_identity(
-            options.metadata(), options.identity, binding(challenge.nonce_bytes, ak),
-            audience=options.audience, timeout=options.timeout,
-        )  # fmt: skip
+        document = (
+            {}
+            if options.identity == "host"
+            else collect_identity(
+                options.metadata(),
+                options.identity,
+                binding(challenge.nonce_bytes, ak),
+                audience=options.audience,
+                timeout=options.timeout,
+            )
+        )  # fmt: skip  (a host proves itself by its client certificate)
         body: dict[str, Any] = {
             "tenant": tenant, "nonce": challenge.nonce, "identity": document, "ek_public": _b64(ek),
             "ak_public": _b64(ak), "ek_certificate": _b64(certificate) if certificate else None,

@@ -159,15 +159,17 @@ class ProxyConfig:
 # -- small typed readers ---------------------------------------------------------------------------
 
 
-class _Reader:
-    """Typed access to one TOML table; every complaint names the source file and the key path."""
+class ConfigReader:
+    """Typed access to one TOML table; every complaint names the source file and the key path (raised as
+    ``error_type``: the proxy's, or another daemon's that reads its file with this reader)."""
 
-    def __init__(self, source: str, base: str) -> None:
+    def __init__(self, source: str, base: str, error_type: type[BadRequest] = ProxyConfigError) -> None:
         self.source = source
         self.base = base
+        self.error_type = error_type
 
-    def error(self, where: str, message: str) -> ProxyConfigError:
-        return ProxyConfigError(f"{self.source}: {where}: {message}")
+    def error(self, where: str, message: str) -> BadRequest:
+        return self.error_type(f"{self.source}: {where}: {message}")
 
     def table(self, data: Mapping[str, Any], key: str, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
         value = data.get(key, {})
@@ -251,7 +253,7 @@ def is_loopback(address: str) -> bool:
 # -- parsing ---------------------------------------------------------------------------------------
 
 
-def _clients(r: _Reader, item: Mapping[str, Any], where: str, *, tls: bool) -> tuple[str, ...]:
+def _clients(r: ConfigReader, item: Mapping[str, Any], where: str, *, tls: bool) -> tuple[str, ...]:
     raw = item.get("clients")
     if raw is None:
         if tls:
@@ -276,7 +278,7 @@ def _clients(r: _Reader, item: Mapping[str, Any], where: str, *, tls: bool) -> t
     return tuple(dict.fromkeys(names))
 
 
-def _exports(r: _Reader, raw: Any, *, tls: bool) -> tuple[ExportConfig, ...]:
+def _exports(r: ConfigReader, raw: Any, *, tls: bool) -> tuple[ExportConfig, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
@@ -311,7 +313,7 @@ def _exports(r: _Reader, raw: Any, *, tls: bool) -> tuple[ExportConfig, ...]:
     return tuple(exports)
 
 
-def _kms(r: _Reader, data: Mapping[str, Any], exports: tuple[ExportConfig, ...]) -> KmsConfig | None:
+def kms_table(r: ConfigReader, data: Mapping[str, Any], exports: tuple[ExportConfig, ...]) -> KmsConfig | None:
     if "kms" not in data:
         if any(e.kms for e in exports):
             raise r.error("kms", "an export has kms = true but there is no [kms] table (the host certificate)")
@@ -330,7 +332,7 @@ def _kms(r: _Reader, data: Mapping[str, Any], exports: tuple[ExportConfig, ...])
 
 def parse_config(text: str, *, source: str = "proxy.toml", base_dir: str = ".") -> ProxyConfig:
     """The config in ``text`` (TOML), every value checked; relative paths are taken from ``base_dir``."""
-    r = _Reader(source, base_dir)
+    r = ConfigReader(source, base_dir)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -374,7 +376,7 @@ def parse_config(text: str, *, source: str = "proxy.toml", base_dir: str = ".") 
         raise r.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     return ProxyConfig(
         source=source, listen_address=address, listen_port=port, allow_plaintext=plaintext, tls=tls,
-        metrics_address=metrics_address, metrics_port=metrics_port, kms=_kms(r, data, exports), exports=exports,
+        metrics_address=metrics_address, metrics_port=metrics_port, kms=kms_table(r, data, exports), exports=exports,
         log_level=level, status_file=r.path(data, "status_file", "top level"),
     )  # fmt: skip
 

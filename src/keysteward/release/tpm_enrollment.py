@@ -32,10 +32,11 @@ from keysteward.attest.identity import InstanceIdentity, verify_identity
 from keysteward.attest.tpm import ak_name, check_ak, make_credential, verify_ek_certificate
 from keysteward.audit.log import AuditLog
 from keysteward.errors import BadRequest, Conflict, Denied, NotFound
-from keysteward.identity.principal import Principal
+from keysteward.identity.principal import Principal, check_name
 from keysteward.release.nonces import Nonces, decode
 from keysteward.release.platform import PlatformVerifier, load_pem_certificates
 from keysteward.release.registry import Registry
+from keysteward.release.volumes import HostIdentity, actor_of
 from keysteward.settings import ReleaseSettings
 from keysteward.store.models import TpmEnrollment, TpmKey
 
@@ -71,14 +72,22 @@ class TpmEnrollments:
         ek_public: bytes,
         ek_certificate: bytes | None,
         ak_public: bytes,
+        host: str | None = None,
     ) -> tuple[str, bytes]:
-        """Check the instance, its EK and its AK; return the enrollment id and the credential blob."""
+        """Check the instance (or the ``host`` its mTLS certificate proved), its EK and its AK; return the
+        enrollment id and the credential blob."""
         now = datetime.now(UTC)
         raw = decode(nonce)
         expires = self.nonces.check(raw)
         try:
             check_ak(ak_public)
-            who = self._identity(tenant_id, identity, binding(raw, ak_public), now)
+            who: InstanceIdentity | HostIdentity
+            if host is not None:
+                if identity:
+                    raise EvidenceRejected("a host proves itself by its certificate: send no identity document")
+                who = HostIdentity("", host)
+            else:
+                who = self._identity(tenant_id, identity, binding(raw, ak_public), now)
             if not self.roots:
                 raise EvidenceRejected(
                     "no TPM manufacturer roots are configured ([release] tpm_ek_roots): an admin must pin the AK"
@@ -113,9 +122,9 @@ class TpmEnrollments:
                 )
             )
             return {
-                "actor": f"instance:{holder}",
+                "actor": actor_of(holder),
                 "action": "tpm.enroll.start",
-                "target": f"instance:{holder}",
+                "target": actor_of(holder),
                 "details": {"enrollment": enrollment_id, "ak_name": ak_name(ak_public).hex()},
             }
 
@@ -177,9 +186,9 @@ class TpmEnrollments:
                 )
             done["holder"] = row.holder
             return {
-                "actor": f"instance:{row.holder}",
+                "actor": actor_of(row.holder),
                 "action": "tpm.enroll",
-                "target": f"instance:{row.holder}",
+                "target": actor_of(row.holder),
                 "outcome": "denied" if "error" in done else "ok",
                 "reason": done.get("error", ""),
                 "details": {"enrollment": enrollment_id, "ek_digest": row.ek_digest},
@@ -195,8 +204,12 @@ class TpmEnrollments:
 
     def pin(self, actor: Principal, holder: str, ak_public: bytes) -> None:
         """An admin pins ``ak_public`` for the instance ``holder`` (provider/account/instance_id)."""
-        if holder.count("/") != 2 or not 0 < len(holder) <= 256:
-            raise BadRequest("an instance is named provider/account/instance_id", code="bad_instance")
+        if holder.startswith("host:"):
+            check_name("host", holder.removeprefix("host:"))
+        elif holder.count("/") != 2 or not 0 < len(holder) <= 256:
+            raise BadRequest(
+                "an instance is named provider/account/instance_id (a host: host:NAME)", code="bad_instance"
+            )
         try:
             check_ak(ak_public)
         except EvidenceRejected as exc:
@@ -218,7 +231,7 @@ class TpmEnrollments:
             return {
                 "actor": actor.describe(),
                 "action": "tpm.pin",
-                "target": f"instance:{holder}",
+                "target": actor_of(holder),
                 "details": {"ak_name": ak_name(ak_public).hex()},
             }
 
@@ -232,7 +245,7 @@ class TpmEnrollments:
             ).rowcount
             if not gone:
                 raise NotFound(f"no AK is enrolled for {holder[:256]}", code="tpm_key_not_found")
-            return {"actor": actor.describe(), "action": "tpm.remove", "target": f"instance:{holder}"}
+            return {"actor": actor.describe(), "action": "tpm.remove", "target": actor_of(holder)}
 
         self.audit.commit(actor.tenant_id, effect)
         self.platform.forget(actor.tenant_id, holder)

@@ -12,10 +12,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
 
+from keysteward.errors import Denied
 from keysteward.identity.principal import Permission, Principal
 from keysteward.server.deps import need, services
 from keysteward.server.release_schemas import EvidenceField, Uuid
 from keysteward.server.schemas import B64, Name, Strict, b64, unb64
+from keysteward.server.tls import client_cert_der
 
 router = APIRouter(tags=["attestation"])
 Manage = Annotated[Principal, Depends(need(Permission.ATTEST_MANAGE))]
@@ -70,8 +72,22 @@ def enroll(body: EnrollIn, request: Request) -> EnrollOut:
         unb64(body.ek_public),
         unb64(body.ek_certificate) if body.ek_certificate else None,
         unb64(body.ak_public),
+        host=_enrolling_host(request, body.tenant),
     )
     return EnrollOut(enrollment_id=enrollment_id, credential=b64(credential))
+
+
+def _enrolling_host(request: Request, tenant: str) -> str | None:
+    """The tenant's host whose certificate came with an enrollment (it needs no identity document), or None."""
+    der = client_cert_der(request)
+    if not der:
+        return None
+    who = services(request).cas.authenticate(der)
+    if who.role != "host":
+        return None
+    if who.tenant != tenant:
+        raise Denied("a host enrolls only with its own tenant", code="tenant_mismatch")
+    return who.name
 
 
 @router.post("/attest/tpm/activate")

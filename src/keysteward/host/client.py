@@ -1,0 +1,127 @@
+"""The host agent's side of the VM routes (docs/hosts.md): orders, reports, VM releases, snapshot permits.
+
+A VM release is the release protocol's exchange (docs/release-protocol.md) on ``/v1/vms/{id}/release``: a
+challenge, a one-time HPKE key, evidence (the TPM quote) over :func:`~keysteward.attest.binding.host_binding`
+of the nonce, the key and the hardware facts, and an answer whose VM key and disk secrets are each sealed to
+the one-time key (``info = protocol 0 tenant 0 id 0 lease_id``). Transport and protocol errors are those of
+:class:`~keysteward.agent.client.AgentClient`, which this wraps.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keysteward.agent.client import AgentClient, Lease, parse_plaintext, parse_time, protocol_error, release_info
+from keysteward.attest.binding import canonical_hardware, host_binding
+from keysteward.crypto.hpke import X25519, OneTimeKey
+from keysteward.crypto.secret import SecretBuffer
+
+PlatformEvidence = Callable[[bytes], dict[str, Any]]
+
+
+@dataclass
+class Disk:
+    volume_id: str
+    position: int
+    path: str
+    secret: SecretBuffer = field(repr=False)
+
+
+@dataclass
+class VmKeys:
+    """What a VM release delivered: the VM key, each disk's keyslot secret, the lease. :meth:`wipe` them."""
+
+    vm_id: str
+    key: SecretBuffer = field(repr=False)
+    disks: list[Disk]
+    lease: Lease
+    key_version: int
+    snapshot_path: str | None = None
+
+    def wipe(self, *, lease: bool = True) -> None:
+        self.key.wipe()
+        for disk in self.disks:
+            disk.secret.wipe()
+        if lease:
+            self.lease.wipe()
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise protocol_error(f"{what} is missing")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise protocol_error(f"{what} is not base64") from None
+
+
+class HostClient:
+    def __init__(self, http: AgentClient, tenant: str) -> None:
+        self.http = http
+        self.tenant = tenant
+
+    def orders(self) -> list[dict[str, Any]]:
+        """This host's pending orders (each handed out once)."""
+        return self.http.get_list("/host/orders")
+
+    def report(self, order_id: str, ok: bool, result: Mapping[str, Any]) -> None:
+        self.http.post(f"/host/orders/{order_id}", {"ok": ok, "result": dict(result)})
+
+    def release(
+        self, vm_id: str, hardware: dict[str, bool], platform: PlatformEvidence, *, snapshot: str | None = None,
+        suite: str = X25519,
+    ) -> VmKeys:  # fmt: skip
+        challenge = self.http.challenge()
+        one_time = OneTimeKey.generate(suite)
+        bound = host_binding(challenge.nonce_bytes, one_time.public_bytes, canonical_hardware(hardware))
+        body: dict[str, Any] = {
+            "tenant": self.tenant, "nonce": challenge.nonce, "suite": suite, "hardware": hardware,
+            "public_key": base64.b64encode(one_time.public_bytes).decode(),
+            "evidence": {"identity": {}, **platform(bound)},
+        }  # fmt: skip
+        if snapshot is not None:
+            body["snapshot"] = snapshot
+        _, answer = self.http.post(f"/vms/{vm_id}/release", body)
+        lease_body = answer.get("lease")
+        if answer.get("status") != "released" or not isinstance(lease_body, dict) or answer.get("suite") != suite:
+            raise protocol_error("a VM release answer without its lease or suite")
+        lease_id = str(lease_body.get("id", ""))
+        opened: list[SecretBuffer] = []
+        try:
+            key, token = parse_plaintext(one_time.open(_b64(answer.get("sealed"), "sealed"),
+                                                       release_info(self.tenant, vm_id, lease_id)))  # fmt: skip
+            opened += [key, token]
+            disks = []
+            for item in answer.get("disks") or []:
+                volume_id = str(item.get("volume_id", ""))
+                sealed = _b64(item.get("sealed"), "disk sealed")
+                secret, spare = parse_plaintext(one_time.open(sealed, release_info(self.tenant, volume_id, lease_id)))
+                spare.wipe()
+                opened.append(secret)
+                disks.append(Disk(volume_id, int(item.get("position", 0)), str(item.get("path", "")), secret))
+            lease = Lease(
+                id=lease_id, expires_at=parse_time(lease_body.get("expires_at"), "lease expires_at"),
+                renew_seconds=float(lease_body.get("renew_seconds") or 0), token=token,
+                lease_seconds=float(lease_body.get("lease_seconds") or 0),
+                grace_seconds=None if lease_body.get("grace_seconds") is None else float(lease_body["grace_seconds"]),
+            )  # fmt: skip
+            path = answer.get("snapshot_path")
+            return VmKeys(vm_id, key, disks, lease, int(answer.get("key_version") or 0),
+                          str(path) if path is not None else None)  # fmt: skip
+        except BaseException:
+            for buffer in opened:
+                buffer.wipe()
+            raise
+
+    def snapshot_permit(self, vm_id: str, lease: Lease, path: str) -> str:
+        """``vm.snapshot``: leave to save the VM's state at ``path``; returns the snapshot id."""
+        _, answer = self.http.post(f"/vms/{vm_id}/snapshots",
+                                   {"lease_id": lease.id, "token": lease.token_b64(), "path": path})  # fmt: skip
+        snapshot = answer.get("snapshot")
+        if not isinstance(snapshot, str):
+            raise protocol_error("a snapshot permit without its id")
+        return snapshot
