@@ -10,6 +10,7 @@ stream (``migrate fd:NAME`` / ``migrate-incoming fd:NAME`` after ``getfd``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -321,7 +322,15 @@ class QemuVm:
     def _wait_migration(self, deadline: float) -> dict[str, Any]:
         qmp = self._monitor()
         while True:
-            info = qmp.execute("query-migrate")
+            try:
+                info = qmp.execute("query-migrate")
+            except QmpError:
+                # QEMU ends itself when an incoming stream does not load: say so, not "broken pipe"
+                if self.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=2.0)
+                self._check_alive()
+                raise
             status = info.get("status") if isinstance(info, dict) else None
             if status == "completed":
                 return dict(info)
