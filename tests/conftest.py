@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.softhsm",
     "tests.fixtures.postgres",
     "tests.fixtures.keysteward",
+    "tests.fixtures.guest",
 ]
 
 
