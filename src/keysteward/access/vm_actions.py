@@ -72,6 +72,8 @@ class VmReleased(Released):
 
     disks: tuple[SealedDisk, ...] = ()
     snapshot_path: str | None = None
+    launch: dict[str, Any] = field(default_factory=dict)
+    """What the host needs to launch it: ``name``, ``memory_mb``, ``cpus``, and ``kernel``, ``initrd``, ``append``."""
 
 
 @dataclass
@@ -186,7 +188,8 @@ class VmStart(VolumeRelease):
             sealed.append(SealedDisk(info.id, disk.position, disk.path, blob))
         released = super().deliver(subject, booked, performed)
         fields = {name: getattr(released, name) for name in Released.__dataclass_fields__}
-        return VmReleased(**fields, disks=tuple(sealed), snapshot_path=self._snapshot_path(subject))
+        launch = {"name": state.vm.name, "memory_mb": state.vm.memory_mb, "cpus": state.vm.cpus, **state.vm.launch}
+        return VmReleased(**fields, disks=tuple(sealed), snapshot_path=self._snapshot_path(subject), launch=launch)
 
     def _snapshot_path(self, subject: Subject) -> str | None:
         return None

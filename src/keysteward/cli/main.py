@@ -94,6 +94,10 @@ def build_app() -> typer.Typer:
     from keysteward.cli import xks_cmd
 
     app.add_typer(xks_cmd.app, name="xks")
+    from keysteward.cli import host_cmd, vm_cmd
+
+    app.add_typer(vm_cmd.app, name="vm")
+    app.add_typer(host_cmd.app, name="host")
     app.command("whoami")(tenant_cmd.whoami)
 
     app.callback()(root)

@@ -41,6 +41,7 @@ class VmKeys:
     lease: Lease
     key_version: int
     snapshot_path: str | None = None
+    launch: dict[str, Any] = field(default_factory=dict)
 
     def wipe(self, *, lease: bool = True) -> None:
         self.key.wipe()
@@ -110,8 +111,11 @@ class HostClient:
                 grace_seconds=None if lease_body.get("grace_seconds") is None else float(lease_body["grace_seconds"]),
             )  # fmt: skip
             path = answer.get("snapshot_path")
-            return VmKeys(vm_id, key, disks, lease, int(answer.get("key_version") or 0),
-                          str(path) if path is not None else None)  # fmt: skip
+            launch = answer.get("launch")
+            return VmKeys(
+                vm_id, key, disks, lease, int(answer.get("key_version") or 0),
+                str(path) if path is not None else None, launch if isinstance(launch, dict) else {},
+            )  # fmt: skip
         except BaseException:
             for buffer in opened:
                 buffer.wipe()

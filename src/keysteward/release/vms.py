@@ -23,12 +23,13 @@ from sqlalchemy import Connection, insert, select, update
 
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import check_name
+from keysteward.release import leases
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, VM, VM_DISK, VOLUME, Binding, VolumeInfo, VolumeSpec
 from keysteward.store.models import Volume
 from keysteward.store.vm_models import Vm, VmDisk, VmOrder, VmSnapshot
 
-ORDER_KINDS = ("start", "stop", "snapshot", "restore")
+ORDER_KINDS = ("start", "stop", "snapshot", "suspend", "restore")
 PENDING, TAKEN, DONE, FAILED = "pending", "taken", "done", "failed"
 SAVING, SAVED = "saving", "saved"
 MAX_DISKS = 8
@@ -210,6 +211,16 @@ class Vms:
             ).scalars()
             return [self.get(tenant_id, vm_id, conn) for vm_id in ids]
 
+    def running_on(self, vm_id: str, now: datetime, conn: Connection | None = None) -> tuple[str, datetime] | None:
+        """The host holding the VM's live lease and until when, or None."""
+        if conn is None:
+            with self.db.read() as c:
+                return self.running_on(vm_id, now, c)
+        live = leases.live_holder(conn, vm_id, now)
+        if live is None:
+            return None
+        return live.holder.removeprefix("host:"), leases.aware(live.expires_at)
+
     # -- orders -------------------------------------------------------------------------------------
     def order(
         self,
@@ -272,11 +283,12 @@ class Vms:
             if done.rowcount != 1:
                 raise NotFound("no such order taken by this host", code="order_not_found")
             row = conn.execute(select(VmOrder.kind, VmOrder.snapshot_id).where(VmOrder.id == order_id)).one()
-            if row.kind == "snapshot" and row.snapshot_id is not None:
+            snapshot_id = row.snapshot_id or result.get("snapshot")
+            if row.kind in ("snapshot", "suspend") and isinstance(snapshot_id, str):
                 size = result.get("size")
                 conn.execute(
                     update(VmSnapshot)
-                    .where(VmSnapshot.id == row.snapshot_id)
+                    .where(VmSnapshot.id == snapshot_id, VmSnapshot.tenant_id == tenant_id, VmSnapshot.host == host)
                     .values(state=SAVED if ok else FAILED, size=size if isinstance(size, int) else None)
                 )
 

@@ -131,6 +131,7 @@ class VmReleasedOut(Strict):
     lease: LeaseOut
     disks: list[SealedDiskOut]
     snapshot_path: str | None = None
+    launch: dict[str, Any] = {}
 
 
 class SnapshotIn(Strict):

@@ -15,13 +15,14 @@ from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Request
+from fastapi.responses import JSONResponse
 
 from keysteward.access.admin_actions import VolumeChange
 from keysteward.access.request import AccessRequest, Delivery, Resource
 from keysteward.access.vm_actions import SnapshotInputs, VmCreateInputs, VmReleased, VmReleaseInputs
 from keysteward.errors import Conflict, Denied, Unauthenticated
 from keysteward.identity.principal import Permission, Principal
-from keysteward.release import leases
+from keysteward.policy.approvals import Waiting
 from keysteward.release.vms import OrderInfo, VmInfo, VmSpec
 from keysteward.server.deps import decide_as, need, request_context, services
 from keysteward.server.release_schemas import LeaseOut
@@ -52,8 +53,7 @@ Ref = Annotated[str, Path(min_length=1, max_length=128)]
 def vm_out(request: Request, vm: VmInfo, *, detail: bool = False) -> VmOut:
     svc = services(request)
     now = datetime.now(UTC)
-    with svc.db.read() as conn:
-        live = leases.live_holder(conn, vm.id, now)
+    live = svc.vms.running_on(vm.id, now)
     snapshots = svc.vms.snapshots(vm.volume.tenant_id, vm.id) if detail else []
     return VmOut(
         id=vm.id,
@@ -69,12 +69,10 @@ def vm_out(request: Request, vm: VmInfo, *, detail: bool = False) -> VmOut:
         lease_seconds=vm.volume.lease_seconds,
         renew_seconds=vm.volume.renew_seconds,
         created_at=vm.volume.created_at,
-        host=live.holder.removeprefix("host:") if live is not None else None,
-        lease_expires_at=leases.aware(live.expires_at) if live is not None else None,
+        host=live[0] if live is not None else None,
+        lease_expires_at=live[1] if live is not None else None,
         snapshots=[
-            SnapshotOut(
-                id=s.id, host=s.host, path=s.path, state=s.state, size=s.size, created_at=leases.aware(s.created_at)
-            )
+            SnapshotOut(id=s.id, host=s.host, path=s.path, state=s.state, size=s.size, created_at=s.created_at)
             for s in snapshots
         ],
     )
@@ -130,7 +128,7 @@ def destroy_vm(ref: Ref, body: VmRevokeIn, request: Request, who: Manage) -> VmO
 @router.post("/vms/{ref}/{kind}", status_code=202)
 def order_vm(
     ref: Ref,
-    kind: Annotated[str, Path(pattern="^(start|stop|snapshot|restore)$")],
+    kind: Annotated[str, Path(pattern="^(start|stop|snapshot|suspend|restore)$")],
     body: OrderIn,
     request: Request,
     who: Manage,
@@ -143,12 +141,12 @@ def order_vm(
     if kind == "restore" and body.snapshot is None:
         raise Conflict("a restore names the snapshot (snapshot)", code="bad_order")
     with svc.db.write() as conn:
-        live = leases.live_holder(conn, vm.id, now)
+        live = svc.vms.running_on(vm.id, now, conn)
         host = body.host
-        if kind in ("stop", "snapshot"):
+        if kind in ("stop", "snapshot", "suspend"):
             if live is None:
                 raise Conflict(f"VM '{vm.name}' is not running on any host", code="vm_not_running")
-            host = live.holder.removeprefix("host:")
+            host = live[0]
         if host is None:
             raise Conflict(f"{kind} names the host (host)", code="bad_order")
         order_id = svc.vms.order(conn, who.tenant_id, vm, host, kind, who.describe(), now, snapshot_id=body.snapshot)
@@ -202,12 +200,14 @@ async def host_report(order_id: Annotated[str, Path(max_length=64)], body: Repor
 
 
 @router.post("/vms/{vm_id}/release")
-async def release_vm(vm_id: Annotated[str, Path(max_length=64)], body: VmReleaseIn, request: Request) -> VmReleasedOut:
+async def release_vm(
+    vm_id: Annotated[str, Path(max_length=64)], body: VmReleaseIn, request: Request
+) -> VmReleasedOut | JSONResponse:
     who = await _host(request)
     if who.tenant != body.tenant:
         raise Denied("a host asks only for its own tenant's VMs", code="tenant_mismatch")
     action = "vm.restore" if body.snapshot is not None else "vm.start"
-    released: VmReleased = await services(request).access.decide_async(
+    released: VmReleased | Waiting = await services(request).access.decide_async(
         AccessRequest(
             tenant=body.tenant,
             action=action,
@@ -226,6 +226,13 @@ async def release_vm(vm_id: Annotated[str, Path(max_length=64)], body: VmRelease
             ),
         )
     )
+    if isinstance(released, Waiting):
+        body_out = {
+            "status": "pending",
+            "request_id": released.request_id,
+            "expires_at": released.expires_at.isoformat(),
+        }
+        return JSONResponse(body_out, status_code=202)
     return VmReleasedOut(
         suite=released.suite,
         sealed=b64(released.sealed),
@@ -242,6 +249,7 @@ async def release_vm(vm_id: Annotated[str, Path(max_length=64)], body: VmRelease
             for d in released.disks
         ],
         snapshot_path=released.snapshot_path,
+        launch=released.launch,
     )
 
 

@@ -1,0 +1,74 @@
+"""keysteward host run|check|enroll-tpm|status: the agent of a hypervisor host (docs/hosts.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from keysteward.cli.context import JsonFlag
+from keysteward.cli.output import console, emit, fields
+
+app = typer.Typer(help="The hypervisor host agent: starts VMs only with keys released to this attested host.",
+                  no_args_is_help=True)  # fmt: skip
+Config = Annotated[str, typer.Option("--config", metavar="FILE", help="The host agent's TOML file.")]
+
+
+@app.command("run")
+def run(config: Config) -> None:
+    """Carry out this host's VM orders and keep the VMs' leases (SIGTERM stops every VM and wipes its keys)."""
+    from keysteward.host.agent import HostAgent
+    from keysteward.host.config import load_config
+    from keysteward.logs import json_logging, quiet_http_clients
+
+    settings = load_config(config)
+    json_logging(settings.log_level)
+    quiet_http_clients()
+    HostAgent(settings).run()
+
+
+@app.command("check")
+def check(config: Config, as_json: JsonFlag = False) -> None:
+    """Read the config and this host's hardware facts; asks the key manager nothing, starts nothing."""
+    from keysteward.host.agent import host_identity
+    from keysteward.host.config import load_config
+    from keysteward.host.hardware import read_hardware
+
+    settings = load_config(config)
+    tenant, name = host_identity(settings.kms.cert_file)
+    data = {
+        "host": name, "tenant": tenant, "kms": settings.url, "tpm": settings.tpm, "accel": settings.accel,
+        "hardware": read_hardware(), "state_dir": settings.state_dir, "snapshot_dir": settings.snapshot_dir,
+    }  # fmt: skip
+    emit(data, as_json, lambda d: fields(d))
+
+
+@app.command("enroll-tpm")
+def enroll_tpm(config: Config, as_json: JsonFlag = False) -> None:
+    """Enroll this host's TPM attestation key with the key manager (the host certificate is its identity)."""
+    from keysteward.agent.tpm_enroll import enroll
+    from keysteward.agent.unlock import UnlockOptions
+    from keysteward.errors import KeystewardError
+    from keysteward.host.agent import host_identity
+    from keysteward.host.config import load_config
+
+    settings = load_config(config)
+    if settings.tpm is None:
+        raise KeystewardError(f"{config} names no TPM ([tpm] tcti)", code="host_config")
+    tenant, _ = host_identity(settings.kms.cert_file)
+    options = UnlockOptions(identity="host", client_cert=(settings.kms.cert_file, settings.kms.key_file),
+                            ca_file=settings.kms.ca_file, timeout=settings.kms.timeout)  # fmt: skip
+    holder = enroll(settings.url, tenant, settings.tpm, options)
+    emit({"holder": holder}, as_json, lambda d: console.print(f"TPM attestation key enrolled for {d['holder']}"))
+
+
+@app.command("status")
+def status(
+    status_file: Annotated[str, typer.Option("--status-file", metavar="FILE", help="The host agent's status file.")]
+    = "/run/keysteward/host.json",
+    as_json: JsonFlag = False,
+) -> None:  # fmt: skip
+    """The VMs this host runs (from its status file): lease, accelerator, QEMU's pid."""
+    from keysteward.daemon_status import read_status
+
+    emit(read_status(status_file, "host"), as_json, lambda d: fields(d))
