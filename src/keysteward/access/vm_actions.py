@@ -133,7 +133,8 @@ class VmStart(VolumeRelease):
         except (Denied, hpke.HpkeError) as exc:
             raise self._refusal(request, tenant_id, exc, spent, None) from None
         caller = HostIdentity(request.tenant, inputs.host)
-        bound = host_binding(raw, inputs.public_key, canonical_hardware(hardware))
+        reported = {name: hardware[name] for name in HOST_FACTS[:-1]}  # memory_encryption is derived, not sent
+        bound = host_binding(raw, inputs.public_key, canonical_hardware(reported))
         try:
             platform, summary = self.platform.verify(tenant_id, caller.key(), request.evidence, binding=bound, now=now)
         except EvidenceRejected as exc:

@@ -122,6 +122,12 @@ class HostAgent:
             log.warning(logline("order_failed", order=order_id, kind=kind, code=exc.code, reason=exc.message[:300]))
             self._report(order_id, False, {"code": exc.code, "message": exc.message[:1000]})
             return
+        except Exception as exc:  # a bug must not take the host's other VMs down with it
+            log.exception(logline("order_error", order=order_id, kind=kind, error=type(exc).__name__))
+            self._report(
+                order_id, False, {"code": "host_error", "message": f"the host agent failed: {type(exc).__name__}"}
+            )
+            return
         self._report(order_id, True, result)
 
     def _report(self, order_id: str, ok: bool, result: dict[str, Any]) -> None:

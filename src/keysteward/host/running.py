@@ -113,7 +113,7 @@ class RunningVm:
             except Exception:
                 log.exception("NBD server of VM %s did not stop cleanly", self.name)
             finally:
-                self.keys.wipe()
+                self.keys.wipe(lease=False)  # the lease token goes when the lease is given back (or is over)
                 shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("vm stopped vm=%s reason=%s", self.name, reason)
 

@@ -125,42 +125,6 @@ def destroy_vm(ref: Ref, body: VmRevokeIn, request: Request, who: Manage) -> VmO
     return vm_out(request, services(request).vms.find(who.tenant_id, ref))
 
 
-@router.post("/vms/{ref}/{kind}", status_code=202)
-def order_vm(
-    ref: Ref,
-    kind: Annotated[str, Path(pattern="^(start|stop|snapshot|suspend|restore)$")],
-    body: OrderIn,
-    request: Request,
-    who: Manage,
-) -> OrderOut:
-    """An order to a host; the host carries it out through the access path and reports (``/vm-orders/{id}``).
-    ``start`` and ``restore`` name the host; ``stop`` and ``snapshot`` go to the host running the VM."""
-    svc = services(request)
-    vm = svc.vms.find(who.tenant_id, ref)
-    now = datetime.now(UTC)
-    if kind == "restore" and body.snapshot is None:
-        raise Conflict("a restore names the snapshot (snapshot)", code="bad_order")
-    with svc.db.write() as conn:
-        live = svc.vms.running_on(vm.id, now, conn)
-        host = body.host
-        if kind in ("stop", "snapshot", "suspend"):
-            if live is None:
-                raise Conflict(f"VM '{vm.name}' is not running on any host", code="vm_not_running")
-            host = live[0]
-        if host is None:
-            raise Conflict(f"{kind} names the host (host)", code="bad_order")
-        order_id = svc.vms.order(conn, who.tenant_id, vm, host, kind, who.describe(), now, snapshot_id=body.snapshot)
-        svc.audit.append(
-            conn,
-            who.tenant_id,
-            actor=who.describe(),
-            action="vm.order",
-            target=f"vm:{vm.id}",
-            details={"order": order_id, "kind": kind, "host": host, "snapshot": body.snapshot},
-        )
-    return order_out(svc.vms.get_order(who.tenant_id, order_id))
-
-
 @router.get("/vm-orders/{order_id}")
 def get_order(order_id: Annotated[str, Path(max_length=64)], request: Request, who: Read) -> OrderOut:
     return order_out(services(request).vms.get_order(who.tenant_id, order_id))
@@ -199,7 +163,7 @@ async def host_report(order_id: Annotated[str, Path(max_length=64)], body: Repor
     )
 
 
-@router.post("/vms/{vm_id}/release")
+@router.post("/vms/{vm_id}/release", response_model=VmReleasedOut)
 async def release_vm(
     vm_id: Annotated[str, Path(max_length=64)], body: VmReleaseIn, request: Request
 ) -> VmReleasedOut | JSONResponse:
@@ -269,3 +233,40 @@ async def snapshot_vm(vm_id: Annotated[str, Path(max_length=64)], body: Snapshot
         )
     )
     return {"snapshot": snapshot_id}
+
+
+# declared last: its path matches /vms/{id}/release and /vms/{id}/snapshots, which must win
+@router.post("/vms/{ref}/{kind}", status_code=202)
+def order_vm(
+    ref: Ref,
+    kind: Annotated[str, Path(pattern="^(start|stop|snapshot|suspend|restore)$")],
+    body: OrderIn,
+    request: Request,
+    who: Manage,
+) -> OrderOut:
+    """An order to a host; the host carries it out through the access path and reports (``/vm-orders/{id}``).
+    ``start`` and ``restore`` name the host; ``stop`` and ``snapshot`` go to the host running the VM."""
+    svc = services(request)
+    vm = svc.vms.find(who.tenant_id, ref)
+    now = datetime.now(UTC)
+    if kind == "restore" and body.snapshot is None:
+        raise Conflict("a restore names the snapshot (snapshot)", code="bad_order")
+    with svc.db.write() as conn:
+        live = svc.vms.running_on(vm.id, now, conn)
+        host = body.host
+        if kind in ("stop", "snapshot", "suspend"):
+            if live is None:
+                raise Conflict(f"VM '{vm.name}' is not running on any host", code="vm_not_running")
+            host = live[0]
+        if host is None:
+            raise Conflict(f"{kind} names the host (host)", code="bad_order")
+        order_id = svc.vms.order(conn, who.tenant_id, vm, host, kind, who.describe(), now, snapshot_id=body.snapshot)
+        svc.audit.append(
+            conn,
+            who.tenant_id,
+            actor=who.describe(),
+            action="vm.order",
+            target=f"vm:{vm.id}",
+            details={"order": order_id, "kind": kind, "host": host, "snapshot": body.snapshot},
+        )
+    return order_out(svc.vms.get_order(who.tenant_id, order_id))
