@@ -106,7 +106,15 @@ def _order(api: Client, ref: str, kind: str, body: dict[str, Any], wait: float) 
 def _done(ctx: typer.Context, ref: str, kind: str, body: dict[str, Any], wait: float, as_json: bool, say: str) -> None:
     order = _order(client(ctx), ref, kind, body, wait)
     result = order.get("result") or {}
-    emit(order, as_json, lambda o: console.print(say.format(host=o["host"], vm=o["vm"], **result)))
+    values = _Values({**result, "host": order["host"], "vm": order["vm"]})
+    emit(order, as_json, lambda _: console.print(say.format_map(values)))
+
+
+class _Values(dict[str, Any]):
+    """A host's result for a message: a field it did not send reads as ``?``, never as a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
 
 
 @app.command("start")
