@@ -74,6 +74,8 @@ def test_guest_build_is_cached(guest_image: GuestImage, tmp_path: Path) -> None:
     began = time.monotonic()
     again = build_guest(guest_cache_dir())
     assert again == guest_image and time.monotonic() - began < 1.0
+    with again.kernel.open("rb") as kernel:
+        assert kernel.read(4) == b"\x7fELF", "QEMU boots the uncompressed kernel (PVH), not the bzImage"
     listing = subprocess.run(["cpio", "-t", "--quiet"], input=gzip.decompress(again.initrd.read_bytes()),
                              capture_output=True, check=True).stdout.decode().split()  # fmt: skip
     for name in ("init", "bin/busybox", "dev/console", "lib/modules/virtio_blk.ko", "lib/modules/virtio_pci.ko"):
