@@ -31,6 +31,8 @@ STATE_FD_NAME: Final = "ks-state"
 #: bytes/s: QEMU's migration default (128 MiB/s) would throttle a local save
 MAX_BANDWIDTH: Final = 1 << 40
 _NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: the first line of the test guest's /init: a KVM probe boot counts only when userspace ran
+PROBE_LINE: Final = r"^ks-guest ready$"
 _SANDBOX = "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"
 
 
@@ -347,11 +349,13 @@ _PROBED: dict[str, Accel] = {}
 
 
 def probe_accel(
-    kernel: Path, initrd: Path, *, timeout: float = 4.0, first_line: str = r"\S", qemu: str = QEMU_BINARY
+    kernel: Path, initrd: Path, *, timeout: float = 4.0, first_line: str = PROBE_LINE, qemu: str = QEMU_BINARY
 ) -> Accel:
     """``"kvm"`` only if a guest booted under KVM prints ``first_line`` within ``timeout``, else ``"tcg"``.
 
-    ``/dev/kvm`` opening is not enough: on some hosts a KVM guest hangs. Asked once per process.
+    ``/dev/kvm`` opening is not enough: on some hosts a KVM guest hangs. The line waited for is the
+    test guest's (keysteward.devcloud.guest) first line from its /init, not any kernel message: a
+    kernel may print an early warning and then hang. Asked once per process.
     """
     if "accel" in _PROBED:
         return _PROBED["accel"]
