@@ -101,11 +101,11 @@ def test_guest_ticks_and_counter_survives_reboot(
     ticks = _ticks(vm, 3)
     assert [t[:2] for t in ticks] == [(1, 1), (2, 2), (3, 3)] and {t[2] for t in ticks} == {"-"}
     with pytest.raises(QmpCommandError) as raised:
-        vm._monitor().execute("no-such-command")
+        vm.monitor().execute("no-such-command")
     assert raised.value.error_class == "CommandNotFound"
 
     mark = len(vm.serial_text())
-    vm._monitor().execute("system_reset")
+    vm.monitor().execute("system_reset")
     reboot = vm.wait_serial(r"^ks-guest ready$", BOOT_SECONDS, start=mark)
     tick, counter, _ = _ticks(vm, 1, reboot.end())[0]
     assert tick == 1 and counter > 3, "the counter lives on the disk, the tick in RAM"
