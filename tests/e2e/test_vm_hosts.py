@@ -347,6 +347,13 @@ def test_damaged_or_foreign_state_and_strangers_are_refused_with_nothing_launche
         assert snap.status_code in (403, 404), snap.text
     assert host.status()["vms"]["web"]["vm_id"] == vm_id  # the VM ran on through all of it
 
+    # crypto-shredding: the VM's key and its disk's key are destroyed; the guest stops at its next renewal
+    site.cli("vm", "destroy", "web", "--yes")
+    host.wait(lambda s: s.get("vms") == {}, timeout=15)
+    refused("volume_destroyed", "vm", "resume", "web", "--host", "host-a")
+    with site.server.http(site.admin) as c:
+        assert c.get("/volumes/web-root").json()["state"] == "destroyed"
+
 
 def _tenant(site: Site, name: str) -> str:
     with site.server.http(site.root) as c:
