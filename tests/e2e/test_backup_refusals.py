@@ -1,11 +1,12 @@
 """Bad backups and busy targets are refused by ``keysteward backup restore`` before anything is written.
 
 Each case takes a good backup of a real key manager and damages it as a bad disk, a cut-off copy or a
-meddler would: cut mid-line, cut at a line end (no trailer), one hex digit changed, the magic changed,
-a future format or schema revision, and forgeries whose digest was recomputed (a row that fits no table,
-a binary value that is not base64, an unknown table). Every one must fail with ``bad_backup`` and leave
-no data directory behind; ``backup verify`` refuses the same files. A data directory that holds a
-database, a directory that holds other files, and an existing output file are refused and left as they were.
+meddler would: cut mid-line, cut at a line end (no trailer), one hex digit changed, the magic changed, a
+future format or schema revision, an older schema revision, and forgeries whose digest was recomputed (a
+row that fits no table, a binary value that is not base64, an unknown table). Every one must fail with
+``bad_backup`` and leave no data directory behind; ``backup verify`` refuses the same files. A data
+directory that holds a database, a directory that holds other files, and an existing output file are
+refused and left as they were.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "wrong magic": (lambda d: d.replace(b"keysteward-backup", b"keysteward-backuq", 1), "wrong magic"),
     "future format": (lambda d: _header(d, format=2), "newer than this keysteward reads"),
     "future schema": (lambda d: _header(d, schema_revision="9999"), "unknown to this keysteward"),
+    "older schema": (lambda d: _header(d, schema_revision="0001"), "with the keysteward version that made it"),
     "forged: a row with a column too many": (lambda d: _row_change(d, lambda r: [*r, 1]), "fits no table"),
     "forged: a row with a wrong type": (lambda d: _row_change(d, lambda r: [r[0], "3", r[2]]), "bad value"),
     "forged: binary that is not base64": (_cluster_binary, "bad value in cluster.sealed_root"),

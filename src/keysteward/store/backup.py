@@ -211,8 +211,15 @@ def _header(path: Path, line: bytes) -> dict[str, Any]:
             raise _bad(path, f"the header has no {name}")
     if header["engine"] not in ("sqlite", "postgresql"):
         raise _bad(path, "an unknown engine in the header")
-    if header["schema_revision"] not in known_revisions():
-        raise _bad(path, f"schema revision {header['schema_revision']} is unknown to this keysteward (newer?)")
+    revision = header["schema_revision"]
+    if revision not in known_revisions():
+        raise _bad(path, f"schema revision {revision} is unknown to this keysteward (newer?)")
+    if revision != schema_head():
+        raise _bad(
+            path,
+            f"it was made at schema revision {revision} and this keysteward is at {schema_head()}: restore it with "
+            "the keysteward version that made it, then upgrade (its server migrates at start)",
+        )
     return header
 
 
@@ -317,7 +324,7 @@ def restore(db: Database, info: BackupInfo) -> None:
             code="backup_engine_mismatch",
         )
     require_empty(target_tables(db))
-    db.migrate(info.schema_revision)
+    db.migrate()
     with db.write() as conn:
         batch: list[dict[str, Any]] = []
         current: Table | None = None
@@ -331,7 +338,6 @@ def restore(db: Database, info: BackupInfo) -> None:
             conn.execute(current.insert(), batch)
         if not db.is_sqlite:
             _reset_sequences(conn)
-    db.migrate()
 
 
 def _reset_sequences(conn: Connection) -> None:

@@ -83,15 +83,17 @@ class Database:
         with _translate(), self._write_lock(), self._writer.begin() as conn:
             yield conn
 
-    def migrate(self, revision: str = "head") -> None:
-        """Bring the schema to the newest Alembic revision (or to ``revision``: a restore loads a backup there)."""
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
         from alembic import command
+        from alembic.config import Config
 
-        cfg = _alembic_config()
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
         cfg.attributes["connection_url"] = self.url
         with self.engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, revision)
+            command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
         self._stop.set()
@@ -110,7 +112,7 @@ def _alembic_config() -> Any:
 
 
 def known_revisions() -> set[str]:
-    """Every schema revision this version's migrations know."""
+    """Every schema revision this version's migrations know (a backup names the one it was made at)."""
     from alembic.script import ScriptDirectory
 
     return {script.revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
