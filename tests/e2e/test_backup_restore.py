@@ -5,7 +5,9 @@ What is played: a tenant with keys, data keys before and after a rotation, volum
 instances; a backup taken while a client thread keeps generating data keys and renewing leases; a key
 crypto-shredded after the backup (it is back after the restore: docs/ha.md says why and what to do). The
 restored server starts sealed, refuses work until the same Shamir shares unseal it, then decrypts every
-data key made before the backup, releases a volume to its instance again and passes ``audit verify``.
+data key made before the backup, releases a volume to its instance again and passes ``audit verify``;
+against the checkpoints the old server published after the backup, ``audit verify --checkpoint`` reports
+the rollback (``audit_log_truncated``), as docs/ha.md says it must.
 The backup file joins the secret scan: no data key, volume secret or root key may be in it.
 """
 
@@ -40,6 +42,7 @@ class Source:
     world: World
     shares: list[str]
     audit_key: str
+    checkpoints: Path
 
 
 def _unseal(server: ServerProcess, shares: list[str]) -> None:
@@ -53,10 +56,12 @@ def _source(
     data_dir: Path, db_url: str, server_factory: Callable[..., ServerProcess], registry: SecretRegistry, cloud: Path
 ) -> Source:
     out = init_manager(data_dir, registry, db_url=db_url, seal="shamir", threshold=THRESHOLD, shares=3)
-    server = server_factory(data_dir)
+    sink = data_dir.parent / "outside" / "checkpoints.jsonl"  # published heads, outside the database
+    sink.parent.mkdir()
+    server = server_factory(data_dir, env={"KEYSTEWARD_AUDIT_CHECKPOINT_SINKS": f"file:{sink}"})
     _unseal(server, out.result.shares)
     world = World(ProcessManager(server, out.root_token.secret, registry), DevCloud.init(cloud))  # type: ignore[arg-type]
-    return Source(server, world, out.result.shares, out.result.audit_public_key)
+    return Source(server, world, out.result.shares, out.result.audit_public_key, sink)
 
 
 def _data_key(world: World, key: str = "volumes") -> dict[str, Any]:
@@ -164,6 +169,13 @@ def _check_restored(source: Source, restored: ServerProcess, played: dict[str, A
     auditor = restored.cli_json("token", "create", "audrey", "--role", "auditor", token=world.admin)["token"]
     verify = restored.cli_json("audit", "verify", "--public-key", source.audit_key, token=auditor)
     assert verify["ok"] is True and verify["unsigned_tail"] == 0, verify
+    # against the heads published before the restore (the destroy's among them) it is a rollback, and says so
+    assert source.checkpoints.exists()
+    rolled_back = restored.cli(
+        "audit", "verify", "--public-key", source.audit_key, "--checkpoint", str(source.checkpoints),
+        token=auditor, check=False,
+    )  # fmt: skip
+    assert rolled_back.returncode == 1 and "audit_log_truncated" in rolled_back.stderr, rolled_back.stderr
 
 
 def test_sqlite_backup_under_load_restores_into_a_fresh_data_directory(
