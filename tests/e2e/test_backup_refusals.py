@@ -3,10 +3,10 @@
 Each case takes a good backup of a real key manager and damages it as a bad disk, a cut-off copy or a
 meddler would: cut mid-line, cut at a line end (no trailer), one hex digit changed, the magic changed, a
 future format or schema revision, an older schema revision, and forgeries whose digest was recomputed (a
-row that fits no table, a binary value that is not base64, an unknown table). Every one must fail with
-``bad_backup`` and leave no data directory behind; ``backup verify`` refuses the same files. A data
-directory that holds a database, a directory that holds other files, and an existing output file are
-refused and left as they were.
+row that fits no table, a value of the wrong type, a binary value that is not base64, a table left out,
+an unknown table). Every one must fail with ``bad_backup`` and leave no data directory behind; ``backup
+verify`` refuses the same files. A data directory that holds a database, a directory that holds other
+files, and an existing output file are refused and left as they were.
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "forged: a row with a column too many": (lambda d: _row_change(d, lambda r: [*r, 1]), "fits no table"),
     "forged: a row with a wrong type": (lambda d: _row_change(d, lambda r: [r[0], "3", r[2]]), "bad value"),
     "forged: binary that is not base64": (_cluster_binary, "bad value in cluster.sealed_root"),
+    "forged: a table left out": (
+        lambda d: _redigest([line for line in _lines(d) if not line.startswith(b'{"table":"revoked_instances"')]),
+        "tables are missing",
+    ),
     "forged: an unknown table": (
         lambda d: _redigest([*_lines(d)[:1], b'{"table":"evil","columns":["id"]}\n', *_lines(d)[1:]]),
         "unknown or repeated table",

@@ -246,10 +246,10 @@ def _check_digest(path: Path) -> dict[str, Any]:
     return trailer
 
 
-def _rows(path: Path) -> Iterator[tuple[Table, list[str], dict[str, Any]]]:
-    """Pass 2 and 3: every table and row, checked against the schema and decoded."""
+def _rows(path: Path, seen: set[str] | None = None) -> Iterator[tuple[Table, list[str], dict[str, Any]]]:
+    """Pass 2 and 3: every table and row, checked against the schema and decoded (``seen``: the tables met)."""
     tables = {t.name: t for t in _tables()}
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     table: Table | None = None
     names: list[str] = []
     with path.open("rb") as fh:
@@ -287,8 +287,11 @@ def check(path: Path) -> BackupInfo:
         header = _header(path, fh.readline(MAX_LINE + 1))
     trailer = _check_digest(path)
     counts: dict[str, int] = {}
-    for table, _names, _row in _rows(path):
+    seen: set[str] = set()
+    for table, _names, _row in _rows(path, seen):
         counts[table.name] = counts.get(table.name, 0) + 1
+    if seen != {t.name for t in _tables()}:
+        raise _bad(path, "tables are missing from it")
     claimed = {k: v for k, v in trailer["rows"].items() if v}
     if counts != claimed:
         raise _bad(path, "its row counts do not match its trailer")
