@@ -27,6 +27,7 @@ import pytest
 
 from keysteward.devcloud.provider import DevCloud
 from tests.e2e.test_release_attacks import ProcessManager
+from tests.e2e.test_secret_scan import _forms
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
 from tests.fixtures.postgres import PgServer
 from tests.integration.test_release_api import World
@@ -139,6 +140,7 @@ def _play(source: Source, backup_file: Path) -> dict[str, Any]:
     assert world.call("POST", "/v1/keys/shredded/destroy").status_code == 200
     assert not _decrypts(world, shredded)
     return {
+        "file": backup_file,
         "made": made,
         "old_keys": before_rotation + after_rotation,
         "shredded": shredded,
@@ -176,6 +178,11 @@ def _check_restored(source: Source, restored: ServerProcess, played: dict[str, A
         token=auditor, check=False,
     )  # fmt: skip
     assert rolled_back.returncode == 1 and "audit_log_truncated" in rolled_back.stderr, rolled_back.stderr
+    # the backup holds wrapped keys only: no root key, data key or volume secret of the run, in any encoding
+    backup = played["file"].read_bytes()
+    labels = set(world.m.registry.secrets.values())
+    assert {"root key", "generated data key", "volume secret"} <= labels, labels
+    assert not [label for secret, label in world.m.registry.secrets.items() for f in _forms(secret) if f in backup]
 
 
 def test_sqlite_backup_under_load_restores_into_a_fresh_data_directory(
