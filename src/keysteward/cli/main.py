@@ -42,6 +42,7 @@ def build_app() -> typer.Typer:
     _import_typer()
     from keysteward.cli import (
         audit_cmd,
+        backup_cmd,
         ca_cmd,
         crypto_cmd,
         devcloud_cmd,
@@ -69,6 +70,7 @@ def build_app() -> typer.Typer:
     app.add_typer(ca_cmd.app, name="ca")
     app.add_typer(kmip_cmd.app, name="kmip")
     app.add_typer(audit_cmd.app, name="audit")
+    app.add_typer(backup_cmd.app, name="backup")
     app.command(
         VOLUME,
         help=volume_cmd.ABOUT,

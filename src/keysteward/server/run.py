@@ -65,7 +65,7 @@ def _write_private(path: Path, data: bytes | bytearray) -> None:
         fh.write(data)
 
 
-def _make_tls(settings: Settings) -> tuple[Settings, Path]:
+def make_tls(settings: Settings) -> tuple[Settings, Path]:
     tls_dir = settings.tls_dir
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_pem, ca_key = x509ca.new_ca("keysteward server CA")
@@ -114,7 +114,7 @@ def initialize(settings: Settings, seal_type: str, *, threshold: int, shares: in
     datadir.prepare(settings.data_dir)  # 0700 before anything is written into it, whatever it was
     ca_file = Path(settings.server.tls_ca) if settings.server.tls_ca else Path()
     if settings.server.tls and not settings.server.tls_cert:
-        settings, ca_file = _make_tls(settings)
+        settings, ca_file = make_tls(settings)
     seal = settings.seal
     if seal_type == "dev" and not seal.dev_key_file:
         seal = dataclasses.replace(seal, dev_key_file=str(settings.data_dir / "dev-unseal.key"))

@@ -103,6 +103,28 @@ class Database:
             self._lock_file = None
 
 
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    return cfg
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this version's migrations know (a backup names the one it was made at)."""
+    from alembic.script import ScriptDirectory
+
+    return {script.revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def schema_head() -> str:
+    """The schema revision this version's migrations end at."""
+    from alembic.script import ScriptDirectory
+
+    return str(ScriptDirectory.from_config(_alembic_config()).get_current_head())
+
+
 def for_update(stmt: Any, db: Database) -> Any:
     """Row-lock a select on PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises writers."""
     return stmt if db.is_sqlite else stmt.with_for_update()
