@@ -1,9 +1,10 @@
 """VM state saved encrypted (issue 16): figures per measurement, the same run's references beside them.
 
-    python bench/vm_state.py [--quick] [--size-mib N] [--rounds N]
+    python bench/vm_state.py [--quick] [--size-mib N] [--rounds N] [--fill-mb N] [--memory-mb N] [--only NAMES]
 
-Figures so far (``FIGURES`` lists them; each is one function taking the arguments and returning its
-figure dicts, so the QEMU save/restore and ``vm start`` figures join as further entries):
+Figures (``FIGURES`` lists them; each is one function taking the arguments and returning its figure dicts;
+the VM figures share one real server process, one real ``keysteward host run`` process and one VM, set up by
+bench/_vm_site.py as tests/e2e/test_vm_hosts.py does, without a TPM; guests run under TCG on both sides):
 
 * ``streaming_aead``: keysteward.crypto.streaming_aead (Tink's AES-GCM-HKDF streaming format, 1 MiB
   ciphertext segments, on pyca) over ``--size-mib`` MiB of random data held in memory (512; ``--quick``
@@ -14,6 +15,24 @@ figure dicts, so the QEMU save/restore and ``vm start`` figures join as further 
   reference. The issue sets no target for this figure. Google's ``tink`` (the [test] extras) runs the
   same work through its own streaming primitive (C++ under pybind11) for the text lines only: which
   implementation is faster decides the issue's "Tink's, or that format on pyca if measured faster".
+
+* ``vm_start``: ``keysteward vm start`` (the CLI process, the order, the host agent's poll every 0.1 s, the
+  release, the disks served over NBD, QEMU launched) against plain QEMU launched directly with the same
+  kernel, initramfs, command line and memory and an unencrypted raw disk file, ``--rounds`` each,
+  interleaved. Two times per start: to QEMU running (its serial log created; the file's ctime) and to the
+  guest's first serial line (``ks-guest ready``). ``vm_start_added_ms`` (target <= 500) is the difference of
+  the medians to QEMU running: from there both sides run the same TCG boot, whose spread on a shared machine
+  is seconds, while the first line comes before the guest touches its disk. ``vm_start_first_line_ms`` is the
+  issue's end point as such (keysteward's median against plain QEMU's; no target: read it with that spread).
+* ``vm_snapshot``: a VM of ``--memory-mb`` MiB (1536; --quick 512) whose guest touched ``--fill-mb`` MiB
+  (1024; --quick 256), and the same guest under plain QEMU, both booted and filled; then ``--rounds`` saves
+  each, interleaved (plain: ``migrate exec:cat > FILE``, the guest resumed after; keysteward: ``vm
+  snapshot``), and ``--rounds`` restores each (plain: a new QEMU, ``migrate-incoming exec:cat FILE``, run;
+  keysteward: ``vm restore`` after ``vm stop``). The keysteward time is the host agent's ``order_seconds``:
+  the whole order (the vm.snapshot permit or the release, the whole-file check, QEMU launched, the state
+  streamed, the file synced), not the CLI's polling. ``vm_snapshot_save_seconds`` /
+  ``vm_snapshot_restore_seconds``: value = keysteward's median seconds, reference = plain QEMU's, ratio =
+  reference / value (target >= 0.9).
 
 Rates are GB per CPU-second of the measuring thread (one core's throughput, robust to other
 processes taking the core; wall-clock rates are printed beside them), each the best of ``--rounds``
@@ -29,15 +48,20 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from statistics import median
 from typing import Any
 
-from _common import BenchError, Cleanup, machine_cpu, ratio_figure, run_bench, say
+from _common import BenchError, Cleanup, figure, machine_cpu, ratio_figure, run_bench, say
+from _vm_site import HOST, MIB, TICK, VM, Boot, VmSite, make_site, plain_vm, wait_line, watch_boot
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keysteward.crypto import streaming_aead
+from keysteward.devcloud.guest import guest_append
 
 BENCH = "vm_state"
 AAD = b"tenant=bench vm=bench-vm snapshot=bench-snap"
@@ -190,8 +214,114 @@ class _Counter(io.RawIOBase):
         return len(b)
 
 
+def vm_site(args: argparse.Namespace) -> VmSite:
+    """The run's one keysteward server, host agent and VM, made at the first VM figure."""
+    if getattr(args, "site", None) is None:
+        args.site = make_site(args.cleanup, memory_mb=args.memory_mb, append=guest_append(fill_mb=args.fill_mb))
+    site: VmSite = args.site
+    return site
+
+
+def time_figure(name: str, seconds: float, reference: float, target: float) -> dict[str, Any]:
+    """Seconds through keysteward against the same run's plain QEMU; ratio = reference / value (higher is better)."""
+    ratio = reference / seconds if seconds else 0.0
+    return {"name": name, "value": round(seconds, 3), "unit": "s", "reference": round(reference, 3),
+            "ratio": round(ratio, 3), "target": target, "ok": ratio >= target}  # fmt: skip
+
+
+def measure_vm_start(args: argparse.Namespace) -> list[dict[str, Any]]:
+    site = vm_site(args)
+    say(f"[vm_start] command to QEMU's serial log opened and to the guest's first line, {args.rounds} rounds")
+    plain: list[Boot] = []
+    ours: list[Boot] = []
+    for n in range(args.rounds):
+        began = time.time()
+        vm = plain_vm(site, "start")
+        try:
+            vm.start()
+            plain.append(watch_boot(vm.launch.serial_log, began, 180, alive=vm._check_alive))
+        finally:
+            vm.stop()
+        boot, order = site.start_to_ready()
+        ours.append(boot)
+        result = order.get("result") or {}
+        site.stop_vm()
+        say(f"  round {n + 1}: plain QEMU {plain[-1].text()}; keysteward {boot.text()} "
+            f"(the host's order {result.get('order_seconds', 0) * 1000:.0f} ms: release, disks, QEMU)")  # fmt: skip
+    added = median([b.opened for b in ours]) - median([b.opened for b in plain])
+    ready_ours, ready_plain = median([b.ready for b in ours]), median([b.ready for b in plain])
+    say(f"  median: keysteward adds {added:.0f} ms before QEMU runs; to the first line {ready_ours:.0f} ms against "
+        f"{ready_plain:.0f} ms ({ready_ours - ready_plain:+.0f} ms, the TCG boot's spread included)")  # fmt: skip
+    return [
+        figure("vm_start_added_ms", added, "ms", median([b.opened for b in plain]), target=500.0,
+               higher_is_better=False, digits=1),
+        figure("vm_start_first_line_ms", ready_ours, "ms", ready_plain, digits=1),
+    ]  # fmt: skip
+
+
+def measure_vm_snapshot(args: argparse.Namespace) -> list[dict[str, Any]]:
+    site = vm_site(args)
+    fill = args.fill_mb
+    filled = re.compile(rb"ks-guest filled mb=%d\s+ks-guest tick=" % fill)
+    say(f"[vm_snapshot] {args.memory_mb} MiB VMs with {fill} MiB of touched RAM, {args.rounds} saves and restores "
+        "each, interleaved: plain QEMU through exec:cat, keysteward through its host agent")  # fmt: skip
+    plain_save: list[float] = []
+    plain_load: list[float] = []
+    ours_save: list[float] = []
+    ours_load: list[float] = []
+    plain_files = [site.tmp / f"plain-{n}.state" for n in range(args.rounds)]
+    snapshots: list[dict[str, Any]] = []
+    vm = plain_vm(site, "save")
+    try:
+        vm.start()
+        site.cli("vm", "start", VM, "--host", HOST)
+        wait_line(vm.launch.serial_log, filled, 900, alive=vm._check_alive)
+        wait_line(site.serial, filled, 900)
+        for n in range(args.rounds):
+            plain_save.append(vm.save_state_to_uri(f"exec:cat > {plain_files[n]}").seconds)
+            vm.resume()
+            saved, wall = site.cli("vm", "snapshot", VM)
+            snapshots.append(saved["result"])
+            ours_save.append(float(saved["result"]["order_seconds"]))
+            say(f"  save {n + 1}: plain QEMU {plain_save[-1]:.2f} s; keysteward {ours_save[-1]:.2f} s (state "
+                f"sealed {saved['result']['seconds']:.2f} s, the command {wall:.2f} s)")  # fmt: skip
+    finally:
+        vm.stop()
+    site.stop_vm()
+    size, sealed = plain_files[0].stat().st_size, int(snapshots[0]["size"])
+    for n in range(args.rounds):
+        began = time.perf_counter()
+        vm = plain_vm(site, "restore", incoming=True)
+        try:
+            vm.start()
+            vm.load_state_from_uri(f"exec:cat {plain_files[n]}")
+            plain_load.append(time.perf_counter() - began)
+            wait_line(vm.launch.serial_log, TICK, 60, alive=vm._check_alive)
+        finally:
+            vm.stop()
+            plain_files[n].unlink()
+        restored, wall = site.cli("vm", "restore", VM, snapshots[n]["snapshot"], "--host", HOST)
+        loaded = restored["result"]
+        ours_load.append(float(loaded["order_seconds"]))
+        wait_line(site.serial, TICK, 60)
+        site.stop_vm()
+        Path(snapshots[n]["path"]).unlink()
+        say(f"  restore {n + 1}: plain QEMU {plain_load[-1]:.2f} s (QEMU started, state loaded); keysteward "
+            f"{ours_load[-1]:.2f} s (release, whole-file check {loaded['check_seconds']:.2f} s, QEMU started, state "
+            f"loaded {loaded['load_seconds']:.2f} s; the command {wall:.2f} s)")  # fmt: skip
+    save_p, save_o, load_p, load_o = (median(x) for x in (plain_save, ours_save, plain_load, ours_load))
+    say(f"  state: {size / MIB:.0f} MiB plain, {sealed / MIB:.0f} MiB sealed; medians: save {save_p:.2f} against "
+        f"{save_o:.2f} s, restore {load_p:.2f} against {load_o:.2f} s")  # fmt: skip
+    return [
+        time_figure("vm_snapshot_save_seconds", save_o, save_p, 0.9),
+        time_figure("vm_snapshot_restore_seconds", load_o, load_p, 0.9),
+    ]
+
+
 FIGURES: list[tuple[str, Callable[[argparse.Namespace], list[dict[str, Any]]]]] = [
     ("streaming_aead", measure_streaming_aead),
+    ("vm_start", measure_vm_start),
+    ("vm_snapshot", measure_vm_snapshot),
 ]
 
 
@@ -200,9 +330,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="128 MiB, 2 rounds: under 60 s")
     parser.add_argument("--size-mib", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--fill-mb", type=int, default=None, help="guest RAM touched (1024; --quick 256)")
+    parser.add_argument("--memory-mb", type=int, default=None, help="VM memory (1536; --quick 512)")
     parser.add_argument("--only", default="", help="comma-separated figure names (default: all)")
     args = parser.parse_args()
     args.size_mib = args.size_mib or (128 if args.quick else 512)
+    args.fill_mb = args.fill_mb or (256 if args.quick else 1024)
+    args.memory_mb = args.memory_mb or (512 if args.quick else 1536)
+    if not 16 <= args.fill_mb <= args.memory_mb - 192:
+        parser.error("--fill-mb takes 16 up to --memory-mb less 192 (the guest's kernel and tmpfs need room)")
     args.rounds = args.rounds or (2 if args.quick else 3)
     if not 1 <= args.size_mib <= 1800 or args.rounds < 1:
         parser.error("--size-mib takes 1..1800 (one GCM call holds it all) and --rounds at least 1")
@@ -211,7 +347,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown figures: {', '.join(sorted(unknown))}")
 
-    def work(_cleanup: Cleanup) -> list[dict[str, Any]]:
+    def work(cleanup: Cleanup) -> list[dict[str, Any]]:
+        args.cleanup, args.site = cleanup, None
         figures: list[dict[str, Any]] = []
         for name, measure in FIGURES:
             if name in chosen:

@@ -107,6 +107,7 @@ class HostAgent:
     def _carry_out(self, order: dict[str, Any]) -> None:
         order_id, kind, vm_id = str(order.get("id")), str(order.get("kind")), str(order.get("vm_id"))
         log.info(logline("order", order=order_id, kind=kind, vm=order.get("vm")))
+        began = time.monotonic()
         try:
             if kind in ("start", "restore"):
                 result = self._start(vm_id, order.get("snapshot_id") if kind == "restore" else None)
@@ -128,6 +129,7 @@ class HostAgent:
                 order_id, False, {"code": "host_error", "message": f"the host agent failed: {type(exc).__name__}"}
             )
             return
+        result["order_seconds"] = round(time.monotonic() - began, 3)  # the whole order: permit, keys, QEMU
         self._report(order_id, True, result)
 
     def _report(self, order_id: str, ok: bool, result: dict[str, Any]) -> None:
@@ -160,11 +162,13 @@ class HostAgent:
             raise KeystewardError("the VM runs here: stop it before restoring a snapshot", code="vm_running")
         keys = self.client.release(vm_id, self.hardware, self.options.platform_evidence(),
                                    snapshot=str(snapshot) if snapshot else None)  # fmt: skip
-        began = time.monotonic()
+        began, checked = time.monotonic(), 0.0
         try:
             if snapshot:
                 assert keys.snapshot_path is not None
+                checked = time.monotonic()
                 vm_state.check(keys.key.view(), keys.snapshot_path, self.tenant, vm_id, str(snapshot))
+                checked = time.monotonic() - checked
             vm = launch(keys, self.loop, self.config.state_dir, accel=self.accel(keys), qemu=self.config.qemu,
                         incoming=bool(snapshot))  # fmt: skip
         except BaseException:
@@ -178,6 +182,7 @@ class HostAgent:
             try:
                 assert keys.snapshot_path is not None
                 result["load_seconds"] = round(vm_state.restore(vm, self.tenant, str(snapshot), keys.snapshot_path), 3)
+                result["check_seconds"] = round(checked, 3)
             except BaseException:
                 self._end(vm, "restore_failed", end_lease=True)
                 raise
