@@ -27,6 +27,7 @@ from keysteward.agent.kms_volume import KmsVolumeSpec, create_kms_volume
 from keysteward.crypto import x509csr
 from keysteward.devcloud.guest import GuestImage, build_guest
 from keysteward.host.qemu import FileDisk, QemuVm, VmLaunch
+from keysteward.host.running import run_name
 from keysteward.volume.create import CreateOptions
 
 MIB: Final = 1 << 20
@@ -104,7 +105,7 @@ class VmSite:
 
     @property
     def serial(self) -> Path:
-        return self.tmp / "host-run" / self.vm_id / "serial.log"
+        return self.tmp / "host-run" / run_name(self.vm_id) / "serial.log"
 
     def _env(self) -> dict[str, str]:
         return _clean_env(KEYSTEWARD_DATA_DIR=str(self.server.data_dir), KEYSTEWARD_TOKEN=self.admin)

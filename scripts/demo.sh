@@ -150,7 +150,7 @@ keysteward host run --config "$KEYSTEWARD_DATA_DIR/host-a.toml" > "$KEYSTEWARD_D
 pids+=($!)
 keysteward vm start web --host host-a
 vm_id=$(keysteward vm show web --json | json '["id"]')
-serial="$KEYSTEWARD_DATA_DIR/host-a/run/$vm_id/serial.log"
+serial="$KEYSTEWARD_DATA_DIR/host-a/run/$(echo "$vm_id" | tr -d - | cut -c1-12)/serial.log"  # the VM's run directory
 for _ in $(seq 1 300); do grep -q "ks-guest tick=2" "$serial" 2>/dev/null && break; sleep 0.2; done
 grep -m 2 "ks-guest tick" "$serial"
 

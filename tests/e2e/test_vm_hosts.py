@@ -37,6 +37,7 @@ from keysteward.agent.tpm import TpmDevice
 from keysteward.crypto import x509csr
 from keysteward.devcloud.guest import GuestImage, guest_append
 from keysteward.devcloud.guest_init import MARKER_BYTES
+from keysteward.host.running import run_name
 from keysteward.volume.create import CreateOptions
 from keysteward.volume.kdf import KdfChoice
 from tests.e2e.test_proxy import BREAK_GLASS, volume_key
@@ -158,7 +159,7 @@ def start_host(site: Site, hosts: list[HostProcess], name: str) -> HostProcess:
 
 def serial(site: Site, host: str, vm_id: str) -> str:
     try:
-        return (site.tmp / f"{host}-run" / vm_id / "serial.log").read_text(errors="replace")
+        return (site.tmp / f"{host}-run" / run_name(vm_id) / "serial.log").read_text(errors="replace")
     except FileNotFoundError:
         return ""
 

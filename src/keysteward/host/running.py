@@ -37,6 +37,15 @@ log = logging.getLogger("keysteward.host")
 T = TypeVar("T")
 
 
+MAX_SOCKET_PATH = 107
+"""A unix socket's path is at most 107 bytes (sun_path) on Linux."""
+
+
+def run_name(vm_id: str) -> str:
+    """A VM's run directory under ``state_dir``: the first 12 hex digits of its id (short: the sockets live there)."""
+    return vm_id.replace("-", "")[:12]
+
+
 class LoopThread:
     """An asyncio event loop in a thread of its own: the NBD servers of every VM run on it."""
 
@@ -127,7 +136,10 @@ def launch(
     if not isinstance(kernel, str) or not isinstance(initrd, str):
         raise KeystewardError("this host starts VMs by direct kernel boot: the VM needs launch kernel and initrd",
                               code="vm_launch")  # fmt: skip
-    run_dir = Path(state_dir) / keys.vm_id
+    run_dir = Path(state_dir) / run_name(keys.vm_id)
+    if len(str(run_dir / "nbd.sock")) > MAX_SOCKET_PATH:
+        raise KeystewardError(f"state_dir {state_dir[:80]} is too long for the VMs' unix sockets "
+                              f"(at most {MAX_SOCKET_PATH - 23} characters)", code="host_config")  # fmt: skip
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(mode=0o700, parents=True)
     exports = open_disks(keys)
