@@ -7,7 +7,9 @@ reach), host-b is the destination. What must hold:
   disk counter continues, the VM's lease moved (host-a's ended, host-b's active, never both), and the
   volume key left host-a's agent while host-b's holds it;
 - a destination whose PCR 7 is not the approved one is refused before any state moves: it holds no key,
-  its incoming lease never existed, and the guest ticks on on host-a under its lease;
+  its incoming lease never existed, and the guest ticks on on host-a under its lease; a second destination
+  ordered while a migration is open is refused (one at a time); a destination whose QEMU dies before the
+  switchover: the order fails, its incoming lease is cancelled and its key wiped, the guest runs on on host-a;
 - the destination's QEMU accepts only the source's migration certificate: a client presenting the tenant's
   ordinary host certificate (same CA) is refused by the TLS authz, the real source then migrates.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import socket
 import ssl
 import time
@@ -34,6 +38,7 @@ from tests.e2e.test_vm_hosts import (  # noqa: F401 - fixtures
     MARKER,
     HostProcess,
     Site,
+    _open_policy,
     hosts,
     make_vm,
     site,
@@ -95,12 +100,14 @@ def test_a_vm_migrates_to_an_attested_host_and_the_source_lets_go(
         assert action in actions, action
     switch = [r for r in site.audit() if r["action"] == "vm.switchover"][-1]
     assert set(switch["details"]["lease_moves"].values()) == {"ended", "active"}
-    # the destination keeps renewing; a new migration order while none is open is accepted again later
+    # the destination keeps renewing; the old source asking for the VM now is a suspected clone
     time.sleep(2)
     assert "web" in host_b.status()["vms"]
+    clone = site.cli("vm", "start", "web", "--host", "host-a", check=False)
+    assert clone.returncode == 1 and "suspected_clone" in clone.stderr, clone.stderr
 
 
-def test_a_destination_with_the_wrong_pcr7_is_refused_and_the_vm_runs_on(
+def test_a_refused_or_dying_destination_leaves_the_vm_on_its_source(
     site: Site,  # noqa: F811
     hosts: list[HostProcess],  # noqa: F811
 ) -> None:
@@ -132,9 +139,44 @@ def test_a_destination_with_the_wrong_pcr7_is_refused_and_the_vm_runs_on(
     assert set(_leases(site, vm_id)) == {"host:host-a"}  # no incoming lease was ever granted
     later = ticks(site, "host-a", vm_id, after=len(before) + 1)
     assert later[-1][0] > before[-1][0] and host_a.status()["vms"]["web"]["vm_id"] == vm_id
-    # a refused migration is over: another may be ordered (here to the same refused host, refused again)
-    again = site.cli("vm", "migrate", "web", "--to", "host-b", check=False)
-    assert again.returncode == 1 and "forbidden_by_policy" in again.stderr
+    # a refused migration is over: another may be ordered; this time the destination dies before switchover
+    site.cli("policy", "set", str(_open_policy(site)))
+    before = ticks(site, "host-a", vm_id)
+    order = site.call("POST", "/vms/web/migrate", {"host": "host-b"})
+    # one migration at a time: a second destination ordered meanwhile is refused
+    with site.server.http(site.admin) as c:
+        racing = c.post("/vms/web/migrate", json={"host": "host-c"})
+    assert racing.status_code == 409 and racing.json()["code"] == "migration_in_progress", racing.text
+    # the destination's QEMU dies before the switchover
+    deadline = time.monotonic() + 60
+    while (pid := _qemu_of(site.tmp / "host-b-run" / vm_id)) is None:
+        assert time.monotonic() < deadline, "host-b never launched QEMU"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    while (answer := site.call("GET", f"/vm-orders/{order['id']}"))["state"] in ("pending", "taken"):
+        assert time.monotonic() < deadline + 60, answer
+        time.sleep(0.2)
+    assert answer["state"] == "failed", answer
+    # the source keeps running and keeps its lease; the destination's incoming lease is cancelled, its key wiped
+    later = ticks(site, "host-a", vm_id, after=len(before) + 2)
+    assert later[-1][0] > before[-1][0] and host_a.status()["vms"]["web"]["vm_id"] == vm_id
+    leases = _leases(site, vm_id)
+    assert leases["host:host-a"][0] == "active" and leases["host:host-b"] == ["cancelled"], leases
+    host_b.wait(lambda s: s.get("vms") == {}, timeout=15)
+    assert memory_holds(host_b.proc.pid, {"volume key": key}) == set()
+    assert json.loads(site.cli("vm", "show", "web", "--json").stdout)["host"] == "host-a"
+
+
+def _qemu_of(run_dir: Path) -> int | None:
+    """The pid of a QEMU whose command line names ``run_dir``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"qemu-system" in cmdline and str(run_dir).encode() in cmdline:
+            return int(proc.name)
+    return None
 
 
 def _tls_client_refused(address: str, ca: Path, cert: Path, key: Path, hostname: str) -> bool:
@@ -180,7 +222,7 @@ def test_the_destination_accepts_only_the_migration_certificate(tmp_path: Path, 
     with machine("src", False) as source, machine("dst", True) as dest:
         source.start()
         dest.start()
-        source.wait_serial(r"ks-guest tick=2 ", 60)
+        source.wait_serial(r"ks-guest tick=2 ", 180)
         dst_tls = migration.write_tls_dir(tmp_path / "dst", "destination", ca_pem, *ends["destination"])
         address = migration.free_address()
         migration.listen(dest, dst_tls, migration_dn(migration_id, "source"), address)
