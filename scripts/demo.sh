@@ -122,6 +122,54 @@ echo "agent: volume web-data is $(agent_state)"
 [ "$(agent_state)" = locked ]
 if keysteward volume read "$bound" --kms "$kms_url" --length 16 > /dev/null; then echo "revoked, yet released"; exit 1; fi
 
+say "hypervisor hosts: a host agent starts a VM only with keys released to it (docs/hosts.md)"
+keysteward ca init > /dev/null
+keysteward ca issue host-a --role host --out-dir "$KEYSTEWARD_DATA_DIR/host-a" > /dev/null
+guest=$(python3 -m keysteward.devcloud.guest --cache "${KEYSTEWARD_GUEST_CACHE:-$HOME/.cache/keysteward/guest}")
+kernel=$(echo "$guest" | json '["kernel"]'); initrd=$(echo "$guest" | json '["initrd"]')
+marker=6b657973746577617264206d61726b65  # the guest keeps it in RAM (4 MiB of it): the snapshot must not show it
+keysteward volume create "$KEYSTEWARD_DATA_DIR/web-root.img" --size 8M --kms "$kms_url" --key volumes \
+  --name web-root --bind-host host-a > /dev/null
+keysteward vm create web --volume "web-root=$KEYSTEWARD_DATA_DIR/web-root.img" --key volumes --memory 256 \
+  --kernel "$kernel" --initrd "$initrd" --append "console=ttyS0 quiet panic=-1 ks.marker=$marker" \
+  --lease-seconds 10 --renew-seconds 2
+cat > "$KEYSTEWARD_DATA_DIR/host-a.toml" <<TOML
+state_dir = "$KEYSTEWARD_DATA_DIR/host-a/run"
+snapshot_dir = "$KEYSTEWARD_DATA_DIR/host-a/state"
+poll_seconds = 0.3
+[kms]
+url = "$kms_url"
+ca_file = "$KEYSTEWARD_CA_FILE"
+cert_file = "$KEYSTEWARD_DATA_DIR/host-a/host-a.pem"
+key_file = "$KEYSTEWARD_DATA_DIR/host-a/host-a.key"
+[qemu]
+accel = "tcg"
+TOML
+keysteward host check --config "$KEYSTEWARD_DATA_DIR/host-a.toml"
+keysteward host run --config "$KEYSTEWARD_DATA_DIR/host-a.toml" > "$KEYSTEWARD_DATA_DIR/host-a.log" 2>&1 &
+pids+=($!)
+keysteward vm start web --host host-a
+vm_id=$(keysteward vm show web --json | json '["id"]')
+serial="$KEYSTEWARD_DATA_DIR/host-a/run/$vm_id/serial.log"
+for _ in $(seq 1 300); do grep -q "ks-guest tick=2" "$serial" 2>/dev/null && break; sleep 0.2; done
+grep -m 2 "ks-guest tick" "$serial"
+
+say "keysteward vm snapshot web: memory and devices, encrypted as they stream under the VM's key"
+snapshot=$(keysteward vm snapshot web --json | json '["result"]["path"]')
+ls -l "$snapshot"
+head -c 10 "$snapshot"; echo " (header), then Tink AES-GCM-HKDF segments"
+if python3 -c "import sys; sys.exit(bytes.fromhex(sys.argv[1]) not in open(sys.argv[2], 'rb').read())" "$marker" "$snapshot"; then
+  echo "the guest's RAM marker is in the snapshot"; exit 1
+fi
+echo "the guest's RAM marker is nowhere in the snapshot"
+
+say "a VM the policy keeps to hosts with memory encryption: host-a (no SEV/TDX here) is refused"
+sed -n '/@id("confidential-vms-need-memory-encryption")/,$p' docs/policies/vm-hosts.cedar > "$KEYSTEWARD_DATA_DIR/vms.cedar"
+keysteward policy set "$KEYSTEWARD_DATA_DIR/vms.cedar"
+keysteward vm create vault --key volumes --memory 128 --kernel "$kernel" --initrd "$initrd" --label confidential=true > /dev/null
+if keysteward vm start vault --host host-a; then echo "a host without memory encryption got the VM"; exit 1; fi
+keysteward vm stop web
+
 say "keysteward audit list"
 keysteward audit list --last 16
 

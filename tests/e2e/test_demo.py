@@ -19,7 +19,7 @@ def test_demo_script(tmp_path: Path, secret_registry: SecretRegistry) -> None:
     env["KEYSTEWARD_DEMO_DIR"] = str(tmp_path / "demo")
     (tmp_path / "demo").mkdir()
     done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "demo.sh")], env=env, capture_output=True, text=True, timeout=300, check=False
+        ["bash", str(REPO / "scripts" / "demo.sh")], env=env, capture_output=True, text=True, timeout=900, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for expected in (
@@ -35,10 +35,14 @@ def test_demo_script(tmp_path: Path, secret_registry: SecretRegistry) -> None:
         "suspected clone (suspected_clone)",
         "agent: volume web-data is locked",
         "the volume is revoked (volume_revoked)",
+        "VM web started on host-a",
+        "the guest's RAM marker is nowhere in the snapshot",
+        "(confidential-vms-need-memory-encryption) (forbidden_by_policy)",
+        "VM web stopped on host-a",
     ):
         assert expected in done.stdout + done.stderr, expected
     assert "Traceback" not in done.stdout + done.stderr
     secret_registry.place(tmp_path / "demo" / "server.log")
     secret_registry.place(tmp_path / "demo" / "keysteward.db")
-    for name in ("agent.log", "agent.json", "devcloud.log", "bound.img"):
+    for name in ("agent.log", "agent.json", "devcloud.log", "bound.img", "host-a.log"):
         secret_registry.place(tmp_path / "demo" / name)

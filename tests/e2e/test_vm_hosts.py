@@ -72,6 +72,7 @@ class Site:
     guest: GuestImage
     tpms: dict[str, Swtpm]
     registry: SecretRegistry
+    root: str
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.server.cli(*args, token=self.admin, check=check)
@@ -125,7 +126,8 @@ def site(
         server = server_factory(tmp_path / "ks", env={"KEYSTEWARD_RELEASE_TPM_EK_ROOTS": str(roots)})
         with server.http(out.root_token.secret) as c:
             admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
-        site = Site(server, admin, tmp_path, guest_image, {"host-a": tpm_a, "host-b": tpm_b}, secret_registry)
+        tpms = {"host-a": tpm_a, "host-b": tpm_b}
+        site = Site(server, admin, tmp_path, guest_image, tpms, secret_registry, out.root_token.secret)
         site.call("POST", "/keys", {"name": "volumes"})
         site.call("POST", "/ca/init")
         yield site
@@ -288,3 +290,71 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return True
+
+
+def test_damaged_or_foreign_state_and_strangers_are_refused_with_nothing_launched(
+    site: Site, hosts: list[HostProcess]
+) -> None:
+    make_vm(site)
+    host = start_host(site, hosts, "host-a")
+    site.cli("host", "enroll-tpm", "--config", str(site.tmp / "host-a.toml"))
+    vm_id = json.loads(site.cli("vm", "start", "web", "--host", "host-a", "--json").stdout)["vm_id"]
+    ticks(site, "host-a", vm_id, after=2)
+    suspended = json.loads(site.cli("vm", "suspend", "web", "--json").stdout)["result"]
+    assert suspended["stopped"] is True and host.status()["vms"] == {}
+    path = Path(suspended["path"])
+    good = path.read_bytes()
+
+    def refused(code: str, *args: str) -> None:
+        done = site.cli(*args, check=False)
+        assert done.returncode == 1 and code in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert host.status()["vms"] == {} and not any((site.tmp / "host-a-run").glob("*/qmp.sock"))
+
+    # a flipped byte, a truncated file: refused before QEMU sees a byte (nothing is launched)
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    refused("snapshot_auth_failed", "vm", "resume", "web", "--host", "host-a")
+    assert path.read_bytes() == bytes(damaged)  # nothing on disk changed
+    path.write_bytes(good[: len(good) - 4096])
+    refused("snapshot_auth_failed", "vm", "resume", "web", "--host", "host-a")
+    # a snapshot id that is not this VM's, a VM that does not exist
+    refused("snapshot_not_found", "vm", "restore", "web", "6f1c7d4e-0000-4000-8000-000000000000", "--host", "host-a")
+    refused("vm_not_found", "vm", "start", "nope", "--host", "host-a")
+    # the good file again: the VM resumes where it was
+    path.write_bytes(good)
+    site.cli("vm", "resume", "web", "--host", "host-a")
+    assert ticks(site, "host-a", vm_id)[0][0] >= 3
+
+    # a host certificate of another tenant asks for this tenant's VM, or its orders
+    evil_admin = _tenant(site, "evil")
+    with site.server.http(evil_admin) as c:
+        assert c.post("/ca/init").status_code == 201
+        key_pem, csr = x509csr.make_csr("evil", "host", "host-a")
+        issued = c.post("/ca/issue", json={"name": "host-a", "role": "host", "csr_pem": csr.decode()}).json()
+    cert, key = site.tmp / "evil.pem", site.tmp / "evil.key"
+    cert.write_text(issued["cert_pem"])
+    key.write_bytes(bytes(key_pem))
+    with site.server.http(cert=(cert, key)) as evil:
+        assert evil.get("/host/orders").json() == []
+        body = {"tenant": "acme", "nonce": "x" * 43, "public_key": base64.b64encode(bytes(32)).decode(),
+                "evidence": {"identity": {}}, "hardware": {}}  # fmt: skip
+        answer = evil.post(f"/vms/{vm_id}/release", json=body)
+        assert answer.status_code == 403 and answer.json()["code"] == "tenant_mismatch", answer.text
+        answer = evil.post(f"/vms/{vm_id}/release", json={**body, "tenant": "evil"})
+        assert answer.status_code == 403 and answer.json()["code"] in ("vm_not_found", "nonce_invalid"), answer.text
+        snap = evil.post(f"/vms/{vm_id}/snapshots", json={"lease_id": vm_id, "token": "AAAA", "path": "/tmp/x"})
+        assert snap.status_code in (403, 404), snap.text
+    assert host.status()["vms"]["web"]["vm_id"] == vm_id  # the VM ran on through all of it
+
+    # crypto-shredding: the VM's key and its disk's key are destroyed; the guest stops at its next renewal
+    site.cli("vm", "destroy", "web", "--yes")
+    host.wait(lambda s: s.get("vms") == {}, timeout=15)
+    refused("volume_destroyed", "vm", "resume", "web", "--host", "host-a")
+    with site.server.http(site.admin) as c:
+        assert c.get("/volumes/web-root").json()["state"] == "destroyed"
+
+
+def _tenant(site: Site, name: str) -> str:
+    with site.server.http(site.root) as c:
+        return str(c.post("/tenants", json={"name": name}).json()["admin_token"]["token"])

@@ -74,6 +74,8 @@ def test_guest_build_is_cached(guest_image: GuestImage, tmp_path: Path) -> None:
     began = time.monotonic()
     again = build_guest(guest_cache_dir())
     assert again == guest_image and time.monotonic() - began < 1.0
+    with again.kernel.open("rb") as kernel:
+        assert kernel.read(4) == b"\x7fELF", "QEMU boots the uncompressed kernel (PVH), not the bzImage"
     listing = subprocess.run(["cpio", "-t", "--quiet"], input=gzip.decompress(again.initrd.read_bytes()),
                              capture_output=True, check=True).stdout.decode().split()  # fmt: skip
     for name in ("init", "bin/busybox", "dev/console", "lib/modules/virtio_blk.ko", "lib/modules/virtio_pci.ko"):
@@ -99,11 +101,11 @@ def test_guest_ticks_and_counter_survives_reboot(
     ticks = _ticks(vm, 3)
     assert [t[:2] for t in ticks] == [(1, 1), (2, 2), (3, 3)] and {t[2] for t in ticks} == {"-"}
     with pytest.raises(QmpCommandError) as raised:
-        vm._monitor().execute("no-such-command")
+        vm.monitor().execute("no-such-command")
     assert raised.value.error_class == "CommandNotFound"
 
     mark = len(vm.serial_text())
-    vm._monitor().execute("system_reset")
+    vm.monitor().execute("system_reset")
     reboot = vm.wait_serial(r"^ks-guest ready$", BOOT_SECONDS, start=mark)
     tick, counter, _ = _ticks(vm, 1, reboot.end())[0]
     assert tick == 1 and counter > 3, "the counter lives on the disk, the tick in RAM"

@@ -97,12 +97,13 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
             "pci-approval.cedar",
             "snp-only.cedar",
             "tpm-pcr7.cedar",
+            "vm-hosts.cedar",
         ]
     )
     for name in names:
         assert (EXAMPLES / name).read_text().startswith("// "), f"{name} needs a header comment"
     together = CompiledPolicySet.compile({name: (EXAMPLES / name).read_text() for name in names})
-    assert len(together.ids) == 15 and len(set(together.ids)) == 15
+    assert len(together.ids) == 17 and len(set(together.ids)) == 17
 
 
 def test_allowlist() -> None:
@@ -288,3 +289,31 @@ def test_kmip_vm_keys_go_to_esx_1_only() -> None:
     check(policies.evaluate(kmip_get("esx-2", vm)), "deny", "forbidden_by_policy", ("kmip-vm-keys-only-to-esx-1",))
     check(policies.evaluate(kmip_get("esx-2", {"x-Component": "vSAN"})), "permit", "permitted")
     check(policies.evaluate(kmip_get("esx-2", {})), "permit", "permitted")
+
+
+def _vm(action: str, *, pcr7: str | None, host: dict[str, bool], labels: dict[str, str]) -> PolicyRequest:
+    platform: dict[str, Any] = {"tee": "tpm2"}
+    if pcr7 is not None:
+        platform["pcrs"] = {"sha256_7": pcr7}
+    return PolicyRequest(
+        tenant="acme", action=action, principal={"type": "Host", "name": "host-a"},
+        resource={"type": "Vm", "id": "5a0c", "name": "db-1", "memory_mb": 4096, "cpus": 2, "labels": labels},
+        identity={"provider": "host", "kind": "host", "account": "acme", "instance_id": "host-a"},
+        platform=platform, time=MONDAY_10, host=host,
+    )  # fmt: skip
+
+
+def test_vm_hosts_pcr7_and_memory_encryption() -> None:
+    from keysteward.policy.store import default_sources
+
+    policies = CompiledPolicySet.compile({**default_sources(), **source("vm-hosts.cedar")})
+    plain, snp = {"kvm": True}, {"kvm": True, "sev_snp": True}
+    assert policies.evaluate(_vm("vm_start", pcr7=GOOD_PCR7, host=plain, labels={})).effect == "permit"
+    other = policies.evaluate(_vm("vm_start", pcr7="00" * 32, host=plain, labels={}))
+    assert other.effect == "deny" and other.policies == ("vm-hosts-pcr7",)
+    assert policies.evaluate(_vm("vm_restore", pcr7=None, host=snp, labels={})).policies == ("vm-hosts-pcr7",)
+    confidential = {"confidential": "true"}
+    refused = policies.evaluate(_vm("vm_start", pcr7=GOOD_PCR7, host=plain, labels=confidential))
+    assert refused.effect == "deny" and refused.policies == ("confidential-vms-need-memory-encryption",)
+    assert policies.evaluate(_vm("vm_start", pcr7=GOOD_PCR7, host=snp, labels=confidential)).effect == "permit"
+    assert policies.evaluate(_vm("vm_renew", pcr7=GOOD_PCR7, host=plain, labels=confidential)).effect == "deny"

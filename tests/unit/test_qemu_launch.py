@@ -11,7 +11,7 @@ import pytest
 
 from keysteward.devcloud.cpio import CpioWriter
 from keysteward.devcloud.guest import guest_append
-from keysteward.devcloud.guest_init import init_script
+from keysteward.devcloud.guest_init import guest_memory_mb, init_script
 from keysteward.host.qemu import FileDisk, NbdDisk, VmLaunch
 
 pytestmark = pytest.mark.unit
@@ -144,3 +144,5 @@ def test_init_script_and_kernel_command_line() -> None:
     assert guest_append() == "console=ttyS0 quiet panic=-1"
     with pytest.raises(ValueError):
         guest_append(fill_mb=-1)
+    assert "MemAvailable" in text, "the fill is capped: an over-full tmpfs would OOM-kill init"
+    assert guest_memory_mb(0) == 176 and guest_memory_mb(1024) >= 1024 + 200

@@ -52,6 +52,7 @@ def create(
     append: Annotated[str | None, typer.Option(help="Kernel command line.")] = None,
     lease_seconds: Annotated[int, typer.Option(help="Lease length; a host renews every --renew-seconds.")] = 60,
     renew_seconds: Annotated[int, typer.Option(help="How often the host renews the VM's lease.")] = 10,
+    label: Annotated[list[str], typer.Option("--label", help="KEY=VALUE, a tag policies read. Repeatable.")] = [],  # noqa: B006
     as_json: JsonFlag = False,
 ) -> None:
     """Register a VM: a per-VM key in the tenant's hierarchy, its volumes bound to it, its launch settings."""
@@ -61,9 +62,12 @@ def create(
         if not sep or not ref or not path.startswith("/"):
             raise typer.BadParameter(f"--volume {item!r}: use NAME=/absolute/path/on/the/hosts")
         disks.append({"volume": ref, "path": path})
+    labels = dict(item.partition("=")[::2] for item in label)
+    if any(not k for k in labels) or any("=" not in item for item in label):
+        raise typer.BadParameter("--label takes KEY=VALUE")
     launch = {k: v for k, v in {"kernel": kernel, "initrd": initrd, "append": append}.items() if v is not None}
     body = {"name": name, "key": key, "memory_mb": memory, "cpus": cpus, "disks": disks, "launch": launch,
-            "lease_seconds": lease_seconds, "renew_seconds": renew_seconds}  # fmt: skip
+            "lease_seconds": lease_seconds, "renew_seconds": renew_seconds, "labels": labels}  # fmt: skip
     made = client(ctx).post("/vms", body)
     emit(made, as_json, lambda d: console.print(f"VM {d['name']} created ({d['id']}), {len(d['disks'])} disk(s)"))
 
@@ -106,7 +110,15 @@ def _order(api: Client, ref: str, kind: str, body: dict[str, Any], wait: float) 
 def _done(ctx: typer.Context, ref: str, kind: str, body: dict[str, Any], wait: float, as_json: bool, say: str) -> None:
     order = _order(client(ctx), ref, kind, body, wait)
     result = order.get("result") or {}
-    emit(order, as_json, lambda o: console.print(say.format(host=o["host"], vm=o["vm"], **result)))
+    values = _Values({**result, "host": order["host"], "vm": order["vm"]})
+    emit(order, as_json, lambda _: console.print(say.format_map(values)))
+
+
+class _Values(dict[str, Any]):
+    """A host's result for a message: a field it did not send reads as ``?``, never as a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
 
 
 @app.command("start")

@@ -6,7 +6,9 @@ from init's argv and environment):
 - ``ks.marker=HEX``: the bytes it decodes to, repeated to fill 4 MiB, are written to a tmpfs file,
   so they sit in guest RAM. Only their md5 is ever printed (``ram=``), never the marker.
 - ``ks.fill_mb=N``: N MiB of non-zero, non-repeating-within-a-page data (a 64 KiB random seed,
-  repeated) written to tmpfs, so a save of the VM's memory has real bytes to carry.
+  repeated) written to tmpfs, so a save of the VM's memory has real bytes to carry. Capped at what
+  the guest has available less 48 MiB (tmpfs cannot be swapped: more would kill init by OOM), so
+  the ``filled mb=`` line says what was filled; :func:`guest_memory_mb` sizes a VM for a fill.
 
 Serial lines, in order: ``ks-guest ready`` first (the "first serial line" of a boot), then
 ``ks-guest filled mb=N`` if asked to fill, then every ~0.5 s
@@ -51,6 +53,8 @@ if [ -n "$marker" ]; then
   done
   head -c @MARKER_BYTES@ /mnt/marker >/mnt/marker.next && mv /mnt/marker.next /mnt/marker
 fi
+avail=$(($(sed -n 's/^MemAvailable: *\([0-9]*\) kB$/\1/p' /proc/meminfo) / 1024 - 48))
+[ "$fill" -gt "$avail" ] && fill=$avail
 if [ "$fill" -gt 0 ]; then
   head -c 65536 /dev/urandom >/mnt/seed
   for i in 1 2 3 4; do cat /mnt/seed /mnt/seed /mnt/seed /mnt/seed >/mnt/seed.next; mv /mnt/seed.next /mnt/seed; done
@@ -80,6 +84,11 @@ while true; do
   sleep 0.5
 done
 """
+
+
+def guest_memory_mb(fill_mb: int) -> int:
+    """Guest RAM for ``ks.fill_mb=fill_mb``: the fill plus the kernel, the initramfs and the marker."""
+    return max(128, fill_mb + fill_mb // 16 + 176)
 
 
 def init_script(modules: Sequence[str]) -> str:

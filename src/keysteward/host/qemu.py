@@ -31,6 +31,8 @@ STATE_FD_NAME: Final = "ks-state"
 #: bytes/s: QEMU's migration default (128 MiB/s) would throttle a local save
 MAX_BANDWIDTH: Final = 1 << 40
 _NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: the first line of the test guest's /init: a KVM probe boot counts only when userspace ran
+PROBE_LINE: Final = r"^ks-guest ready$"
 _SANDBOX = "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny"
 
 
@@ -206,7 +208,8 @@ class QemuVm:
         self._stderr.seek(0)
         return str(self._stderr.read()[-400:].decode(errors="replace").strip())
 
-    def _monitor(self) -> QmpClient:
+    def monitor(self) -> QmpClient:
+        """The VM's QMP session, for commands beyond the ones here (``system_reset``, queries)."""
         if self.qmp is None:
             raise QemuError("VM not started")
         return self.qmp
@@ -231,13 +234,13 @@ class QemuVm:
             time.sleep(0.02)
 
     def status(self) -> str:
-        return str(self._monitor().execute("query-status").get("status", ""))
+        return str(self.monitor().execute("query-status").get("status", ""))
 
     def pause(self) -> None:
-        self._monitor().execute("stop")
+        self.monitor().execute("stop")
 
     def resume(self) -> None:
-        self._monitor().execute("cont")
+        self.monitor().execute("cont")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Pause the guest, ask QEMU to quit, then terminate and at last kill it."""
@@ -279,12 +282,12 @@ class QemuVm:
 
     def save_state_to_fd(self, fd: int, timeout: float = 300.0) -> MigrationStats:
         """Pause the guest and write its state to ``fd``; the guest stays paused (``postmigrate``)."""
-        self._monitor().send_fd(fd, STATE_FD_NAME)
+        self.monitor().send_fd(fd, STATE_FD_NAME)
         return self.save_state_to_uri(f"fd:{STATE_FD_NAME}", timeout)
 
     def save_state_to_uri(self, uri: str, timeout: float = 300.0) -> MigrationStats:
         """As :meth:`save_state_to_fd` for any migration URI (``exec:`` needs ``allow_spawn``)."""
-        qmp = self._monitor()
+        qmp = self.monitor()
         began = time.monotonic()
         qmp.execute("stop")
         qmp.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
@@ -301,13 +304,13 @@ class QemuVm:
 
     def load_state_from_fd(self, fd: int, timeout: float = 300.0) -> float:
         """Read the state from ``fd`` into a VM launched with ``incoming="defer"``, then run it; seconds taken."""
-        self._monitor().send_fd(fd, STATE_FD_NAME)
+        self.monitor().send_fd(fd, STATE_FD_NAME)
         return self.load_state_from_uri(f"fd:{STATE_FD_NAME}", timeout)
 
     def load_state_from_uri(self, uri: str, timeout: float = 300.0) -> float:
         if self.launch.incoming != "defer":
             raise QemuError("loading state needs a VM launched with incoming='defer'")
-        qmp = self._monitor()
+        qmp = self.monitor()
         began = time.monotonic()
         qmp.execute("migrate-incoming", {"uri": uri})
         self._wait_migration(began + timeout)
@@ -320,7 +323,7 @@ class QemuVm:
         return time.monotonic() - began
 
     def _wait_migration(self, deadline: float) -> dict[str, Any]:
-        qmp = self._monitor()
+        qmp = self.monitor()
         while True:
             try:
                 info = qmp.execute("query-migrate")
@@ -347,11 +350,13 @@ _PROBED: dict[str, Accel] = {}
 
 
 def probe_accel(
-    kernel: Path, initrd: Path, *, timeout: float = 4.0, first_line: str = r"\S", qemu: str = QEMU_BINARY
+    kernel: Path, initrd: Path, *, timeout: float = 4.0, first_line: str = PROBE_LINE, qemu: str = QEMU_BINARY
 ) -> Accel:
     """``"kvm"`` only if a guest booted under KVM prints ``first_line`` within ``timeout``, else ``"tcg"``.
 
-    ``/dev/kvm`` opening is not enough: on some hosts a KVM guest hangs. Asked once per process.
+    ``/dev/kvm`` opening is not enough: on some hosts a KVM guest hangs. The line waited for is the
+    test guest's (keysteward.devcloud.guest) first line from its /init, not any kernel message: a
+    kernel may print an early warning and then hang. Asked once per process.
     """
     if "accel" in _PROBED:
         return _PROBED["accel"]
