@@ -11,17 +11,20 @@ reach), host-b is the destination. What must hold:
   ordered while a migration is open is refused (one at a time); a destination whose QEMU dies before the
   switchover: the order fails, its incoming lease is cancelled and its key wiped, the guest runs on on host-a;
 - the destination's QEMU accepts only the source's migration certificate: a client presenting the tenant's
-  ordinary host certificate (same CA) is refused by the TLS authz, the real source then migrates.
+  ordinary host certificate (same CA) is refused by the TLS authz, the real source then migrates, and the
+  bytes a TCP relay between them recorded hold no trace of the guest's RAM marker.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import socket
 import ssl
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -196,6 +199,34 @@ def _tls_client_refused(address: str, ca: Path, cert: Path, key: Path, hostname:
             return False
 
 
+class Relay:
+    """A TCP relay between the hosts that records every byte the source sends."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.recorded = bytearray()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        client, _ = self.listener.accept()
+        upstream = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+        self._pump(client, upstream, self.recorded)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(1 << 16):
+                if record is not None:
+                    record += chunk
+                dst.sendall(chunk)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
 def test_the_destination_accepts_only_the_migration_certificate(tmp_path: Path, guest_image: GuestImage) -> None:
     ca_pem, ca_key = x509ca.new_ca("acme CA")
     migration_id = str(uuid.uuid4())
@@ -233,12 +264,16 @@ def test_the_destination_accepts_only_the_migration_certificate(tmp_path: Path, 
         assert "authz" in dest.stderr_tail() and "CN=host-b" in dest.stderr_tail(), dest.stderr_tail()
         # the control: the source's migration certificate passes the authz (and the real source migrates)
         src_tls = migration.write_tls_dir(tmp_path / "src", "source", ca_pem, *ends["source"])
-        migration.send(source, src_tls, hostname, address)
+        relay = Relay(address)  # the wire between the hosts
+        migration.send(source, src_tls, hostname, relay.address)
         deadline = time.monotonic() + 60
         migration.wait_for(source, "pre-switchover", deadline)
-        assert source._monitor().execute("query-migrate")["status"] == "pre-switchover"
-        source._monitor().execute("migrate-continue", {"state": "pre-switchover"})
+        assert source.monitor().execute("query-migrate")["status"] == "pre-switchover"
+        source.monitor().execute("migrate-continue", {"state": "pre-switchover"})
         migration.wait_for(source, "completed", deadline)
         migration.wait_for(dest, "completed", deadline)
         tick = dest.wait_serial(r"ks-guest tick=(\d+) ", 30)
         assert int(tick.group(1)) >= 3  # RAM moved: no reboot
+        # the guest's RAM (its 4 MiB marker among it) crossed the wire, encrypted: no marker in the bytes
+        assert len(relay.recorded) > 4 << 20 and bytes(relay.recorded[:1]) == b"\x16"  # a TLS handshake record
+        assert MARKER not in relay.recorded

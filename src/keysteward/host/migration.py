@@ -69,7 +69,7 @@ def remove_tls_dir(tls_dir: Path) -> None:
 
 def listen(vm: QemuVm, tls_dir: Path, source_dn: str, address: str) -> None:
     """The destination's QEMU (launched ``-incoming defer``) listens at ``address``, TLS only, one DN."""
-    qmp = _qmp(vm)
+    qmp = vm.monitor()
     qmp.execute("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": str(tls_dir),
                                "endpoint": "server", "verify-peer": True})  # fmt: skip
     qmp.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_ID, "identity": source_dn})
@@ -79,7 +79,7 @@ def listen(vm: QemuVm, tls_dir: Path, source_dn: str, address: str) -> None:
 
 def send(vm: QemuVm, tls_dir: Path, hostname: str, address: str) -> None:
     """The source's QEMU sends to ``address`` over TLS, expecting ``hostname``; it pauses before switchover."""
-    qmp = _qmp(vm)
+    qmp = vm.monitor()
     qmp.execute("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": str(tls_dir),
                                "endpoint": "client", "verify-peer": True})  # fmt: skip
     capabilities = [{"capability": "pause-before-switchover", "state": True},
@@ -92,7 +92,7 @@ def send(vm: QemuVm, tls_dir: Path, hostname: str, address: str) -> None:
 
 def wait_for(vm: QemuVm, wanted: str, deadline: float) -> dict[str, Any]:
     """``query-migrate`` until its status is ``wanted``; a failed or cancelled migration raises."""
-    qmp = _qmp(vm)
+    qmp = vm.monitor()
     while True:
         info = qmp.execute("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
@@ -105,12 +105,6 @@ def wait_for(vm: QemuVm, wanted: str, deadline: float) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise QemuError(f"migration not {wanted} in time (status {status})")
         time.sleep(0.02)
-
-
-def _qmp(vm: QemuVm) -> Any:
-    if vm.qmp is None:
-        raise QemuError("VM not started")
-    return vm.qmp
 
 
 def free_address(host: str = "127.0.0.1") -> str:
@@ -186,7 +180,7 @@ def outgoing(agent: HostAgent, order: dict[str, Any]) -> dict[str, Any]:
         wait_for(vm.qemu, "pre-switchover", deadline)
         _switch_over(agent, vm.vm_id, migration_id, vm.keys.lease)
         switched = True
-        _qmp(vm.qemu).execute("migrate-continue", {"state": "pre-switchover"})
+        vm.qemu.monitor().execute("migrate-continue", {"state": "pre-switchover"})
         info = wait_for(vm.qemu, "completed", deadline)
     except BaseException:
         if not switched:
@@ -220,7 +214,7 @@ def _switch_over(agent: HostAgent, vm_id: str, migration_id: str, lease: Any) ->
 def _cancel(vm: QemuVm) -> None:
     """Before switchover: cancel the migration; the guest runs on here."""
     try:
-        qmp = _qmp(vm)
+        qmp = vm.monitor()
         qmp.execute("migrate_cancel")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
