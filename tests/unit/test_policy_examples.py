@@ -317,3 +317,8 @@ def test_vm_hosts_pcr7_and_memory_encryption() -> None:
     assert refused.effect == "deny" and refused.policies == ("confidential-vms-need-memory-encryption",)
     assert policies.evaluate(_vm("vm_start", pcr7=GOOD_PCR7, host=snp, labels=confidential)).effect == "permit"
     assert policies.evaluate(_vm("vm_renew", pcr7=GOOD_PCR7, host=plain, labels=confidential)).effect == "deny"
+    # a migration's destination is held to the same rules as a start
+    assert policies.evaluate(_vm("vm_migrate", pcr7=GOOD_PCR7, host=plain, labels={})).effect == "permit"
+    moved = policies.evaluate(_vm("vm_migrate", pcr7="00" * 32, host=plain, labels={}))
+    assert moved.effect == "deny" and moved.policies == ("vm-hosts-pcr7",)
+    assert policies.evaluate(_vm("vm_migrate", pcr7=GOOD_PCR7, host=plain, labels=confidential)).effect == "deny"

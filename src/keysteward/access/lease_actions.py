@@ -80,6 +80,8 @@ class LeaseRenew(_LeaseAction):
         subject.details["lease"] = row.id
         if row.state in (leases.REVOKED, leases.SHRED):
             action = row.state
+        elif row.state == leases.ENDED and row.holder.startswith("host:"):
+            action = "ended"  # a VM's lease ended under its host (a migration's switchover): stop, do not ask again
         elif row.state != leases.ACTIVE or expires <= now:
             action = "expired"
             if row.state == leases.ACTIVE:

@@ -85,6 +85,8 @@ class _Release:
 
 class VolumeRelease(ActionHandler):
     action, cedar_action, delivery = "volume.release", "release", Delivery.SEALED
+    lease_state = leases.ACTIVE
+    """The state of the lease a permit grants (a migration's destination gets an ``incoming`` one)."""
 
     def __init__(
         self,
@@ -260,7 +262,7 @@ class VolumeRelease(ActionHandler):
         # as a new instance): alert. Others are simply not permitted.
         live = leases.live_holder(conn, volume.id, now)
         clone_like = decision.effect != "deny" or volume.binding.mismatch(state.caller) == "instance_id"
-        if live is not None and live.holder != holder and clone_like:
+        if live is not None and live.holder != holder and clone_like and not self.may_hold(subject, live):
             subject.alerts.append(
                 {
                     "alert": "suspected_clone",
@@ -278,6 +280,10 @@ class VolumeRelease(ActionHandler):
                 f"volume '{volume.name}' is held by another instance under a live lease: suspected clone",
                 code="suspected_clone",
             )
+
+    def may_hold(self, subject: Subject, live: leases.LeaseInfo) -> bool:
+        """Whether ``live``, another holder's live lease, is expected (a migration's source): not a clone."""
+        return False
 
     def denial(self, policy: PolicyVersion, decision: PolicyDecision, subject: Subject) -> Denied:
         state: _Release = subject.state
@@ -326,6 +332,7 @@ class VolumeRelease(ActionHandler):
             now=now,
             seconds=state.volume.lease_seconds,
             facts=json.dumps(facts.to_json(), sort_keys=True),
+            state=self.lease_state,
         )
         subject.details.update(
             decision="released", lease=state.lease_id, key_version=state.volume.key_version, suite=state.inputs.suite

@@ -52,7 +52,7 @@ LEASE_TOKEN_SIZE = TOKEN_SIZE
 UNREACHABLE = "kms_unreachable"
 PROTOCOL_ERROR = "kms_protocol"
 MAX_ANSWER = 1 << 20
-RENEW_ACTIONS = ("continue", "revoked", "shred", "expired")
+RENEW_ACTIONS = ("continue", "revoked", "shred", "expired", "ended")
 
 Evidence = Callable[[bytes], Mapping[str, Any]]
 """``evidence(binding) -> identity``: the ``evidence.identity`` object for a 32-byte binding."""

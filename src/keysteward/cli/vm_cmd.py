@@ -1,4 +1,4 @@
-"""keysteward vm create|list|show|start|stop|snapshot|suspend|restore|resume|revoke|destroy (docs/hosts.md).
+"""keysteward vm create|list|show|start|stop|snapshot|suspend|restore|resume|migrate|revoke|destroy (docs/hosts.md).
 
 A VM is registered in the tenant with its own key and its volumes; ``start``, ``stop``, ``snapshot``,
 ``suspend`` and ``restore`` are orders to a host agent, which carries them out through the access path.
@@ -162,6 +162,18 @@ def resume(ctx: typer.Context, ref: Ref, host: Host, wait: Wait = 600.0, as_json
     if not saved:
         raise KeystewardError(f"VM {ref} has no saved snapshot", code="snapshot_not_found")
     restore(ctx, ref, saved[-1]["id"], host, wait, as_json)
+
+
+@app.command("migrate")
+def migrate(
+    ctx: typer.Context, ref: Ref,
+    to: Annotated[str, typer.Option("--to", help="The destination host (its certificate's name).")],
+    wait: Wait = 600.0, as_json: JsonFlag = False,
+) -> None:  # fmt: skip
+    """Live-migrate the VM to HOST: the destination proves itself as for a start, the channel is TLS with
+    certificates made for this migration, and the VM's lease moves from source to destination at switchover."""
+    _done(ctx, ref, "migrate", {"host": to}, wait, as_json,
+          "VM {vm} migrated from {source} to {host} in {seconds} s")  # fmt: skip
 
 
 @app.command("revoke")

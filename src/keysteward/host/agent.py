@@ -10,6 +10,7 @@ Every ``poll_seconds`` it fetches this host's orders from the key manager and ca
 - ``snapshot`` / ``suspend``: ``vm.snapshot`` (the VM's lease token proves this host runs it), then the
   state saved encrypted; the guest runs on (snapshot) or is stopped and its lease ended (suspend).
 - ``stop``: the guest paused and ended, its keys wiped, its lease ended.
+- ``migrate`` / ``migrate-out``: a live migration's destination and source (:mod:`keysteward.host.migration`).
 
 Between orders it renews each VM's lease every ``renew_seconds``: ``revoked``, ``shred`` and ``expired``
 stop the VM at once (paused, QEMU ended, the disks' and VM's keys wiped); while the key manager cannot be
@@ -33,7 +34,7 @@ from keysteward.agent.process import harden_process, logline, sd_notify, write_s
 from keysteward.agent.unlock import UnlockOptions
 from keysteward.crypto.x509identity import peek_identity, pem_to_der
 from keysteward.errors import KeystewardError, NotFound, Unavailable
-from keysteward.host import vm_state
+from keysteward.host import migration, vm_state
 from keysteward.host.client import HostClient, VmKeys
 from keysteward.host.config import HostConfig
 from keysteward.host.hardware import read_hardware
@@ -53,6 +54,8 @@ def host_identity(cert_file: str) -> tuple[str, str]:
 
 
 class HostAgent:
+    log = log
+
     def __init__(self, config: HostConfig) -> None:
         self.config = config
         self.tenant, self.name = host_identity(config.kms.cert_file)
@@ -113,6 +116,10 @@ class HostAgent:
                 result = self._start(vm_id, order.get("snapshot_id") if kind == "restore" else None)
             elif kind in ("snapshot", "suspend"):
                 result = self._snapshot(vm_id, stop=kind == "suspend")
+            elif kind == "migrate":
+                result = migration.incoming(self, order)
+            elif kind == "migrate-out":
+                result = migration.outgoing(self, order)
             elif kind == "stop":
                 vm = self._running(vm_id)
                 self._end(vm, "stopped", end_lease=True)

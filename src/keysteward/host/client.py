@@ -76,6 +76,32 @@ class HostClient:
         self, vm_id: str, hardware: dict[str, bool], platform: PlatformEvidence, *, snapshot: str | None = None,
         suite: str = X25519,
     ) -> VmKeys:  # fmt: skip
+        extra = {"snapshot": snapshot} if snapshot is not None else {}
+        return self._release(f"/vms/{vm_id}/release", vm_id, hardware, platform, extra, suite)[0]
+
+    def migrate_release(
+        self, vm_id: str, migration_id: str, hardware: dict[str, bool], platform: PlatformEvidence, csr_pem: bytes
+    ) -> tuple[VmKeys, dict[str, Any]]:
+        """``vm.migrate``: the VM's keys under an incoming lease, and this end's migration certificate."""
+        path = f"/vms/{vm_id}/migrations/{migration_id}/release"
+        return self._release(path, vm_id, hardware, platform, {"csr_pem": csr_pem.decode()}, X25519)
+
+    def migration_ready(self, vm_id: str, migration_id: str, address: str) -> None:
+        self.http.post(f"/vms/{vm_id}/migrations/{migration_id}/ready", {"address": address})
+
+    def migration_source(self, vm_id: str, migration_id: str, lease: Lease, csr_pem: bytes) -> dict[str, Any]:
+        """The source's migration certificate and where to send the VM (its live lease's token proves it)."""
+        body = {"lease_id": lease.id, "token": lease.token_b64(), "csr_pem": csr_pem.decode()}
+        return self.http.post(f"/vms/{vm_id}/migrations/{migration_id}/source", body)[1]
+
+    def switchover(self, vm_id: str, migration_id: str, lease: Lease) -> dict[str, Any]:
+        body = {"lease_id": lease.id, "token": lease.token_b64()}
+        return self.http.post(f"/vms/{vm_id}/migrations/{migration_id}/switchover", body)[1]
+
+    def _release(
+        self, path: str, vm_id: str, hardware: dict[str, bool], platform: PlatformEvidence, extra: dict[str, Any],
+        suite: str,
+    ) -> tuple[VmKeys, dict[str, Any]]:  # fmt: skip
         challenge = self.http.challenge()
         one_time = OneTimeKey.generate(suite)
         bound = host_binding(challenge.nonce_bytes, one_time.public_bytes, canonical_hardware(hardware))
@@ -84,9 +110,8 @@ class HostClient:
             "public_key": base64.b64encode(one_time.public_bytes).decode(),
             "evidence": {"identity": {}, **platform(bound)},
         }  # fmt: skip
-        if snapshot is not None:
-            body["snapshot"] = snapshot
-        _, answer = self.http.post(f"/vms/{vm_id}/release", body)
+        body.update(extra)
+        _, answer = self.http.post(path, body)
         lease_body = answer.get("lease")
         if answer.get("status") != "released" or not isinstance(lease_body, dict) or answer.get("suite") != suite:
             raise protocol_error("a VM release answer without its lease or suite")
@@ -110,12 +135,13 @@ class HostClient:
                 lease_seconds=float(lease_body.get("lease_seconds") or 0),
                 grace_seconds=None if lease_body.get("grace_seconds") is None else float(lease_body["grace_seconds"]),
             )  # fmt: skip
-            path = answer.get("snapshot_path")
+            snapshot_path = answer.get("snapshot_path")
             launch = answer.get("launch")
-            return VmKeys(
+            keys = VmKeys(
                 vm_id, key, disks, lease, int(answer.get("key_version") or 0),
-                str(path) if path is not None else None, launch if isinstance(launch, dict) else {},
+                str(snapshot_path) if snapshot_path is not None else None, launch if isinstance(launch, dict) else {},
             )  # fmt: skip
+            return keys, answer
         except BaseException:
             for buffer in opened:
                 buffer.wipe()

@@ -68,7 +68,7 @@ class DiskMismatch(KeystewardError):
     title = "A VM disk is not the volume the key manager named"
 
 
-def open_disks(keys: VmKeys) -> dict[str, LuksExport]:
+def open_disks(keys: VmKeys, *, shared: bool = False) -> dict[str, LuksExport]:
     """Each disk's file opened with its released secret (wiped here, whatever happens)."""
     exports: dict[str, LuksExport] = {}
     try:
@@ -78,7 +78,7 @@ def open_disks(keys: VmKeys) -> dict[str, LuksExport]:
                 raise DiskMismatch(f"{disk.path} holds volume {token.ref.volume_id}, not {disk.volume_id}")
             secret = bytearray(disk.secret.view())
             try:
-                volume = LuksVolume.open(disk.path, secret, keyslot=token.keyslot, writable=True)
+                volume = LuksVolume.open(disk.path, secret, keyslot=token.keyslot, writable=True, shared=shared)
             finally:
                 wipe_bytearray(secret)
                 disk.secret.wipe()
@@ -128,7 +128,14 @@ class RunningVm:
 
 
 def launch(
-    keys: VmKeys, loop: LoopThread, state_dir: str, *, accel: str, qemu: str, incoming: bool = False
+    keys: VmKeys,
+    loop: LoopThread,
+    state_dir: str,
+    *,
+    accel: str,
+    qemu: str,
+    incoming: bool = False,
+    shared: bool = False,
 ) -> RunningVm:
     """Open the disks, serve them on the VM's socket, start QEMU (paused for an incoming state if asked)."""
     spec = keys.launch
@@ -142,7 +149,7 @@ def launch(
                               f"(at most {MAX_SOCKET_PATH - 23} characters)", code="host_config")  # fmt: skip
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(mode=0o700, parents=True)
-    exports = open_disks(keys)
+    exports = open_disks(keys, shared=shared)
     nbd = NbdServer(exports, tls=None, allow_plaintext=True)
     socket = run_dir / "nbd.sock"
     try:

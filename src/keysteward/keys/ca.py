@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, insert, select
 
 from keysteward.audit.log import AuditLog
-from keysteward.crypto import x509ca, x509identity
+from keysteward.crypto import x509ca, x509identity, x509migration
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from keysteward.identity.principal import MACHINE_ROLES, Principal, check_name
@@ -168,6 +168,30 @@ class CertificateAuthorities:
                 details={"serial": issued.serial, "days": days, "not_after": issued.not_after.isoformat(),
                          **(details or {})},
             )  # fmt: skip
+        return issued
+
+    def issue_migration(
+        self, conn: Connection, tenant_id: str, host: str, migration_id: str, end: x509migration.End, csr_pem: bytes,
+        minutes: int,
+    ) -> x509ca.IssuedCert:  # fmt: skip
+        """One end's certificate of a live migration (:mod:`keysteward.crypto.x509migration`), audited in
+        the caller's transaction (the permit or the source's request that it answers)."""
+        cert_pem, wrapped = self.certificate(tenant_id)
+        if wrapped is None:
+            raise Conflict("this tenant's CA was imported without its key: no migration certificates",
+                           code="ca_key_absent")  # fmt: skip
+        key_pem = self.root.root().open(wrapped, ca_key_aad(tenant_id))
+        try:
+            issued = x509migration.issue_migration_cert(
+                cert_pem, key_pem, migration_id=migration_id, end=end, csr_pem=csr_pem, minutes=minutes
+            )
+        finally:
+            wipe_bytearray(key_pem)
+        self.audit.append(
+            conn, tenant_id, actor=f"host:{host}", action="vm.migration_certificate",
+            target=f"migration:{migration_id}",
+            details={"end": end, "serial": issued.serial, "not_after": issued.not_after.isoformat()},
+        )  # fmt: skip
         return issued
 
     def renew(self, cert_der: bytes, csr_pem: bytes, days: int = DEFAULT_CERT_DAYS) -> x509ca.IssuedCert:

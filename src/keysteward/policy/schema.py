@@ -52,6 +52,7 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "vm_restore": (("Host",), "Vm", "HostContext"),
     "vm_snapshot": (("Host",), "Vm", "HostContext"),
     "vm_renew": (("Host",), "Vm", "HostContext"),
+    "vm_migrate": (("Host",), "Vm", "HostContext"),
     "vm_create": (("Human",), "Vm", "AdminContext"),
     "vm_revoke": (("Human",), "Vm", "AdminContext"),
     "vm_destroy": (("Human",), "Vm", "AdminContext"),
@@ -59,7 +60,7 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
 KMIP_ACTIONS: Final = tuple(name for name in ACTIONS if name.startswith("kmip_"))
 HOST_FACTS: Final = ("kvm", "sev", "sev_es", "sev_snp", "tdx", "memory_encryption")
 """``context.host`` of a VM action: what the host's hardware offers, read by its agent (docs/hosts.md)."""
-RENEWAL_OF: Final = {"release": "renew", "vm_start": "vm_renew", "vm_restore": "vm_renew"}
+RENEWAL_OF: Final = {"release": "renew", "vm_start": "vm_renew", "vm_restore": "vm_renew", "vm_migrate": "vm_renew"}
 """The action a lease's renewal also asks, by the action that granted the lease."""
 KEY_USE_ACTIONS: Final = ("encrypt", "decrypt", "generate_data_key", "re_encrypt")
 KMS_FIELDS: Final = ("operation", "request_id", "principal_arn", "key_arn", "via_service", "source_vpc", "source_vpce")

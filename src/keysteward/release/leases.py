@@ -20,6 +20,9 @@ from keysteward.errors import NotFound
 from keysteward.store.models import Lease
 
 ACTIVE, SUPERSEDED, ENDED, EXPIRED, REVOKED, SHRED = "active", "superseded", "ended", "expired", "revoked", "shred"
+INCOMING, CANCELLED = "incoming", "cancelled"
+"""A live migration's destination holds an ``incoming`` lease (never live) until the switchover makes it
+``active`` and ends the source's in one transaction; a migration that fails first ``cancelled`` it."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def grant(
     now: datetime,
     seconds: int,
     facts: str | None = None,
+    state: str = ACTIVE,
 ) -> LeaseInfo:
     """A new lease for ``holder``; its own earlier active leases on the volume become superseded."""
     conn.execute(
@@ -85,14 +89,14 @@ def grant(
             volume_id=volume_id,
             holder=holder,
             token_hash=token_hash(token),
-            state=ACTIVE,
+            state=state,
             created_at=now,
             renewed_at=now,
             expires_at=expires,
             facts=facts,
         )
     )
-    return LeaseInfo(lease_id, volume_id, holder, ACTIVE, now, now, expires)
+    return LeaseInfo(lease_id, volume_id, holder, state, now, now, expires)
 
 
 def load(conn: Connection, lease_id: str, token: bytes) -> Any:
@@ -105,6 +109,29 @@ def load(conn: Connection, lease_id: str, token: bytes) -> Any:
 
 def set_state(conn: Connection, lease_id: str, state: str, now: datetime) -> None:
     conn.execute(update(Lease).where(Lease.id == lease_id).values(state=state, ended_at=now))
+
+
+def switch_over(conn: Connection, incoming_id: str, source_id: str, now: datetime, seconds: int) -> bool:
+    """The incoming lease becomes active and the source's ends, both or neither (False: one had moved on)."""
+    ended = conn.execute(
+        update(Lease).where(Lease.id == source_id, Lease.state == ACTIVE).values(state=ENDED, ended_at=now)
+    )
+    if ended.rowcount != 1:
+        return False
+    expires = now + timedelta(seconds=seconds)
+    moved = conn.execute(
+        update(Lease)
+        .where(Lease.id == incoming_id, Lease.state == INCOMING)
+        .values(state=ACTIVE, renewed_at=now, expires_at=expires)
+    )
+    return moved.rowcount == 1
+
+
+def cancel_incoming(conn: Connection, lease_id: str, now: datetime) -> bool:
+    done = conn.execute(
+        update(Lease).where(Lease.id == lease_id, Lease.state == INCOMING).values(state=CANCELLED, ended_at=now)
+    )
+    return done.rowcount == 1
 
 
 def extend(conn: Connection, lease_id: str, now: datetime, seconds: int) -> datetime:

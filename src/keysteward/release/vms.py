@@ -23,13 +23,13 @@ from sqlalchemy import Connection, insert, select, update
 
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import check_name
-from keysteward.release import leases
+from keysteward.release import leases, vm_migrations
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, VM, VM_DISK, VOLUME, Binding, VolumeInfo, VolumeSpec
 from keysteward.store.models import Volume
 from keysteward.store.vm_models import Vm, VmDisk, VmOrder, VmSnapshot
 
-ORDER_KINDS = ("start", "stop", "snapshot", "suspend", "restore")
+ORDER_KINDS = ("start", "stop", "snapshot", "suspend", "restore", "migrate", "migrate-out")
 PENDING, TAKEN, DONE, FAILED = "pending", "taken", "done", "failed"
 SAVING, SAVED = "saving", "saved"
 MAX_DISKS = 8
@@ -129,6 +129,7 @@ class OrderInfo:
     created_by: str
     created_at: datetime
     updated_at: datetime
+    migration_id: str | None = None
 
 
 class Vms:
@@ -232,11 +233,14 @@ class Vms:
         actor: str,
         now: datetime,
         snapshot_id: str | None = None,
+        *,
+        order_id: str | None = None,
+        migration_id: str | None = None,
     ) -> str:
         if kind not in ORDER_KINDS:
             raise BadRequest(f"an order is one of {', '.join(ORDER_KINDS)}", code="bad_order")
         check_name("host", host)
-        order_id = str(uuid.uuid4())
+        order_id = order_id or str(uuid.uuid4())
         conn.execute(
             insert(VmOrder).values(
                 id=order_id,
@@ -245,6 +249,7 @@ class Vms:
                 host=host,
                 kind=kind,
                 snapshot_id=snapshot_id,
+                migration_id=migration_id,
                 state=PENDING,
                 created_by=actor[:200],
                 created_at=now,
@@ -282,7 +287,11 @@ class Vms:
             )
             if done.rowcount != 1:
                 raise NotFound("no such order taken by this host", code="order_not_found")
-            row = conn.execute(select(VmOrder.kind, VmOrder.snapshot_id).where(VmOrder.id == order_id)).one()
+            row = conn.execute(
+                select(VmOrder.kind, VmOrder.snapshot_id, VmOrder.migration_id).where(VmOrder.id == order_id)
+            ).one()
+            if row.kind in ("migrate", "migrate-out") and not ok:
+                vm_migrations.fail(conn, tenant_id, row.migration_id or order_id, now)
             snapshot_id = row.snapshot_id or result.get("snapshot")
             if row.kind in ("snapshot", "suspend") and isinstance(snapshot_id, str):
                 size = result.get("size")
@@ -320,6 +329,7 @@ class Vms:
                 r.created_by,
                 r.created_at,
                 r.updated_at,
+                r.migration_id,
             )
             for r in rows
         ]

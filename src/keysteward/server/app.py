@@ -42,6 +42,7 @@ from keysteward.server.routers import (
     release,
     system,
     tenants,
+    vm_migrations,
     vms,
     volumes,
     xks,
@@ -231,7 +232,10 @@ def create_app(svc: Services) -> FastAPI:
             f"setting server.metrics_access must be one of {', '.join(METRICS_ACCESS)}", code="bad_setting"
         )
     problems.install(app)
-    for module in (system, tenants, keys, crypto, ca, audit, release, volumes, vms, policy, attest, xks, kmip):
+    # vm_migrations before vms: its /vms/{ref}/migrate must win over /vms/{ref}/{kind}
+    modules = [system, tenants, keys, crypto, ca, audit, release, volumes, vm_migrations, vms]
+    modules += [policy, attest, xks, kmip]
+    for module in modules:
         app.include_router(module.router, prefix="/v1")
 
     registry = CollectorRegistry()

@@ -14,6 +14,7 @@ from keysteward.access import (
     kmip_actions,
     kmip_crypto,
     vm_actions,
+    vm_migrate,
     volume_actions,
     xks_actions,
 )
@@ -110,6 +111,8 @@ class Services:
         admin_actions.register(actions, registry, policies)
         vms = Vms(registry)
         vm_actions.register(actions, registry, vms, keys, nonces, platform, policies, settings.release)
+        cas = CertificateAuthorities(db, root, audit)
+        vm_migrate.register(actions, registry, vms, keys, nonces, platform, policies, settings.release, cas)
         cooling_off = timedelta(seconds=settings.release.approver_cooling_off_seconds)
         approval_actions.register(actions, registry, policies, cooling_off)
         xks = XksRegistry(db, root, keys, audit)
@@ -131,7 +134,7 @@ class Services:
             tenants=tenants,
             keys=keys,
             envelope=KeyUse(access, envelope),
-            cas=CertificateAuthorities(db, root, audit),
+            cas=cas,
             rewrapper=Rewrapper(keys, settings.rewrap),
             registry=registry,
             access=access,

@@ -95,6 +95,7 @@ class OrderOut(Strict):
     created_by: str
     created_at: datetime
     updated_at: datetime
+    migration_id: str | None = None
 
 
 class HostFactsIn(Strict):

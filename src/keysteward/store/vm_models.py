@@ -44,6 +44,8 @@ class VmOrder(Base):
     host: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))
     snapshot_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    migration_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    """A ``migrate-out`` order's migration (a ``migrate`` order's id is its migration's)."""
     state: Mapped[str] = mapped_column(String(16))
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_by: Mapped[str] = mapped_column(String(200))
@@ -64,3 +66,21 @@ class VmSnapshot(Base):
     state: Mapped[str] = mapped_column(String(16))
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class VmMigration(Base):
+    """A live migration (docs/hosts.md, Migration): its id is the destination's ``migrate`` order's."""
+
+    __tablename__ = "vm_migrations"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    vm_id: Mapped[str] = mapped_column(ForeignKey("vms.id"), index=True)
+    source: Mapped[str] = mapped_column(String(128))
+    destination: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    """``requested``, ``incoming`` (leases granted), ``ready`` (listening), ``switched``, ``failed``."""
+    source_lease_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    incoming_lease_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    address: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -36,8 +36,9 @@ class Device:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, *, writable: bool = False) -> Device:
-        """Open an existing file or block device (writable: locked exclusively)."""
+    def open(cls, path: str, *, writable: bool = False, shared: bool = False) -> Device:
+        """Open an existing file or block device (writable: locked exclusively, unless ``shared``: a live
+        migration's destination opens the disk while the source's host agent still holds it)."""
         try:
             info = os.stat(path)
         except OSError as exc:
@@ -46,13 +47,13 @@ class Device:
         if not (is_block or stat.S_ISREG(info.st_mode)):
             raise option_error(f"{path} is not a regular file or a block device")
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        if writable and is_block:
+        if writable and is_block and not shared:
             flags |= os.O_EXCL
         try:
             fd = os.open(path, flags)
         except OSError as exc:
             raise io_error(exc, "open", path) from exc
-        return cls._finish(path, fd, writable=writable, created=False)
+        return cls._finish(path, fd, writable=writable, created=False, lock=not shared)
 
     @classmethod
     def create_file(cls, path: str, size: int) -> Device:
@@ -70,12 +71,12 @@ class Device:
         return cls._finish(path, fd, writable=True, created=True)
 
     @classmethod
-    def _finish(cls, path: str, fd: int, *, writable: bool, created: bool) -> Device:
+    def _finish(cls, path: str, fd: int, *, writable: bool, created: bool, lock: bool = True) -> Device:
         try:
             info = os.fstat(fd)
             is_block = stat.S_ISBLK(info.st_mode)
             size = os.lseek(fd, 0, os.SEEK_END) if is_block else info.st_size
-            if writable:
+            if writable and lock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError as exc:

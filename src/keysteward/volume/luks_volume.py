@@ -129,13 +129,15 @@ class LuksVolume:
         writable: bool = False,
         max_memory_kib: int | None = None,
         keyslot: int | None = None,
+        shared: bool = False,
     ) -> LuksVolume:
         """Open ``path`` and unlock it with ``passphrase`` (bytes, as read from a key file).
 
-        ``writable`` locks the device exclusively for this process. ``max_memory_kib`` overrides the
+        ``writable`` locks the device exclusively for this process, unless ``shared`` (a migration's
+        destination opens a disk its source still serves). ``max_memory_kib`` overrides the
         Argon2 memory limit (default: half the available memory, at most 4 GiB).
         """
-        device = Device.open(path, writable=writable)
+        device = Device.open(path, writable=writable, shared=shared)
         try:
             header = read_header(device)
             header.geometry()  # refuse what the data path cannot serve before running any KDF
