@@ -1,6 +1,6 @@
 """vm migrations: live migrations of VMs between hosts, and the migration a migrate-out order belongs to
 
-Revision ID: 0012
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-04 20:10:00.000000
 """
@@ -8,7 +8,7 @@ Create Date: 2026-12-04 20:10:00.000000
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0012"
+revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
