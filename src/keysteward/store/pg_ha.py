@@ -106,6 +106,11 @@ class Guard:
         self._lock = threading.Lock()
         self._free = threading.local()
         self._stop = threading.Event()
+        self._bad_since = 0.0
+        """When a connection last failed (cut or ping): connections made before are not pinged, just replaced."""
+        self._preferred: tuple[str, str] | None = None
+        """The (host, port) of the last new connection: tried first by the next (libpq tries hosts in order)."""
+        event.listen(engine, "do_connect", self._on_do_connect)
         event.listen(engine, "connect", self._on_connect)
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
@@ -122,11 +127,29 @@ class Guard:
         finally:
             self._free.on = False
 
+    def _on_do_connect(self, _dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        hosts, ports = str(cparams.get("host", "")).split(","), str(cparams.get("port", "")).split(",")
+        if self._preferred is None or len(hosts) < 2 or len(ports) != len(hosts):
+            return
+        pairs = list(zip(hosts, ports, strict=True))
+        if self._preferred in pairs:
+            pairs.remove(self._preferred)
+            pairs.insert(0, self._preferred)
+            cparams["host"], cparams["port"] = ",".join(h for h, _ in pairs), ",".join(p for _, p in pairs)
+
     def _on_connect(self, dbapi_conn: Any, record: Any) -> None:
         watch_notices(dbapi_conn)
-        record.info["ks_idle_since"] = time.monotonic()
+        now = time.monotonic()
+        record.info["ks_idle_since"] = now
+        record.info["ks_born"] = now
+        try:
+            self._preferred = (str(dbapi_conn.info.host), str(dbapi_conn.info.port))
+        except Exception:  # noqa: BLE001, S110 - only an ordering hint
+            pass
 
     def _on_checkout(self, dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get("ks_born", 0.0) < self._bad_since:  # from before a database failure: likely dead too
+            raise exc.DisconnectionError("a pooled connection from before a database failure")
         free = getattr(self._free, "on", False)
         if not free:
             with self._lock:
@@ -137,6 +160,7 @@ class Guard:
                 dbapi_conn.rollback()
             except Exception as err:
                 self._forget(dbapi_conn)
+                self._bad_since = time.monotonic()
                 raise exc.DisconnectionError("a pooled connection failed its ping") from err
 
     def _on_checkin(self, dbapi_conn: Any, record: Any) -> None:
@@ -164,6 +188,8 @@ class Guard:
                         cancels.append(entry[1])
             for conn in cancels:
                 threading.Thread(target=cancel, args=(conn,), name="keysteward-db-cancel", daemon=True).start()
+            if cuts:
+                self._bad_since = time.monotonic()
             for conn in cuts:
                 cut(conn)
 
