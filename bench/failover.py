@@ -148,15 +148,14 @@ def _one_run(args: argparse.Namespace, cleanup: Cleanup, n: int) -> dict[str, fl
     running = loads(world, [[a.url, b.url]] * THREADS, volumes)
     try:
         first_after(running, time.monotonic(), 30)
-        killed = time.monotonic()
         assert a.proc is not None
         a.proc.kill()
+        killed = time.monotonic()
         server_s = first_after(running, killed, 30)
         say(f"run {n}: keysteward server killed -> first release at the other after {server_s:.3f} s")
         time.sleep(1.0)
         old = cluster.wait_for("leader", 30)
-        killed = time.monotonic()
-        cluster.kill_node(old)
+        killed = cluster.kill_node(old)
         cluster.wait_for("leader", 120, not_node=old)
         promote_s = time.monotonic() - killed
         cluster.start_node(old)  # as systemd's Restart= would

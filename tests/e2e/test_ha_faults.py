@@ -164,8 +164,7 @@ def test_2_the_primary_killed_the_standby_takes_over_nothing_acknowledged_lost(s
     try:
         load.wait_release_after(time.monotonic(), 20)
         time.sleep(1.0)
-        killed = time.monotonic()
-        cluster.kill_node(old)
+        killed = cluster.kill_node(old)
         new = cluster.wait_for("leader", 60, not_node=old)
         promoted = time.monotonic() - killed
         # two nodes, strict: the new primary commits nothing until a synchronous standby is back; the
@@ -239,8 +238,8 @@ def test_4_a_hung_primary_no_split_brain_writes_resume(site: Site) -> None:
     frozen: list[int] = []
     try:
         load.wait_release_after(time.monotonic(), 20)
-        stopped = time.monotonic()
         frozen = cluster.freeze_node(old)
+        stopped = time.monotonic()
         new = cluster.wait_for("leader", 60, not_node=old)
         # the hung node wakes: it finds its leader key gone and steps down, never a second primary
         cluster.thaw_node(frozen)
@@ -253,7 +252,7 @@ def test_4_a_hung_primary_no_split_brain_writes_resume(site: Site) -> None:
                 break
             time.sleep(0.3)
         try:
-            took = load.wait_release_after(stopped + 0.5, 60)
+            took = load.wait_release_after(stopped, 60)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nmembers: {cluster.members()}\n{cluster.logs(40)}") from None
         time.sleep(2.0)

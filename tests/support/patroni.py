@@ -169,14 +169,19 @@ class HaCluster:
 
     # -- faults --------------------------------------------------------------------------------
 
-    def kill_node(self, node: Node) -> None:
-        for pid in node.pids():
+    def kill_node(self, node: Node) -> float:
+        """SIGKILL every process of the node; the monotonic time once the last signal is sent (finding the
+        processes takes a while: a fault's clock starts here, not before)."""
+        pids = node.pids()
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        killed = time.monotonic()
         if node.proc is not None:
             node.proc.wait(10)
+        return killed
 
     def stop_node(self, node: Node, timeout: float = 30) -> None:
         if node.proc is not None and node.proc.poll() is None:
@@ -190,6 +195,7 @@ class HaCluster:
             self.kill_node(node)
 
     def freeze_node(self, node: Node) -> list[int]:
+        """SIGSTOP every process of the node; the pids, to thaw."""
         pids = node.pids()
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
