@@ -153,6 +153,11 @@ def test_1_a_keysteward_server_killed_the_load_goes_on(site: Site) -> None:
         load.stop()
     assert took < 2.0, f"first release on the other server after {took:.2f} s"
     assert [f for f in load.failed if f.at > killed + took] == [], load.failed[-3:]
+    # leases the dead server made are renewed by the other: the same lease goes on (the client used the
+    # first URL, the killed server, until it died)
+    before = {a.lease_id for a in load.releases() if a.at < killed}
+    moved = [a for a in load.answered if a.kind == "renew" and a.started > killed and a.lease_id in before]
+    assert moved and {a.action for a in moved} == {"continue"}, moved
     _answered_are_all_there(site, load)
     victim.start()  # back for the next tests
 

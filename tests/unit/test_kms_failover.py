@@ -13,6 +13,8 @@ from keysteward.api_errors import answer_error, transport_error
 from keysteward.errors import BadRequest, Conflict, KeystewardError, Unavailable
 from keysteward.kms_failover import LOST, MAX_DELAY, NOT_SENT, REFUSED, ROUNDS, Failover, jitter, split_urls
 from keysteward.proxy.config import ProxyConfigError, parse_config
+from keysteward.volume.errors import VolumeRequestError
+from keysteward.volume.kms_token import KmsRef
 
 pytestmark = pytest.mark.unit
 
@@ -134,3 +136,14 @@ def test_proxy_kms_url_list_mistakes(url: str, expected: str) -> None:
     with pytest.raises(ProxyConfigError) as info:
         parse_config(BASE + f"url={url}\n", source="t", base_dir="/x")
     assert expected in str(info.value)
+
+
+VOLUME_ID = "00000000-0000-4000-8000-000000000001"
+
+
+def test_a_volume_token_may_name_several_key_managers() -> None:
+    ref = KmsRef("https://a:8443,https://b:8443", "acme", VOLUME_ID, "volumes", 1)
+    assert ref.with_url("https://c:1,https://d:2/").url == "https://c:1,https://d:2"
+    for bad in ("https://a:8443,", ",https://a", "https://a:8443,ftp://b", "https://a b"):
+        with pytest.raises(VolumeRequestError):
+            KmsRef(bad, "acme", VOLUME_ID, "volumes", 1)
