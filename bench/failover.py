@@ -18,8 +18,8 @@ multi-URL client (tests/support/ha_load.py). Per run:
   ``failover_db_promote_s`` is the promotion alone;
 - ``failover_lost_requests``: releases answered with success whose lease is missing afterwards (target 0).
 
-``--quick`` cannot fit a failover with Patroni's default timings into 60 s: it uses ttl 8, loop_wait 1,
-retry_timeout 3 (and keysteward's database timeout 3 s), one run of 3 s per throughput phase, and
+``--quick`` cannot fit a failover with Patroni's default timings into 60 s: it uses ttl 15, loop_wait 2,
+retry_timeout 5 (and keysteward's database timeout 3 s), one run of 3 s per throughput phase, and
 compares ``failover_db_s`` with the same 35 s target. The figures are the median of ``--runs`` runs
 (default 3), each on a fresh cluster.
 """

@@ -16,8 +16,8 @@ The tests run in order on one cluster (each leaves it with a leader and a synchr
    down and becomes its standby (never two leaders), writes resume on the new primary, nothing
    acknowledged is lost.
 
-Timings are shortened to keep the family bounded (a few minutes here): Patroni ttl 8 s, loop_wait 1 s,
-retry_timeout 3 s (tests/support/patroni.py), and keysteward's ``database_timeout_seconds`` 3 s. With
+Timings are shortened to keep the family bounded (a few minutes here): Patroni ttl 15 s, loop_wait 2 s,
+retry_timeout 5 s (tests/support/patroni.py), and keysteward's ``database_timeout_seconds`` 3 s. With
 Patroni's defaults (ttl 30) a failover takes about 30 s instead: bench/failover.py measures both.
 """
 
@@ -46,6 +46,7 @@ pytestmark = pytest.mark.e2e
 ACCOUNT = "111122223333"
 DB_TIMEOUT = 3.0
 VOLUMES = 6
+LEASE_SECONDS = 120
 
 
 @dataclass
@@ -109,7 +110,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, secret_registry: SecretRegist
         site = Site(cluster, servers, world.admin, world, tmp)
         for n in range(VOLUMES):
             vm = world.cloud.create(account=ACCOUNT, image_id="img-ha")
-            volume_id, _ = world.volume(f"ha-{n}", {"provider": "devcloud", "account": ACCOUNT, "instance_id": vm.id})
+            binding = {"provider": "devcloud", "account": ACCOUNT, "instance_id": vm.id}
+            # leases outlive a database failover (docs/ha.md): renewals fail while no write can commit
+            volume_id, _ = world.volume(f"ha-{n}", binding, lease_seconds=LEASE_SECONDS)
             site.volumes.append((volume_id, vm))
         yield site
         manager.client.close()

@@ -92,6 +92,11 @@ class ReleaseLoad:
                     held[volume_id] = got.lease
                 except KeystewardError as exc:
                     self.failed.append(Failed(time.monotonic(), "release", exc.code, exc.message[:200]))
+                    # a 503 may hide a release committed locally (docs/ha.md) that superseded the lease we
+                    # hold: its renewal would answer "expired". Like a careful agent, forget it and ask again.
+                    stale = held.pop(volume_id, None)
+                    if stale is not None:
+                        stale.wipe()
                 other = self.volumes[n % len(self.volumes)][0]
                 lease = held.get(other)
                 if lease is not None:

@@ -4,9 +4,11 @@ synchronous mode, strict (a write with no synchronous standby waits, then keyste
 No pytest here: tests/e2e/test_ha_faults.py and bench/failover.py both use it. The nodes run as the
 ``postgres`` system user when we are root (PostgreSQL refuses root). Timings are short on purpose
 (:class:`Timings`): Patroni's defaults (ttl 30, loop_wait 10, retry_timeout 10) make a failover take
-about 30 s; the tests and ``bench/failover.py --quick`` use ttl 8, loop_wait 1, retry_timeout 3
-(``loop_wait + 2 * retry_timeout <= ttl`` as Patroni wants), which only a local, unloaded network
-should run with. packaging/ha/ keeps the defaults.
+about 30 s; the tests and ``bench/failover.py --quick`` use ttl 15, loop_wait 2, retry_timeout 5
+(``loop_wait + 2 * retry_timeout <= ttl`` as Patroni wants). Shorter ones (ttl 8, loop_wait 1) flapped
+here under a load average of 18: a just-promoted leader failed to renew its lock in time, the thawed old
+primary took it back, and the replica left on a newer timeline could not follow it without a reinit.
+packaging/ha/ keeps the defaults.
 
 Faults, as an operator would meet them:
 
@@ -42,9 +44,9 @@ SCOPE = "keysteward-test"
 
 @dataclass(frozen=True)
 class Timings:
-    ttl: int = 8
-    loop_wait: int = 1
-    retry_timeout: int = 3
+    ttl: int = 15
+    loop_wait: int = 2
+    retry_timeout: int = 5
 
 
 DEFAULT_TIMINGS = Timings(ttl=30, loop_wait=10, retry_timeout=10)
@@ -111,6 +113,7 @@ class HaCluster:
     nodes: list[Node]
     timings: Timings
     etcd: subprocess.Popen[bytes] | None = None
+    etcd_dir: Path | None = None
     user: str = PG_USER
     _owner: tuple[int, int] | None = field(default=None, repr=False)
 
@@ -228,6 +231,8 @@ class HaCluster:
         if self.etcd is not None and self.etcd.poll() is None:
             self.etcd.kill()
             self.etcd.wait(10)
+        if self.etcd_dir is not None:
+            shutil.rmtree(self.etcd_dir, ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
@@ -297,9 +302,14 @@ def start(timings: Timings | None = None, *, prefix: str = "ks-ha-", timeout: fl
     cluster = HaCluster(base, _free_port(), nodes, timings or Timings(), _owner=owner)
     try:
         peer = _free_port()
+        # etcd's fsyncs on a loaded machine took seconds: the leader's lock renewals then failed and a
+        # just-promoted leader stepped down. Its data on tmpfs here (a test's etcd holds nothing durable).
+        shm = Path("/dev/shm")
+        etcd_dir = Path(tempfile.mkdtemp(prefix="ks-etcd-", dir=shm)) if shm.is_dir() else base / "etcd"
+        cluster.etcd_dir = etcd_dir
         etcd_log = (base / "etcd.log").open("ab")
         cluster.etcd = subprocess.Popen(
-            [ETCD, "--name", "ks", "--data-dir", str(base / "etcd"),
+            [ETCD, "--name", "ks", "--data-dir", str(etcd_dir),
              "--listen-client-urls", f"http://127.0.0.1:{cluster.etcd_port}",
              "--advertise-client-urls", f"http://127.0.0.1:{cluster.etcd_port}",
              "--listen-peer-urls", f"http://127.0.0.1:{peer}",
