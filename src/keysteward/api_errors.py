@@ -5,7 +5,8 @@ An answer of 400 or more is a problem+json object (RFC 9457) with keysteward's s
 detail. A ``403`` with ``"decision": "denied"`` is a :class:`~keysteward.errors.Denied`. A client that retries
 (the agent) asks for server errors (5xx) as :class:`~keysteward.errors.Unavailable` under its own code; the CLI
 shows the server's code. A request that never got an answer is :class:`~keysteward.errors.Unavailable`, and a
-certificate the client does not trust is named as such, with what to do about it.
+certificate the client does not trust is named as such, with what to do about it. Each error says whether a
+client with several URLs may try the next (``failover``, :mod:`keysteward.kms_failover`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from keysteward.errors import (
     Unauthenticated,
     Unavailable,
 )
+from keysteward.kms_failover import LOST, NOT_SENT, REFUSED
 
 MAX_CODE: Final = 64
 MAX_DETAIL: Final = 500
@@ -45,7 +47,16 @@ def _untrusted(exc: BaseException) -> bool:
 
 def transport_error(exc: httpx.HTTPError, url: str, code: str) -> Unavailable:
     """No answer from ``url``: refused, timed out, or a TLS failure (a certificate not trusted says which file
-    to give)."""
+    to give). Its ``failover``: NOT_SENT when no connection was made, LOST when the request may have left."""
+    error = _transport_error(exc, url, code)
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) and not _untrusted(exc):
+        error.failover = NOT_SENT
+    elif not _untrusted(exc):
+        error.failover = LOST
+    return error
+
+
+def _transport_error(exc: httpx.HTTPError, url: str, code: str) -> Unavailable:
     if _untrusted(exc):
         return Unavailable(
             f"the key manager at {url} presented a certificate this client does not trust: give its CA with "
@@ -66,9 +77,15 @@ def answer_error(
     code = str(problem.get("code") or "http_error")[:MAX_CODE]
     detail = str(problem.get("detail") or reason)[:MAX_DETAIL]
     if status >= 500 and unavailable_code is not None:
-        return Unavailable(f"the key manager at {url} answered {status}: {detail} ({code})", code=unavailable_code)
+        error: KeystewardError = Unavailable(
+            f"the key manager at {url} answered {status}: {detail} ({code})", code=unavailable_code
+        )
+        error.failover = REFUSED if status == 503 else LOST
+        return error
     if status == 403 and problem.get("decision") == "denied":
         return Denied(detail, code=code)
     error = BY_STATUS.get(status, KeystewardError)(detail, code=code)
     error.status = status
+    if status >= 500:
+        error.failover = REFUSED if status == 503 else LOST
     return error

@@ -28,6 +28,8 @@ class KeystewardError(Exception):
     code = "internal_error"
     status = 500
     title = "Internal error"
+    failover: str | None = None
+    """For a client with several key manager URLs: whether another may be tried (keysteward.kms_failover)."""
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

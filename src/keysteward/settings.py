@@ -58,6 +58,9 @@ class SealSettings:
 class StorageSettings:
     sqlite_synchronous: str = "FULL"
     pool_size: int = 20
+    # PostgreSQL: a statement (a commit waiting for the synchronous standby included) is cancelled after this
+    # many seconds and the request answers 503 database_unavailable; a hung primary's connections are cut
+    database_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -47,12 +47,13 @@ from keysteward.formats.release_wire import (
     seal_info,
     split_secret,
 )
+from keysteward.kms_failover import Failover, split_urls
 
 LEASE_TOKEN_SIZE = TOKEN_SIZE
 UNREACHABLE = "kms_unreachable"
 PROTOCOL_ERROR = "kms_protocol"
 MAX_ANSWER = 1 << 20
-RENEW_ACTIONS = ("continue", "revoked", "shred", "expired", "ended")
+RENEW_ACTIONS = ("continue", "revoked", "shred", "expired")
 
 Evidence = Callable[[bytes], Mapping[str, Any]]
 """``evidence(binding) -> identity``: the ``evidence.identity`` object for a 32-byte binding."""
@@ -207,11 +208,12 @@ def _open_sealed(
 
 
 class AgentClient:
-    """One key manager at ``url``; TLS verified against ``ca_file`` (else the system's CAs)."""
+    """The key manager at ``url`` (or each of a comma list of URLs, tried in turn: :mod:`keysteward.kms_failover`);
+    TLS verified against ``ca_file`` (else the system's CAs)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         ca_file: str | None = None,
         token: str | None = None,
@@ -219,9 +221,10 @@ class AgentClient:
         client_cert: tuple[str, str] | None = None,
     ) -> None:
         """``client_cert`` is ``(certificate PEM file, key PEM file)``: a machine (a host) proves itself by mTLS."""
-        self.url = url.rstrip("/")
+        self.urls = split_urls(url)
+        self.url = ",".join(self.urls)
         verify: ssl.SSLContext | bool = True
-        if self.url.startswith("https://"):
+        if any(u.startswith("https://") for u in self.urls):
             try:
                 verify = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as exc:
@@ -233,13 +236,17 @@ class AgentClient:
                     raise BadRequest(
                         f"cannot load the client certificate {client_cert[0]}: {exc}", code="kms_client_cert"
                     ) from exc
-        elif client_cert is not None:
+        if client_cert is not None and not all(u.startswith("https://") for u in self.urls):
             raise BadRequest("a client certificate needs an https:// key manager URL", code="kms_client_cert")
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url + "/v1", verify=verify, headers=headers, timeout=timeout)
+        self._https = {
+            u: httpx.Client(base_url=u + "/v1", verify=verify, headers=headers, timeout=timeout) for u in self.urls
+        }
+        self.failover = Failover(self.urls)
 
     def close(self) -> None:
-        self._http.close()
+        for http in self._https.values():
+            http.close()
 
     def __enter__(self) -> AgentClient:
         return self
@@ -249,24 +256,39 @@ class AgentClient:
 
     # -- transport ---------------------------------------------------------------------------------
 
-    def post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-        """POST ``body`` to ``/v1`` + ``path``: the status and the JSON answer; errors raised as in the protocol."""
-        return self._post(path, body)
+    def post(self, path: str, body: Mapping[str, Any], *, safe: bool = False) -> tuple[int, dict[str, Any]]:
+        """POST ``body`` to ``/v1`` + ``path``: the status and the JSON answer; errors raised as in the protocol.
+        ``safe``: the request may be repeated at another server after a 503 or a lost answer."""
+        return self.failover.run(lambda url: self._post(url, path, body), safe=safe)
 
     def get_list(self, path: str) -> list[dict[str, Any]]:
-        """GET ``/v1`` + ``path``, an answer that is a list of objects; errors raised as in the protocol."""
-        data = self._answer(path, self._send("GET", path, None))
+        """GET ``/v1`` + ``path``, an answer that is a list of objects (not repeated elsewhere after a lost
+        answer: a GET may hand something out, as a host's orders are)."""
+        return self.failover.run(lambda url: self._get_list(url, path), safe=False)
+
+    def _get_list(self, url: str, path: str) -> list[dict[str, Any]]:
+        try:
+            response = self._https[url].get(path)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, url, UNREACHABLE) from exc
+        data = self._answer(url, path, response)
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise protocol_error(f"{path} did not answer a list of objects")
         return data
 
-    def _send(self, method: str, path: str, body: Mapping[str, Any] | None) -> httpx.Response:
+    def _post(self, url: str, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         try:
-            return self._http.request(method, path, json=dict(body) if body is not None else None)
+            response = self._https[url].post(path, json=dict(body))
         except httpx.HTTPError as exc:
-            raise transport_error(exc, self.url, UNREACHABLE) from exc
+            raise transport_error(exc, url, UNREACHABLE) from exc
+        data = self._answer(url, path, response)
+        if not isinstance(data, dict):
+            raise protocol_error(f"{path} answered {response.status_code} without a JSON object")
+        return response.status_code, data
 
-    def _answer(self, path: str, response: httpx.Response) -> Any:
+    @staticmethod
+    def _answer(url: str, path: str, response: httpx.Response) -> Any:
+        """The JSON of an answer (an object or a list), or the error it stands for."""
         if len(response.content) > MAX_ANSWER:
             raise protocol_error(f"an answer of {len(response.content)} bytes")
         try:
@@ -276,22 +298,18 @@ class AgentClient:
         status = response.status_code
         if status < 500 and not isinstance(data, dict | list):
             raise protocol_error(f"{path} answered {status} without JSON")
-        error = answer_error(status, data, response.reason_phrase, self.url, unavailable_code=UNREACHABLE)
+        error = answer_error(status, data, response.reason_phrase, url, unavailable_code=UNREACHABLE)
         if error is not None:
             raise error
         return data
 
-    def _post(self, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-        response = self._send("POST", path, body)
-        data = self._answer(path, response)
-        if not isinstance(data, dict):
-            raise protocol_error(f"{path} answered {response.status_code} without a JSON object")
-        return response.status_code, data
-
     # -- protocol ----------------------------------------------------------------------------------
 
     def challenge(self) -> Challenge:
-        _, body = self._post("/release/challenge", {})
+        return self.failover.run(self._challenge, safe=True)
+
+    def _challenge(self, url: str) -> Challenge:
+        _, body = self._post(url, "/release/challenge", {})
         if body.get("protocol") != PROTOCOL:
             raise protocol_error(f"protocol {str(body.get('protocol'))[:40]!r}")
         nonce = _get(body, "nonce", str, "challenge")
@@ -300,8 +318,12 @@ class AgentClient:
                          tuple(str(s) for s in suites))  # fmt: skip
 
     def release(self, tenant: str, volume_id: str, evidence: Evidence, *, suite: str = X25519) -> Released | Pending:
-        """One release of ``volume_id``'s secret (see the module doc)."""
-        challenge = self.challenge()
+        """One release of ``volume_id``'s secret (see the module doc); at another server after a failure, from a
+        new challenge (the same holder asking again supersedes its own lease: no clone is suspected)."""
+        return self.failover.run(lambda url: self._release(url, tenant, volume_id, evidence, suite), safe=True)
+
+    def _release(self, url: str, tenant: str, volume_id: str, evidence: Evidence, suite: str) -> Released | Pending:
+        challenge = self._challenge(url)
         if suite not in challenge.suites or suite not in SUITES:
             raise BadRequest(f"the key manager does not offer HPKE suite {suite!r}", code="hpke_invalid")
         one_time = OneTimeKey.generate(suite)
@@ -312,7 +334,7 @@ class AgentClient:
             "protocol": PROTOCOL, "tenant": tenant, "volume_id": volume_id, "nonce": challenge.nonce, "suite": suite,
             "public_key": base64.b64encode(one_time.public_bytes).decode(), "evidence": bundle,
         }  # fmt: skip
-        status, body = self._post("/release", request)
+        status, body = self._post(url, "/release", request)
         if status == 202 or body.get("status") == "pending":
             return Pending(str(body.get("request_id", "")), _seconds(body.get("poll_after_seconds", 5), "poll") or 0.0)
         if body.get("status") != "released":
@@ -338,7 +360,7 @@ class AgentClient:
 
     def renew(self, lease: Lease) -> Renewal:
         """``continue`` (with the new expiry), ``revoked``, ``shred`` or ``expired``."""
-        _, body = self._post(f"/leases/{lease.id}/renew", {"token": lease.token_b64()})
+        _, body = self.post(f"/leases/{lease.id}/renew", {"token": lease.token_b64()}, safe=True)
         action = body.get("action")
         if action not in RENEW_ACTIONS:
             raise protocol_error(f"renewal action {str(action)[:20]!r}")
@@ -347,13 +369,13 @@ class AgentClient:
 
     def end(self, lease: Lease) -> None:
         """End the lease early (clean detach), so that another instance may take the volume at once."""
-        self._post(f"/leases/{lease.id}/end", {"token": lease.token_b64()})
+        self.post(f"/leases/{lease.id}/end", {"token": lease.token_b64()}, safe=True)
 
     def register_volume(self, spec: Mapping[str, Any], *, suite: str = X25519) -> Registered:
         """``POST /v1/volumes`` (admin token): the new volume's record and its secret (section 6)."""
         one_time = OneTimeKey.generate(suite)
         body = {**spec, "suite": suite, "public_key": base64.b64encode(one_time.public_bytes).decode()}
-        _, answer = self._post("/volumes", body)
+        _, answer = self.post("/volumes", body)
         volume = _get(answer, "volume", dict, "registration")
         tenant = _get(volume, "tenant", str, "volume")
         volume_id = _get(volume, "id", str, "volume")
@@ -368,4 +390,4 @@ class AgentClient:
 
     def destroy_volume(self, volume_id: str) -> None:
         """``POST /v1/volumes/{id}/destroy`` (admin token): crypto-shreds the volume's secret."""
-        self._post(f"/volumes/{volume_id}/destroy", {})
+        self.post(f"/volumes/{volume_id}/destroy", {})

@@ -29,6 +29,14 @@ _RETRYABLE = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, ser
 log = logging.getLogger("keysteward.audit")
 WAIT_SECONDS = 30.0
 
+
+def _failure_code(exc: Exception) -> str:
+    """``database_unavailable`` when the database itself failed (down, failing over, a commit its synchronous
+    standby never confirmed): the client may try another server; else ``audit_unavailable``."""
+    database = isinstance(exc, Unavailable) and exc.code == "database_unavailable"
+    return "database_unavailable" if database else "audit_unavailable"
+
+
 Effect = Callable[[Connection], dict[str, Any]]
 """A change committed together with its audit record: it runs in the batch's transaction (under a
 savepoint) and returns the record's fields (or ``{}``: a routine change that needs no record). Raising a
@@ -133,7 +141,7 @@ class GroupCommit:
                 for pending, seq in zip(recorded, seqs, strict=True):
                     pending.seq = seq
             except (SQLAlchemyError, KeystewardError) as exc:
-                error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
+                error = Unavailable(_UNAVAILABLE, code=_failure_code(exc))
                 error.__cause__ = exc
             except Exception as exc:  # noqa: BLE001 - whatever it was, every waiter must hear of it
                 error = Unavailable(_UNAVAILABLE, code="audit_unavailable")

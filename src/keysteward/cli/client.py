@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from keysteward.api_errors import answer_error, transport_error
+from keysteward.kms_failover import Failover, split_urls
 
 
 @dataclass(frozen=True)
@@ -47,27 +48,36 @@ class ClientOptions:
 
 
 class Client:
+    """The server at ``options.url``, or each of a comma list of URLs in turn (:mod:`keysteward.kms_failover`):
+    reads move on after a 503 or a lost answer, changes only when they never reached a server."""
+
     def __init__(self, options: ClientOptions) -> None:
         self.options = options
         verify = ssl.create_default_context(cafile=options.ca_file)
         if options.cert and options.key:
             verify.load_cert_chain(options.cert, options.key)
         headers = {"authorization": f"Bearer {options.token}"} if options.token else {}
-        self._http = httpx.Client(
-            base_url=options.url.rstrip("/") + "/v1", verify=verify, headers=headers, timeout=options.timeout
-        )
+        urls = split_urls(options.url)
+        self._https = {
+            url: httpx.Client(base_url=url + "/v1", verify=verify, headers=headers, timeout=options.timeout)
+            for url in urls
+        }
+        self.failover = Failover(urls)
 
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        return self.failover.run(lambda url: self._request(url, method, path, json, params), safe=method == "GET")
+
+    def _request(self, url: str, method: str, path: str, json: Any, params: dict[str, Any] | None) -> Any:
         try:
-            response = self._http.request(method, path, json=json, params=params)
+            response = self._https[url].request(method, path, json=json, params=params)
         except httpx.HTTPError as exc:
-            raise transport_error(exc, self.options.url, "server_unreachable") from exc
+            raise transport_error(exc, url, "server_unreachable") from exc
         if response.status_code >= 400:
             try:
                 body = response.json()
             except ValueError:
                 body = None
-            error = answer_error(response.status_code, body, response.reason_phrase, self.options.url)
+            error = answer_error(response.status_code, body, response.reason_phrase, url)
             assert error is not None
             raise error
         if response.status_code == 204 or not response.content:

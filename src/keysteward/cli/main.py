@@ -123,7 +123,12 @@ def _version(value: bool) -> None:
 
 def root(
     ctx: typer.Context,
-    url: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_URL", help="Key manager URL.")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", "--kms", envvar="KEYSTEWARD_URL", help="Key manager URL, or several: URL,URL (tried in turn)."
+        ),
+    ] = None,
     token: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_TOKEN", help="API token.", show_default=False)] = None,
     ca_file: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_CA_FILE", help="CA that signed the server.")] = None,
     cert: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_CLIENT_CERT", help="Client certificate (PEM).")] = None,

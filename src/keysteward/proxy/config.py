@@ -17,7 +17,8 @@
     port = 9810
 
     [kms]                            # needed by exports with kms = true
-    url = "https://kms.internal:8443"   # optional: default the URL in each volume's token
+    url = "https://kms.internal:8443"   # optional: default the URL in each volume's token; or a list of
+                                     # servers, tried in turn: ["https://kms-a:8443", "https://kms-b:8443"]
     ca_file = "kms-ca.pem"           # the CA that signed the key manager
     cert_file = "host.pem"           # the proxy's host certificate (keysteward ca issue --role host)
     key_file = "host.key"
@@ -57,7 +58,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keysteward.errors import BadRequest
+from keysteward.errors import BadRequest, KeystewardError
+from keysteward.kms_failover import MAX_URLS, split_urls
 
 CONFIG_CODE = "proxy_config"
 MAX_CONFIG = 1 << 20
@@ -313,15 +315,34 @@ def _exports(r: ConfigReader, raw: Any, *, tls: bool) -> tuple[ExportConfig, ...
     return tuple(exports)
 
 
+def _kms_urls(r: ConfigReader, table: Mapping[str, Any]) -> str | None:
+    """``url``: one https:// URL, a comma list, or a TOML list of them (several servers, tried in turn);
+    kept as one comma list, the form every client of keysteward takes."""
+    given = table.get("url")
+    if isinstance(given, list):
+        if not given or len(given) > MAX_URLS or not all(isinstance(u, str) for u in given):
+            raise r.error("kms.url", f"a list must hold 1 to {MAX_URLS} strings")
+        given = ",".join(given)
+    url = r.string({"url": given}, "url", "kms")
+    if url is None:
+        return None
+    try:
+        urls = split_urls(url)
+    except KeystewardError as exc:
+        raise r.error("kms.url", exc.message) from None
+    for one in urls:
+        if not re.fullmatch(r"https://\S+", one):
+            raise r.error("kms.url", f"{one[:60]!r} is not an https:// URL (a host proves itself by mTLS)")
+    return ",".join(urls)
+
+
 def kms_table(r: ConfigReader, data: Mapping[str, Any], exports: tuple[ExportConfig, ...]) -> KmsConfig | None:
     if "kms" not in data:
         if any(e.kms for e in exports):
             raise r.error("kms", "an export has kms = true but there is no [kms] table (the host certificate)")
         return None
     table = r.table(data, "kms", _KMS, "kms")
-    url = r.string(table, "url", "kms")
-    if url is not None and not re.fullmatch(r"https://\S+", url):
-        raise r.error("kms.url", f"{url[:60]!r} is not an https:// URL (a host proves itself by mTLS)")
+    url = _kms_urls(r, table)
     cert = r.path(table, "cert_file", "kms", required=True)
     key = r.path(table, "key_file", "kms", required=True)
     assert cert is not None and key is not None

@@ -26,6 +26,7 @@ from cryptography import x509
 
 from keysteward.crypto.x509identity import subject_of
 from keysteward.errors import BadRequest, KeystewardError
+from keysteward.kms_failover import split_urls
 from keysteward.proxy.config import KmsConfig
 
 log = logging.getLogger("keysteward.proxy")
@@ -85,11 +86,15 @@ class RevocationFetcher:
         self._client: httpx.Client | None = None
         self._url: str | None = None
         self._failing = False
+        self._turn = 0
 
     def _http(self) -> httpx.Client | None:
-        url = self.kms.url or self.url_hint()
-        if url is None:
+        """A client of the key manager; of a list, the one after the last that failed (``_turn``)."""
+        given = self.kms.url or self.url_hint()
+        if given is None:
             return None
+        urls = split_urls(given)
+        url = urls[self._turn % len(urls)]
         if self._client is None or url != self._url:
             self.close()
             ctx = ssl.create_default_context(cafile=self.kms.ca_file)
@@ -112,6 +117,7 @@ class RevocationFetcher:
             if not self._failing:
                 log.warning("event=revocations_unavailable error=%s", type(exc).__name__)
             self._failing = True
+            self._turn += 1  # several key managers: the next fetch asks the next one
             self.close()  # the next try reads the host certificate again (renewed onto a rotated CA, say)
             return None
         if self._failing:

@@ -119,7 +119,11 @@ def initialize(settings: Settings, seal_type: str, *, threshold: int, shares: in
     if seal_type == "dev" and not seal.dev_key_file:
         seal = dataclasses.replace(seal, dev_key_file=str(settings.data_dir / "dev-unseal.key"))
         settings = dataclasses.replace(settings, seal=seal)
-    db = Database(settings.database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
+    db = Database(
+        settings.database_url,
+        sqlite_synchronous=settings.storage.sqlite_synchronous,
+        timeout=settings.storage.database_timeout_seconds,
+    )
     try:
         db.migrate()
         result = root_module.initialize(

@@ -83,6 +83,7 @@ class Services:
             settings.database_url,
             sqlite_synchronous=settings.storage.sqlite_synchronous,
             pool_size=settings.storage.pool_size,
+            timeout=settings.storage.database_timeout_seconds,
         )
         db.migrate()
         audit = AuditLog(db)

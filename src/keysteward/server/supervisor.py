@@ -29,7 +29,11 @@ SEAL_SIGNAL = signal.SIGUSR1
 
 
 def _seal_type(settings: Settings) -> str:
-    db = Database(settings.database_url, sqlite_synchronous=settings.storage.sqlite_synchronous)
+    db = Database(
+        settings.database_url,
+        sqlite_synchronous=settings.storage.sqlite_synchronous,
+        timeout=settings.storage.database_timeout_seconds,
+    )
     try:
         db.migrate()
         with db.read() as conn:

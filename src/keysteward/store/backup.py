@@ -129,7 +129,7 @@ def create(db: Database, output: Path) -> BackupInfo:
     """Write a backup of ``db`` to ``output`` (a new file, mode 0600) from one read transaction."""
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never over an existing file
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out, db.unbounded():  # long work: no statement deadline on PostgreSQL
             info = _write(db, output, out)
             out.flush()
             os.fsync(out.fileno())
@@ -328,7 +328,7 @@ def restore(db: Database, info: BackupInfo) -> None:
         )
     require_empty(target_tables(db))
     db.migrate()
-    with db.write() as conn:
+    with db.unbounded(), db.write() as conn:  # long work: no statement deadline on PostgreSQL
         batch: list[dict[str, Any]] = []
         current: Table | None = None
         for table, _names, row in _rows(info.path):

@@ -7,6 +7,11 @@ On SQLite, writers first queue on a lock file (``flock``): the kernel wakes the 
 the moment the lock is free, where SQLite's own busy handler would sleep in steps of up to
 100 ms between tries. WAL checkpoints run in a background thread once a second instead of
 inside whichever commit crosses the threshold, so no request waits for one.
+
+On PostgreSQL the URL may name several hosts (a Patroni cluster, see docs/ha.md and
+:mod:`keysteward.store.pg_ha`): connections go to the read-write one, dead pooled connections are
+replaced at checkout, a hung primary's connections are cut after ``timeout`` seconds, and a commit whose
+synchronous replication wait was cancelled raises ``database_unavailable`` instead of returning.
 """
 
 from __future__ import annotations
@@ -20,18 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from keysteward.errors import Unavailable
+from keysteward.store import pg_ha
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 CHECKPOINT_SECONDS = 1.0
+TIMEOUT_SECONDS = 10.0
+"""PostgreSQL: a statement (a commit waiting for a synchronous standby included) is cancelled after this."""
+_READ_ONLY = "25006"  # a write reached a standby (a demoted primary): the cluster is failing over
 
 
 class Database:
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 20) -> None:
+    def __init__(
+        self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 20, timeout: float = TIMEOUT_SECONDS
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self._guard: pg_ha.Guard | None = None
         if self.is_sqlite:
             self.engine = create_engine(
                 url,
@@ -41,7 +53,14 @@ class Database:
             )
             _configure_sqlite(self.engine, sqlite_synchronous)
         elif url.startswith("postgresql"):
-            self.engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=300)
+            self.engine = create_engine(
+                pg_ha.engine_url(url),
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_recycle=300,
+                connect_args=pg_ha.connect_args(timeout),
+            )
+            self._guard = pg_ha.Guard(self.engine, timeout)
         else:
             raise ValueError("database_url must be sqlite:/// or postgresql+psycopg://")
         self._writer: Engine = self.engine.execution_options(ks_write=True)
@@ -80,8 +99,23 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        with _translate(), self._write_lock(), self._writer.begin() as conn:
-            yield conn
+        with _translate(), self._write_lock(), self._writer.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            if self._guard is not None:
+                pg_ha.clear_notices(raw)
+            with conn.begin():
+                yield conn
+            if self._guard is not None and pg_ha.commit_was_cancelled(raw):
+                raise Unavailable(pg_ha.SYNC_CANCELLED, code="database_unavailable")
+
+    @contextmanager
+    def unbounded(self) -> Iterator[None]:
+        """Long work (migrations, backups): this thread's connections get no deadline, no statement timeout."""
+        if self._guard is None:
+            yield
+            return
+        with self._guard.unbounded():
+            yield
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
@@ -91,12 +125,16 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         cfg.attributes["connection_url"] = self.url
-        with self.engine.begin() as conn:
+        with self.unbounded(), self.engine.begin() as conn:
+            if not self.is_sqlite:
+                conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
         self._stop.set()
+        if self._guard is not None:
+            self._guard.close()
         self.engine.dispose()
         if self._lock_file is not None:
             os.close(self._lock_file)
@@ -158,6 +196,10 @@ def _translate() -> Iterator[None]:
         yield
     except OperationalError as exc:
         raise Unavailable("the database is not available", code="database_unavailable") from exc
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _READ_ONLY:
+            raise
+        raise Unavailable("the database is failing over (reached a standby)", code="database_unavailable") from exc
 
 
 def checkpoint(db: Database) -> None:

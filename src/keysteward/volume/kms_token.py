@@ -46,6 +46,8 @@ TOKEN_EXISTS = "kms_token_exists"  # noqa: S105
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """Tenant and key names, as the key manager allows them (identity.principal.NAME_RE)."""
 _URL = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(?::[0-9]{1,5})?(?:/[!-~]*)?")
+_URLS = re.compile(rf"{_URL.pattern}(?:,{_URL.pattern})*")
+"""One URL, or several key managers' URLs joined by commas (tried in turn, docs/ha.md)."""
 _FIELDS = ("type", "keyslots", "protocol", "url", "tenant", "volume_id", "key", "key_version")
 
 
@@ -64,8 +66,10 @@ class KmsRef:
     key_version: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or len(self.url) > URL_MAX or not _URL.fullmatch(self.url):
-            raise _invalid(f"the key manager URL must be an http(s) URL of at most {URL_MAX} characters")
+        if not isinstance(self.url, str) or len(self.url) > URL_MAX or not _URLS.fullmatch(self.url):
+            raise _invalid(
+                f"the key manager URL must be http(s) URLs (comma separated) of at most {URL_MAX} characters"
+            )
         for what, value in (("tenant", self.tenant), ("key", self.key)):
             if not isinstance(value, str) or not _NAME.fullmatch(value):
                 raise _invalid(f"the {what} name must be 1-64 characters of a-z, 0-9, '.', '_' or '-'")
