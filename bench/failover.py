@@ -118,7 +118,7 @@ def _one_run(args: argparse.Namespace, cleanup: Cleanup, n: int) -> dict[str, fl
     started = time.monotonic()
     timings = patroni.Timings() if args.quick else patroni.DEFAULT_TIMINGS
     try:
-        cluster = patroni.start(timings, prefix="ks-bench-ha-")
+        cluster = patroni.start(timings, prefix="ks-bench-ha-", nodes_count=args.nodes)
     except PgUnavailable as exc:
         raise BenchError(str(exc)) from exc
     cleanup.push("stop the Patroni cluster", cluster.stop)
@@ -137,7 +137,7 @@ def _one_run(args: argparse.Namespace, cleanup: Cleanup, n: int) -> dict[str, fl
         volume_id, _secret = world.create_volume(f"ha-{i}")
         volumes.append((volume_id, vm))
     say(
-        f"run {n}: Patroni ttl {timings.ttl} s, two servers, {len(volumes)} volumes "
+        f"run {n}: Patroni ttl {timings.ttl} s, {args.nodes} PostgreSQL nodes, two servers, {len(volumes)} volumes "
         f"({time.monotonic() - started:.1f} s)"
     )
 
@@ -158,7 +158,8 @@ def _one_run(args: argparse.Namespace, cleanup: Cleanup, n: int) -> dict[str, fl
         killed = cluster.kill_node(old)
         cluster.wait_for("leader", 120, not_node=old)
         promote_s = time.monotonic() - killed
-        cluster.start_node(old)  # as systemd's Restart= would
+        if args.nodes == 2:
+            cluster.start_node(old)  # as systemd's Restart= would: two strict nodes need it back to commit
         db_s = first_after(running, killed, 180)
         say(f"run {n}: PostgreSQL primary killed -> promoted after {promote_s:.1f} s, first release after {db_s:.1f} s")
         time.sleep(1.0)
@@ -198,6 +199,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="aggressive Patroni timings, one run (see above)")
     parser.add_argument("--runs", type=int, default=None, help="runs on fresh clusters (default 3; --quick: 1)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per throughput phase (default 10)")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="PostgreSQL nodes (3: a standby is left to be synchronous once the primary dies)",
+    )
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)

@@ -284,8 +284,11 @@ def _node_config(cluster: HaCluster, node: Node) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def start(timings: Timings | None = None, *, prefix: str = "ks-ha-", timeout: float = 90) -> HaCluster:
-    """etcd, then two Patroni nodes; returns once there is a leader and a synchronous standby."""
+def start(
+    timings: Timings | None = None, *, prefix: str = "ks-ha-", timeout: float = 90, nodes_count: int = 2
+) -> HaCluster:
+    """etcd, then two (or ``nodes_count``) Patroni nodes; returns once there is a leader and a synchronous
+    standby (and, with three, the third node streaming too)."""
     for tool in (ETCD, PATRONI, str(PG_BINDIR / "postgres")):
         if not Path(tool).is_file():
             raise PgUnavailable(f"{tool} not found: run `bash scripts/bootstrap.sh` (patroni, etcd-server, postgresql)")
@@ -295,7 +298,7 @@ def start(timings: Timings | None = None, *, prefix: str = "ks-ha-", timeout: fl
         pw = pwd.getpwnam(PG_USER)
         owner = (pw.pw_uid, pw.pw_gid)
     nodes = []
-    for name in ("pg1", "pg2"):
+    for name in [f"pg{i + 1}" for i in range(nodes_count)]:
         nodes.append(
             Node(name, _free_port(), _free_port(), base / name / "data", base / f"{name}.yml", base / f"{name}.log")
         )
@@ -328,8 +331,14 @@ def start(timings: Timings | None = None, *, prefix: str = "ks-ha-", timeout: fl
                     os.chown(path, *owner)
         cluster.start_node(nodes[0])
         cluster.wait_for("leader", timeout)
-        cluster.start_node(nodes[1])
+        for node in nodes[1:]:
+            cluster.start_node(node)
         cluster.wait_for("sync_standby", timeout)
+        deadline = time.monotonic() + timeout
+        while len([m for m in cluster.members() if m.get("state") in ("streaming", "running")]) < len(nodes):
+            if time.monotonic() > deadline:
+                raise PgUnavailable(f"not every node joined the cluster:\n{cluster.logs()}")
+            time.sleep(0.5)
     except BaseException:
         cluster.stop()
         raise
