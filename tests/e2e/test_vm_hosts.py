@@ -18,10 +18,12 @@ disk counter and ticks on its serial console. What must hold:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +44,7 @@ from keysteward.volume.create import CreateOptions
 from keysteward.volume.kdf import KdfChoice
 from tests.e2e.test_proxy import BREAK_GLASS, volume_key
 from tests.fixtures.keysteward import KEYSTEWARD, SecretRegistry, ServerProcess, init_manager
-from tests.support.daemons import Daemon, memory_holds, reaped
+from tests.support.daemons import Daemon, memory_holds
 from tests.support.swtpm import Swtpm, running_swtpm
 
 pytestmark = pytest.mark.e2e
@@ -107,8 +109,35 @@ class Site:
 
 
 @pytest.fixture
-def hosts() -> Iterator[list[HostProcess]]:
-    yield from reaped([])
+def hosts(tmp_path: Path) -> Iterator[list[HostProcess]]:
+    """Host agents started by the test: stopped by SIGTERM at the end (each stops its VMs, wipes their keys
+    and ends their leases), killed if that hangs; then no QEMU of this test may be left running."""
+    started: list[HostProcess] = []
+    yield started
+    for host in started:
+        if host.proc.poll() is None:
+            host.proc.send_signal(signal.SIGTERM)
+    for host in started:
+        try:
+            host.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            host.proc.kill()
+            host.proc.wait(10)
+    kill_qemus_under(tmp_path)
+
+
+def kill_qemus_under(root: Path) -> None:
+    """SIGKILL every QEMU whose command line names a path under ``root`` (what a test left behind)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(str(root).encode() in arg for arg in argv):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 @pytest.fixture
