@@ -37,6 +37,7 @@ from keysteward.crypto.x509migration import issue_migration_cert, make_migration
 from keysteward.devcloud.guest import GuestImage, guest_append
 from keysteward.host import migration
 from keysteward.host.qemu import QemuVm, VmLaunch
+from keysteward.host.running import run_name
 from tests.e2e.test_vm_hosts import (  # noqa: F401 - fixtures
     MARKER,
     HostProcess,
@@ -138,7 +139,7 @@ def test_a_refused_or_dying_destination_leaves_the_vm_on_its_source(
     assert refused.returncode == 1 and "forbidden_by_policy" in refused.stderr and "migrate-pcr7" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert memory_holds(host_b.proc.pid, {"volume key": key}) == set()
-    assert not (site.tmp / "host-b-run" / vm_id).exists()
+    assert not (site.tmp / "host-b-run" / run_name(vm_id)).exists()
     assert set(_leases(site, vm_id)) == {"host:host-a"}  # no incoming lease was ever granted
     later = ticks(site, "host-a", vm_id, after=len(before) + 1)
     assert later[-1][0] > before[-1][0] and host_a.status()["vms"]["web"]["vm_id"] == vm_id
@@ -152,7 +153,7 @@ def test_a_refused_or_dying_destination_leaves_the_vm_on_its_source(
     assert racing.status_code == 409 and racing.json()["code"] == "migration_in_progress", racing.text
     # the destination's QEMU dies before the switchover
     deadline = time.monotonic() + 60
-    while (pid := _qemu_of(site.tmp / "host-b-run" / vm_id)) is None:
+    while (pid := _qemu_of(site.tmp / "host-b-run" / run_name(vm_id))) is None:
         assert time.monotonic() < deadline, "host-b never launched QEMU"
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
