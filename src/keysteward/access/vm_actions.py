@@ -36,6 +36,7 @@ from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
 from keysteward.formats.release_wire import pack_secret, seal_info
 from keysteward.keys.keystore import KeyStore
+from keysteward.policy.context_facts import host_facts
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.facts import PolicyRequest
@@ -83,11 +84,12 @@ class _VmRelease(_Release):
 
 
 def hardware_facts(raw: Any) -> dict[str, bool]:
-    if not isinstance(raw, dict) or set(raw) - set(HOST_FACTS) or not all(isinstance(v, bool) for v in raw.values()):
-        raise Denied(f"hardware facts are booleans named {', '.join(HOST_FACTS)}", code="evidence_invalid")
-    facts = {name: bool(raw.get(name, False)) for name in HOST_FACTS[:-1]}
-    facts["memory_encryption"] = facts["sev"] or facts["sev_es"] or facts["sev_snp"] or facts["tdx"]
-    return facts
+    """The facts a host reported, checked as the policy's ``context.host`` checks them (one rule)."""
+    try:
+        return host_facts(raw)
+    except PolicyRequestInvalid as exc:
+        raise Denied(f"hardware facts are booleans named {', '.join(HOST_FACTS)}: {exc.message}",
+                     code="evidence_invalid") from None  # fmt: skip
 
 
 class VmStart(VolumeRelease):
