@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from keysteward.agent.unlock import parse_pcrs
 from keysteward.errors import BadRequest, KeystewardError
-from keysteward.proxy.config import LOG_LEVELS, MAX_CONFIG, ConfigReader, KmsConfig, kms_table
+from keysteward.proxy.config import LOG_LEVELS, MAX_CONFIG, KmsConfig, kms_table
+from keysteward.toml_config import ConfigReader
 
 ACCELS = ("auto", "kvm", "tcg")
 _TOP = frozenset({"state_dir", "snapshot_dir", "poll_seconds", "log_level", "status_file", "kms", "tpm", "qemu"})

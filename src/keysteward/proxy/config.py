@@ -60,6 +60,7 @@ from typing import Any
 
 from keysteward.errors import BadRequest, KeystewardError
 from keysteward.kms_failover import MAX_URLS, split_urls
+from keysteward.toml_config import ConfigReader
 
 CONFIG_CODE = "proxy_config"
 MAX_CONFIG = 1 << 20
@@ -67,7 +68,6 @@ MAX_EXPORTS = 256
 DEFAULT_PORT = 10809
 EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Export names: what ``nbd://host/NAME`` and the metrics labels carry."""
-HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
 
 _TOP = frozenset({"listen", "tls", "metrics", "kms", "exports", "log_level", "status_file"})
 _LISTEN = frozenset({"address", "port", "allow_plaintext"})
@@ -159,87 +159,6 @@ class ProxyConfig:
 
 
 # -- small typed readers ---------------------------------------------------------------------------
-
-
-class ConfigReader:
-    """Typed access to one TOML table; every complaint names the source file and the key path (raised as
-    ``error_type``: the proxy's, or another daemon's that reads its file with this reader)."""
-
-    def __init__(self, source: str, base: str, error_type: type[BadRequest] = ProxyConfigError) -> None:
-        self.source = source
-        self.base = base
-        self.error_type = error_type
-
-    def error(self, where: str, message: str) -> BadRequest:
-        return self.error_type(f"{self.source}: {where}: {message}")
-
-    def table(self, data: Mapping[str, Any], key: str, allowed: frozenset[str], where: str) -> Mapping[str, Any]:
-        value = data.get(key, {})
-        if not isinstance(value, dict):
-            raise self.error(where, "must be a table")
-        self.known(value, allowed, where)
-        return value
-
-    def known(self, table: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            listed = ", ".join(repr(k[:40]) for k in unknown[:5])
-            raise self.error(where, f"unknown key {listed} (known: {', '.join(sorted(allowed))})")
-
-    def string(self, table: Mapping[str, Any], key: str, where: str, *, default: str | None = None) -> str | None:
-        value = table.get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.error(f"{where}.{key}", "must be a string")
-        if len(value) > 4096 or "\x00" in value:
-            raise self.error(f"{where}.{key}", "is too long or holds a NUL byte")
-        return value
-
-    def required(self, table: Mapping[str, Any], key: str, where: str) -> str:
-        value = self.string(table, key, where)
-        if not value:
-            raise self.error(f"{where}.{key}", "is required")
-        return value
-
-    def path(self, table: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> str | None:
-        value = self.required(table, key, where) if required else self.string(table, key, where)
-        if not value:
-            return None
-        return os.path.normpath(os.path.join(self.base, value))
-
-    def boolean(self, table: Mapping[str, Any], key: str, where: str, *, default: bool = False) -> bool:
-        value = table.get(key, default)
-        if not isinstance(value, bool):
-            raise self.error(f"{where}.{key}", "must be true or false")
-        return value
-
-    def number(self, table: Mapping[str, Any], key: str, where: str, *, low: float, high: float) -> float | None:
-        value = table.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-            raise self.error(f"{where}.{key}", f"must be a number from {low:g} to {high:g}")
-        return float(value)
-
-    def port(self, table: Mapping[str, Any], key: str, where: str, *, default: int | None) -> int | None:
-        value = table.get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
-            raise self.error(f"{where}.{key}", "must be a port number from 0 to 65535 (0: any free port)")
-        return value
-
-    def address(self, table: Mapping[str, Any], key: str, where: str, *, default: str) -> str:
-        value = self.string(table, key, where, default=default) or ""
-        if not value:
-            raise self.error(f"{where}.{key}", "is empty")
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            if not HOSTNAME.fullmatch(value):
-                raise self.error(f"{where}.{key}", f"{value[:60]!r} is not an IP address or host name") from None
-        return value
 
 
 def is_loopback(address: str) -> bool:
@@ -353,7 +272,7 @@ def kms_table(r: ConfigReader, data: Mapping[str, Any], exports: tuple[ExportCon
 
 def parse_config(text: str, *, source: str = "proxy.toml", base_dir: str = ".") -> ProxyConfig:
     """The config in ``text`` (TOML), every value checked; relative paths are taken from ``base_dir``."""
-    r = ConfigReader(source, base_dir)
+    r = ConfigReader(source, base_dir, ProxyConfigError)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
