@@ -117,12 +117,13 @@ def _is_self_signed_candidate(cert: x509.Certificate) -> bool:
 
 
 def _key_usage(
-    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
-) -> x509.KeyUsage:
+    *, digital_signature: bool = False, key_encipherment: bool = False, key_cert_sign: bool = False,
+    crl_sign: bool = False,
+) -> x509.KeyUsage:  # fmt: skip
     return x509.KeyUsage(
         digital_signature=digital_signature,
         content_commitment=False,
-        key_encipherment=False,
+        key_encipherment=key_encipherment,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=key_cert_sign,

@@ -17,7 +17,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keysteward.crypto.x509ca import IssuedCert, _check_key_strength, _issued, _load_issuer, _sign_hash
+from keysteward.crypto.x509ca import (
+    IssuedCert,
+    _check_key_strength,
+    _issued,
+    _key_usage,
+    _load_issuer,
+    _sign_hash,
+)
 from keysteward.crypto.x509csr import csr_public_key
 from keysteward.errors import BadRequest
 
@@ -77,20 +84,7 @@ def issue_migration_cert(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         # GnuTLS (QEMU) insists on key encipherment beside the signature in a critical key usage
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(digital_signature=True, key_encipherment=True), critical=True)
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
