@@ -187,10 +187,12 @@ def start_host(site: Site, hosts: list[HostProcess], name: str) -> HostProcess:
 
 
 def serial(site: Site, host: str, vm_id: str) -> str:
+    """The complete lines of the VM's console log (its last line may be half written)."""
     try:
-        return (site.tmp / f"{host}-run" / run_name(vm_id) / "serial.log").read_text(errors="replace")
+        text = (site.tmp / f"{host}-run" / run_name(vm_id) / "serial.log").read_text(errors="replace")
     except FileNotFoundError:
         return ""
+    return text[: text.rfind("\n") + 1]
 
 
 def ticks(site: Site, host: str, vm_id: str, after: int = 0, timeout: float = 90.0) -> list[tuple[int, int, str]]:

@@ -165,7 +165,11 @@ def test_state_through_a_pipe_restores_ram_and_counter(
     assert source.status() == "postmigrate"
     saved_log = source.serial_text()
     source.stop()
-    last_tick, last_counter, _ = [(int(m[1]), int(m[2]), m[3]) for m in TICK.finditer(saved_log)][-1]
+    complete = saved_log[: saved_log.rfind("\n") + 1]
+    last_tick, last_counter, _ = [(int(m[1]), int(m[2]), m[3]) for m in TICK.finditer(complete)][-1]
+    # the save may cut a tick line mid-way: its rest comes out of the restored guest, and the first
+    # complete tick line there is then the one after it
+    step = 1 if complete == saved_log else 2
     assert marker.hex() not in saved_log, "the console shows the marker's md5, never the marker"
 
     # a damaged state: QEMU refuses it, the guest never runs
@@ -190,5 +194,5 @@ def test_state_through_a_pipe_restores_ram_and_counter(
     assert target.status() == "running"
     after = _ticks(target, 2)
     assert "ks-guest ready" not in target.serial_text(), "the guest resumed, it did not boot"
-    assert after[0][0] == last_tick + 1 and after[0][1] == last_counter + 1, (after, last_tick, last_counter)
+    assert after[0][0] == last_tick + step and after[0][1] == last_counter + step, (after, last_tick, last_counter)
     assert {t[2] for t in after} == {expected_md5}

@@ -12,7 +12,7 @@ import pytest
 from keysteward.devcloud.cpio import CpioWriter
 from keysteward.devcloud.guest import guest_append
 from keysteward.devcloud.guest_init import guest_memory_mb, init_script
-from keysteward.host.qemu import FileDisk, NbdDisk, VmLaunch
+from keysteward.host.qemu import FileDisk, NbdDisk, QemuError, QemuVm, VmLaunch
 
 pytestmark = pytest.mark.unit
 
@@ -146,3 +146,16 @@ def test_init_script_and_kernel_command_line() -> None:
         guest_append(fill_mb=-1)
     assert "MemAvailable" in text, "the fill is capped: an over-full tmpfs would OOM-kill init"
     assert guest_memory_mb(0) == 176 and guest_memory_mb(1024) >= 1024 + 200
+
+
+def test_wait_serial_never_matches_a_half_written_line(tmp_path: Path) -> None:
+    """QEMU writes the console as the guest prints: a line cut mid-way must not match ``$``."""
+    log = tmp_path / "serial.log"
+    vm = QemuVm(_launch(serial_log=log))
+    log.write_text("ks-guest ready\nks-guest tick=1 counter=1 ram=2af210ce0e22e2c4ce1")
+    pattern = r"^ks-guest tick=(\d+) counter=(\d+) ram=(\S+)$"
+    with pytest.raises(QemuError, match="no serial line"):
+        vm.wait_serial(pattern, 0.05)
+    log.write_text("ks-guest ready\nks-guest tick=1 counter=1 ram=2af210ce0e22e2c4ce13942644fdedc2\n")
+    assert vm.wait_serial(pattern, 0.05)[3] == "2af210ce0e22e2c4ce13942644fdedc2"
+    assert vm.wait_serial(r"^ks-guest ready$", 0.05).start() == 0

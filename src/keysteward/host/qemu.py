@@ -221,11 +221,16 @@ class QemuVm:
             return ""
 
     def wait_serial(self, pattern: str | re.Pattern[str], timeout: float, *, start: int = 0) -> re.Match[str]:
-        """The first match of ``pattern`` in the serial log at or after offset ``start``."""
+        """The first match of ``pattern`` in the complete lines of the serial log at or after ``start``.
+
+        Only text up to the last newline is searched: QEMU writes the console as the guest prints it,
+        so the log's last line may be half written, and ``$`` would match its end.
+        """
         regex = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
-            found = regex.search(self.serial_text(), start)
+            text = self.serial_text()
+            found = regex.search(text, start, text.rfind("\n") + 1)
             if found:
                 return found
             self._check_alive()
