@@ -101,6 +101,26 @@ def build_app(only: str | None = None) -> typer.Typer:
     return app
 
 
+_ROOT_VALUE_OPTIONS = frozenset({"--url", "--kms", "--token", "--ca-file", "--cert", "--key", "--data-dir"})
+"""The options of :func:`root` that take a value (``keysteward --url U vm start`` is the ``vm`` group)."""
+
+
+def _group_of(args: list[str]) -> str | None:
+    """The top-level name ``args`` invoke after the global options, or None (help, completion, unknown)."""
+    at = 0
+    while at < len(args):
+        arg = args[at]
+        if arg in _ROOT_VALUE_OPTIONS:
+            at += 2
+        elif arg.startswith("--") and arg.split("=", 1)[0] in _ROOT_VALUE_OPTIONS:
+            at += 1
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg if arg in GROUPS else None
+    return None
+
+
 def _volume(ctx: typer.Context) -> int:
     """After global options (``keysteward --url U volume ...``): the volume group's own parser runs."""
     from keysteward.cli import volume_cmd
@@ -203,7 +223,7 @@ def main() -> None:
 
             command, args, prog = typer.main.get_command(agent_cmd.app), args[1:], "keysteward agent"
         else:
-            app = build_app(args[0] if args and args[0] in GROUPS else None)  # imports typer
+            app = build_app(_group_of(args))  # imports typer
             command, prog = typer.main.get_command(app), "keysteward"
         gc.enable()
         _run(command, args, prog)
