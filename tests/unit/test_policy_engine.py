@@ -642,3 +642,11 @@ def test_problems_come_in_the_order_of_the_text() -> None:
         "unknown attribute `bindin` of the resource type `Keysteward::Volume`; did you mean `binding`?"
         in (error.problems[1])
     )
+
+
+def test_a_context_attribute_of_some_actions_is_one_problem() -> None:
+    """A policy for every action reading ``context.identity``: one problem naming the actions, not 20."""
+    error = compile_error({"p.cedar": 'forbid(principal, action, resource) when { context.identity.provider == "x" };'})
+    assert len(error.problems) == 1, error.problems
+    assert "unknown attribute `identity` of the context of actions " in error.problems[0]
+    assert "more)" not in error.message

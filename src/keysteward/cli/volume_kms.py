@@ -78,19 +78,17 @@ def uses_release(args: Args) -> bool:
             raise option_error("give --url or --passphrase-file, not both")
         return False
     args["url"] = args.get("url") or os.environ.get(URL_ENV) or None
-    if args["url"] is None:
-        from keysteward.volume.errors import VolumeRequestError
-        from keysteward.volume.kms_token import NO_TOKEN, read_token
+    from keysteward.volume.errors import VolumeRequestError
+    from keysteward.volume.kms_token import NO_TOKEN, read_token
 
-        try:
-            read_token(args["path"])
-        except VolumeRequestError as exc:
-            if exc.code != NO_TOKEN:
-                raise
-            raise option_error(
-                f"give --passphrase-file FILE: {args['path']} has no keysteward token, so no key manager releases "
-                "its key"
-            ) from None
+    try:
+        read_token(args["path"])  # a header read: a volume no release can open is told apart before any request
+    except VolumeRequestError as exc:
+        if exc.code != NO_TOKEN:
+            raise
+        raise option_error(
+            f"give --passphrase-file FILE: {args['path']} has no keysteward token, so no key manager releases its key"
+        ) from None
     return True
 
 

@@ -23,6 +23,9 @@ from keysteward.policy.schema import SCHEMA_TEXT
 _UNKNOWN_ATTRIBUTE: Final = re.compile(
     r"for policy `(?P<policy>[^`]+)`, attribute `(?P<attr>[^`]+)` on entity type `(?P<type>[^`]+)` not found"
 )
+_UNKNOWN_CONTEXT: Final = re.compile(
+    r"for policy `(?P<policy>[^`]+)`, attribute `(?P<attr>[^`]+)` in context for (?P<type>\S+) not found"
+)
 _CAUSES: Final = ("not found", "unrecognized entity type", "undeclared", "unknown")
 """Words of an error that is a mistake of its own (a name that does not exist)."""
 _CONSEQUENCES: Final = ("unable to guarantee safety of access", "unable to find an applicable action")
@@ -43,6 +46,8 @@ class SchemaError:
     message: str
     attribute: str = ""
     types: tuple[str, ...] = ()
+    """The entity types an unknown attribute was looked up on, or (``in_context``) the actions."""
+    in_context: bool = False
 
 
 @cache
@@ -54,21 +59,26 @@ def entity_attributes() -> dict[str, tuple[str, ...]]:
 def first_mistakes(errors: Sequence[SchemaError]) -> list[SchemaError]:
     """``errors`` in the order of the text (file, then position), without the errors that follow from a
     mistake in the same policy, and with an unknown attribute reported once for all the types it was
-    looked up on (an unconstrained ``principal`` is each principal type in turn)."""
+    looked up on (an unconstrained ``principal`` is each principal type in turn; an unconstrained ``action``
+    each action's context)."""
     caused = {e.policy for e in errors if any(word in e.message for word in _CAUSES)}
     kept = [e for e in errors if not (e.policy in caused and any(word in e.message for word in _CONSEQUENCES))]
     kept.sort(key=lambda e: (e.file, e.offset))
     merged: dict[tuple[str, int, str], SchemaError] = {}
     for error in kept:
         unknown = _UNKNOWN_ATTRIBUTE.search(error.message)
-        if unknown is None:
+        context = _UNKNOWN_CONTEXT.search(error.message) if unknown is None else None
+        found = unknown or context
+        if found is None:
             merged[(error.file, error.offset, error.message)] = error
             continue
-        place = (error.file, error.offset, "\n" + unknown["attr"])
+        place = (error.file, error.offset, f"\n{context is not None}\n{found['attr']}")
         before = merged.get(place)
-        types = (*(before.types if before else ()), unknown["type"])
-        message = f"for policy `{unknown['policy']}`, unknown attribute `{unknown['attr']}`"
-        merged[place] = SchemaError(error.policy, error.file, error.offset, message, unknown["attr"], types)
+        types = (*(before.types if before else ()), found["type"])
+        message = f"for policy `{found['policy']}`, unknown attribute `{found['attr']}`"
+        merged[place] = SchemaError(
+            error.policy, error.file, error.offset, message, found["attr"], types, in_context=context is not None
+        )
     return list(merged.values())
 
 
@@ -77,6 +87,13 @@ def plain(error: SchemaError, text: str) -> str:
     ``resource``) as the text spells it, the closest attribute that exists, and all that do."""
     if not error.attribute:
         return error.message
+    if error.in_context:
+        actions = sorted(t.rpartition("::")[2].strip('"') for t in error.types)
+        shown = ", ".join(actions[:6]) + (f" and {len(actions) - 6} more" if len(actions) > 6 else "")
+        return (
+            f"{error.message} of the context of {'action' if len(actions) == 1 else 'actions'} {shown}; "
+            "name in the policy's scope the actions whose context has it (docs/policy.md)"
+        )
     role = next((r for r in _ROLES if text[: error.offset].rstrip().endswith(f"{r}.")), None)
     known = sorted({a for t in error.types for a in entity_attributes().get(t, ())})
     of = " or ".join(f"`{t}`" for t in sorted(error.types))
