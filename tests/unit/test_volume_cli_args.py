@@ -109,7 +109,8 @@ def test_every_verb_keeps_its_options() -> None:
     admin = {"--url", "--token", "--ca-file", "--json"}
     expected = {
         "create": {"--size", "--passphrase-file", "--sector-size", "--key-size", "--pbkdf", "--label", "--luks1",
-                   "--force", "--pbkdf-force-iterations", "--pbkdf-memory", "--pbkdf-parallel", "--json", "--url",
+                   "--force", "--pbkdf-force-iterations", "--iter-time", "--pbkdf-memory", "--pbkdf-parallel",
+                   "--json", "--url",
                    "--key-name", "--name", "--provider", "--bind-account", "--bind-instance", "--bind-image",
                    "--bind-host", "--kms-label",
                    "--lease-seconds", "--renew-seconds", "--grace-seconds", "--token", "--ca-file"},
@@ -118,6 +119,7 @@ def test_every_verb_keeps_its_options() -> None:
         "read": {"--passphrase-file", "--offset", "--length", "--output", *release},
         "write": {"--passphrase-file", "--offset", "--input", "--fsync", *release},
         "add-key": {"--passphrase-file", "--new-passphrase-file", "--pbkdf", "--slot", "--pbkdf-force-iterations",
+                    "--iter-time",
                     "--pbkdf-memory", "--pbkdf-parallel", "--json"},
         "remove-key": {"--slot", "--passphrase-file", "--json"},
         "list": admin,

@@ -50,6 +50,7 @@ KDF_OPTS = (
         "PBKDF2 iterations or Argon2 time cost (default: about 2 s / 4).",
         aliases=("--pbkdf-iterations",),
     ),
+    Opt("--iter-time", "int", "pbkdf2: as many iterations as take this many milliseconds here (default 2000)."),
     Opt("--pbkdf-memory", "int", "Argon2 memory in KiB (default: 1 GiB or less)."),
     Opt("--pbkdf-parallel", "int", "Argon2 lanes (default: up to 4)."),
 )
@@ -115,7 +116,10 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], None] | None]:
 def _kdf(args: Args) -> Any:
     from keysteward.volume.kdf import KdfChoice
 
-    return KdfChoice(args["pbkdf"], args["pbkdf_force_iterations"], args["pbkdf_memory"], args["pbkdf_parallel"])
+    return KdfChoice(
+        args["pbkdf"], args["pbkdf_force_iterations"], args["pbkdf_memory"], args["pbkdf_parallel"],
+        iter_time_ms=args["iter_time"],
+    )  # fmt: skip
 
 
 # -- verbs -------------------------------------------------------------------------------------------
