@@ -40,28 +40,28 @@ keysteward whoami
 say "keysteward key create orders-db"
 keysteward key create orders-db --description "orders database volume key"
 
-say "keysteward crypto generate-data-key orders-db -c app=orders"
-keysteward crypto generate-data-key orders-db -c app=orders --json > "$KEYSTEWARD_DATA_DIR/datakey.json"
+say "keysteward crypto generate-data-key orders-db --context app=orders"
+keysteward crypto generate-data-key orders-db --context app=orders --json > "$KEYSTEWARD_DATA_DIR/datakey.json"
 plaintext=$(json '["plaintext"]' < "$KEYSTEWARD_DATA_DIR/datakey.json")
 ciphertext=$(json '["ciphertext"]' < "$KEYSTEWARD_DATA_DIR/datakey.json")
 echo "wrapped data key (store it beside the data): $ciphertext"
 
 say "keysteward crypto decrypt (same encryption context)"
-decrypted=$(keysteward crypto decrypt --ciphertext "$ciphertext" -c app=orders --json | json '["plaintext"]')
+decrypted=$(keysteward crypto decrypt --ciphertext "$ciphertext" --context app=orders --json | json '["plaintext"]')
 [ "$decrypted" = "$plaintext" ] && echo "decrypted data key matches the generated one"
 
 say "keysteward key rotate orders-db: old ciphertexts still decrypt"
 keysteward key rotate orders-db --json | json '["primary_version"]' | sed 's/^/primary version now /'
-keysteward crypto decrypt --ciphertext "$ciphertext" -c app=orders --json | json '["version"]' | sed 's/^/decrypted with version /'
+keysteward crypto decrypt --ciphertext "$ciphertext" --context app=orders --json | json '["version"]' | sed 's/^/decrypted with version /'
 
 say "a wrong encryption context is refused"
-if keysteward crypto decrypt --ciphertext "$ciphertext" -c app=billing; then exit 1; fi
+if keysteward crypto decrypt --ciphertext "$ciphertext" --context app=billing; then exit 1; fi
 
 say "keysteward volume create: a LUKS2 volume that cryptsetup opens too"
 vol="$KEYSTEWARD_DATA_DIR/volume.img"
 printf 'correct horse battery staple' > "$KEYSTEWARD_DATA_DIR/passphrase"
-keysteward volume create "$vol" --size 64M --passphrase-file "$KEYSTEWARD_DATA_DIR/passphrase" --kdf argon2id \
-  --pbkdf-memory 65536 --pbkdf-iterations 4 --label demo
+keysteward volume create "$vol" --size 64M --passphrase-file "$KEYSTEWARD_DATA_DIR/passphrase" --pbkdf argon2id \
+  --pbkdf-memory 65536 --pbkdf-force-iterations 4 --label demo
 head -c 1048576 /dev/urandom > "$KEYSTEWARD_DATA_DIR/plain.bin"
 keysteward volume write "$vol" --passphrase-file "$KEYSTEWARD_DATA_DIR/passphrase" --offset 4096 \
   --input "$KEYSTEWARD_DATA_DIR/plain.bin"
@@ -85,18 +85,18 @@ echo "instance $vm of account 111122223333 (image img-web); its metadata service
 keysteward devcloud certificate > "$KEYSTEWARD_DATA_DIR/devcloud.pem"
 keysteward provider add devcloud --kind aws-iid --cert "$KEYSTEWARD_DATA_DIR/devcloud.pem"
 
-say "keysteward volume create --kms: a volume whose key only a release gives"
+say "keysteward volume create --url: a volume whose key only a release gives"
 keysteward key create volumes --description "keyslot secrets of bound volumes"
 bound="$KEYSTEWARD_DATA_DIR/bound.img"
-keysteward volume create "$bound" --size 64M --kms "$kms_url" --key volumes --name web-data --provider devcloud \
-  --bind-account 111122223333 --bind-image img-web --tag env=demo --lease-seconds 6 --renew-seconds 2
+keysteward volume create "$bound" --size 64M --url "$kms_url" --key-name volumes --name web-data --provider devcloud \
+  --bind-account 111122223333 --bind-image img-web --kms-label env=demo --lease-seconds 6 --renew-seconds 2
 keysteward volume dump "$bound" | grep -E "^(keyslot|token)"
 
 say "on the instance: keysteward agent unlock (evidence from the metadata service, key sealed with HPKE)"
 export KEYSTEWARD_METADATA_URL="$metadata/$vm"
 keysteward agent unlock "$bound"
-keysteward volume write "$bound" --kms "$kms_url" --offset 0 --input "$KEYSTEWARD_DATA_DIR/plain.bin"
-keysteward volume read "$bound" --kms "$kms_url" --length 1048576 --output "$KEYSTEWARD_DATA_DIR/bound-back.bin"
+keysteward volume write "$bound" --url "$kms_url" --offset 0 --input "$KEYSTEWARD_DATA_DIR/plain.bin"
+keysteward volume read "$bound" --url "$kms_url" --length 1048576 --output "$KEYSTEWARD_DATA_DIR/bound-back.bin"
 cmp "$KEYSTEWARD_DATA_DIR/plain.bin" "$KEYSTEWARD_DATA_DIR/bound-back.bin" && echo "1 MiB written and read back with the released key"
 
 say "keysteward agent run: the instance's agent holds the volume under a lease it renews"
@@ -107,20 +107,20 @@ pids+=($!)
 agent_state() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['volumes']['web-data']['state'])" "$KEYSTEWARD_DATA_DIR/agent.json" 2>/dev/null || true; }
 for _ in $(seq 1 100); do [ "$(agent_state)" = open ] && break; sleep 0.1; done
 echo "agent: volume web-data is $(agent_state)"
-keysteward volume status web-data --kms "$kms_url"
+keysteward volume status web-data --url "$kms_url"
 
 say "a clone of the instance (same disk, new instance id) asks for the key while the original runs"
 clone=$(keysteward devcloud instance clone "$vm" --json | json '["id"]')
-if KEYSTEWARD_METADATA_URL="$metadata/$clone" keysteward volume read "$bound" --kms "$kms_url" --length 16 > /dev/null; then
+if KEYSTEWARD_METADATA_URL="$metadata/$clone" keysteward volume read "$bound" --url "$kms_url" --length 16 > /dev/null; then
   echo "the clone got the key"; exit 1
 fi
 
 say "keysteward volume revoke web-data: the running agent locks the volume at its next renewal"
-keysteward volume revoke web-data --yes --kms "$kms_url" --reason "demo: instance retired"
+keysteward volume revoke web-data --yes --url "$kms_url" --reason "demo: instance retired"
 for _ in $(seq 1 150); do [ "$(agent_state)" = locked ] && break; sleep 0.1; done
 echo "agent: volume web-data is $(agent_state)"
 [ "$(agent_state)" = locked ]
-if keysteward volume read "$bound" --kms "$kms_url" --length 16 > /dev/null; then echo "revoked, yet released"; exit 1; fi
+if keysteward volume read "$bound" --url "$kms_url" --length 16 > /dev/null; then echo "revoked, yet released"; exit 1; fi
 
 say "hypervisor hosts: a host agent starts a VM only with keys released to it (docs/hosts.md)"
 keysteward ca init > /dev/null
@@ -128,9 +128,9 @@ keysteward ca issue host-a --role host --out-dir "$KEYSTEWARD_DATA_DIR/host-a" >
 guest=$(python3 -m keysteward.devcloud.guest --cache "${KEYSTEWARD_GUEST_CACHE:-$HOME/.cache/keysteward/guest}")
 kernel=$(echo "$guest" | json '["kernel"]'); initrd=$(echo "$guest" | json '["initrd"]')
 marker=6b657973746577617264206d61726b65  # the guest keeps it in RAM (4 MiB of it): the snapshot must not show it
-keysteward volume create "$KEYSTEWARD_DATA_DIR/web-root.img" --size 8M --kms "$kms_url" --key volumes \
+keysteward volume create "$KEYSTEWARD_DATA_DIR/web-root.img" --size 8M --url "$kms_url" --key-name volumes \
   --name web-root --bind-host host-a > /dev/null
-keysteward vm create web --volume "web-root=$KEYSTEWARD_DATA_DIR/web-root.img" --key volumes --memory 256 \
+keysteward vm create web --volume "web-root=$KEYSTEWARD_DATA_DIR/web-root.img" --key-name volumes --memory 256 \
   --kernel "$kernel" --initrd "$initrd" --append "console=ttyS0 quiet panic=-1 ks.marker=$marker" \
   --lease-seconds 10 --renew-seconds 2
 cat > "$KEYSTEWARD_DATA_DIR/host-a.toml" <<TOML
@@ -166,7 +166,7 @@ echo "the guest's RAM marker is nowhere in the snapshot"
 say "a VM the policy keeps to hosts with memory encryption: host-a (no SEV/TDX here) is refused"
 sed -n '/@id("confidential-vms-need-memory-encryption")/,$p' docs/policies/vm-hosts.cedar > "$KEYSTEWARD_DATA_DIR/vms.cedar"
 keysteward policy set "$KEYSTEWARD_DATA_DIR/vms.cedar"
-keysteward vm create vault --key volumes --memory 128 --kernel "$kernel" --initrd "$initrd" --label confidential=true > /dev/null
+keysteward vm create vault --key-name volumes --memory 128 --kernel "$kernel" --initrd "$initrd" --label confidential=true > /dev/null
 if keysteward vm start vault --host host-a; then echo "a host without memory encryption got the VM"; exit 1; fi
 keysteward vm stop web
 

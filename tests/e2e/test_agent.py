@@ -325,3 +325,47 @@ def test_sigterm_locks_and_ends_leases(kms: Kms, agents: list[AgentProcess]) -> 
     assert "event=unlocked volume=data1" in log and "event=locked volume=data1 reason=stopped" in log
     # another instance may take the volume at once: no suspected clone
     assert os.path.exists(path)
+
+
+def test_volume_cli_finds_the_key_manager_in_the_token(kms: Kms, tmp_path: Path) -> None:
+    """``volume create --url --key-name --kms-label`` binds a volume; ``volume write/read/check`` without
+    ``--url`` or a passphrase get its key by a release from the URL in its token; the old ``--kms``,
+    ``--key`` and ``--tag`` still work; a volume with no token asks for a passphrase file."""
+    vm, md = kms.instance()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTEWARD_")}
+    env |= {"KEYSTEWARD_TOKEN": kms.admin, "KEYSTEWARD_CA_FILE": kms.ca, "KEYSTEWARD_METADATA_URL": md}
+
+    def volume(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([KEYSTEWARD, "volume", *args], env=env, input=input, capture_output=True, timeout=60,
+                              check=False)  # fmt: skip
+
+    path = tmp_path / "cli.img"
+    made = volume("create", str(path), "--size", "4M", "--url", kms.url, "--key-name", "volumes", "--provider",
+                  "devcloud", "--bind-account", ACCOUNT, "--bind-instance", vm.id, "--kms-label", "env=test",
+                  "--json")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["volume"]["labels"] == {"env": "test"}
+    old = tmp_path / "old.img"
+    made_old = volume("create", str(old), "--size", "4M", "--kms", kms.url, "--key", "volumes", "--provider",
+                      "devcloud", "--bind-account", ACCOUNT, "--tag", "env=old", "--json")  # fmt: skip
+    assert made_old.returncode == 0, made_old.stderr
+    assert json.loads(made_old.stdout)["volume"]["labels"] == {"env": "old"}
+
+    written = volume("write", str(path), "--offset", "512", input=b"bound by token")
+    assert written.returncode == 0, written.stderr
+    read = volume("read", str(path), "--offset", "512", "--length", "14")
+    assert read.returncode == 0 and read.stdout == b"bound by token", read.stderr
+    assert volume("check", str(path), "--kms", kms.url).returncode == 0
+    refused = volume("check", str(path), "--url", "https://127.0.0.1:9")
+    assert refused.returncode == 1 and b"127.0.0.1:9" in refused.stderr  # --url wins over the token's URL
+    both = volume("check", str(path), "--url", kms.url, "--passphrase-file", "-", input=b"x")
+    assert both.returncode == 1 and b"not both" in both.stderr
+
+    plain, pw = tmp_path / "plain.img", tmp_path / "pw"
+    pw.write_bytes(b"plain passphrase")
+    assert volume("create", str(plain), "--size", "4M", "--passphrase-file", str(pw), "--pbkdf", "pbkdf2",
+                  "--pbkdf-force-iterations", "1000").returncode == 0  # fmt: skip
+    no_token = volume("read", str(plain), "--length", "1")
+    assert no_token.returncode == 1 and b"give --passphrase-file FILE" in no_token.stderr
+    stray = volume("create", str(tmp_path / "x.img"), "--size", "4M", "--provider", "devcloud")
+    assert stray.returncode == 1 and b"--key-name" in stray.stderr and not (tmp_path / "x.img").exists()

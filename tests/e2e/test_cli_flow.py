@@ -52,7 +52,7 @@ def test_newcomer_path(
         "person": "admin",
     }
     server.cli("key", "create", "orders-db", token=admin)
-    gen = server.cli_json("crypto", "generate-data-key", "orders-db", "-c", "app=orders", token=admin)
+    gen = server.cli_json("crypto", "generate-data-key", "orders-db", "--context", "app=orders", token=admin)
     secret_registry.b64(gen["plaintext"], "CLI data key")
     dec = server.cli_json("crypto", "decrypt", "--ciphertext", gen["ciphertext"], "-c", "app=orders", token=admin)
     assert dec["plaintext"] == gen["plaintext"]

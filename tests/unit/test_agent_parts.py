@@ -72,12 +72,14 @@ def test_config_parses_crypttab_lines() -> None:
         "# name path options\n"
         "\n"
         "data1  /dev/vdb   identity=gcp-jwt,audience=https://kms,metadata=http://127.0.0.1:9/x,suite=mlkem768-x25519\n"
-        "logs\t/srv/logs.img  kms=https://kms:8443,ca=/etc/ks/ca.pem,grace=0,mode=userspace,timeout=3  # trailing\n"
+        "logs\t/srv/logs.img  url=https://kms:8443,ca=/etc/ks/ca.pem,grace=0,mode=userspace,timeout=3  # trailing\n"
         "plain /srv/p.img -\n"
         "bare /srv/b.img\n"
+        "old /srv/o.img kms=https://old:8443\n"
     )
-    assert [e.name for e in entries] == ["data1", "logs", "plain", "bare"]
-    data1, logs, plain, bare = entries
+    assert [e.name for e in entries] == ["data1", "logs", "plain", "bare", "old"]
+    data1, logs, plain, bare, old = entries
+    assert old.options.kms_url == "https://old:8443", "kms= still works, the old spelling of url="
     assert data1.options.identity == "gcp-jwt" and data1.options.audience == "https://kms"
     assert data1.options.metadata_url == "http://127.0.0.1:9/x" and data1.options.suite == "mlkem768-x25519"
     assert data1.options.name == "data1" and data1.line == 3 and data1.grace_seconds is None
@@ -97,6 +99,8 @@ def test_config_parses_crypttab_lines() -> None:
         ("a /x colour=blue\n", "unknown option"),
         ("a /x kms\n", "KEY=VALUE"),
         ("a /x kms=ftp://x\n", "http(s)"),
+        ("a /x url=ftp://x\n", "http(s)"),
+        ("a /x url=https://a,kms=https://b\n", "twice"),
         ("a /x identity=azure\n", "identity"),
         ("a /x suite=rsa\n", "suite"),
         ("a /x mode=kernel\n", "mode"),

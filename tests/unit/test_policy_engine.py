@@ -606,3 +606,47 @@ def test_remembered_decisions_never_answer_a_different_question() -> None:
         assert policies.evaluate(_key_use("10.1.2.3", NOW, {"team": "red"})).reason == "forbidden_by_policy"
     narrower = CompiledPolicySet.compile({"p.cedar": text.replace("hour < 11", "hour < 10")})
     assert narrower.evaluate(_key_use("10.1.2.3", NOW)).effect == "deny"
+
+
+def test_a_typo_is_the_first_problem_not_what_it_brings_with_it() -> None:
+    """A typo in ``principal.acount`` makes Cedar also doubt the ``has``-guarded ``image_id`` after it and list
+    that first: the operator is shown the typo, at its line, with the attribute it was meant to be."""
+    text = (
+        f"permit(principal is Keysteward::Instance, {RELEASE}, resource)\n"
+        'when { principal.acount == "1" &&\n'
+        '  principal has image_id && principal.image_id == "img" };'
+    )
+    error = compile_error({"p.cedar": text})
+    assert error.problems == (
+        "p.cedar:2:18: for policy `p.cedar#1`, unknown attribute `acount` of the principal type "
+        "`Keysteward::Instance`; did you mean `account`? "
+        "(attributes: account, image_id, instance_id, provider, region, tenant, zone)",
+    )
+    assert "more)" not in error.message
+
+
+def test_an_unknown_attribute_of_several_principal_types_is_one_problem() -> None:
+    error = compile_error({"p.cedar": f'permit(principal, {RELEASE}, resource)\nwhen {{ principal.acount == "1" }};'})
+    assert len(error.problems) == 1
+    assert "`acount` of the principal type `Keysteward::Host` or `Keysteward::Instance`" in error.problems[0]
+
+
+def test_problems_come_in_the_order_of_the_text() -> None:
+    text = (
+        f'permit(principal is Keysteward::Instance, {RELEASE}, resource) when {{ principal.zzz == "1" }};\n'
+        f'permit(principal is Keysteward::Instance, {RELEASE}, resource) when {{ resource.bindin == "1" }};'
+    )
+    error = compile_error({"p.cedar": text})
+    assert [p.split(":")[:2] for p in error.problems] == [["p.cedar", "1"], ["p.cedar", "2"]]
+    assert (
+        "unknown attribute `bindin` of the resource type `Keysteward::Volume`; did you mean `binding`?"
+        in (error.problems[1])
+    )
+
+
+def test_a_context_attribute_of_some_actions_is_one_problem() -> None:
+    """A policy for every action reading ``context.identity``: one problem naming the actions, not 20."""
+    error = compile_error({"p.cedar": 'forbid(principal, action, resource) when { context.identity.provider == "x" };'})
+    assert len(error.problems) == 1, error.problems
+    assert "unknown attribute `identity` of the context of actions " in error.problems[0]
+    assert "more)" not in error.message

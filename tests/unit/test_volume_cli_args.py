@@ -30,7 +30,7 @@ def test_values_defaults_and_forms() -> None:
     group, verb, values = parse("read", "--passphrase-file=pw", "v.img", "--offset", "-1", "--length", "1_0")
     assert verb == "read" and group == {"argon2_memory_limit": None}
     release = {
-        "kms": None,
+        "url": None,
         "identity": "aws-iid",
         "metadata": None,
         "audience": None,
@@ -38,8 +38,8 @@ def test_values_defaults_and_forms() -> None:
         "ca_file": None,
     }
     assert values == {"passphrase_file": "pw", "offset": -1, "length": 10, "output": None, "path": "v.img", **release}
-    _, _, values = parse("create", "v", "--size", "4M", "--kms", "https://k", "--tag", "a=1", "--tag=b=2")
-    assert values["tag"] == ["a=1", "b=2"] and values["kms"] == "https://k"
+    _, _, values = parse("create", "v", "--size", "4M", "--url", "https://k", "--kms-label", "a=1", "--kms-label=b=2")
+    assert values["kms_label"] == ["a=1", "b=2"] and values["url"] == "https://k"
     _, _, values = parse("list")
     assert values["path"] is None
     _, _, values = parse("write", "v.img", "--passphrase-file", "-", "--fsync", "--offset", "1", "--offset", "2")
@@ -91,7 +91,7 @@ def test_help_wins_and_lists_every_option() -> None:
     with pytest.raises(HelpRequested) as caught:
         parse("read", "--help", "extra", "--offset", "ten")
     assert caught.value.status == 0
-    for text in ("Usage: keysteward volume read [OPTIONS] PATH", "--passphrase-file FILE", "[required]", "--kms URL",
+    for text in ("Usage: keysteward volume read [OPTIONS] PATH", "--passphrase-file FILE", "[required]", "--url URL",
                  "--offset INTEGER", "[default: 0]", "--length INTEGER", "--output FILE", "--help"):  # fmt: skip
         assert text in caught.value.text
     with pytest.raises(HelpRequested) as caught:
@@ -105,18 +105,21 @@ def test_help_wins_and_lists_every_option() -> None:
 
 
 def test_every_verb_keeps_its_options() -> None:
-    release = {"--kms", "--identity", "--metadata", "--audience", "--suite", "--ca-file"}
-    admin = {"--kms", "--token", "--ca-file", "--json"}
+    release = {"--url", "--identity", "--metadata", "--audience", "--suite", "--ca-file"}
+    admin = {"--url", "--token", "--ca-file", "--json"}
     expected = {
-        "create": {"--size", "--passphrase-file", "--sector-size", "--key-size", "--kdf", "--label", "--luks1",
-                   "--force", "--pbkdf-iterations", "--pbkdf-memory", "--pbkdf-parallel", "--json", "--kms", "--key",
-                   "--name", "--provider", "--bind-account", "--bind-instance", "--bind-image", "--bind-host", "--tag",
+        "create": {"--size", "--passphrase-file", "--sector-size", "--key-size", "--pbkdf", "--label", "--luks1",
+                   "--force", "--pbkdf-force-iterations", "--iter-time", "--pbkdf-memory", "--pbkdf-parallel",
+                   "--json", "--url",
+                   "--key-name", "--name", "--provider", "--bind-account", "--bind-instance", "--bind-image",
+                   "--bind-host", "--kms-label",
                    "--lease-seconds", "--renew-seconds", "--grace-seconds", "--token", "--ca-file"},
         "dump": {"--json"},
         "check": {"--passphrase-file", "--json", *release},
         "read": {"--passphrase-file", "--offset", "--length", "--output", *release},
         "write": {"--passphrase-file", "--offset", "--input", "--fsync", *release},
-        "add-key": {"--passphrase-file", "--new-passphrase-file", "--kdf", "--slot", "--pbkdf-iterations",
+        "add-key": {"--passphrase-file", "--new-passphrase-file", "--pbkdf", "--slot", "--pbkdf-force-iterations",
+                    "--iter-time",
                     "--pbkdf-memory", "--pbkdf-parallel", "--json"},
         "remove-key": {"--slot", "--passphrase-file", "--json"},
         "list": admin,
@@ -125,3 +128,37 @@ def test_every_verb_keeps_its_options() -> None:
         "destroy": {"--reason", "--yes", *admin},
     }  # fmt: skip
     assert {verb.name: {opt.name for opt in verb.options} for verb in volume_cmd.VERBS} == expected
+
+
+OLD_SPELLINGS = {
+    "--kms": ("url", "https://k"),
+    "--key": ("key_name", "volumes"),
+    "--tag": ("kms_label", ["a=1"]),
+    "--kdf": ("pbkdf", "pbkdf2"),
+    "--pbkdf-iterations": ("pbkdf_force_iterations", 1000),
+}
+"""The flags renamed for one convention (docs/cli.md): each still works, under its new name's value."""
+
+
+@pytest.mark.parametrize("old", sorted(OLD_SPELLINGS))
+def test_old_spellings_still_work_but_are_not_shown(old: str) -> None:
+    dest, value = OLD_SPELLINGS[old]
+    given = value[0] if isinstance(value, list) else str(value)
+    _, _, values = parse("create", "v", "--size", "4M", old, given)
+    assert values[dest] == value
+    _, _, values = parse("create", "v", "--size", "4M", f"{old}={given}")
+    assert values[dest] == value
+    with pytest.raises(HelpRequested) as caught:
+        parse("create", "--help")
+    assert f"  {old} " not in caught.value.text and f"  {old}\n" not in caught.value.text
+    assert old not in usage_error("create", "v", "--size", "4M", old[:-1] + "x", "1").message.split(":")[-1]
+
+
+def test_old_url_spelling_on_every_key_manager_verb() -> None:
+    for verb in ("check", "read", "write", "list", "status", "revoke", "destroy"):
+        args = [verb] if verb == "list" else [verb, "v"]
+        _, _, values = parse(*args, "--kms", "https://old")
+        assert values["url"] == "https://old", verb
+        with pytest.raises(HelpRequested) as caught:
+            parse(verb, "--help")
+        assert "--url URL" in caught.value.text and "--kms" not in caught.value.text, verb

@@ -82,6 +82,12 @@ def test_kdf_choices() -> None:
         with pytest.raises(VolumeRequestError):
             new_kdf_params(bad, default_type="argon2id", limit_kib=1 << 20)
     assert pbkdf2_iterations_for(0.001) >= 1000
+    timed = new_kdf_params(KdfChoice("pbkdf2", iter_time_ms=10), default_type="argon2id", limit_kib=1 << 20)
+    assert isinstance(timed, luks.Pbkdf2Params) and timed.iterations >= 1000
+    for bad in (KdfChoice(iter_time_ms=10), KdfChoice("pbkdf2", 1000, iter_time_ms=10),
+                KdfChoice("pbkdf2", iter_time_ms=0), KdfChoice("pbkdf2", iter_time_ms=60_001)):  # fmt: skip
+        with pytest.raises(VolumeRequestError, match="--iter-time"):
+            new_kdf_params(bad, default_type="argon2id", limit_kib=1 << 20)
 
 
 def test_key_files_are_bytes_as_they_are(tmp_path: Path) -> None:

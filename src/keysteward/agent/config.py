@@ -2,9 +2,10 @@
 
     # name   path                      options
     data1    /dev/disk/by-id/nvme-data1  identity=aws-iid,metadata=http://169.254.169.254
-    logs     /var/lib/ks/logs.img        kms=https://kms.internal:8443,ca=/etc/keysteward/ca.pem,grace=0
+    logs     /var/lib/ks/logs.img        url=https://kms.internal:8443,ca=/etc/keysteward/ca.pem,grace=0
 
-Options, comma-separated (``-`` or nothing for none): ``kms=URL`` (default: the volume token's),
+Options, comma-separated (``-`` or nothing for none): ``url=URL`` (old spelling ``kms=URL``; default: the
+volume token's),
 ``identity=aws-iid|gcp-jwt``, ``metadata=URL``, ``audience=A``, ``suite=x25519|mlkem768-x25519``,
 ``ca=FILE``, ``mode=auto|dm|userspace``, ``grace=SECONDS|lease`` (stricter than the key manager's
 grace only: the agent uses the smaller of the two), ``timeout=SECONDS``.
@@ -60,12 +61,13 @@ def _options(text: str, source: str, line: int) -> tuple[UnlockOptions, float | 
         key, sep, value = item.partition("=")
         if not sep or not value:
             raise _error(source, line, f"option {item[:40]!r} is not KEY=VALUE")
+        key = "url" if key == "kms" else key  # kms= is the old spelling of url=, as --kms of --url
         if key in seen:
             raise _error(source, line, f"option {key!r} is given twice")
         seen.add(key)
-        if key == "kms":
+        if key == "url":
             if not re.fullmatch(r"https?://\S+", value):
-                raise _error(source, line, f"kms={value[:40]!r} is not an http(s) URL")
+                raise _error(source, line, f"url={value[:40]!r} is not an http(s) URL")
             fields["kms_url"] = value
         elif key == "identity":
             if value not in IDENTITY_KINDS:

@@ -31,7 +31,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-KmsOpt = Annotated[str | None, typer.Option("--kms", metavar="URL", help="Key manager URL (default: the token's).")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", metavar="URL", envvar="KEYSTEWARD_URL", help="Key manager URL (default: the token's)."),
+]
+OldUrlOpt = Annotated[str | None, typer.Option("--kms", metavar="URL", hidden=True, help="Old spelling of --url.")]
 IdentityOpt = Annotated[str, typer.Option("--identity", metavar="aws-iid|gcp-jwt", help="Identity evidence kind.")]
 MetadataOpt = Annotated[
     str | None,
@@ -55,6 +59,16 @@ WaitOpt = Annotated[
 ]
 
 
+def _url(ctx: typer.Context, url: str | None, old: str | None) -> str | None:
+    """The key manager: ``--url`` (or its old spelling ``--kms``), ``KEYSTEWARD_URL``, or the global
+    ``keysteward --url U agent ...``; None leaves it to each volume's token."""
+    from keysteward.cli.typer_values import renamed
+
+    url = renamed(ctx, "url", url, old, "--url", "--kms")
+    root = ctx.find_root().obj
+    return url or (getattr(root, "given", None) or {}).get("url")
+
+
 def _print(data: Any, as_json: bool, text: str) -> None:
     sys.stdout.write(json.dumps(data) + "\n" if as_json else text)
     sys.stdout.flush()
@@ -62,9 +76,11 @@ def _print(data: Any, as_json: bool, text: str) -> None:
 
 @app.command()
 def unlock(
+    ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="Volumes bound to the key manager.")],
     name: Annotated[str | None, typer.Option("--name", help="device-mapper name (one PATH only).")] = None,
-    kms: KmsOpt = None,
+    url: UrlOpt = None,
+    kms: OldUrlOpt = None,
     identity: IdentityOpt = "aws-iid",
     metadata: MetadataOpt = None,
     audience: AudienceOpt = None,
@@ -87,8 +103,9 @@ def unlock(
     if mode not in ("auto", "dm", "userspace"):
         raise KeystewardError(f"--mode {mode!r} is not auto, dm or userspace", code="agent_option")
     disable_core_dumps()
+    kms_url = _url(ctx, url, kms)
     options = UnlockOptions(
-        name=name, kms_url=kms, identity=identity, metadata_url=metadata, audience=audience, suite=suite,
+        name=name, kms_url=kms_url, identity=identity, metadata_url=metadata, audience=audience, suite=suite,
         ca_file=ca_file, mode=mode, tpm=tpm, tpm_pcrs=tpm_pcrs, snp=snp,  # type: ignore[arg-type]
         wait_approval=wait_approval,
     )  # fmt: skip
@@ -183,9 +200,13 @@ def status(
 
 @app.command("enroll-tpm")
 def enroll_tpm(
-    kms: Annotated[str, typer.Option("--kms", metavar="URL", help="Key manager URL.")],
+    ctx: typer.Context,
     tenant: Annotated[str, typer.Option("--tenant", help="The tenant this instance belongs to.")],
     tpm: Annotated[str, typer.Option("--tpm", metavar="TCTI", help="The TPM (e.g. device:/dev/tpmrm0).")],
+    url: Annotated[
+        str | None, typer.Option("--url", metavar="URL", envvar="KEYSTEWARD_URL", help="Key manager URL. [required]")
+    ] = None,
+    kms: OldUrlOpt = None,
     identity: IdentityOpt = "aws-iid",
     metadata: MetadataOpt = None,
     audience: AudienceOpt = None,
@@ -197,6 +218,9 @@ def enroll_tpm(
     from keysteward.agent.tpm_enroll import enroll
     from keysteward.agent.unlock import UnlockOptions
 
+    kms_url = _url(ctx, url, kms)
+    if not kms_url:
+        raise typer.BadParameter("give the key manager: --url URL or KEYSTEWARD_URL", param_hint="'--url'")
     options = UnlockOptions(identity=identity, metadata_url=metadata, audience=audience, ca_file=ca_file)
-    instance = enroll(kms, tenant, tpm, options)
+    instance = enroll(kms_url, tenant, tpm, options)
     _print({"instance": instance}, as_json, f"TPM attestation key enrolled for {instance}\n")

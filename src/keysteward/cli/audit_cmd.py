@@ -6,6 +6,7 @@ import fnmatch
 import json
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
@@ -15,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from keysteward.audit import chain, checkpoint
 from keysteward.cli.client import Client
 from keysteward.cli.context import JsonFlag, client
-from keysteward.cli.output import console, emit, fail, fields, table
+from keysteward.cli.output import cell, console, emit, fail, fields, table
+from keysteward.cli.typer_values import since_option
 from keysteward.errors import BadRequest
 
 app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
@@ -54,6 +56,18 @@ def audit_list(
         list[str] | None,
         typer.Option(help="Only records whose actor matches this shell pattern (e.g. 'token:ops*'); repeatable."),
     ] = None,
+    action: Annotated[
+        list[str] | None,
+        typer.Option(help="Only records whose action matches this shell pattern (e.g. 'volume.*'); repeatable."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TIME",
+            help="Only records from this time on: ISO 8601 (2026-12-04T10:00:00Z; no zone = UTC) or a duration "
+            "ago (90m, 12h, 7d).",
+        ),
+    ] = None,
     kms_request_id: Annotated[
         str | None, typer.Option("--kms-request-id", help="Only the records of this AWS KMS request (XKS calls).")
     ] = None,
@@ -62,21 +76,37 @@ def audit_list(
     bad = sorted(set(outcome or []) - set(chain.OUTCOMES))
     if bad:
         fail(f"--outcome {bad[0]!r} is not one of {', '.join(chain.OUTCOMES)}")
+    start = since_option(since) if since is not None else None
     _, _, records = _pages(client(ctx))
     rows = [
         row
         for row in (dict(json.loads(r["body"]), signed=r["signature"] is not None) for r in records)
-        if _matches(row, outcome, actor)
+        if _matches(row, outcome, actor, action)
+        and (start is None or _at_or_after(row, start))
         and (kms_request_id is None or (row.get("details") or {}).get("kms_request_id") == kms_request_id)
     ]
     rows = rows[-last:] if last else rows
     emit(rows, as_json, lambda d: table(d, ["seq", "ts", "actor", "action", "target", "outcome", "reason", "signed"]))
 
 
-def _matches(row: dict[str, Any], outcomes: list[str] | None, actors: list[str] | None) -> bool:
+def _matches(
+    row: dict[str, Any], outcomes: list[str] | None, actors: list[str] | None, actions: list[str] | None = None
+) -> bool:
     if outcomes and row.get("outcome") not in outcomes:
         return False
+    if actions and not any(fnmatch.fnmatchcase(str(row.get("action", "")), pattern) for pattern in actions):
+        return False
     return not actors or any(fnmatch.fnmatchcase(str(row.get("actor", "")), pattern) for pattern in actors)
+
+
+def _at_or_after(row: dict[str, Any], start: datetime) -> bool:
+    """Whether the record's time (ISO 8601, UTC) is ``start`` or later; a record without a readable time is
+    kept (a filter must not hide what it cannot judge)."""
+    try:
+        ts = datetime.fromisoformat(str(row.get("ts")))
+    except ValueError:
+        return True
+    return (ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)) >= start
 
 
 @app.command("show")
@@ -98,7 +128,7 @@ def audit_show(
         fields(d, [k for k in ("seq", "ts", "actor", "action", "target", "outcome", "reason", "prev", "hash",
                                "signature") if k in d])  # fmt: skip
         for key in sorted(details):
-            console.print(f"  details.{key}: {details[key]}", markup=False, highlight=False)
+            console.print(f"  details.{key}: {cell(details[key])}", markup=False, highlight=False)
 
     emit(record, as_json, human)
 

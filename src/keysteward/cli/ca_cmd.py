@@ -10,7 +10,7 @@ import typer
 
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import CliState, JsonFlag, client
-from keysteward.cli.output import console, emit, fields
+from keysteward.cli.output import cell, console, emit, fields
 from keysteward.crypto import x509csr, x509identity
 
 app = typer.Typer(help="The tenant CA that issues agent and host certificates.", no_args_is_help=True)
@@ -34,7 +34,7 @@ def ca_import(
     emit(
         client(ctx).post("/ca/import", body),
         as_json,
-        lambda d: console.print(f"CA imported; keysteward can issue: {d['can_issue']}"),
+        lambda d: console.print(f"CA imported; keysteward can issue: {cell(d['can_issue'])}"),
     )
 
 

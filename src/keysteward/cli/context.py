@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import typer
@@ -15,6 +15,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts."
 @dataclass
 class CliState:
     options: ClientOptions | None = None
+    given: dict[str, str | None] = field(default_factory=dict)
+    """The global options as given (command line or environment), before defaults: for the groups that
+    do not use :class:`Client` (``volume``, ``agent``)."""
 
     def client(self) -> Client:
         assert self.options is not None

@@ -121,10 +121,19 @@ def _group_of(args: list[str]) -> str | None:
     return None
 
 
+GLOBAL_ENV = {"url": "KEYSTEWARD_URL", "ca_file": "KEYSTEWARD_CA_FILE", "token": "KEYSTEWARD_TOKEN"}
+"""The global options the ``volume`` group reads from its environment variables."""
+
+
 def _volume(ctx: typer.Context) -> int:
-    """After global options (``keysteward --url U volume ...``): the volume group's own parser runs."""
+    """After global options (``keysteward --url U volume ...``): the volume group's own parser runs, the
+    global options given standing in for their environment variables (the verb's own options win)."""
     from keysteward.cli import volume_cmd
 
+    given = getattr(ctx.obj, "given", None) or {}
+    for name, variable in GLOBAL_ENV.items():
+        if given.get(name):
+            os.environ[variable] = given[name]
     return volume_cmd.main(list(ctx.args))
 
 
@@ -140,10 +149,9 @@ def root(
     ctx: typer.Context,
     url: Annotated[
         str | None,
-        typer.Option(
-            "--url", "--kms", envvar="KEYSTEWARD_URL", help="Key manager URL, or several: URL,URL (tried in turn)."
-        ),
+        typer.Option("--url", envvar="KEYSTEWARD_URL", help="Key manager URL, or several: URL,URL (tried in turn)."),
     ] = None,
+    kms: Annotated[str | None, typer.Option("--kms", hidden=True, help="Old spelling of --url.")] = None,
     token: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_TOKEN", help="API token.", show_default=False)] = None,
     ca_file: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_CA_FILE", help="CA that signed the server.")] = None,
     cert: Annotated[str | None, typer.Option(envvar="KEYSTEWARD_CLIENT_CERT", help="Client certificate (PEM).")] = None,
@@ -155,8 +163,11 @@ def root(
 ) -> None:
     from keysteward.cli.client import ClientOptions
     from keysteward.cli.context import CliState
+    from keysteward.cli.typer_values import renamed
 
-    ctx.obj = CliState(ClientOptions.resolve(url, token, ca_file, cert, key, data_dir))
+    url = renamed(ctx, "url", url, kms, "--url", "--kms")
+    given = {"url": url, "ca_file": ca_file, "token": token}
+    ctx.obj = CliState(ClientOptions.resolve(url, token, ca_file, cert, key, data_dir), given)
 
 
 def __getattr__(name: str) -> Any:

@@ -125,21 +125,32 @@ def policy_test(
     request: Annotated[
         Path, typer.Option(help="A request (JSON), or an audit record of a decision (its recorded request is used).")
     ],
-    proposed: Annotated[
-        list[Path] | None, typer.Option(help="Evaluate this proposed set instead of the one in force.")
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="A proposed set to evaluate instead of the one in force: .cedar files or directories, "
+            "as policy set takes them.",
+            show_default=False,
+        ),
     ] = None,
+    proposed: Annotated[
+        bool, typer.Option("--proposed", help="Evaluate the FILES given (policy test --proposed a.cedar b.cedar).")
+    ] = False,
     version: Annotated[int | None, typer.Option(help="Evaluate an earlier version.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Dry run: the decision for a recorded or hand-written request, and the policies that made it."""
+    if proposed and not files:
+        raise typer.BadParameter("give the proposed set's .cedar files (or directories)", param_hint="'--proposed'")
+
     try:
         data = json.loads(request.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BadRequest(f"cannot read the request {request}: {exc}", code="policy_request_file") from exc
     data = _recorded_request(data)
     body: dict[str, Any] = {"request": data}
-    if proposed:
-        body["sources"] = _sources(proposed)
+    if files:
+        body["sources"] = _sources(files)
     if version is not None:
         body["version"] = version
     decided = client(ctx).post("/policy/test", body)

@@ -9,6 +9,7 @@ import typer
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fields, table
+from keysteward.cli.typer_values import duration_option
 
 tenant_app = typer.Typer(help="Tenants (system admins).", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens for people (tenant admins).", no_args_is_help=True)
@@ -45,19 +46,30 @@ def token_create(
         str | None,
         typer.Option(help="The person the token belongs to (approvals count people); default: a person named NAME."),
     ] = None,
+    ttl: Annotated[
+        str | None,
+        typer.Option(
+            "--ttl",
+            metavar="DURATION",
+            help="The token expires this long after now, e.g. 90m, 12h, 30d (default: it lives until revoked).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create an API token for a person; the secret is shown once."""
-    body: dict[str, str] = {"name": name, "role": role}
+    body: dict[str, str | int] = {"name": name, "role": role}
     if person is not None:
         body["person"] = person
+    if ttl is not None:
+        body["ttl_seconds"] = duration_option(ttl, "--ttl")
     data = client(ctx).post("/tokens", body)
-    emit(data, as_json, lambda d: fields(d, ["id", "name", "role", "person", "token"]))
+    emit(data, as_json, lambda d: fields(d, ["id", "name", "role", "person", "expires_at", "token"]))
 
 
 @token_app.command("list")
 def token_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    columns = ["id", "name", "person", "role", "created_at", "created_by", "revoked"]
+    """The tenant's tokens: whose, which role, when each expires (times in UTC), whether revoked."""
+    columns = ["id", "name", "person", "role", "created_at", "expires_at", "created_by", "revoked"]
     emit(client(ctx).get("/tokens"), as_json, lambda d: table(d, columns))
 
 

@@ -17,6 +17,7 @@ from keysteward.cli.client import Client
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fields, table
+from keysteward.cli.typer_values import labels_option, renamed
 from keysteward.errors import Conflict, Denied, KeystewardError
 
 app = typer.Typer(help="VMs of hypervisor hosts: their keys, disks, starts, snapshots and restores.",
@@ -44,7 +45,10 @@ def create(
             "id) in the key manager and its file on the hosts. Repeatable.",
         ),
     ] = [],  # noqa: B006
-    key: Annotated[str, typer.Option(help="The tenant key that wraps the VM's key.")] = "default",
+    key_name: Annotated[
+        str, typer.Option("--key-name", metavar="NAME", help="The tenant key that wraps the VM's key.")
+    ] = "default",
+    old_key: Annotated[str | None, typer.Option("--key", hidden=True, help="Old spelling of --key-name.")] = None,
     memory: Annotated[int, typer.Option("--memory", help="Memory in MiB.")] = 512,
     cpus: Annotated[int, typer.Option("--cpus", help="Virtual CPUs.")] = 1,
     kernel: Annotated[str | None, typer.Option(help="Kernel for a direct boot (path on the hosts).")] = None,
@@ -52,7 +56,9 @@ def create(
     append: Annotated[str | None, typer.Option(help="Kernel command line.")] = None,
     lease_seconds: Annotated[int, typer.Option(help="Lease length; a host renews every --renew-seconds.")] = 60,
     renew_seconds: Annotated[int, typer.Option(help="How often the host renews the VM's lease.")] = 10,
-    label: Annotated[list[str], typer.Option("--label", help="KEY=VALUE, a tag policies read. Repeatable.")] = [],  # noqa: B006
+    label: Annotated[
+        list[str], typer.Option("--label", metavar="K=V", help="A label policies read (repeatable).")
+    ] = [],  # noqa: B006
     as_json: JsonFlag = False,
 ) -> None:
     """Register a VM: a per-VM key in the tenant's hierarchy, its volumes bound to it, its launch settings."""
@@ -62,9 +68,8 @@ def create(
         if not sep or not ref or not path.startswith("/"):
             raise typer.BadParameter(f"--volume {item!r}: use NAME=/absolute/path/on/the/hosts")
         disks.append({"volume": ref, "path": path})
-    labels = dict(item.partition("=")[::2] for item in label)
-    if any(not k for k in labels) or any("=" not in item for item in label):
-        raise typer.BadParameter("--label takes KEY=VALUE")
+    labels = labels_option(label)
+    key = renamed(ctx, "key_name", key_name, old_key, "--key-name", "--key")
     launch = {k: v for k, v in {"kernel": kernel, "initrd": initrd, "append": append}.items() if v is not None}
     body = {"name": name, "key": key, "memory_mb": memory, "cpus": cpus, "disks": disks, "launch": launch,
             "lease_seconds": lease_seconds, "renew_seconds": renew_seconds, "labels": labels}  # fmt: skip

@@ -39,7 +39,7 @@ class HelpRequested(Exception):
 
 class Opt(NamedTuple):
     """A long option: ``kind`` is ``str``, ``int``, ``flag`` or ``multi`` (repeatable, a list of strings);
-    ``default`` is what is used without it."""
+    ``default`` is what is used without it; ``aliases`` are older spellings, accepted but not shown in help."""
 
     name: str
     kind: str = "str"
@@ -48,6 +48,7 @@ class Opt(NamedTuple):
     required: bool = False
     default: Any = None
     envvar: str | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def dest(self) -> str:
@@ -150,6 +151,7 @@ def _scan(
     """Split ``args`` into option values, words, whether ``--help`` came, and what follows the first word
     (``stop_at_word``: a group stops at its verb)."""
     by_name = {opt.name: opt for opt in options}
+    by_alias = {alias: opt for opt in options for alias in opt.aliases}
     given: dict[str, str | bool | list[str]] = {}
     words: list[str] = []
     wants_help = False
@@ -169,7 +171,7 @@ def _scan(
         if name in (HELP.name, "-h") and not eq:
             wants_help = True
             continue
-        opt = by_name.get(name)
+        opt = by_name.get(name) or by_alias.get(name)
         if opt is None:
             raise _no_such_option(name, [*by_name, HELP.name], where)
         if opt.kind == "flag":

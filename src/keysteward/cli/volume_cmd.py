@@ -37,14 +37,20 @@ PASSPHRASE = Opt(
     help="File whose bytes are the passphrase (no newline stripping; - = stdin).",
 )  # fmt: skip
 KEY_SOURCE = (
-    PASSPHRASE._replace(required=False, help=PASSPHRASE.help + " Or --kms URL."),
+    PASSPHRASE._replace(required=False, help=PASSPHRASE.help + " Without it the key comes by a release."),
     *volume_kms.RELEASE_OPTS,
 )
 JSON = Opt("--json", "flag", "Print JSON for scripts.")
 YES_OPT = Opt("--yes", "flag", "Do not ask (required when stdin is not a terminal).")
 KDF_OPTS = (
-    Opt("--kdf", metavar="pbkdf2|argon2id", help="KDF of the new keyslot."),
-    Opt("--pbkdf-iterations", "int", "PBKDF2 iterations or Argon2 time cost (default: about 2 s / 4)."),
+    Opt("--pbkdf", metavar="pbkdf2|argon2id", help="KDF of the new keyslot.", aliases=("--kdf",)),
+    Opt(
+        "--pbkdf-force-iterations",
+        "int",
+        "PBKDF2 iterations or Argon2 time cost (default: about 2 s / 4).",
+        aliases=("--pbkdf-iterations",),
+    ),
+    Opt("--iter-time", "int", "pbkdf2: as many iterations as take this many milliseconds here (default 2000)."),
     Opt("--pbkdf-memory", "int", "Argon2 memory in KiB (default: 1 GiB or less)."),
     Opt("--pbkdf-parallel", "int", "Argon2 lanes (default: up to 4)."),
 )
@@ -74,8 +80,8 @@ def key_source(args: Args, option: str = "passphrase_file") -> bytearray:
 
 @contextmanager
 def _secret(args: Args, option: str = "passphrase_file", *, writable: bool = False) -> Iterator[bytearray]:
-    """The key of a verb that takes ``--passphrase-file`` or (read, write, check) ``--kms``."""
-    if option == "passphrase_file" and "kms" in args and volume_kms.uses_kms(args):
+    """The key of a verb that takes ``--passphrase-file`` or (read, write, check) gets it by a release."""
+    if option == "passphrase_file" and "identity" in args and volume_kms.uses_release(args):
         with volume_kms.released_secret(args, writable=writable) as released:
             yield released
         return
@@ -110,7 +116,10 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], None] | None]:
 def _kdf(args: Args) -> Any:
     from keysteward.volume.kdf import KdfChoice
 
-    return KdfChoice(args["kdf"], args["pbkdf_iterations"], args["pbkdf_memory"], args["pbkdf_parallel"])
+    return KdfChoice(
+        args["pbkdf"], args["pbkdf_force_iterations"], args["pbkdf_memory"], args["pbkdf_parallel"],
+        iter_time_ms=args["iter_time"],
+    )  # fmt: skip
 
 
 # -- verbs -------------------------------------------------------------------------------------------
@@ -124,7 +133,7 @@ def create(args: Args) -> None:
         size=parse_size(args["size"], "--size"), sector_size=args["sector_size"], key_bits=args["key_size"],
         kdf=_kdf(args), label=args["label"], luks1=args["luks1"], force=args["force"],
     )  # fmt: skip
-    if args["kms"]:
+    if volume_kms.bound(args):
         glass = key_source(args) if args["passphrase_file"] is not None else None
         try:
             made_kms = volume_kms.create_bound(args, options, glass, _kdf(args))
@@ -211,7 +220,7 @@ def write(args: Args) -> None:
     from keysteward.volume.luks_volume import LuksVolume
 
     input_file = args["input"]
-    if input_file is None and args["passphrase_file"] == STDIN and not args["kms"]:
+    if input_file is None and args["passphrase_file"] == STDIN:
         raise option_error("standard input cannot hold both the passphrase and the data; use --input")
     fd, known = open_input(input_file, args["path"])
     try:
@@ -270,7 +279,7 @@ VERBS = (
         *KDF_OPTS[1:], *volume_kms.CREATE_OPTS, JSON,
     ), create),
     Verb("dump", "Show the header: keyslots, tokens, segments, digests (never key material).", (JSON,), dump),
-    Verb("check", "Exit 0 if the passphrase (or the key released by --kms) opens a keyslot of PATH.",
+    Verb("check", "Exit 0 if the passphrase (or the key a release gives) opens a keyslot of PATH.",
          (*KEY_SOURCE, JSON), check),
     Verb("read", "Decrypt payload bytes to FILE or stdout (the whole payload by default).", (
         *KEY_SOURCE,

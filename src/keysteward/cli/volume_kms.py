@@ -1,12 +1,14 @@
 """The key manager side of ``keysteward volume``: bound volumes, keys released instead of passphrases,
 and the registry verbs (list, status, revoke, destroy).
 
-``volume create PATH --kms URL --key NAME --provider P --bind-account A ...`` registers the volume and
-writes a keyslot only a release opens, with its ``keysteward`` token. ``volume read|write|check PATH
---kms URL`` get their key by a release (this instance's evidence, docs/release-protocol.md) instead of
-a passphrase file. ``volume list|status|revoke|destroy`` talk to the key manager as an admin (or, for
-revoke, a security officer): ``KEYSTEWARD_TOKEN``, ``--kms`` or ``KEYSTEWARD_URL``, and
-``KEYSTEWARD_CA_FILE``. Every import of the HTTP client happens inside a verb, so the passphrase verbs
+``volume create PATH --url URL --key-name NAME --provider P --bind-account A ...`` registers the volume
+and writes a keyslot only a release opens, with its ``keysteward`` token. ``volume read|write|check PATH``
+without ``--passphrase-file`` get their key by a release (this instance's evidence,
+docs/release-protocol.md) from ``--url``, ``KEYSTEWARD_URL`` or the URL in the volume's token.
+``volume list|status|revoke|destroy`` talk to the key manager as an admin (or, for revoke, a security
+officer): ``KEYSTEWARD_TOKEN``, ``--url`` or ``KEYSTEWARD_URL`` (else the volume file's token), and
+``--ca-file`` or ``KEYSTEWARD_CA_FILE``. The older spellings (``--kms``, ``--key``, ``--tag``) are hidden
+aliases (docs/cli.md). Every import of the HTTP client happens inside a verb, so the passphrase verbs
 start as fast as before.
 """
 
@@ -20,15 +22,21 @@ from contextlib import contextmanager
 from typing import Any
 
 from keysteward.cli.confirm import confirm
+from keysteward.cli.values import ValueProblem, parse_labels
 from keysteward.cli.volume_args import Opt
 from keysteward.volume.errors import option_error
 
 Args = dict[str, Any]
 
-KMS = Opt("--kms", metavar="URL", help="Get the key from this key manager by a release, instead of a passphrase file.")
+URL_ENV = "KEYSTEWARD_URL"
+RELEASE_URL = Opt(
+    "--url", metavar="URL", aliases=("--kms",),
+    help=f"Get the key by a release from this key manager (default: ${URL_ENV}, else the URL in the volume's "
+    "token), instead of a passphrase file.",
+)  # fmt: skip
 CA_FILE = Opt("--ca-file", metavar="FILE", envvar="KEYSTEWARD_CA_FILE", help="CA that signed the key manager.")
 RELEASE_OPTS = (
-    KMS,
+    RELEASE_URL,
     Opt("--identity", metavar="aws-iid|gcp-jwt", default="aws-iid", help="Evidence of this instance's identity."),
     Opt("--metadata", metavar="URL", envvar="KEYSTEWARD_METADATA_URL", help="The instance metadata service."),
     Opt("--audience", help="gcp-jwt: the audience to ask the metadata service for."),
@@ -36,35 +44,52 @@ RELEASE_OPTS = (
     CA_FILE,
 )
 CREATE_OPTS = (
-    KMS,
-    Opt("--key", metavar="NAME", help="--kms: the tenant key that wraps the volume's secret."),
-    Opt("--name", help="--kms: the volume's name in the key manager (default: the file name)."),
-    Opt("--provider", help="--kms: the provider whose instances may receive the key."),
-    Opt("--bind-account", metavar="ACCOUNT", help="--kms: only instances of this account."),
-    Opt("--bind-instance", metavar="ID", help="--kms: only this instance."),
-    Opt("--bind-image", metavar="ID", help="--kms: only instances of this image."),
-    Opt("--bind-host", metavar="NAME", help="--kms: only this host of the tenant (the NBD proxy), by its certificate."),
-    Opt("--tag", "multi", "--kms: a label k=v recorded in the key manager (repeatable).", metavar="K=V"),
-    Opt("--lease-seconds", "int", "--kms: lease length (default 30)."),
-    Opt("--renew-seconds", "int", "--kms: renewal interval (default 10)."),
-    Opt("--grace-seconds", "int", "--kms: how long a running agent keeps the volume open when the key manager "
+    Opt("--url", metavar="URL", aliases=("--kms",), help=f"Bind the volume to this key manager (default with "
+        f"--key-name: ${URL_ENV})."),
+    Opt("--key-name", metavar="NAME", aliases=("--key",), help="Bound: the tenant key that wraps the volume's secret."),
+    Opt("--name", help="Bound: the volume's name in the key manager (default: the file name)."),
+    Opt("--provider", help="Bound: the provider whose instances may receive the key."),
+    Opt("--bind-account", metavar="ACCOUNT", help="Bound: only instances of this account."),
+    Opt("--bind-instance", metavar="ID", help="Bound: only this instance."),
+    Opt("--bind-image", metavar="ID", help="Bound: only instances of this image."),
+    Opt("--bind-host", metavar="NAME", help="Bound: only this host of the tenant (the NBD proxy), by its certificate."),
+    Opt("--kms-label", "multi", "Bound: a label recorded in the key manager, which policies read (repeatable; "
+        "--label is the LUKS2 header's label, as in cryptsetup).", metavar="K=V", aliases=("--tag",)),
+    Opt("--lease-seconds", "int", "Bound: lease length (default 30)."),
+    Opt("--renew-seconds", "int", "Bound: renewal interval (default 10)."),
+    Opt("--grace-seconds", "int", "Bound: how long a running agent keeps the volume open when the key manager "
         "is unreachable (default: until the lease expires)."),
-    Opt("--token", envvar="KEYSTEWARD_TOKEN", help="--kms: an admin API token."),
+    Opt("--token", envvar="KEYSTEWARD_TOKEN", help="Bound: an admin API token."),
     CA_FILE,
 )  # fmt: skip
 ADMIN_OPTS = (
-    Opt("--kms", metavar="URL", envvar="KEYSTEWARD_URL", help="The key manager (default: the volume file's token)."),
+    Opt("--url", metavar="URL", envvar=URL_ENV, aliases=("--kms",),
+        help="The key manager (default: the volume file's token)."),
     Opt("--token", envvar="KEYSTEWARD_TOKEN", help="An API token (admin; security-officer for revoke)."),
     CA_FILE,
-)
+)  # fmt: skip
 
 
-def uses_kms(args: Args) -> bool:
-    if args.get("kms") and args.get("passphrase_file"):
-        raise option_error("give --kms or --passphrase-file, not both")
-    if not args.get("kms") and not args.get("passphrase_file"):
-        raise option_error("give --passphrase-file FILE, or --kms URL to get the key from the key manager")
-    return bool(args.get("kms"))
+def uses_release(args: Args) -> bool:
+    """Whether the verb's key comes by a release: no ``--passphrase-file``. Sets ``args["url"]`` to the key
+    manager to ask (None: the one the volume's token names)."""
+    if args.get("passphrase_file"):
+        if args.get("url"):
+            raise option_error("give --url or --passphrase-file, not both")
+        return False
+    args["url"] = args.get("url") or os.environ.get(URL_ENV) or None
+    from keysteward.volume.errors import VolumeRequestError
+    from keysteward.volume.kms_token import NO_TOKEN, read_token
+
+    try:
+        read_token(args["path"])  # a header read: a volume no release can open is told apart before any request
+    except VolumeRequestError as exc:
+        if exc.code != NO_TOKEN:
+            raise
+        raise option_error(
+            f"give --passphrase-file FILE: {args['path']} has no keysteward token, so no key manager releases its key"
+        ) from None
+    return True
 
 
 @contextmanager
@@ -74,37 +99,49 @@ def released_secret(args: Args, *, writable: bool = False) -> Iterator[bytearray
     from keysteward.agent.unlock import UnlockOptions
 
     options = UnlockOptions(
-        kms_url=args["kms"], identity=args["identity"], metadata_url=args["metadata"], audience=args["audience"],
+        kms_url=args["url"], identity=args["identity"], metadata_url=args["metadata"], audience=args["audience"],
         suite=args["suite"], ca_file=args["ca_file"], mode="userspace", writable=writable,
     )  # fmt: skip
     with kms_passphrase(args["path"], options) as secret:
         yield secret
 
 
-def _labels(tags: list[str]) -> dict[str, str]:
-    labels = {}
-    for tag in tags:
-        name, eq, value = tag.partition("=")
-        if not eq or not name:
-            raise option_error(f"--tag takes k=v, not {tag[:80]!r}")
-        labels[name] = value
-    return labels
+BOUND_ONLY = ("provider", "bind_account", "bind_instance", "bind_image", "bind_host", "kms_label", "name")
+
+
+def bound(args: Args) -> bool:
+    """Whether ``volume create`` binds the volume to a key manager: ``--url`` or ``--key-name`` given (the
+    URL then defaults to ``KEYSTEWARD_URL``)."""
+    if not (args.get("url") or args.get("key_name")):
+        stray = [o for o in BOUND_ONLY if args.get(o)]
+        if stray:
+            raise option_error(f"--{stray[0].replace('_', '-')} is for a volume bound to the key manager: "
+                               "give --key-name NAME (and --url URL or $KEYSTEWARD_URL)")  # fmt: skip
+        return False
+    args["url"] = args.get("url") or os.environ.get(URL_ENV) or None
+    if not args["url"]:
+        raise option_error(f"a volume bound to the key manager needs --url URL (or ${URL_ENV})")
+    return True
 
 
 def create_bound(args: Args, options: Any, break_glass: bytearray | None, kdf: Any) -> dict[str, Any]:
     from keysteward.agent.kms_volume import KmsVolumeSpec, create_kms_volume
 
-    needed = ("key", "token") if args.get("bind_host") else ("key", "provider", "bind_account", "token")
+    needed = ("key_name", "token") if args.get("bind_host") else ("key_name", "provider", "bind_account", "token")
     missing = [o for o in needed if not args.get(o)]
     if missing:
         names = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise option_error(f"a volume bound to the key manager needs {names} (a token may be in KEYSTEWARD_TOKEN)")
     if args.get("bind_host") and any(args.get(o) for o in ("provider", "bind_account", "bind_instance", "bind_image")):
         raise option_error("--bind-host binds the volume to a host: it takes no --provider or --bind-* of instances")
+    try:
+        labels = parse_labels(args["kms_label"], "--kms-label")
+    except ValueProblem as exc:
+        raise option_error(str(exc)) from None
     spec = KmsVolumeSpec(
-        url=args["kms"], key=args["key"], provider=args["provider"], account=args["bind_account"],
+        url=args["url"], key=args["key_name"], provider=args["provider"], account=args["bind_account"],
         host=args["bind_host"], name=args["name"], instance_id=args["bind_instance"], image_id=args["bind_image"],
-        labels=_labels(args["tag"]), lease_seconds=args["lease_seconds"], renew_seconds=args["renew_seconds"],
+        labels=labels, lease_seconds=args["lease_seconds"], renew_seconds=args["renew_seconds"],
         grace_seconds=args["grace_seconds"],
     )  # fmt: skip
     return create_kms_volume(
@@ -120,14 +157,14 @@ def _admin(args: Args) -> tuple[Any, str]:
     """An API client and the volume reference: a volume file's token gives the id (and URL), else a name or id."""
     from keysteward.cli.client import Client, ClientOptions
 
-    ref, url = args["path"], args["kms"]
+    ref, url = args["path"], args["url"]
     if ref and os.path.isfile(ref):
         from keysteward.volume.kms_token import read_token
 
         token = read_token(ref)
         ref, url = token.ref.volume_id, url or token.ref.url
     if not url:
-        raise option_error("give --kms URL (or KEYSTEWARD_URL), or the path of a volume file that has a token")
+        raise option_error(f"give --url URL (or ${URL_ENV}), or the path of a volume file that has a token")
     return Client(ClientOptions(url, args["token"], args["ca_file"], None, None)), ref
 
 

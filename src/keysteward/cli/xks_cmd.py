@@ -9,6 +9,7 @@ import typer
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
 from keysteward.cli.output import console, emit, fields, table
+from keysteward.cli.typer_values import renamed
 
 app = typer.Typer(help="AWS KMS external key stores (XKS): stores, credentials, external keys.", no_args_is_help=True)
 store_app = typer.Typer(help="External key stores: one URI path prefix each.", no_args_is_help=True)
@@ -85,10 +86,15 @@ def key_create(
     key_id: Annotated[str, typer.Argument(metavar="ID", help="The external key id AWS KMS will name.")],
     store: Store,
     usage: Annotated[str, typer.Option(help="both | encrypt | decrypt | none")] = "both",
-    key: Annotated[str | None, typer.Option(help="Name of the new tenant key (default: ID in lower case).")] = None,
+    key_name: Annotated[
+        str | None,
+        typer.Option("--key-name", metavar="NAME", help="Name of the new tenant key (default: ID in lower case)."),
+    ] = None,
+    old_key: Annotated[str | None, typer.Option("--key", hidden=True, help="Old spelling of --key-name.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """A new external key: a new tenant key whose versions do its AES-GCM."""
+    key = renamed(ctx, "key_name", key_name, old_key, "--key-name", "--key")
     body = {"id": key_id, "store": store, "usage": usage, "key": key}
     emit(client(ctx).post("/xks/keys", body), as_json, lambda d: fields(d, KEY_COLUMNS))
 

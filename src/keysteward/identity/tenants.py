@@ -13,7 +13,7 @@ import hmac
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -51,6 +51,12 @@ class TokenInfo:
     revoked: bool
     person: str = ""
     created_by: str | None = None
+    expires_at: datetime | None = None
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes for aware columns; every time here is UTC."""
+    return value if value is None or value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, repr=False)
@@ -70,7 +76,7 @@ class Tenants:
     def __init__(self, db: Database, audit: AuditLog) -> None:
         self.db = db
         self.audit = audit
-        self._seen: TtlCache[bytes, tuple[Principal, str]] = TtlCache(SEEN_TTL_SECONDS)
+        self._seen: TtlCache[bytes, tuple[Principal, str, datetime | None]] = TtlCache(SEEN_TTL_SECONDS)
         self._ids: TtlCache[str, str] = TtlCache(60.0)  # tenant name -> id: neither ever changes
 
     # -- tenants -----------------------------------------------------------------------------
@@ -163,6 +169,7 @@ class Tenants:
         *,
         person: str,
         created_by: str | None,
+        expires_at: datetime | None = None,
     ) -> NewToken:
         check_name("token", name)
         if role not in HUMAN_ROLES:
@@ -185,17 +192,22 @@ class Tenants:
                         created_by=created_by,
                         secret_hash=_hash(secret),
                         created_at=now,
+                        expires_at=expires_at,
                     )
                 )
         except IntegrityError as exc:
             raise Conflict(f"a token named '{name}' exists already", code="token_exists") from exc
-        info = TokenInfo(token_id, tenant, name, role, now, False, person, created_by)
+        info = TokenInfo(token_id, tenant, name, role, now, False, person, created_by, expires_at)
         return NewToken(info, f"{TOKEN_PREFIX}{token_id}.{secret}")
 
-    def create_token(self, actor: Principal, name: str, role: str, person: str | None = None) -> NewToken:
+    def create_token(
+        self, actor: Principal, name: str, role: str, person: str | None = None, ttl_seconds: int | None = None
+    ) -> NewToken:
         """A new token for ``person`` (by default a person named after the token), minted by ``actor``: the
-        token records that ``actor``'s person saw its secret."""
+        token records that ``actor``'s person saw its secret. With ``ttl_seconds`` it expires that long after
+        now (the server's clock); without, it lives until revoked."""
         now = datetime.now(UTC)
+        expires_at = now + timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
         with self.db.write() as conn:
             token = self._issue(
                 conn,
@@ -206,14 +218,18 @@ class Tenants:
                 now,
                 person=person or name,
                 created_by=actor.person or None,
+                expires_at=expires_at,
             )
+            details = {"name": name, "role": role, "person": token.info.person}
+            if expires_at is not None:
+                details["expires_at"] = expires_at.isoformat()
             self.audit.append(
                 conn,
                 actor.tenant_id,
                 actor=actor.describe(),
                 action="token.create",
                 target=f"token:{token.info.id}",
-                details={"name": name, "role": role, "person": token.info.person},
+                details=details,
             )
         return token
 
@@ -232,7 +248,15 @@ class Tenants:
             ).all()
         return [
             TokenInfo(
-                r.id, actor.tenant, r.name, r.role, r.created_at, r.revoked_at is not None, r.person, r.created_by
+                r.id,
+                actor.tenant,
+                r.name,
+                r.role,
+                r.created_at,
+                r.revoked_at is not None,
+                r.person,
+                r.created_by,
+                _aware(r.expires_at),
             )
             for r in rows
         ]
@@ -262,7 +286,9 @@ class Tenants:
     def seen(self, text: str) -> Principal | None:
         """The principal of a token authenticated within the last second, without a database read."""
         hit = self._seen.get(hashlib.sha256(text.encode()).digest())
-        return hit[0] if hit is not None else None
+        if hit is None or (hit[2] is not None and hit[2] <= datetime.now(UTC)):
+            return None  # an expired token is looked up (and refused) again
+        return hit[0]
 
     def authenticate(self, text: str) -> Principal:
         """Resolve a bearer token to its principal; every failure reads the same to the caller.
@@ -285,6 +311,7 @@ class Tenants:
                     ApiToken.role,
                     ApiToken.name,
                     ApiToken.revoked_at,
+                    ApiToken.expires_at,
                     Tenant.id,
                     Tenant.name,
                     Person.name.label("person"),
@@ -296,14 +323,17 @@ class Tenants:
         expected = row.secret_hash if row is not None else bytes(32)
         if not hmac.compare_digest(expected, _hash(secret)) or row is None or row.revoked_at is not None:
             raise bad
+        expires_at = _aware(row.expires_at)
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise bad  # an expired token reads as any other bad token: its holder learns nothing more
         principal = Principal(
-            tenant_id=row[4],
-            tenant=row[5],
+            tenant_id=row[5],
+            tenant=row[6],
             role=row.role,
             name=row.name,
             kind="token",
             person=row.person,
             token_id=token_id,
         )
-        self._seen.put(digest, (principal, token_id))
+        self._seen.put(digest, (principal, token_id, expires_at))
         return principal

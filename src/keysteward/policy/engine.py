@@ -43,6 +43,7 @@ from keysteward.policy.errors import (
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.index import Condition, PolicyIndex, conditions_of
 from keysteward.policy.schema import ACTIONS, cedar_schema, entity_type
+from keysteward.policy.schema_errors import SchemaError, first_mistakes, plain
 
 MAX_SET_BYTES: Final = 256 * 1024
 MAX_POLICIES: Final = 1000
@@ -374,11 +375,11 @@ def _validate(
 ) -> list[str]:
     """Strict schema validation of the whole set; each error placed at its policy's culprit condition."""
     result = cedarpy.validate_policies("\n".join(p.text for p in policies), cedar_schema())
-    problems = []
+    found = []
     for error in result.errors[:MAX_PROBLEMS]:
         index = int(error.policy_id[6:]) if _CEDAR_ID.fullmatch(error.policy_id) else 0
         name, span = spans[index]
         text = sources[name]
         message = error.error.replace(f"`{error.policy_id}`", f"`{policies[index].id}`")
-        problems.append(_at(name, text, schema_error_at(text, span, error.error), message))
-    return problems
+        found.append(SchemaError(index, name, schema_error_at(text, span, error.error), message))
+    return [_at(e.file, sources[e.file], e.offset, plain(e, sources[e.file])) for e in first_mistakes(found)]

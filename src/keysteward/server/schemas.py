@@ -72,10 +72,15 @@ class TenantOut(Strict):
     created_at: datetime
 
 
+MAX_TOKEN_TTL_SECONDS = 10 * 366 * 86400
+"""The longest ``token create --ttl``: ten years (a token without a TTL lives until it is revoked)."""
+
+
 class TokenCreate(Strict):
     name: Name
     role: Annotated[str, Field(pattern=r"^(admin|security-officer|auditor)$")]
     person: Name | None = None  # whose token it is; a new person named after the token when not given
+    ttl_seconds: Annotated[int, Field(ge=1, le=MAX_TOKEN_TTL_SECONDS)] | None = None  # None: until revoked
 
 
 class TokenOut(Strict):
@@ -87,6 +92,7 @@ class TokenOut(Strict):
     revoked: bool
     person: str
     created_by: str | None = None
+    expires_at: datetime | None = None
     token: str | None = None
 
 

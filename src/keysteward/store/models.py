@@ -77,6 +77,8 @@ class ApiToken(Base):
     secret_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    """None: the token lives until it is revoked (``token create --ttl`` sets it)."""
     __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_token_name"),)
 
 

@@ -21,6 +21,7 @@ from keysteward.volume.sizes import cpu_count, default_argon2_memory_kib
 KDF_TYPES = ("pbkdf2", "argon2id")
 ITER_TIME_S = 2.0
 MIN_PBKDF2_ITERATIONS = 1000
+MAX_ITER_TIME_MS = 60_000
 ARGON2_DEFAULT_TIME = 4
 ARGON2_MAX_LANES = 4
 _CALIBRATION_ITERATIONS = 20_000
@@ -36,6 +37,8 @@ class KdfChoice:
     memory_kib: int | None = None
     parallel: int | None = None
     hash: str = "sha256"
+    iter_time_ms: int | None = None
+    """PBKDF2 only: as many iterations as take this long here (cryptsetup's ``--iter-time``)."""
 
     def resolved_type(self, default: str) -> str:
         kind = self.type or default
@@ -57,10 +60,18 @@ def new_kdf_params(choice: KdfChoice, *, default_type: str, limit_kib: int) -> l
     kind = choice.resolved_type(default_type)
     if choice.iterations is not None and choice.iterations < 1:
         raise option_error(f"KDF iterations {choice.iterations} must be at least 1")
+    if choice.iter_time_ms is not None:
+        if kind != "pbkdf2":
+            raise option_error("--iter-time applies to pbkdf2 here; Argon2's time cost is --pbkdf-force-iterations")
+        if choice.iterations is not None:
+            raise option_error("give --iter-time or --pbkdf-force-iterations, not both")
+        if not 1 <= choice.iter_time_ms <= MAX_ITER_TIME_MS:
+            raise option_error(f"--iter-time {choice.iter_time_ms} is not 1 to {MAX_ITER_TIME_MS} milliseconds")
     if kind == "pbkdf2":
         if choice.memory_kib is not None or choice.parallel is not None:
             raise option_error("--pbkdf-memory and --pbkdf-parallel apply to argon2id only")
-        iterations = choice.iterations or pbkdf2_iterations_for(ITER_TIME_S, choice.hash)
+        seconds = choice.iter_time_ms / 1000 if choice.iter_time_ms is not None else ITER_TIME_S
+        iterations = choice.iterations or pbkdf2_iterations_for(seconds, choice.hash)
         return luks.new_pbkdf2(hash=choice.hash, iterations=iterations)
     memory = choice.memory_kib if choice.memory_kib is not None else default_argon2_memory_kib(limit_kib)
     lanes = choice.parallel if choice.parallel is not None else min(ARGON2_MAX_LANES, cpu_count())

@@ -24,6 +24,7 @@ def _token_out(info: TokenInfo, secret: str | None = None) -> TokenOut:
         revoked=info.revoked,
         person=info.person,
         created_by=info.created_by,
+        expires_at=info.expires_at,
         token=secret,
     )
 
@@ -59,7 +60,9 @@ def list_tenants(
 def create_token(
     body: TokenCreate, request: Request, who: Annotated[Principal, Depends(need(Permission.TOKEN_MANAGE))]
 ) -> TokenOut:
-    return _new_token_out(services(request).tenants.create_token(who, body.name, body.role, body.person))
+    return _new_token_out(
+        services(request).tenants.create_token(who, body.name, body.role, body.person, body.ttl_seconds)
+    )
 
 
 @router.get("/tokens")
