@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_parameters
 from pydantic import ValidationError
 
-from keysteward.cli.migrate_progress import read_progress
+from keysteward.cli.migrate_progress import MigrationBar, read_progress
 from keysteward.crypto.ffdhe import ffdhe2048_pem, ffdhe2048_prime
 from keysteward.host.migration_progress import progress_of
 from keysteward.server.migration_schemas import ProgressIn
@@ -105,3 +105,10 @@ def test_the_cli_draws_only_what_it_can_read() -> None:
         assert read_progress(bad) is None, bad
     odd = read_progress({"progress": {**GOOD, "downtime_ms": -1}})
     assert odd is not None and odd.downtime_ms is None  # a bad downtime is not shown
+
+
+def test_no_bar_when_stdout_is_not_a_terminal() -> None:
+    with MigrationBar(True) as bar:  # pytest captures stdout: not a terminal
+        assert not bar.enabled
+        bar.update({"progress": GOOD})
+    assert bar._bar is None
