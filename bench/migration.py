@@ -23,7 +23,8 @@ VM to the other host (plain: to a new QEMU launched ``-incoming defer`` beforeha
   running (``cont`` when it did not autostart). Downtime: the source's ``downtime``.
 
 Both sides set the same migration parameters: ``max-bandwidth`` 2^40 B/s (keysteward's MAX_BANDWIDTH: no
-throttle), ``postcopy-ram`` off, everything else QEMU's defaults (downtime-limit 300 ms, no multifd).
+throttle), ``postcopy-ram`` off, ``events`` on, everything else QEMU's defaults (downtime-limit 300 ms, no
+multifd), and both wait for QEMU the same way (keysteward.host.migration.wait_for: MIGRATION events).
 The one difference: keysteward sets ``pause-before-switchover`` (the guest stays paused at
 ``pre-switchover`` while the source asks ``vm.switchover``, so that round trip is inside keysteward's
 downtime); the plain reference runs without it, as a plain migration would.
@@ -41,6 +42,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from statistics import median
@@ -166,33 +168,51 @@ def migrate_plain(source: QemuVm, dest: QemuVm, tls: tuple[Path, Path, str]) -> 
     dq = dest.monitor()
     dq.execute("object-add", {"qom-type": "tls-creds-x509", "id": "plain-tls-server", "dir": str(server_dir),
                               "endpoint": "server", "verify-peer": True})  # fmt: skip
+    dq.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
     dq.execute("migrate-set-parameters", {"tls-creds": "plain-tls-server"})
     dq.execute("migrate-incoming", {"uri": f"tcp:{address}"})
     sq = source.monitor()
     sq.execute("object-add", {"qom-type": "tls-creds-x509", "id": "plain-tls-client", "dir": str(client_dir),
                               "endpoint": "client", "verify-peer": True})  # fmt: skip
-    capabilities = [{"capability": "pause-before-switchover", "state": False},
-                    {"capability": "postcopy-ram", "state": False}]  # fmt: skip
+    # keysteward's capabilities but pause-before-switchover (a plain migration does not stop there)
+    plain_caps = {**migration.CAPABILITIES, "pause-before-switchover": False}
+    capabilities = [{"capability": name, "state": state} for name, state in plain_caps.items()]
     sq.execute("migrate-set-capabilities", {"capabilities": capabilities})
     sq.execute("migrate-set-parameters", {"tls-creds": "plain-tls-client", "tls-hostname": hostname,
                                           "max-bandwidth": MAX_BANDWIDTH})  # fmt: skip
     began = time.perf_counter()
     sq.execute("migrate", {"uri": f"tcp:{address}"})
     deadline = time.monotonic() + 900
-    while (info := sq.execute("query-migrate")).get("status") != "completed":
-        if info.get("status") in ("failed", "cancelled"):
-            raise BenchError(f"plain migration {info.get('status')}: {info.get('error-desc', '')}")
-        if time.monotonic() > deadline:
-            raise BenchError("plain migration did not complete in time")
-        time.sleep(0.005)
-    while (status := dest.status()) != "running":
-        if status in ("paused", "postmigrate"):
+    # waited for as keysteward's hosts wait (QEMU's MIGRATION events, the same helper), then the destination
+    # runs (it autostarts; `cont` if it did not)
+    try:
+        info = migration.wait_for(source, "completed", deadline)
+        migration.wait_for(dest, "completed", deadline)
+        if dest.status() != "running":
             dq.execute("cont")
-        elif time.monotonic() > deadline:
-            raise BenchError(f"plain destination is {status}, not running")
-        else:
-            time.sleep(0.005)
+    except QemuError as exc:
+        raise BenchError(f"plain migration: {exc.message}") from None
     return time.perf_counter() - began, float(info.get("downtime", 0))
+
+
+def server_times(site: VmSite) -> str:
+    """The key manager's own mean time per migration request (its /metrics latency histogram)."""
+    req = urllib.request.Request(site.server.url + "/metrics")  # noqa: S310 - our https URL
+    with urllib.request.urlopen(req, context=site.server._ssl, timeout=30) as resp:  # noqa: S310
+        text = resp.read().decode()
+    sums: dict[str, list[float]] = {}
+    for name, route, value in re.findall(
+        r'^keysteward_http_request_seconds_(sum|count)\{method="POST",route="([^"]+)"\} (\S+)$', text, re.MULTILINE
+    ):
+        sums.setdefault(route, [0.0, 0.0])[name == "count"] += float(value)
+    parts = []
+    for label, route in (("release", "/release/challenge"), ("vm.migrate", "/release"), ("ready", "/ready"),
+                         ("source", "/source"), ("switchover", "/switchover"), ("progress", "/progress")):  # fmt: skip
+        found = [v for r, v in sums.items() if r.endswith(route) and ("migrations" in r or label == "release")]
+        total, count = (sum(v[0] for v in found), sum(v[1] for v in found))
+        if count:
+            parts.append(f"{label} {total / count * 1000:.0f} ms")
+    return ", ".join(parts)
 
 
 def _steps(steps: dict[str, Any]) -> str:
@@ -247,6 +267,7 @@ def measure(args: argparse.Namespace, cleanup: Cleanup) -> list[dict[str, Any]]:
                         f"{results['out']['transferred_bytes'] / (1 << 20):.0f} MiB sent")  # fmt: skip
             say(f"  round {n + 1}: plain QEMU {plain_total[-1]:.2f} s, downtime {plain_down[-1]:.0f} ms; "
                 f"keysteward {ours_total[-1]:.2f} s, downtime {ours_down[-1]:.0f} ms")  # fmt: skip
+        say(f"  the key manager's mean time per request: {server_times(site)}")
     finally:
         vm.stop()
     total_p, total_o = median(plain_total), median(ours_total)

@@ -112,3 +112,12 @@ def test_no_bar_when_stdout_is_not_a_terminal() -> None:
         assert not bar.enabled
         bar.update({"progress": GOOD})
     assert bar._bar is None
+
+
+def test_a_completed_status_waits_for_its_figures() -> None:
+    from keysteward.host.migration import _unsettled
+
+    assert _unsettled({"status": "completed", "total-time": 0, "downtime": 0})  # QEMU's moment in between
+    assert not _unsettled({"status": "completed", "total-time": 2100, "downtime": 60})
+    assert not _unsettled({"status": "completed"})  # a destination's answer carries no times
+    assert not _unsettled({"status": "active", "total-time": 0})

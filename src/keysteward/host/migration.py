@@ -115,11 +115,16 @@ def wait_for(vm: QemuVm, wanted: str, deadline: float, watch: Any = None) -> dic
     :data:`POLL_SECONDS`: a status change is seen when QEMU makes it, not a poll interval later (the
     source's guest is paused at ``pre-switchover`` until it is seen). ``watch`` gets each answer."""
     qmp = vm.monitor()
+    settle_by: float | None = None
     while True:
         info = qmp.execute("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
         if status == wanted:
-            return dict(info)
+            settle_by = settle_by or time.monotonic() + 1.0
+            if not _unsettled(info) or time.monotonic() > settle_by:
+                return dict(info)
+            time.sleep(0.001)  # the figures follow the status by a moment: ask again at once
+            continue
         if status in ("failed", "cancelled"):
             raise QemuError(f"migration {status}: {str(info.get('error-desc', ''))[:200]}")
         if vm.process is not None and vm.process.poll() is not None:
@@ -129,6 +134,13 @@ def wait_for(vm: QemuVm, wanted: str, deadline: float, watch: Any = None) -> dic
         if watch is not None:
             watch(info)
         _next_event(qmp, min(POLL_SECONDS, max(0.001, deadline - time.monotonic())))
+
+
+def _unsettled(info: dict[str, Any]) -> bool:
+    """A source's ``completed`` whose times are not in yet: QEMU sets the status, then (in the migration
+    thread, a moment later) ``total-time`` and ``downtime``; asked in between they read 0. A destination's
+    answer has no times at all."""
+    return info.get("status") == "completed" and "total-time" in info and not info.get("total-time")
 
 
 def _next_event(qmp: QmpClient, timeout: float) -> None:
