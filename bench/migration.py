@@ -192,6 +192,9 @@ def migrate_plain(source: QemuVm, dest: QemuVm, tls: tuple[Path, Path, str]) -> 
             dq.execute("cont")
     except QemuError as exc:
         raise BenchError(f"plain migration: {exc.message}") from None
+    ram = info.get("ram") if isinstance(info.get("ram"), dict) else {}
+    say(f"    plain QEMU: total-time {info.get('total-time')} ms, setup {info.get('setup-time')} ms, "
+        f"{int((ram or {}).get('transferred', 0)) / (1 << 20):.0f} MiB sent")  # fmt: skip
     return time.perf_counter() - began, float(info.get("downtime", 0))
 
 
