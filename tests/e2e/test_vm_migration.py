@@ -5,7 +5,8 @@ reach), host-b is the destination. What must hold:
 
 - a migration completes over TLS: the guest's tick count goes on on host-b (its RAM moved: no reboot), its
   disk counter continues, the VM's lease moved (host-a's ended, host-b's active, never both), and the
-  volume key left host-a's agent while host-b's holds it;
+  volume key left host-a's agent while host-b's holds it; the order carries the source's last progress
+  (completed, with the downtime); the VM then migrates back to host-a;
 - a destination whose PCR 7 is not the approved one is refused before any state moves: it holds no key,
   its incoming lease never existed, and the guest ticks on on host-a under its lease; a second destination
   ordered while a migration is open is refused (one at a time); a destination whose QEMU dies before the
@@ -87,6 +88,8 @@ def test_a_vm_migrates_to_an_attested_host_and_the_source_lets_go(
     migrated = json.loads(done.stdout)
     assert migrated["state"] == "done" and migrated["kind"] == "migrate", migrated
     assert migrated["result"]["source"] == "host-a" and migrated["result"]["host"] == "host-b"
+    # the source's last progress report is on the order: completed, with QEMU's downtime
+    assert migrated["progress"]["status"] == "completed" and migrated["progress"]["downtime_ms"] > 0, migrated
     after = ticks(site, "host-b", vm_id, after=1)
     assert after[0][0] > before[-1][0] >= 3  # RAM moved: the tick count goes on (a fresh boot starts at 1)
     assert after[-1][1] >= before[-1][1] and after[-1][2] == before[-1][2]  # disk counter and RAM checksum
@@ -109,6 +112,14 @@ def test_a_vm_migrates_to_an_attested_host_and_the_source_lets_go(
     assert "web" in host_b.status()["vms"]
     clone = site.cli("vm", "start", "web", "--host", "host-a", check=False)
     assert clone.returncode == 1 and "suspected_clone" in clone.stderr, clone.stderr
+    # and back: a VM that came in by a migration leaves by another (its QEMU holds the first one's objects)
+    on_b = ticks(site, "host-b", vm_id, after=len(after))
+    back = site.cli("vm", "migrate", "web", "--to", "host-a", "--json", check=False)
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["result"]["source"] == "host-b"
+    home = ticks(site, "host-a", vm_id, after=1)
+    assert home[0][0] > on_b[-1][0] and home[-1][2] == on_b[-1][2]  # the same RAM, still counting
+    host_b.wait(lambda s: s.get("vms") == {}, timeout=15)
 
 
 def test_a_refused_or_dying_destination_leaves_the_vm_on_its_source(

@@ -16,6 +16,7 @@ import typer
 from keysteward.cli.client import Client
 from keysteward.cli.confirm import confirm
 from keysteward.cli.context import JsonFlag, client
+from keysteward.cli.migrate_progress import MigrationBar, read_progress
 from keysteward.cli.output import console, emit, fields, table
 from keysteward.cli.typer_values import labels_option, renamed
 from keysteward.errors import Conflict, Denied, KeystewardError
@@ -26,6 +27,7 @@ Ref = Annotated[str, typer.Argument(help="The VM's name or id.")]
 Yes = Annotated[bool, typer.Option("--yes", help="Do not ask (required when stdin is not a terminal).")]
 Wait = Annotated[float, typer.Option("--wait", help="Seconds to wait for the host's answer.")]
 Host = Annotated[str, typer.Option("--host", help="The host (its certificate's name) that runs the VM.")]
+DOWNTIME_WAIT = 3.0
 COLUMNS = ["name", "state", "host", "memory_mb", "cpus", "disks", "key", "id"]
 
 
@@ -96,10 +98,12 @@ def show(ctx: typer.Context, ref: Ref, as_json: JsonFlag = False) -> None:
     emit(client(ctx).get(f"/vms/{ref}"), as_json, human)
 
 
-def _order(api: Client, ref: str, kind: str, body: dict[str, Any], wait: float) -> dict[str, Any]:
+def _order(api: Client, ref: str, kind: str, body: dict[str, Any], wait: float, watch: Any = None) -> dict[str, Any]:
     order = api.post(f"/vms/{ref}/{kind}", body)
     deadline = time.monotonic() + wait
     while order["state"] in ("pending", "taken"):
+        if watch is not None:
+            watch(order)
         if time.monotonic() > deadline:
             raise Conflict(f"host {order['host']} did not answer order {order['id']} in {wait:g} s "
                            f"(is `keysteward host run` up there?)", code="order_timeout")  # fmt: skip
@@ -176,9 +180,23 @@ def migrate(
     wait: Wait = 600.0, as_json: JsonFlag = False,
 ) -> None:  # fmt: skip
     """Live-migrate the VM to HOST: the destination proves itself as for a start, the channel is TLS with
-    certificates made for this migration, and the VM's lease moves from source to destination at switchover."""
-    _done(ctx, ref, "migrate", {"host": to}, wait, as_json,
-          "VM {vm} migrated from {source} to {host} in {seconds} s")  # fmt: skip
+    certificates made for this migration, and the VM's lease moves from source to destination at switchover.
+    On a terminal a progress bar shows the RAM transferred and remaining, then the downtime."""
+    api = client(ctx)
+    with MigrationBar(not as_json) as bar:
+        order = _order(api, ref, "migrate", {"host": to}, wait, bar.update)
+    # the source reports the downtime once its QEMU completed: as the destination's answer, or soon after
+    deadline = time.monotonic() + DOWNTIME_WAIT
+    while (progress := read_progress(order)) is None or progress.downtime_ms is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+        order = api.get(f"/vm-orders/{order['id']}")
+    result = order.get("result") or {}
+    downtime = f", downtime {progress.downtime_ms} ms" if progress and progress.downtime_ms is not None else ""
+    values = _Values({**result, "host": order["host"], "vm": order["vm"]})
+    say = "VM {vm} migrated from {source} to {host} in {seconds} s" + downtime
+    emit(order, as_json, lambda _: console.print(say.format_map(values)))
 
 
 @app.command("revoke")

@@ -87,6 +87,10 @@ class HostClient:
         path = f"/vms/{vm_id}/migrations/{migration_id}/release"
         return self._release(path, vm_id, hardware, platform, {"csr_pem": csr_pem.decode()}, X25519)
 
+    def migration_progress(self, vm_id: str, migration_id: str, progress: Mapping[str, Any]) -> None:
+        """The source's report of how far the state has gone (``vm migrate`` shows it)."""
+        self.http.post(f"/vms/{vm_id}/migrations/{migration_id}/progress", dict(progress))
+
     def migration_ready(self, vm_id: str, migration_id: str, address: str) -> None:
         self.http.post(f"/vms/{vm_id}/migrations/{migration_id}/ready", {"address": address})
 

@@ -196,7 +196,7 @@ class QemuVm:
             if time.monotonic() > deadline:
                 self.kill()
                 raise QemuError("QEMU's monitor socket did not come up in time")
-            time.sleep(0.02)
+            time.sleep(0.005)  # QEMU is up in ~100 ms: a coarser poll adds to every start
 
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:

@@ -3,13 +3,17 @@
 A migration is asked by an operator (an order ``migrate`` to the destination; the order's id is the
 migration's) and moves through ``requested`` (ordered), ``incoming`` (the destination passed ``vm.migrate``
 and holds an incoming lease), ``ready`` (its QEMU listens; the source got its ``migrate-out`` order) and
-``switched`` (the leases moved). Anything else ends it ``failed``: the incoming lease is cancelled, the
-source's lease was never touched. A VM has at most one open migration; an open one older than
-:data:`MIGRATION_MINUTES` (its certificates' lifetime) is failed when the next is asked.
+``switched`` (the leases moved). Anything else ends it ``failed`` (``failed_in`` keeps the state it was in):
+the incoming lease is cancelled, the source's lease was never touched. While the state moves, the source
+reports its progress (:func:`record_progress`; ``vm migrate`` shows it, ``/metrics`` counts the downtime).
+A VM has at most one open migration; an open one older than :data:`MIGRATION_MINUTES` (its certificates'
+lifetime) is failed when the next is asked.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -126,4 +130,22 @@ def fail(conn: Connection, tenant_id: str, migration_id: str, now: datetime) -> 
         return False
     if row.incoming_lease_id is not None:
         leases.cancel_incoming(conn, row.incoming_lease_id, now)
-    return _set(conn, migration_id, row.state, now, state=FAILED)
+    return _set(conn, migration_id, row.state, now, state=FAILED, failed_in=row.state)
+
+
+def record_progress(
+    conn: Connection, tenant_id: str, migration_id: str, vm_id: str, host: str, progress: Mapping[str, Any],
+    now: datetime,
+) -> None:  # fmt: skip
+    """The source's report (checked by the route's schema): kept while the migration is ready or switched;
+    the first report carrying ``downtime_ms`` sets the migration's downtime."""
+    row = _row(conn, tenant_id, migration_id)
+    if row.vm_id != vm_id or row.source != host:
+        raise Denied("this host is not the source of that migration", code="not_the_source")
+    if row.state not in (READY, SWITCHED):
+        raise Denied(f"the migration is {row.state}: no progress to report", code="migration_not_ready")
+    values: dict[str, Any] = {"progress": json.dumps(dict(progress), sort_keys=True)}
+    downtime = progress.get("downtime_ms")
+    if isinstance(downtime, int) and row.downtime_ms is None:
+        values["downtime_ms"] = downtime
+    _set(conn, migration_id, row.state, now, **values)

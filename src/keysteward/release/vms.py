@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import check_name
@@ -29,7 +29,7 @@ from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, VM, VM_DISK, VOLUME, Binding, VolumeInfo, VolumeSpec
 from keysteward.store.db import Database
 from keysteward.store.models import Volume
-from keysteward.store.vm_models import Vm, VmDisk, VmOrder, VmSnapshot
+from keysteward.store.vm_models import Vm, VmDisk, VmMigration, VmOrder, VmSnapshot
 
 ORDER_KINDS = ("start", "stop", "snapshot", "suspend", "restore", "migrate", "migrate-out")
 PENDING, TAKEN, DONE, FAILED = "pending", "taken", "done", "failed"
@@ -132,6 +132,8 @@ class OrderInfo:
     created_at: datetime
     updated_at: datetime
     migration_id: str | None = None
+    progress: dict[str, Any] | None = None
+    """A ``migrate`` or ``migrate-out`` order's: the source's latest progress report."""
 
 
 class Vms:
@@ -321,8 +323,9 @@ class Vms:
     @staticmethod
     def _orders(conn: Connection, where: Sequence[Any]) -> list[OrderInfo]:
         rows = conn.execute(
-            select(VmOrder.__table__, Volume.name.label("vm_name"))
+            select(VmOrder.__table__, Volume.name.label("vm_name"), VmMigration.progress.label("progress"))
             .join(Volume, Volume.id == VmOrder.vm_id)
+            .outerjoin(VmMigration, VmMigration.id == func.coalesce(VmOrder.migration_id, VmOrder.id))
             .where(*where)
             .order_by(VmOrder.created_at)
         ).all()
@@ -340,6 +343,7 @@ class Vms:
                 r.created_at,
                 r.updated_at,
                 r.migration_id,
+                json.loads(r.progress) if r.progress else None,
             )
             for r in rows
         ]

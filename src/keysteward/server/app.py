@@ -31,6 +31,7 @@ from keysteward.identity.principal import Permission, Principal
 from keysteward.ratelimit import FailureLimiter
 from keysteward.server import problems
 from keysteward.server.deps import principal
+from keysteward.server.migration_metrics import MigrationMetrics
 from keysteward.server.routers import (
     attest,
     audit,
@@ -250,6 +251,7 @@ def create_app(svc: Services) -> FastAPI:
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
     )
     svc.xks_metrics.register(registry)
+    registry.register(MigrationMetrics(svc.db))
     sealed = Gauge("keysteward_sealed", "1 while the server is sealed", registry=registry)
     sealed.set_function(lambda: 1.0 if svc.root.sealed else 0.0)
 

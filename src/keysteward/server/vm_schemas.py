@@ -96,6 +96,7 @@ class OrderOut(Strict):
     created_at: datetime
     updated_at: datetime
     migration_id: str | None = None
+    progress: dict[str, Any] | None = None
 
 
 class HostFactsIn(Strict):

@@ -82,5 +82,11 @@ class VmMigration(Base):
     source_lease_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     incoming_lease_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     address: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    progress: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The source's latest progress report (JSON: status, transferred, remaining and total bytes, downtime)."""
+    downtime_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """QEMU's downtime as the source reported it once completed (the downtime histogram of /metrics)."""
+    failed_in: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """For a failed migration: the state it was in when it failed (``requested``, ``incoming``, ``ready``)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -4,7 +4,8 @@ Operators: ``POST /vms/{ref}/migrate {"host": DEST}`` orders the destination to 
 id is the migration's; follow it at ``/vm-orders/{id}``). Hosts (their ``host`` certificate): the
 destination asks ``vm.migrate`` with fresh evidence and a CSR (``/vms/{id}/migrations/{mid}/release``),
 says where its QEMU listens (``.../ready``, which orders the source to send); the source fetches its
-certificate with its lease token (``.../source``) and at ``pre-switchover`` asks ``vm.switchover``.
+certificate with its lease token (``.../source``), reports its progress while the state moves
+(``.../progress``: shown on both orders as ``progress``) and at ``pre-switchover`` asks ``vm.switchover``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Path, Request
 
 from keysteward.access.request import AccessRequest, Delivery, Resource
@@ -31,6 +33,7 @@ from keysteward.server.migration_schemas import (
     MigrateIn,
     MigrateReleasedOut,
     MigrateReleaseIn,
+    ProgressIn,
     ReadyIn,
     SourceIn,
     SourceOut,
@@ -118,6 +121,21 @@ async def migration_source(vm_id: Id, migration_id: Id, body: SourceIn, request:
                       delivery=Delivery.NOTHING, principal=who, context=request_context(request), inputs=inputs)
     )  # fmt: skip
     return SourceOut(**{name: getattr(found, name) for name in SourceOut.model_fields})
+
+
+@router.post("/vms/{vm_id}/migrations/{migration_id}/progress", status_code=204)
+async def migration_progress(vm_id: Id, migration_id: Id, body: ProgressIn, request: Request) -> None:
+    """The source's progress report: not on the access path (no key, no lease moves, not audited, like an
+    order's report); only the migration's source may make it, while the migration is ready or switched."""
+    who = await _host(request)
+    svc = services(request)
+
+    def record() -> None:
+        with svc.db.write() as conn:
+            vm_migrations.record_progress(conn, who.tenant_id, migration_id, vm_id, who.name,
+                                          body.model_dump(exclude_none=True), datetime.now(UTC))  # fmt: skip
+
+    await anyio.to_thread.run_sync(record)
 
 
 @router.post("/vms/{vm_id}/migrations/{migration_id}/switchover")
