@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,6 @@ NOT_RUNNABLE = {
     "docs/qemu.md": "the QEMU launch and monitor library; its guest build downloads a Debian kernel",
     "docs/proxy.md": "an NBD proxy serving QEMU guests over TLS (tests/e2e/test_proxy.py plays it)",
     "docs/operations.md": "production operation: systemd units, the HSM seal, PostgreSQL, worker processes",
-    "docs/policy.md": "TODO",
 }
 
 # Ports the docs spell out, made free ones for the run (the machine is shared).
@@ -63,7 +63,7 @@ MARK = "@@doc-block"
 
 
 def _rel(doc: Path) -> str:
-    return str(doc.relative_to(REPO))
+    return str(doc.relative_to(REPO)) if doc.is_relative_to(REPO) else doc.name
 
 
 def _free_port() -> int:
@@ -91,7 +91,7 @@ def _script(blocks: list[Block], ports: dict[str, str]) -> str:
 
 def _checkout(work: Path) -> None:
     """A scratch directory that looks like the checkout: what the doc writes stays here."""
-    work.mkdir()
+    work.mkdir(parents=True)
     for entry in REPO.iterdir():
         if entry.name != ".git":
             (work / entry.name).symlink_to(entry)
@@ -104,24 +104,27 @@ def _split(output: str) -> dict[str, str]:
     for line in output.splitlines():
         if line.startswith(MARK + " "):
             current = line[len(MARK) + 1 :]
+            parts.setdefault(current, "")
             continue
         parts[current] = parts.get(current, "") + line + "\n"
     return parts
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """End the doc's shell and every daemon it started (they share its process group)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(pgid, sig)
+            os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
+            proc.poll()  # reap the shell itself: a zombie leader keeps the group alive
             try:
-                os.killpg(pgid, 0)
+                os.killpg(proc.pid, 0)
             except ProcessLookupError:
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
 
 def _report(doc: Path, blocks: list[Block], out: str, err: str, why: str) -> str:
@@ -170,7 +173,7 @@ def run_doc(doc: Path, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             why = f"not done after {timeout} s"
         finally:
-            _kill_group(proc.pid)
+            _kill_group(proc)
             proc.wait()
     if why:
         pytest.fail(_report(doc, blocks, out_file.read_text(), err_file.read_text(), why), pytrace=False)
@@ -221,3 +224,47 @@ def test_readme_walks_the_whole_bound_volume_path() -> None:
     joined = code.replace("\\\n", " ")
     assert re.search(r"keysteward policy set .*docs/policies/\S+\.cedar", joined), "a policy file the docs ship"
     assert re.search(r"keysteward volume create \S+ .*--bind-account", joined), "a bound volume"
+
+
+# The runner itself, on docs written here: a failure names its block, daemons die with the file.
+
+
+def _doc(tmp_path: Path, *blocks: str) -> Path:
+    doc = tmp_path / "sample.md"
+    doc.write_text("# Sample\n\n" + "\n".join(f"```sh\n{b}```\n" for b in blocks))
+    return doc
+
+
+def test_a_failing_block_fails_its_file_and_is_shown(tmp_path: Path) -> None:
+    doc = _doc(tmp_path, "sleep 300 &\necho $! > daemon.pid\n", "echo 'about to fail' >&2\nfalse\n", "echo never\n")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run_doc(doc, tmp_path / "run")
+    message = str(failed.value)
+    assert "sample.md: exit status 1" in message
+    assert "the block at sample.md:8" in message and "false" in message and "about to fail" in message
+    assert "echo never" not in message
+    pid = int((tmp_path / "run" / "work" / "daemon.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_step_that_must_fail_and_succeeds_fails_the_file(tmp_path: Path) -> None:
+    with pytest.raises(pytest.fail.Exception, match="exit status 1"):
+        run_doc(_doc(tmp_path, "(! true)\n"), tmp_path / "run")
+    run_doc(_doc(tmp_path, "(! false)\n! true\n"), tmp_path / "run2")  # a bare ! never stops the shell
+
+
+def test_a_hanging_file_is_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "DEFAULT_TIMEOUT", 2)
+    with pytest.raises(pytest.fail.Exception, match="not done after 2 s"):
+        run_doc(_doc(tmp_path, "echo started\nsleep 60\n"), tmp_path / "run")
+
+
+def test_documented_ports_become_free_ones_and_no_keysteward_variable_leaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYSTEWARD_TOKEN", "from-the-test-runner")
+    run_doc(_doc(tmp_path, "echo 8443 > port\necho ${KEYSTEWARD_TOKEN:-unset} > token\n[ ! -t 0 ]\n"), tmp_path / "run")
+    port = (tmp_path / "run" / "work" / "port").read_text().strip()
+    assert port.isdigit() and port != "8443"
+    assert (tmp_path / "run" / "work" / "token").read_text().strip() == "unset"
