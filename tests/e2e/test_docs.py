@@ -45,7 +45,6 @@ NOT_RUNNABLE = {
     "docs/hosts.md": "hypervisor hosts booting QEMU guests: too slow here (scripts/demo.sh runs one)",
     "docs/qemu.md": "the QEMU launch and monitor library; its guest build downloads a Debian kernel",
     "docs/proxy.md": "an NBD proxy serving QEMU guests over TLS (tests/e2e/test_proxy.py plays it)",
-    "docs/operations.md": "production operation: systemd units, the HSM seal, PostgreSQL, worker processes",
 }
 
 # Ports the docs spell out, made free ones for the run (the machine is shared).
