@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 
 RUNNABLE = frozenset({"sh", "bash"})
+# Kinds that read as "run this" but would be skipped: say which one is meant.
+AMBIGUOUS = frozenset({"shell", "zsh", "shell-session", "shellsession", "bash-session", "terminal"})
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _HEADING = re.compile(r"^#{1,6}\s+(?P<title>.+?)\s*#*\s*$")
 # A shell command in an indented (unfenced) block: four spaces or more, then a keysteward call.
@@ -57,6 +59,8 @@ def parse(text: str, name: str = "<doc>") -> list[Block]:
         kind = info.split()[0] if info else ""
         if not kind:
             problems.append(f"{name}:{i + 1}: a fence without a kind: ```sh runs, ```console or ```text does not")
+        elif kind in AMBIGUOUS:
+            problems.append(f"{name}:{i + 1}: ```{kind} is ambiguous: ```sh runs, ```console does not")
         body: list[str] = []
         j = i + 1
         closed = False

@@ -41,6 +41,7 @@ def test_inline_code_with_backticks_is_not_a_fence() -> None:
         ("Run:\n\n    keysteward server start\n", ":3: a command in an indented block"),
         ("    KEYSTEWARD_TOKEN=x keysteward whoami\n", ":1: a command in an indented block"),
         ("```sh\necho open\n", ":1: a fence that is never closed"),
+        ("text\n\n```shell\nkeysteward ca init\n```\n", ":3: ```shell is ambiguous"),
         ("```sh\necho\n~~~\n", ":1: a fence that is never closed"),
     ],
 )
