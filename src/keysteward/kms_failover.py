@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
+from urllib.parse import urlsplit
 
 from keysteward.errors import BadRequest, KeystewardError
 
@@ -49,6 +50,13 @@ def split_urls(value: str | Sequence[str], *, what: str = "key manager URL") -> 
     for url in urls:
         if not url.startswith(("https://", "http://")) or any(c.isspace() for c in url):
             raise BadRequest(f"{url[:60]!r} is not an http(s) {what}", code="kms_url_invalid")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError:
+            raise BadRequest(f"{url[:60]!r} has a port that is not a number", code="kms_url_invalid") from None
+        if not parts.hostname:
+            raise BadRequest(f"{url[:60]!r} names no host", code="kms_url_invalid")
     return urls
 
 

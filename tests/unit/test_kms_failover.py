@@ -26,8 +26,10 @@ def test_split_urls_accepts_lists_and_strips() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", ",", "https://a,", "https://a,,https://b", "ftp://a", "a:8443", "https://a b", [], ["https://a", ""]]
-)
+    "bad",
+    ["", ",", "https://a,", "https://a,,https://b", "ftp://a", "a:8443", "https://a b", [], ["https://a", ""],
+     "http://127.0.0.1:PORT", "https://a:99999", "https://:8443", "https://", "https://[::1"],
+)  # fmt: skip
 def test_split_urls_refuses_bad_lists(bad: str | list[str]) -> None:
     with pytest.raises(BadRequest) as info:
         split_urls(bad)

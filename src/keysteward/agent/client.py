@@ -261,14 +261,21 @@ class AgentClient:
         ``safe``: the request may be repeated at another server after a 503 or a lost answer."""
         return self.failover.run(lambda url: self._post(url, path, body), safe=safe)
 
-    def get_list(self, path: str) -> list[dict[str, Any]]:
+    def get_list(self, path: str, *, long_poll: float = 0.0) -> list[dict[str, Any]]:
         """GET ``/v1`` + ``path``, an answer that is a list of objects (not repeated elsewhere after a lost
-        answer: a GET may hand something out, as a host's orders are)."""
-        return self.failover.run(lambda url: self._get_list(url, path), safe=False)
+        answer: a GET may hand something out, as a host's orders are). ``long_poll``: the server may hold
+        the request that many seconds (sent as ``wait``), on top of the usual timeout."""
+        return self.failover.run(lambda url: self._get_list(url, path, long_poll), safe=False)
 
-    def _get_list(self, url: str, path: str) -> list[dict[str, Any]]:
+    def _get_list(self, url: str, path: str, long_poll: float) -> list[dict[str, Any]]:
         try:
-            response = self._https[url].get(path)
+            if long_poll > 0:
+                client = self._https[url]
+                read = client.timeout.read
+                timeout = httpx.Timeout(None if read is None else read + long_poll, connect=client.timeout.connect)
+                response = client.get(path, params={"wait": f"{long_poll:.3f}"}, timeout=timeout)
+            else:
+                response = self._https[url].get(path)
         except httpx.HTTPError as exc:
             raise transport_error(exc, url, UNREACHABLE) from exc
         data = self._answer(url, path, response)

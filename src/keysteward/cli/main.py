@@ -2,8 +2,9 @@
 
 Start-up is lazy. ``keysteward volume ...`` never imports typer: its own small parser
 (:mod:`keysteward.cli.volume_cmd`) runs at once, so a ``volume read`` of a cached 1 GiB volume is not
-dominated by start-up. Every other group builds the full typer app (every group, the HTTP client, the
-server's schemas) when it is needed; ``keysteward --help`` still lists every group, ``volume`` included.
+dominated by start-up. ``keysteward GROUP ...`` builds the typer app with that group alone (its module
+and what it imports); ``keysteward --help``, global options before the group and shell completion build
+it with every group, ``volume`` included.
 Errors, usage errors included, leave as one line on stderr and a non-zero exit, never a traceback.
 """
 
@@ -36,22 +37,40 @@ def _import_typer() -> None:
             gc.enable()
 
 
+GROUPS: dict[str, tuple[str, str]] = {
+    "server": ("server_cmd", "app"),
+    "tenant": ("tenant_cmd", "tenant_app"),
+    "token": ("tenant_cmd", "token_app"),
+    "key": ("key_cmd", "key_app"),
+    "data-key": ("key_cmd", "dek_app"),
+    "crypto": ("crypto_cmd", "app"),
+    "ca": ("ca_cmd", "app"),
+    "kmip": ("kmip_cmd", "app"),
+    "audit": ("audit_cmd", "app"),
+    "backup": ("backup_cmd", "app"),
+    VOLUME: ("volume_cmd", ""),  # a command of its own parser, not a typer group
+    "devcloud": ("devcloud_cmd", "app"),
+    "provider": ("release_cmd", "provider_app"),
+    "instance": ("release_cmd", "instance_app"),
+    "lease": ("release_cmd", "lease_app"),
+    "policy": ("policy_cmd", "policy_app"),
+    "approvals": ("policy_cmd", "approvals_app"),
+    AGENT: ("agent_cmd", "app"),
+    "proxy": ("proxy_cmd", "app"),
+    "xks": ("xks_cmd", "app"),
+    "vm": ("vm_cmd", "app"),
+    "host": ("host_cmd", "app"),
+    "whoami": ("tenant_cmd", "whoami"),  # a command
+}
+"""Every top-level name, in the order ``--help`` lists them: (module under keysteward.cli, attribute)."""
+
+
 @functools.cache
-def build_app() -> typer.Typer:
-    """The whole CLI, every group registered (imports them all)."""
+def build_app(only: str | None = None) -> typer.Typer:
+    """The CLI with every group registered, or with ``only`` that one (its module alone is imported: a
+    ``keysteward vm start`` does not pay for the other twenty groups' imports)."""
     _import_typer()
-    from keysteward.cli import (
-        audit_cmd,
-        backup_cmd,
-        ca_cmd,
-        crypto_cmd,
-        devcloud_cmd,
-        key_cmd,
-        kmip_cmd,
-        server_cmd,
-        tenant_cmd,
-        volume_cmd,
-    )
+    import importlib
 
     app = typer.Typer(
         name="keysteward",
@@ -61,49 +80,45 @@ def build_app() -> typer.Typer:
         add_completion=True,  # keysteward --install-completion [bash|zsh|fish]
         context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every group and command
     )
-    app.add_typer(server_cmd.app, name="server")
-    app.add_typer(tenant_cmd.tenant_app, name="tenant")
-    app.add_typer(tenant_cmd.token_app, name="token")
-    app.add_typer(key_cmd.key_app, name="key")
-    app.add_typer(key_cmd.dek_app, name="data-key")
-    app.add_typer(crypto_cmd.app, name="crypto")
-    app.add_typer(ca_cmd.app, name="ca")
-    app.add_typer(kmip_cmd.app, name="kmip")
-    app.add_typer(audit_cmd.app, name="audit")
-    app.add_typer(backup_cmd.app, name="backup")
-    app.command(
-        VOLUME,
-        help=volume_cmd.ABOUT,
-        add_help_option=False,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False},
-    )(_volume)
-    app.add_typer(devcloud_cmd.app, name="devcloud")
-    from keysteward.cli import release_cmd
-
-    app.add_typer(release_cmd.provider_app, name="provider")
-    app.add_typer(release_cmd.instance_app, name="instance")
-    app.add_typer(release_cmd.lease_app, name="lease")
-    from keysteward.cli import policy_cmd
-
-    app.add_typer(policy_cmd.policy_app, name="policy")
-    app.add_typer(policy_cmd.approvals_app, name="approvals")
-    from keysteward.cli import agent_cmd
-
-    app.add_typer(agent_cmd.app, name="agent")
-    from keysteward.cli import proxy_cmd
-
-    app.add_typer(proxy_cmd.app, name="proxy")
-    from keysteward.cli import xks_cmd
-
-    app.add_typer(xks_cmd.app, name="xks")
-    from keysteward.cli import host_cmd, vm_cmd
-
-    app.add_typer(vm_cmd.app, name="vm")
-    app.add_typer(host_cmd.app, name="host")
-    app.command("whoami")(tenant_cmd.whoami)
-
+    for name, (module_name, attribute) in GROUPS.items():
+        if only is not None and name != only:
+            continue
+        module = importlib.import_module(f"keysteward.cli.{module_name}")
+        if name == VOLUME:
+            app.command(
+                VOLUME,
+                help=module.ABOUT,
+                add_help_option=False,
+                context_settings={
+                    "allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False
+                },
+            )(_volume)  # fmt: skip
+        elif name == "whoami":
+            app.command(name)(getattr(module, attribute))
+        else:
+            app.add_typer(getattr(module, attribute), name=name)
     app.callback()(root)
     return app
+
+
+_ROOT_VALUE_OPTIONS = frozenset({"--url", "--kms", "--token", "--ca-file", "--cert", "--key", "--data-dir"})
+"""The options of :func:`root` that take a value (``keysteward --url U vm start`` is the ``vm`` group)."""
+
+
+def _group_of(args: list[str]) -> str | None:
+    """The top-level name ``args`` invoke after the global options, or None (help, completion, unknown)."""
+    at = 0
+    while at < len(args):
+        arg = args[at]
+        if arg in _ROOT_VALUE_OPTIONS:
+            at += 2
+        elif arg.startswith("--") and arg.split("=", 1)[0] in _ROOT_VALUE_OPTIONS:
+            at += 1
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg if arg in GROUPS else None
+    return None
 
 
 def _volume(ctx: typer.Context) -> int:
@@ -208,7 +223,7 @@ def main() -> None:
 
             command, args, prog = typer.main.get_command(agent_cmd.app), args[1:], "keysteward agent"
         else:
-            app = build_app()  # imports typer
+            app = build_app(_group_of(args))  # imports typer
             command, prog = typer.main.get_command(app), "keysteward"
         gc.enable()
         _run(command, args, prog)

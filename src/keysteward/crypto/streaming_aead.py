@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -44,6 +44,12 @@ MAX_SEGMENT_SIZE = 64 << 20
 MAX_SEGMENTS = 1 << 32
 
 Buffer = bytes | bytearray | memoryview
+
+
+class Sink(Protocol):
+    """Where a stream is written: any file object with ``write`` (a short write returns its count)."""
+
+    def write(self, data: memoryview, /) -> int | None: ...
 
 
 class StreamAuthFailed(InvalidCiphertext):
@@ -130,7 +136,7 @@ def read_full(src: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def write_all(dst: BinaryIO, data: memoryview) -> None:
+def write_all(dst: Sink, data: memoryview) -> None:
     done = 0
     while done < len(data):
         n = dst.write(data[done:])
@@ -140,7 +146,7 @@ def write_all(dst: BinaryIO, data: memoryview) -> None:
 
 
 def encrypt_stream(
-    key: Buffer, associated_data: bytes, src: BinaryIO, dst: BinaryIO, *, segment_size: int = SEGMENT_SIZE
+    key: Buffer, associated_data: bytes, src: BinaryIO, dst: Sink, *, segment_size: int = SEGMENT_SIZE
 ) -> int:
     """Encrypt ``src`` to end of stream into ``dst`` (header, then segments); returns the plaintext bytes."""
     header = new_header()
@@ -197,7 +203,7 @@ def _open_stream(
 
 
 def decrypt_stream(
-    key: Buffer, associated_data: bytes, src: BinaryIO, dst: BinaryIO, *, segment_size: int = SEGMENT_SIZE
+    key: Buffer, associated_data: bytes, src: BinaryIO, dst: Sink, *, segment_size: int = SEGMENT_SIZE
 ) -> int:
     """Decrypt ``src`` into ``dst``, one authenticated segment at a time; returns the plaintext bytes.
 

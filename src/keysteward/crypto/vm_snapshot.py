@@ -53,7 +53,7 @@ def seal_snapshot(
     vm_id: str,
     snapshot_id: str,
     src: BinaryIO,
-    dst: BinaryIO,
+    dst: streaming_aead.Sink,
     segment_size: int = streaming_aead.SEGMENT_SIZE,
     created_at: int | None = None,
 ) -> SnapshotInfo:
@@ -123,7 +123,7 @@ def _open_header(
     return header, key
 
 
-def _stream(key: bytearray, header: SnapshotHeader, src: BinaryIO, dst: BinaryIO | None) -> int:
+def _stream(key: bytearray, header: SnapshotHeader, src: BinaryIO, dst: streaming_aead.Sink | None) -> int:
     try:
         if dst is None:
             return streaming_aead.verify_stream(key, header.stream_aad(), src, segment_size=header.segment_size)
@@ -147,7 +147,7 @@ def verify_snapshot(
 def decrypt_snapshot(
     vm_key: Buffer,
     src: BinaryIO,
-    dst: BinaryIO,
+    dst: streaming_aead.Sink,
     *,
     tenant: str,
     vm_id: str,

@@ -1,6 +1,7 @@
 """``keysteward host run``: the agent of a hypervisor host (docs/hosts.md).
 
-Every ``poll_seconds`` it fetches this host's orders from the key manager and carries each out:
+It long-polls the key manager for this host's orders (an order arrives the moment it is made; each fetch
+waits up to ``poll_seconds``) and carries each out:
 
 - ``start`` / ``restore``: a VM release on the access path (``vm.start`` / ``vm.restore``) with this host's
   certificate, a fresh TPM quote and its hardware facts (:mod:`keysteward.host.hardware`), all bound to the
@@ -83,21 +84,32 @@ class HostAgent:
         sd_notify("READY=1")
         try:
             while not self._stop.is_set():
-                self.step()
-                self._stop.wait(self.config.poll_seconds)
+                if not self.step(wait=self._order_wait()):
+                    self._stop.wait(self.config.poll_seconds)
         finally:
             self.shutdown()
 
-    def step(self) -> None:
+    def _order_wait(self) -> float:
+        """How long the next order fetch may wait: ``poll_seconds``, less when a lease renewal is due sooner."""
+        due = min((vm.next_renewal for vm in self.vms.values()), default=float("inf"))
+        return max(0.0, min(self.config.poll_seconds, due - time.monotonic()))
+
+    def step(self, wait: float = 0.0) -> bool:
+        """Fetch and carry out orders (the fetch waits up to ``wait`` s for one), renew, write the status;
+        False when the fetch did not wait (failed, or nothing to wait for): the caller pauses then."""
+        began = time.monotonic()
         try:
-            orders = self.client.orders()
+            orders = self.client.orders(wait)
         except KeystewardError as exc:
             log.warning(logline("orders_unavailable", code=exc.code))
             orders = []
+        # the fetch held the time (a server that does not long-poll answers at once: pause then)
+        waited = bool(orders) or (wait > 0 and time.monotonic() - began >= wait / 2)
         for order in orders:
             self._carry_out(order)
         self._renew_due()
         self._status()
+        return waited
 
     def shutdown(self) -> None:
         for vm in list(self.vms.values()):

@@ -65,9 +65,10 @@ class HostClient:
         self.http = http
         self.tenant = tenant
 
-    def orders(self) -> list[dict[str, Any]]:
-        """This host's pending orders (each handed out once)."""
-        return self.http.get_list("/host/orders")
+    def orders(self, wait: float = 0.0) -> list[dict[str, Any]]:
+        """This host's pending orders (each handed out once); with ``wait``, the key manager holds the request
+        until one comes, up to ``wait`` seconds (a long poll: an order reaches the host the moment it is made)."""
+        return self.http.get_list("/host/orders", long_poll=wait)
 
     def report(self, order_id: str, ok: bool, result: Mapping[str, Any]) -> None:
         self.http.post(f"/host/orders/{order_id}", {"ok": ok, "result": dict(result)})

@@ -5,7 +5,7 @@ One TOML file, read strictly (unknown keys, wrong types and missing files are on
 
     state_dir = "/var/lib/keysteward/host"   # run directories of the VMs (sockets, serial logs), 0700
     snapshot_dir = "/srv/vm-state"            # where VM state files go (shared storage for restores elsewhere)
-    poll_seconds = 1.0                        # how often orders are fetched
+    poll_seconds = 1.0                        # the longest an order fetch waits (a long poll)
     log_level = "info"
     status_file = "/run/keysteward/host.json"
     [kms]                                     # the host certificate: the host's identity

@@ -3,7 +3,8 @@
 Saving: QEMU writes its migration stream into a pipe (``migrate fd:``); a thread of this process reads the
 pipe and seals it as it streams (:func:`~keysteward.crypto.vm_snapshot.seal_snapshot`: a fresh snapshot key
 wrapped under the VM key, AES-GCM-HKDF streaming, associated data binding tenant, VM and snapshot id) into
-``PATH.part``, renamed to ``PATH`` once complete and synced. The plaintext exists only in the pipe.
+``PATH.part`` (sent to disk as it is written: :mod:`keysteward.host.state_file`), renamed to ``PATH`` once
+complete and synced. The plaintext exists only in the pipe (widened to 1 MiB, so QEMU stalls less).
 
 Restoring: the whole file is authenticated first under the VM key (a truncated, reordered, tampered or other
 VM's snapshot is refused before QEMU sees a byte), then decrypted again into the pipe QEMU loads from
@@ -21,6 +22,7 @@ from typing import Any
 from keysteward.crypto.vm_snapshot import decrypt_snapshot, seal_snapshot, verify_snapshot
 from keysteward.errors import KeystewardError
 from keysteward.host.running import RunningVm
+from keysteward.host.state_file import WriteBehindFile, sync_directory, widen_pipe
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ def save(vm: RunningVm, tenant: str, snapshot_id: str, path: str, *, timeout: fl
     part = f"{path}.part"
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, False)
+    widen_pipe(write_fd)
     reader = os.fdopen(read_fd, "rb", buffering=0)
-    out = open(part, "xb")
+    out = WriteBehindFile(part)
     pump = _Pump(
         "ks-state-seal",
         lambda: seal_snapshot(vm.keys.key.view(), tenant=tenant, vm_id=vm.vm_id, snapshot_id=snapshot_id,
@@ -77,8 +80,7 @@ def save(vm: RunningVm, tenant: str, snapshot_id: str, path: str, *, timeout: fl
         finally:
             os.close(write_fd)  # QEMU closed its copy when done: the reader sees the end
         info = pump.outcome(timeout)
-        out.flush()
-        os.fsync(out.fileno())
+        out.sync()  # most of it is on disk already: WriteBehindFile started the writeback as it went
     except BaseException:
         out.close()
         reader.close()
@@ -88,6 +90,7 @@ def save(vm: RunningVm, tenant: str, snapshot_id: str, path: str, *, timeout: fl
     out.close()
     reader.close()
     os.replace(part, path)
+    sync_directory(os.path.dirname(os.path.abspath(path)))
     return Saved(snapshot_id, path, info.file_bytes, info.plaintext_bytes, time.monotonic() - began,
                  stats.downtime_ms)  # fmt: skip
 
@@ -105,6 +108,7 @@ def restore(vm: RunningVm, tenant: str, snapshot_id: str, path: str, *, timeout:
     """Load the (already checked) snapshot into ``vm``, launched with an incoming state, and run it."""
     read_fd, write_fd = os.pipe()
     os.set_inheritable(read_fd, False)
+    widen_pipe(write_fd)
     writer = os.fdopen(write_fd, "wb", buffering=0)
     src = open(path, "rb")
 

@@ -24,8 +24,10 @@ from sqlalchemy import Connection, insert, select, update
 from keysteward.errors import BadRequest, Conflict, NotFound
 from keysteward.identity.principal import check_name
 from keysteward.release import leases, vm_migrations
+from keysteward.release.order_bell import OrderBell
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, VM, VM_DISK, VOLUME, Binding, VolumeInfo, VolumeSpec
+from keysteward.store.db import Database
 from keysteward.store.models import Volume
 from keysteward.store.vm_models import Vm, VmDisk, VmOrder, VmSnapshot
 
@@ -138,6 +140,7 @@ class Vms:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.db = registry.db
+        self.bell = OrderBell()
 
     # -- VMs ----------------------------------------------------------------------------------------
     def insert(self, conn: Connection, tenant_id: str, spec: VmSpec, vm_id: str, now: datetime) -> VmInfo:
@@ -256,19 +259,26 @@ class Vms:
                 updated_at=now,
             )
         )
+        Database.after_commit(conn, lambda: self.bell.ring(tenant_id, host))  # its long-polled fetch wakes
         return order_id
 
     def take(self, tenant_id: str, host: str, now: datetime) -> list[OrderInfo]:
         """The host's pending orders, marked taken (each is handed out once)."""
+        pending = (VmOrder.tenant_id == tenant_id, VmOrder.host == host, VmOrder.state == PENDING)
+        with self.db.read() as conn:  # the usual answer is "nothing": found without the write lock
+            if conn.execute(select(VmOrder.id).where(*pending).limit(1)).first() is None:
+                return []
         with self.db.write() as conn:
-            found = self._orders(conn, (VmOrder.tenant_id == tenant_id, VmOrder.host == host, VmOrder.state == PENDING))
-            for order in found:
-                conn.execute(
+            taken: list[OrderInfo] = []
+            for order in self._orders(conn, pending):
+                done = conn.execute(
                     update(VmOrder)
                     .where(VmOrder.id == order.id, VmOrder.state == PENDING)
                     .values(state=TAKEN, updated_at=now)
                 )
-        return found
+                if done.rowcount == 1:  # not taken meanwhile through another server
+                    taken.append(order)
+        return taken
 
     def report(
         self, tenant_id: str, host: str, order_id: str, ok: bool, result: Mapping[str, Any], now: datetime

@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from keysteward.errors import Unavailable
 from keysteward.store import pg_ha
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+_AFTER_COMMIT = "keysteward.after_commit"
 CHECKPOINT_SECONDS = 1.0
 TIMEOUT_SECONDS = 10.0
 """PostgreSQL: a statement (a commit waiting for a synchronous standby included) is cancelled after this."""
@@ -103,10 +104,18 @@ class Database:
             raw = conn.connection.dbapi_connection
             if self._guard is not None:
                 pg_ha.clear_notices(raw)
+            conn.info.pop(_AFTER_COMMIT, None)  # a pooled connection: nothing left from an earlier use
             with conn.begin():
                 yield conn
             if self._guard is not None and pg_ha.commit_was_cancelled(raw):
                 raise Unavailable(pg_ha.SYNC_CANCELLED, code="database_unavailable")
+            for hook in conn.info.pop(_AFTER_COMMIT, ()):
+                hook()
+
+    @staticmethod
+    def after_commit(conn: Connection, hook: Callable[[], None]) -> None:
+        """Run ``hook`` once the write transaction of ``conn`` has committed (never if it rolls back)."""
+        conn.info.setdefault(_AFTER_COMMIT, []).append(hook)
 
     @contextmanager
     def unbounded(self) -> Iterator[None]:

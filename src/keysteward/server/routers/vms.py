@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from keysteward.access.admin_actions import VolumeChange
@@ -147,9 +147,19 @@ async def _host(request: Request) -> Principal:
 
 
 @router.get("/host/orders")
-async def host_orders(request: Request) -> list[OrderOut]:
+async def host_orders(
+    request: Request,
+    wait: Annotated[float, Query(ge=0, le=60, description="Hold the request until an order comes")] = 0,
+) -> list[OrderOut]:
+    """The host's pending orders; with ``wait``, a long poll: answered the moment an order for it commits
+    (held at most ``MAX_WAIT_SECONDS``, 25 s, whatever is asked: under the usual proxies' idle limits)."""
     who = await _host(request)
-    found = await anyio.to_thread.run_sync(services(request).vms.take, who.tenant_id, who.name, datetime.now(UTC))
+    vms = services(request).vms
+
+    async def look() -> list[OrderInfo]:
+        return await anyio.to_thread.run_sync(vms.take, who.tenant_id, who.name, datetime.now(UTC))
+
+    found = await vms.bell.wait_for(who.tenant_id, who.name, wait, look)
     return [order_out(o) for o in found]
 
 
