@@ -5,7 +5,7 @@
 set -euo pipefail
 
 # System packages the tests and benches need. Extend this list; nothing else needs to change.
-APT_PACKAGES="postgresql patroni etcd-server curl iproute2 softhsm2 wrk ca-certificates cryptsetup-bin qemu-utils libssl-dev libgcrypt20-dev swtpm swtpm-tools tpm2-tools nbdkit libnbd-bin nbdfuse fuse3 e2fsprogs gdb qemu-system-x86 busybox-static cpio"
+APT_PACKAGES="postgresql patroni etcd-server curl jq iproute2 softhsm2 wrk ca-certificates cryptsetup-bin qemu-utils libssl-dev libgcrypt20-dev swtpm swtpm-tools tpm2-tools nbdkit libnbd-bin nbdfuse fuse3 e2fsprogs gdb qemu-system-x86 busybox-static cpio"
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 export DEBIAN_FRONTEND=noninteractive
