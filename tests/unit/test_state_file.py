@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from keysteward.host import state_file
-from keysteward.host.state_file import WriteBehindFile, sync_directory, widen_pipe
+from keysteward.host.state_file import ThreadedSink, WriteBehindFile, sync_directory, widen_pipe
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +81,35 @@ def test_sync_directory_refuses_a_file(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"")
     with pytest.raises(NotADirectoryError):
         sync_directory(str(tmp_path / "f"))
+
+
+def test_threaded_sink_writes_every_byte_in_order_through_a_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: [got.extend(c) for c in iter(lambda: os.read(read_fd, 65536), b"")])
+    reader.start()
+    chunks = [os.urandom(n) for n in (1, (1 << 20) - 7, 3 << 20, 0, 12345)]
+    with os.fdopen(write_fd, "wb", buffering=0) as pipe:
+        sink = ThreadedSink(pipe, depth=2)
+        for chunk in chunks:
+            assert sink.write(memoryview(chunk)) == len(chunk)
+        sink.close()
+        pool = list(sink._pool)
+    reader.join(10)
+    os.close(read_fd)
+    assert bytes(got) == b"".join(chunks)
+    assert all(not any(buf) for buf in pool), "the pool held plaintext state: wiped at close"
+
+
+def test_threaded_sink_raises_the_writers_error_in_the_callers_thread() -> None:
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # QEMU went away
+    with os.fdopen(write_fd, "wb", buffering=0) as pipe:
+        sink = ThreadedSink(pipe, size=4096, depth=2)
+        with pytest.raises(BrokenPipeError):
+            for _ in range(100):
+                sink.write(b"x" * 4096)
+                time.sleep(0.001)
+            sink.close()
+        with pytest.raises(BrokenPipeError):
+            sink.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import tempfile
 
 import pytest
 from hypothesis import given, settings
@@ -103,12 +104,28 @@ def test_fresh_salt_and_nonce_prefix_per_stream() -> None:
     assert a[:HEADER_SIZE] != b[:HEADER_SIZE] and a[HEADER_SIZE:] != b[HEADER_SIZE:]
 
 
+PREFIX = b"a header before the stream"
+
+
+def verify_file(blob: bytes, workers: int, *, key: bytes = KEY, aad: bytes = AAD) -> int:
+    """:func:`sa.verify_file` over ``blob`` stored after :data:`PREFIX` in a real file."""
+    with tempfile.TemporaryFile() as f:
+        f.write(PREFIX + blob)
+        f.flush()
+        return sa.verify_file(key, aad, f.fileno(), len(PREFIX), len(PREFIX) + len(blob), segment_size=SEG,
+                              workers=workers)  # fmt: skip
+
+
 def refused(blob: bytes, **kw: bytes) -> StreamAuthFailed:
     sink = io.BytesIO()
     with pytest.raises(StreamAuthFailed) as info:
         sa.decrypt_stream(kw.get("key", KEY), kw.get("aad", AAD), io.BytesIO(blob), sink, segment_size=SEG)
     with pytest.raises(StreamAuthFailed):
         sa.verify_stream(kw.get("key", KEY), kw.get("aad", AAD), io.BytesIO(blob), segment_size=SEG)
+    for workers in (1, 2, 3):  # the threaded whole-file check refuses the same, naming the same first segment
+        with pytest.raises(StreamAuthFailed) as threaded:
+            verify_file(blob, workers, **kw)
+        assert threaded.value.message == info.value.message, workers
     assert info.value.code == "stream_auth_failed"
     return info.value
 
@@ -194,3 +211,18 @@ def test_bad_parameters() -> None:
 def test_error_text_holds_no_key_material() -> None:
     err = refused(BLOB, key=bytes(range(1, 33)))
     assert KEY.hex() not in str(err) and bytes(range(1, 33)).hex() not in str(err)
+
+
+@pytest.mark.parametrize("size", BOUNDARY_SIZES)
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_threaded_file_check_accepts_every_boundary_size(size: int, workers: int) -> None:
+    assert verify_file(encrypt(os.urandom(size)), workers) == size
+
+
+def test_threaded_file_check_reports_the_first_of_several_bad_segments() -> None:
+    damaged = bytearray(BLOB)
+    for number in (4, 1, 3):  # segments 1, 3 and 4 damaged: checked by different threads
+        damaged[HEADER_SIZE + (SEG - HEADER_SIZE) + (number - 1) * SEG + 5] ^= 1
+    for workers in (1, 2, 3):
+        with pytest.raises(StreamAuthFailed, match="segment 1 "):
+            verify_file(bytes(damaged), workers)

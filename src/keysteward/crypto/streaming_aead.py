@@ -217,6 +217,70 @@ def verify_stream(key: Buffer, associated_data: bytes, src: BinaryIO, *, segment
     return _open_stream(key, associated_data, src, None, segment_size)
 
 
+def verify_file(
+    key: Buffer,
+    associated_data: bytes,
+    fd: int,
+    start: int,
+    end: int,
+    *,
+    segment_size: int = SEGMENT_SIZE,
+    workers: int = 2,
+) -> int:
+    """:func:`verify_stream` of the stream at bytes ``start..end`` of the file ``fd`` (read with ``pread``, the
+    file position untouched), its segments checked by ``workers`` threads at once: AES-GCM releases the GIL,
+    so a whole-file check before a restore takes half the time on two cores. Which segment is the last
+    follows from ``end``, so a cut at a segment boundary still fails (the segment before it is not marked
+    last). The first failing segment is the one reported. Returns the plaintext bytes."""
+    _check_segment_size(segment_size)
+    header = os.pread(fd, HEADER_SIZE, start)
+    if len(header) < HEADER_SIZE or header[0] != HEADER_SIZE:
+        raise StreamAuthFailed("stream header is truncated or not an AES-GCM-HKDF stream header")
+    segs = _Segments(key, associated_data, header, segment_size)
+    bounds: list[tuple[int, int]] = []
+    at, size = start + HEADER_SIZE, segment_size - HEADER_SIZE
+    while True:
+        length = min(size, end - at)
+        bounds.append((at, length))
+        at += length
+        if at >= end:
+            break
+        size = segment_size
+    if len(bounds) > MAX_SEGMENTS:
+        raise StreamAuthFailed("stream has more segments than the format allows")
+    last = len(bounds) - 1
+
+    def check(first: int, stride: int) -> tuple[int, int, StreamAuthFailed | None]:
+        """(plaintext bytes, the first failing segment's number, its error) of every stride-th segment."""
+        scratch = bytearray(segment_size)
+        total = 0
+        try:
+            for number in range(first, len(bounds), stride):
+                offset, length = bounds[number]
+                sealed = os.pread(fd, length, offset)
+                try:
+                    if len(sealed) < length:
+                        raise StreamAuthFailed(f"stream is truncated in segment {number} (the file shrank)")
+                    total += len(segs.open_into(number, number == last, memoryview(sealed), memoryview(scratch)))
+                except StreamAuthFailed as exc:
+                    return total, number, exc
+            return total, len(bounds), None
+        finally:
+            wipe_bytearray(scratch)
+
+    if workers <= 1 or len(bounds) < 2 * workers:
+        results = [check(0, 1)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="ks-verify") as pool:
+            results = list(pool.map(lambda n: check(n, workers), range(workers)))
+    failures = [(number, exc) for _, number, exc in results if exc is not None]
+    if failures:
+        raise min(failures, key=lambda f: f[0])[1]
+    return sum(total for total, _, _ in results)
+
+
 class StreamEncryptor:
     """Incremental encryption for a caller that is handed chunks (a pipe reader's callback).
 

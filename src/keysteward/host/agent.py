@@ -233,7 +233,8 @@ class HostAgent:
             self._end(vm, "suspended", end_lease=True)
         log.info(logline("vm_saved", vm=vm.name, snapshot=snapshot_id, bytes=saved.size))
         return {"snapshot": snapshot_id, "path": saved.path, "size": saved.size, "state_bytes": saved.state_bytes,
-                "seconds": round(saved.seconds, 3), "downtime_ms": saved.downtime_ms, "stopped": stop}  # fmt: skip
+                "seconds": round(saved.seconds, 3), "downtime_ms": saved.downtime_ms, "stopped": stop,
+                "qemu_seconds": round(saved.qemu_seconds, 3), "sync_seconds": round(saved.sync_seconds, 3)}  # fmt: skip
 
     # -- leases ----------------------------------------------------------------------------------------
     def _leased(self, vm: RunningVm, now: float) -> None:

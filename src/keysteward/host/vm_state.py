@@ -13,6 +13,7 @@ VM's snapshot is refused before QEMU sees a byte), then decrypted again into the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Any
 from keysteward.crypto.vm_snapshot import decrypt_snapshot, seal_snapshot, verify_snapshot
 from keysteward.errors import KeystewardError
 from keysteward.host.running import RunningVm
-from keysteward.host.state_file import WriteBehindFile, sync_directory, widen_pipe
+from keysteward.host.state_file import ThreadedSink, WriteBehindFile, sync_directory, widen_pipe
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Saved:
     state_bytes: int
     seconds: float
     downtime_ms: int
+    qemu_seconds: float = 0.0  # QEMU's part: from the stop to its stream written
+    sync_seconds: float = 0.0  # the tail of the file made durable after the stream ended
 
 
 class _Pump(threading.Thread):
@@ -80,7 +83,9 @@ def save(vm: RunningVm, tenant: str, snapshot_id: str, path: str, *, timeout: fl
         finally:
             os.close(write_fd)  # QEMU closed its copy when done: the reader sees the end
         info = pump.outcome(timeout)
+        streamed = time.monotonic()
         out.sync()  # most of it is on disk already: WriteBehindFile started the writeback as it went
+        synced = time.monotonic() - streamed
     except BaseException:
         out.close()
         reader.close()
@@ -92,7 +97,7 @@ def save(vm: RunningVm, tenant: str, snapshot_id: str, path: str, *, timeout: fl
     os.replace(part, path)
     sync_directory(os.path.dirname(os.path.abspath(path)))
     return Saved(snapshot_id, path, info.file_bytes, info.plaintext_bytes, time.monotonic() - began,
-                 stats.downtime_ms)  # fmt: skip
+                 stats.downtime_ms, stats.seconds, synced)  # fmt: skip
 
 
 def check(vm_key: memoryview, path: str, tenant: str, vm_id: str, snapshot_id: str) -> None:
@@ -113,9 +118,17 @@ def restore(vm: RunningVm, tenant: str, snapshot_id: str, path: str, *, timeout:
     src = open(path, "rb")
 
     def feed() -> int:
+        sink = ThreadedSink(writer)  # the next segment is decrypted while the last one goes to QEMU
         try:
-            return decrypt_snapshot(vm.keys.key.view(), src, writer, tenant=tenant, vm_id=vm.vm_id,
-                                    snapshot_id=snapshot_id, verify_first=False)  # fmt: skip
+            try:
+                plain = decrypt_snapshot(vm.keys.key.view(), src, sink, tenant=tenant, vm_id=vm.vm_id,
+                                         snapshot_id=snapshot_id, verify_first=False)  # fmt: skip
+            except BaseException:
+                with contextlib.suppress(BaseException):  # the first error is the one to report
+                    sink.close()
+                raise
+            sink.close()
+            return plain
         finally:
             writer.close()
 
