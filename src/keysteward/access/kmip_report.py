@@ -13,7 +13,8 @@ from sqlalchemy import func, or_, select
 
 from keysteward.access.kmip_attributes import Attributes
 from keysteward.store.db import Database
-from keysteward.store.models import CertRevocation, IssuedCert, KmipObject
+from keysteward.store.frontend_models import KmipObject
+from keysteward.store.models import CertRevocation, IssuedCert
 
 MAX_LISTED = 10_000
 

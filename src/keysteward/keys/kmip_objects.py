@@ -21,7 +21,7 @@ from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import Conflict
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import KeyStore
-from keysteward.store.models import KmipObject
+from keysteward.store.frontend_models import KmipObject
 
 DEFAULT_KEK = "kmip"
 MAX_LOCATE_SCAN = 100_000

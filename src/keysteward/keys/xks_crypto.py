@@ -26,7 +26,7 @@ from keysteward.formats.xks_wire import MAX_AAD, EncryptResult, framed_aad
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.model import KeyRef
 from keysteward.store.db import Database
-from keysteward.store.models import XksStore
+from keysteward.store.frontend_models import XksStore
 
 METADATA_TAG = b"ks1"
 METADATA_SIZE = len(METADATA_TAG) + 4

@@ -31,7 +31,8 @@ from keysteward.identity.principal import Principal, check_name
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.root import RootOfTrust
 from keysteward.store.db import Database
-from keysteward.store.models import Key, Tenant, XksCredential, XksKey, XksStore
+from keysteward.store.frontend_models import XksCredential, XksKey, XksStore
+from keysteward.store.models import Key, Tenant
 from keysteward.ttlcache import TtlCache
 
 STATE_TTL_SECONDS = 1.0
