@@ -187,3 +187,21 @@ def test_old_flags_work_but_are_not_shown(site: tuple[ServerProcess, str]) -> No
             assert flag not in text, (args, flag)
         if args in shown:
             assert shown[args] in text, args
+
+
+def test_every_group_finds_the_server_from_its_data_dir(site: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """KEYSTEWARD_DATA_DIR alone (no URL, no CA): the volume group too finds the server and trusts its CA."""
+    server, admin = site
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTEWARD_")}
+    env.update(KEYSTEWARD_DATA_DIR=str(server.data_dir), KEYSTEWARD_TOKEN=admin)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([KEYSTEWARD, *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    assert run("volume", "list", "--json").stdout.strip() == "[]"
+    assert json.loads(run("key", "list", "--json").stdout) == []
+    # a data dir whose config is not a server's: the URL is not found, said as such, no traceback
+    (tmp_path / "empty").mkdir()
+    env["KEYSTEWARD_DATA_DIR"] = str(tmp_path / "empty")
+    done = run("volume", "list")
+    assert done.returncode != 0 and "--url" in done.stderr and "Traceback" not in done.stderr, done.stderr

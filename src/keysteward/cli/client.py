@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import ssl
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from keysteward.api_errors import answer_error, transport_error
+from keysteward.cli.data_dir import server_defaults
 from keysteward.kms_failover import Failover, split_urls
 
 
@@ -36,14 +35,8 @@ class ClientOptions:
     ) -> ClientOptions:
         """Options given on the command line win; then the server's data directory fills gaps."""
         if data_dir and (not url or not ca_file):
-            config = Path(data_dir) / "keysteward.toml"
-            if config.exists():
-                server = tomllib.loads(config.read_text()).get("server", {})
-                scheme = "https" if server.get("tls", True) else "http"
-                host = server.get("listen_host", "127.0.0.1")
-                host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host  # noqa: S104 - mapping a wildcard
-                url = url or f"{scheme}://{host}:{server.get('listen_port', 8443)}"
-                ca_file = ca_file or server.get("tls_ca") or None
+            found_url, found_ca = server_defaults(data_dir)
+            url, ca_file = url or found_url, ca_file or found_ca
         return cls(url=url or "https://127.0.0.1:8443", token=token, ca_file=ca_file, cert=cert, key=key)
 
 

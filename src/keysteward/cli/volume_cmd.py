@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from keysteward.cli import volume_kms
+from keysteward.cli.data_dir import server_defaults
 from keysteward.cli.volume_args import HelpRequested, Opt, UsageError, Verb, parse_group, print_error
 from keysteward.cli.volume_files import fd_sink, open_input, open_output
 from keysteward.errors import KeystewardError
@@ -329,6 +330,8 @@ def _run(args: list[str]) -> None:
 
         limit = parse_size(limit, "Argon2 memory limit") // 1024
     values["limit"] = limit
+    if "ca_file" in values and not values["ca_file"]:  # the CA of the server whose data dir is set, if any
+        values["ca_file"] = server_defaults()[1]
     verb.run(values)
 
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from keysteward.cli.confirm import confirm
+from keysteward.cli.data_dir import server_defaults
 from keysteward.cli.values import ValueProblem, parse_labels
 from keysteward.cli.volume_args import Opt
 from keysteward.volume.errors import option_error
@@ -118,7 +119,7 @@ def bound(args: Args) -> bool:
             raise option_error(f"--{stray[0].replace('_', '-')} is for a volume bound to the key manager: "
                                "give --key-name NAME (and --url URL or $KEYSTEWARD_URL)")  # fmt: skip
         return False
-    args["url"] = args.get("url") or os.environ.get(URL_ENV) or None
+    args["url"] = args.get("url") or os.environ.get(URL_ENV) or server_defaults()[0]
     if not args["url"]:
         raise option_error(f"a volume bound to the key manager needs --url URL (or ${URL_ENV})")
     return True
@@ -163,6 +164,7 @@ def _admin(args: Args) -> tuple[Any, str]:
 
         token = read_token(ref)
         ref, url = token.ref.volume_id, url or token.ref.url
+    url = url or server_defaults()[0]
     if not url:
         raise option_error(f"give --url URL (or ${URL_ENV}), or the path of a volume file that has a token")
     return Client(ClientOptions(url, args["token"], args["ca_file"], None, None)), ref
