@@ -163,6 +163,28 @@ if python3 -c "import sys; sys.exit(bytes.fromhex(sys.argv[1]) not in open(sys.a
 fi
 echo "the guest's RAM marker is nowhere in the snapshot"
 
+say "keysteward vm migrate web --to host-b: the keys follow the running VM to a host the policy accepts"
+keysteward ca issue host-b --role host --out-dir "$KEYSTEWARD_DATA_DIR/host-b" > /dev/null
+sed -e 's/host-a/host-b/g' "$KEYSTEWARD_DATA_DIR/host-a.toml" > "$KEYSTEWARD_DATA_DIR/host-b.toml"
+keysteward host run --config "$KEYSTEWARD_DATA_DIR/host-b.toml" > "$KEYSTEWARD_DATA_DIR/host-b.log" 2>&1 &
+pids+=($!)
+keysteward vm migrate web --to host-b
+serial_b="$KEYSTEWARD_DATA_DIR/host-b/run/$(echo "$vm_id" | tr -d - | cut -c1-12)/serial.log"
+for _ in $(seq 1 100); do grep -q "ks-guest tick" "$serial_b" 2>/dev/null && break; sleep 0.2; done
+echo "on host-b the guest goes on where it was (its tick count did not restart at 1):"
+grep -m 1 "ks-guest tick" "$serial_b"
+keysteward lease list | grep -E "host:host-(a|b)" || true
+
+say "a policy that drains host-a: moving web back there is refused, and web runs on on host-b"
+cat > "$KEYSTEWARD_DATA_DIR/drain.cedar" <<'CEDAR'
+@id("drain-host-a")
+forbid (principal is Keysteward::Host, action == Keysteward::Action::"vm_migrate", resource is Keysteward::Vm)
+when { principal.name == "host-a" };
+CEDAR
+keysteward policy set "$KEYSTEWARD_DATA_DIR/drain.cedar"
+if keysteward vm migrate web --to host-a; then echo "a drained host received the VM"; exit 1; fi
+echo "web runs on $(keysteward vm show web --json | json '["host"]')"
+
 say "a VM the policy keeps to hosts with memory encryption: host-a (no SEV/TDX here) is refused"
 sed -n '/@id("confidential-vms-need-memory-encryption")/,$p' docs/policies/vm-hosts.cedar > "$KEYSTEWARD_DATA_DIR/vms.cedar"
 keysteward policy set "$KEYSTEWARD_DATA_DIR/vms.cedar"

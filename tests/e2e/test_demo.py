@@ -37,8 +37,11 @@ def test_demo_script(tmp_path: Path, secret_registry: SecretRegistry) -> None:
         "the volume is revoked (volume_revoked)",
         "VM web started on host-a",
         "the guest's RAM marker is nowhere in the snapshot",
+        "VM web migrated from host-a to host-b",
+        "(drain-host-a) (forbidden_by_policy)",
+        "web runs on host-b",
         "(confidential-vms-need-memory-encryption) (forbidden_by_policy)",
-        "VM web stopped on host-a",
+        "VM web stopped on host-b",
     ):
         assert expected in done.stdout + done.stderr, expected
     assert "Traceback" not in done.stdout + done.stderr

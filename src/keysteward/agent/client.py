@@ -261,6 +261,20 @@ class AgentClient:
         ``safe``: the request may be repeated at another server after a 503 or a lost answer."""
         return self.failover.run(lambda url: self._post(url, path, body), safe=safe)
 
+    def get(self, path: str) -> dict[str, Any]:
+        """GET ``/v1`` + ``path``, an answer that is one object (a read: repeated elsewhere after a 503)."""
+        return self.failover.run(lambda url: self._get(url, path), safe=True)
+
+    def _get(self, url: str, path: str) -> dict[str, Any]:
+        try:
+            response = self._https[url].get(path)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, url, UNREACHABLE) from exc
+        data = self._answer(url, path, response)
+        if not isinstance(data, dict):
+            raise protocol_error(f"{path} did not answer an object")
+        return data
+
     def get_list(self, path: str, *, long_poll: float = 0.0) -> list[dict[str, Any]]:
         """GET ``/v1`` + ``path``, an answer that is a list of objects (not repeated elsewhere after a lost
         answer: a GET may hand something out, as a host's orders are). ``long_poll``: the server may hold

@@ -176,13 +176,23 @@ def resume(ctx: typer.Context, ref: Ref, host: Host, wait: Wait = 600.0, as_json
 @app.command("migrate")
 def migrate(
     ctx: typer.Context, ref: Ref,
-    to: Annotated[str, typer.Option("--to", help="The destination host (its certificate's name).")],
+    to: Annotated[str | None, typer.Option("--to", help="The destination host (its certificate's name).")] = None,
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the VM's migration before its switchover.")] = False,
     wait: Wait = 600.0, as_json: JsonFlag = False,
 ) -> None:  # fmt: skip
     """Live-migrate the VM to HOST: the destination proves itself as for a start, the channel is TLS with
     certificates made for this migration, and the VM's lease moves from source to destination at switchover.
-    On a terminal a progress bar shows the RAM transferred and remaining, then the downtime."""
+    On a terminal a progress bar shows the RAM transferred and remaining, then the downtime. With --cancel,
+    the VM's open migration ends before its switchover: the guest runs on at its source, the destination
+    lets go of its keys."""
     api = client(ctx)
+    if cancel == (to is not None):
+        raise typer.BadParameter("give --to HOST to migrate, or --cancel alone", param_hint="'--to'")
+    if cancel:
+        done = api.post(f"/vms/{ref}/migration/cancel", {})
+        emit(done, as_json, lambda d: console.print(f"migration {d['migration']} of VM {ref} cancelled "
+                                                    f"(it was {d['was']})"))  # fmt: skip
+        return
     with MigrationBar(not as_json) as bar:
         order = _order(api, ref, "migrate", {"host": to}, wait, bar.update)
     # the source reports the downtime once its QEMU completed: as the destination's answer, or soon after

@@ -94,6 +94,10 @@ class HostClient:
     def migration_ready(self, vm_id: str, migration_id: str, address: str) -> None:
         self.http.post(f"/vms/{vm_id}/migrations/{migration_id}/ready", {"address": address})
 
+    def migration_state(self, vm_id: str, migration_id: str) -> str:
+        """The migration's state as the key manager has it (``failed`` once it failed or was cancelled)."""
+        return str(self.http.get(f"/vms/{vm_id}/migrations/{migration_id}").get("state", ""))
+
     def migration_source(self, vm_id: str, migration_id: str, lease: Lease, csr_pem: bytes) -> dict[str, Any]:
         """The source's migration certificate and where to send the VM (its live lease's token proves it)."""
         body = {"lease_id": lease.id, "token": lease.token_b64(), "csr_pem": csr_pem.decode()}

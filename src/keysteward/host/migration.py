@@ -105,6 +105,10 @@ def send(vm: QemuVm, tls_dir: Path, hostname: str, address: str, *, tag: str = "
     qmp.execute("migrate", {"uri": f"tcp:{address}"})
 
 
+WATCH_SECONDS: Final = 1.0
+"""How often a destination waiting for the state asks whether the migration failed elsewhere."""
+
+
 def _ids(tag: str) -> tuple[str, str]:
     return (f"{TLS_ID}-{tag}", f"{AUTHZ_ID}-{tag}") if tag else (TLS_ID, AUTHZ_ID)
 
@@ -186,7 +190,8 @@ def incoming(agent: HostAgent, order: dict[str, Any]) -> dict[str, Any]:
         listen(vm.qemu, tls_dir, str(answer.get("source_dn")), address, tag=migration_id)
         agent.client.migration_ready(vm_id, migration_id, address)
         listening = time.monotonic()
-        wait_for(vm.qemu, "completed", time.monotonic() + MIGRATION_TIMEOUT)
+        wait_for(vm.qemu, "completed", time.monotonic() + MIGRATION_TIMEOUT,
+                 watch=_FailedElsewhere(agent, vm_id, migration_id))  # fmt: skip
         if vm.qemu.status() != "running":
             vm.qemu.resume()
         running_at, running = time.time(), time.monotonic()
@@ -211,6 +216,28 @@ def incoming(agent: HostAgent, order: dict[str, Any]) -> dict[str, Any]:
             # to QEMU launched, to QEMU listening and the source told, to the guest running here
             "steps": {"permit": round(permitted - began, 3), "launch": round(launched - permitted, 3),
                       "listen": round(listening - launched, 3), "transfer": round(running - listening, 3)}}  # fmt: skip
+
+
+class _FailedElsewhere:
+    """The destination's watch while it waits for the state: every :data:`WATCH_SECONDS` it asks the key
+    manager for the migration's state; failed (the source's order failed, or an operator cancelled it) ends
+    the wait, and with it QEMU and the keys, instead of waiting out the migration's timeout. An unreachable
+    key manager changes nothing: the wait goes on to its deadline."""
+
+    def __init__(self, agent: HostAgent, vm_id: str, migration_id: str) -> None:
+        self.agent, self.vm_id, self.migration_id = agent, vm_id, migration_id
+        self.next_at = time.monotonic() + WATCH_SECONDS
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if time.monotonic() < self.next_at or info.get("status") not in (None, "none", "setup"):
+            return  # the state is moving: the source decides from here (its switchover is refused if failed)
+        self.next_at = time.monotonic() + WATCH_SECONDS
+        try:
+            state = self.agent.client.migration_state(self.vm_id, self.migration_id)
+        except Unavailable:
+            return
+        if state == "failed":
+            raise KeystewardError("the migration failed at its source or was cancelled", code="migration_failed")
 
 
 def outgoing(agent: HostAgent, order: dict[str, Any]) -> dict[str, Any]:

@@ -149,3 +149,20 @@ def record_progress(
     if isinstance(downtime, int) and row.downtime_ms is None:
         values["downtime_ms"] = downtime
     _set(conn, migration_id, row.state, now, **values)
+
+
+def open_for_vm(conn: Connection, tenant_id: str, vm_id: str) -> Any:
+    """The VM's open migration (requested, incoming or ready), or None."""
+    return conn.execute(
+        select(VmMigration.__table__).where(
+            VmMigration.tenant_id == tenant_id, VmMigration.vm_id == vm_id, VmMigration.state.in_(OPEN)
+        )
+    ).first()
+
+
+def state_for_host(conn: Connection, tenant_id: str, migration_id: str, host: str) -> str:
+    """The migration's state, for its source or destination host only (another host learns nothing)."""
+    row = _row(conn, tenant_id, migration_id)
+    if row is None or host not in (row.source, row.destination):
+        raise Denied("no such migration of this host", code="migration_not_found")
+    return str(row.state)

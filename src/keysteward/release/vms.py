@@ -313,6 +313,23 @@ class Vms:
                     .values(state=SAVED if ok else FAILED, size=size if isinstance(size, int) else None)
                 )
 
+    def cancel_migration(self, conn: Connection, tenant_id: str, vm: VmInfo, now: datetime) -> tuple[str, str]:
+        """An operator's cancel before switchover: the VM's open migration failed (its incoming lease cancelled)
+        and its orders not yet taken failed too; (migration id, the state it was in). The hosts converge: the
+        destination sees the migration failed while it waits, the source's switchover is refused."""
+        row = vm_migrations.open_for_vm(conn, tenant_id, vm.id)
+        if row is None:
+            raise Conflict(f"VM '{vm.name}' has no migration before its switchover to cancel", code="no_migration")
+        vm_migrations.fail(conn, tenant_id, row.id, now)
+        text = json.dumps({"code": "migration_cancelled", "message": "the migration was cancelled by an operator"})
+        conn.execute(
+            update(VmOrder)
+            .where(VmOrder.tenant_id == tenant_id, VmOrder.state == PENDING,
+                   (VmOrder.id == row.id) | (VmOrder.migration_id == row.id))
+            .values(state=FAILED, result=text, updated_at=now)
+        )  # fmt: skip
+        return str(row.id), str(row.state)
+
     def get_order(self, tenant_id: str, order_id: str) -> OrderInfo:
         with self.db.read() as conn:
             found = self._orders(conn, (VmOrder.tenant_id == tenant_id, VmOrder.id == order_id))

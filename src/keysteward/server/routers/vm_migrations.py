@@ -70,6 +70,34 @@ def migrate_vm(ref: Ref, body: MigrateIn, request: Request, who: Manage) -> Orde
     return order_out(svc.vms.get_order(who.tenant_id, order_id))
 
 
+@router.post("/vms/{ref}/migration/cancel")
+def cancel_migration(ref: Ref, request: Request, who: Manage) -> dict[str, str]:
+    """Cancel the VM's migration before its switchover: the guest runs on at its source, the destination lets go."""
+    svc = services(request)
+    vm = svc.vms.find(who.tenant_id, ref)
+    with svc.db.write() as conn:
+        migration_id, was = svc.vms.cancel_migration(conn, who.tenant_id, vm, datetime.now(UTC))
+        svc.audit.append(
+            conn, who.tenant_id, actor=who.describe(), action="vm.migration_cancelled", target=f"vm:{vm.id}",
+            details={"migration": migration_id, "state": was},
+        )  # fmt: skip
+    return {"migration": migration_id, "state": "failed", "was": was}
+
+
+@router.get("/vms/{vm_id}/migrations/{migration_id}")
+async def migration_state(vm_id: Id, migration_id: Id, request: Request) -> dict[str, str]:
+    """A migration's state, for its own source and destination hosts (the destination watches it while it
+    waits for the state, so a migration failed or cancelled elsewhere ends its wait and its keys at once)."""
+    who = await _host(request)
+    svc = services(request)
+
+    def read() -> str:
+        with svc.db.read() as conn:
+            return vm_migrations.state_for_host(conn, who.tenant_id, migration_id, who.name)
+
+    return {"migration": migration_id, "state": await anyio.to_thread.run_sync(read)}
+
+
 @router.post("/vms/{vm_id}/migrations/{migration_id}/release", response_model=MigrateReleasedOut)
 async def migrate_release(vm_id: Id, migration_id: Id, body: MigrateReleaseIn, request: Request) -> MigrateReleasedOut:
     who = await _host(request)

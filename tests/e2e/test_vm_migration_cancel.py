@@ -1,0 +1,74 @@
+"""An operator cancels a live migration before its switchover (``vm migrate NAME --cancel``).
+
+Real key manager, two host agents, QEMU (TCG): the source's agent is frozen (SIGSTOP) so the migration waits
+at ``ready`` with the destination's QEMU listening and the VM's keys in the destination's agent. The cancel
+must reach the destination while it waits: within seconds its QEMU is gone and the key is out of its memory
+(scanned), its incoming lease cancelled; the source, thawed, never sends (its order was failed), and the
+guest ticks on at its source under the lease it had. A second cancel finds nothing to cancel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from keysteward.host.running import run_name
+from tests.e2e.test_vm_hosts import HostProcess, Site, hosts, make_vm, site, start_host, ticks  # noqa: F401
+from tests.e2e.test_vm_migration import _leases, _pin_host_b, _qemu_of
+from tests.support.daemons import memory_holds
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_cancelled_migration_ends_at_the_destination_and_the_vm_runs_on(
+    site: Site,  # noqa: F811
+    hosts: list[HostProcess],  # noqa: F811
+) -> None:
+    _, key = make_vm(site)
+    host_a = start_host(site, hosts, "host-a")
+    host_b = start_host(site, hosts, "host-b")
+    site.cli("host", "enroll-tpm", "--config", str(site.tmp / "host-a.toml"))
+    _pin_host_b(site)
+    vm_id = json.loads(site.cli("vm", "start", "web", "--host", "host-a", "--json").stdout)["vm_id"]
+    before = ticks(site, "host-a", vm_id, after=1)
+    nothing = site.cli("vm", "migrate", "web", "--cancel", check=False)
+    assert nothing.returncode == 1 and "no_migration" in nothing.stderr, nothing.stderr
+    both = site.cli("vm", "migrate", "web", "--cancel", "--to", "host-b", check=False)
+    assert both.returncode == 2 and "Traceback" not in both.stderr, both.stderr
+
+    os.kill(host_a.proc.pid, signal.SIGSTOP)  # the source takes no order: the migration waits at "ready"
+    try:
+        order = site.call("POST", "/vms/web/migrate", {"host": "host-b"})
+        dest_run = site.tmp / "host-b-run" / run_name(vm_id)
+        deadline = time.monotonic() + 90
+        while _qemu_of(dest_run) is None or "volume key" not in memory_holds(host_b.proc.pid, {"volume key": key}):
+            assert time.monotonic() < deadline, "host-b never got ready"
+            time.sleep(0.2)
+        time.sleep(1.0)  # listening, ready told
+        cancelled = json.loads(site.cli("vm", "migrate", "web", "--cancel", "--json").stdout)
+        assert cancelled["migration"] == order["id"] and cancelled["was"] in ("incoming", "ready"), cancelled
+        # the destination lets go within its watch interval, not at the migration's timeout
+        began = time.monotonic()
+        while (answer := site.call("GET", f"/vm-orders/{order['id']}"))["state"] in ("pending", "taken"):
+            assert time.monotonic() - began < 20, answer
+            time.sleep(0.2)
+        assert answer["state"] == "failed" and answer["result"]["code"] == "migration_failed", answer
+        host_b.wait(lambda s: s.get("vms") == {}, timeout=15)
+        assert _qemu_of(dest_run) is None
+        assert memory_holds(host_b.proc.pid, {"volume key": key}) == set()
+    finally:
+        os.kill(host_a.proc.pid, signal.SIGCONT)
+    # the source never sends: its migrate-out order failed at the cancel; the guest goes on at host-a
+    later = ticks(site, "host-a", vm_id, after=len(before) + 2)
+    assert later[-1][0] > before[-1][0] and host_a.status()["vms"]["web"]["vm_id"] == vm_id
+    leases = _leases(site, vm_id)
+    assert leases["host:host-a"][0] == "active" and leases["host:host-b"] == ["cancelled"], leases
+    records = [r for r in site.audit() if r["action"] == "vm.migration_cancelled"]
+    assert len(records) == 1 and records[0]["details"]["migration"] == order["id"]
+    again = site.cli("vm", "migrate", "web", "--cancel", check=False)
+    assert again.returncode == 1 and "no_migration" in again.stderr
+    assert json.loads(site.cli("vm", "show", "web", "--json").stdout)["host"] == "host-a"
