@@ -4,7 +4,8 @@ Real key manager, two host agents, QEMU (TCG): the source's agent is frozen (SIG
 at ``ready`` with the destination's QEMU listening and the VM's keys in the destination's agent. The cancel
 must reach the destination while it waits: within seconds its QEMU is gone and the key is out of its memory
 (scanned), its incoming lease cancelled; the source, thawed, never sends (its order was failed), and the
-guest ticks on at its source under the lease it had. A second cancel finds nothing to cancel.
+guest ticks on at its source under the lease it had. A second cancel finds nothing to cancel. And a
+destination whose host agent is told to stop (SIGTERM) while it waits ends at once, its QEMU with it.
 """
 
 from __future__ import annotations
@@ -72,3 +73,36 @@ def test_a_cancelled_migration_ends_at_the_destination_and_the_vm_runs_on(
     again = site.cli("vm", "migrate", "web", "--cancel", check=False)
     assert again.returncode == 1 and "no_migration" in again.stderr
     assert json.loads(site.cli("vm", "show", "web", "--json").stdout)["host"] == "host-a"
+
+
+def test_a_destination_told_to_stop_while_it_waits_lets_go_at_once(
+    site: Site,  # noqa: F811
+    hosts: list[HostProcess],  # noqa: F811
+) -> None:
+    make_vm(site)
+    host_a = start_host(site, hosts, "host-a")
+    host_b = start_host(site, hosts, "host-b")
+    site.cli("host", "enroll-tpm", "--config", str(site.tmp / "host-a.toml"))
+    _pin_host_b(site)
+    vm_id = json.loads(site.cli("vm", "start", "web", "--host", "host-a", "--json").stdout)["vm_id"]
+    before = ticks(site, "host-a", vm_id, after=1)
+    os.kill(host_a.proc.pid, signal.SIGSTOP)
+    try:
+        order = site.call("POST", "/vms/web/migrate", {"host": "host-b"})
+        dest_run = site.tmp / "host-b-run" / run_name(vm_id)
+        deadline = time.monotonic() + 90
+        while _qemu_of(dest_run) is None:
+            assert time.monotonic() < deadline, "host-b never launched QEMU"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        began = time.monotonic()
+        host_b.proc.send_signal(signal.SIGTERM)
+        host_b.proc.wait(timeout=20)
+        assert time.monotonic() - began < 10, "the agent waited for the state instead of stopping"
+        assert _qemu_of(dest_run) is None, "the destination's QEMU was left running"
+    finally:
+        os.kill(host_a.proc.pid, signal.SIGCONT)
+    assert site.call("GET", f"/vm-orders/{order['id']}")["state"] == "failed"
+    later = ticks(site, "host-a", vm_id, after=len(before) + 2)
+    assert later[-1][0] > before[-1][0] and host_a.status()["vms"]["web"]["vm_id"] == vm_id
+    assert _leases(site, vm_id)["host:host-a"][0] == "active"

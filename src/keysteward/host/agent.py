@@ -89,6 +89,10 @@ class HostAgent:
         finally:
             self.shutdown()
 
+    def stopping(self) -> bool:
+        """Whether the agent was told to stop (long waits of an order check it)."""
+        return self._stop.is_set()
+
     def _order_wait(self) -> float:
         """How long the next order fetch may wait: ``poll_seconds``, less when a lease renewal is due sooner."""
         due = min((vm.next_renewal for vm in self.vms.values()), default=float("inf"))

@@ -222,13 +222,16 @@ class _FailedElsewhere:
     """The destination's watch while it waits for the state: every :data:`WATCH_SECONDS` it asks the key
     manager for the migration's state; failed (the source's order failed, or an operator cancelled it) ends
     the wait, and with it QEMU and the keys, instead of waiting out the migration's timeout. An unreachable
-    key manager changes nothing: the wait goes on to its deadline."""
+    key manager changes nothing: the wait goes on to its deadline. A host agent told to stop (SIGTERM) ends
+    the wait too: the source's migration fails and the guest runs on there."""
 
     def __init__(self, agent: HostAgent, vm_id: str, migration_id: str) -> None:
         self.agent, self.vm_id, self.migration_id = agent, vm_id, migration_id
         self.next_at = time.monotonic() + WATCH_SECONDS
 
     def __call__(self, info: dict[str, Any]) -> None:
+        if self.agent.stopping():  # SIGTERM: the VM stays at its source, this host lets go now
+            raise KeystewardError("the host agent is stopping", code="host_stopping")
         if time.monotonic() < self.next_at or info.get("status") not in (None, "none", "setup"):
             return  # the state is moving: the source decides from here (its switchover is refused if failed)
         self.next_at = time.monotonic() + WATCH_SECONDS
