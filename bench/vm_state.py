@@ -25,10 +25,12 @@ bench/_vm_site.py as tests/e2e/test_vm_hosts.py does, without a TPM; guests run 
   is seconds, while the first line comes before the guest touches its disk. ``vm_start_first_line_ms`` is the
   issue's end point as such (keysteward's median against plain QEMU's; no target: read it with that spread).
 * ``vm_snapshot``: a VM of ``--memory-mb`` MiB (1536; --quick 512) whose guest touched ``--fill-mb`` MiB
-  (1024; --quick 256), and the same guest under plain QEMU, both booted and filled; then ``--rounds`` saves
-  each, interleaved (plain: ``migrate exec:cat > FILE``, the guest resumed after; keysteward: ``vm
-  snapshot``), and ``--rounds`` restores each (plain: a new QEMU, ``migrate-incoming exec:cat FILE``, run;
-  keysteward: ``vm restore`` after ``vm stop``). The keysteward time is the host agent's ``order_seconds``:
+  (1024; --quick 256), and the same guest under plain QEMU, both booted and filled; then ``--rounds``
+  rounds, each a save of both (plain: ``migrate exec:cat > FILE``, the guest resumed after; keysteward: ``vm
+  snapshot``) and a restore of both (plain: a new QEMU, ``migrate-incoming exec:cat FILE``, run; keysteward:
+  ``vm restore`` after ``vm stop``, the restored VM saved by the next round), who goes first alternating, the
+  round's files deleted at its end (so the page cache does not grow round by round: on this VM a page the
+  kernel has not used before costs a fault of the hypervisor's, and both sides' times swung with it). The keysteward time is the host agent's ``order_seconds``:
   the whole order (the vm.snapshot permit or the release, the whole-file check, QEMU launched, the state
   streamed, the file synced), not the CLI's polling. ``vm_snapshot_save_seconds`` /
   ``vm_snapshot_restore_seconds``: value = keysteward's median seconds, reference = plain QEMU's, ratio =
@@ -273,50 +275,72 @@ def measure_vm_snapshot(args: argparse.Namespace) -> list[dict[str, Any]]:
     plain_load: list[float] = []
     ours_save: list[float] = []
     ours_load: list[float] = []
-    plain_files = [site.tmp / f"plain-{n}.state" for n in range(args.rounds)]
-    snapshots: list[dict[str, Any]] = []
+    size = sealed = 0
     vm = plain_vm(site, "save")
     try:
         vm.start()
         site.cli("vm", "start", VM, "--host", HOST)
         wait_line(vm.launch.serial_log, filled, 900, alive=vm._check_alive)
         wait_line(site.serial, filled, 900)
-        for n in range(args.rounds):
-            os.sync()  # each save starts with no dirty pages of an earlier one left to write (see the doc)
-            plain_save.append(vm.save_state_to_uri(f"exec:cat > {plain_files[n]}").seconds)
-            vm.resume()
-            os.sync()
-            saved, wall = site.cli("vm", "snapshot", VM)
-            snapshots.append(saved["result"])
-            ours_save.append(float(saved["result"]["order_seconds"]))
-            r = saved["result"]
+        for n in range(args.rounds):  # one round: both saves, then both restores, then the files go
+            plain_file = site.tmp / f"plain-{n}.state"
+
+            def save_plain(path: Path = plain_file) -> None:
+                os.sync()  # each save starts with no dirty pages of an earlier one left to write (see the doc)
+                plain_save.append(vm.save_state_to_uri(f"exec:cat > {path}").seconds)
+                vm.resume()
+
+            def save_ours() -> dict[str, Any]:
+                os.sync()
+                saved, wall = site.cli("vm", "snapshot", VM)
+                r: dict[str, Any] = saved["result"]
+                ours_save.append(float(r["order_seconds"]))
+                r["wall"] = wall
+                return r
+
+            if n % 2 == 0:  # who goes first alternates
+                save_plain()
+                r = save_ours()
+            else:
+                r = save_ours()
+                save_plain()
             say(f"  save {n + 1}: plain QEMU {plain_save[-1]:.2f} s; keysteward {ours_save[-1]:.2f} s (state "
                 f"sealed {r['seconds']:.2f} s: QEMU {r.get('qemu_seconds', 0):.2f} s, last sync "
-                f"{r.get('sync_seconds', 0):.2f} s; the command {wall:.2f} s)")  # fmt: skip
+                f"{r.get('sync_seconds', 0):.2f} s; the command {r['wall']:.2f} s)")  # fmt: skip
+            size, sealed = plain_file.stat().st_size, int(r["size"])
+
+            def load_plain(path: Path = plain_file) -> None:
+                began = time.perf_counter()
+                loaded_vm = plain_vm(site, "restore", incoming=True)
+                try:
+                    loaded_vm.start()
+                    loaded_vm.load_state_from_uri(f"exec:cat {path}")
+                    plain_load.append(time.perf_counter() - began)
+                    wait_line(loaded_vm.launch.serial_log, TICK, 60, alive=loaded_vm._check_alive)
+                finally:
+                    loaded_vm.stop()
+
+            def load_ours(snapshot: str = str(r["snapshot"])) -> tuple[dict[str, Any], float]:
+                site.stop_vm()
+                restored, wall = site.cli("vm", "restore", VM, snapshot, "--host", HOST)
+                ours_load.append(float(restored["result"]["order_seconds"]))
+                wait_line(site.serial, TICK, 60)  # the VM runs on, restored: the next round saves it
+                return restored["result"], wall
+
+            if n % 2 == 0:
+                load_plain()
+                loaded, wall = load_ours()
+            else:
+                loaded, wall = load_ours()
+                load_plain()
+            plain_file.unlink()
+            Path(r["path"]).unlink()  # the page cache stays the size of one round's files
+            say(f"  restore {n + 1}: plain QEMU {plain_load[-1]:.2f} s (QEMU started, state loaded); keysteward "
+                f"{ours_load[-1]:.2f} s (release, whole-file check {loaded['check_seconds']:.2f} s, QEMU started, "
+                f"state loaded {loaded['load_seconds']:.2f} s; the command {wall:.2f} s)")  # fmt: skip
     finally:
         vm.stop()
     site.stop_vm()
-    size, sealed = plain_files[0].stat().st_size, int(snapshots[0]["size"])
-    for n in range(args.rounds):
-        began = time.perf_counter()
-        vm = plain_vm(site, "restore", incoming=True)
-        try:
-            vm.start()
-            vm.load_state_from_uri(f"exec:cat {plain_files[n]}")
-            plain_load.append(time.perf_counter() - began)
-            wait_line(vm.launch.serial_log, TICK, 60, alive=vm._check_alive)
-        finally:
-            vm.stop()
-            plain_files[n].unlink()
-        restored, wall = site.cli("vm", "restore", VM, snapshots[n]["snapshot"], "--host", HOST)
-        loaded = restored["result"]
-        ours_load.append(float(loaded["order_seconds"]))
-        wait_line(site.serial, TICK, 60)
-        site.stop_vm()
-        Path(snapshots[n]["path"]).unlink()
-        say(f"  restore {n + 1}: plain QEMU {plain_load[-1]:.2f} s (QEMU started, state loaded); keysteward "
-            f"{ours_load[-1]:.2f} s (release, whole-file check {loaded['check_seconds']:.2f} s, QEMU started, state "
-            f"loaded {loaded['load_seconds']:.2f} s; the command {wall:.2f} s)")  # fmt: skip
     save_p, save_o, load_p, load_o = (median(x) for x in (plain_save, ours_save, plain_load, ours_load))
     say(f"  state: {size / MIB:.0f} MiB plain, {sealed / MIB:.0f} MiB sealed; medians: save {save_p:.2f} against "
         f"{save_o:.2f} s, restore {load_p:.2f} against {load_o:.2f} s")  # fmt: skip
