@@ -30,7 +30,8 @@ bench/_vm_site.py as tests/e2e/test_vm_hosts.py does, without a TPM; guests run 
   snapshot``) and a restore of both (plain: a new QEMU, ``migrate-incoming exec:cat FILE``, run; keysteward:
   ``vm restore`` after ``vm stop``, the restored VM saved by the next round), who goes first alternating, the
   round's files deleted at its end (so the page cache does not grow round by round: on this VM a page the
-  kernel has not used before costs a fault of the hypervisor's, and both sides' times swung with it). The keysteward time is the host agent's ``order_seconds``:
+  kernel has not used before costs a fault of the hypervisor's, and both sides' times swung with it).
+  The keysteward time is the host agent's ``order_seconds``:
   the whole order (the vm.snapshot permit or the release, the whole-file check, QEMU launched, the state
   streamed, the file synced), not the CLI's polling. ``vm_snapshot_save_seconds`` /
   ``vm_snapshot_restore_seconds``: value = keysteward's median seconds, reference = plain QEMU's, ratio =
