@@ -206,11 +206,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def plain_vm(site: VmSite, label: str, *, incoming: bool = False) -> QemuVm:
-    """The same guest under plain QEMU: same kernel, initramfs, command line and memory, a raw disk file."""
+def plain_vm(site: VmSite, label: str, *, incoming: bool = False, disk_name: str = "plain-root.img") -> QemuVm:
+    """The same guest under plain QEMU: same kernel, initramfs, command line and memory, a raw disk file
+    (``disk_name``: a VM that runs beside another plain one needs its own, QEMU locks the file)."""
     run = site.tmp / f"plain-{label}"
     run.mkdir(mode=0o700, exist_ok=True)
-    disk = site.tmp / "plain-root.img"
+    disk = site.tmp / disk_name
     if not disk.exists():
         with disk.open("wb") as f:
             f.truncate(4 * MIB)

@@ -312,28 +312,31 @@ def measure_vm_snapshot(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             def load_plain(path: Path = plain_file) -> None:
                 began = time.perf_counter()
-                loaded_vm = plain_vm(site, "restore", incoming=True)
+                loaded_vm = plain_vm(site, "restore", incoming=True, disk_name="plain-restored.img")
                 try:
                     loaded_vm.start()
                     loaded_vm.load_state_from_uri(f"exec:cat {path}")
                     plain_load.append(time.perf_counter() - began)
                     wait_line(loaded_vm.launch.serial_log, TICK, 60, alive=loaded_vm._check_alive)
                 finally:
-                    loaded_vm.stop()
+                    loaded_vm.stop()  # gone before keysteward's restore: that one too runs alone
 
             def load_ours(snapshot: str = str(r["snapshot"])) -> tuple[dict[str, Any], float]:
-                site.stop_vm()
                 restored, wall = site.cli("vm", "restore", VM, snapshot, "--host", HOST)
                 ours_load.append(float(restored["result"]["order_seconds"]))
                 wait_line(site.serial, TICK, 60)  # the VM runs on, restored: the next round saves it
                 return restored["result"], wall
 
+            # each restore runs alone: the saved VMs are paused (plain) or stopped (keysteward) meanwhile
+            vm.pause()
+            site.stop_vm()
             if n % 2 == 0:
                 load_plain()
                 loaded, wall = load_ours()
             else:
                 loaded, wall = load_ours()
                 load_plain()
+            vm.resume()
             plain_file.unlink()
             Path(r["path"]).unlink()  # the page cache stays the size of one round's files
             say(f"  restore {n + 1}: plain QEMU {plain_load[-1]:.2f} s (QEMU started, state loaded); keysteward "

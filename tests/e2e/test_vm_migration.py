@@ -69,17 +69,23 @@ def _leases(site: Site, vm_id: str) -> dict[str, list[str]]:  # noqa: F811
     return found
 
 
-def test_a_vm_migrates_to_an_attested_host_and_the_source_lets_go(
-    site: Site,  # noqa: F811
-    hosts: list[HostProcess],  # noqa: F811
-) -> None:
+def web_on_host_a(site: Site, hosts: list[HostProcess]) -> tuple[bytes, HostProcess, HostProcess, str]:  # noqa: F811
+    """The VM ``web`` running on host-a (TPM enrolled), host-b's agent up with its TPM pinned: (volume key,
+    host-a, host-b, the VM's id)."""
     _, key = make_vm(site)
     host_a = start_host(site, hosts, "host-a")
     host_b = start_host(site, hosts, "host-b")
     site.cli("host", "enroll-tpm", "--config", str(site.tmp / "host-a.toml"))
     _pin_host_b(site)
-    started = json.loads(site.cli("vm", "start", "web", "--host", "host-a", "--json").stdout)
-    vm_id = started["vm_id"]
+    vm_id = json.loads(site.cli("vm", "start", "web", "--host", "host-a", "--json").stdout)["vm_id"]
+    return key, host_a, host_b, vm_id
+
+
+def test_a_vm_migrates_to_an_attested_host_and_the_source_lets_go(
+    site: Site,  # noqa: F811
+    hosts: list[HostProcess],  # noqa: F811
+) -> None:
+    key, host_a, host_b, vm_id = web_on_host_a(site, hosts)
     before = ticks(site, "host-a", vm_id, after=2)
     assert memory_holds(host_b.proc.pid, {"volume key": key}) == set()
 

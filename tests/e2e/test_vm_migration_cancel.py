@@ -18,8 +18,8 @@ import time
 import pytest
 
 from keysteward.host.running import run_name
-from tests.e2e.test_vm_hosts import HostProcess, Site, hosts, make_vm, site, start_host, ticks  # noqa: F401
-from tests.e2e.test_vm_migration import _leases, _pin_host_b, _qemu_of
+from tests.e2e.test_vm_hosts import HostProcess, Site, hosts, site, ticks  # noqa: F401
+from tests.e2e.test_vm_migration import _leases, _qemu_of, web_on_host_a
 from tests.support.daemons import memory_holds
 
 pytestmark = pytest.mark.e2e
@@ -29,12 +29,7 @@ def test_a_cancelled_migration_ends_at_the_destination_and_the_vm_runs_on(
     site: Site,  # noqa: F811
     hosts: list[HostProcess],  # noqa: F811
 ) -> None:
-    _, key = make_vm(site)
-    host_a = start_host(site, hosts, "host-a")
-    host_b = start_host(site, hosts, "host-b")
-    site.cli("host", "enroll-tpm", "--config", str(site.tmp / "host-a.toml"))
-    _pin_host_b(site)
-    vm_id = json.loads(site.cli("vm", "start", "web", "--host", "host-a", "--json").stdout)["vm_id"]
+    key, host_a, host_b, vm_id = web_on_host_a(site, hosts)
     before = ticks(site, "host-a", vm_id, after=1)
     nothing = site.cli("vm", "migrate", "web", "--cancel", check=False)
     assert nothing.returncode == 1 and "no_migration" in nothing.stderr, nothing.stderr
@@ -79,12 +74,7 @@ def test_a_destination_told_to_stop_while_it_waits_lets_go_at_once(
     site: Site,  # noqa: F811
     hosts: list[HostProcess],  # noqa: F811
 ) -> None:
-    make_vm(site)
-    host_a = start_host(site, hosts, "host-a")
-    host_b = start_host(site, hosts, "host-b")
-    site.cli("host", "enroll-tpm", "--config", str(site.tmp / "host-a.toml"))
-    _pin_host_b(site)
-    vm_id = json.loads(site.cli("vm", "start", "web", "--host", "host-a", "--json").stdout)["vm_id"]
+    _, host_a, host_b, vm_id = web_on_host_a(site, hosts)
     before = ticks(site, "host-a", vm_id, after=1)
     os.kill(host_a.proc.pid, signal.SIGSTOP)
     try:
