@@ -73,6 +73,11 @@ from keysteward.devcloud.guest import guest_append
 BENCH = "vm_state"
 AAD = b"tenant=bench vm=bench-vm snapshot=bench-snap"
 CHUNK = 1 << 20
+SETTLE_SECONDS = 3.0
+"""Before each timed restore, so both start from the same memory state: this machine is itself a VM whose
+freed pages go back to its host (free page reporting) a moment after they are freed. Without the pause the
+restore that came second in a round ran on pages its host was taking back and took 3 to 4 times the first,
+whichever side it was; with it, both pay the same faults."""
 
 
 class NullSink(io.RawIOBase):
@@ -311,6 +316,7 @@ def measure_vm_snapshot(args: argparse.Namespace) -> list[dict[str, Any]]:
             size, sealed = plain_file.stat().st_size, int(r["size"])
 
             def load_plain(path: Path = plain_file) -> None:
+                time.sleep(SETTLE_SECONDS)
                 began = time.perf_counter()
                 loaded_vm = plain_vm(site, "restore", incoming=True, disk_name="plain-restored.img")
                 try:
@@ -322,6 +328,7 @@ def measure_vm_snapshot(args: argparse.Namespace) -> list[dict[str, Any]]:
                     loaded_vm.stop()  # gone before keysteward's restore: that one too runs alone
 
             def load_ours(snapshot: str = str(r["snapshot"])) -> tuple[dict[str, Any], float]:
+                time.sleep(SETTLE_SECONDS)
                 restored, wall = site.cli("vm", "restore", VM, snapshot, "--host", HOST)
                 ours_load.append(float(restored["result"]["order_seconds"]))
                 wait_line(site.serial, TICK, 60)  # the VM runs on, restored: the next round saves it
