@@ -59,6 +59,10 @@ from keysteward.host.qemu import MAX_BANDWIDTH, QemuError, QemuVm
 from keysteward.host.running import run_name
 
 BENCH = "migration"
+SETTLE_SECONDS = 3.0
+"""Before each timed migration, so both start from the same memory state: this machine is itself a VM
+whose freed pages go back to its host a moment after they are freed (bench/vm_state.py says more); the
+migration that came first in a round ran up to 1.6 times as long as the second, whichever side it was."""
 OTHER = "host-b"
 PLAIN_TLS = "plain-tls"
 
@@ -245,6 +249,7 @@ def measure(args: argparse.Namespace, cleanup: Cleanup) -> list[dict[str, Any]]:
         where = HOST
         for n in range(args.rounds):
             for side in ("plain", "keysteward") if n % 2 == 0 else ("keysteward", "plain"):
+                time.sleep(SETTLE_SECONDS)
                 if side == "plain":
                     dest = plain_vm(site, f"mig{n + 1}", incoming=True)
                     dest.start()
