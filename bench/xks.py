@@ -15,6 +15,9 @@ run, and wrk sends that signed request again and again: within the 5-minute skew
 verifies every copy in full (botocore canonicalisation, HMAC chain, constant-time compare), exactly as
 it would a fresh signature, then decides it with the tenant's Cedar policy and writes its audit record.
 The store's quota is lifted for the run (``KEYSTEWARD_XKS_QUOTA_TPS``), so the figure is the capacity.
+Every copy carries the same ``kmsRequestId``, so after the first the call's Cedar facts and decision come
+from the caches; real KMS calls each carry a new id and cost the facts and a Cedar evaluation more
+(docs/xks.md, "Left open").
 
 The reference, measured in the same run, is the same AES-256-GCM (4 KiB, the spec's framed 1 KiB AAD)
 in-process on one thread: the ceiling without HTTP, TLS, SigV4, policy, database or audit.
