@@ -208,6 +208,9 @@ def run_engine(
                     measure(op, signed_script(scripts / f"{op}-paced.lua", f"{base}/{op}", body, akid, secret, delay))
                 )
             runs.append(measure(op, signed_script(scripts / f"{op}.lua", f"{base}/{op}", body, akid, secret)))
+    except BenchError:
+        cleanup.failed = True  # before the unwind below removes the server log: print its warnings first
+        raise
     finally:
         cleanup.unwind(mark)
     figures: list[dict[str, Any]] = []
