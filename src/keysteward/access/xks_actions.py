@@ -39,10 +39,13 @@ from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import ENABLED, KeyStore
 from keysteward.keys.xks_crypto import XksCrypto, metadata_version
 from keysteward.keys.xks_registry import KeyLink, StoreRef, XksRegistry
+from keysteward.lru import Lru
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.store import PolicyVersion
 
+RECENT_FACTS = 1024
+"""Call facts remembered for reuse within their second (see ``_XksCall._facts``)."""
 PRINCIPAL_KIND = "xks"
 """``Principal.kind`` of a caller authenticated by an XKS store's SigV4 credential."""
 
@@ -84,6 +87,7 @@ class _XksCall(ActionHandler):
         self.registry = registry
         self.crypto = crypto
         self.keys = keys
+        self._recent: Lru[tuple[Any, ...], PolicyRequest] = Lru(RECENT_FACTS)
 
     def warm(self, request: AccessRequest, tenant_id: str) -> bool:
         inputs: XksInputs = request.inputs
@@ -120,19 +124,34 @@ class _XksCall(ActionHandler):
         target = f"key:{link.key_name}" if link is not None else f"xks_key:{inputs.external_id}"
         subject = Subject(tenant_id, who.describe(), target, None, details=details, state=(inputs, link))
         if link is not None:
-            assert self.cedar_action is not None
-            subject.facts = PolicyRequest(
-                tenant=request.tenant,
-                action=self.cedar_action,
-                principal={"type": "CloudService", "name": who.name, "store": inputs.store.prefix},
-                resource={"type": "Key", "name": link.key_name},
-                identity={},
-                platform={},
-                time=now,
-                source_ip=request.context.address(),
-                kms=meta.facts(),
-            )
+            subject.facts = self._facts(request, link, now)
         return subject
+
+    def _facts(self, request: AccessRequest, link: KeyLink, now: datetime) -> PolicyRequest:
+        """The facts of one call. They hold the time to the second, so the same credential using the same key
+        from the same address with the same requestMetadata within a second gets the same (immutable)
+        request, as a key use of the REST API does (:mod:`keysteward.access.key_actions`)."""
+        assert request.principal is not None and self.cedar_action is not None
+        inputs: XksInputs = request.inputs
+        kms = inputs.metadata.facts()
+        recent = (request.tenant, request.principal.describe(), inputs.store.prefix, link.key_name,
+                  request.context.source, tuple(sorted(kms.items())), int(now.timestamp()))  # fmt: skip
+        return self._recent.get_or_make(recent, lambda: self._make_facts(request, link, now, kms))
+
+    def _make_facts(self, request: AccessRequest, link: KeyLink, now: datetime, kms: dict[str, str]) -> PolicyRequest:
+        assert request.principal is not None and self.cedar_action is not None
+        inputs: XksInputs = request.inputs
+        return PolicyRequest(
+            tenant=request.tenant,
+            action=self.cedar_action,
+            principal={"type": "CloudService", "name": request.principal.name, "store": inputs.store.prefix},
+            resource={"type": "Key", "name": link.key_name},
+            identity={},
+            platform={},
+            time=now,
+            source_ip=request.context.address(),
+            kms=kms,
+        )
 
     @staticmethod
     def _latency(subject: Subject) -> None:

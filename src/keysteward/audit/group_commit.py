@@ -61,7 +61,9 @@ class Pending:
         self.writes = writes
         """False: the effect reads but never writes, so it runs without a savepoint of its own."""
         self.fields = fields
-        self.done = threading.Event()
+        self.done = threading.Event() if notify is None else None
+        """What a waiting thread waits on; a coroutine is woken by ``notify`` and needs none (an Event costs
+        more to make than the rest of the record's hand-over)."""
         self.notify = notify
         self.effect = effect
         self.seq = 0
@@ -90,6 +92,7 @@ class GroupCommit:
         self._closed = False
 
     def wait(self, pending: Pending) -> int:
+        assert pending.done is not None, "a pending record with a notify callback is waited for by wait_async"
         if not pending.done.wait(WAIT_SECONDS):
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
         return pending.result()
@@ -154,7 +157,8 @@ class GroupCommit:
                     continue
                 if error is not None:
                     pending.error = error
-                pending.done.set()
+                if pending.done is not None:
+                    pending.done.set()
                 if pending.notify is not None:
                     try:
                         pending.notify()
