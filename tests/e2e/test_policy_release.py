@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from keysteward.agent.client import AgentClient, Released
+from keysteward.agent.client import AgentClient
+from keysteward.agent.release_answers import Released
 from keysteward.agent.snp import FileSource, collect_snp
 from keysteward.agent.tpm import TpmDevice
 from keysteward.agent.tpm_enroll import enroll

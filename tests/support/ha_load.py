@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from keysteward.agent.client import AgentClient, Lease, Released
+from keysteward.agent.client import AgentClient
+from keysteward.agent.release_answers import Lease, Released
 from keysteward.devcloud.provider import DevCloud, Instance
 from keysteward.errors import KeystewardError
 

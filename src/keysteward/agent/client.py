@@ -25,12 +25,12 @@ import base64
 import binascii
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import httpx
 
+from keysteward.agent.release_answers import Challenge, Lease, Pending, Registered, Released, Renewal
 from keysteward.api_errors import answer_error, transport_error
 from keysteward.attest.binding import binding
 from keysteward.crypto.hpke import SUITES, X25519, OneTimeKey
@@ -86,76 +86,6 @@ def parse_plaintext(plaintext: bytearray) -> tuple[SecretBuffer, SecretBuffer]:
         return secret, lease_token
     finally:
         wipe_bytearray(plaintext)
-
-
-# -- answers ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Challenge:
-    nonce: str
-    """As sent (base64url)."""
-    nonce_bytes: bytes
-    expires_at: str
-    suites: tuple[str, ...]
-
-
-@dataclass
-class Lease:
-    """A live lease: its token is what renewals and the clean end present."""
-
-    id: str
-    expires_at: datetime
-    renew_seconds: float
-    lease_seconds: float
-    grace_seconds: float | None
-    token: SecretBuffer = field(repr=False)
-
-    def token_b64(self) -> str:
-        return base64.b64encode(self.token.view()).decode()
-
-    def wipe(self) -> None:
-        self.token.wipe()
-
-
-@dataclass
-class Released:
-    """A released secret and its lease; :meth:`wipe` when done (the lease token too when the lease ends)."""
-
-    tenant: str
-    volume_id: str
-    suite: str
-    key_version: int
-    secret: SecretBuffer = field(repr=False)
-    lease: Lease
-
-    def wipe(self) -> None:
-        self.secret.wipe()
-        self.lease.wipe()
-
-
-@dataclass(frozen=True)
-class Pending:
-    request_id: str
-    poll_after_seconds: float
-
-
-@dataclass(frozen=True)
-class Renewal:
-    action: str
-    expires_at: datetime | None
-
-
-@dataclass
-class Registered:
-    """A volume the key manager created: its record, and its secret for writing the keyslot."""
-
-    volume: dict[str, Any]
-    secret: SecretBuffer = field(repr=False)
-
-    @property
-    def id(self) -> str:
-        return str(self.volume["id"])
 
 
 def _get(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -263,14 +193,10 @@ class AgentClient:
 
     def get(self, path: str) -> dict[str, Any]:
         """GET ``/v1`` + ``path``, an answer that is one object (a read: repeated elsewhere after a 503)."""
-        return self.failover.run(lambda url: self._get(url, path), safe=True)
+        return self.failover.run(lambda url: self._get_object(url, path), safe=True)
 
-    def _get(self, url: str, path: str) -> dict[str, Any]:
-        try:
-            response = self._https[url].get(path)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, url, UNREACHABLE) from exc
-        data = self._answer(url, path, response)
+    def _get_object(self, url: str, path: str) -> dict[str, Any]:
+        data = self._fetch(url, path, 0.0)
         if not isinstance(data, dict):
             raise protocol_error(f"{path} did not answer an object")
         return data
@@ -282,20 +208,24 @@ class AgentClient:
         return self.failover.run(lambda url: self._get_list(url, path, long_poll), safe=False)
 
     def _get_list(self, url: str, path: str, long_poll: float) -> list[dict[str, Any]]:
+        data = self._fetch(url, path, long_poll)
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise protocol_error(f"{path} did not answer a list of objects")
+        return data
+
+    def _fetch(self, url: str, path: str, long_poll: float) -> Any:
+        """One GET at ``url``: its JSON answer (errors translated); a long poll asks ``wait`` and waits longer."""
+        client = self._https[url]
         try:
             if long_poll > 0:
-                client = self._https[url]
                 read = client.timeout.read
                 timeout = httpx.Timeout(None if read is None else read + long_poll, connect=client.timeout.connect)
                 response = client.get(path, params={"wait": f"{long_poll:.3f}"}, timeout=timeout)
             else:
-                response = self._https[url].get(path)
+                response = client.get(path)
         except httpx.HTTPError as exc:
             raise transport_error(exc, url, UNREACHABLE) from exc
-        data = self._answer(url, path, response)
-        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-            raise protocol_error(f"{path} did not answer a list of objects")
-        return data
+        return self._answer(url, path, response)
 
     def _post(self, url: str, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         try:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from keysteward.agent.client import Lease
 from keysteward.agent.config import VolumeEntry
 from keysteward.agent.process import harden_process, logline, sd_notify, write_status
+from keysteward.agent.release_answers import Lease
 from keysteward.agent.unlock import Unlocked, unlock
 from keysteward.errors import KeystewardError, NotFound, Unavailable
 from keysteward.volume.kms_token import shred

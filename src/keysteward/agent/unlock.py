@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from keysteward.agent.client import AgentClient, Evidence, Lease, Pending, Released
+from keysteward.agent.client import AgentClient, Evidence
+from keysteward.agent.release_answers import Lease, Pending, Released
 from keysteward.crypto.hpke import X25519
 from keysteward.crypto.secret import SecretBuffer, wipe_bytearray
 from keysteward.errors import Conflict, KeystewardError

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from keysteward.agent.client import AgentClient, Lease, parse_plaintext, parse_time, protocol_error, release_info
+from keysteward.agent.client import AgentClient, parse_plaintext, parse_time, protocol_error, release_info
+from keysteward.agent.release_answers import Lease
 from keysteward.attest.binding import canonical_hardware, host_binding
 from keysteward.crypto.hpke import X25519, OneTimeKey
 from keysteward.crypto.secret import SecretBuffer
