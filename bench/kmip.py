@@ -33,7 +33,7 @@ from typing import Any
 from _common import BenchError, Cleanup, KeystewardServer, free_port, make_temp_dir, run_bench, say, stop_process
 from tests.support.kmip_client import KmipConn, aes_256_template, uid
 
-from keysteward.crypto import x509ca
+from keysteward.crypto import x509csr
 from keysteward.formats import kmip_ttlv as t
 
 BENCH = "kmip"
@@ -151,7 +151,7 @@ def work(args: argparse.Namespace) -> Any:
         server.start(cleanup, env={"KEYSTEWARD_KMIP_LISTEN": f"127.0.0.1:{kmip_port}"})
         admin = server.post_ok("/v1/tenants", {"name": "bench"}, server.root_token)["admin_token"]["token"]
         ca_pem = server.post_ok("/v1/ca/init", {}, admin)["cert_pem"]
-        key_pem, csr = x509ca.make_csr("bench", "hypervisor", "esx-bench")
+        key_pem, csr = x509csr.make_csr("bench", "hypervisor", "esx-bench")
         issued = server.post_ok("/v1/ca/issue", {"name": "esx-bench", "role": "hypervisor",
                                                  "csr_pem": csr.decode()}, admin)  # fmt: skip
         scratch = make_temp_dir(cleanup, "ks-bench-kmip-")
