@@ -34,6 +34,10 @@ class TtlCache(Generic[K, V]):
                 self._entries.clear()  # a flood of distinct keys costs database reads, never memory
             self._entries[key] = (time.monotonic() + self.ttl, value)
 
+    def drop(self, key: K) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
     def drop_where(self, doomed: Callable[[K, V], bool]) -> None:
         with self._lock:
             for key in [k for k, (_, v) in self._entries.items() if doomed(k, v)]:

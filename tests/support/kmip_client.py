@@ -15,9 +15,11 @@ STATUS = {number: name for name, number in RESULT_STATUS.items()}
 
 
 class KmipConn:
-    def __init__(self, port: int, ctx: ssl.SSLContext, version: tuple[int, int] = (1, 4)) -> None:
+    def __init__(
+        self, port: int, ctx: ssl.SSLContext, version: tuple[int, int] = (1, 4), session: ssl.SSLSession | None = None
+    ) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=20)
-        self.sock = ctx.wrap_socket(raw)
+        self.sock = ctx.wrap_socket(raw, session=session)
         self.version = version
 
     def __enter__(self) -> KmipConn:
@@ -44,15 +46,19 @@ class KmipConn:
         return out
 
     def request(self, *items: Item) -> list[Result]:
+        answer = t.decode(self.send_raw(self.encode(*items)))
+        assert answer.name == "ResponseMessage"
+        return [Result(item) for item in answer.all("BatchItem")]
+
+    def encode(self, *items: Item) -> bytes:
+        """The request message of these batch items, encoded (a client may send the same bytes again)."""
         header = t.struct_(
             "RequestHeader",
             t.struct_("ProtocolVersion", t.integer("ProtocolVersionMajor", self.version[0]),
                       t.integer("ProtocolVersionMinor", self.version[1])),
             t.integer("BatchCount", len(items)),
         )  # fmt: skip
-        answer = t.decode(self.send_raw(t.encode(t.struct_("RequestMessage", header, *items))))
-        assert answer.name == "ResponseMessage"
-        return [Result(item) for item in answer.all("BatchItem")]
+        return t.encode(t.struct_("RequestMessage", header, *items))
 
     def one(self, operation: str, *payload: Item | None, batch_id: bytes | None = None) -> Result:
         [result] = self.request(batch_item(operation, *payload, batch_id=batch_id))

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import anyio.to_thread
 from sqlalchemy import Connection
 
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
@@ -25,16 +24,21 @@ from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
 from keysteward.access.service import AccessService
 from keysteward.crypto.secret import SecretBuffer
-from keysteward.errors import Denied, KeystewardError
+from keysteward.errors import Conflict, Denied, KeystewardError
 from keysteward.formats.kmip_enums import HASHING_ALGORITHM, KEY_FORMAT_TYPE, REVOCATION_REASON_CODE
 from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
-from keysteward.keys.kmip_objects import KmipObjects, KmipRecord
+from keysteward.keys.kmip_objects import KmipObjects, KmipRecord, Stale, Wrapped
+from keysteward.lru import Lru
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 
 __all__ = ["KmipAccess", "KmipInputs", "KmipRecord", "register"]
+STALE_TRIES = 3
+_PARSED: Lru[str, Attributes] = Lru(1024)
+"""Stored attributes (their JSON text) parsed, for reading only."""
+_RECENT_FACTS: Lru[tuple[Any, ...], PolicyRequest] = Lru(1024)
 _COMPROMISE = (REVOCATION_REASON_CODE["KeyCompromise"], REVOCATION_REASON_CODE["CaCompromise"])
 
 
@@ -89,11 +93,15 @@ class _State:
     inputs: KmipInputs
     record: KmipRecord | None = None
     result: Any = None
+    wrapped: Wrapped | None = None
 
 
 class _KmipAction(ActionHandler):
     delivery = Delivery.NOTHING
     needs_object = True
+    warm_delivery = True
+    """Whether what is delivered after the commit needs no database read (then a request on a recently read
+    object is decided on the event loop, without a thread)."""
 
     def __init__(self, objects: KmipObjects) -> None:
         self.objects = objects
@@ -108,6 +116,10 @@ class _KmipAction(ActionHandler):
             details.update(attributes.audited())
         return details
 
+    def warm(self, request: AccessRequest, tenant_id: str) -> bool:
+        inputs: KmipInputs = request.inputs
+        return self.needs_object and self.warm_delivery and self.objects.recent(tenant_id, inputs.uid) is not None
+
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
         if request.principal is None:
             raise Denied("a KMIP operation needs a client certificate", code="no_credentials")
@@ -117,7 +129,7 @@ class _KmipAction(ActionHandler):
         state = _State(inputs)
         if not self.needs_object:
             return self.resolve_new(request, tenant_id, now, Subject(tenant_id, actor, target, None, state=state))
-        record = self.objects.get(tenant_id, inputs.uid)
+        record = self.objects.lookup(tenant_id, inputs.uid)
         if record is None:
             details = self._details(request, None)
             denied = _refuse("kmip_not_found", "no such object")
@@ -128,10 +140,16 @@ class _KmipAction(ActionHandler):
 
             raise Refusal(tenant_id, denied, effect)
         state.record = record
-        attributes = Attributes.from_json(record.attributes)
-        assert self.cedar_action is not None
-        facts = _facts(request, self.cedar_action, now, _object_resource(record.uid, record.object_type,
-                                                                         record.state, attributes))  # fmt: skip
+        text = record.attributes
+        attributes = _PARSED.get_or_make(text, lambda: Attributes.from_json(text))  # shared: only read here
+        cedar_action = self.cedar_action
+        assert cedar_action is not None
+        # the facts hold the time to the second: the same caller asking the same of the same object within a
+        # second gets the same (immutable) request, and the policy engine's cached decision for it
+        recent = (tenant_id, actor, cedar_action, record.uid, record.object_type, record.state, text,
+                  request.context.source, int(now.timestamp()))  # fmt: skip
+        facts = _RECENT_FACTS.get_or_make(recent, lambda: _facts(request, cedar_action, now, _object_resource(
+            record.uid, record.object_type, record.state, attributes)))  # fmt: skip
         return Subject(tenant_id, actor, target, facts, details=self._details(request, attributes), state=state)
 
     def resolve_new(self, request: AccessRequest, tenant_id: str, now: datetime, subject: Subject) -> Subject:
@@ -142,7 +160,9 @@ class _KmipAction(ActionHandler):
             raise _refuse("approval_unsupported", "KMIP operations are not held for approval")
         state: _State = subject.state
         if self.needs_object:
-            record = self.objects.get(subject.tenant_id, state.inputs.uid, conn)  # as of this transaction
+            assert state.record is not None
+            # as of this transaction, as it was decided on (Stale otherwise), with its wrapped material
+            record, state.wrapped = self.objects.current(conn, state.record)
             if record is None:
                 raise _refuse("kmip_not_found", "no such object")
             state.record = record
@@ -213,8 +233,18 @@ class KmipRegister(KmipCreate):
 
 
 class KmipGet(_KmipAction):
+    """Get: the material's wrapped row is read in the transaction that decided it, and unwrapped after the
+    commit with the cached KEK (a Get that loses the race with a Destroy finds it shredded there)."""
+
     action, cedar_action = "kmip.get", "kmip_get"
     delivery = Delivery.CHANNEL
+    writes = False  # the only write is last_get_at, at most hourly, and nothing after it can fail
+
+    def warm(self, request: AccessRequest, tenant_id: str) -> bool:
+        inputs: KmipInputs = request.inputs
+        kek = self.objects.recent_kek(tenant_id, inputs.uid)
+        return kek is not None and super().warm(request, tenant_id) and self.objects.keys.is_warm(
+            tenant_id, key_id=kek[0], version=kek[1])  # fmt: skip
 
     def apply(self, conn: Connection, subject: Subject, state: _State, now: datetime) -> Any:
         record = state.record
@@ -222,11 +252,13 @@ class KmipGet(_KmipAction):
         if record.state in ("Destroyed", "DestroyedCompromised"):
             raise _refuse("kmip_destroyed", "the object was destroyed")
         self.objects.fetched(conn, record, now)
-        return record
+        return record, state.wrapped
 
     def deliver(self, subject: Subject, booked: Booked, performed: Any) -> tuple[KmipRecord, SecretBuffer]:
-        record: KmipRecord = booked.value
-        return record, self.objects.material(record)
+        record, wrapped = booked.value
+        if wrapped is None:
+            raise Conflict("this object has no material", code="kmip_no_material")
+        return record, self.objects.open(subject.tenant_id, wrapped)
 
 
 class KmipGetAttributes(_KmipAction):
@@ -315,6 +347,7 @@ class KmipRevoke(_KmipAction):
 
 
 class KmipDestroy(_KmipAction):
+    warm_delivery = False  # after_shred compacts the database
     action, cedar_action = "kmip.destroy", "kmip_destroy"
 
     def apply(self, conn: Connection, subject: Subject, state: _State, now: datetime) -> Any:
@@ -396,5 +429,13 @@ class KmipAccess:
             context=RequestContext(source=source, front_end="kmip", request_id=inputs.request_id or None),
             inputs=inputs,
         )
-        # in a thread: Get unwraps and Locate reads after the commit, neither on the event loop
-        return await anyio.to_thread.run_sync(self.access.decide, request)
+        # on the event loop when the object was read recently, else in a thread (a read, and Locate's after
+        # the commit); a request decided on a record changed meanwhile did nothing and is asked again
+        for attempt in range(STALE_TRIES):
+            try:
+                return await self.access.decide_async(request, cold_in_thread=True)
+            except Stale:
+                if attempt == STALE_TRIES - 1:
+                    raise
+                self.objects.forget(who.tenant_id, inputs.uid)
+        raise AssertionError("unreachable")

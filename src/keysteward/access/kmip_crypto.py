@@ -50,6 +50,7 @@ class CryptoResult:
 
 class _KmipCrypto(_KmipAction):
     delivery = Delivery.OPERATION
+    warm_delivery = False  # perform reads the wrapped material
 
     def perform(self, subject: Subject) -> Any:
         state = subject.state

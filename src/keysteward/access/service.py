@@ -90,12 +90,15 @@ class AccessService:
         self._commit(step)
         return self._finish(step)
 
-    async def decide_async(self, request: AccessRequest) -> Any:
-        """:meth:`decide` on the event loop: what is cached runs here, a database read goes to a thread."""
+    async def decide_async(self, request: AccessRequest, *, cold_in_thread: bool = False) -> Any:
+        """:meth:`decide` on the event loop: what is cached runs here, a database read goes to a thread
+        (with ``cold_in_thread``, the whole request when it is not warm: its delivery may read too)."""
         handler = self.actions.get(request.action)
         tenant_id = self.tenants.cached_id(request.tenant)
         if tenant_id is not None and self.policies.cached(tenant_id) is not None and handler.warm(request, tenant_id):
             step = self._prepare(request)
+        elif cold_in_thread:
+            return await anyio.to_thread.run_sync(self.decide, request)
         else:
             step = await anyio.to_thread.run_sync(self._prepare, request)
         if step.effect is _no_effect:

@@ -9,23 +9,53 @@ where the access path writes the audit record.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from keysteward.crypto.secret import SecretBuffer
-from keysteward.errors import Conflict
+from keysteward.errors import Conflict, Denied
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import KeyStore
 from keysteward.store.frontend_models import KmipObject
+from keysteward.store.models import DataKey
+from keysteward.ttlcache import TtlCache
 
 DEFAULT_KEK = "kmip"
 MAX_LOCATE_SCAN = 100_000
 """Rows one Locate may look at; its answer is bounded separately by Maximum Items."""
+RECENT_SECONDS = 30.0
+"""How long a record read is kept to decide the next request on the object without a read. The decision is
+made on it, then checked in the transaction with the audit record: a record changed meanwhile (by any
+server) makes the request :class:`Stale`, and it is asked again on a fresh read."""
+FETCH_GRANULARITY = timedelta(hours=1)
+"""``last_get_at`` is written when it is older than this: the stale-key report counts days, and a Get that
+writes nothing but its audit record costs the writer far less."""
+
+# built once: a statement's construction and cache-key walk cost more than the SQLite read itself
+_BY_ID = select(KmipObject.__table__).where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
+_WITH_WRAPPED = (
+    select(KmipObject.__table__, DataKey.key_id.label("kek_id"), DataKey.kek_version, DataKey.wrapped)
+    .outerjoin(DataKey, DataKey.id == KmipObject.data_key_id)
+    .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
+)
+_FETCHED = (
+    update(KmipObject)
+    .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
+    .values(last_get_at=bindparam("now"))
+)
+
+
+class Stale(Denied):
+    """The object changed between the decision and its transaction: nothing was done; ask again."""
+
+    def __init__(self) -> None:
+        super().__init__("the object changed while the request was decided", code="kmip_stale")
 
 
 @dataclass
@@ -41,6 +71,16 @@ class KmipRecord:
     created_at: datetime
     updated_at: datetime
     last_get_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """An object's material as stored, read in the transaction that decided its release."""
+
+    kek_id: str
+    kek_version: int
+    data_key_id: str
+    wrapped: bytes | None
 
 
 def _record(row: Any) -> KmipRecord:
@@ -62,6 +102,8 @@ class KmipObjects:
     def __init__(self, keys: KeyStore, kek: str = DEFAULT_KEK) -> None:
         self.keys = keys
         self.kek = kek
+        self._recent: TtlCache[tuple[str, str], tuple[KmipRecord, tuple[str, int] | None]] = TtlCache(RECENT_SECONDS)
+        """(tenant, uid) -> the record last read or written here, and its material's KEK (id, version)."""
 
     def ensure_kek(self, tenant_id: str, actor: Principal) -> None:
         """The tenant's KMIP KEK exists (made at the first Create or Register, audited as ``key.create``)."""
@@ -103,13 +145,53 @@ class KmipObjects:
         return version, digest
 
     def get(self, tenant_id: str, uid: str, conn: Connection | None = None) -> KmipRecord | None:
-        stmt = select(KmipObject.__table__).where(KmipObject.tenant_id == tenant_id, KmipObject.id == uid)
+        """The record as stored now (in ``conn``'s transaction when given)."""
         if conn is not None:
-            row = conn.execute(stmt).first()
+            row = conn.execute(_BY_ID, {"t": tenant_id, "u": uid}).first()
         else:
             with self.keys.db.read() as c:
-                row = c.execute(stmt).first()
-        return None if row is None else _record(row)
+                row = c.execute(_WITH_WRAPPED, {"t": tenant_id, "u": uid}).first()
+        if row is None:
+            self._recent.drop((tenant_id, uid))
+            return None
+        record = _record(row)
+        if conn is None:
+            self._remember(record, (row.kek_id, row.kek_version) if row.kek_id is not None else None)
+        return record
+
+    def recent(self, tenant_id: str, uid: str) -> KmipRecord | None:
+        """A copy of the record last read or written here (at most :data:`RECENT_SECONDS` old), or None."""
+        hit = self._recent.get((tenant_id, uid))
+        return None if hit is None else dataclasses.replace(hit[0])
+
+    def recent_kek(self, tenant_id: str, uid: str) -> tuple[str, int] | None:
+        hit = self._recent.get((tenant_id, uid))
+        return None if hit is None else hit[1]
+
+    def lookup(self, tenant_id: str, uid: str) -> KmipRecord | None:
+        """The recent record, else the stored one: what a decision is made on (checked again by :meth:`current`)."""
+        return self.recent(tenant_id, uid) or self.get(tenant_id, uid)
+
+    def forget(self, tenant_id: str, uid: str) -> None:
+        self._recent.drop((tenant_id, uid))
+
+    def _remember(self, record: KmipRecord, kek: tuple[str, int] | None) -> None:
+        self._recent.put((record.tenant_id, record.uid), (dataclasses.replace(record), kek))
+
+    def current(self, conn: Connection, decided: KmipRecord) -> tuple[KmipRecord | None, Wrapped | None]:
+        """The record as of ``conn``'s transaction (None when it is gone) and its material's wrapped row (None:
+        it has none). Raises :class:`Stale` when the record is not the one the decision was made on: another
+        request changed it meanwhile, here or on another server."""
+        row = conn.execute(_WITH_WRAPPED, {"t": decided.tenant_id, "u": decided.uid}).first()
+        if row is None:
+            return None, None
+        record = _record(row)
+        if record.updated_at != decided.updated_at or record.state != decided.state:
+            self.forget(decided.tenant_id, decided.uid)
+            raise Stale()
+        if record.data_key_id is None or row.kek_id is None:
+            return record, None
+        return record, Wrapped(row.kek_id, row.kek_version, record.data_key_id, row.wrapped)
 
     def save(self, conn: Connection, record: KmipRecord, now: datetime) -> None:
         record.updated_at = now
@@ -118,13 +200,14 @@ class KmipObjects:
             .where(KmipObject.tenant_id == record.tenant_id, KmipObject.id == record.uid)
             .values(state=record.state, name=record.name, attributes=record.attributes, updated_at=now)
         )
+        self.forget(record.tenant_id, record.uid)  # the transaction may still fail: the next request reads
 
     def fetched(self, conn: Connection, record: KmipRecord, now: datetime) -> None:
-        conn.execute(
-            update(KmipObject)
-            .where(KmipObject.tenant_id == record.tenant_id, KmipObject.id == record.uid)
-            .values(last_get_at=now)
-        )
+        """Note a Get (to :data:`FETCH_GRANULARITY`): what the stale-key report reads."""
+        if record.last_get_at is not None and now - record.last_get_at < FETCH_GRANULARITY:
+            return
+        conn.execute(_FETCHED, {"t": record.tenant_id, "u": record.uid, "now": now})
+        record.last_get_at = now
 
     def shred(self, conn: Connection, record: KmipRecord) -> None:
         """Crypto-shred the material: the only wrapped copy is emptied (call :meth:`after_shred` after the commit)."""
@@ -133,6 +216,11 @@ class KmipObjects:
 
     def after_shred(self) -> None:
         self.keys.data.after_shred()
+
+    def open(self, tenant_id: str, wrapped: Wrapped) -> SecretBuffer:
+        """The plaintext material of a row read by :meth:`wrapped`, unwrapped with the cached KEK (the caller
+        wipes it); refused once shredded."""
+        return self.keys.data.open(tenant_id, wrapped.kek_id, wrapped.kek_version, wrapped.data_key_id, wrapped.wrapped)
 
     def material(self, record: KmipRecord) -> SecretBuffer:
         """The plaintext material in a locked buffer (the caller wipes it); refused once shredded."""
