@@ -89,6 +89,7 @@ class _State:
     inputs: KmipInputs
     record: KmipRecord | None = None
     result: Any = None
+    principal: Principal | None = None
 
 
 class _KmipAction(ActionHandler):
@@ -114,7 +115,7 @@ class _KmipAction(ActionHandler):
         policy_principal(request.principal)  # only machine certificates with a policy principal
         inputs: KmipInputs = request.inputs
         actor, target = request.principal.describe(), f"kmip:{inputs.uid[:64]}"
-        state = _State(inputs)
+        state = _State(inputs, principal=request.principal)
         if not self.needs_object:
             return self.resolve_new(request, tenant_id, now, Subject(tenant_id, actor, target, None, state=state))
         record = self.objects.get(tenant_id, inputs.uid)
@@ -178,7 +179,6 @@ class KmipCreate(_KmipAction):
         attributes = Attributes({})
         for name, value in inputs.template:
             attributes.add(name, value)
-        self.objects.ensure_kek(tenant_id, request.principal)
         resource = _object_resource(inputs.uid, inputs.object_type, "PreActive", attributes)
         assert self.cedar_action is not None
         subject.facts = _facts(request, self.cedar_action, now, resource)
@@ -199,6 +199,9 @@ class KmipCreate(_KmipAction):
             attributes.to_json(), subject.actor[:200], now, now, None,
         )  # fmt: skip
         state.record = record
+        if inputs.size or inputs.material is not None:  # the KEK is made once a Create or Register is permitted
+            assert state.principal is not None
+            self.objects.ensure_kek(conn, subject.tenant_id, state.principal)
         version, digest = self.objects.insert(conn, record, size=inputs.size, material=inputs.material)
         subject.details["kek_version"] = version
         if inputs.object_type == "SymmetricKey" and digest:  # never of secret data: a password's hash is a guess test

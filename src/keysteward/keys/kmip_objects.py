@@ -16,12 +16,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import Conflict
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import KeyStore
 from keysteward.store.frontend_models import KmipObject
+from keysteward.store.models import Key
 
 DEFAULT_KEK = "kmip"
 MAX_LOCATE_SCAN = 100_000
@@ -63,14 +65,18 @@ class KmipObjects:
         self.keys = keys
         self.kek = kek
 
-    def ensure_kek(self, tenant_id: str, actor: Principal) -> None:
-        """The tenant's KMIP KEK exists (made at the first Create or Register, audited as ``key.create``)."""
+    def ensure_kek(self, conn: Connection, tenant_id: str, actor: Principal) -> None:
+        """The tenant's KMIP KEK exists: made, in the caller's transaction (a permitted Create or Register, after
+        the policy's decision), at the first one, audited as ``key.create``."""
         if self.keys.key_ref(tenant_id, name=self.kek) is not None:
             return
+        if conn.execute(select(Key.id).where(Key.tenant_id == tenant_id, Key.name == self.kek)).first() is not None:
+            return
         try:
-            self.keys.create(actor, self.kek, "KEK of the KMIP front-end's objects")
-        except Conflict:
-            pass  # another request made it first
+            with conn.begin_nested():
+                self.keys.create_in(conn, actor, self.kek, "KEK of the KMIP front-end's objects")
+        except IntegrityError:
+            pass  # another server made it first
 
     def new_uid(self) -> str:
         return str(uuid.uuid4())

@@ -32,6 +32,7 @@ from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.kmip_objects import KmipObjects
+from keysteward.keys.kmip_pins import KmipPins
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
 from keysteward.keys.xks_crypto import XksCrypto
@@ -73,6 +74,7 @@ class Services:
     xks_metrics: XksMetrics
     kmip: KmipAccess
     kmip_report: KmipReport
+    kmip_pins: KmipPins
     vms: Vms
     kmip_metrics: CollectorRegistry | None = None
     """The KMIP listener's metrics, when it runs in this process (``/metrics`` appends them)."""
@@ -150,6 +152,7 @@ class Services:
             xks_metrics=XksMetrics(),
             kmip=KmipAccess(access, kmip_objects),
             kmip_report=KmipReport(db),
+            kmip_pins=KmipPins(db, audit),
             vms=vms,
         )
 
