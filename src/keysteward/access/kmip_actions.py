@@ -66,15 +66,19 @@ def _refuse(code: str, message: str) -> Denied:
     return Denied(message, code=code)
 
 
-def _facts(request: AccessRequest, cedar_action: str, now: datetime, resource: dict[str, Any]) -> PolicyRequest:
+def _facts(
+    objects: KmipObjects, request: AccessRequest, cedar_action: str, now: datetime, resource: dict[str, Any]
+) -> PolicyRequest:
+    """The policy request: the hypervisor's latest verified TPM quote is ``context.platform``."""
     assert request.principal is not None
+    who = request.principal
     return PolicyRequest(
         tenant=request.tenant,
         action=cedar_action,
-        principal=policy_principal(request.principal),
+        principal=policy_principal(who),
         resource=resource,
         identity={},
-        platform={},
+        platform=objects.platform_of(who.tenant_id, f"{who.role}:{who.name}"),
         time=now,
         source_ip=request.context.address(),
     )
@@ -131,7 +135,7 @@ class _KmipAction(ActionHandler):
         state.record = record
         attributes = Attributes.from_json(record.attributes)
         assert self.cedar_action is not None
-        facts = _facts(request, self.cedar_action, now, _object_resource(record.uid, record.object_type,
+        facts = _facts(self.objects, request, self.cedar_action, now, _object_resource(record.uid, record.object_type,
                                                                          record.state, attributes))  # fmt: skip
         return Subject(tenant_id, actor, target, facts, details=self._details(request, attributes), state=state)
 
@@ -181,7 +185,7 @@ class KmipCreate(_KmipAction):
             attributes.add(name, value)
         resource = _object_resource(inputs.uid, inputs.object_type, "PreActive", attributes)
         assert self.cedar_action is not None
-        subject.facts = _facts(request, self.cedar_action, now, resource)
+        subject.facts = _facts(self.objects, request, self.cedar_action, now, resource)
         subject.details.update(self._details(request, attributes), object_type=inputs.object_type)
         return subject
 
@@ -347,7 +351,7 @@ class KmipLocate(_KmipAction):
     def resolve_new(self, request: AccessRequest, tenant_id: str, now: datetime, subject: Subject) -> Subject:
         inputs: KmipInputs = request.inputs
         subject.target = "kmip:*"
-        subject.facts = _facts(request, "kmip_locate", now, {"type": "Tenant"})
+        subject.facts = _facts(self.objects, request, "kmip_locate", now, {"type": "Tenant"})
         filters = {k: str(v)[:64] for k, v in inputs.locate.items() if k in ("object_type", "state", "name") and v}
         subject.details.update(self._details(request, None), **filters)
         return subject

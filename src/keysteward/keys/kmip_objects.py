@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -64,6 +65,9 @@ class KmipObjects:
     def __init__(self, keys: KeyStore, kek: str = DEFAULT_KEK) -> None:
         self.keys = keys
         self.kek = kek
+        self.platform_of: Callable[[str, str], dict[str, Any]] = lambda _tenant_id, _holder: {"tee": "none"}
+        """A machine's verified platform facts (``tenant_id``, ``hypervisor:NAME``): its latest TPM quote's, from
+        :class:`keysteward.release.platform_reports.PlatformReports` (set where the services are built)."""
 
     def ensure_kek(self, conn: Connection, tenant_id: str, actor: Principal) -> None:
         """The tenant's KMIP KEK exists: made, in the caller's transaction (a permitted Create or Register, after
