@@ -10,7 +10,8 @@ Against a real ``keysteward server start`` KMIP listener and real TLS clients:
   counted in the pin's tenant with a fingerprint;
 - a certificate that is not self-signed, has an EKU without clientAuth, is expired, or is garbage is not
   pinned; one that expires while pinned is refused after; tenant A's pin does not reach tenant B's objects;
-- a certificate of role agent is refused, and recorded with its fingerprint in its tenant;
+- a certificate of role agent, and a revoked one, are refused and recorded with their fingerprints in their
+  tenant;
 - a Create the policy denies makes no KMIP KEK; the first permitted one does, and the audit chain verifies.
 """
 
@@ -173,12 +174,23 @@ def test_a_pin_of_tenant_a_does_not_reach_tenant_b(site: KmipSite) -> None:
     assert site.server.cli_json("kmip", "client", "list", token=globex) == []
 
 
-def test_a_certificate_of_another_role_is_refused_and_recorded(site: KmipSite) -> None:
+def test_refused_certificates_are_recorded_in_their_tenant(site: KmipSite) -> None:
     agent = site.issue("app-1", role="agent")
     assert _refused(site, site.tls(agent[:2]))
     records = _refusals(site, site.admin, "role_forbidden")
     assert records and {r["target"] for r in records} == {f"cert-sha256:{fingerprint(agent[0])}"}
-    assert "BEGIN" not in str(records)
+    revoked = site.issue("esx-1")
+    with KmipConn(site.port, site.tls(revoked[:2])) as c:
+        assert c.one("Create", *aes_256_template()).ok
+    site.server.cli("ca", "revoke", "--yes", "hypervisor:esx-1", token=site.admin)
+    deadline = time.monotonic() + REVOCATION_SECONDS
+    while not _refused(site, site.tls(revoked[:2])):
+        assert time.monotonic() < deadline, "a revoked certificate is still accepted"
+        time.sleep(0.1)
+    records += _refusals(site, site.admin, "cert_revoked")
+    assert {r["target"] for r in records if r["reason"] == "cert_revoked"} == {f"cert-sha256:{fingerprint(revoked[0])}"}
+    assert all(r["actor"] == "anonymous" and r["action"] == "kmip.connect" for r in records)
+    assert "BEGIN" not in str(records) and "PRIVATE" not in str(records)
 
 
 def test_a_denied_create_makes_no_kmip_kek(site: KmipSite) -> None:
