@@ -81,6 +81,9 @@ def test_a_pinned_certificate_is_the_hypervisor_until_removed(site: KmipSite) ->
         assert made.ok and c.one("Get", uid(made.uid())).ok
     records = site.server.cli_json("audit", "list", "--actor", "cert:acme/hypervisor/vcsa-1", token=site.admin)
     assert {r["action"] for r in records} >= {"kmip.create", "kmip.get"}
+    [client] = site.server.cli_json("kmip", "clients", token=site.admin)
+    assert client == {"name": "vcsa-1", "trust": "pinned", "serial": f"sha256:{fingerprint(cert)}",
+                      "not_after": client["not_after"], "revoked": False, "objects_created": 1}  # fmt: skip
     [pinning] = [r for r in site.server.cli_json("audit", "list", token=site.admin) if r["action"] == "kmip.client_add"]
     assert pinning["details"]["fingerprint"] == fingerprint(cert) and pinning["target"] == "hypervisor:vcsa-1"
 
@@ -98,6 +101,7 @@ def test_a_pinned_certificate_is_the_hypervisor_until_removed(site: KmipSite) ->
             time.sleep(0.05)
     assert _refused(site, pinned)
     assert site.server.cli_json("kmip", "client", "list", token=site.admin) == []
+    assert [c["revoked"] for c in site.server.cli_json("kmip", "clients", token=site.admin)] == [True]
     removed = _refusals(site, site.admin, "kmip_client_removed")
     assert removed and {r["target"] for r in removed} == {f"cert-sha256:{fingerprint(cert)}"}
     actions = [r["action"] for r in site.server.cli_json("audit", "list", token=site.admin)]

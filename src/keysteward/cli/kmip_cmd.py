@@ -27,8 +27,8 @@ def kmip_status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 @app.command("clients")
 def kmip_clients(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Hypervisor certificates of the tenant CA, and the objects each created."""
-    columns = ["name", "serial", "not_after", "revoked", "objects_created"]
+    """Hypervisor certificates of the tenant CA and pinned ones (trust pinned), and the objects each created."""
+    columns = ["name", "trust", "serial", "not_after", "revoked", "objects_created"]
     emit(client(ctx).get("/kmip/clients"), as_json, lambda d: table(d, columns))
 
 
