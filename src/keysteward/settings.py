@@ -140,6 +140,7 @@ class KmipSettings:
     max_connections: int = 1024
     max_connections_per_source: int = 128
     max_locate_items: int = 1000  # the most identifiers one Locate answers, whatever Maximum Items asks
+    platform_max_age: float = 86400.0  # seconds a hypervisor's latest verified TPM quote is its context.platform
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
             "label-binding.cedar",
             "business-hours.cedar",
             "kmip-vm-keys.cedar",
+            "kmip-vm-keys-tpm.cedar",
             "pci-approval.cedar",
             "snp-only.cedar",
             "tpm-pcr7.cedar",
@@ -103,7 +104,7 @@ def test_every_example_has_a_header_and_they_compile_together() -> None:
     for name in names:
         assert (EXAMPLES / name).read_text().startswith("// "), f"{name} needs a header comment"
     together = CompiledPolicySet.compile({name: (EXAMPLES / name).read_text() for name in names})
-    assert len(together.ids) == 17 and len(set(together.ids)) == 17
+    assert len(together.ids) == 18 and len(set(together.ids)) == 18
 
 
 def test_allowlist() -> None:
@@ -263,7 +264,7 @@ def test_app_keys_example_lets_only_the_application_use_its_key_with_its_context
     assert ask({"type": "Agent", "name": "web-1"}, "generate_data_key", {"app": "orders"}, None) == "no_permit"
 
 
-def kmip_get(hypervisor: str, tags: dict[str, str]) -> PolicyRequest:
+def kmip_get(hypervisor: str, tags: dict[str, str], platform: dict[str, Any] | None = None) -> PolicyRequest:
     return PolicyRequest(
         tenant="acme",
         action="kmip_get",
@@ -276,7 +277,7 @@ def kmip_get(hypervisor: str, tags: dict[str, str]) -> PolicyRequest:
             "labels": tags,
         },
         identity={},
-        platform={},
+        platform=platform or {},
         time=MONDAY_10,
     )
 
@@ -289,6 +290,20 @@ def test_kmip_vm_keys_go_to_esx_1_only() -> None:
     check(policies.evaluate(kmip_get("esx-2", vm)), "deny", "forbidden_by_policy", ("kmip-vm-keys-only-to-esx-1",))
     check(policies.evaluate(kmip_get("esx-2", {"x-Component": "vSAN"})), "permit", "permitted")
     check(policies.evaluate(kmip_get("esx-2", {})), "permit", "permitted")
+
+
+def test_kmip_vm_keys_need_an_approved_pcr7() -> None:
+    roles = (EXAMPLES.parents[1] / "src/keysteward/policy/roles.cedar").read_text()
+    policies = CompiledPolicySet.compile({"roles.cedar": roles, **source("kmip-vm-keys-tpm.cedar")})
+    vm = {"x-Component": "Virtual Machine"}
+    good = {"tee": "tpm2", "pcrs": {"sha256_7": GOOD_PCR7, "sha256_0": "00" * 32}}
+    check(policies.evaluate(kmip_get("esx-1", vm, good)), "permit", "permitted", ("roles-hypervisor-kmip",))
+    forbidden = ("kmip-vm-keys-need-approved-pcr7",)
+    other = {"tee": "tpm2", "pcrs": {"sha256_7": "ab" * 32}}
+    check(policies.evaluate(kmip_get("esx-1", vm, other)), "deny", "forbidden_by_policy", forbidden)
+    check(policies.evaluate(kmip_get("esx-1", vm, {"tee": "tpm2"})), "deny", "forbidden_by_policy", forbidden)
+    check(policies.evaluate(kmip_get("esx-1", vm)), "deny", "forbidden_by_policy", forbidden)  # no quote: tee none
+    check(policies.evaluate(kmip_get("esx-2", {"x-Component": "vSAN"})), "permit", "permitted")
 
 
 def _vm(action: str, *, pcr7: str | None, host: dict[str, bool], labels: dict[str, str]) -> PolicyRequest:

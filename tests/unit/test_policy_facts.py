@@ -174,6 +174,30 @@ def test_human_actions_take_no_platform_claims() -> None:
     assert ok.principal["id"] == "acme/ada" and ok.to_json()["principal"]["groups"] == ["security-officer"]
 
 
+def _kmip(platform: Any, identity: Any = None) -> PolicyRequest:
+    return PolicyRequest(
+        tenant="acme", action="kmip_get", principal={"type": "Hypervisor", "name": "esx-1"},
+        resource={"type": "KmipObject", "uid": "u-1", "object_type": "SymmetricKey", "state": "Active", "labels": {}},
+        identity=identity or {}, platform=platform, time=NOW,
+    )  # fmt: skip
+
+
+def test_kmip_actions_read_the_hypervisors_verified_platform() -> None:
+    none = _kmip({})
+    assert json.loads(none.cedar_context)["platform"] == {"tee": "none"}  # no fresh quote
+    quoted = _kmip({"tee": "tpm2", "pcrs": {"sha256_7": "AB" * 32}})
+    assert json.loads(quoted.cedar_context)["platform"] == {"tee": "tpm2", "pcrs": {"sha256_7": "ab" * 32}}
+    assert PolicyRequest.from_json(quoted.to_json()).cedar_context == quoted.cedar_context  # `policy test` replays
+    with pytest.raises(PolicyRequestInvalid, match=r"platform\.tee"):
+        _kmip({"tee": "sgx"})
+    with pytest.raises(PolicyRequestInvalid, match=r"platform\.pcrs"):
+        _kmip({"tee": "tpm2", "pcrs": {"sha256_7": "not hex"}})
+    with pytest.raises(PolicyRequestInvalid, match="platform"):
+        _kmip(["tee"])
+    with pytest.raises(PolicyRequestInvalid, match="release and renew only"):
+        _kmip({}, identity={"provider": "aws"})
+
+
 def test_source_addresses_as_cedar_reads_them() -> None:
     assert request(source_ip="::ffff:10.1.0.1").source_ip == "10.1.0.1"  # a dual-stack socket's IPv4 client
     assert request(source_ip=None).to_json().get("source_ip") is None

@@ -38,7 +38,6 @@ __all__ = ["KmipAccess", "KmipInputs", "KmipRecord", "register"]
 STALE_TRIES = 3
 _PARSED: Lru[str, Attributes] = Lru(1024)
 """Stored attributes (their JSON text) parsed, for reading only."""
-_RECENT_FACTS: Lru[tuple[Any, ...], PolicyRequest] = Lru(1024)
 _COMPROMISE = (REVOCATION_REASON_CODE["KeyCompromise"], REVOCATION_REASON_CODE["CaCompromise"])
 
 
@@ -70,15 +69,19 @@ def _refuse(code: str, message: str) -> Denied:
     return Denied(message, code=code)
 
 
-def _facts(request: AccessRequest, cedar_action: str, now: datetime, resource: dict[str, Any]) -> PolicyRequest:
+def _facts(
+    objects: KmipObjects, request: AccessRequest, cedar_action: str, now: datetime, resource: dict[str, Any]
+) -> PolicyRequest:
+    """The policy request: the hypervisor's latest verified TPM quote is ``context.platform``."""
     assert request.principal is not None
+    who = request.principal
     return PolicyRequest(
         tenant=request.tenant,
         action=cedar_action,
-        principal=policy_principal(request.principal),
+        principal=policy_principal(who),
         resource=resource,
         identity={},
-        platform={},
+        platform=objects.platform_of(who.tenant_id, f"{who.role}:{who.name}"),
         time=now,
         source_ip=request.context.address(),
     )
@@ -94,6 +97,7 @@ class _State:
     record: KmipRecord | None = None
     result: Any = None
     wrapped: Wrapped | None = None
+    principal: Principal | None = None
 
 
 class _KmipAction(ActionHandler):
@@ -118,7 +122,14 @@ class _KmipAction(ActionHandler):
 
     def warm(self, request: AccessRequest, tenant_id: str) -> bool:
         inputs: KmipInputs = request.inputs
-        return self.needs_object and self.warm_delivery and self.objects.recent(tenant_id, inputs.uid) is not None
+        who = request.principal
+        return (
+            self.needs_object
+            and self.warm_delivery
+            and who is not None
+            and self.objects.recent(tenant_id, inputs.uid) is not None
+            and self.objects.platform_warm(tenant_id, f"{who.role}:{who.name}")
+        )
 
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
         if request.principal is None:
@@ -126,7 +137,7 @@ class _KmipAction(ActionHandler):
         policy_principal(request.principal)  # only machine certificates with a policy principal
         inputs: KmipInputs = request.inputs
         actor, target = request.principal.describe(), f"kmip:{inputs.uid[:64]}"
-        state = _State(inputs)
+        state = _State(inputs, principal=request.principal)
         if not self.needs_object:
             return self.resolve_new(request, tenant_id, now, Subject(tenant_id, actor, target, None, state=state))
         record = self.objects.lookup(tenant_id, inputs.uid)
@@ -142,14 +153,9 @@ class _KmipAction(ActionHandler):
         state.record = record
         text = record.attributes
         attributes = _PARSED.get_or_make(text, lambda: Attributes.from_json(text))  # shared: only read here
-        cedar_action = self.cedar_action
-        assert cedar_action is not None
-        # the facts hold the time to the second: the same caller asking the same of the same object within a
-        # second gets the same (immutable) request, and the policy engine's cached decision for it
-        recent = (tenant_id, actor, cedar_action, record.uid, record.object_type, record.state, text,
-                  request.context.source, int(now.timestamp()))  # fmt: skip
-        facts = _RECENT_FACTS.get_or_make(recent, lambda: _facts(request, cedar_action, now, _object_resource(
-            record.uid, record.object_type, record.state, attributes)))  # fmt: skip
+        assert self.cedar_action is not None
+        facts = _facts(self.objects, request, self.cedar_action, now, _object_resource(
+            record.uid, record.object_type, record.state, attributes))  # fmt: skip
         return Subject(tenant_id, actor, target, facts, details=self._details(request, attributes), state=state)
 
     def resolve_new(self, request: AccessRequest, tenant_id: str, now: datetime, subject: Subject) -> Subject:
@@ -198,10 +204,9 @@ class KmipCreate(_KmipAction):
         attributes = Attributes({})
         for name, value in inputs.template:
             attributes.add(name, value)
-        self.objects.ensure_kek(tenant_id, request.principal)
         resource = _object_resource(inputs.uid, inputs.object_type, "PreActive", attributes)
         assert self.cedar_action is not None
-        subject.facts = _facts(request, self.cedar_action, now, resource)
+        subject.facts = _facts(self.objects, request, self.cedar_action, now, resource)
         subject.details.update(self._details(request, attributes), object_type=inputs.object_type)
         return subject
 
@@ -219,6 +224,9 @@ class KmipCreate(_KmipAction):
             attributes.to_json(), subject.actor[:200], now, now, None,
         )  # fmt: skip
         state.record = record
+        if inputs.size or inputs.material is not None:  # the KEK is made once a Create or Register is permitted
+            assert state.principal is not None
+            self.objects.ensure_kek(conn, subject.tenant_id, state.principal)
         version, digest = self.objects.insert(conn, record, size=inputs.size, material=inputs.material)
         subject.details["kek_version"] = version
         if inputs.object_type == "SymmetricKey" and digest:  # never of secret data: a password's hash is a guess test
@@ -377,7 +385,7 @@ class KmipLocate(_KmipAction):
     def resolve_new(self, request: AccessRequest, tenant_id: str, now: datetime, subject: Subject) -> Subject:
         inputs: KmipInputs = request.inputs
         subject.target = "kmip:*"
-        subject.facts = _facts(request, "kmip_locate", now, {"type": "Tenant"})
+        subject.facts = _facts(self.objects, request, "kmip_locate", now, {"type": "Tenant"})
         filters = {k: str(v)[:64] for k, v in inputs.locate.items() if k in ("object_type", "state", "name") and v}
         subject.details.update(self._details(request, None), **filters)
         return subject

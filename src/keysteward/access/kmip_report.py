@@ -13,7 +13,7 @@ from sqlalchemy import func, or_, select
 
 from keysteward.access.kmip_attributes import Attributes
 from keysteward.store.db import Database
-from keysteward.store.frontend_models import KmipObject
+from keysteward.store.frontend_models import KmipClientPin, KmipObject
 from keysteward.store.models import CertRevocation, IssuedCert
 
 MAX_LISTED = 10_000
@@ -51,7 +51,8 @@ class KmipReport:
         return out
 
     def clients(self, tenant_id: str) -> list[dict[str, Any]]:
-        """Hypervisor certificates the tenant CA issued, revoked or not, with the objects each created."""
+        """Hypervisor certificates the tenant CA issued, revoked or not, and those pinned (trust mode C, removed
+        or not; ``serial`` is then ``sha256:FINGERPRINT``), with the objects each name created."""
         with self.db.read() as conn:
             certs = conn.execute(
                 select(IssuedCert.name, IssuedCert.serial, IssuedCert.not_after, CertRevocation.revoked_at)
@@ -67,11 +68,22 @@ class KmipReport:
                     .group_by(KmipObject.created_by)
                 ).all()
             )
-        return [
+            pins = conn.execute(
+                select(KmipClientPin.name, KmipClientPin.fingerprint, KmipClientPin.not_after, KmipClientPin.removed_at)
+                .where(KmipClientPin.tenant_id == tenant_id)
+                .order_by(KmipClientPin.name, KmipClientPin.created_at)
+            ).all()  # fmt: skip
+        issued = [
             {"name": c.name, "serial": c.serial, "not_after": _iso(c.not_after), "revoked": c.revoked_at is not None,
-             "objects_created": _made_by(made, c.name)}
+             "objects_created": _made_by(made, c.name), "trust": "issued"}
             for c in certs
         ]  # fmt: skip
+        pinned = [
+            {"name": p.name, "serial": f"sha256:{p.fingerprint}", "not_after": _iso(p.not_after),
+             "revoked": p.removed_at is not None, "objects_created": _made_by(made, p.name), "trust": "pinned"}
+            for p in pins
+        ]  # fmt: skip
+        return issued + pinned
 
     def status(self, tenant_id: str, listen: str) -> dict[str, Any]:
         with self.db.read() as conn:

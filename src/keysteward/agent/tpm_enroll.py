@@ -62,3 +62,25 @@ def enroll(url: str, tenant: str, tcti: str, options: UnlockOptions, *, client: 
     finally:
         if own:
             client.close()
+
+
+def report_quote(
+    url: str, tenant: str, tcti: str, pcrs: dict[str, list[int]], options: UnlockOptions,
+    *, client: AgentClient | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Quote ``pcrs`` with the enrolled AK over a fresh nonce and send it (``POST /v1/attest/tpm/quote``, the
+    machine's client certificate as its identity); the platform facts the key manager verified and keeps."""
+    from keysteward.release.platform_reports import report_binding
+
+    device = TpmDevice(tcti, timeout=options.timeout)
+    device.ensure_keys()
+    own = client is None
+    client = client or options.client(url)
+    try:
+        challenge = client.challenge()
+        quote = device.quote(report_binding(challenge.nonce_bytes), pcrs)
+        _, done = client.post("/attest/tpm/quote", {"tenant": tenant, "nonce": challenge.nonce, "tpm": quote})
+        return done
+    finally:
+        if own:
+            client.close()

@@ -1,4 +1,4 @@
-"""keysteward host run|check|enroll-tpm|status: the agent of a hypervisor host (docs/hosts.md)."""
+"""keysteward host run|check|enroll-tpm|report-tpm|status: the agent of a hypervisor host (docs/hosts.md)."""
 
 from __future__ import annotations
 
@@ -45,21 +45,41 @@ def check(config: Config, as_json: JsonFlag = False) -> None:
 
 @app.command("enroll-tpm")
 def enroll_tpm(config: Config, as_json: JsonFlag = False) -> None:
-    """Enroll this host's TPM attestation key with the key manager (the host certificate is its identity)."""
+    """Enroll this host's (or KMIP hypervisor's) TPM attestation key; its certificate is its identity."""
     from keysteward.agent.tpm_enroll import enroll
     from keysteward.agent.unlock import UnlockOptions
     from keysteward.errors import KeystewardError
-    from keysteward.host.agent import host_identity
     from keysteward.host.config import load_config
 
     settings = load_config(config)
     if settings.tpm is None:
         raise KeystewardError(f"{config} names no TPM ([tpm] tcti)", code="host_config")
-    tenant, _ = host_identity(settings.kms.cert_file)
+    tenant = _machine_tenant(settings.kms.cert_file)
     options = UnlockOptions(identity="host", client_cert=(settings.kms.cert_file, settings.kms.key_file),
                             ca_file=settings.kms.ca_file, timeout=settings.kms.timeout)  # fmt: skip
     holder = enroll(settings.url, tenant, settings.tpm, options)
     emit({"holder": holder}, as_json, lambda d: console.print(f"TPM attestation key enrolled for {d['holder']}"))
+
+
+@app.command("report-tpm")
+def report_tpm(config: Config, as_json: JsonFlag = False) -> None:
+    """Send a fresh TPM quote of this machine's [tpm] pcrs (enroll its AK first): a KMIP hypervisor's policy facts.
+
+    The key manager verifies it with the enrolled AK and keeps it as ``context.platform`` of this machine's KMIP
+    operations for ``[kmip] platform_max_age`` seconds (docs/kmip.md): run it at boot and periodically."""
+    from keysteward.agent.tpm_enroll import report_quote
+    from keysteward.agent.unlock import UnlockOptions, parse_pcrs
+    from keysteward.errors import KeystewardError
+    from keysteward.host.config import load_config
+
+    settings = load_config(config)
+    if settings.tpm is None:
+        raise KeystewardError(f"{config} names no TPM ([tpm] tcti)", code="host_config")
+    tenant = _machine_tenant(settings.kms.cert_file)
+    options = UnlockOptions(identity="host", client_cert=(settings.kms.cert_file, settings.kms.key_file),
+                            ca_file=settings.kms.ca_file, timeout=settings.kms.timeout)  # fmt: skip
+    done = report_quote(settings.url, tenant, settings.tpm, parse_pcrs(settings.tpm_pcrs), options)
+    emit(done, as_json, lambda d: fields(d, ["holder", "platform"]))
 
 
 @app.command("status")
@@ -72,3 +92,19 @@ def status(
     from keysteward.daemon_status import read_status
 
     emit(read_status(status_file, "host"), as_json, lambda d: fields(d))
+
+
+def _machine_tenant(cert_file: str) -> str:
+    """The tenant of a host or hypervisor certificate (its identity URI; the key manager verifies it)."""
+    from keysteward.crypto.x509identity import peek_identity, pem_to_der
+    from keysteward.errors import KeystewardError
+
+    try:
+        with open(cert_file, encoding="ascii", errors="replace") as f:
+            identity = peek_identity(pem_to_der(f.read()))
+    except OSError as exc:
+        raise KeystewardError(f"cannot read {cert_file}: {exc.strerror}", code="host_config") from None
+    if identity.role not in ("host", "hypervisor"):
+        raise KeystewardError(f"{cert_file} is a {identity.role} certificate, not a host's or hypervisor's",
+                              code="host_config")  # fmt: skip
+    return identity.tenant

@@ -199,35 +199,28 @@ class KeyStore:
         check_name("key", name)
         if len(description) > 1024:
             raise BadRequest("description is longer than 1024 characters", code="bad_description")
-        key_id = str(uuid.uuid4())
-        now = datetime.now(UTC)
         self.root.root()
         try:
             with self.db.write() as conn:
-                conn.execute(
-                    insert(Key).values(
-                        id=key_id,
-                        tenant_id=actor.tenant_id,
-                        name=name,
-                        description=description,
-                        state=ENABLED,
-                        primary_version=1,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                self._new_version(conn, actor.tenant_id, key_id, 1)
-                self.audit.append(
-                    conn,
-                    actor.tenant_id,
-                    actor=actor.describe(),
-                    action="key.create",
-                    target=f"key:{name}",
-                    details={"key_id": key_id, "version": 1},
-                )
+                self.create_in(conn, actor, name, description)
                 return self._info(conn, self.key_row(conn, actor.tenant_id, name), versions=True)
         except IntegrityError as exc:
             raise Conflict(f"a key named '{name}' exists already", code="key_exists") from exc
+
+    def create_in(self, conn: Connection, actor: Principal, name: str, description: str = "") -> str:
+        """:meth:`create` in the caller's write transaction (IntegrityError if the name is taken); its id."""
+        key_id = str(uuid.uuid4())
+        now = datetime.now(UTC)
+        conn.execute(
+            insert(Key).values(
+                id=key_id, tenant_id=actor.tenant_id, name=name, description=description, state=ENABLED,
+                primary_version=1, created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+        self._new_version(conn, actor.tenant_id, key_id, 1)
+        self.audit.append(conn, actor.tenant_id, actor=actor.describe(), action="key.create", target=f"key:{name}",
+                          details={"key_id": key_id, "version": 1})  # fmt: skip
+        return key_id
 
     def rotate(self, actor: Principal, name: str) -> KeyInfo:
         """New primary version; a rewrap job moves the stored DEKs to it in the background."""

@@ -12,18 +12,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import Conflict, Denied
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import KeyStore
 from keysteward.store.frontend_models import KmipObject
-from keysteward.store.models import DataKey
+from keysteward.store.models import DataKey, Key
 from keysteward.ttlcache import TtlCache
 
 DEFAULT_KEK = "kmip"
@@ -104,15 +106,24 @@ class KmipObjects:
         self.kek = kek
         self._recent: TtlCache[tuple[str, str], tuple[KmipRecord, tuple[str, int] | None]] = TtlCache(RECENT_SECONDS)
         """(tenant, uid) -> the record last read or written here, and its material's KEK (id, version)."""
+        self.platform_of: Callable[[str, str], dict[str, Any]] = lambda _tenant_id, _holder: {"tee": "none"}
+        """A machine's verified platform facts (``tenant_id``, ``hypervisor:NAME``): its latest TPM quote's, from
+        :class:`keysteward.release.platform_reports.PlatformReports` (set where the services are built)."""
+        self.platform_warm: Callable[[str, str], bool] = lambda _tenant_id, _holder: True
+        """Whether :attr:`platform_of` answers ``(tenant_id, holder)`` from memory now."""
 
-    def ensure_kek(self, tenant_id: str, actor: Principal) -> None:
-        """The tenant's KMIP KEK exists (made at the first Create or Register, audited as ``key.create``)."""
+    def ensure_kek(self, conn: Connection, tenant_id: str, actor: Principal) -> None:
+        """The tenant's KMIP KEK exists: made, in the caller's transaction (a permitted Create or Register, after
+        the policy's decision), at the first one, audited as ``key.create``."""
         if self.keys.key_ref(tenant_id, name=self.kek) is not None:
             return
+        if conn.execute(select(Key.id).where(Key.tenant_id == tenant_id, Key.name == self.kek)).first() is not None:
+            return
         try:
-            self.keys.create(actor, self.kek, "KEK of the KMIP front-end's objects")
-        except Conflict:
-            pass  # another request made it first
+            with conn.begin_nested():
+                self.keys.create_in(conn, actor, self.kek, "KEK of the KMIP front-end's objects")
+        except IntegrityError:
+            pass  # another server made it first
 
     def new_uid(self) -> str:
         return str(uuid.uuid4())

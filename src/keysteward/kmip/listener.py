@@ -9,7 +9,7 @@ one message and one read. A framing error closes that connection only.
 
 The client certificate is authenticated for every message (a revoked certificate is refused within a second,
 by the check the REST listener uses) and must be of role ``hypervisor``; anything else answers Permission
-Denied for each batch item, audited by nobody (no object was reached).
+Denied for each batch item, counted in the tenant the certificate can be traced to (kmip/trust.py).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class KmipServer:
     def __init__(
         self,
         operations: Operations,
-        authenticate: Callable[[bytes], Principal],
+        authenticate: Callable[[bytes, str], Principal],
         seen: Callable[[bytes], Principal | None],
         limits: KmipLimits,
     ) -> None:
@@ -63,13 +63,13 @@ class KmipServer:
         self.bounds = t.Bounds(max_bytes=limits.max_message_bytes)
         self.metrics = KmipMetrics()
 
-    async def principal(self, der: bytes | None) -> Principal:
+    async def principal(self, der: bytes | None, source: str = "") -> Principal:
         if not der:
             raise KmipError("PermissionDenied", "no client certificate")
         who = self.seen(der)
         if who is None:
             try:
-                who = await anyio.to_thread.run_sync(self.authenticate, der)
+                who = await anyio.to_thread.run_sync(self.authenticate, der, source)
             except KeystewardError as exc:
                 raise KmipError("PermissionDenied", "the client certificate is not accepted", exc.code or "") from None
         if who.role != ROLE:
@@ -93,7 +93,7 @@ class KmipServer:
             answer = version if version in messages.SUPPORTED else messages.SUPPORTED[0]
             return t.encode(messages.failure(answer, exc)), False
         try:
-            who: Principal | None = await self.principal(der)
+            who: Principal | None = await self.principal(der, source)
             denied = None
         except KmipError as exc:
             who, denied = None, exc

@@ -305,6 +305,11 @@ class PolicyRequest:
             if context_type == "HostContext":
                 host = _host(self.host)
                 context["host"] = host
+        elif context_type == "KmipContext":  # the hypervisor's latest verified quote (release/platform_reports.py)
+            if check.mapping(self.identity, "identity"):
+                raise check.fail("identity", f"applies to release and renew only, not to {self.action}")
+            identity, platform = {}, _platform(check.mapping(self.platform, "platform") or {"tee": "none"})
+            context = {"platform": platform, "request": request}
         elif context_type == "KeyUseContext":
             if check.mapping(self.identity, "identity") or check.mapping(self.platform, "platform"):
                 raise check.fail("identity", f"and platform apply to release and renew only, not to {self.action}")

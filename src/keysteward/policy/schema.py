@@ -154,7 +154,8 @@ SCHEMA_TEXT: Final = (
     "  };\n"
     "  type HostContext = { identity: Identity, platform: Platform, host: HostFacts, request: RequestInfo };\n"
     "  type AdminContext = { request: RequestInfo };\n"
-    "  type KmipContext = { request: RequestInfo };\n"
+    '  // platform: the hypervisor\'s latest verified TPM quote ({ tee: "none" } without a fresh one).\n'
+    "  type KmipContext = { platform: Platform, request: RequestInfo };\n"
     '  // encryption_context: the caller\'s encryption context as "key=value" strings (bound as AAD).\n'
     "  // kms: an XKS call's requestMetadata (kmsOperation, kmsRequestId, awsPrincipalArn, kmsKeyArn,\n"
     "  // kmsViaService, awsSourceVpc, awsSourceVpce); present on XKS calls only.\n"

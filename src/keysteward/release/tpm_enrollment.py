@@ -73,9 +73,10 @@ class TpmEnrollments:
         ek_certificate: bytes | None,
         ak_public: bytes,
         host: str | None = None,
+        role: str = "host",
     ) -> tuple[str, bytes]:
-        """Check the instance (or the ``host`` its mTLS certificate proved), its EK and its AK; return the
-        enrollment id and the credential blob."""
+        """Check the instance (or the ``host``, of ``role`` host or hypervisor, its mTLS certificate proved), its EK
+        and its AK; return the enrollment id and the credential blob."""
         now = datetime.now(UTC)
         raw = decode(nonce)
         expires = self.nonces.check(raw)
@@ -100,7 +101,7 @@ class TpmEnrollments:
         except EvidenceRejected as exc:
             raise Denied(exc.message, code=exc.code) from None
         enrollment_id = str(uuid.uuid4())
-        holder = who.key()
+        holder = f"{role}:{host}" if host is not None else who.key()
 
         def effect(conn: Connection) -> dict[str, Any]:
             self.nonces.spend(conn, raw, expires)
@@ -204,11 +205,12 @@ class TpmEnrollments:
 
     def pin(self, actor: Principal, holder: str, ak_public: bytes) -> None:
         """An admin pins ``ak_public`` for the instance ``holder`` (provider/account/instance_id)."""
-        if holder.startswith("host:"):
-            check_name("host", holder.removeprefix("host:"))
+        if holder.startswith(("host:", "hypervisor:")):
+            check_name("host", holder.split(":", 1)[1])
         elif holder.count("/") != 2 or not 0 < len(holder) <= 256:
             raise BadRequest(
-                "an instance is named provider/account/instance_id (a host: host:NAME)", code="bad_instance"
+                "an instance is named provider/account/instance_id (a host: host:NAME, a hypervisor: hypervisor:NAME)",
+                code="bad_instance",
             )
         try:
             check_ak(ak_public)

@@ -40,8 +40,9 @@ Caller = InstanceIdentity | HostIdentity
 
 
 def actor_of(holder: str) -> str:
-    """The audit name of a lease holder: ``host:NAME`` as it is, ``instance:provider/account/id``."""
-    return holder if holder.startswith("host:") else f"instance:{holder}"
+    """The audit name of a lease or AK holder: ``host:NAME`` and ``hypervisor:NAME`` as they are,
+    ``instance:provider/account/id``."""
+    return holder if holder.startswith(("host:", "hypervisor:")) else f"instance:{holder}"
 
 
 _BINDING_FIELDS = ("provider", "account", "instance_id", "image_id", "host")

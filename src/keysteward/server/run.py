@@ -27,6 +27,7 @@ from keysteward.keys import root as root_module
 from keysteward.kmip.listener import KmipLimits, KmipListener, KmipServer
 from keysteward.kmip.listener import parse_listen as parse_kmip_listen
 from keysteward.kmip.operations import Operations
+from keysteward.kmip.trust import ClientTrust, trust_pins
 from keysteward.logs import json_logging
 from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir
@@ -316,9 +317,11 @@ def start_kmip(svc: Services, stop: threading.Event) -> KmipListener | None:
         ctx.set_ciphers(k.tls_ciphers)
     svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
     threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
+    trust_pins(ctx, svc.kmip_pins, stop)  # trust mode C: pinned self-signed certificates (kmip/trust.py)
+    trust = ClientTrust(svc.cas, svc.kmip_pins, svc.refusals, svc.tenants.id_or_unknown)
     operations = Operations(svc.kmip, k.max_locate_items)
     bounds = KmipLimits(k.max_message_bytes, k.idle_timeout, k.read_timeout)
-    server = KmipServer(operations, svc.cas.authenticate, svc.cas.seen, bounds)
+    server = KmipServer(operations, trust.authenticate, trust.seen, bounds)
     listener = KmipListener(server, host, port, ctx, limits)
     listener.start()
     svc.kmip_metrics = server.metrics.registry

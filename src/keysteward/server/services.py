@@ -32,6 +32,7 @@ from keysteward.keys.ca import CertificateAuthorities
 from keysteward.keys.envelope import Envelope
 from keysteward.keys.keystore import KeyStore
 from keysteward.keys.kmip_objects import KmipObjects
+from keysteward.keys.kmip_pins import KmipPins
 from keysteward.keys.rewrap import Rewrapper
 from keysteward.keys.root import RootOfTrust
 from keysteward.keys.xks_crypto import XksCrypto
@@ -41,6 +42,7 @@ from keysteward.ratelimit import FailureLimiter
 from keysteward.release.alerts import Alerts
 from keysteward.release.nonces import Nonces
 from keysteward.release.platform import PlatformVerifier
+from keysteward.release.platform_reports import PlatformReports
 from keysteward.release.registry import Registry
 from keysteward.release.tpm_enrollment import TpmEnrollments
 from keysteward.release.vms import Vms
@@ -73,6 +75,8 @@ class Services:
     xks_metrics: XksMetrics
     kmip: KmipAccess
     kmip_report: KmipReport
+    kmip_pins: KmipPins
+    platform_reports: PlatformReports
     vms: Vms
     kmip_metrics: CollectorRegistry | None = None
     """The KMIP listener's metrics, when it runs in this process (``/metrics`` appends them)."""
@@ -120,6 +124,9 @@ class Services:
         xks_crypto = XksCrypto(keys, db)
         xks_actions.register(actions, xks, xks_crypto, keys)
         kmip_objects = KmipObjects(keys, settings.kmip.kek)
+        platform_reports = PlatformReports(db, audit, nonces, platform, settings.kmip.platform_max_age)
+        kmip_objects.platform_of = platform_reports.latest
+        kmip_objects.platform_warm = platform_reports.is_warm
         kmip_actions.register(actions, kmip_objects)
         kmip_crypto.register(actions, kmip_objects)
         refusals = RefusalTally(audit, settings.audit.refusal_interval)
@@ -150,6 +157,8 @@ class Services:
             xks_metrics=XksMetrics(),
             kmip=KmipAccess(access, kmip_objects),
             kmip_report=KmipReport(db),
+            kmip_pins=KmipPins(db, audit),
+            platform_reports=platform_reports,
             vms=vms,
         )
 

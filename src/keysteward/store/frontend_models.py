@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Index, LargeBinary, String, Text
+from sqlalchemy import DateTime, ForeignKey, Index, LargeBinary, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from keysteward.store.models import Base
@@ -67,3 +67,31 @@ class KmipObject(Base):
         Index("ix_kmip_objects_tenant_state", "tenant_id", "state"),
         Index("ix_kmip_objects_tenant_name", "tenant_id", "name"),
     )
+
+
+_ACTIVE_PIN = text("removed_at IS NULL")
+
+
+class KmipClientPin(Base):
+    """A hypervisor's self-signed certificate a tenant admin registered (KMIP trust mode C, docs/kmip.md): the
+    listener accepts exactly this certificate (its SHA-256 fingerprint) as the machine ``hypervisor/name``.
+    A removed pin keeps its row (``removed_at``), so a later handshake with it is refused in its tenant's name."""
+
+    __tablename__ = "kmip_client_pins"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    """SHA-256 of the certificate's DER, lower-case hex."""
+    cert_pem: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str] = mapped_column(String(255))
+    not_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    __table_args__ = (
+        Index("ux_kmip_client_pins_active_fingerprint", "fingerprint", unique=True, sqlite_where=_ACTIVE_PIN,
+              postgresql_where=_ACTIVE_PIN),
+        Index("ux_kmip_client_pins_active_name", "tenant_id", "name", unique=True, sqlite_where=_ACTIVE_PIN,
+              postgresql_where=_ACTIVE_PIN),
+    )  # fmt: skip

@@ -344,6 +344,18 @@ class TpmKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class PlatformReport(Base):
+    """A machine's latest verified TPM quote (a hypervisor's ``keysteward host report-tpm``): its platform facts
+    (``context.platform``, JSON) as the quote proved them, for the actions that carry no evidence (KMIP)."""
+
+    __tablename__ = "platform_reports"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256), primary_key=True)
+    facts: Mapped[str] = mapped_column(Text)
+    ak_name: Mapped[str] = mapped_column(String(132))
+    verified_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class TpmEnrollment(Base):
     """A MakeCredential challenge in flight: the AK is enrolled when the TPM returns the secret."""
 

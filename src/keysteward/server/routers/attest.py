@@ -7,7 +7,7 @@ tenant gets exactly the answer a known tenant gives the same request, so tenant 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
@@ -72,22 +72,45 @@ def enroll(body: EnrollIn, request: Request) -> EnrollOut:
         unb64(body.ek_public),
         unb64(body.ek_certificate) if body.ek_certificate else None,
         unb64(body.ak_public),
-        host=_enrolling_host(request, body.tenant),
+        **_enrolling_machine(request, body.tenant),
     )
     return EnrollOut(enrollment_id=enrollment_id, credential=b64(credential))
 
 
-def _enrolling_host(request: Request, tenant: str) -> str | None:
-    """The tenant's host whose certificate came with an enrollment (it needs no identity document), or None."""
+def _machine(request: Request, tenant: str) -> Principal | None:
+    """The tenant's host or hypervisor whose certificate came with the request (it needs no identity document)."""
     der = client_cert_der(request)
     if not der:
         return None
     who = services(request).cas.authenticate(der)
-    if who.role != "host":
+    if who.role not in ("host", "hypervisor"):
         return None
     if who.tenant != tenant:
-        raise Denied("a host enrolls only with its own tenant", code="tenant_mismatch")
-    return who.name
+        raise Denied("a machine enrolls only with its own tenant", code="tenant_mismatch")
+    return who
+
+
+def _enrolling_machine(request: Request, tenant: str) -> dict[str, str]:
+    who = _machine(request, tenant)
+    return {} if who is None else {"host": who.name, "role": who.role}
+
+
+class QuoteIn(Strict):
+    tenant: Name
+    nonce: Annotated[str, Field(min_length=1, max_length=64)]
+    tpm: Annotated[dict[Annotated[str, Field(max_length=32)], Any], Field(max_length=8)]
+
+
+@router.post("/attest/tpm/quote")
+def report_quote(body: QuoteIn, request: Request) -> dict[str, Any]:
+    """A hypervisor's (or host's) TPM quote over a fresh nonce, verified with its enrolled AK: its facts become
+    ``context.platform`` of its KMIP operations (release/platform_reports.py)."""
+    who = _machine(request, body.tenant)
+    if who is None:
+        raise Denied("send this with the machine's client certificate (role host or hypervisor)",
+                     code="no_credentials")  # fmt: skip
+    facts = services(request).platform_reports.report(who.tenant_id, f"{who.role}:{who.name}", body.nonce, body.tpm)
+    return {"holder": f"{who.role}:{who.name}", "platform": facts}
 
 
 @router.post("/attest/tpm/activate")
