@@ -221,18 +221,21 @@ class KmipCreate(_KmipAction):
             attributes.set("Random Number Generator", Item(TAGS["AttributeValue"], ItemType.STRUCTURE, (rng,)))
         record = KmipRecord(
             inputs.uid, subject.tenant_id, inputs.object_type, "PreActive", attributes.name_value(), None,
-            attributes.to_json(), subject.actor[:200], now, now, None,
+            "", subject.actor[:200], now, now, None,
         )  # fmt: skip
         state.record = record
         if inputs.size or inputs.material is not None:  # the KEK is made once a Create or Register is permitted
             assert state.principal is not None
             self.objects.ensure_kek(conn, subject.tenant_id, state.principal)
-        version, digest = self.objects.insert(conn, record, size=inputs.size, material=inputs.material)
-        subject.details["kek_version"] = version
-        if inputs.object_type == "SymmetricKey" and digest:  # never of secret data: a password's hash is a guess test
-            attributes.set("Digest", _digest(digest))
-            record.attributes = attributes.to_json()
-            self.objects.save(conn, record, now)
+
+        def describe(digest: bytes) -> str:
+            if inputs.object_type == "SymmetricKey" and digest:  # never of secret data: a hash is a guess test
+                attributes.set("Digest", _digest(digest))
+            return attributes.to_json()
+
+        subject.details["kek_version"] = self.objects.insert(
+            conn, record, size=inputs.size, material=inputs.material, describe=describe
+        )
         return inputs.uid
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Table, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.crypto.secret import SecretBuffer
@@ -26,6 +26,9 @@ from keysteward.store.models import DataKey
 
 if TYPE_CHECKING:
     from keysteward.keys.keystore import KeyStore
+
+
+_INSERT = insert(cast(Table, DataKey.__table__))  # built once: one with values inlined is walked per call
 
 
 class DataKeys:
@@ -55,19 +58,19 @@ class DataKeys:
         dek = SecretBuffer.from_bytes(bytearray(os.urandom(size) if material is None else material))
         try:
             wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
-            try:
-                with conn.begin_nested():
-                    conn.execute(
-                        insert(DataKey).values(
-                            id=dek_id,
-                            tenant_id=tenant_id,
-                            key_id=row.id,
-                            name=name,
-                            kek_version=row.primary_version,
-                            wrapped=wrapped,
-                            created_at=datetime.now(UTC),
-                        )
-                    )
+            try:  # no savepoint of its own: a clash spoils the caller's transaction, which never goes on after it
+                conn.execute(
+                    _INSERT,
+                    {
+                        "id": dek_id,
+                        "tenant_id": tenant_id,
+                        "key_id": row.id,
+                        "name": name,
+                        "kek_version": row.primary_version,
+                        "wrapped": wrapped,
+                        "created_at": datetime.now(UTC),
+                    },
+                )
             except IntegrityError as exc:
                 raise Conflict(
                     f"key '{key_name}' already has a data key named '{name}'", code="data_key_exists"

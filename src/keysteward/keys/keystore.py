@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.audit.log import AuditLog
@@ -36,6 +36,13 @@ STATE_TTL_SECONDS = 1.0  # how long another server's disable/rotate/destroy may 
 ShredHook = Callable[[Connection, str, str, int | None, str], int]
 """Called inside a key (version) destroy's transaction with (conn, tenant id, key id, the version or None for
 the whole key, the actor); destroys what lived under it (volumes) with its own audit records, returns how many."""
+
+
+# built once: constructing a statement and walking it for its cache key cost more than the read
+_KEY_BY_NAME = select(Key.__table__).where(Key.tenant_id == bindparam("t"), Key.name == bindparam("n"))
+_VERSION = select(KeyVersion.state, KeyVersion.wrapped).where(
+    KeyVersion.key_id == bindparam("k"), KeyVersion.version == bindparam("v")
+)
 
 
 class KeyStore:
@@ -100,8 +107,8 @@ class KeyStore:
 
     # -- reading -----------------------------------------------------------------------------
     def key_row(self, conn: Connection, tenant_id: str, name: str, *, lock: bool = False) -> Key:
-        stmt = select(Key.__table__).where(Key.tenant_id == tenant_id, Key.name == name)
-        row = conn.execute(for_update(stmt, self.db) if lock else stmt).first()
+        stmt = for_update(_KEY_BY_NAME, self.db) if lock else _KEY_BY_NAME
+        row = conn.execute(stmt, {"t": tenant_id, "n": name}).first()
         if row is None:
             raise NotFound(f"no key '{name}'", code="key_not_found")
         return row  # type: ignore[return-value]
@@ -168,11 +175,7 @@ class KeyStore:
 
     def kek(self, conn: Connection, tenant_id: str, key_id: str, version: int) -> AeadKey:
         """The usable KEK version, or an error naming why not (destroyed, unknown)."""
-        row = conn.execute(
-            select(KeyVersion.state, KeyVersion.wrapped).where(
-                KeyVersion.key_id == key_id, KeyVersion.version == version
-            )
-        ).first()
+        row = conn.execute(_VERSION, {"k": key_id, "v": version}).first()
         if row is None:
             raise NotFound(f"key version {version} does not exist", code="key_version_not_found")
         if row.state == DESTROYED or row.wrapped is None:

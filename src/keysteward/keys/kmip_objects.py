@@ -15,9 +15,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.crypto.secret import SecretBuffer
@@ -46,6 +46,13 @@ _WITH_WRAPPED = (
     .outerjoin(DataKey, DataKey.id == KmipObject.data_key_id)
     .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
 )
+_INSERT = insert(cast(Table, KmipObject.__table__))
+_SAVE = (
+    update(KmipObject)
+    .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
+    .values(state=bindparam("state"), name=bindparam("name"), attributes=bindparam("attributes"),
+            updated_at=bindparam("updated_at"))
+)  # fmt: skip
 _FETCHED = (
     update(KmipObject)
     .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
@@ -135,9 +142,11 @@ class KmipObjects:
         *,
         size: int = 0,
         material: bytes | None = None,
-    ) -> tuple[int, bytes]:
-        """Store ``record`` with fresh material of ``size`` bytes or the client's ``material``: the KEK version,
-        and the SHA-256 digest of the material (the KMIP Digest attribute of a key)."""
+        describe: Callable[[bytes], str] | None = None,
+    ) -> int:
+        """Store ``record`` with fresh material of ``size`` bytes or the client's ``material``; the KEK version.
+        ``describe`` gets the SHA-256 digest of the material (b"" without one: the KMIP Digest attribute of a
+        key) and gives the record's attributes, so the row is written once."""
         version, digest = 0, b""
         if size or material is not None:
             dek_id, version, dek = self.keys.data.new(
@@ -146,14 +155,14 @@ class KmipObjects:
             digest = hashlib.sha256(dek.view()).digest()
             dek.wipe()
             record.data_key_id = dek_id
-        conn.execute(
-            insert(KmipObject).values(
-                id=record.uid, tenant_id=record.tenant_id, object_type=record.object_type, state=record.state,
-                name=record.name, data_key_id=record.data_key_id, attributes=record.attributes,
-                created_by=record.created_by, created_at=record.created_at, updated_at=record.updated_at,
-            )
-        )  # fmt: skip
-        return version, digest
+        if describe is not None:
+            record.attributes = describe(digest)
+        conn.execute(_INSERT, {
+            "id": record.uid, "tenant_id": record.tenant_id, "object_type": record.object_type, "state": record.state,
+            "name": record.name, "data_key_id": record.data_key_id, "attributes": record.attributes,
+            "created_by": record.created_by, "created_at": record.created_at, "updated_at": record.updated_at,
+        })  # fmt: skip
+        return version
 
     def get(self, tenant_id: str, uid: str, conn: Connection | None = None) -> KmipRecord | None:
         """The record as stored now (in ``conn``'s transaction when given)."""
@@ -206,11 +215,8 @@ class KmipObjects:
 
     def save(self, conn: Connection, record: KmipRecord, now: datetime) -> None:
         record.updated_at = now
-        conn.execute(
-            update(KmipObject)
-            .where(KmipObject.tenant_id == record.tenant_id, KmipObject.id == record.uid)
-            .values(state=record.state, name=record.name, attributes=record.attributes, updated_at=now)
-        )
+        conn.execute(_SAVE, {"t": record.tenant_id, "u": record.uid, "state": record.state, "name": record.name,
+                             "attributes": record.attributes, "updated_at": now})  # fmt: skip
         self.forget(record.tenant_id, record.uid)  # the transaction may still fail: the next request reads
 
     def fetched(self, conn: Connection, record: KmipRecord, now: datetime) -> None:
