@@ -50,6 +50,10 @@ class Export(Protocol):
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 
+    def pread_into(self, offset: int, view: memoryview) -> None: ...
+
+    def pwrite_in_place(self, offset: int, view: memoryview, fua: bool) -> None: ...
+
     def flush(self) -> None: ...
 
     def trim(self, offset: int, length: int) -> None: ...
@@ -140,6 +144,40 @@ class LuksExport:
         self._enter()
         try:
             self._write(offset, data)
+            if fua:
+                self.volume.flush()
+        finally:
+            self._leave()
+
+    def pread_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the payload at ``offset``: whole sectors are read into it and decrypted there;
+        any other request is read and copied in."""
+        self._enter()
+        try:
+            if self.volume.aligned(offset, view.nbytes):
+                self.volume.read_into(offset, view)
+                return
+            at = 0
+
+            def sink(part: memoryview) -> None:
+                nonlocal at
+                view[at : at + part.nbytes] = part
+                at += part.nbytes
+
+            self.volume.read_to(offset, view.nbytes, sink)
+        finally:
+            self._leave()
+
+    def pwrite_in_place(self, offset: int, view: memoryview, fua: bool) -> None:
+        """As :meth:`pwrite`, but ``view`` is the caller's scratch: whole sectors are encrypted in it (it holds
+        ciphertext afterwards) and written from it; any other request is written through a copy."""
+        self._check_writable()
+        self._enter()
+        try:
+            if self.volume.aligned(offset, view.nbytes):
+                self.volume.write_in_place(offset, view)
+            else:
+                self._write(offset, view)
             if fua:
                 self.volume.flush()
         finally:

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from keysteward.errors import BadRequest, KeystewardError
 from keysteward.formats import nbd
+from keysteward.proxy.buffers import Buffers
 from keysteward.proxy.export import Export, ExportClosed
 from keysteward.proxy.revocations import CertRef, Revocations, cert_ref
 from keysteward.proxy.wire import Closed, Wire
@@ -102,6 +103,16 @@ class _Connection:
         self.bytes_in_flight = 0
         self.requests_in_flight = 0
         self.budget = asyncio.Condition()
+        self.waiting = 0
+        """Requests waiting for the budget (a release wakes them only if there are any)."""
+        self.buffers = Buffers(wire.sent)
+
+
+def _room(conn: _Connection, nbytes: int) -> bool:
+    """Does the connection's budget take one more request of ``nbytes`` payload bytes?"""
+    return conn.requests_in_flight < MAX_REQUESTS_IN_FLIGHT and (
+        not conn.bytes_in_flight or conn.bytes_in_flight + nbytes <= MAX_BYTES_IN_FLIGHT
+    )
 
 
 def _flags(export: Export) -> int:
@@ -361,42 +372,46 @@ class NbdServer:
             finally:
                 conn.idle = False
             started = time.perf_counter()
-            if request.command == nbd.CMD_DISC:
+            command = request.command
+            if command == nbd.CMD_DISC:
                 return
-            payload: bytearray | None = None
-            carries = request.command in (nbd.CMD_READ, nbd.CMD_WRITE) and request.length <= export.max_block
+            carries = command in (nbd.CMD_READ, nbd.CMD_WRITE) and request.length <= export.max_block
             reserved = request.length if carries else 0
-            if request.command == nbd.CMD_WRITE and not carries:  # its payload cannot be skipped at no cost: drop
+            if command == nbd.CMD_WRITE and not carries:  # its payload cannot be skipped at no cost: drop
                 raise nbd.NbdProtocolError(f"write of {request.length} bytes", code=nbd.TOO_LONG)
-            await self._reserve(conn, reserved)
-            if request.command == nbd.CMD_WRITE:
-                payload = bytearray(request.length)
-                await wire.read_into(memoryview(payload))
             error = self._check(conn, export, request)
-            if request.command == nbd.CMD_READ and not error and request.length <= INLINE_READ:
-                self._read_inline(conn, export, request, started)
-                await self._release(conn, reserved)
+            if command == nbd.CMD_READ and not error and request.length <= INLINE_READ and _room(conn, reserved):
+                self._read_inline(conn, export, request, started)  # done before anything else runs: no reservation
                 await wire.drain()
                 continue
-            job = self._run(conn, export, request, payload, error, started, reserved)
+            await self._reserve(conn, reserved)
+            buf = conn.buffers.take(request.length) if carries else None
+            if command == nbd.CMD_WRITE:
+                assert buf is not None
+                await wire.read_into(memoryview(buf))
+            job = self._run(conn, export, request, buf, error, started, reserved)
             task = asyncio.get_running_loop().create_task(job)
             conn.tasks.add(task)
             task.add_done_callback(conn.tasks.discard)
 
     async def _reserve(self, conn: _Connection, nbytes: int) -> None:
-        async with conn.budget:
-            while conn.requests_in_flight >= MAX_REQUESTS_IN_FLIGHT or (
-                conn.bytes_in_flight and conn.bytes_in_flight + nbytes > MAX_BYTES_IN_FLIGHT
-            ):
-                await conn.budget.wait()
-            conn.bytes_in_flight += nbytes
-            conn.requests_in_flight += 1
+        if not _room(conn, nbytes):
+            conn.waiting += 1
+            try:
+                async with conn.budget:
+                    while not _room(conn, nbytes):
+                        await conn.budget.wait()
+            finally:
+                conn.waiting -= 1
+        conn.bytes_in_flight += nbytes
+        conn.requests_in_flight += 1
 
     async def _release(self, conn: _Connection, nbytes: int) -> None:
-        async with conn.budget:
-            conn.bytes_in_flight -= nbytes
-            conn.requests_in_flight -= 1
-            conn.budget.notify_all()
+        conn.bytes_in_flight -= nbytes
+        conn.requests_in_flight -= 1
+        if conn.waiting:
+            async with conn.budget:
+                conn.budget.notify_all()
 
     @staticmethod
     def _check(conn: _Connection, export: Export, request: nbd.Request) -> int:
@@ -422,15 +437,15 @@ class NbdServer:
     def _read_inline(self, conn: _Connection, export: Export, request: nbd.Request, started: float) -> None:
         """A small read on the event loop itself: from the page cache it takes less time than a hand-off to a
         worker thread and back."""
-        error, data = 0, None
+        error, buf = 0, conn.buffers.take(request.length)
         try:
-            data = self._call(export, request, None)
+            export.pread_into(request.offset, memoryview(buf))
         except ExportClosed:
             error = nbd.ESHUTDOWN
         except KeystewardError as exc:
             log.warning("nbd request failed export=%s command=read code=%s", export.name, exc.code)
             error = nbd.EIO
-        self._send_reply(conn, request, error, data)
+        self._reply(conn, request, error, buf)
         self._observe(export, request, error, started)
 
     def _observe(self, export: Export, request: nbd.Request, error: int, started: float) -> None:
@@ -443,17 +458,16 @@ class NbdServer:
             log.exception("nbd on_request hook failed")
 
     @staticmethod
-    def _call(export: Export, request: nbd.Request, payload: bytearray | None) -> bytes | None:
-        """The export's blocking call for ``request`` (in a worker thread)."""
+    def _call(export: Export, request: nbd.Request, buf: bytearray | None) -> None:
+        """The export's blocking call for ``request`` (in a worker thread): a read decrypts into ``buf``, a
+        write encrypts ``buf`` (its payload) in place and writes it."""
         cmd, offset, length, fua = request.command, request.offset, request.length, bool(request.flags & 1)
         if cmd == nbd.CMD_READ:
-            data = export.pread(offset, length)
-            if len(data) != length:
-                raise KeystewardError(f"export {export.name!r} returned {len(data)} of {length} bytes")
-            return data
-        if cmd == nbd.CMD_WRITE:
-            assert payload is not None
-            export.pwrite(offset, memoryview(payload), fua)
+            assert buf is not None
+            export.pread_into(offset, memoryview(buf))
+        elif cmd == nbd.CMD_WRITE:
+            assert buf is not None
+            export.pwrite_in_place(offset, memoryview(buf), fua)
         elif cmd == nbd.CMD_FLUSH:
             export.flush()
         elif cmd == nbd.CMD_TRIM:
@@ -462,25 +476,21 @@ class NbdServer:
                 export.flush()
         elif cmd == nbd.CMD_WRITE_ZEROES:
             export.write_zeroes(offset, length, fua)
-        return None
 
     async def _run(
         self,
         conn: _Connection,
         export: Export,
         request: nbd.Request,
-        payload: bytearray | None,
+        buf: bytearray | None,
         error: int,
         started: float,
         reserved: int,
     ) -> None:
-        data: bytes | None = None
         try:
             if not error:
                 try:
-                    data = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, self._call, export, request, payload
-                    )
+                    await asyncio.get_running_loop().run_in_executor(self._pool, self._call, export, request, buf)
                 except ExportClosed:
                     error = nbd.ESHUTDOWN
                 except KeystewardError as exc:
@@ -489,8 +499,10 @@ class NbdServer:
                 except Exception:
                     log.exception("nbd request failed export=%s command=%s", export.name, request.name)
                     error = nbd.EIO
-            payload = None
-            self._send_reply(conn, request, error, data)
+            if request.command == nbd.CMD_WRITE and buf is not None:
+                conn.buffers.give(buf)
+                buf = None
+            self._reply(conn, request, error, buf)
             await conn.wire.drain()
         except (Closed, ConnectionError):
             return
@@ -499,7 +511,17 @@ class NbdServer:
         self._observe(export, request, error, started)
 
     @staticmethod
-    def _send_reply(conn: _Connection, request: nbd.Request, error: int, data: bytes | None) -> None:
+    def _reply(conn: _Connection, request: nbd.Request, error: int, buf: bytearray | None) -> None:
+        """Send the reply; a read's ``buf`` goes out as its data (lent to the wire until sent)."""
+        if buf is not None and (error or request.command != nbd.CMD_READ):
+            conn.buffers.give(buf)
+            buf = None
+        NbdServer._send_reply(conn, request, error, None if buf is None else memoryview(buf))
+        if buf is not None:
+            conn.buffers.lend(buf)
+
+    @staticmethod
+    def _send_reply(conn: _Connection, request: nbd.Request, error: int, data: memoryview | None) -> None:
         handle = request.handle
         if request.command == nbd.CMD_READ and conn.structured:
             if error:
