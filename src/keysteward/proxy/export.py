@@ -50,7 +50,7 @@ class Export(Protocol):
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 
-    def pread_into(self, offset: int, view: memoryview) -> None: ...
+    def pread_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool: ...
 
     def pwrite_in_place(self, offset: int, view: memoryview, fua: bool) -> None: ...
 
@@ -149,14 +149,16 @@ class LuksExport:
         finally:
             self._leave()
 
-    def pread_into(self, offset: int, view: memoryview) -> None:
+    def pread_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool:
         """Fill ``view`` with the payload at ``offset``: whole sectors are read into it and decrypted there;
-        any other request is read and copied in."""
+        any other request is read and copied in. ``cached_only`` (the event loop's own reads): only whole
+        sectors that the page cache holds, else False and nothing done (the caller uses a worker thread)."""
         self._enter()
         try:
             if self.volume.aligned(offset, view.nbytes):
-                self.volume.read_into(offset, view)
-                return
+                return self.volume.read_into(offset, view, cached_only=cached_only)
+            if cached_only:
+                return False
             at = 0
 
             def sink(part: memoryview) -> None:
@@ -165,6 +167,7 @@ class LuksExport:
                 at += part.nbytes
 
             self.volume.read_to(offset, view.nbytes, sink)
+            return True
         finally:
             self._leave()
 

@@ -51,8 +51,8 @@ MAX_REQUESTS_IN_FLIGHT = 32
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 """Per connection: payload bytes of the requests being served (reads and writes) before reading pauses."""
 WORKER_THREADS = 8
-INLINE_READ = 64 * 1024
-"""Reads up to this size run on the event loop (see ``_read_inline``)."""
+INLINE_READ = 1024 * 1024
+"""Reads up to this size that the page cache holds run on the event loop (see ``_read_inline``)."""
 ALLOWED_FLAGS = nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_DF
 
 RequestHook = Callable[[str, str, int, float], None]
@@ -381,9 +381,9 @@ class NbdServer:
                 raise nbd.NbdProtocolError(f"write of {request.length} bytes", code=nbd.TOO_LONG)
             error = self._check(conn, export, request)
             if command == nbd.CMD_READ and not error and request.length <= INLINE_READ and _room(conn, reserved):
-                self._read_inline(conn, export, request, started)  # done before anything else runs: no reservation
-                await wire.drain()
-                continue
+                if self._read_inline(conn, export, request, started):  # done before anything else ran: no budget
+                    await wire.drain()
+                    continue
             await self._reserve(conn, reserved)
             buf = conn.buffers.take(request.length) if carries else None
             if command == nbd.CMD_WRITE:
@@ -434,12 +434,15 @@ class NbdServer:
             return nbd.EINVAL if cmd == nbd.CMD_READ else nbd.ENOSPC
         return 0
 
-    def _read_inline(self, conn: _Connection, export: Export, request: nbd.Request, started: float) -> None:
-        """A small read on the event loop itself: from the page cache it takes less time than a hand-off to a
-        worker thread and back."""
+    def _read_inline(self, conn: _Connection, export: Export, request: nbd.Request, started: float) -> bool:
+        """A read on the event loop itself, if the page cache holds it (False: nothing done, a worker thread
+        reads it). From the cache, reading and decrypting take less time than a hand-off to a worker thread
+        and back; a read that would wait for the disk never blocks the loop."""
         error, buf = 0, conn.buffers.take(request.length)
         try:
-            export.pread_into(request.offset, memoryview(buf))
+            if not export.pread_into(request.offset, memoryview(buf), cached_only=True):
+                conn.buffers.give(buf)
+                return False
         except ExportClosed:
             error = nbd.ESHUTDOWN
         except KeystewardError as exc:
@@ -447,6 +450,7 @@ class NbdServer:
             error = nbd.EIO
         self._reply(conn, request, error, buf)
         self._observe(export, request, error, started)
+        return True
 
     def _observe(self, export: Export, request: nbd.Request, error: int, started: float) -> None:
         if self.on_request is None:

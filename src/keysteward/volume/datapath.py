@@ -189,11 +189,18 @@ class SectorIO:
         sector = self.geometry.sector_size
         return offset % sector == 0 and length % sector == 0 and 0 < length <= CHUNK
 
-    def read_into(self, offset: int, view: memoryview) -> None:
+    def read_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool:
         """Decrypt whole sectors at payload ``offset`` into ``view`` (:meth:`aligned`): one ``pread`` into
-        ``view``, decrypted in place, no other buffer."""
+        ``view``, decrypted in place, no other buffer. ``cached_only``: only if the page cache holds them
+        all (False otherwise: nothing read, the caller reads again where waiting does no harm)."""
         self._check_aligned(offset, view.nbytes)
+        if cached_only:
+            if not self.device.preadinto_cached(self.geometry.data_offset + offset, view):
+                return False
+            self._decrypt_view(view, offset, view)
+            return True
         self._decrypt_at(offset, view)
+        return True
 
     def write_in_place(self, offset: int, view: memoryview) -> None:
         """Encrypt ``view`` (whole sectors, :meth:`aligned`) **in place**, so it holds ciphertext afterwards,

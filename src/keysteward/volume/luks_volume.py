@@ -190,9 +190,10 @@ class LuksVolume:
     def aligned(self, offset: int, length: int) -> bool:
         return self._sectors.aligned(offset, length)
 
-    def read_into(self, offset: int, view: memoryview) -> None:
-        """Whole sectors (:meth:`aligned`) decrypted into ``view``, with no buffer in between."""
-        self._sectors.read_into(offset, view)
+    def read_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool:
+        """Whole sectors (:meth:`aligned`) decrypted into ``view``, with no buffer in between; with
+        ``cached_only``, False (and nothing read) unless the page cache holds them all."""
+        return self._sectors.read_into(offset, view, cached_only=cached_only)
 
     def write_in_place(self, offset: int, view: memoryview) -> None:
         """Whole sectors (:meth:`aligned`) encrypted in ``view`` itself (ciphertext afterwards), then written."""
