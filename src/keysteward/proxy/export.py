@@ -116,7 +116,7 @@ class LuksExport:
     def _leave(self) -> None:
         with self._state:
             self._active -= 1
-            if self._active == 0:
+            if self._active == 0 and self._closed:  # only close() waits for the count to reach 0
                 self._state.notify_all()
 
     @property

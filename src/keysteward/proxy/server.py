@@ -366,11 +366,14 @@ class NbdServer:
         export, wire = conn.export, conn.wire
         assert export is not None
         while not conn.draining:
-            conn.idle = True
-            try:
-                request = nbd.decode_request(await wire.read_exactly(nbd.REQUEST_SIZE))
-            finally:
-                conn.idle = False
+            header = wire.staged(nbd.REQUEST_SIZE)  # a burst of requests is decoded without awaiting each
+            if header is None:
+                conn.idle = True
+                try:
+                    header = await wire.read_exactly(nbd.REQUEST_SIZE)
+                finally:
+                    conn.idle = False
+            request = nbd.decode_request(header)
             started = time.perf_counter()
             command = request.command
             if command == nbd.CMD_DISC:
@@ -382,7 +385,8 @@ class NbdServer:
             error = self._check(conn, export, request)
             if command == nbd.CMD_READ and not error and request.length <= INLINE_READ and _room(conn, reserved):
                 if self._read_inline(conn, export, request, started):  # done before anything else ran: no budget
-                    await wire.drain()
+                    if wire.pushing_back:
+                        await wire.drain()
                     continue
             await self._reserve(conn, reserved)
             buf = conn.buffers.take(request.length) if carries else None

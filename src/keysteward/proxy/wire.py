@@ -157,6 +157,14 @@ class Wire(asyncio.BufferedProtocol):
 
     # -- reading and writing -------------------------------------------------------------------------
 
+    def staged(self, n: int) -> bytes | None:
+        """``n`` bytes if they are staged already (no waiting, no coroutine), else None."""
+        if self._hi - self._lo < n:
+            return None
+        data = bytes(self._view[self._lo : self._lo + n])
+        self._consumed(n)
+        return data
+
     async def read_exactly(self, n: int) -> bytes:
         """``n`` bytes (at most :data:`STAGE_SIZE`), through the staging buffer."""
         while self._hi - self._lo < n:
@@ -208,6 +216,11 @@ class Wire(asyncio.BufferedProtocol):
     def sent(self) -> bool:
         """Everything written so far has left for the kernel: buffers given to :meth:`write` may be reused."""
         return not self._queued and (self.transport is None or self.transport.get_write_buffer_size() == 0)
+
+    @property
+    def pushing_back(self) -> bool:
+        """The transport asked the writer to pause: :meth:`drain` would wait."""
+        return self._writing_paused
 
     async def drain(self) -> None:
         """Wait while the transport pushes back (what is queued leaves at the end of the turn anyway)."""
