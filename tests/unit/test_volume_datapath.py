@@ -210,3 +210,80 @@ def _read_in_order_then_fail(image: Path, workers: int, payload: int, model: byt
         with pytest.raises(OSError, match="Broken pipe"):
             volume.read_to(0, payload, failing)
         assert len(calls) == 3, "no chunk is delivered after the failure"
+
+
+@pytest.mark.parametrize(("sector", "iv_tweak"), [(512, 0), (4096, 77)])
+def test_in_place_reads_and_writes_match_the_model_and_the_reference(
+    tmp_path: Path, sector: int, iv_tweak: int
+) -> None:
+    """``read_into`` decrypts into the caller's buffer, ``write_in_place`` encrypts the caller's buffer itself
+    (ciphertext afterwards, never the plaintext) and writes it; both agree with ``read``/``write``, the model
+    and the reference cipher, from the page cache (``cached_only``) or not."""
+    image = tmp_path / "v.img"
+    payload = 64 * KIB
+    key = _make(image, sector=sector, payload=payload, iv_tweak=iv_tweak)
+    model = bytearray(_reference_plain(image, key, sector, iv_tweak))
+    rng = random.Random(sector)
+    with LuksVolume.open(str(image), PASSPHRASE, writable=True) as volume:
+        for _ in range(20):
+            offset = rng.randrange(0, payload // sector) * sector
+            length = rng.randrange(1, (payload - offset) // sector + 1) * sector
+            data = rng.randbytes(length)
+            scratch = bytearray(data)
+            volume.write_in_place(offset, memoryview(scratch))
+            assert scratch != bytearray(data)  # encrypted where it lay
+            model[offset : offset + length] = data
+            view = memoryview(bytearray(length))
+            assert volume.read_into(offset, view)
+            assert view == data
+            assert volume.read_into(offset, view, cached_only=True)  # just written: in the page cache
+            assert view == data
+            assert volume.read(offset, length) == data
+    assert _reference_plain(image, key, sector, iv_tweak) == bytes(model)
+
+
+def test_in_place_calls_refuse_partial_sectors_and_bad_ranges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only whole sectors of at most a chunk, inside the payload: anything else is refused before any I/O
+    (the callers fall back to ``read``/``write``), and ``aligned`` says so."""
+    monkeypatch.setattr(datapath, "CHUNK", 16 * KIB)
+    image = tmp_path / "v.img"
+    _make(image, sector=4096, payload=64 * KIB)
+    before = image.read_bytes()
+    with LuksVolume.open(str(image), PASSPHRASE, writable=True) as volume:
+        bad = [(0, 512), (512, 4096), (0, 4096 + 1), (0, 0), (0, 20 * KIB), (64 * KIB, 4096), (-4096, 4096),
+               (60 * KIB, 8 * KIB)]  # fmt: skip
+        for offset, length in bad:
+            assert not volume.aligned(offset, length) or offset + length > 64 * KIB or offset < 0
+            with pytest.raises(VolumeRequestError):
+                volume.read_into(offset, memoryview(bytearray(length)))
+            with pytest.raises(VolumeRequestError):
+                volume.write_in_place(offset, memoryview(bytearray(length)))
+        assert volume.aligned(4096, 16 * KIB)
+    assert image.read_bytes() == before
+    with LuksVolume.open(str(image), PASSPHRASE) as volume, pytest.raises(ValueError, match="read-only"):
+        volume.write_in_place(0, memoryview(bytearray(4096)))
+
+
+def test_cached_only_reads_refuse_what_is_not_in_the_page_cache(tmp_path: Path) -> None:
+    """A read the page cache cannot serve whole (here: pages just dropped from it) is not done with
+    ``cached_only``: False, so the proxy hands it to a worker thread rather than block its event loop."""
+    import os
+
+    image = tmp_path / "v.img"
+    payload = 256 * KIB
+    _make(image, sector=4096, payload=payload)
+    with LuksVolume.open(str(image), PASSPHRASE) as volume:
+        expected = volume.read(0, payload)
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        view = memoryview(bytearray(payload))
+        if volume.read_into(0, view, cached_only=True):  # pragma: no cover - the kernel kept the pages
+            pytest.skip("the page cache kept the pages despite POSIX_FADV_DONTNEED")
+        assert volume.read_into(0, view)
+        assert view == expected
+        assert volume.read_into(0, view, cached_only=True)  # now cached
+        assert view == expected

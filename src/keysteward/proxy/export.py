@@ -50,6 +50,10 @@ class Export(Protocol):
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None: ...
 
+    def pread_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool: ...
+
+    def pwrite_in_place(self, offset: int, view: memoryview, fua: bool) -> None: ...
+
     def flush(self) -> None: ...
 
     def trim(self, offset: int, length: int) -> None: ...
@@ -112,7 +116,7 @@ class LuksExport:
     def _leave(self) -> None:
         with self._state:
             self._active -= 1
-            if self._active == 0:
+            if self._active == 0 and self._closed:  # only close() waits for the count to reach 0
                 self._state.notify_all()
 
     @property
@@ -140,6 +144,43 @@ class LuksExport:
         self._enter()
         try:
             self._write(offset, data)
+            if fua:
+                self.volume.flush()
+        finally:
+            self._leave()
+
+    def pread_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool:
+        """Fill ``view`` with the payload at ``offset``: whole sectors are read into it and decrypted there;
+        any other request is read and copied in. ``cached_only`` (the event loop's own reads): only whole
+        sectors that the page cache holds, else False and nothing done (the caller uses a worker thread)."""
+        self._enter()
+        try:
+            if self.volume.aligned(offset, view.nbytes):
+                return self.volume.read_into(offset, view, cached_only=cached_only)
+            if cached_only:
+                return False
+            at = 0
+
+            def sink(part: memoryview) -> None:
+                nonlocal at
+                view[at : at + part.nbytes] = part
+                at += part.nbytes
+
+            self.volume.read_to(offset, view.nbytes, sink)
+            return True
+        finally:
+            self._leave()
+
+    def pwrite_in_place(self, offset: int, view: memoryview, fua: bool) -> None:
+        """As :meth:`pwrite`, but ``view`` is the caller's scratch: whole sectors are encrypted in it (it holds
+        ciphertext afterwards) and written from it; any other request is written through a copy."""
+        self._check_writable()
+        self._enter()
+        try:
+            if self.volume.aligned(offset, view.nbytes):
+                self.volume.write_in_place(offset, view)
+            else:
+                self._write(offset, view)
             if fua:
                 self.volume.flush()
         finally:

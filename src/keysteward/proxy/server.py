@@ -1,13 +1,10 @@
 """The NBD server of the proxy: an asyncio server that serves :class:`~keysteward.proxy.export.Export` s.
 
 One connection goes through the fixed newstyle handshake (options decoded by
-:mod:`keysteward.formats.nbd`), then the transmission phase, where each request runs as a task of its
-own: the export's blocking call in a worker thread, then its reply (replies carry the client's handle,
-so they may leave in any order). Reading the next request goes on meanwhile, within a budget of
-requests and payload bytes per connection, so a client cannot make the server buffer without bound.
-
-Bytes come in and go out through :class:`~keysteward.proxy.wire.Wire`, the connection's transport
-(module :mod:`keysteward.proxy.wire`).
+:mod:`keysteward.formats.nbd`), then the transmission phase, served by
+:class:`~keysteward.proxy.transmission.Transmission` (requests as tasks, within a budget per connection;
+module :mod:`keysteward.proxy.transmission`). Bytes come in and go out through
+:class:`~keysteward.proxy.wire.Wire`, the connection's transport.
 
 With ``tls`` set TLS is mandatory: before STARTTLS every option but STARTTLS and ABORT is refused with
 NBD_REP_ERR_TLS_REQD. The context must require a client certificate (``CERT_REQUIRED``), and ``clients``
@@ -35,10 +32,11 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from keysteward.errors import BadRequest, KeystewardError
+from keysteward.errors import BadRequest
 from keysteward.formats import nbd
-from keysteward.proxy.export import Export, ExportClosed
-from keysteward.proxy.revocations import CertRef, Revocations, cert_ref
+from keysteward.proxy.export import Export
+from keysteward.proxy.revocations import Revocations, cert_ref
+from keysteward.proxy.transmission import Connection, Transmission
 from keysteward.proxy.wire import Closed, Wire
 
 log = logging.getLogger("keysteward.proxy")
@@ -46,13 +44,7 @@ log = logging.getLogger("keysteward.proxy")
 HANDSHAKE_TIMEOUT = 30.0
 MAX_OPTIONS = 128
 """Options one handshake may send before the server gives up on the client."""
-MAX_REQUESTS_IN_FLIGHT = 32
-MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
-"""Per connection: payload bytes of the requests being served (reads and writes) before reading pauses."""
 WORKER_THREADS = 8
-INLINE_READ = 64 * 1024
-"""Reads up to this size run on the event loop (see ``_read_inline``)."""
-ALLOWED_FLAGS = nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_DF
 
 RequestHook = Callable[[str, str, int, float], None]
 ClientPolicy = Callable[[str], Collection[str]]
@@ -78,30 +70,6 @@ def peer_names(cert: Mapping[str, object] | None) -> frozenset[str]:
         if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in ("DNS", "URI"):
             names.add(str(entry[1]))
     return frozenset(names)
-
-
-class _Connection:
-    """One client: its wire, the export it chose, and the requests it has in flight."""
-
-    def __init__(self, wire: Wire, peer: str) -> None:
-        self.wire = wire
-        self.peer = peer
-        self.tls = False
-        self.names: frozenset[str] = frozenset()
-        """The client certificate's names (after STARTTLS)."""
-        self.cert: CertRef | None = None
-        """Its serial and issuer: what a revocation names."""
-        self.structured = False
-        self.no_zeroes = False
-        self.export: Export | None = None
-        self.main: asyncio.Task[None] | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.idle = False
-        """True while waiting for the next request header: a graceful drop may cancel that wait."""
-        self.draining = False
-        self.bytes_in_flight = 0
-        self.requests_in_flight = 0
-        self.budget = asyncio.Condition()
 
 
 def _flags(export: Export) -> int:
@@ -139,9 +107,10 @@ class NbdServer:
         self.on_request: RequestHook | None = None
         self.on_refused: RefusalHook | None = None
         self._servers: list[asyncio.Server] = []
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="ks-nbd")
+        self._data = Transmission(self._pool, self._observe)
         self._stopped = False
         self._revocations = Revocations()
 
@@ -176,16 +145,16 @@ class NbdServer:
             return
         assert wire.transport is not None
         peer = wire.transport.get_extra_info("peername")
-        conn = _Connection(wire, str(peer[0] if isinstance(peer, tuple) else peer or "unix"))
+        conn = Connection(wire, str(peer[0] if isinstance(peer, tuple) else peer or "unix"))
         self._connections.add(conn)
         conn.main = asyncio.get_running_loop().create_task(self._serve(conn))
 
     # -- one connection ----------------------------------------------------------------------------
 
-    async def _serve(self, conn: _Connection) -> None:
+    async def _serve(self, conn: Connection) -> None:
         try:
             if await asyncio.wait_for(self._handshake(conn), HANDSHAKE_TIMEOUT):
-                await self._transmission(conn)
+                await self._data.serve(conn)
         except asyncio.CancelledError:
             pass  # dropped by set_exports / close_export / stop
         except (Closed, ConnectionError, ssl.SSLError) as exc:
@@ -202,7 +171,7 @@ class NbdServer:
             conn.wire.close()
             self._connections.discard(conn)
 
-    async def _reply_option(self, conn: _Connection, option: int, reply: int, data: bytes = b"") -> None:
+    async def _reply_option(self, conn: Connection, option: int, reply: int, data: bytes = b"") -> None:
         conn.wire.write(nbd.encode_option_reply(option, reply, data))
         await conn.wire.drain()
 
@@ -212,7 +181,7 @@ class NbdServer:
         export = self._exports.get(name)
         return None if export is None or getattr(export, "closed", False) else export
 
-    def _allowed(self, conn: _Connection, name: str) -> bool:
+    def _allowed(self, conn: Connection, name: str) -> bool:
         """May this connection's client see and open export ``name``? (Always, without TLS.)"""
         if self._tls is None:
             return True
@@ -225,7 +194,7 @@ class NbdServer:
             return False
         return not conn.names.isdisjoint(allowed)
 
-    def _open(self, conn: _Connection, name: str) -> Export | None:
+    def _open(self, conn: Connection, name: str) -> Export | None:
         """The export ``name`` if it is served and this client may open it; a refusal is logged and counted."""
         export = self._lookup(name)
         if export is None:
@@ -236,7 +205,7 @@ class NbdServer:
             return None
         return export
 
-    def _refused(self, conn: _Connection, export: str, asked: str, reason: str) -> None:
+    def _refused(self, conn: Connection, export: str, asked: str, reason: str) -> None:
         client = ",".join(sorted(conn.names))[:NAME_LOG_MAX] or "-"
         log.warning("nbd open refused peer=%s client=%r export=%r reason=%s", conn.peer, client,
                     asked[:NAME_LOG_MAX], reason)  # fmt: skip
@@ -246,7 +215,7 @@ class NbdServer:
             except Exception:
                 log.exception("nbd on_refused hook failed")
 
-    async def _handshake(self, conn: _Connection) -> bool:
+    async def _handshake(self, conn: Connection) -> bool:
         """Options until GO / EXPORT_NAME (True) or ABORT (False); protocol errors raise."""
         wire = conn.wire
         wire.write(nbd.encode_greeting())
@@ -304,12 +273,12 @@ class NbdServer:
                 await self._reply_option(conn, opt, nbd.REP_ERR_UNSUP, b"option not supported")
         raise nbd.NbdProtocolError(f"more than {MAX_OPTIONS} options", code="nbd_too_many_options")
 
-    def _chosen(self, conn: _Connection, export: Export) -> bool:
+    def _chosen(self, conn: Connection, export: Export) -> bool:
         conn.export = export
         log.info("nbd client connected peer=%s export=%s tls=%s", conn.peer, export.name, conn.tls)
         return True
 
-    async def _starttls(self, conn: _Connection, data: bytes) -> None:
+    async def _starttls(self, conn: Connection, data: bytes) -> None:
         opt = nbd.OPT_STARTTLS
         if self._tls is None:
             await self._reply_option(conn, opt, nbd.REP_ERR_UNSUP, b"TLS is not configured")
@@ -325,7 +294,7 @@ class NbdServer:
                 self._refused(conn, "", "", "revoked")
                 raise nbd.NbdProtocolError("the client certificate is revoked", code="cert_revoked")
 
-    async def _info(self, conn: _Connection, opt: int, data: bytes) -> Export | None:
+    async def _info(self, conn: Connection, opt: int, data: bytes) -> Export | None:
         try:
             request = nbd.decode_info_request(data)
         except nbd.NbdProtocolError as exc:
@@ -351,88 +320,6 @@ class NbdServer:
 
     # -- transmission ----------------------------------------------------------------------------------
 
-    async def _transmission(self, conn: _Connection) -> None:
-        export, wire = conn.export, conn.wire
-        assert export is not None
-        while not conn.draining:
-            conn.idle = True
-            try:
-                request = nbd.decode_request(await wire.read_exactly(nbd.REQUEST_SIZE))
-            finally:
-                conn.idle = False
-            started = time.perf_counter()
-            if request.command == nbd.CMD_DISC:
-                return
-            payload: bytearray | None = None
-            carries = request.command in (nbd.CMD_READ, nbd.CMD_WRITE) and request.length <= export.max_block
-            reserved = request.length if carries else 0
-            if request.command == nbd.CMD_WRITE and not carries:  # its payload cannot be skipped at no cost: drop
-                raise nbd.NbdProtocolError(f"write of {request.length} bytes", code=nbd.TOO_LONG)
-            await self._reserve(conn, reserved)
-            if request.command == nbd.CMD_WRITE:
-                payload = bytearray(request.length)
-                await wire.read_into(memoryview(payload))
-            error = self._check(conn, export, request)
-            if request.command == nbd.CMD_READ and not error and request.length <= INLINE_READ:
-                self._read_inline(conn, export, request, started)
-                await self._release(conn, reserved)
-                await wire.drain()
-                continue
-            job = self._run(conn, export, request, payload, error, started, reserved)
-            task = asyncio.get_running_loop().create_task(job)
-            conn.tasks.add(task)
-            task.add_done_callback(conn.tasks.discard)
-
-    async def _reserve(self, conn: _Connection, nbytes: int) -> None:
-        async with conn.budget:
-            while conn.requests_in_flight >= MAX_REQUESTS_IN_FLIGHT or (
-                conn.bytes_in_flight and conn.bytes_in_flight + nbytes > MAX_BYTES_IN_FLIGHT
-            ):
-                await conn.budget.wait()
-            conn.bytes_in_flight += nbytes
-            conn.requests_in_flight += 1
-
-    async def _release(self, conn: _Connection, nbytes: int) -> None:
-        async with conn.budget:
-            conn.bytes_in_flight -= nbytes
-            conn.requests_in_flight -= 1
-            conn.budget.notify_all()
-
-    @staticmethod
-    def _check(conn: _Connection, export: Export, request: nbd.Request) -> int:
-        """The protocol's error for a request that cannot be served as sent, or 0."""
-        cmd, length = request.command, request.length
-        if cmd not in (nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_FLUSH, nbd.CMD_TRIM, nbd.CMD_WRITE_ZEROES):
-            return nbd.EINVAL
-        if request.flags & ~ALLOWED_FLAGS:
-            return nbd.EINVAL
-        if cmd == nbd.CMD_FLUSH:
-            return 0
-        if cmd != nbd.CMD_READ and export.read_only:
-            return nbd.EPERM
-        if cmd in (nbd.CMD_READ, nbd.CMD_WRITE):
-            if length == 0:
-                return nbd.EINVAL
-            if length > export.max_block:
-                return nbd.EOVERFLOW if conn.structured else nbd.EINVAL
-        if request.offset + length > export.size:
-            return nbd.EINVAL if cmd == nbd.CMD_READ else nbd.ENOSPC
-        return 0
-
-    def _read_inline(self, conn: _Connection, export: Export, request: nbd.Request, started: float) -> None:
-        """A small read on the event loop itself: from the page cache it takes less time than a hand-off to a
-        worker thread and back."""
-        error, data = 0, None
-        try:
-            data = self._call(export, request, None)
-        except ExportClosed:
-            error = nbd.ESHUTDOWN
-        except KeystewardError as exc:
-            log.warning("nbd request failed export=%s command=read code=%s", export.name, exc.code)
-            error = nbd.EIO
-        self._send_reply(conn, request, error, data)
-        self._observe(export, request, error, started)
-
     def _observe(self, export: Export, request: nbd.Request, error: int, started: float) -> None:
         if self.on_request is None:
             return
@@ -441,76 +328,6 @@ class NbdServer:
             self.on_request(export.name, request.name if not error else "error", nbytes, time.perf_counter() - started)
         except Exception:
             log.exception("nbd on_request hook failed")
-
-    @staticmethod
-    def _call(export: Export, request: nbd.Request, payload: bytearray | None) -> bytes | None:
-        """The export's blocking call for ``request`` (in a worker thread)."""
-        cmd, offset, length, fua = request.command, request.offset, request.length, bool(request.flags & 1)
-        if cmd == nbd.CMD_READ:
-            data = export.pread(offset, length)
-            if len(data) != length:
-                raise KeystewardError(f"export {export.name!r} returned {len(data)} of {length} bytes")
-            return data
-        if cmd == nbd.CMD_WRITE:
-            assert payload is not None
-            export.pwrite(offset, memoryview(payload), fua)
-        elif cmd == nbd.CMD_FLUSH:
-            export.flush()
-        elif cmd == nbd.CMD_TRIM:
-            export.trim(offset, length)
-            if fua:
-                export.flush()
-        elif cmd == nbd.CMD_WRITE_ZEROES:
-            export.write_zeroes(offset, length, fua)
-        return None
-
-    async def _run(
-        self,
-        conn: _Connection,
-        export: Export,
-        request: nbd.Request,
-        payload: bytearray | None,
-        error: int,
-        started: float,
-        reserved: int,
-    ) -> None:
-        data: bytes | None = None
-        try:
-            if not error:
-                try:
-                    data = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, self._call, export, request, payload
-                    )
-                except ExportClosed:
-                    error = nbd.ESHUTDOWN
-                except KeystewardError as exc:
-                    log.warning("nbd request failed export=%s command=%s code=%s", export.name, request.name, exc.code)
-                    error = nbd.EIO
-                except Exception:
-                    log.exception("nbd request failed export=%s command=%s", export.name, request.name)
-                    error = nbd.EIO
-            payload = None
-            self._send_reply(conn, request, error, data)
-            await conn.wire.drain()
-        except (Closed, ConnectionError):
-            return
-        finally:
-            await self._release(conn, reserved)
-        self._observe(export, request, error, started)
-
-    @staticmethod
-    def _send_reply(conn: _Connection, request: nbd.Request, error: int, data: bytes | None) -> None:
-        handle = request.handle
-        if request.command == nbd.CMD_READ and conn.structured:
-            if error:
-                conn.wire.write(nbd.encode_structured_error(handle, error, f"{request.name} failed"))
-            else:
-                assert data is not None
-                conn.wire.write(nbd.encode_offset_data_header(handle, request.offset, len(data)), data)
-        elif error or data is None:
-            conn.wire.write(nbd.encode_simple_reply(handle, error))
-        else:
-            conn.wire.write(nbd.encode_simple_reply(handle), data)
 
     # -- reload, revocation, shutdown ------------------------------------------------------------------
 
@@ -521,7 +338,7 @@ class NbdServer:
         task.add_done_callback(self._background.discard)
 
     @staticmethod
-    def _drop(conn: _Connection, *, abort: bool) -> None:
+    def _drop(conn: Connection, *, abort: bool) -> None:
         """Graceful: stop reading requests (in-flight ones finish), then close. Abort: close now."""
         conn.draining = True
         if abort:

@@ -1,7 +1,9 @@
 """The proxy's transport: one NBD connection's bytes, as an ``asyncio.BufferedProtocol``.
 
 Headers come in through a small staging buffer, a write's payload straight into the buffer it is
-written from (no copy); a read's reply goes out as one ``writelines`` of header and data. Reading
+written from (no copy). Replies are gathered: :meth:`Wire.write` queues header and data (no copy) and
+the whole queue leaves in one ``writelines`` (one ``writev``) at the end of the event loop's turn, or
+at :meth:`Wire.flush`, so the replies to a burst of requests cost one system call, not one each. Reading
 pauses while the NBD session has no room for more. STARTTLS swaps the transport under the same
 protocol, after checking that the client sent nothing behind its STARTTLS (a plaintext injection
 would otherwise be read as if it had come through TLS). The NBD session that drives it is
@@ -20,6 +22,8 @@ from keysteward.formats import nbd
 
 STAGE_SIZE = 256 * 1024
 SOCKET_BUFFER = 4 * 1024 * 1024
+FLUSH_BYTES = 1024 * 1024
+"""Queued reply bytes that are handed to the transport at once rather than at the end of the turn."""
 
 
 class Closed(ConnectionError):
@@ -44,6 +48,10 @@ class Wire(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._writing_paused = False
         self._drainers: list[asyncio.Future[None]] = []
+        self._queued: list[bytes | memoryview] = []
+        """Replies written this turn of the event loop, not yet handed to the transport."""
+        self._queued_bytes = 0
+        self._flush_soon = False
 
     # -- protocol callbacks ----------------------------------------------------------------------------
 
@@ -149,6 +157,14 @@ class Wire(asyncio.BufferedProtocol):
 
     # -- reading and writing -------------------------------------------------------------------------
 
+    def staged(self, n: int) -> bytes | None:
+        """``n`` bytes if they are staged already (no waiting, no coroutine), else None."""
+        if self._hi - self._lo < n:
+            return None
+        data = bytes(self._view[self._lo : self._lo + n])
+        self._consumed(n)
+        return data
+
     async def read_exactly(self, n: int) -> bytes:
         """``n`` bytes (at most :data:`STAGE_SIZE`), through the staging buffer."""
         while self._hi - self._lo < n:
@@ -176,18 +192,45 @@ class Wire(asyncio.BufferedProtocol):
             self._target, self._into_target = None, False
 
     def write(self, *parts: bytes | memoryview) -> None:
+        """Queue ``parts`` (kept, not copied: do not change them until :meth:`sent`); they leave at the end
+        of this turn of the event loop together with every other reply queued in it."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise Closed("the connection is closed")
-        transport.writelines(parts)
+        self._queued.extend(parts)
+        self._queued_bytes += sum(len(part) for part in parts)
+        if self._queued_bytes >= FLUSH_BYTES:  # a long burst: hand it over now, so the transport can push back
+            self.flush()
+        elif not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand what is queued to the transport now (one ``writelines``)."""
+        self._flush_soon = False
+        queued, self._queued, self._queued_bytes = self._queued, [], 0
+        transport = self.transport
+        if queued and transport is not None and not transport.is_closing():
+            transport.writelines(queued)
+
+    def sent(self) -> bool:
+        """Everything written so far has left for the kernel: buffers given to :meth:`write` may be reused."""
+        return not self._queued and (self.transport is None or self.transport.get_write_buffer_size() == 0)
+
+    @property
+    def pushing_back(self) -> bool:
+        """The transport asked the writer to pause: :meth:`drain` would wait."""
+        return self._writing_paused
 
     async def drain(self) -> None:
+        """Wait while the transport pushes back (what is queued leaves at the end of the turn anyway)."""
         while self._writing_paused and not self._ended:
             fut = asyncio.get_running_loop().create_future()
             self._drainers.append(fut)
             await fut
 
     async def start_tls(self, context: ssl.SSLContext, handshake_timeout: float) -> None:
+        self.flush()  # the STARTTLS reply goes out in plaintext, before the handshake
         if self._hi != self._lo:
             raise nbd.NbdProtocolError("bytes after STARTTLS, before the TLS handshake")
         if self.transport is None:
@@ -213,6 +256,10 @@ class Wire(asyncio.BufferedProtocol):
         return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
     def close(self, abort: bool = False) -> None:
+        if abort:
+            self._queued, self._queued_bytes = [], 0
+        else:
+            self.flush()
         if self.transport is not None and not self.transport.is_closing():
             if abort:
                 self.transport.abort()

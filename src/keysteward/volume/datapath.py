@@ -184,6 +184,35 @@ class SectorIO:
                 mapped[1].release()
                 mapped[0].close()
 
+    def aligned(self, offset: int, length: int) -> bool:
+        """Whole sectors, at most a chunk: what :meth:`read_into` and :meth:`write_in_place` take."""
+        sector = self.geometry.sector_size
+        return offset % sector == 0 and length % sector == 0 and 0 < length <= CHUNK
+
+    def read_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool:
+        """Decrypt whole sectors at payload ``offset`` into ``view`` (:meth:`aligned`): one ``pread`` into
+        ``view``, decrypted in place, no other buffer. ``cached_only``: only if the page cache holds them
+        all (False otherwise: nothing read, the caller reads again where waiting does no harm)."""
+        self._check_aligned(offset, view.nbytes)
+        if cached_only:
+            if not self.device.preadinto_cached(self.geometry.data_offset + offset, view):
+                return False
+            self._decrypt_view(view, offset, view)
+            return True
+        self._decrypt_at(offset, view)
+        return True
+
+    def write_in_place(self, offset: int, view: memoryview) -> None:
+        """Encrypt ``view`` (whole sectors, :meth:`aligned`) **in place**, so it holds ciphertext afterwards,
+        and write it at payload ``offset``: no copy into another buffer."""
+        self._check_aligned(offset, view.nbytes)
+        self._encrypt_to(offset, view)
+
+    def _check_aligned(self, offset: int, length: int) -> None:
+        self.check_range(offset, length)
+        if not self.aligned(offset, length):
+            raise VolumeRequestError(f"bytes [{offset}, {offset + length}) are not whole sectors of at most {CHUNK}")
+
     def read(self, offset: int, length: int) -> bytes:
         """Payload bytes ``[offset, offset + length)`` as one ``bytes`` (for small reads)."""
         parts: list[bytes] = []

@@ -9,6 +9,7 @@ a :class:`~keysteward.errors.KeystewardError` naming the path.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -116,6 +117,22 @@ class Device:
             if n == 0:
                 raise VolumeIOError(f"cannot read {self.path}: it ends at {offset + done}, {total - done} bytes short")
             done += n
+
+    def preadinto_cached(self, offset: int, view: memoryview) -> bool:
+        """Fill ``view`` from ``offset`` only if the page cache holds all of it (``RWF_NOWAIT``): False, with
+        nothing promised about ``view``, when the read would wait for the disk or the system cannot tell."""
+        flag = getattr(os, "RWF_NOWAIT", None)
+        if flag is None:
+            return False
+        try:
+            n = os.preadv(self.fd, [view], offset, flag)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            raise io_error(exc, "read", self.path) from exc
+        return n == view.nbytes
 
     def pwrite(self, offset: int, data: Buffer) -> None:
         """Write all of ``data`` at ``offset``."""

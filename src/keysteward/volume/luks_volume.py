@@ -187,6 +187,19 @@ class LuksVolume:
     def read_to(self, offset: int, length: int, sink: Sink, progress: Progress | None = None) -> None:
         self._sectors.read_to(offset, length, sink, progress)
 
+    def aligned(self, offset: int, length: int) -> bool:
+        return self._sectors.aligned(offset, length)
+
+    def read_into(self, offset: int, view: memoryview, *, cached_only: bool = False) -> bool:
+        """Whole sectors (:meth:`aligned`) decrypted into ``view``, with no buffer in between; with
+        ``cached_only``, False (and nothing read) unless the page cache holds them all."""
+        return self._sectors.read_into(offset, view, cached_only=cached_only)
+
+    def write_in_place(self, offset: int, view: memoryview) -> None:
+        """Whole sectors (:meth:`aligned`) encrypted in ``view`` itself (ciphertext afterwards), then written."""
+        self._require_writable()
+        self._sectors.write_in_place(offset, view)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._require_writable()
         self._sectors.write(offset, data)
