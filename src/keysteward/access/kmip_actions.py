@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
-from keysteward.access.kmip_attributes import Attributes, value_item
+from keysteward.access.kmip_attributes import Attributes, parsed, value_item
 from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
 from keysteward.access.service import AccessService
@@ -30,14 +30,11 @@ from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.keys.kmip_objects import KmipObjects, KmipRecord, Stale, Wrapped
-from keysteward.lru import Lru
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 
 __all__ = ["KmipAccess", "KmipInputs", "KmipRecord", "register"]
 STALE_TRIES = 3
-_PARSED: Lru[str, Attributes] = Lru(1024)
-"""Stored attributes (their JSON text) parsed, for reading only."""
 _COMPROMISE = (REVOCATION_REASON_CODE["KeyCompromise"], REVOCATION_REASON_CODE["CaCompromise"])
 
 
@@ -152,7 +149,7 @@ class _KmipAction(ActionHandler):
             raise Refusal(tenant_id, denied, effect)
         state.record = record
         text = record.attributes
-        attributes = _PARSED.get_or_make(text, lambda: Attributes.from_json(text))  # shared: only read here
+        attributes = parsed(text)  # shared: only read here
         assert self.cedar_action is not None
         facts = _facts(self.objects, request, self.cedar_action, now, _object_resource(
             record.uid, record.object_type, record.state, attributes))  # fmt: skip
@@ -275,6 +272,7 @@ class KmipGet(_KmipAction):
 class KmipGetAttributes(_KmipAction):
     """GetAttributes and GetAttributeList: the record, no material."""
 
+    writes = False  # reads only: no savepoint
     action, cedar_action = "kmip.get_attributes", "kmip_get_attributes"
 
 
@@ -382,6 +380,7 @@ class KmipDestroy(_KmipAction):
 
 
 class KmipLocate(_KmipAction):
+    writes = False  # reads only (after the commit): no savepoint
     action, cedar_action = "kmip.locate", "kmip_locate"
     needs_object = False
 

@@ -19,6 +19,7 @@ from keysteward.errors import BadRequest, Conflict
 from keysteward.formats import kmip_ttlv as ttlv
 from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
+from keysteward.lru import Lru
 
 MAX_ATTRIBUTE_BYTES: Final = 4096
 """One attribute value, encoded; more is refused (a hypervisor's tags are short)."""
@@ -179,6 +180,15 @@ class Attributes:
     def audited(self) -> Mapping[str, str]:
         tags = self.tags()
         return {name: tags[name][:128] for name in AUDITED_TAGS if name in tags}
+
+
+_PARSED: Lru[str, Attributes] = Lru(1024)
+
+
+def parsed(text: str) -> Attributes:
+    """The stored attributes ``text`` parsed, one instance shared by every reader: never change it (parse a
+    copy with :meth:`Attributes.from_json` to change one)."""
+    return _PARSED.get_or_make(text, lambda: Attributes.from_json(text))
 
 
 def value_item(kind: ItemType, value: int | bool | str | bytes) -> Item:

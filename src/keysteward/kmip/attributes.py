@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from keysteward.access.kmip_actions import KmipRecord
-from keysteward.access.kmip_attributes import Attributes, check_deletable, check_settable, value_item
+from keysteward.access.kmip_attributes import Attributes, check_deletable, check_settable, parsed, value_item
 from keysteward.errors import KeystewardError
 from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_enums import KEY_FORMAT_TYPE, OBJECT_TYPE, STATE
@@ -131,7 +131,7 @@ def _server_defaults(record: KmipRecord, stored: Attributes, version: tuple[int,
 
 def all_attributes(record: KmipRecord, version: tuple[int, int] = (1, 4)) -> list[tuple[str, list[Item]]]:
     """Every attribute of the object in ``version``: the server's first, then the stored ones."""
-    stored = Attributes.from_json(record.attributes)
+    stored = parsed(record.attributes)  # shared: only read here
     out: list[tuple[str, list[Item]]] = [
         ("Unique Identifier", [value_item(ItemType.TEXT_STRING, record.uid)]),
         ("Object Type", [value_item(ItemType.ENUMERATION, OBJECT_TYPE[record.object_type])]),
