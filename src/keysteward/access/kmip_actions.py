@@ -30,11 +30,14 @@ from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.keys.kmip_objects import KmipObjects, KmipRecord, Stale, Wrapped
+from keysteward.lru import Lru
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 
 __all__ = ["KmipAccess", "KmipInputs", "KmipRecord", "register"]
 STALE_TRIES = 3
+_RECENT_FACTS: Lru[tuple[Any, ...], PolicyRequest] = Lru(1024)
+"""A second's facts per caller and object; an entry holds its platform facts object, so that id stays unique."""
 _COMPROMISE = (REVOCATION_REASON_CODE["KeyCompromise"], REVOCATION_REASON_CODE["CaCompromise"])
 
 
@@ -66,19 +69,30 @@ def _refuse(code: str, message: str) -> Denied:
     return Denied(message, code=code)
 
 
+def _platform(objects: KmipObjects, request: AccessRequest) -> dict[str, Any]:
+    """The hypervisor's latest verified TPM quote's facts (one object while they stay the same)."""
+    who = request.principal
+    assert who is not None
+    return objects.platform_of(who.tenant_id, f"{who.role}:{who.name}")
+
+
 def _facts(
-    objects: KmipObjects, request: AccessRequest, cedar_action: str, now: datetime, resource: dict[str, Any]
+    objects: KmipObjects,
+    request: AccessRequest,
+    cedar_action: str,
+    now: datetime,
+    resource: dict[str, Any],
+    platform: dict[str, Any] | None = None,
 ) -> PolicyRequest:
     """The policy request: the hypervisor's latest verified TPM quote is ``context.platform``."""
     assert request.principal is not None
-    who = request.principal
     return PolicyRequest(
         tenant=request.tenant,
         action=cedar_action,
-        principal=policy_principal(who),
+        principal=policy_principal(request.principal),
         resource=resource,
         identity={},
-        platform=objects.platform_of(who.tenant_id, f"{who.role}:{who.name}"),
+        platform=_platform(objects, request) if platform is None else platform,
         time=now,
         source_ip=request.context.address(),
     )
@@ -151,8 +165,14 @@ class _KmipAction(ActionHandler):
         text = record.attributes
         attributes = parsed(text)  # shared: only read here
         assert self.cedar_action is not None
-        facts = _facts(self.objects, request, self.cedar_action, now, _object_resource(
-            record.uid, record.object_type, record.state, attributes))  # fmt: skip
+        cedar_action, platform = self.cedar_action, _platform(self.objects, request)
+        # the facts hold the time to the second: the same caller asking the same of the same object (same
+        # stored record, same platform facts object: a new quote is a new object) within a second from the same
+        # address gets the same immutable request, and the policy engine's cached decision for it
+        recent = (tenant_id, actor, cedar_action, record.uid, record.object_type, record.state, text,
+                  request.context.source, int(now.timestamp()), id(platform))  # fmt: skip
+        facts = _RECENT_FACTS.get_or_make(recent, lambda: _facts(self.objects, request, cedar_action, now,
+            _object_resource(record.uid, record.object_type, record.state, attributes), platform))  # fmt: skip
         return Subject(tenant_id, actor, target, facts, details=self._details(request, attributes), state=state)
 
     def resolve_new(self, request: AccessRequest, tenant_id: str, now: datetime, subject: Subject) -> Subject:

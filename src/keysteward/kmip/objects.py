@@ -6,7 +6,7 @@ The material crosses this module as the client sent it or as the access path del
 from __future__ import annotations
 
 from keysteward.access.kmip_actions import KmipRecord
-from keysteward.access.kmip_attributes import Attributes
+from keysteward.access.kmip_attributes import parsed
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_enums import KEY_FORMAT_TYPE
@@ -57,7 +57,7 @@ def object_item(record: KmipRecord, secret: SecretBuffer) -> Item:
     if record.object_type == "OpaqueObject":
         return t.struct_("OpaqueObject", t.enumeration("OpaqueDataType", 0x80000000),
                          t.byte_string("OpaqueDataValue", material))  # fmt: skip
-    stored = Attributes.from_json(record.attributes)
+    stored = parsed(record.attributes)  # shared: only read here
     algorithm, length = stored.first("Cryptographic Algorithm"), stored.first("Cryptographic Length")
     block = t.struct_(
         "KeyBlock",

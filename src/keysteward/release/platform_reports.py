@@ -31,6 +31,7 @@ from keysteward.ttlcache import TtlCache
 
 CACHE_SECONDS: Final = 1.0
 NO_PLATFORM: Final[dict[str, Any]] = {"tee": "none"}
+"""Shared, never changed: one object, so a cache of facts made from it (access/kmip_actions.py) can key on it."""
 
 
 def report_binding(nonce: bytes) -> bytes:
@@ -93,7 +94,7 @@ class PlatformReports:
             self._latest.put(key, hit)
         facts, verified_at = hit
         if datetime.now(UTC) - verified_at > self.max_age:
-            return dict(NO_PLATFORM)
+            return NO_PLATFORM
         return facts
 
     def _read(self, tenant_id: str, holder: str) -> tuple[dict[str, Any], datetime]:
