@@ -20,7 +20,7 @@ import anyio.to_thread
 from sqlalchemy import Connection
 
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
-from keysteward.access.kmip_attributes import Attributes, value_item
+from keysteward.access.kmip_attributes import Attributes, initial_state, value_item
 from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
 from keysteward.access.service import AccessService
@@ -195,8 +195,8 @@ class KmipCreate(_KmipAction):
             rng = Item(TAGS["RngAlgorithm"], ItemType.ENUMERATION, 1)
             attributes.set("Random Number Generator", Item(TAGS["AttributeValue"], ItemType.STRUCTURE, (rng,)))
         record = KmipRecord(
-            inputs.uid, subject.tenant_id, inputs.object_type, "PreActive", attributes.name_value(), None,
-            attributes.to_json(), subject.actor[:200], now, now, None,
+            inputs.uid, subject.tenant_id, inputs.object_type, initial_state(attributes, now),
+            attributes.name_value(), None, attributes.to_json(), subject.actor[:200], now, now, None,
         )  # fmt: skip
         state.record = record
         version, digest = self.objects.insert(conn, record, size=inputs.size, material=inputs.material)
@@ -385,8 +385,8 @@ class KmipAccess:
         return self.objects.new_uid()
 
     async def run(self, who: Principal, action: str, inputs: KmipInputs, source: str) -> Any:
-        delivery = {"kmip.get": Delivery.CHANNEL, "kmip.encrypt": Delivery.OPERATION,
-                    "kmip.decrypt": Delivery.OPERATION}.get(action, Delivery.NOTHING)  # fmt: skip
+        operation = action in ("kmip.encrypt", "kmip.decrypt", "kmip.mac", "kmip.mac_verify", "kmip.get_wrapped")
+        delivery = Delivery.CHANNEL if action == "kmip.get" else Delivery.OPERATION if operation else Delivery.NOTHING
         request = AccessRequest(
             tenant=who.tenant,
             action=action,

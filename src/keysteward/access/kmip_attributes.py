@@ -13,6 +13,7 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from keysteward.errors import BadRequest, Conflict
@@ -179,6 +180,14 @@ class Attributes:
     def audited(self) -> Mapping[str, str]:
         tags = self.tags()
         return {name: tags[name][:128] for name in AUDITED_TAGS if name in tags}
+
+
+def initial_state(attributes: Attributes, now: datetime) -> str:
+    """A new object's state: Active when its Activation Date is now or past (KMIP), else Pre-Active."""
+    activation = attributes.first("Activation Date")
+    if activation is not None and isinstance(activation.value, int) and activation.value <= now.timestamp():
+        return "Active"
+    return "PreActive"
 
 
 def value_item(kind: ItemType, value: int | bool | str | bytes) -> Item:

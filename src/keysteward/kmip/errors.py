@@ -27,6 +27,8 @@ _BY_CODE: Final[dict[str, tuple[str, str]]] = {
     "tenant_not_found": ("PermissionDenied", "PermissionDenied"),
     "kmip_missing_data": ("MissingData", "MissingData"),
     "kmip_crypto_failure": ("CryptographicFailure", "CryptographicFailure"),
+    "kmip_usage_mask": ("PermissionDenied", "IncompatibleCryptographicUsageMask"),
+    "kmip_check_failed": ("IllegalOperation", "IncompatibleCryptographicUsageMask"),
 }
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from keysteward.access.kmip_actions import KmipAccess, KmipInputs, KmipRecord
+from keysteward.access.kmip_mac import HMAC_KEY_BITS
 from keysteward.errors import KeystewardError
 from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_enums import (
@@ -27,7 +28,7 @@ from keysteward.formats.kmip_enums import (
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.kmip import attributes as attrs
-from keysteward.kmip import crypto_ops, objects, v2
+from keysteward.kmip import crypto_ops, mac_ops, objects, v2
 from keysteward.kmip.errors import KmipError, from_keysteward
 from keysteward.kmip.messages import SUPPORTED
 
@@ -134,8 +135,7 @@ class Operations:
         algorithm, length = found.get("Cryptographic Algorithm"), found.get("Cryptographic Length")
         if algorithm is None or length is None:
             raise KmipError("MissingData", "Create needs a Cryptographic Algorithm and a Cryptographic Length")
-        if algorithm.value != CRYPTOGRAPHIC_ALGORITHM["Aes"] or length.value not in AES_LENGTHS:
-            raise KmipError("InvalidField", "Create makes AES keys of 128, 192 or 256 bits")
+        _check_key_size(algorithm, length)
         assert isinstance(length.value, int)
         uid = self.kmip.new_uid()
         inputs = KmipInputs(uid=uid, object_type="SymmetricKey", template=tuple(template), size=length.value // 8,
@@ -325,6 +325,21 @@ class Operations:
         return _payload(located, *(t.text("UniqueIdentifier", r.uid) for r in page))
 
 
+def _check_key_size(algorithm: Item, length: Item) -> None:
+    """A Create's algorithm and length: AES of 128, 192 or 256 bits, or an HMAC key of the lengths it takes."""
+    if not isinstance(length.value, int) or length.value % 8:
+        raise KmipError("InvalidField", "the Cryptographic Length is a whole number of bytes")
+    if algorithm.value == CRYPTOGRAPHIC_ALGORITHM["Aes"]:
+        if length.value not in AES_LENGTHS:
+            raise KmipError("InvalidField", "Create makes AES keys of 128, 192 or 256 bits")
+    elif isinstance(algorithm.value, int) and algorithm.value in HMAC_KEY_BITS:
+        low, high = HMAC_KEY_BITS[algorithm.value]
+        if not low <= length.value <= high:
+            raise KmipError("InvalidField", f"this HMAC key is {low} to {high} bits")
+    else:
+        raise KmipError("InvalidField", "Create makes AES and HMAC-SHA256/384/512 keys")
+
+
 def _template(session: Session, payload: Item) -> list[tuple[str, Item]]:
     return v2.template(payload) if session.version[0] >= 2 else attrs.template(payload)
 
@@ -359,4 +374,8 @@ _SERVED: dict[int, Handler] = {
     OPERATION["Locate"]: Operations.locate,
     OPERATION["Encrypt"]: crypto_ops.encrypt,
     OPERATION["Decrypt"]: crypto_ops.decrypt,
+    OPERATION["Mac"]: mac_ops.mac,
+    OPERATION["MacVerify"]: mac_ops.mac_verify,
+    OPERATION["RngRetrieve"]: mac_ops.rng_retrieve,
+    OPERATION["RngSeed"]: mac_ops.rng_seed,
 }

@@ -13,6 +13,7 @@ from keysteward.access import (
     key_actions,
     kmip_actions,
     kmip_crypto,
+    kmip_mac,
     vm_actions,
     vm_migrate,
     volume_actions,
@@ -122,6 +123,7 @@ class Services:
         kmip_objects = KmipObjects(keys, settings.kmip.kek)
         kmip_actions.register(actions, kmip_objects)
         kmip_crypto.register(actions, kmip_objects)
+        kmip_mac.register(actions, kmip_objects)
         refusals = RefusalTally(audit, settings.audit.refusal_interval)
         limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
         access = AccessService(
