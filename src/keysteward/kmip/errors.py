@@ -28,7 +28,9 @@ _BY_CODE: Final[dict[str, tuple[str, str]]] = {
     "kmip_missing_data": ("MissingData", "MissingData"),
     "kmip_crypto_failure": ("CryptographicFailure", "CryptographicFailure"),
     "kmip_usage_mask": ("PermissionDenied", "IncompatibleCryptographicUsageMask"),
+    "kmip_wrapping_not_found": ("ItemNotFound", "WrappingObjectNotFound"),
     "kmip_check_failed": ("IllegalOperation", "IncompatibleCryptographicUsageMask"),
+    "kmip_check_lease": ("IllegalOperation", "IllegalOperation"),
 }
 
 

@@ -28,7 +28,7 @@ from keysteward.formats.kmip_enums import (
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.kmip import attributes as attrs
-from keysteward.kmip import crypto_ops, mac_ops, objects, v2
+from keysteward.kmip import crypto_ops, lifecycle_ops, mac_ops, objects, v2
 from keysteward.kmip.errors import KmipError, from_keysteward
 from keysteward.kmip.messages import SUPPORTED
 
@@ -166,8 +166,9 @@ class Operations:
         fmt = payload.first("KeyFormatType")
         if fmt is not None and fmt.value not in (KEY_FORMAT_TYPE["Raw"], KEY_FORMAT_TYPE["Opaque"]):
             raise KmipError("KeyFormatTypeNotSupported", "keys are served in the Raw format")
-        if payload.first("KeyWrappingSpecification") is not None:
-            raise KmipError("FeatureNotSupported", "key wrapping is not served yet")
+        spec = payload.first("KeyWrappingSpecification")
+        if spec is not None:
+            return await lifecycle_ops.get_wrapped(self, session, payload, uid, spec)
         record, secret = await self.access(session, "kmip.get", KmipInputs(uid=uid, request_id=session.batch_id))
         session.placeholder = uid
         try:
@@ -378,4 +379,7 @@ _SERVED: dict[int, Handler] = {
     OPERATION["MacVerify"]: mac_ops.mac_verify,
     OPERATION["RngRetrieve"]: mac_ops.rng_retrieve,
     OPERATION["RngSeed"]: mac_ops.rng_seed,
+    OPERATION["Check"]: lifecycle_ops.check,
+    OPERATION["Rekey"]: lifecycle_ops.rekey,
+    OPERATION["AdjustAttribute"]: lifecycle_ops.adjust_attribute,
 }

@@ -13,7 +13,9 @@ from keysteward.access import (
     key_actions,
     kmip_actions,
     kmip_crypto,
+    kmip_lifecycle,
     kmip_mac,
+    kmip_wrap,
     vm_actions,
     vm_migrate,
     volume_actions,
@@ -124,6 +126,8 @@ class Services:
         kmip_actions.register(actions, kmip_objects)
         kmip_crypto.register(actions, kmip_objects)
         kmip_mac.register(actions, kmip_objects)
+        kmip_lifecycle.register(actions, kmip_objects)
+        kmip_wrap.register(actions, kmip_objects)
         refusals = RefusalTally(audit, settings.audit.refusal_interval)
         limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
         access = AccessService(
