@@ -10,7 +10,8 @@ additional data bound) and AES-CBC with PKCS#5 padding (a 16-byte IV the server 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -23,6 +24,8 @@ from keysteward.access.kmip_actions import KmipInputs, _KmipAction
 from keysteward.access.kmip_attributes import Attributes
 from keysteward.access.request import Delivery
 from keysteward.errors import BadRequest, Conflict
+from keysteward.formats.kmip_enums import BLOCK_CIPHER_MODE, CRYPTOGRAPHIC_USAGE_MASK, PADDING_METHOD
+from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.keys.kmip_objects import KmipObjects
 
 MAX_DATA = 65536
@@ -32,12 +35,46 @@ AES = 3  # Cryptographic Algorithm AES
 @dataclass(frozen=True, repr=False)
 class CryptoRequest:
     mode: str
-    """``GCM`` or ``CBC`` (with PKCS#5 padding)."""
+    """``GCM``, ``CBC`` or ``ECB``."""
     data: bytes
     iv: bytes | None = None
     aad: bytes = b""
     tag: bytes | None = None
     """Decrypt with GCM: the authentication tag."""
+    padded: bool = True
+    """CBC and ECB: PKCS#5 padding (else the data is whole blocks)."""
+    tag_length: int = 16
+    """Encrypt with GCM: the tag's bytes (12 to 16)."""
+    explicit: bool = True
+    """Whether the request named its Cryptographic Parameters; else the key's own attribute decides."""
+
+
+_CBC, _ECB, _GCM = BLOCK_CIPHER_MODE["Cbc"], BLOCK_CIPHER_MODE["Ecb"], BLOCK_CIPHER_MODE["Gcm"]
+_PKCS5, _NONE = PADDING_METHOD["Pkcs5"], PADDING_METHOD["None"]
+
+
+def parameters(params: Item | None) -> tuple[str, bool, int]:
+    """Cryptographic Parameters as (mode, PKCS#5 padded, GCM tag bytes); BadRequest for what is not served.
+
+    GCM is the default; CBC pads unless told not to (as served before), ECB only when told."""
+    if params is None:
+        return "GCM", True, 16
+    if params.type is not ItemType.STRUCTURE:
+        raise BadRequest("Cryptographic Parameters is a structure", code="kmip_invalid_field")
+    block, pad, tag = params.first("BlockCipherMode"), params.first("PaddingMethod"), params.first("TagLength")
+    mode, padded, tag_length = "GCM", True, 16
+    if block is not None and block.value in (_CBC, _ECB):
+        mode = "CBC" if block.value == _CBC else "ECB"
+        padded = mode == "CBC" if pad is None else pad.value == _PKCS5
+        if pad is not None and pad.value not in (_PKCS5, _NONE):
+            raise BadRequest("CBC and ECB are served with PKCS#5 padding or none", code="kmip_invalid_field")
+    elif block is not None and block.value != _GCM:
+        raise BadRequest("the block cipher modes served are GCM, CBC and ECB", code="kmip_invalid_field")
+    if tag is not None:
+        if tag.type is not ItemType.INTEGER or not isinstance(tag.value, int) or not 12 <= tag.value <= 16:
+            raise BadRequest("the Tag Length is 12 to 16 bytes", code="kmip_tag_length")
+        tag_length = tag.value
+    return mode, padded, tag_length
 
 
 @dataclass(frozen=True, repr=False)
@@ -56,10 +93,16 @@ class _KmipCrypto(_KmipAction):
         record = state.record
         if record.state != "Active":
             raise Conflict(f"only an active key is used, not a {record.state} one", code="kmip_wrong_state")
-        algorithm = Attributes.from_json(record.attributes).first("Cryptographic Algorithm")
+        held = Attributes.from_json(record.attributes)
+        algorithm = held.first("Cryptographic Algorithm")
         if record.object_type != "SymmetricKey" or algorithm is None or algorithm.value != AES:
             raise BadRequest("Encrypt and Decrypt use AES keys", code="kmip_invalid_field")
+        self.usable(held)
         request: CryptoRequest = state.inputs.crypto
+        stored = held.first("Cryptographic Parameters")
+        if not request.explicit and stored is not None:
+            mode, padded, tag_length = parameters(stored)
+            request = replace(request, mode=mode, padded=padded, tag_length=tag_length)
         key = self.objects.material(record)
         try:
             result = self.run(key.view(), request)
@@ -73,43 +116,79 @@ class _KmipCrypto(_KmipAction):
     def run(self, key: memoryview, request: CryptoRequest) -> CryptoResult:
         raise NotImplementedError
 
+    mask_bit = 0
+    date_rule = ("", False)
+    """(date attribute, whether it must be past): Encrypt stops at Protect Stop Date, Decrypt waits for Process
+    Start Date (KMIP)."""
+
+    def usable(self, held: Attributes) -> None:
+        """KMIP's rules on a key's usage mask (when it has one) and its protect/process dates."""
+        mask = held.first("Cryptographic Usage Mask")
+        if mask is not None and isinstance(mask.value, int) and not mask.value & self.mask_bit:
+            raise Conflict("the key's Cryptographic Usage Mask does not allow this", code="kmip_usage_mask")
+        name, must_be_past = self.date_rule
+        date = held.first(name)
+        if date is not None and isinstance(date.value, int) and (date.value <= time.time()) != must_be_past:
+            raise Conflict(f"the key's {name} forbids this use now", code="kmip_wrong_state")
+
     def deliver(self, subject: Subject, booked: Any, performed: Any) -> Any:
         return performed
 
 
 class KmipEncrypt(_KmipCrypto):
     action, cedar_action = "kmip.encrypt", "kmip_encrypt"
+    mask_bit = CRYPTOGRAPHIC_USAGE_MASK["Encrypt"]
+    date_rule = ("Protect Stop Date", False)
 
     def run(self, key: memoryview, request: CryptoRequest) -> CryptoResult:
         if request.mode == "GCM":
             iv = request.iv or os.urandom(12)
             sealed = AESGCM(key).encrypt(iv, request.data, request.aad or None)
-            return CryptoResult(sealed[:-16], None if request.iv else iv, sealed[-16:])
+            return CryptoResult(
+                sealed[:-16], None if request.iv else iv, sealed[-16 : len(sealed) - 16 + request.tag_length]
+            )
+        data = request.data
+        if request.padded:
+            padder = padding.PKCS7(128).padder()
+            data = padder.update(data) + padder.finalize()
+        elif len(data) % 16:
+            raise BadRequest("without padding the data is whole 16-byte blocks", code="kmip_invalid_field")
+        if request.mode == "ECB":
+            encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305 - the client asked for it
+            return CryptoResult(encryptor.update(data) + encryptor.finalize())
         iv = request.iv or os.urandom(16)
-        padder = padding.PKCS7(128).padder()
-        padded = padder.update(request.data) + padder.finalize()
         encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
-        return CryptoResult(encryptor.update(padded) + encryptor.finalize(), None if request.iv else iv)
+        return CryptoResult(encryptor.update(data) + encryptor.finalize(), None if request.iv else iv)
 
 
 class KmipDecrypt(_KmipCrypto):
     action, cedar_action = "kmip.decrypt", "kmip_decrypt"
+    mask_bit = CRYPTOGRAPHIC_USAGE_MASK["Decrypt"]
+    date_rule = ("Process Start Date", True)
 
     def run(self, key: memoryview, request: CryptoRequest) -> CryptoResult:
-        if request.iv is None:
-            raise BadRequest("Decrypt needs the IV/Counter/Nonce", code="kmip_missing_data")
+        if request.iv is None and request.mode != "ECB":
+            raise BadRequest("Decrypt needs the IV/Counter/Nonce", code="kmip_missing_iv")
         if request.mode == "GCM":
+            assert request.iv is not None
             if request.tag is None:
                 raise BadRequest("Decrypt with GCM needs the authentication tag", code="kmip_missing_data")
+            if not 12 <= len(request.tag) <= 16:
+                raise BadRequest("the GCM tag is 12 to 16 bytes", code="kmip_invalid_field")
             try:
-                return CryptoResult(AESGCM(key).decrypt(request.iv, request.data + request.tag, request.aad or None))
+                opener = Cipher(algorithms.AES(key), modes.GCM(request.iv, request.tag, len(request.tag))).decryptor()
+                opener.authenticate_additional_data(request.aad)
+                return CryptoResult(opener.update(request.data) + opener.finalize())
             except InvalidTag:
                 raise BadRequest("the data does not authenticate", code="kmip_crypto_failure") from None
         try:
-            decryptor = Cipher(algorithms.AES(key), modes.CBC(request.iv)).decryptor()
-            padded = decryptor.update(request.data) + decryptor.finalize()
-            unpadder = padding.PKCS7(128).unpadder()
-            return CryptoResult(unpadder.update(padded) + unpadder.finalize())
+            mode = modes.ECB() if request.mode == "ECB" else modes.CBC(request.iv or b"")  # noqa: S305
+            decryptor = Cipher(algorithms.AES(key), mode).decryptor()
+            data = decryptor.update(request.data) + decryptor.finalize()
+            if request.padded:
+                unpadder = padding.PKCS7(128).unpadder()
+                data = unpadder.update(data) + unpadder.finalize()
+            return CryptoResult(data)
         except ValueError:
             raise BadRequest("the data does not decrypt", code="kmip_crypto_failure") from None
 

@@ -138,7 +138,7 @@ def all_attributes(record: KmipRecord, version: tuple[int, int] = (1, 4)) -> lis
         ("State", [value_item(ItemType.ENUMERATION, STATE[record.state])]),
     ]
     out.extend((name, [value]) for name, value in _server_defaults(record, stored, version))
-    out.extend((name, values) for name, values in stored.values.items() if values)
+    out.extend((name, values) for name, values in stored.values.items() if values and not name.startswith("_"))
     return [(name, values) for name, values in out if SINCE.get(name, (1, 0)) <= version]
 
 

@@ -18,7 +18,6 @@ from keysteward.errors import KeystewardError
 from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_enums import (
     CRYPTOGRAPHIC_ALGORITHM,
-    KEY_FORMAT_TYPE,
     OBJECT_TYPE,
     OPERATION,
     QUERY_FUNCTION,
@@ -28,7 +27,7 @@ from keysteward.formats.kmip_enums import (
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.kmip import attributes as attrs
-from keysteward.kmip import crypto_ops, lifecycle_ops, mac_ops, objects, v2
+from keysteward.kmip import crypto_ops, lifecycle_ops, locate_match, mac_ops, objects, v2
 from keysteward.kmip.errors import KmipError, from_keysteward
 from keysteward.kmip.messages import SUPPORTED
 
@@ -151,8 +150,7 @@ class Operations:
             raise KmipError("InvalidField", "Register stores symmetric keys, secret data and opaque objects")
         template = _template(session, payload)
         material = objects.material(payload, name)
-        if name == "SymmetricKey":
-            template = objects.key_block_attributes(payload, template, len(material))
+        template = objects.form_attributes(payload, name, template, len(material))
         uid = self.kmip.new_uid()
         inputs = KmipInputs(uid=uid, object_type=name, template=tuple(template), material=material,
                             request_id=session.batch_id)  # fmt: skip
@@ -164,15 +162,15 @@ class Operations:
     async def get(self, session: Session, payload: Item) -> Item:
         uid = uid_of(session, payload)
         fmt = payload.first("KeyFormatType")
-        if fmt is not None and fmt.value not in (KEY_FORMAT_TYPE["Raw"], KEY_FORMAT_TYPE["Opaque"]):
-            raise KmipError("KeyFormatTypeNotSupported", "keys are served in the Raw format")
+        if fmt is not None and fmt.value not in objects.SERVED_FORMATS:
+            raise KmipError("KeyFormatTypeNotSupported", "keys are served in the Raw or Transparent format")
         spec = payload.first("KeyWrappingSpecification")
         if spec is not None:
             return await lifecycle_ops.get_wrapped(self, session, payload, uid, spec)
         record, secret = await self.access(session, "kmip.get", KmipInputs(uid=uid, request_id=session.batch_id))
         session.placeholder = uid
         try:
-            body = objects.object_item(record, secret)
+            body = objects.object_item(record, secret, fmt.value if fmt is not None else None)  # type: ignore[arg-type]
         finally:
             secret.wipe()
         return _payload(t.enumeration("ObjectType", OBJECT_TYPE[record.object_type]), t.text("UniqueIdentifier", uid),
@@ -318,7 +316,7 @@ class Operations:
                 filters["state"] = STATE_NAMES[_enum(value, STATE, "State")]
             else:
                 others.append((name, value))
-        filters["match"] = _matcher(others)
+        filters["match"] = locate_match.matcher(others)
         found = await self.access(session, "kmip.locate", KmipInputs(locate=filters, request_id=session.batch_id))
         page = found[skip : skip + limit]
         paged = maximum is not None or offset is not None
@@ -343,16 +341,6 @@ def _check_key_size(algorithm: Item, length: Item) -> None:
 
 def _template(session: Session, payload: Item) -> list[tuple[str, Item]]:
     return v2.template(payload) if session.version[0] >= 2 else attrs.template(payload)
-
-
-def _matcher(wanted: list[tuple[str, Item]]) -> Callable[[KmipRecord], bool]:
-    def match(record: KmipRecord) -> bool:
-        stored = dict(attrs.all_attributes(record))
-        return all(
-            any(v.type is want.type and v.value == want.value for v in stored.get(name, [])) for name, want in wanted
-        )
-
-    return match
 
 
 _SERVED: dict[int, Handler] = {
