@@ -44,7 +44,7 @@ ENUMS_BY_TAG = {
     "BatchErrorContinuationOption": e.BATCH_ERROR_CONTINUATION_OPTION, "LinkType": e.LINK_TYPE,
     "BlockCipherMode": e.BLOCK_CIPHER_MODE, "PaddingMethod": e.PADDING_METHOD,
     "HashingAlgorithm": e.HASHING_ALGORITHM, "InteropFunction": {"Begin": 1, "End": 2, "Reset": 3},
-    "ValidityIndicator": {"Valid": 1, "Invalid": 2, "Unknown": 3},
+    "ValidityIndicator": {"Valid": 1, "Invalid": 2, "Unknown": 3}, "CertificateType": {"X509": 1, "Pgp": 2},
 }  # fmt: skip
 _ALIASES = {"des3": "TripleDes", "sha256": "Sha256"}
 ENUMS_BY_ATTRIBUTE = {

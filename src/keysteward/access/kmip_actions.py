@@ -20,7 +20,7 @@ import anyio.to_thread
 from sqlalchemy import Connection
 
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
-from keysteward.access.kmip_attributes import Attributes, initial_state, value_item
+from keysteward.access.kmip_attributes import Attributes, check_export, initial_state, value_item
 from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
 from keysteward.access.service import AccessService
@@ -221,6 +221,7 @@ class KmipGet(_KmipAction):
         assert record is not None
         if record.state in ("Destroyed", "DestroyedCompromised"):
             raise _refuse("kmip_destroyed", "the object was destroyed")
+        check_export(Attributes.from_json(record.attributes), wrapped=self.delivery is Delivery.OPERATION)
         self.objects.fetched(conn, record, now)
         return record
 
@@ -385,8 +386,7 @@ class KmipAccess:
         return self.objects.new_uid()
 
     async def run(self, who: Principal, action: str, inputs: KmipInputs, source: str) -> Any:
-        operation = action in ("kmip.encrypt", "kmip.decrypt", "kmip.mac", "kmip.mac_verify", "kmip.get_wrapped")
-        delivery = Delivery.CHANNEL if action == "kmip.get" else Delivery.OPERATION if operation else Delivery.NOTHING
+        delivery = self.access.actions.get(action).delivery  # each handler says how its result leaves
         request = AccessRequest(
             tenant=who.tenant,
             action=action,

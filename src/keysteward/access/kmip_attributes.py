@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from keysteward.errors import BadRequest, Conflict
+from keysteward.errors import BadRequest, Conflict, Denied
 from keysteward.formats import kmip_ttlv as ttlv
 from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
@@ -47,8 +47,11 @@ SERVER_SET: Final[dict[str, ItemType]] = {
     "Short Unique Identifier": _T.BYTE_STRING,
     "Protection Storage Mask": _T.INTEGER,
     "Key Format Type": _T.ENUMERATION,
+    "Certificate Length": _T.INTEGER,
+    "Certificate Subject Cn": _T.TEXT_STRING,
 }
 CREATE_ONLY: Final[dict[str, ItemType]] = {
+    "Certificate Type": _T.ENUMERATION,
     "Cryptographic Algorithm": _T.ENUMERATION,
     "Cryptographic Length": _T.INTEGER,
     "Cryptographic Usage Mask": _T.INTEGER,
@@ -180,6 +183,16 @@ class Attributes:
     def audited(self) -> Mapping[str, str]:
         tags = self.tags()
         return {name: tags[name][:128] for name in AUDITED_TAGS if name in tags}
+
+
+def check_export(attributes: Attributes, *, wrapped: bool) -> None:
+    """Raise Denied when a Get may not answer the material: never when Extractable is false, and not in the
+    clear when Sensitive is true (KMIP)."""
+    extractable, sensitive = attributes.first("Extractable"), attributes.first("Sensitive")
+    if extractable is not None and extractable.value is False:
+        raise Denied("the object is not extractable", code="kmip_not_extractable")
+    if sensitive is not None and sensitive.value is True and not wrapped:
+        raise Denied("a sensitive object leaves only wrapped", code="kmip_sensitive")
 
 
 def initial_state(attributes: Attributes, now: datetime) -> str:

@@ -14,6 +14,7 @@ from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_enums import KEY_FORMAT_TYPE
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.kmip import attributes as attrs
+from keysteward.kmip import stored_keys
 from keysteward.kmip.errors import KmipError
 
 SERVED_FORMATS: Final = (KEY_FORMAT_TYPE["Raw"], KEY_FORMAT_TYPE["Opaque"], KEY_FORMAT_TYPE["TransparentSymmetricKey"])
@@ -82,6 +83,8 @@ def key_block_attributes(payload: Item, template: list[tuple[str, Item]], size: 
 def object_item(record: KmipRecord, secret: SecretBuffer, fmt: int | None = None) -> Item:
     """The object a Get answers, in the format asked (else the one it was registered in, else Raw)."""
     material = bytes(secret.view())
+    if record.object_type in stored_keys.TYPES:
+        return stored_keys.object_item(record, material)
     stored = Attributes.from_json(record.attributes)
     if record.object_type == "OpaqueObject":
         kind = stored.first(OPAQUE_TYPE)

@@ -27,14 +27,14 @@ from keysteward.formats.kmip_enums import (
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.kmip import attributes as attrs
-from keysteward.kmip import crypto_ops, lifecycle_ops, locate_match, mac_ops, objects, v2
+from keysteward.kmip import crypto_ops, lifecycle_ops, locate_match, mac_ops, objects, stored_keys, v2
 from keysteward.kmip.errors import KmipError, from_keysteward
 from keysteward.kmip.messages import SUPPORTED
 
 VENDOR: Final = "keysteward"
 AES_LENGTHS: Final = (128, 192, 256)
 OBJECT_NAMES: Final = {number: name for name, number in OBJECT_TYPE.items()}
-STORED_TYPES: Final = ("SymmetricKey", "SecretData", "OpaqueObject")
+STORED_TYPES: Final = ("SymmetricKey", "SecretData", "OpaqueObject", *stored_keys.TYPES)
 STATE_NAMES: Final = {number: name for name, number in STATE.items()}
 
 
@@ -147,10 +147,14 @@ class Operations:
         object_type = _enum(payload.first("ObjectType"), OBJECT_TYPE, "Object Type")
         name = OBJECT_NAMES[object_type]
         if name not in STORED_TYPES:
-            raise KmipError("InvalidField", "Register stores symmetric keys, secret data and opaque objects")
+            raise KmipError("InvalidField", "Register stores keys, certificates, secret data and opaque objects")
         template = _template(session, payload)
-        material = objects.material(payload, name)
-        template = objects.form_attributes(payload, name, template, len(material))
+        if name in stored_keys.TYPES:
+            material, stated = stored_keys.material(payload, name)
+            template = [*template, *((n, v) for n, v in stated if n not in {m for m, _ in template})]
+        else:
+            material = objects.material(payload, name)
+            template = objects.form_attributes(payload, name, template, len(material))
         uid = self.kmip.new_uid()
         inputs = KmipInputs(uid=uid, object_type=name, template=tuple(template), material=material,
                             request_id=session.batch_id)  # fmt: skip
@@ -248,8 +252,11 @@ class Operations:
                 name, value = current
             attrs.deletable(name)
         else:
-            name, value = attrs.settable(*v2.one_attribute(payload.first("NewAttribute"), "New Attribute"),
-                                         creating=False)  # fmt: skip
+            try:
+                name, value = attrs.settable(*v2.one_attribute(payload.first("NewAttribute"), "New Attribute"),
+                                             creating=False)  # fmt: skip
+            except KmipError as exc:  # 2.x names the precise reason
+                raise KmipError("AttributeReadOnly", exc.message) if exc.code == "kmip_read_only" else exc from None
         template = ((name, value if value is not None else t.text("AttributeValue", "")),)
         match = current[1] if current is not None else None
         inputs = KmipInputs(uid=uid, template=template, change=change, current=match, request_id=session.batch_id)
