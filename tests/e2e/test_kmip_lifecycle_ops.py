@@ -8,6 +8,7 @@ real KMIP listener.
   Date (so the new key is Pre-Active); a destroyed key is not rekeyed;
 - AdjustAttribute increments and negates a client's attribute in 2.1, refuses a server attribute, a text
   value and 1.4 (Operation Not Supported);
+- a batch with Batch Order Option runs in order; a non-boolean option is an Invalid Message;
 - Get with a Key Wrapping Specification answers RFC 3394 / RFC 5649 wrapped material that unwraps to what a
   plain Get answers; a Pre-Active wrapping key, an unknown one, a policy that forbids kmip_wrap, and bad
   specifications are refused, and the material never appears unwrapped.
@@ -207,3 +208,32 @@ forbid (principal, action == Keysteward::Action::"kmip_wrap", resource is Keyste
     wrapped_gets = [r for r in records if r["action"] == "kmip.get_wrapped"]
     assert [r.get("reason") for r in wrapped_gets][-1] == "forbidden_by_policy"
     assert key.hex() not in str(records)
+
+
+def test_batch_order_option(site: KmipSite) -> None:
+    """A batch with Batch Order Option True runs in the order sent (Create, then Activate and GetAttributes of
+    the ID placeholder); a non-boolean option answers Invalid Message, nothing is created, the connection stays."""
+    from tests.support.kmip_client import batch_item
+
+    def message(order: t.Item, *items: t.Item) -> bytes:
+        version = t.struct_(
+            "ProtocolVersion", t.integer("ProtocolVersionMajor", 1), t.integer("ProtocolVersionMinor", 4)
+        )
+        header = t.struct_("RequestHeader", version, order, t.integer("BatchCount", len(items)))
+        return t.encode(t.struct_("RequestMessage", header, *items))
+
+    cert = site.issue("esx-1")[:2]
+    batch = (batch_item("Create", *aes_256_template(), batch_id=b"1"), batch_item("Activate", batch_id=b"2"),
+             batch_item("GetAttributes", batch_id=b"3"))  # fmt: skip
+    with KmipConn(site.port, site.tls(cert)) as c:
+        before = len(c.one("Locate").payload.all("UniqueIdentifier"))  # type: ignore[union-attr]
+        answer = t.decode(c.send_raw(message(t.boolean("BatchOrderOption", True), *batch)))
+        items = answer.all("BatchItem")
+        assert [i.first("UniqueBatchItemId").value for i in items] == [b"1", b"2", b"3"]  # type: ignore[union-attr]
+        assert all(i.first("ResultStatus").value == 0 for i in items)  # type: ignore[union-attr]
+        state = [a for a in items[2].first("ResponsePayload").all("Attribute")  # type: ignore[union-attr]
+                 if a.first("AttributeName").value == "State"]  # type: ignore[union-attr]  # fmt: skip
+        assert state[0].first("AttributeValue").value == 2  # type: ignore[union-attr]  # Active: Activate ran second
+        refused = t.decode(c.send_raw(message(t.integer("BatchOrderOption", 1), *batch)))
+        assert refused.first("BatchItem").first("ResultReason").value == 4  # type: ignore[union-attr]
+        assert len(c.one("Locate").payload.all("UniqueIdentifier")) == before + 1  # type: ignore[union-attr]
