@@ -7,7 +7,8 @@
   certificate, a PGP certificate) answer the Result Reason and store nothing;
 - a Sensitive key is not answered in the clear (only wrapped); a key with Extractable false not at all;
 - ECB, CBC without padding, a GCM tag of 12 bytes, the key's stored Cryptographic Parameters when the request
-  names none; a usage mask without Encrypt, a Protect Stop Date past; bad Cryptographic Parameters.
+  names none; a usage mask without Encrypt, a Protect Stop Date past; bad Cryptographic Parameters;
+- ChaCha20-Poly1305 with a full and a truncated tag, tampering, nonces and tags of the wrong size.
 """
 
 from __future__ import annotations
@@ -186,3 +187,43 @@ def test_encrypt_modes_and_key_rules(site: KmipSite, secret_registry: SecretRegi
         ):  # fmt: skip
             assert c.one("Encrypt", uid(kid), params, t.byte_string("Data", block)).reason == reason, params
         assert c.one("Decrypt", uid(kid), t.byte_string("Data", block)).reason == "InvalidMessage"  # no IV
+
+
+def test_chacha20_poly1305(site: KmipSite, secret_registry: SecretRegistry) -> None:
+    """A registered ChaCha20-Poly1305 key: Encrypt and Decrypt round-trip, with a full and a 12-byte tag; a
+    changed tag or additional data does not decrypt; nonces of the wrong size are refused."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    material = os.urandom(32)
+    secret_registry.secret(material, "registered chacha20-poly1305 key")
+    value = t.struct_("KeyValue", t.byte_string("KeyMaterial", material))
+    block = t.struct_("KeyBlock", t.enumeration("KeyFormatType", 1), value,
+                      t.enumeration("CryptographicAlgorithm", 0x1E), t.integer("CryptographicLength", 256))  # fmt: skip
+    template = t.struct_("TemplateAttribute", attribute("Activation Date", t.date_time("AttributeValue", 1)))
+    aead = t.struct_("CryptographicParameters", t.enumeration("BlockCipherMode", 0x12))
+    aead12 = t.struct_("CryptographicParameters", t.enumeration("BlockCipherMode", 0x12), t.integer("TagLength", 12))
+    aad = t.byte_string("AuthenticatedEncryptionAdditionalData", b"vm-3")
+    cert = site.issue("esx-1")[:2]
+    with KmipConn(site.port, site.tls(cert)) as c:
+        kid = c.one("Register", t.enumeration("ObjectType", OBJECT_TYPE["SymmetricKey"]), template,
+                    t.struct_("SymmetricKey", block)).uid()  # fmt: skip
+        for params in (aead, aead12):
+            out = c.one("Encrypt", uid(kid), params, t.byte_string("Data", b"nvram"), aad)
+            assert out.ok, out.reason
+            data, nonce, tag = (out.payload.first(n).value for n in ("Data", "IvCounterNonce",  # type: ignore[union-attr]
+                                                                     "AuthenticatedEncryptionTag"))  # fmt: skip
+            full = ChaCha20Poly1305(material).encrypt(nonce, b"nvram", b"vm-3")  # type: ignore[arg-type]
+            assert data == full[:-16] and tag == full[-16:][: len(tag)]  # type: ignore[arg-type,index]
+            back = c.one("Decrypt", uid(kid), params, t.byte_string("Data", data), aad,  # type: ignore[arg-type]
+                         t.byte_string("IvCounterNonce", nonce), t.byte_string("AuthenticatedEncryptionTag", tag))  # type: ignore[arg-type]  # fmt: skip
+            assert back.ok and back.payload.first("Data").value == b"nvram"  # type: ignore[union-attr]
+            bad = bytes([tag[0] ^ 1]) + tag[1:]  # type: ignore[index,operator]
+            tampered = c.one("Decrypt", uid(kid), params, t.byte_string("Data", data), aad,  # type: ignore[arg-type]
+                             t.byte_string("IvCounterNonce", nonce), t.byte_string("AuthenticatedEncryptionTag", bad))  # type: ignore[arg-type]  # fmt: skip
+            assert tampered.reason == "CryptographicFailure"
+        short = c.one("Encrypt", uid(kid), aead, t.byte_string("Data", b"x"), t.byte_string("IvCounterNonce", bytes(8)))
+        assert short.reason == "InvalidField"
+        assert c.one("Decrypt", uid(kid), aead, t.byte_string("Data", b"x"), t.byte_string("IvCounterNonce", bytes(12)),
+                     t.byte_string("AuthenticatedEncryptionTag", bytes(8))).reason == "InvalidField"  # fmt: skip

@@ -9,6 +9,7 @@ additional data bound) and AES-CBC with PKCS#5 padding (a 16-byte IV the server 
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 from dataclasses import dataclass, replace
@@ -17,19 +18,26 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from keysteward.access.actions import ActionTable, Subject
 from keysteward.access.kmip_actions import KmipInputs, _KmipAction
 from keysteward.access.kmip_attributes import Attributes
 from keysteward.access.request import Delivery
 from keysteward.errors import BadRequest, Conflict
-from keysteward.formats.kmip_enums import BLOCK_CIPHER_MODE, CRYPTOGRAPHIC_USAGE_MASK, PADDING_METHOD
+from keysteward.formats.kmip_enums import (
+    BLOCK_CIPHER_MODE,
+    CRYPTOGRAPHIC_ALGORITHM,
+    CRYPTOGRAPHIC_USAGE_MASK,
+    PADDING_METHOD,
+)
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.keys.kmip_objects import KmipObjects
 
 MAX_DATA = 65536
 AES = 3  # Cryptographic Algorithm AES
+_ALGORITHMS = {AES: "AES", CRYPTOGRAPHIC_ALGORITHM["Chacha20"]: "CHACHA20",
+               CRYPTOGRAPHIC_ALGORITHM["Chacha20Poly1305"]: "CHACHA20POLY1305"}  # fmt: skip
 
 
 @dataclass(frozen=True, repr=False)
@@ -49,7 +57,7 @@ class CryptoRequest:
     """Whether the request named its Cryptographic Parameters; else the key's own attribute decides."""
 
 
-_CBC, _ECB, _GCM = BLOCK_CIPHER_MODE["Cbc"], BLOCK_CIPHER_MODE["Ecb"], BLOCK_CIPHER_MODE["Gcm"]
+_CBC, _ECB, _GCM, _AEAD = (BLOCK_CIPHER_MODE[n] for n in ("Cbc", "Ecb", "Gcm", "Aead"))
 _PKCS5, _NONE = PADDING_METHOD["Pkcs5"], PADDING_METHOD["None"]
 
 
@@ -68,8 +76,10 @@ def parameters(params: Item | None) -> tuple[str, bool, int]:
         padded = mode == "CBC" if pad is None else pad.value == _PKCS5
         if pad is not None and pad.value not in (_PKCS5, _NONE):
             raise BadRequest("CBC and ECB are served with PKCS#5 padding or none", code="kmip_invalid_field")
+    elif block is not None and block.value == _AEAD:
+        mode = "AEAD"
     elif block is not None and block.value != _GCM:
-        raise BadRequest("the block cipher modes served are GCM, CBC and ECB", code="kmip_invalid_field")
+        raise BadRequest("the block cipher modes served are GCM, CBC, ECB and AEAD", code="kmip_invalid_field")
     if tag is not None:
         if tag.type is not ItemType.INTEGER or not isinstance(tag.value, int) or not 12 <= tag.value <= 16:
             raise BadRequest("the Tag Length is 12 to 16 bytes", code="kmip_tag_length")
@@ -95,14 +105,20 @@ class _KmipCrypto(_KmipAction):
             raise Conflict(f"only an active key is used, not a {record.state} one", code="kmip_wrong_state")
         held = Attributes.from_json(record.attributes)
         algorithm = held.first("Cryptographic Algorithm")
-        if record.object_type != "SymmetricKey" or algorithm is None or algorithm.value != AES:
-            raise BadRequest("Encrypt and Decrypt use AES keys", code="kmip_invalid_field")
+        if record.object_type != "SymmetricKey" or algorithm is None or algorithm.value not in _ALGORITHMS:
+            raise BadRequest(
+                "Encrypt and Decrypt use AES, ChaCha20 and ChaCha20-Poly1305 keys", code="kmip_invalid_field"
+            )
         self.usable(held)
         request: CryptoRequest = state.inputs.crypto
         stored = held.first("Cryptographic Parameters")
         if not request.explicit and stored is not None:
             mode, padded, tag_length = parameters(stored)
             request = replace(request, mode=mode, padded=padded, tag_length=tag_length)
+        if algorithm.value != AES:  # the key's algorithm is the mode; AEAD with an AES key is GCM
+            request = replace(request, mode=_ALGORITHMS[int(algorithm.value)])
+        elif request.mode == "AEAD":
+            request = replace(request, mode="GCM")
         key = self.objects.material(record)
         try:
             result = self.run(key.view(), request)
@@ -141,6 +157,8 @@ class KmipEncrypt(_KmipCrypto):
     date_rule = ("Protect Stop Date", False)
 
     def run(self, key: memoryview, request: CryptoRequest) -> CryptoResult:
+        if request.mode.startswith("CHACHA20"):
+            return chacha_encrypt(key, request)
         if request.mode == "GCM":
             iv = request.iv or os.urandom(12)
             sealed = AESGCM(key).encrypt(iv, request.data, request.aad or None)
@@ -169,6 +187,8 @@ class KmipDecrypt(_KmipCrypto):
     def run(self, key: memoryview, request: CryptoRequest) -> CryptoResult:
         if request.iv is None and request.mode != "ECB":
             raise BadRequest("Decrypt needs the IV/Counter/Nonce", code="kmip_missing_iv")
+        if request.mode.startswith("CHACHA20"):
+            return chacha_decrypt(key, request)
         if request.mode == "GCM":
             assert request.iv is not None
             if request.tag is None:
@@ -191,6 +211,51 @@ class KmipDecrypt(_KmipCrypto):
             return CryptoResult(data)
         except ValueError:
             raise BadRequest("the data does not decrypt", code="kmip_crypto_failure") from None
+
+
+def _chacha_nonce(iv: bytes) -> bytes:
+    """ChaCha20's 16-byte counter and nonce for a KMIP IV of 12 bytes (RFC 8439) or 8 bytes (the original
+    64-bit nonce), the block counter starting at 0."""
+    if len(iv) not in (8, 12):
+        raise BadRequest("a ChaCha20 IV/Counter/Nonce is 8 or 12 bytes", code="kmip_invalid_field")
+    return bytes(16 - len(iv)) + iv
+
+
+def chacha_encrypt(key: memoryview, request: CryptoRequest) -> CryptoResult:
+    iv = request.iv or os.urandom(12)
+    drawn = None if request.iv else iv
+    if request.mode == "CHACHA20POLY1305":
+        if len(iv) != 12:
+            raise BadRequest("ChaCha20-Poly1305 takes a 12-byte nonce", code="kmip_invalid_field")
+        sealed = ChaCha20Poly1305(bytes(key)).encrypt(iv, request.data, request.aad or None)
+        return CryptoResult(sealed[:-16], drawn, sealed[-16:][: request.tag_length])
+    encryptor = Cipher(algorithms.ChaCha20(key, _chacha_nonce(iv)), None).encryptor()
+    return CryptoResult(encryptor.update(request.data) + encryptor.finalize(), drawn)
+
+
+def chacha_decrypt(key: memoryview, request: CryptoRequest) -> CryptoResult:
+    assert request.iv is not None
+    if request.mode == "CHACHA20POLY1305":
+        if request.tag is None or not 12 <= len(request.tag) <= 16 or len(request.iv) != 12:
+            raise BadRequest(
+                "ChaCha20-Poly1305 takes a 12-byte nonce and a 12 to 16-byte tag", code="kmip_invalid_field"
+            )
+        if len(request.tag) == 16:
+            try:
+                return CryptoResult(ChaCha20Poly1305(bytes(key)).decrypt(request.iv, request.data + request.tag,
+                                                                         request.aad or None))  # fmt: skip
+            except InvalidTag:
+                raise BadRequest("the data does not authenticate", code="kmip_crypto_failure") from None
+        # a truncated tag: decrypt (RFC 8439: the data starts at block 1), recompute the tag, compare its prefix;
+        # the plaintext is answered only when they match
+        stream = Cipher(algorithms.ChaCha20(key, b"\x01" + bytes(3) + request.iv), None).decryptor()
+        plain = stream.update(request.data) + stream.finalize()
+        tag = ChaCha20Poly1305(bytes(key)).encrypt(request.iv, plain, request.aad or None)[-16:]
+        if not hmac.compare_digest(tag[: len(request.tag)], request.tag):
+            raise BadRequest("the data does not authenticate", code="kmip_crypto_failure")
+        return CryptoResult(plain)
+    decryptor = Cipher(algorithms.ChaCha20(key, _chacha_nonce(request.iv)), None).decryptor()
+    return CryptoResult(decryptor.update(request.data) + decryptor.finalize())
 
 
 def register(table: ActionTable, objects: KmipObjects) -> None:
