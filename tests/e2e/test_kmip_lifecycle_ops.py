@@ -80,6 +80,7 @@ def test_rekey(site: KmipSite, secret_registry: SecretRegistry) -> None:
     with KmipConn(site.port, site.tls(cert)) as c:
         kid = c.one("Create", *aes_256_template()).uid()
         assert c.one("AddAttribute", uid(kid), attribute("Name", name)).ok
+        assert c.one("AddAttribute", uid(kid), attribute("Name", name)).reason == "InvalidField"  # the same Name twice
         assert c.one("AddAttribute", uid(kid), attribute("x-Component", text("Virtual Machine"))).ok
         assert c.one("Activate", uid(kid)).ok
         old_key = _material(c, kid)

@@ -139,6 +139,8 @@ class Attributes:
         values = self.values.setdefault(name, [])
         if values and not (name in MULTI_VALUED or is_custom(name)):
             raise Conflict(f"attribute '{name}' has a value already", code="kmip_single_valued")
+        if name == "Name" and any(v.first("NameValue") == value.first("NameValue") for v in values):
+            raise Conflict("the object has this Name already", code="kmip_name_not_unique")
         customs = sum(len(v) for n, v in self.values.items() if is_custom(n))
         if len(values) >= MAX_ATTRIBUTE_VALUES or (is_custom(name) and customs >= MAX_ATTRIBUTE_VALUES):
             raise Conflict("too many attribute values", code="kmip_too_many_attributes")

@@ -31,6 +31,7 @@ _BY_CODE: Final[dict[str, tuple[str, str]]] = {
     "kmip_wrapping_not_found": ("ItemNotFound", "WrappingObjectNotFound"),
     "kmip_check_failed": ("IllegalOperation", "IncompatibleCryptographicUsageMask"),
     "kmip_check_lease": ("IllegalOperation", "IllegalOperation"),
+    "kmip_name_not_unique": ("InvalidField", "NonUniqueNameAttribute"),
     "kmip_sensitive": ("PermissionDenied", "Sensitive"),
     "kmip_not_extractable": ("PermissionDenied", "NotExtractable"),
     "kmip_tag_length": ("GeneralFailure", "GeneralFailure"),  # as the OASIS GCM cases answer (CS-BC-M-GCM-1)
