@@ -132,6 +132,10 @@ def test_export_rules(site: KmipSite) -> None:
         sensitive = c.one("Create", *_aes(attribute("Sensitive", t.boolean("AttributeValue", True)))).uid()
         sealed = c.one("Create", *_aes(attribute("Extractable", t.boolean("AttributeValue", False)))).uid()
         kek = c.one("Create", *_aes(mask=0x10)).uid()
+        fresh = c.one("Create", *_aes(attribute("Fresh", t.boolean("AttributeValue", True))))
+        assert fresh.ok and c.one("GetAttributes", uid(fresh.uid())).attributes()["Fresh"][0].value is True
+        stale = c.one("Create", *_aes(attribute("Fresh", t.boolean("AttributeValue", False))))
+        assert stale.reason == "PermissionDenied"  # Fresh is the server's to state: true until the first Get
         assert c.one("Get", uid(sensitive)).reason == "PermissionDenied"
         spec = t.struct_("KeyWrappingSpecification", t.enumeration("WrappingMethod", 1),
                          t.struct_("EncryptionKeyInformation", uid(kek)))  # fmt: skip
