@@ -8,6 +8,8 @@
 - a Sensitive key is not answered in the clear (only wrapped); a key with Extractable false not at all;
 - ECB, CBC without padding, a GCM tag of 12 bytes, the key's stored Cryptographic Parameters when the request
   names none; a usage mask without Encrypt, a Protect Stop Date past; bad Cryptographic Parameters;
+- Usage Limits counted down by Encrypt in the audit record's transaction, refused once spent, malformed
+  limits refused at Create;
 - ChaCha20-Poly1305 with a full and a truncated tag, tampering, nonces and tags of the wrong size.
 """
 
@@ -175,6 +177,24 @@ def test_encrypt_modes_and_key_rules(site: KmipSite, secret_registry: SecretRegi
         back = c.one("Decrypt", uid(kid), gcm12, sealed.payload.first("Data"),  # type: ignore[union-attr]
                      sealed.payload.first("IvCounterNonce"), t.byte_string("AuthenticatedEncryptionTag", tag))  # type: ignore[union-attr,arg-type]  # fmt: skip
         assert back.ok and back.payload.first("Data").value == b"vm"  # type: ignore[union-attr]
+
+        def limits(*items: t.Item) -> t.Item:
+            return attribute("Usage Limits", t.struct_("AttributeValue", *items))
+
+        two_uses = limits(t.long_integer("UsageLimitsTotal", 2), t.enumeration("UsageLimitsUnit", 2))
+        limited = c.one("Create", *_aes(two_uses)).uid()
+        for _ in range(2):
+            assert c.one("Encrypt", uid(limited), ecb, t.byte_string("Data", block)).ok
+        assert c.one("Encrypt", uid(limited), ecb, t.byte_string("Data", block)).reason == "PermissionDenied"
+        assert c.one("Decrypt", uid(limited), ecb, t.byte_string("Data", block)).ok  # limits count protection only
+        left = c.one("GetAttributes", uid(limited)).attributes()["Usage Limits"][0]
+        assert left.first("UsageLimitsCount").value == 0  # type: ignore[union-attr]
+        for bad in (limits(t.text("UsageLimitsTotal", "2"), t.enumeration("UsageLimitsUnit", 2)),
+                    limits(t.long_integer("UsageLimitsTotal", 2)),
+                    limits(t.long_integer("UsageLimitsTotal", -1), t.enumeration("UsageLimitsUnit", 1)),
+                    limits(t.long_integer("UsageLimitsTotal", 2), t.enumeration("UsageLimitsUnit", 7))):  # fmt: skip
+            assert c.one("Create", *_aes(bad)).reason == "InvalidField", bad
+        assert c.one("ModifyAttribute", uid(limited), two_uses).reason == "PermissionDenied"  # set at creation only
 
         decrypt_only = c.one("Create", *_aes(mask=0x08)).uid()
         assert c.one("Encrypt", uid(decrypt_only), ecb, t.byte_string("Data", block)).reason == "PermissionDenied"

@@ -45,6 +45,7 @@ ENUMS_BY_TAG = {
     "BlockCipherMode": e.BLOCK_CIPHER_MODE, "PaddingMethod": e.PADDING_METHOD,
     "HashingAlgorithm": e.HASHING_ALGORITHM, "InteropFunction": {"Begin": 1, "End": 2, "Reset": 3},
     "ValidityIndicator": {"Valid": 1, "Invalid": 2, "Unknown": 3}, "CertificateType": {"X509": 1, "Pgp": 2},
+    "UsageLimitsUnit": {"Byte": 1, "Object": 2},
 }  # fmt: skip
 _ALIASES = {"des3": "TripleDes", "sha256": "Sha256"}
 ENUMS_BY_ATTRIBUTE = {

@@ -52,6 +52,7 @@ SERVER_SET: Final[dict[str, ItemType]] = {
 }
 CREATE_ONLY: Final[dict[str, ItemType]] = {
     "Certificate Type": _T.ENUMERATION,
+    "Usage Limits": _T.STRUCTURE,
     "Cryptographic Algorithm": _T.ENUMERATION,
     "Cryptographic Length": _T.INTEGER,
     "Cryptographic Usage Mask": _T.INTEGER,
@@ -104,10 +105,25 @@ def check_settable(name: str, value: Item, *, creating: bool) -> None:
     want = expected_type(name)
     if want is not None and value.type is not want:
         raise BadRequest(f"attribute '{name}' is a {want.name.lower()}", code="kmip_invalid_field")
+    if name == "Usage Limits" and not _usage_limits_ok(value):
+        raise BadRequest("Usage Limits holds a Usage Limits Total, a Unit (Byte, Object) and at most a Count",
+                         code="kmip_invalid_field")  # fmt: skip
     if len(ttlv.encode(value)) > MAX_ATTRIBUTE_BYTES:
         raise BadRequest(
             f"attribute '{name[:64]}' is larger than {MAX_ATTRIBUTE_BYTES} bytes", code="kmip_invalid_field"
         )
+
+
+def _usage_limits_ok(value: Item) -> bool:
+    def number(tag: str, required: bool) -> bool:
+        found = value.first(tag)
+        if found is None:
+            return not required
+        return found.type is ItemType.LONG_INTEGER and isinstance(found.value, int) and found.value >= 0
+
+    unit = value.first("UsageLimitsUnit")
+    return (number("UsageLimitsTotal", True) and number("UsageLimitsCount", False) and unit is not None
+            and unit.type is ItemType.ENUMERATION and unit.value in (1, 2))  # fmt: skip
 
 
 def check_deletable(name: str) -> None:

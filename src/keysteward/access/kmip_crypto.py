@@ -13,29 +13,34 @@ import hmac
 import os
 import time
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from sqlalchemy import Connection
 
 from keysteward.access.actions import ActionTable, Subject
 from keysteward.access.kmip_actions import KmipInputs, _KmipAction
 from keysteward.access.kmip_attributes import Attributes
 from keysteward.access.request import Delivery
-from keysteward.errors import BadRequest, Conflict
+from keysteward.errors import BadRequest, Conflict, Denied
 from keysteward.formats.kmip_enums import (
     BLOCK_CIPHER_MODE,
     CRYPTOGRAPHIC_ALGORITHM,
     CRYPTOGRAPHIC_USAGE_MASK,
     PADDING_METHOD,
 )
+from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.keys.kmip_objects import KmipObjects
 
 MAX_DATA = 65536
 AES = 3  # Cryptographic Algorithm AES
+USAGE_BYTE = 1
+"""Usage Limits Unit Byte (Object, 2, counts operations)."""
 _ALGORITHMS = {AES: "AES", CRYPTOGRAPHIC_ALGORITHM["Chacha20"]: "CHACHA20",
                CRYPTOGRAPHIC_ALGORITHM["Chacha20Poly1305"]: "CHACHA20POLY1305"}  # fmt: skip
 
@@ -155,6 +160,30 @@ class KmipEncrypt(_KmipCrypto):
     action, cedar_action = "kmip.encrypt", "kmip_encrypt"
     mask_bit = CRYPTOGRAPHIC_USAGE_MASK["Encrypt"]
     date_rule = ("Protect Stop Date", False)
+
+    def apply(self, conn: Connection, subject: Subject, state: Any, now: datetime) -> Any:
+        """Usage Limits (KMIP): what the key may still protect, counted down in the transaction of the audit
+        record; an Encrypt past it is refused (and its result, already computed, is never delivered)."""
+        record = state.record
+        held = Attributes.from_json(record.attributes)
+        limits = held.first("Usage Limits")
+        if limits is None:
+            return record
+        total, count, unit = (limits.first(n) for n in ("UsageLimitsTotal", "UsageLimitsCount", "UsageLimitsUnit"))
+        left = count.value if count is not None else total.value if total is not None else None
+        if not isinstance(left, int):
+            return record
+        spent = len(state.inputs.crypto.data) if unit is None or unit.value == USAGE_BYTE else 1
+        if spent > left:
+            raise Denied("the key's Usage Limits are spent", code="kmip_usage_limit")
+        remaining = Item(TAGS["UsageLimitsCount"], ItemType.LONG_INTEGER, left - spent)
+        kept = tuple(i for i in limits.items if i.tag != TAGS["UsageLimitsCount"])
+        updated = Item(limits.tag, limits.type, (*kept, remaining))
+        held.set("Usage Limits", updated)
+        record.attributes = held.to_json()
+        self.objects.save(conn, record, now)
+        subject.details["usage_left"] = left - spent
+        return record
 
     def run(self, key: memoryview, request: CryptoRequest) -> CryptoResult:
         if request.mode.startswith("CHACHA20"):

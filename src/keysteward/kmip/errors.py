@@ -32,6 +32,7 @@ _BY_CODE: Final[dict[str, tuple[str, str]]] = {
     "kmip_check_failed": ("IllegalOperation", "IncompatibleCryptographicUsageMask"),
     "kmip_check_lease": ("IllegalOperation", "IllegalOperation"),
     "kmip_name_not_unique": ("InvalidField", "NonUniqueNameAttribute"),
+    "kmip_usage_limit": ("PermissionDenied", "PermissionDenied"),  # as the OASIS case CS-BC-M-7 answers
     "kmip_sensitive": ("PermissionDenied", "Sensitive"),
     "kmip_not_extractable": ("PermissionDenied", "NotExtractable"),
     "kmip_tag_length": ("GeneralFailure", "GeneralFailure"),  # as the OASIS GCM cases answer (CS-BC-M-GCM-1)
