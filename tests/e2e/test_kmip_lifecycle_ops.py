@@ -106,10 +106,13 @@ def test_rekey(site: KmipSite, secret_registry: SecretRegistry) -> None:
 
         later = c.one("Rekey", uid(new), t.interval("Offset", 3600))
         assert later.ok and _attrs(c, later.uid())["State"][0].value == 1  # activates in an hour: Pre-Active
+        count = len(c.one("Locate").payload.all("UniqueIdentifier"))  # type: ignore[union-attr]
         assert c.one("Rekey", uid(new), t.integer("Offset", 5)).reason == "InvalidField"
+        assert c.one("Rekey", uid(new), t.interval("Offset", 2**31)).reason == "InvalidField"
         template = t.struct_("TemplateAttribute", attribute("Cryptographic Length", t.integer("AttributeValue", 128)))
         assert c.one("Rekey", uid(new), template).reason == "InvalidField"
         assert c.one("Rekey", uid("no-such-key")).reason == "ItemNotFound"
+        assert len(c.one("Locate").payload.all("UniqueIdentifier")) == count  # type: ignore[union-attr]
         revoke = t.struct_("RevocationReason", t.enumeration("RevocationReasonCode", 5))
         assert c.one("Revoke", uid(kid), revoke).ok and c.one("Destroy", uid(kid)).ok
         assert c.one("Rekey", uid(kid)).reason == "PermissionDenied"
