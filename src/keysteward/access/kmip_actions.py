@@ -221,7 +221,7 @@ class KmipGet(_KmipAction):
         assert record is not None
         if record.state in ("Destroyed", "DestroyedCompromised"):
             raise _refuse("kmip_destroyed", "the object was destroyed")
-        check_export(Attributes.from_json(record.attributes), wrapped=self.delivery is Delivery.OPERATION)
+        check_export(record.attributes, wrapped=self.delivery is Delivery.OPERATION)
         self.objects.fetched(conn, record, now)
         return record
 

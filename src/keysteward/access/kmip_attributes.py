@@ -203,9 +203,13 @@ class Attributes:
         return {name: tags[name][:128] for name in AUDITED_TAGS if name in tags}
 
 
-def check_export(attributes: Attributes, *, wrapped: bool) -> None:
+def check_export(stored: str, *, wrapped: bool) -> None:
     """Raise Denied when a Get may not answer the material: never when Extractable is false, and not in the
-    clear when Sensitive is true (KMIP)."""
+    clear when Sensitive is true (KMIP). ``stored`` is the record's attributes text, decoded only when it names
+    either (a Get's hot path decodes nothing more)."""
+    if '"Extractable"' not in stored and '"Sensitive"' not in stored:
+        return
+    attributes = Attributes.from_json(stored)
     extractable, sensitive = attributes.first("Extractable"), attributes.first("Sensitive")
     if extractable is not None and extractable.value is False:
         raise Denied("the object is not extractable", code="kmip_not_extractable")
