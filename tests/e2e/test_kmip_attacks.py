@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -210,3 +211,24 @@ def test_wrong_types_change_nothing_and_locate_is_capped(site: KmipSite) -> None
         assert capped.payload is not None
         assert len(capped.payload.all("UniqueIdentifier")) == 3  # the server's max_locate_items
         assert capped.payload.first("LocatedItems").value == 5  # type: ignore[union-attr]
+
+
+def test_a_client_sending_ahead_is_answered_in_order(site: KmipSite) -> None:
+    """Requests sent ahead of their answers (more than one message's bound) are held back, not lost, and each
+    is answered in order; the server stops reading the client until it has caught up, then goes on."""
+    ctx = site.tls(site.issue("esx-1")[:2])
+    count = 4000  # about 400 KiB of requests: more than max_message_bytes (256 KiB) ahead of the answers
+    with KmipConn(site.port, ctx) as c:
+        key = _create(c)
+        messages = [c.encode(batch_item("Get" if i % 2 else "DiscoverVersions", *((uid(key),) if i % 2 else ()),
+                                        batch_id=i.to_bytes(4, "big"))) for i in range(count)]  # fmt: skip
+        assert sum(len(m) for m in messages) > 262144
+        sender = threading.Thread(target=c.sock.sendall, args=(b"".join(messages),))
+        sender.start()
+        answers = [t.decode(c.read()) for _ in range(count)]
+        sender.join(10)
+        assert not sender.is_alive()
+    for i, answer in enumerate(answers):
+        [item] = answer.all("BatchItem")
+        assert item.first("UniqueBatchItemId").value == i.to_bytes(4, "big")  # type: ignore[union-attr]
+        assert item.first("ResultStatus").value == 0  # type: ignore[union-attr]

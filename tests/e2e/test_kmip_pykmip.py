@@ -158,3 +158,30 @@ def test_encrypt_and_decrypt(site: KmipSite) -> None:
     records = site.server.cli_json("audit", "list", "--actor", "cert:acme/hypervisor/esx-1", token=site.admin)
     uses = [r for r in records if r["action"] in ("kmip.encrypt", "kmip.decrypt")]
     assert [r["outcome"] for r in uses][:1] == ["error"] and len(uses) == 6
+
+
+def test_pykmip_mac(site: KmipSite) -> None:
+    """PyKMIP's mac with an HMAC-SHA256 key keysteward created: the MAC is HMAC-SHA256 of the data under the key
+    Get returns; a Pre-Active key is not used; the MAC is audited, the data and the MAC are not."""
+    import hashlib
+    import hmac
+
+    cert, key, _ = site.issue("esx-1")
+    masks = [enums.CryptographicUsageMask.MAC_GENERATE, enums.CryptographicUsageMask.MAC_VERIFY]
+    with site.pykmip((cert, key)) as client:
+        kid = client.create(enums.CryptographicAlgorithm.HMAC_SHA256, 256, cryptographic_usage_mask=masks)
+        with pytest.raises(KmipOperationFailure) as early:
+            client.mac(b"vm-7 config", uid=kid, algorithm=enums.CryptographicAlgorithm.HMAC_SHA256)
+        assert early.value.reason == enums.ResultReason.PERMISSION_DENIED
+        client.activate(kid)
+        got_uid, mac = client.mac(b"vm-7 config", uid=kid, algorithm=enums.CryptographicAlgorithm.HMAC_SHA256)
+        material = client.get(kid).value
+        assert got_uid == kid and len(material) == 32
+        assert mac == hmac.new(material, b"vm-7 config", hashlib.sha256).digest()
+        with pytest.raises(KmipOperationFailure) as other:  # the key is HMAC-SHA256, not SHA-512
+            client.mac(b"x", uid=kid, algorithm=enums.CryptographicAlgorithm.HMAC_SHA512)
+        assert other.value.reason == enums.ResultReason.INVALID_FIELD
+    records = site.server.cli_json("audit", "list", "--actor", "cert:acme/hypervisor/esx-1", token=site.admin)
+    macs = [r for r in records if r["action"] == "kmip.mac"]
+    assert sorted(r.get("outcome", "ok") for r in macs) == ["error", "error", "ok"], macs
+    assert mac.hex() not in str(records) and "vm-7 config" not in str(records)

@@ -4,11 +4,12 @@ A case file is a ``<KMIP>`` element holding RequestMessage/ResponseMessage pairs
 ``type`` the item type and ``value`` its value: enumerations by name (``AES``, ``SymmetricKey``; an
 Attribute Value's enumeration by its Attribute Name), masks as words (``Encrypt Decrypt``), byte strings and
 big integers in hex, date-times in ISO 8601 or ``$NOW``/``$NOW-3600``. ``$UNIQUE_IDENTIFIER_n`` is the n-th
-identifier the server answered, learned from the responses.
+identifier the server answered and ``$DATA_n`` data it produced, learned from the responses.
 
 Comparing an expected response with the server's: every item must match in tag and type, structures as
 multisets of their items, values equal, except what a server chooses (time stamps and other date-times,
-generated key material and digests, identifiers, which bind the placeholders) and Result Messages.
+generated key material and digests, RNG Retrieve's random Data, an Encrypt's IV the server drew and the
+ciphertext under it, identifiers, which bind the placeholders) and Result Messages.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ ENUMS_BY_TAG = {
     "BatchErrorContinuationOption": e.BATCH_ERROR_CONTINUATION_OPTION, "LinkType": e.LINK_TYPE,
     "BlockCipherMode": e.BLOCK_CIPHER_MODE, "PaddingMethod": e.PADDING_METHOD,
     "HashingAlgorithm": e.HASHING_ALGORITHM, "InteropFunction": {"Begin": 1, "End": 2, "Reset": 3},
-    "ValidityIndicator": {"Valid": 1, "Invalid": 2, "Unknown": 3},
+    "ValidityIndicator": {"Valid": 1, "Invalid": 2, "Unknown": 3}, "CertificateType": {"X509": 1, "Pgp": 2},
+    "UsageLimitsUnit": {"Byte": 1, "Object": 2},
 }  # fmt: skip
 _ALIASES = {"des3": "TripleDes", "sha256": "Sha256"}
 ENUMS_BY_ATTRIBUTE = {
@@ -53,6 +55,12 @@ MASK = {_norm(name): value for name, value in e.CRYPTOGRAPHIC_USAGE_MASK.items()
 SERVER_CHOSEN = {"Random Number Generator"}
 """Attributes whose value is the server's own (which generator made the key): any value matches."""
 IGNORED_VALUES = {t.TAGS[n] for n in ("TimeStamp", "KeyMaterial", "DigestValue", "ResultMessage")}
+
+
+_REBOUND = {"IVCounterNonce": "$IV_COUNTER_NONCE", "AuthenticatedEncryptionTag": "$AUTHENTICATED_ENCRYPTION_TAG"}
+"""Placeholders each Encrypt binds anew (the latest IV and tag the server drew)."""
+_LEARNED = ("$UNIQUE_IDENTIFIER_", "$DATA_", *_REBOUND.values())
+"""Placeholders a response binds (an identifier, data the server produced) and later requests use."""
 
 
 class Unsupported(Exception):
@@ -130,19 +138,23 @@ def load_case(path: Path) -> list[tuple[ET.Element, ET.Element]]:
 @dataclass
 class Bindings:
     ids: dict[str, str] = field(default_factory=dict)
+    data_count: int = 0
+    created: set[str] = field(default_factory=set)
+    """Placeholders of keys the server made (Create): what they encrypt or decrypt is the server's to choose."""
+    """Encrypt outputs under a server-drawn IV so far: the next is ``$DATA_<data_count>``."""
 
     def substitute(self, element: ET.Element) -> ET.Element:
         """The request with the identifiers learned so far in place of their placeholders."""
         for node in element.iter():
             value = node.get("value", "")
-            if value.startswith("$UNIQUE_IDENTIFIER_"):
+            if value.startswith(_LEARNED):
                 if value not in self.ids:
                     raise Unsupported(f"{value} is used before the server named it")
                 node.set("value", self.ids[value])
         return element
 
 
-def expected_item(element: ET.Element) -> tuple[Item, dict[tuple[int, ...], str]]:
+def expected_item(element: ET.Element, bindings: Bindings | None = None) -> tuple[Item, dict[tuple[int, ...], str]]:
     """The expected response, and where its identifier placeholders are (paths of child positions)."""
     holes: dict[tuple[int, ...], str] = {}
 
@@ -151,6 +163,9 @@ def expected_item(element: ET.Element) -> tuple[Item, dict[tuple[int, ...], str]
             header.remove(optional)
 
     def walk(node: ET.Element, path: tuple[int, ...]) -> None:
+        if node.get("generated"):
+            holes[path] = "*"
+            return
         if node.tag.replace(" ", "") in ("RandomNumberGenerator",):  # KMIP 2: the attribute by its tag
             holes[path] = "*"
             for child in list(node):
@@ -165,12 +180,34 @@ def expected_item(element: ET.Element) -> tuple[Item, dict[tuple[int, ...], str]
                     value.remove(child)
                 value.set("type", "Structure")
             return
-        if node.get("value", "").startswith("$UNIQUE_IDENTIFIER_"):
+        if node.get("value", "").startswith(_LEARNED):
             holes[path] = node.get("value", "")
             node.set("value", "")
         for n, child in enumerate(node):
             walk(child, (*path, n))
 
+    for item in element.iter("BatchItem"):  # random bytes a server drew: any value of the same tag
+        operation = item.find("Operation")
+        named = item.find("ResponsePayload/UniqueIdentifier")
+        if bindings is not None and operation is not None and named is not None:
+            if operation.get("value") == "Create":
+                bindings.created.add(named.get("value", ""))
+            elif operation.get("value") in ("Encrypt", "Decrypt") and named.get("value") in bindings.created:
+                for data in item.iter("Data"):  # under a key the server drew: its output is the server's too
+                    data.set("generated", "1")
+        if operation is not None and operation.get("value") == "RNGRetrieve":
+            for data in item.iter("Data"):
+                data.set("generated", "1")
+        drawn = item.find("ResponsePayload/IVCounterNonce")
+        if operation is not None and operation.get("value") == "Encrypt" and drawn is not None:
+            for node in item.iter("Data"):  # under the IV the server drew: learned, as later requests use them
+                if not node.get("value", "").startswith("$"):
+                    node.set("value", f"$DATA_{bindings.data_count if bindings else 0}")
+                if bindings is not None:
+                    bindings.data_count += 1
+            for name in ("IVCounterNonce", "AuthenticatedEncryptionTag"):
+                for node in item.iter(name):
+                    node.set("value", _REBOUND[name])
     walk(element, ())
     return to_item(element), holes
 
@@ -197,9 +234,10 @@ def matches(want: Item, got: Item, holes: dict[tuple[int, ...], str], path: tupl
         return bound if not left else None
     if path in holes:
         name = holes[path]
-        if name in ids and ids[name] != got.value:
+        value = got.value.hex() if isinstance(got.value, bytes) else str(got.value)
+        if name in ids and ids[name] != value and name not in _REBOUND.values():
             return None
-        return {**ids, name: str(got.value)}
+        return {**ids, name: value}
     if want.tag in IGNORED_VALUES or want.type in (ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED):
         return ids
     return ids if want.value == got.value else None

@@ -33,6 +33,17 @@ def item(operation: str = "Get", batch_id: bytes | None = None) -> t.Item:
     )
 
 
+def test_batch_order_and_undo_are_read() -> None:
+    """Batch Order Option True or False: the items run in the order sent (which honours both); Undo stops at
+    the first error like Stop (what is done is not undone: docs/kmip.md)."""
+    for ordered in (True, False):
+        order = t.boolean("BatchOrderOption", ordered)
+        parsed = messages.parse(t.struct_("RequestMessage", header((2, 1), 2, order), item(), item("Locate")))
+        assert [i.operation for i in parsed.items] == [OPERATION["Get"], OPERATION["Locate"]]
+    undo = t.enumeration("BatchErrorContinuationOption", 3)
+    assert messages.parse(t.struct_("RequestMessage", header((2, 1), 1, undo), item())).stop_on_error
+
+
 def test_a_request_is_read() -> None:
     option = t.enumeration("BatchErrorContinuationOption", 1)
     parsed = messages.parse(t.struct_("RequestMessage", header((1, 2), 2, option), item(), item("Locate", b"\x07")))
@@ -61,6 +72,9 @@ def test_a_request_is_read() -> None:
             item(),
         ),
         t.struct_("RequestMessage", header(), t.integer("BatchItem", 1)),
+        t.struct_("RequestMessage", header((1, 4), 1, t.integer("BatchOrderOption", 1)), item()),
+        t.struct_("RequestMessage", header((1, 4), 1, t.text("BatchErrorContinuationOption", "Stop")), item()),
+        t.struct_("RequestMessage", header((1, 4), 1, t.enumeration("BatchErrorContinuationOption", 9)), item()),
     ],
 )
 def test_bad_requests_are_invalid_messages(message: t.Item) -> None:

@@ -19,23 +19,21 @@ from typing import Any
 from sqlalchemy import Connection
 
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject
-from keysteward.access.kmip_attributes import Attributes, parsed, value_item
+from keysteward.access.kmip_attributes import Attributes, check_export, initial_state, parsed, value_item
 from keysteward.access.principals import policy_principal
-from keysteward.access.request import AccessRequest, Delivery, RequestContext, Resource
-from keysteward.access.service import AccessService
+from keysteward.access.request import AccessRequest, Delivery
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import Conflict, Denied, KeystewardError
 from keysteward.formats.kmip_enums import HASHING_ALGORITHM, KEY_FORMAT_TYPE, REVOCATION_REASON_CODE
 from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
-from keysteward.keys.kmip_objects import KmipObjects, KmipRecord, Stale, Wrapped
+from keysteward.keys.kmip_objects import KmipObjects, KmipRecord, Wrapped
 from keysteward.lru import Lru
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 
-__all__ = ["KmipAccess", "KmipInputs", "KmipRecord", "register"]
-STALE_TRIES = 3
+__all__ = ["KmipInputs", "KmipRecord", "register"]
 _RECENT_FACTS: Lru[tuple[Any, ...], PolicyRequest] = Lru(1024)
 """A second's facts per caller and object; an entry holds its platform facts object, so that id stays unique."""
 _COMPROMISE = (REVOCATION_REASON_CODE["KeyCompromise"], REVOCATION_REASON_CODE["CaCompromise"])
@@ -114,9 +112,9 @@ class _State:
 class _KmipAction(ActionHandler):
     delivery = Delivery.NOTHING
     needs_object = True
-    warm_delivery = True
-    """Whether what is delivered after the commit needs no database read (then a request on a recently read
-    object is decided on the event loop, without a thread)."""
+    warm_delivery = False
+    """Whether neither ``perform`` nor what is delivered after the commit reads the database: then a request
+    on a recently read object is decided on the event loop, without a thread (each handler says so itself)."""
 
     def __init__(self, objects: KmipObjects) -> None:
         self.objects = objects
@@ -237,8 +235,8 @@ class KmipCreate(_KmipAction):
             rng = Item(TAGS["RngAlgorithm"], ItemType.ENUMERATION, 1)
             attributes.set("Random Number Generator", Item(TAGS["AttributeValue"], ItemType.STRUCTURE, (rng,)))
         record = KmipRecord(
-            inputs.uid, subject.tenant_id, inputs.object_type, "PreActive", attributes.name_value(), None,
-            "", subject.actor[:200], now, now, None,
+            inputs.uid, subject.tenant_id, inputs.object_type, initial_state(attributes, now),
+            attributes.name_value(), None, "", subject.actor[:200], now, now, None,
         )  # fmt: skip
         state.record = record
         if inputs.size or inputs.material is not None:  # the KEK is made once a Create or Register is permitted
@@ -266,6 +264,7 @@ class KmipGet(_KmipAction):
 
     action, cedar_action = "kmip.get", "kmip_get"
     delivery = Delivery.CHANNEL
+    warm_delivery = True  # the material is unwrapped with the cached KEK (see warm)
     writes = False  # the only write is last_get_at, at most hourly, and nothing after it can fail
 
     def warm(self, request: AccessRequest, tenant_id: str) -> bool:
@@ -279,6 +278,7 @@ class KmipGet(_KmipAction):
         assert record is not None
         if record.state in ("Destroyed", "DestroyedCompromised"):
             raise _refuse("kmip_destroyed", "the object was destroyed")
+        check_export(record.attributes, wrapped=self.delivery is Delivery.OPERATION)
         self.objects.fetched(conn, record, now)
         return record, state.wrapped
 
@@ -292,6 +292,7 @@ class KmipGet(_KmipAction):
 class KmipGetAttributes(_KmipAction):
     """GetAttributes and GetAttributeList: the record, no material."""
 
+    warm_delivery = True
     writes = False  # reads only: no savepoint
     action, cedar_action = "kmip.get_attributes", "kmip_get_attributes"
 
@@ -299,6 +300,7 @@ class KmipGetAttributes(_KmipAction):
 class KmipModifyAttributes(_KmipAction):
     """AddAttribute, ModifyAttribute, DeleteAttribute (and 2.x SetAttribute): one attribute of one object."""
 
+    warm_delivery = True
     action, cedar_action = "kmip.modify_attributes", "kmip_modify_attributes"
 
     def apply(self, conn: Connection, subject: Subject, state: _State, now: datetime) -> Any:
@@ -333,72 +335,6 @@ class KmipModifyAttributes(_KmipAction):
         return name, index, value
 
 
-class KmipActivate(_KmipAction):
-    action, cedar_action = "kmip.activate", "kmip_activate"
-
-    def apply(self, conn: Connection, subject: Subject, state: _State, now: datetime) -> Any:
-        record = state.record
-        assert record is not None
-        if record.state != "PreActive":
-            raise _refuse("kmip_wrong_state", f"only a pre-active object is activated, not a {record.state} one")
-        attributes = Attributes.from_json(record.attributes)
-        _set_dates(attributes, now, "Activation Date", "Last Change Date")
-        record.state, record.attributes = "Active", attributes.to_json()
-        self.objects.save(conn, record, now)
-        return record.uid
-
-
-class KmipRevoke(_KmipAction):
-    action, cedar_action = "kmip.revoke", "kmip_revoke"
-
-    def apply(self, conn: Connection, subject: Subject, state: _State, now: datetime) -> Any:
-        record, inputs = state.record, state.inputs
-        assert record is not None
-        if record.state in ("Destroyed", "DestroyedCompromised"):
-            raise _refuse("kmip_wrong_state", "the object was destroyed")
-        attributes = Attributes.from_json(record.attributes)
-        code = Item(TAGS["RevocationReasonCode"], ItemType.ENUMERATION, inputs.revocation_code)
-        reason = Item(TAGS["AttributeValue"], ItemType.STRUCTURE, (code,))
-        attributes.set("Revocation Reason", reason)
-        if inputs.revocation_code in _COMPROMISE:
-            record.state = "Compromised"
-            _set_dates(attributes, now, "Compromise Date")
-            occurred = inputs.compromise_date if inputs.compromise_date is not None else int(now.timestamp())
-            attributes.set("Compromise Occurrence Date", value_item(ItemType.DATE_TIME, occurred))
-        elif record.state in ("PreActive", "Active"):
-            record.state = "Deactivated"
-            _set_dates(attributes, now, "Deactivation Date")
-        _set_dates(attributes, now, "Last Change Date")
-        record.attributes = attributes.to_json()
-        self.objects.save(conn, record, now)
-        subject.details["revocation_reason"] = inputs.revocation_code
-        return record.uid
-
-
-class KmipDestroy(_KmipAction):
-    warm_delivery = False  # after_shred compacts the database
-    action, cedar_action = "kmip.destroy", "kmip_destroy"
-
-    def apply(self, conn: Connection, subject: Subject, state: _State, now: datetime) -> Any:
-        record = state.record
-        assert record is not None
-        if record.state == "Active":
-            raise _refuse("kmip_wrong_state", "an active object is revoked before it is destroyed")
-        if record.state in ("Destroyed", "DestroyedCompromised"):
-            raise _refuse("kmip_destroyed", "the object was destroyed already")
-        self.objects.shred(conn, record)
-        attributes = Attributes.from_json(record.attributes)
-        _set_dates(attributes, now, "Destroy Date", "Last Change Date")
-        record.state = "DestroyedCompromised" if record.state == "Compromised" else "Destroyed"
-        record.attributes = attributes.to_json()
-        self.objects.save(conn, record, now)
-        return record.uid
-
-    def deliver(self, subject: Subject, booked: Booked, performed: Any) -> Any:
-        self.objects.after_shred()
-        return booked.value
-
-
 class KmipLocate(_KmipAction):
     writes = False  # reads only (after the commit): no savepoint
     action, cedar_action = "kmip.locate", "kmip_locate"
@@ -427,45 +363,10 @@ class KmipLocate(_KmipAction):
 
 
 _HANDLERS: tuple[type[_KmipAction], ...] = (
-    KmipCreate, KmipRegister, KmipGet, KmipGetAttributes, KmipModifyAttributes, KmipActivate, KmipRevoke,
-    KmipDestroy, KmipLocate,
+    KmipCreate, KmipRegister, KmipGet, KmipGetAttributes, KmipModifyAttributes, KmipLocate,
 )  # fmt: skip
 
 
 def register(table: ActionTable, objects: KmipObjects) -> None:
     for handler in _HANDLERS:
         table.register(handler(objects))
-
-
-class KmipAccess:
-    """What the KMIP front-end calls: each operation one access request, decided by the one path."""
-
-    def __init__(self, access: AccessService, objects: KmipObjects) -> None:
-        self.access = access
-        self.objects = objects
-
-    def new_uid(self) -> str:
-        return self.objects.new_uid()
-
-    async def run(self, who: Principal, action: str, inputs: KmipInputs, source: str) -> Any:
-        delivery = {"kmip.get": Delivery.CHANNEL, "kmip.encrypt": Delivery.OPERATION,
-                    "kmip.decrypt": Delivery.OPERATION}.get(action, Delivery.NOTHING)  # fmt: skip
-        request = AccessRequest(
-            tenant=who.tenant,
-            action=action,
-            resource=Resource("Tenant" if action == "kmip.locate" else "KmipObject", inputs.uid),
-            delivery=delivery,
-            principal=who,
-            context=RequestContext(source=source, front_end="kmip", request_id=inputs.request_id or None),
-            inputs=inputs,
-        )
-        # on the event loop when the object was read recently, else in a thread (a read, and Locate's after
-        # the commit); a request decided on a record changed meanwhile did nothing and is asked again
-        for attempt in range(STALE_TRIES):
-            try:
-                return await self.access.decide_async(request, cold_in_thread=True)
-            except Stale:
-                if attempt == STALE_TRIES - 1:
-                    raise
-                self.objects.forget(who.tenant_id, inputs.uid)
-        raise AssertionError("unreachable")

@@ -13,9 +13,10 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
-from keysteward.errors import BadRequest, Conflict
+from keysteward.errors import BadRequest, Conflict, Denied
 from keysteward.formats import kmip_ttlv as ttlv
 from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
@@ -47,8 +48,12 @@ SERVER_SET: Final[dict[str, ItemType]] = {
     "Short Unique Identifier": _T.BYTE_STRING,
     "Protection Storage Mask": _T.INTEGER,
     "Key Format Type": _T.ENUMERATION,
+    "Certificate Length": _T.INTEGER,
+    "Certificate Subject Cn": _T.TEXT_STRING,
 }
 CREATE_ONLY: Final[dict[str, ItemType]] = {
+    "Certificate Type": _T.ENUMERATION,
+    "Usage Limits": _T.STRUCTURE,
     "Cryptographic Algorithm": _T.ENUMERATION,
     "Cryptographic Length": _T.INTEGER,
     "Cryptographic Usage Mask": _T.INTEGER,
@@ -101,10 +106,25 @@ def check_settable(name: str, value: Item, *, creating: bool) -> None:
     want = expected_type(name)
     if want is not None and value.type is not want:
         raise BadRequest(f"attribute '{name}' is a {want.name.lower()}", code="kmip_invalid_field")
+    if name == "Usage Limits" and not _usage_limits_ok(value):
+        raise BadRequest("Usage Limits holds a Usage Limits Total, a Unit (Byte, Object) and at most a Count",
+                         code="kmip_invalid_field")  # fmt: skip
     if len(ttlv.encode(value)) > MAX_ATTRIBUTE_BYTES:
         raise BadRequest(
             f"attribute '{name[:64]}' is larger than {MAX_ATTRIBUTE_BYTES} bytes", code="kmip_invalid_field"
         )
+
+
+def _usage_limits_ok(value: Item) -> bool:
+    def number(tag: str, required: bool) -> bool:
+        found = value.first(tag)
+        if found is None:
+            return not required
+        return found.type is ItemType.LONG_INTEGER and isinstance(found.value, int) and found.value >= 0
+
+    unit = value.first("UsageLimitsUnit")
+    return (number("UsageLimitsTotal", True) and number("UsageLimitsCount", False) and unit is not None
+            and unit.type is ItemType.ENUMERATION and unit.value in (1, 2))  # fmt: skip
 
 
 def check_deletable(name: str) -> None:
@@ -136,6 +156,8 @@ class Attributes:
         values = self.values.setdefault(name, [])
         if values and not (name in MULTI_VALUED or is_custom(name)):
             raise Conflict(f"attribute '{name}' has a value already", code="kmip_single_valued")
+        if name == "Name" and any(v.first("NameValue") == value.first("NameValue") for v in values):
+            raise Conflict("the object has this Name already", code="kmip_name_not_unique")
         customs = sum(len(v) for n, v in self.values.items() if is_custom(n))
         if len(values) >= MAX_ATTRIBUTE_VALUES or (is_custom(name) and customs >= MAX_ATTRIBUTE_VALUES):
             raise Conflict("too many attribute values", code="kmip_too_many_attributes")
@@ -189,6 +211,28 @@ def parsed(text: str) -> Attributes:
     """The stored attributes ``text`` parsed, one instance shared by every reader: never change it (parse a
     copy with :meth:`Attributes.from_json` to change one)."""
     return _PARSED.get_or_make(text, lambda: Attributes.from_json(text))
+
+
+def check_export(stored: str, *, wrapped: bool) -> None:
+    """Raise Denied when a Get may not answer the material: never when Extractable is false, and not in the
+    clear when Sensitive is true (KMIP). ``stored`` is the record's attributes text, decoded only when it names
+    either (a Get's hot path decodes nothing more)."""
+    if '"Extractable"' not in stored and '"Sensitive"' not in stored:
+        return
+    attributes = Attributes.from_json(stored)
+    extractable, sensitive = attributes.first("Extractable"), attributes.first("Sensitive")
+    if extractable is not None and extractable.value is False:
+        raise Denied("the object is not extractable", code="kmip_not_extractable")
+    if sensitive is not None and sensitive.value is True and not wrapped:
+        raise Denied("a sensitive object leaves only wrapped", code="kmip_sensitive")
+
+
+def initial_state(attributes: Attributes, now: datetime) -> str:
+    """A new object's state: Active when its Activation Date is now or past (KMIP), else Pre-Active."""
+    activation = attributes.first("Activation Date")
+    if activation is not None and isinstance(activation.value, int) and activation.value <= now.timestamp():
+        return "Active"
+    return "PreActive"
 
 
 def value_item(kind: ItemType, value: int | bool | str | bytes) -> Item:

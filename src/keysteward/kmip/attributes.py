@@ -39,6 +39,12 @@ def parse_attribute(item: Item) -> tuple[str, int | None, Item | None]:
     return name, index, item.first("AttributeValue")
 
 
+def is_fresh_claim(name: str, value: Item | None) -> bool:
+    """A Create/Register that says Fresh = true: what the server states anyway (true until the first Get), so
+    it is taken and not stored; Fresh = false is refused like any server attribute."""
+    return name == "Fresh" and value is not None and value.type is ItemType.BOOLEAN and value.value is True
+
+
 def settable(name: str, value: Item | None, *, creating: bool) -> tuple[str, Item]:
     if value is None:
         raise KmipError("InvalidField", f"attribute '{name[:64]}' has no value")
@@ -67,7 +73,8 @@ def template(payload: Item) -> list[tuple[str, Item]]:
                 out.append(("Name", Item(t.TAGS["AttributeValue"], item.type, item.value)))
             elif item.tag == t.TAGS["Attribute"]:
                 name, _, value = parse_attribute(item)
-                out.append(settable(name, value, creating=True))
+                if not is_fresh_claim(name, value):
+                    out.append(settable(name, value, creating=True))
             else:
                 raise KmipError("InvalidField", f"{item.name} is not in a template-attribute")
     if len(out) > MAX_TEMPLATE:
@@ -138,7 +145,7 @@ def all_attributes(record: KmipRecord, version: tuple[int, int] = (1, 4)) -> lis
         ("State", [value_item(ItemType.ENUMERATION, STATE[record.state])]),
     ]
     out.extend((name, [value]) for name, value in _server_defaults(record, stored, version))
-    out.extend((name, values) for name, values in stored.values.items() if values)
+    out.extend((name, values) for name, values in stored.values.items() if values and not name.startswith("_"))
     return [(name, values) for name, values in out if SINCE.get(name, (1, 0)) <= version]
 
 

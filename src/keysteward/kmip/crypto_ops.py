@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from keysteward.access.kmip_actions import KmipInputs
-from keysteward.access.kmip_crypto import CryptoRequest, CryptoResult
+from keysteward.access.kmip_crypto import CryptoRequest, CryptoResult, parameters
+from keysteward.errors import KeystewardError
 from keysteward.formats import kmip_ttlv as t
-from keysteward.formats.kmip_enums import BLOCK_CIPHER_MODE, PADDING_METHOD
 from keysteward.formats.kmip_ttlv import Item, ItemType
-from keysteward.kmip.errors import KmipError
+from keysteward.kmip.errors import KmipError, from_keysteward
 
 if TYPE_CHECKING:
     from keysteward.kmip.operations import Operations, Session
@@ -28,18 +28,12 @@ def _bytes(payload: Item, name: str) -> bytes | None:
     return item.value
 
 
-def _request(payload: Item, decrypting: bool) -> CryptoRequest:
-    mode = "GCM"
+def _request(payload: Item, decrypting: bool, major: int) -> CryptoRequest:
     params = payload.first("CryptographicParameters")
-    if params is not None:
-        block = params.first("BlockCipherMode")
-        pad = params.first("PaddingMethod")
-        if block is not None and block.value == BLOCK_CIPHER_MODE["Cbc"]:
-            mode = "CBC"
-            if pad is not None and pad.value not in (PADDING_METHOD["Pkcs5"],):
-                raise KmipError("InvalidField", "CBC is served with PKCS#5 padding")
-        elif block is not None and block.value != BLOCK_CIPHER_MODE["Gcm"]:
-            raise KmipError("InvalidField", "the block cipher modes served are GCM and CBC")
+    try:
+        mode, padded, tag_length = parameters(params)
+    except KeystewardError as exc:
+        raise from_keysteward(exc, major) from None
     data = _bytes(payload, "Data")
     if data is None:
         raise KmipError("MissingData", "the request carries no Data")
@@ -47,7 +41,8 @@ def _request(payload: Item, decrypting: bool) -> CryptoRequest:
         raise KmipError("InvalidField", f"Data is at most {MAX_DATA} bytes")
     aad = _bytes(payload, "AuthenticatedEncryptionAdditionalData") or b""
     tag = _bytes(payload, "AuthenticatedEncryptionTag") if decrypting else None
-    return CryptoRequest(mode, data, _bytes(payload, "IvCounterNonce"), aad, tag)
+    iv = _bytes(payload, "IvCounterNonce")
+    return CryptoRequest(mode, data, iv, aad, tag, padded, tag_length, explicit=params is not None)
 
 
 async def encrypt(ops: Operations, session: Session, payload: Item) -> Item:
@@ -62,7 +57,7 @@ async def _run(ops: Operations, session: Session, payload: Item, action: str) ->
     from keysteward.kmip.operations import uid_of
 
     uid = uid_of(session, payload)
-    request = _request(payload, action == "kmip.decrypt")
+    request = _request(payload, action == "kmip.decrypt", session.version[0])
     inputs = KmipInputs(uid=uid, crypto=request, request_id=session.batch_id)
     result: CryptoResult = await ops.access(session, action, inputs)
     session.placeholder = uid

@@ -13,7 +13,7 @@ from keysteward.formats.kmip_enums import RESULT_REASON
 
 # keysteward code -> (KMIP 1.x reason, KMIP 2.x reason)
 _BY_CODE: Final[dict[str, tuple[str, str]]] = {
-    "kmip_not_found": ("ItemNotFound", "ItemNotFound"),
+    "kmip_not_found": ("ItemNotFound", "ObjectNotFound"),
     "kmip_wrong_state": ("PermissionDenied", "WrongKeyLifecycleState"),
     "kmip_destroyed": ("PermissionDenied", "ObjectDestroyed"),
     "kmip_read_only": ("PermissionDenied", "AttributeReadOnly"),
@@ -27,6 +27,16 @@ _BY_CODE: Final[dict[str, tuple[str, str]]] = {
     "tenant_not_found": ("PermissionDenied", "PermissionDenied"),
     "kmip_missing_data": ("MissingData", "MissingData"),
     "kmip_crypto_failure": ("CryptographicFailure", "CryptographicFailure"),
+    "kmip_usage_mask": ("PermissionDenied", "IncompatibleCryptographicUsageMask"),
+    "kmip_wrapping_not_found": ("ItemNotFound", "WrappingObjectNotFound"),
+    "kmip_check_failed": ("IllegalOperation", "IncompatibleCryptographicUsageMask"),
+    "kmip_check_lease": ("IllegalOperation", "IllegalOperation"),
+    "kmip_name_not_unique": ("InvalidField", "NonUniqueNameAttribute"),
+    "kmip_usage_limit": ("PermissionDenied", "PermissionDenied"),  # as the OASIS case CS-BC-M-7 answers
+    "kmip_sensitive": ("PermissionDenied", "Sensitive"),
+    "kmip_not_extractable": ("PermissionDenied", "NotExtractable"),
+    "kmip_tag_length": ("GeneralFailure", "GeneralFailure"),  # as the OASIS GCM cases answer (CS-BC-M-GCM-1)
+    "kmip_missing_iv": ("InvalidMessage", "InvalidMessage"),  # what the OASIS crypto cases answer (CS-BC-M-11)
 }
 
 

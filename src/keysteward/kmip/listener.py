@@ -4,8 +4,10 @@ Connections are counted and their TLS handshake timed by :class:`keysteward.netl
 listener's layer). Then each message is framed from its first 8 bytes: one whose header announces more than
 ``max_message_bytes`` (or is no structure) closes the connection before its body is read. A connection that
 sends nothing for ``idle_timeout`` seconds, or takes longer than ``read_timeout`` for one message once its
-first byte is in, is closed. Reading pauses while a request is being answered, so a connection holds at most
-one message and one read. A framing error closes that connection only.
+first byte is in, is closed. While a request is being answered, what the client sends ahead is kept up to one
+more message's size, then reading pauses until the answer is out: a connection holds at most two messages and
+one read (a client that waits for each answer, as KMIP clients do, costs no pause and resume per message). A
+framing error closes that connection only.
 
 The client certificate is authenticated for every message (a revoked certificate is refused within a second,
 by the check the REST listener uses) and must be of role ``hypervisor``; anything else answers Permission
@@ -131,6 +133,7 @@ class KmipConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.need = 0
         self.busy = False
+        self.paused = False
         self.timer: asyncio.TimerHandle | None = None
         self.der: bytes | None = None
         self.source = ""
@@ -166,6 +169,9 @@ class KmipConnection(asyncio.Protocol):
         if not self.buffer and not self.busy:
             self._arm(self.server.limits.read_timeout)  # a message started: it must all arrive in time
         self.buffer += data
+        if self.busy and not self.paused and len(self.buffer) > self.server.limits.max_message_bytes:
+            self.transport.pause_reading()  # a client sending ahead while answered: hold at most one message
+            self.paused = True
         self._advance()
 
     def _advance(self) -> None:
@@ -184,7 +190,6 @@ class KmipConnection(asyncio.Protocol):
         del self.buffer[: self.need]
         self.need = 0
         self.busy = True
-        self.transport.pause_reading()
         if self.timer is not None:
             self.timer.cancel()
         asyncio.get_running_loop().create_task(self._answer(message))
@@ -204,7 +209,9 @@ class KmipConnection(asyncio.Protocol):
             self.transport = None
             return
         self.busy = False
-        self.transport.resume_reading()
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
         self._arm(self.server.limits.read_timeout if self.buffer else self.server.limits.idle_timeout)
         self._advance()
 

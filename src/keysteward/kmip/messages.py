@@ -79,7 +79,15 @@ def parse(message: Item) -> Request:
     if count != len(batch) or not 1 <= count <= MAX_BATCH:
         raise KmipError("InvalidMessage", f"the batch count does not match 1 to {MAX_BATCH} batch items")
     option = header.first("BatchErrorContinuationOption")
-    stop = option is None or option.value != BATCH_ERROR_CONTINUATION_OPTION["Continue"]
+    if option is not None and (option.type is not ItemType.ENUMERATION
+                               or option.value not in BATCH_ERROR_CONTINUATION_OPTION.values()):  # fmt: skip
+        raise KmipError("InvalidMessage", "the Batch Error Continuation Option is Continue, Stop or Undo")
+    stop = option is None or option.value != BATCH_ERROR_CONTINUATION_OPTION["Continue"]  # Undo: stops (not undone)
+    order = header.first("BatchOrderOption")
+    if order is not None and order.type is not ItemType.BOOLEAN:
+        raise KmipError("InvalidMessage", "the Batch Order Option is a boolean")
+    # Batch Order Option: items always run one after another in the order sent, which honours True (in order)
+    # and False (any order will do) alike.
     items = []
     for raw in batch:
         if raw.type is not ItemType.STRUCTURE:

@@ -1,6 +1,6 @@
 """The KMIP operations served: each payload read into a request of the access path, and its answer written.
 
-Object operations go through :class:`~keysteward.access.kmip_actions.KmipAccess` (policy, audit, key hierarchy);
+Object operations go through :class:`~keysteward.access.kmip_access.KmipAccess` (policy, audit, key hierarchy);
 DiscoverVersions and Query concern no object and are answered here. An operation not in :data:`SERVED`
 answers Operation Not Supported. A batch item that names no Unique Identifier uses the ID Placeholder: the
 identifier the previous item of the same batch created or named.
@@ -12,12 +12,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from keysteward.access.kmip_actions import KmipAccess, KmipInputs, KmipRecord
+from keysteward.access.kmip_access import KmipAccess
+from keysteward.access.kmip_actions import KmipInputs, KmipRecord
+from keysteward.access.kmip_mac import HMAC_KEY_BITS
 from keysteward.errors import KeystewardError
 from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_enums import (
     CRYPTOGRAPHIC_ALGORITHM,
-    KEY_FORMAT_TYPE,
     OBJECT_TYPE,
     OPERATION,
     QUERY_FUNCTION,
@@ -27,14 +28,14 @@ from keysteward.formats.kmip_enums import (
 from keysteward.formats.kmip_ttlv import Item, ItemType
 from keysteward.identity.principal import Principal
 from keysteward.kmip import attributes as attrs
-from keysteward.kmip import crypto_ops, objects, v2
+from keysteward.kmip import crypto_ops, lifecycle_ops, locate_match, mac_ops, objects, stored_keys, v2
 from keysteward.kmip.errors import KmipError, from_keysteward
 from keysteward.kmip.messages import SUPPORTED
 
 VENDOR: Final = "keysteward"
 AES_LENGTHS: Final = (128, 192, 256)
 OBJECT_NAMES: Final = {number: name for name, number in OBJECT_TYPE.items()}
-STORED_TYPES: Final = ("SymmetricKey", "SecretData", "OpaqueObject")
+STORED_TYPES: Final = ("SymmetricKey", "SecretData", "OpaqueObject", *stored_keys.TYPES)
 STATE_NAMES: Final = {number: name for name, number in STATE.items()}
 
 
@@ -134,8 +135,7 @@ class Operations:
         algorithm, length = found.get("Cryptographic Algorithm"), found.get("Cryptographic Length")
         if algorithm is None or length is None:
             raise KmipError("MissingData", "Create needs a Cryptographic Algorithm and a Cryptographic Length")
-        if algorithm.value != CRYPTOGRAPHIC_ALGORITHM["Aes"] or length.value not in AES_LENGTHS:
-            raise KmipError("InvalidField", "Create makes AES keys of 128, 192 or 256 bits")
+        _check_key_size(algorithm, length)
         assert isinstance(length.value, int)
         uid = self.kmip.new_uid()
         inputs = KmipInputs(uid=uid, object_type="SymmetricKey", template=tuple(template), size=length.value // 8,
@@ -148,11 +148,14 @@ class Operations:
         object_type = _enum(payload.first("ObjectType"), OBJECT_TYPE, "Object Type")
         name = OBJECT_NAMES[object_type]
         if name not in STORED_TYPES:
-            raise KmipError("InvalidField", "Register stores symmetric keys, secret data and opaque objects")
+            raise KmipError("InvalidField", "Register stores keys, certificates, secret data and opaque objects")
         template = _template(session, payload)
-        material = objects.material(payload, name)
-        if name == "SymmetricKey":
-            template = objects.key_block_attributes(payload, template, len(material))
+        if name in stored_keys.TYPES:
+            material, stated = stored_keys.material(payload, name)
+            template = [*template, *((n, v) for n, v in stated if n not in {m for m, _ in template})]
+        else:
+            material = objects.material(payload, name)
+            template = objects.form_attributes(payload, name, template, len(material))
         uid = self.kmip.new_uid()
         inputs = KmipInputs(uid=uid, object_type=name, template=tuple(template), material=material,
                             request_id=session.batch_id)  # fmt: skip
@@ -164,14 +167,15 @@ class Operations:
     async def get(self, session: Session, payload: Item) -> Item:
         uid = uid_of(session, payload)
         fmt = payload.first("KeyFormatType")
-        if fmt is not None and fmt.value not in (KEY_FORMAT_TYPE["Raw"], KEY_FORMAT_TYPE["Opaque"]):
-            raise KmipError("KeyFormatTypeNotSupported", "keys are served in the Raw format")
-        if payload.first("KeyWrappingSpecification") is not None:
-            raise KmipError("FeatureNotSupported", "key wrapping is not served yet")
+        if fmt is not None and fmt.value not in objects.SERVED_FORMATS:
+            raise KmipError("KeyFormatTypeNotSupported", "keys are served in the Raw or Transparent format")
+        spec = payload.first("KeyWrappingSpecification")
+        if spec is not None:
+            return await lifecycle_ops.get_wrapped(self, session, payload, uid, spec)
         record, secret = await self.access(session, "kmip.get", KmipInputs(uid=uid, request_id=session.batch_id))
         session.placeholder = uid
         try:
-            body = objects.object_item(record, secret)
+            body = objects.object_item(record, secret, fmt.value if fmt is not None else None)  # type: ignore[arg-type]
         finally:
             secret.wipe()
         return _payload(t.enumeration("ObjectType", OBJECT_TYPE[record.object_type]), t.text("UniqueIdentifier", uid),
@@ -249,8 +253,11 @@ class Operations:
                 name, value = current
             attrs.deletable(name)
         else:
-            name, value = attrs.settable(*v2.one_attribute(payload.first("NewAttribute"), "New Attribute"),
-                                         creating=False)  # fmt: skip
+            try:
+                name, value = attrs.settable(*v2.one_attribute(payload.first("NewAttribute"), "New Attribute"),
+                                             creating=False)  # fmt: skip
+            except KmipError as exc:  # 2.x names the precise reason
+                raise KmipError("AttributeReadOnly", exc.message) if exc.code == "kmip_read_only" else exc from None
         template = ((name, value if value is not None else t.text("AttributeValue", "")),)
         match = current[1] if current is not None else None
         inputs = KmipInputs(uid=uid, template=template, change=change, current=match, request_id=session.batch_id)
@@ -317,7 +324,7 @@ class Operations:
                 filters["state"] = STATE_NAMES[_enum(value, STATE, "State")]
             else:
                 others.append((name, value))
-        filters["match"] = _matcher(others)
+        filters["match"] = locate_match.matcher(others)
         found = await self.access(session, "kmip.locate", KmipInputs(locate=filters, request_id=session.batch_id))
         page = found[skip : skip + limit]
         paged = maximum is not None or offset is not None
@@ -325,18 +332,23 @@ class Operations:
         return _payload(located, *(t.text("UniqueIdentifier", r.uid) for r in page))
 
 
+def _check_key_size(algorithm: Item, length: Item) -> None:
+    """A Create's algorithm and length: AES of 128, 192 or 256 bits, or an HMAC key of the lengths it takes."""
+    if not isinstance(length.value, int) or length.value % 8:
+        raise KmipError("InvalidField", "the Cryptographic Length is a whole number of bytes")
+    if algorithm.value == CRYPTOGRAPHIC_ALGORITHM["Aes"]:
+        if length.value not in AES_LENGTHS:
+            raise KmipError("InvalidField", "Create makes AES keys of 128, 192 or 256 bits")
+    elif isinstance(algorithm.value, int) and algorithm.value in HMAC_KEY_BITS:
+        low, high = HMAC_KEY_BITS[algorithm.value]
+        if not low <= length.value <= high:
+            raise KmipError("InvalidField", f"this HMAC key is {low} to {high} bits")
+    else:
+        raise KmipError("InvalidField", "Create makes AES and HMAC-SHA256/384/512 keys")
+
+
 def _template(session: Session, payload: Item) -> list[tuple[str, Item]]:
     return v2.template(payload) if session.version[0] >= 2 else attrs.template(payload)
-
-
-def _matcher(wanted: list[tuple[str, Item]]) -> Callable[[KmipRecord], bool]:
-    def match(record: KmipRecord) -> bool:
-        stored = dict(attrs.all_attributes(record))
-        return all(
-            any(v.type is want.type and v.value == want.value for v in stored.get(name, [])) for name, want in wanted
-        )
-
-    return match
 
 
 _SERVED: dict[int, Handler] = {
@@ -359,4 +371,11 @@ _SERVED: dict[int, Handler] = {
     OPERATION["Locate"]: Operations.locate,
     OPERATION["Encrypt"]: crypto_ops.encrypt,
     OPERATION["Decrypt"]: crypto_ops.decrypt,
+    OPERATION["Mac"]: mac_ops.mac,
+    OPERATION["MacVerify"]: mac_ops.mac_verify,
+    OPERATION["RngRetrieve"]: mac_ops.rng_retrieve,
+    OPERATION["RngSeed"]: mac_ops.rng_seed,
+    OPERATION["Check"]: lifecycle_ops.check,
+    OPERATION["Rekey"]: lifecycle_ops.rekey,
+    OPERATION["AdjustAttribute"]: lifecycle_ops.adjust_attribute,
 }

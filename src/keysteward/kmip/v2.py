@@ -72,7 +72,8 @@ def template(payload: Item) -> list[tuple[str, Item]]:
             raise KmipError("InvalidField", "Attributes is a structure")
         for item in holder.items:
             name, value = to_value(item)
-            out.append(attrs.settable(name, value, creating=True))
+            if not attrs.is_fresh_claim(name, value):
+                out.append(attrs.settable(name, value, creating=True))
     if len(out) > attrs.MAX_TEMPLATE:
         raise KmipError("InvalidField", f"more than {attrs.MAX_TEMPLATE} attributes")
     return out

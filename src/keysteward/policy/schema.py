@@ -46,6 +46,10 @@ ACTIONS: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "kmip_destroy": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_encrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_decrypt": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_mac": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_mac_verify": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_rekey": (("Hypervisor",), "KmipObject", "KmipContext"),
+    "kmip_wrap": (("Hypervisor",), "KmipObject", "KmipContext"),
     "kmip_locate": (("Hypervisor",), "Tenant", "KmipContext"),
     # hypervisor hosts (docs/hosts.md): a host asks to run a VM, save its state, restore it, keep its lease
     "vm_start": (("Host",), "Vm", "HostContext"),

@@ -13,6 +13,10 @@ from keysteward.access import (
     key_actions,
     kmip_actions,
     kmip_crypto,
+    kmip_lifecycle,
+    kmip_mac,
+    kmip_states,
+    kmip_wrap,
     vm_actions,
     vm_migrate,
     volume_actions,
@@ -20,7 +24,7 @@ from keysteward.access import (
 )
 from keysteward.access.actions import ActionTable
 from keysteward.access.key_actions import KeyUse
-from keysteward.access.kmip_actions import KmipAccess
+from keysteward.access.kmip_access import KmipAccess
 from keysteward.access.kmip_report import KmipReport
 from keysteward.access.refusals import RefusalGate
 from keysteward.access.service import AccessService
@@ -128,7 +132,11 @@ class Services:
         kmip_objects.platform_of = platform_reports.latest
         kmip_objects.platform_warm = platform_reports.is_warm
         kmip_actions.register(actions, kmip_objects)
+        kmip_states.register(actions, kmip_objects)
         kmip_crypto.register(actions, kmip_objects)
+        kmip_mac.register(actions, kmip_objects)
+        kmip_lifecycle.register(actions, kmip_objects)
+        kmip_wrap.register(actions, kmip_objects)
         refusals = RefusalTally(audit, settings.audit.refusal_interval)
         limiter = FailureLimiter(settings.release.refusals_per_source, None, settings.release.refusal_window_seconds)
         access = AccessService(
