@@ -133,10 +133,9 @@ class _KmipAction(ActionHandler):
         inputs: KmipInputs = request.inputs
         who = request.principal
         return (
-            self.needs_object
-            and self.warm_delivery
+            self.warm_delivery
             and who is not None
-            and self.objects.recent(tenant_id, inputs.uid) is not None
+            and (not self.needs_object or self.objects.recent(tenant_id, inputs.uid) is not None)
             and self.objects.platform_warm(tenant_id, f"{who.role}:{who.name}")
         )
 
@@ -212,6 +211,7 @@ class KmipCreate(_KmipAction):
 
     action, cedar_action = "kmip.create", "kmip_create"
     needs_object = False
+    warm_delivery = True  # resolving reads nothing; the material is made and stored in the transaction
 
     def resolve_new(self, request: AccessRequest, tenant_id: str, now: datetime, subject: Subject) -> Subject:
         assert request.principal is not None
