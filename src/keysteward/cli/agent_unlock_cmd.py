@@ -144,3 +144,9 @@ def main(args: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: still one line (never a traceback), the details for a debug log
+        import logging
+
+        logging.getLogger(__name__).debug("unexpected error in keysteward agent unlock", exc_info=True)
+        print_error(f"unexpected {type(exc).__name__} (internal_error)")
+        return 1
