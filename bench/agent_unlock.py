@@ -10,7 +10,14 @@ opens the HPKE-sealed secret, opens the keyslot and reads the first sector throu
 path, then ends its lease (no device-mapper here). Figure: the median wall time of the whole process.
 
 Reference, measured in the same run: ``cryptsetup open --test-passphrase`` of the same volume with the
-same secret handed on stdin (a local unlock with no key manager and no evidence). Target: under 400 ms.
+same secret handed on stdin (a local unlock with no key manager and no evidence). Target: under 300 ms
+(issue 15; the release issue had 400 ms).
+
+Bytecode: an installed agent runs from compiled bytecode (pip writes it at install time). The agent runs
+here with its bytecode cached under the work directory (``PYTHONPYCACHEPREFIX``; a
+``PYTHONDONTWRITEBYTECODE`` of the caller is dropped for it), written by the first, unmeasured round; a
+line after the figure says what the same unlock takes when every module is compiled from source each
+time (``cold``, three rounds, not the figure).
 
 The last line is the machine-readable result:
 ``{"bench": "agent_unlock", "figures": [{"name", "value", "unit", "reference", "ratio", "target", "ok"}]}``.
@@ -35,7 +42,8 @@ from keysteward.devcloud.provider import DevCloud
 from keysteward.devcloud.server import MetadataServer
 
 BENCH = "agent_unlock"
-TARGET_MS = 400.0
+TARGET_MS = 300.0
+COLD_ROUNDS = 3
 ACCOUNT = "111122223333"
 
 
@@ -80,11 +88,16 @@ def run(rounds: int) -> list[dict[str, Any]]:
             local_secret = bytes(secret)  # for the reference only: cryptsetup reads it on stdin
         unlock = [*keysteward_cli(), "agent", "unlock", str(path)]
         reference = ["cryptsetup", "open", "--test-passphrase", "--key-file=-", "--key-slot", "0", str(path)]
-        _timed(unlock, env)  # first run: page cache, bytecode
+        agent_env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        agent_env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+        _timed(unlock, agent_env)  # first run: page cache, bytecode
         agent_ms, cryptsetup_ms = [], []
         for _ in range(rounds):
-            agent_ms.append(_timed(unlock, env))
+            agent_ms.append(_timed(unlock, agent_env))
             cryptsetup_ms.append(_timed(reference, env, stdin=local_secret))
+        cold_env = {k: v for k, v in env.items() if k != "PYTHONPYCACHEPREFIX"}
+        cold_env["PYTHONDONTWRITEBYTECODE"] = "1"
+        cold_ms = [_timed(unlock, cold_env) for _ in range(COLD_ROUNDS)]
     finally:
         cleanup.unwind(0)
     agent, ref = statistics.median(agent_ms), statistics.median(cryptsetup_ms)
@@ -92,6 +105,8 @@ def run(rounds: int) -> list[dict[str, Any]]:
         f"agent unlock, process start to volume read: median {agent:.0f} ms (min {min(agent_ms):.0f}, "
         f"max {max(agent_ms):.0f}, {rounds} rounds); cryptsetup open --test-passphrase: median {ref:.0f} ms"
     )
+    say(f"cold (every module compiled from source, no bytecode written): median {statistics.median(cold_ms):.0f} ms "
+        f"({COLD_ROUNDS} rounds, not the figure)")  # fmt: skip
     return [figure("agent_unlock_ms", agent, "ms", ref, target=TARGET_MS, higher_is_better=False)]
 
 

@@ -12,9 +12,7 @@ client with several URLs may try the next (``failover``, :mod:`keysteward.kms_fa
 from __future__ import annotations
 
 import ssl
-from typing import Any, Final
-
-import httpx
+from typing import TYPE_CHECKING, Any, Final
 
 from keysteward.errors import (
     BadRequest,
@@ -28,6 +26,9 @@ from keysteward.errors import (
     Unavailable,
 )
 from keysteward.kms_failover import LOST, NOT_SENT, REFUSED
+
+if TYPE_CHECKING:
+    import httpx
 
 MAX_CODE: Final = 64
 MAX_DETAIL: Final = 500
@@ -45,18 +46,26 @@ def _untrusted(exc: BaseException) -> bool:
     return False
 
 
-def transport_error(exc: httpx.HTTPError, url: str, code: str) -> Unavailable:
+def transport_error(
+    exc: httpx.HTTPError | Exception, url: str, code: str, *, not_sent: bool | None = None
+) -> Unavailable:
     """No answer from ``url``: refused, timed out, or a TLS failure (a certificate not trusted says which file
-    to give). Its ``failover``: NOT_SENT when no connection was made, LOST when the request may have left."""
+    to give). Its ``failover``: NOT_SENT when no connection was made, LOST when the request may have left.
+    ``not_sent``: whether the connection failed, for an error that is not httpx's (the boot unlock's
+    :mod:`keysteward.agent.oneshot_http`); httpx's errors say it by their class."""
     error = _transport_error(exc, url, code)
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout) and not _untrusted(exc):
+    if not_sent is None:
+        import httpx
+
+        not_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+    if not_sent and not _untrusted(exc):
         error.failover = NOT_SENT
     elif not _untrusted(exc):
         error.failover = LOST
     return error
 
 
-def _transport_error(exc: httpx.HTTPError, url: str, code: str) -> Unavailable:
+def _transport_error(exc: httpx.HTTPError | Exception, url: str, code: str) -> Unavailable:
     if _untrusted(exc):
         return Unavailable(
             f"the key manager at {url} presented a certificate this client does not trust: give its CA with "

@@ -172,3 +172,10 @@ def test_agent_refuses_answers_that_are_not_evidence(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("url", ["ftp://169.254.169.254", "http://169.254.169.254:99999", "no-scheme/i-1", "http://"])
+def test_a_metadata_url_that_is_not_one_is_refused(url: str) -> None:
+    """The metadata URL is parsed before anything is sent: a bad one is a BadRequest, never a traceback."""
+    with pytest.raises(BadRequest, match="metadata URL"):
+        collect_identity(url, "aws-iid", os.urandom(32), audience=None, timeout=1)

@@ -17,19 +17,22 @@ Errors, translated where they enter (``raise ... from exc``)::
     KeystewardError kms_protocol     an answer that does not follow the protocol
 
 Nothing here logs; secrets never reach messages.
+
+The transport is httpx, or, for the boot unlock (``one_shot``), :mod:`keysteward.agent.oneshot_http`
+(the standard library alone: httpx is not imported at all then).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-
+from keysteward.agent.oneshot_http import OneShotHttp
 from keysteward.agent.release_answers import Challenge, Lease, Pending, Registered, Released, Renewal
 from keysteward.api_errors import answer_error, transport_error
 from keysteward.attest.binding import binding
@@ -48,6 +51,9 @@ from keysteward.formats.release_wire import (
     split_secret,
 )
 from keysteward.kms_failover import Failover, split_urls
+
+if TYPE_CHECKING:
+    import httpx
 
 LEASE_TOKEN_SIZE = TOKEN_SIZE
 UNREACHABLE = "kms_unreachable"
@@ -149,19 +155,22 @@ class AgentClient:
         token: str | None = None,
         timeout: float = 10.0,
         client_cert: tuple[str, str] | None = None,
+        one_shot: bool = False,
     ) -> None:
-        """``client_cert`` is ``(certificate PEM file, key PEM file)``: a machine (a host) proves itself by mTLS."""
+        """``client_cert`` is ``(certificate PEM file, key PEM file)``: a machine (a host) proves itself by mTLS.
+        ``one_shot``: a few requests from one thread, then the end (the boot unlock): the standard library's
+        HTTP client instead of httpx, unless the environment names an HTTP proxy."""
         self.urls = split_urls(url)
         self.url = ",".join(self.urls)
-        verify: ssl.SSLContext | bool = True
+        context: ssl.SSLContext | None = None
         if any(u.startswith("https://") for u in self.urls):
             try:
-                verify = ssl.create_default_context(cafile=ca_file)
+                context = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise BadRequest(f"cannot load the CA file {ca_file}: {exc}", code="kms_ca_file") from exc
             if client_cert is not None:
                 try:
-                    verify.load_cert_chain(*client_cert)
+                    context.load_cert_chain(*client_cert)
                 except (OSError, ssl.SSLError) as exc:
                     raise BadRequest(
                         f"cannot load the client certificate {client_cert[0]}: {exc}", code="kms_client_cert"
@@ -169,14 +178,27 @@ class AgentClient:
         if client_cert is not None and not all(u.startswith("https://") for u in self.urls):
             raise BadRequest("a client certificate needs an https:// key manager URL", code="kms_client_cert")
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._https = {
-            u: httpx.Client(base_url=u + "/v1", verify=verify, headers=headers, timeout=timeout) for u in self.urls
-        }
+        self._one_shot: dict[str, OneShotHttp] = {}
+        self._https: dict[str, httpx.Client] = {}
+        if one_shot and OneShotHttp.usable():
+            self._one_shot = {
+                u: OneShotHttp(u, context=context, headers=headers, timeout=timeout, code=UNREACHABLE)
+                for u in self.urls
+            }
+        else:
+            import httpx
+
+            verify: ssl.SSLContext | bool = context if context is not None else True
+            self._https = {
+                u: httpx.Client(base_url=u + "/v1", verify=verify, headers=headers, timeout=timeout) for u in self.urls
+            }
         self.failover = Failover(self.urls)
 
     def close(self) -> None:
         for http in self._https.values():
             http.close()
+        for one in self._one_shot.values():
+            one.close()
 
     def __enter__(self) -> AgentClient:
         return self
@@ -215,41 +237,52 @@ class AgentClient:
 
     def _fetch(self, url: str, path: str, long_poll: float) -> Any:
         """One GET at ``url``: its JSON answer (errors translated); a long poll asks ``wait`` and waits longer."""
+        params = {"wait": f"{long_poll:.3f}"} if long_poll > 0 else None
+        return self._answer(url, path, *self._send(url, "GET", path, None, params, long_poll))
+
+    def _post(self, url: str, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        status, reason, content = self._send(url, "POST", path, dict(body), None, 0.0)
+        data = self._answer(url, path, status, reason, content)
+        if not isinstance(data, dict):
+            raise protocol_error(f"{path} answered {status} without a JSON object")
+        return status, data
+
+    def _send(
+        self, url: str, method: str, path: str, body: dict[str, Any] | None, params: dict[str, str] | None,
+        long_poll: float,
+    ) -> tuple[int, str, bytes]:  # fmt: skip
+        """``(status, reason, content)`` of one request at ``url``; no answer raises ``kms_unreachable``."""
+        one = self._one_shot.get(url)
+        if one is not None:
+            return one.request(method, path, body=body, params=params, extra_time=long_poll, limit=MAX_ANSWER)
+        import httpx
+
         client = self._https[url]
         try:
             if long_poll > 0:
                 read = client.timeout.read
                 timeout = httpx.Timeout(None if read is None else read + long_poll, connect=client.timeout.connect)
-                response = client.get(path, params={"wait": f"{long_poll:.3f}"}, timeout=timeout)
-            else:
+                response = client.get(path, params=params, timeout=timeout)
+            elif method == "GET":
                 response = client.get(path)
+            else:
+                response = client.post(path, json=body)
         except httpx.HTTPError as exc:
             raise transport_error(exc, url, UNREACHABLE) from exc
-        return self._answer(url, path, response)
-
-    def _post(self, url: str, path: str, body: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-        try:
-            response = self._https[url].post(path, json=dict(body))
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, url, UNREACHABLE) from exc
-        data = self._answer(url, path, response)
-        if not isinstance(data, dict):
-            raise protocol_error(f"{path} answered {response.status_code} without a JSON object")
-        return response.status_code, data
+        return response.status_code, response.reason_phrase, response.content
 
     @staticmethod
-    def _answer(url: str, path: str, response: httpx.Response) -> Any:
+    def _answer(url: str, path: str, status: int, reason: str, content: bytes) -> Any:
         """The JSON of an answer (an object or a list), or the error it stands for."""
-        if len(response.content) > MAX_ANSWER:
-            raise protocol_error(f"an answer of {len(response.content)} bytes")
+        if len(content) > MAX_ANSWER:
+            raise protocol_error(f"an answer of over {MAX_ANSWER} bytes")
         try:
-            data = response.json() if response.content else {}
+            data = json.loads(content) if content else {}
         except ValueError:
             data = None
-        status = response.status_code
         if status < 500 and not isinstance(data, dict | list):
             raise protocol_error(f"{path} answered {status} without JSON")
-        error = answer_error(status, data, response.reason_phrase, url, unavailable_code=UNREACHABLE)
+        error = answer_error(status, data, reason, url, unavailable_code=UNREACHABLE)
         if error is not None:
             raise error
         return data

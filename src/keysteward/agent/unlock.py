@@ -69,6 +69,8 @@ class UnlockOptions:
     """Where SEV-SNP reports come from: ``/dev/sev-guest``, or ``file:DIR`` (a TEST stand-in)."""
     wait_approval: float = 0.0
     """How long a release waiting for approval is asked again before giving up (seconds)."""
+    one_shot: bool = False
+    """The boot unlock: clients of the standard library's HTTP (:mod:`keysteward.agent.oneshot_http`), not httpx."""
 
     def __post_init__(self) -> None:
         if self.identity not in IDENTITY_KINDS:
@@ -79,7 +81,8 @@ class UnlockOptions:
 
     def client(self, url: str, *, timeout: float | None = None) -> AgentClient:
         """A client of the key manager at ``url`` with this instance's TLS settings."""
-        return AgentClient(url, ca_file=self.ca_file, timeout=timeout or self.timeout, client_cert=self.client_cert)
+        return AgentClient(url, ca_file=self.ca_file, timeout=timeout or self.timeout, client_cert=self.client_cert,
+                           one_shot=self.one_shot)  # fmt: skip
 
     def metadata(self) -> str:
         return self.metadata_url or os.environ.get("KEYSTEWARD_METADATA_URL") or DEFAULT_METADATA[self.identity]
@@ -278,11 +281,22 @@ def release_for(
             client.close()
 
 
-def unlock(path: str, options: UnlockOptions, *, client: AgentClient | None = None) -> Unlocked:
+def unlock(
+    path: str,
+    options: UnlockOptions,
+    *,
+    client: AgentClient | None = None,
+    clients: dict[str, AgentClient] | None = None,
+) -> Unlocked:
     """Release, check and open the volume at ``path`` (see the module doc). On failure nothing stays
-    open and the lease is ended when the key manager can be told."""
+    open and the lease is ended when the key manager can be told.
+
+    ``clients``: the caller's clients by key manager URL, one made and added for a URL not there yet (the
+    caller closes them): several volumes, and the end of a lease after, share one TLS set-up."""
     token = read_token(path)
     url = token.ref.with_url(options.kms_url).url
+    if client is None and clients is not None:
+        client = clients.get(url) or clients.setdefault(url, options.client(url))
     own = client is None
     client = client or options.client(url)
     try:

@@ -6,8 +6,9 @@ own); without device-mapper the release and the keyslot are checked and the volu
 volume opened in userspace lives only as long as the process holding it: that is ``agent run``).
 ``run --config FILE`` is the daemon (docs/agent.md).
 
-This module imports typer only; the agent's modules load when a command runs, so that a boot unlock
-starts fast.
+This module imports typer only; the agent's modules load when a command runs. ``keysteward agent
+unlock ...`` itself does not come here: it runs without typer (:mod:`keysteward.cli.agent_unlock_cmd`,
+which this group's ``unlock`` calls too, for global options before the group).
 """
 
 from __future__ import annotations
@@ -94,58 +95,14 @@ def unlock(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Release each volume's key and open it (one shot, for boot)."""
-    from keysteward.agent.unlock import UnlockOptions
-    from keysteward.agent.unlock import unlock as unlock_volume
-    from keysteward.crypto.secret import disable_core_dumps
+    from keysteward.cli.agent_unlock_cmd import unlock_volumes
 
-    if name is not None and len(paths) != 1:
-        raise KeystewardError("--name takes one PATH only", code="agent_option")
-    if mode not in ("auto", "dm", "userspace"):
-        raise KeystewardError(f"--mode {mode!r} is not auto, dm or userspace", code="agent_option")
-    disable_core_dumps()
-    kms_url = _url(ctx, url, kms)
-    options = UnlockOptions(
-        name=name, kms_url=kms_url, identity=identity, metadata_url=metadata, audience=audience, suite=suite,
-        ca_file=ca_file, mode=mode, tpm=tpm, tpm_pcrs=tpm_pcrs, snp=snp,  # type: ignore[arg-type]
-        wait_approval=wait_approval,
-    )  # fmt: skip
-    results: list[dict[str, Any]] = []
-    failed = 0
-    for path in paths:
-        try:
-            opened = unlock_volume(path, options if name else replace(options, name=None))
-        except KeystewardError as exc:
-            failed += 1
-            results.append({"path": path, "ok": False, "code": exc.code, "error": exc.message})
-            continue
-        info: dict[str, Any] = {"ok": True, **opened.describe()}
-        if opened.mode == "userspace":
-            from keysteward.agent.client import AgentClient
-
-            opened.close(wipe_lease=False)
-            with AgentClient(opened.url, ca_file=ca_file, timeout=options.timeout) as client:
-                try:
-                    client.end(opened.lease)
-                finally:
-                    opened.lease.wipe()
-            info["state"] = "checked"
-        else:
-            opened.lease.wipe()
-            info["state"] = "open"
-        results.append(info)
-    lines = []
-    for r in results:
-        if r["ok"]:
-            where = f"/dev/mapper/{r['name']}" if r["state"] == "open" else "userspace: checked and closed"
-            lines.append(f"{r['path']}: unlocked with keyslot {r['keyslot']} ({where})\n")
-        else:
-            lines.append(f"{r['path']}: {r['error']} ({r['code']})\n")
-    if as_json:
-        _print({"volumes": results}, True, "")
-    else:
-        sys.stdout.write("".join(line for line, r in zip(lines, results, strict=True) if r["ok"]))
-        sys.stderr.write("".join(line for line, r in zip(lines, results, strict=True) if not r["ok"]))
-    if failed:
+    values = {
+        "name": name, "kms_url": _url(ctx, url, kms), "identity": identity, "metadata": metadata,
+        "audience": audience, "suite": suite, "ca_file": ca_file, "mode": mode, "tpm": tpm, "tpm_pcrs": tpm_pcrs,
+        "snp": snp, "wait_approval": wait_approval, "json": as_json,
+    }  # fmt: skip
+    if unlock_volumes(paths, values):
         raise typer.Exit(1)
 
 

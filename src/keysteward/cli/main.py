@@ -221,6 +221,13 @@ def main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)  # skip the interpreter's teardown: the verb has flushed and closed what it wrote
+    if args[:2] == [AGENT, "unlock"]:  # at boot every millisecond counts: no typer, no other group
+        from keysteward.cli import agent_unlock_cmd
+
+        status = agent_unlock_cmd.main(args[2:])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        raise SystemExit(status)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

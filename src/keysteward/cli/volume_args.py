@@ -76,6 +76,8 @@ class Verb(NamedTuple):
     options: tuple[Opt, ...]
     run: Callable[[dict[str, Any]], int | None]
     path_help: str = "Volume: a file or block device."
+    many: bool = False
+    """One PATH or more (``PATH...``, in ``values["paths"]``) instead of exactly one."""
 
 
 HELP = Opt("--help", "flag", "Show this message and exit.")
@@ -117,10 +119,13 @@ def _page(usage: str, about: str, sections: Sequence[tuple[str, Sequence[tuple[s
 
 def verb_help(prog: str, verb: Verb) -> str:
     return _page(
-        f"{prog} {verb.name} [OPTIONS]" + (" PATH" if verb.path_help else ""),
+        f"{prog} {verb.name} [OPTIONS]" + ((" PATH..." if verb.many else " PATH") if verb.path_help else ""),
         verb.help,
         [
-            ("Arguments", [("PATH", f"{verb.path_help} [required]")] if verb.path_help else []),
+            (
+                "Arguments",
+                [("PATH" + ("..." if verb.many else ""), f"{verb.path_help} [required]")] if verb.path_help else [],
+            ),
             ("Options", [(opt.label(), opt.notes()) for opt in (*verb.options, HELP)]),
         ],
     )
@@ -225,6 +230,9 @@ def parse_verb(prog: str, verb: Verb, args: Sequence[str]) -> dict[str, Any]:
     if not words:
         raise UsageError("Missing argument 'PATH'.", where)
     values = _values(verb.options, given, where)
+    if verb.many:
+        values["paths"] = list(words)
+        return values
     if len(words) > 1:
         raise UsageError(f"Got unexpected extra argument(s) ({' '.join(words[1:])})", where)
     values["path"] = words[0]
