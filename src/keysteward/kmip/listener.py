@@ -135,6 +135,9 @@ class KmipConnection(asyncio.Protocol):
         self.busy = False
         self.paused = False
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline: float | None = None
+        """When the connection times out (None while a request is answered); the timer fires at or before it."""
         self.der: bytes | None = None
         self.source = ""
 
@@ -147,11 +150,23 @@ class KmipConnection(asyncio.Protocol):
         self._arm(self.server.limits.idle_timeout)
 
     def _arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._late)
+        """Time out ``seconds`` from now. The timer is moved only to an earlier time: a later deadline is found
+        when it fires, so a client that waits for each answer costs no timer per message."""
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + seconds
+        if self.timer is None or self.deadline < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.timer_at = loop.call_at(self.deadline, self._late), self.deadline
 
     def _late(self) -> None:
+        self.timer = None
+        if self.transport is None or self.deadline is None:  # closed, or a request is being answered
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:  # re-armed since: wait for the new deadline
+            self.timer, self.timer_at = loop.call_at(self.deadline, self._late), self.deadline
+            return
         self.server.metrics.refused("timeout")
         self._close()
 
@@ -190,8 +205,7 @@ class KmipConnection(asyncio.Protocol):
         del self.buffer[: self.need]
         self.need = 0
         self.busy = True
-        if self.timer is not None:
-            self.timer.cancel()
+        self.deadline = None  # no timeout while it is answered
         asyncio.get_running_loop().create_task(self._answer(message))
 
     async def _answer(self, message: bytes) -> None:

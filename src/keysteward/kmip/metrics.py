@@ -6,6 +6,8 @@ to its own when the listener runs in the process.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from keysteward.kmip.messages import OPERATION_NAMES
@@ -29,10 +31,18 @@ class KmipMetrics:
             "keysteward_kmip_refused_total", "KMIP messages or connections refused", ["reason"], registry=self.registry
         )
 
+        self._children: dict[tuple[int | None, str | None], tuple[Any, Any]] = {}
+        """(operation, error) -> its counter and histogram children: ``labels()`` looks them up under a lock."""
+
     def done(self, operation: int | None, seconds: float, error: str | None) -> None:
-        name = OPERATION_NAMES.get(operation, "Unknown") if operation is not None else "Unknown"
-        self.operations.labels(name, error or "Success").inc()
-        self.latency.labels(name).observe(seconds)
+        children = self._children.get((operation, error))
+        if children is None:
+            name = OPERATION_NAMES.get(operation, "Unknown") if operation is not None else "Unknown"
+            children = self.operations.labels(name, error or "Success"), self.latency.labels(name)
+            if len(self._children) < 4096:  # bounded: operations and reasons are finite, unknown codes are not
+                self._children[(operation, error)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(reason[:32]).inc()
