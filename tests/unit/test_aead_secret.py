@@ -190,6 +190,9 @@ class _SpyMap:
         self.size = size
         self.seen: bytes | None = None
 
+    def __len__(self) -> int:
+        return len(self.real)
+
     def close(self) -> None:
         self.seen = ctypes.string_at(self.address, self.size)
         self.real.close()
@@ -221,16 +224,29 @@ def test_view_is_writable_and_sized() -> None:
         assert buf.bytes() == b"\x07" * 48
 
 
-def test_wipe_zeroes_the_memory_before_unmapping() -> None:
+def test_wipe_zeroes_a_one_page_buffer_before_its_page_is_used_again() -> None:
     material = os.urandom(64)
     buf = SecretBuffer.from_bytes(material)
     address = ctypes.addressof(buf._c)
     assert ctypes.string_at(address, 64) == material  # the secret really lives at this address
-    spy = _SpyMap(buf._map, address, 64)  # type: ignore[arg-type]
-    buf._map = spy  # type: ignore[assignment]
     buf.wipe()
-    assert spy.seen == bytes(64)
-    assert spy.real.closed
+    assert ctypes.string_at(address, mmap.PAGESIZE) == bytes(mmap.PAGESIZE)  # pooled: still mapped, all zero
+    again = SecretBuffer(64)  # the pooled page serves the next buffer, still locked
+    assert ctypes.addressof(again._c) == address and again.locked and again.bytes() == bytes(64)
+    again.wipe()
+
+
+def test_a_page_someone_still_views_is_zeroed_and_never_reused() -> None:
+    buf = SecretBuffer.from_bytes(b"\x37" * 48)
+    address = ctypes.addressof(buf._c)
+    held = buf.view()[:16]  # a caller's slice outlives the wipe
+    buf.wipe()
+    assert bytes(held) == bytes(16)
+    others = [SecretBuffer(16) for _ in range(70)]  # more than the pool holds
+    assert all(ctypes.addressof(o._c) != address for o in others)
+    for other in others:
+        other.wipe()
+    held.release()
 
 
 def test_wipe_zeroes_a_multi_page_buffer() -> None:
