@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Subject
 from keysteward.access.request import AccessRequest, Delivery
@@ -32,6 +32,13 @@ from keysteward.release.volumes import ACTIVE, DESTROYED, SHRED, actor_of
 from keysteward.store.models import DataKey, Lease, Tenant, Volume
 
 log = logging.getLogger("keysteward.release")
+_VOLUME = (
+    select(Volume.state, Volume.lease_seconds, DataKey.wrapped.is_(None).label("shredded"))
+    .join(DataKey, DataKey.id == Volume.dek_id)
+    .where(Volume.id == bindparam("volume_id"))
+)
+"""Built once, its value bound at execution: every renewal reads it on the audit writer thread."""
+_TENANT_OF = select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == bindparam("lease_id"))
 
 
 @dataclass(frozen=True, repr=False)
@@ -70,11 +77,7 @@ class LeaseRenew(_LeaseAction):
     def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
         inputs: LeaseInputs = subject.state
         row = leases.load(conn, inputs.lease_id, inputs.token)
-        volume = conn.execute(
-            select(Volume.state, Volume.lease_seconds, DataKey.wrapped.is_(None).label("shredded"))
-            .join(DataKey, DataKey.id == Volume.dek_id)
-            .where(Volume.id == row.volume_id)
-        ).one()
+        volume = conn.execute(_VOLUME, {"volume_id": row.volume_id}).one()
         instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
         expires = leases.aware(row.expires_at)
         subject.details["lease"] = row.id
@@ -145,9 +148,7 @@ def lease_tenant(registry: Registry, lease_id: str) -> str:
     except ValueError:
         raise NotFound("no such lease, or not this token", code="lease_not_found") from None
     with registry.db.read() as conn:
-        name = conn.execute(
-            select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == lease_id)
-        ).scalar_one_or_none()
+        name = conn.execute(_TENANT_OF, {"lease_id": lease_id}).scalar_one_or_none()
     if name is None:
         raise NotFound("no such lease, or not this token", code="lease_not_found")
     return str(name)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.attest.providers import ProviderTrust
@@ -307,12 +307,14 @@ class Registry:
     @staticmethod
     def instance_revocation(conn: Connection, tenant_id: str, holder: str) -> bool | None:
         """None if the instance is not revoked, else whether its volumes are to be shredded."""
-        row = conn.execute(
-            select(RevokedInstance.shred).where(
-                RevokedInstance.tenant_id == tenant_id, RevokedInstance.holder == holder
-            )
-        ).first()
+        row = conn.execute(_REVOCATION, {"t": tenant_id, "h": holder}).first()
         return None if row is None else bool(row.shred)
+
+
+_REVOCATION = select(RevokedInstance.shred).where(
+    RevokedInstance.tenant_id == bindparam("t"), RevokedInstance.holder == bindparam("h")
+)
+"""Built once, values bound at execution: every release and renewal reads it on the audit writer thread."""
 
 
 class _Row:
