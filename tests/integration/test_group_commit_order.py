@@ -1,0 +1,45 @@
+"""The audit writer's order: a record marked ``first`` (a lease's renewal) goes into the next batch ahead of
+every other that waits (a boot storm's releases), and the others keep their order."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection
+
+from keysteward.audit.group_commit import BATCH, GroupCommit, Pending
+from keysteward.store.db import Database
+
+
+def test_first_records_go_ahead_of_those_waiting(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/order.db")
+    appended: list[list[Any]] = []
+
+    def append(conn: Connection, records: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        appended.append([fields["n"] for _, fields in records])
+        return list(range(len(records)))
+
+    group = GroupCommit(db, append, check=lambda details: None)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(conn: Connection) -> dict[str, Any]:
+        holding.set()
+        assert release.wait(10)
+        return {"n": "held"}
+
+    try:
+        blocker = group.enqueue(Pending("t", {}, effect=hold))
+        assert holding.wait(10)  # the writer is inside the first batch: the rest wait in the queue
+        waiting = [group.enqueue(Pending("t", {"n": k})) for k in range(BATCH + 3)]
+        renewals = [group.enqueue(Pending("t", {"n": f"renew{k}"}, first=True)) for k in range(2)]
+        release.set()
+        for pending in [blocker, *waiting, *renewals]:
+            group.wait(pending)
+    finally:
+        group.close()
+        db.dispose()
+    assert appended[0] == ["held"]
+    assert appended[1][:2] == ["renew0", "renew1"]  # ahead of the BATCH + 3 that waited before them
+    assert appended[1][2:] + appended[2] == list(range(BATCH + 3))  # the others in their order, none lost
