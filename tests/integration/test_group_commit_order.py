@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection
 
-from keysteward.audit.group_commit import BATCH, GroupCommit, Pending
+from keysteward.audit.group_commit import BATCH, FIRST_AT_MOST, GroupCommit, Pending
 from keysteward.errors import Denied, Unavailable
 from keysteward.store.db import Database
 
@@ -36,16 +36,20 @@ def test_first_records_go_ahead_of_those_waiting(tmp_path: Path) -> None:
         blocker = group.enqueue(Pending("t", {}, effect=hold))
         assert holding.wait(10)  # the writer is inside the first batch: the rest wait in the queue
         waiting = [group.enqueue(Pending("t", {"n": k})) for k in range(BATCH + 3)]
-        renewals = [group.enqueue(Pending("t", {"n": f"renew{k}"}, first=True)) for k in range(2)]
+        renewals = [group.enqueue(Pending("t", {"n": f"renew{k}"}, first=True)) for k in range(FIRST_AT_MOST + 2)]
         release.set()
         for pending in [blocker, *waiting, *renewals]:
             group.wait(pending)
     finally:
         group.close()
         db.dispose()
+    names = [f"renew{k}" for k in range(FIRST_AT_MOST + 2)]
     assert appended[0] == ["held"]
-    assert appended[1][:2] == ["renew0", "renew1"]  # ahead of the BATCH + 3 that waited before them
-    assert appended[1][2:] + appended[2] == list(range(BATCH + 3))  # the others in their order, none lost
+    # ahead of the BATCH + 3 that waited before them, but at most half a batch: the others are not starved
+    assert appended[1][:FIRST_AT_MOST] == names[:FIRST_AT_MOST]
+    assert appended[1][FIRST_AT_MOST:] == list(range(BATCH - FIRST_AT_MOST))
+    assert appended[2][:2] == names[FIRST_AT_MOST:]
+    assert appended[1][FIRST_AT_MOST:] + appended[2][2:] == list(range(BATCH + 3))  # in their order, none lost
 
 
 def test_a_refused_or_failed_effect_is_undone_and_the_batch_goes_on(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from keysteward.store.models import AuditHead
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 BATCH = 512
+FIRST_AT_MOST = BATCH // 2
 EFFECT_TRIES = 3
 _RETRYABLE = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, serialization failure
 log = logging.getLogger("keysteward.audit")
@@ -153,7 +154,8 @@ class GroupCommit:
                     self._wake.wait()
                 if not self._queue and not self._first:
                     return
-                batch, self._first = self._first[:BATCH], self._first[BATCH:]
+                # renewals first, but at most half a batch of them: a flood of renewals never starves releases
+                batch, self._first = self._first[:FIRST_AT_MOST], self._first[FIRST_AT_MOST:]
                 rest = BATCH - len(batch)
                 batch, self._queue = batch + self._queue[:rest], self._queue[rest:]
             error: KeystewardError | None = None
