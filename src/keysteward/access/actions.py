@@ -94,6 +94,9 @@ class ActionHandler:
     writes: bool = True
     """False for an action whose ``check`` and ``book`` never write (key uses): its record is appended without
     a savepoint of its own."""
+    first: bool = False
+    """True for an action that must not wait behind the others at the audit writer (a lease's renewal: a
+    live lease that waits out its expiry behind a boot storm's releases is lost)."""
     audited_refusals: tuple[type[KeystewardError], ...] = (Denied,)
     """Errors ``check`` and ``book`` raise that are refusals, recorded as ``denied`` with their code (and what
     the step wrote before raising is kept). Other errors undo the step and write nothing."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Subject
 from keysteward.access.request import AccessRequest, Delivery
@@ -32,6 +32,13 @@ from keysteward.release.volumes import ACTIVE, DESTROYED, SHRED, actor_of
 from keysteward.store.models import DataKey, Lease, Tenant, Volume
 
 log = logging.getLogger("keysteward.release")
+_VOLUME = (
+    select(Volume.state, Volume.lease_seconds, DataKey.wrapped.is_(None).label("shredded"))
+    .join(DataKey, DataKey.id == Volume.dek_id)
+    .where(Volume.id == bindparam("volume_id"))
+)
+"""Built once, its value bound at execution: every renewal reads it on the audit writer thread."""
+_TENANT_OF = select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == bindparam("lease_id"))
 
 
 @dataclass(frozen=True, repr=False)
@@ -61,20 +68,44 @@ class _LeaseAction(ActionHandler):
             row = leases.load(conn, inputs.lease_id, inputs.token)
         if str(row.tenant_id) != tenant_id:
             raise NotFound("no such lease, or not this token", code="lease_not_found")
-        return Subject(tenant_id, actor_of(row.holder), f"volume:{row.volume_id}", None, state=inputs)
+        state = self._state(inputs, row, now)
+        return Subject(tenant_id, actor_of(row.holder), f"volume:{row.volume_id}", None, state=state)
+
+    def _state(self, inputs: LeaseInputs, row: Any, now: datetime) -> Any:
+        return inputs
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """The policy's answer to a renewal: for the lease's facts, under one policy version, at one time."""
+
+    facts: str | None
+    version: int
+    permitted: bool
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, repr=False)
+class _Renewal:
+    inputs: LeaseInputs
+    asked: _Asked
 
 
 class LeaseRenew(_LeaseAction):
     action, cedar_action, delivery = "lease.renew", None, Delivery.NOTHING
+    first = True  # ahead of new releases at the audit writer: renewals of live leases never queue behind a boot
+
+    def _state(self, inputs: LeaseInputs, row: Any, now: datetime) -> _Renewal:
+        """The policy is asked here, before the transaction (the audit writer runs every renewal's book one
+        after another: Cedar there was half of its time); ``book`` asks again only if the lease's facts or
+        the policy version changed in between."""
+        return _Renewal(inputs, self._ask(str(row.tenant_id), row.facts, now))
 
     def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
-        inputs: LeaseInputs = subject.state
+        renewal: _Renewal = subject.state
+        inputs = renewal.inputs
         row = leases.load(conn, inputs.lease_id, inputs.token)
-        volume = conn.execute(
-            select(Volume.state, Volume.lease_seconds, DataKey.wrapped.is_(None).label("shredded"))
-            .join(DataKey, DataKey.id == Volume.dek_id)
-            .where(Volume.id == row.volume_id)
-        ).one()
+        volume = conn.execute(_VOLUME, {"volume_id": row.volume_id}).one()
         instance = self.registry.instance_revocation(conn, row.tenant_id, row.holder)
         expires = leases.aware(row.expires_at)
         subject.details["lease"] = row.id
@@ -100,29 +131,36 @@ class LeaseRenew(_LeaseAction):
         return Booked(RenewAnswer(action, expires), quiet=action == row.state)  # delivered before: recorded
 
     def _still_permitted(self, subject: Subject, row: Any, now: datetime) -> bool:
-        """The policy in force asked again with the facts the lease was granted on, at ``now``."""
-        if row.facts is None:
-            return True  # granted before renewals asked the policy
-        policy = self.policies.current(subject.tenant_id)
+        """The policy in force asked again with the facts the lease was granted on, at ``now`` (the answer
+        asked before the transaction, unless the lease's facts or the policy version changed since)."""
+        asked: _Asked = subject.state.asked
+        if asked.facts != row.facts or asked.version != self.policies.current(subject.tenant_id).version:
+            asked = self._ask(subject.tenant_id, row.facts, now)
+        subject.details.update(asked.details)
+        return asked.permitted
+
+    def _ask(self, tenant_id: str, facts: str | None, now: datetime) -> _Asked:
+        policy = self.policies.current(tenant_id)
+        if facts is None:
+            return _Asked(facts, policy.version, True, {})  # granted before renewals asked the policy
         try:
-            granted = json.loads(row.facts)
+            granted = json.loads(facts)
             granted["time"] = now.isoformat()
             release = PolicyRequest.from_json(granted)
             renew = PolicyRequest.from_json({**granted, "action": RENEWAL_OF.get(granted.get("action"), "renew")})
         except (PolicyRequestInvalid, ValueError) as exc:
             log.warning("a lease's facts no longer make a policy request: %s", type(exc).__name__)
-            subject.details.update(policy_version=policy.version, reason="policy_error")
-            return False
+            return _Asked(facts, policy.version, False, {"policy_version": policy.version, "reason": "policy_error"})
         decided = policy.compiled.evaluate(release)
         renewal = policy.compiled.evaluate(renew)
         if decided.effect == "deny" or renewal.reason in ("forbidden_by_policy", "policy_error"):
-            subject.details.update(
-                policy_version=policy.version,
-                policies=list(decided.policies + renewal.policies),
-                reason=decided.reason if decided.effect == "deny" else renewal.reason,
-            )
-            return False
-        return True
+            details = {
+                "policy_version": policy.version,
+                "policies": list(decided.policies + renewal.policies),
+                "reason": decided.reason if decided.effect == "deny" else renewal.reason,
+            }
+            return _Asked(facts, policy.version, False, details)
+        return _Asked(facts, policy.version, True, {})
 
 
 class LeaseEnd(_LeaseAction):
@@ -145,9 +183,7 @@ def lease_tenant(registry: Registry, lease_id: str) -> str:
     except ValueError:
         raise NotFound("no such lease, or not this token", code="lease_not_found") from None
     with registry.db.read() as conn:
-        name = conn.execute(
-            select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == lease_id)
-        ).scalar_one_or_none()
+        name = conn.execute(_TENANT_OF, {"lease_id": lease_id}).scalar_one_or_none()
     if name is None:
         raise NotFound("no such lease, or not this token", code="lease_not_found")
     return str(name)

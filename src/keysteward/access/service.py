@@ -64,6 +64,10 @@ class _Step:
     def writes(self) -> bool:
         return self.handler is None or self.handler.writes
 
+    @property
+    def first(self) -> bool:
+        return self.handler is not None and self.handler.first
+
 
 class AccessService:
     def __init__(
@@ -104,7 +108,7 @@ class AccessService:
         if step.effect is _no_effect:
             return self._finish(step)
         try:
-            await self.audit.commit_async(step.tenant_id, step.effect, writes=step.writes)
+            await self.audit.commit_async(step.tenant_id, step.effect, writes=step.writes, first=step.first)
         except BaseException:
             self._discard(step)
             raise
@@ -114,7 +118,7 @@ class AccessService:
         if step.effect is _no_effect:
             return
         try:
-            self.audit.commit(step.tenant_id, step.effect, writes=step.writes)
+            self.audit.commit(step.tenant_id, step.effect, writes=step.writes, first=step.first)
         except BaseException:
             self._discard(step)
             raise

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from keysteward.access import lease_actions
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject, Unproven
@@ -48,11 +48,19 @@ from keysteward.release.platform import PlatformVerifier
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, DESTROYED, VM, VM_DISK, Caller, HostIdentity, VolumeInfo, actor_of
 from keysteward.settings import ReleaseSettings
-from keysteward.store.db import for_update
 from keysteward.store.models import DataKey, Volume
 
 log = logging.getLogger("keysteward.release")
 SWEEP_SECONDS = 60.0
+_VOLUME_STATE = (
+    select(Volume.state, DataKey.wrapped.is_(None).label("shredded"))
+    .join(DataKey, DataKey.id == Volume.dek_id)
+    .where(Volume.id == bindparam("volume_id"))
+)
+_VOLUME_STATE_LOCKED = _VOLUME_STATE.with_for_update()
+"""The volume's state in the release's transaction (row-locked on PostgreSQL; SQLite's BEGIN IMMEDIATE
+already serialises writers): built once, its value bound at execution (SQLAlchemy
+walks a statement's inlined values for its cache key on every call, on the audit writer thread)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -243,14 +251,8 @@ class VolumeRelease(ActionHandler):
         if self._sweep_due():
             self.nonces.sweep(conn, now)
         self.nonces.spend(conn, state.raw, state.expires)
-        row = conn.execute(
-            for_update(
-                select(Volume.state, DataKey.wrapped.is_(None).label("shredded"))
-                .join(DataKey, DataKey.id == Volume.dek_id)
-                .where(Volume.id == volume.id),
-                self.registry.db,
-            )
-        ).one()
+        stmt = _VOLUME_STATE if self.registry.db.is_sqlite else _VOLUME_STATE_LOCKED
+        row = conn.execute(stmt, {"volume_id": volume.id}).one()
         if row.state == DESTROYED or row.shredded:
             raise Denied("the volume's key was destroyed", code="volume_destroyed")
         if row.state != ACTIVE:

@@ -25,10 +25,25 @@ from keysteward.store.models import AuditHead
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 BATCH = 512
+FIRST_AT_MOST = BATCH // 2
 EFFECT_TRIES = 3
 _RETRYABLE = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, serialization failure
 log = logging.getLogger("keysteward.audit")
 WAIT_SECONDS = 30.0
+
+
+@contextmanager
+def _savepoint(conn: Connection) -> Iterator[None]:
+    """``conn.begin_nested()`` without its cost: SQLAlchemy compiles SAVEPOINT and RELEASE anew for each
+    one (a fifth of the writer's time in a release run); here they are fixed text run as they are."""
+    conn.exec_driver_sql("SAVEPOINT ks_effect")
+    try:
+        yield
+    except BaseException:
+        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ks_effect")
+        conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
+        raise
+    conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
 
 
 def _failure_code(exc: Exception) -> str:
@@ -62,7 +77,7 @@ KeystewardError undoes the change and records nothing."""
 class Pending:
     """One record waiting for its batch: a thread waits on ``done``; a coroutine gets ``notify`` called."""
 
-    __slots__ = ("done", "effect", "error", "fields", "notify", "seq", "tenant_id", "tries", "writes")
+    __slots__ = ("done", "effect", "error", "fields", "first", "notify", "seq", "tenant_id", "tries", "writes")
 
     def __init__(
         self,
@@ -72,9 +87,13 @@ class Pending:
         effect: Effect | None = None,
         *,
         writes: bool = True,
+        first: bool = False,
     ) -> None:
         self.tenant_id = tenant_id
         self.writes = writes
+        self.first = first
+        """True: taken into the next batch before every record that is not (a renewal of a live lease is not
+        kept waiting behind a boot storm's new releases)."""
         """False: the effect reads but never writes, so it runs without a savepoint of its own."""
         self.fields = fields
         self.done = threading.Event() if notify is None else None
@@ -103,6 +122,7 @@ class GroupCommit:
         self._append = append
         self._check = check
         self._queue: list[Pending] = []
+        self._first: list[Pending] = []
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._closed = False
@@ -114,7 +134,7 @@ class GroupCommit:
         return pending.result()
 
     async def wait_async(
-        self, tenant_id: str, fields: dict[str, Any], effect: Effect | None, *, writes: bool = True
+        self, tenant_id: str, fields: dict[str, Any], effect: Effect | None, *, writes: bool = True, first: bool = False
     ) -> int:
         loop = asyncio.get_running_loop()
         committed: asyncio.Future[None] = loop.create_future()
@@ -124,7 +144,7 @@ class GroupCommit:
                 committed.set_result(None)
 
         notify = lambda: loop.call_soon_threadsafe(wake)  # noqa: E731 - a callback made here for this loop
-        pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes))
+        pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes, first=first))
         try:
             await asyncio.wait_for(committed, WAIT_SECONDS)
         except TimeoutError as exc:
@@ -135,7 +155,7 @@ class GroupCommit:
         with self._wake:
             if self._closed:
                 raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
-            self._queue.append(pending)
+            (self._first if pending.first else self._queue).append(pending)
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_batches, name="keysteward-audit", daemon=True)
                 self._writer.start()
@@ -145,11 +165,14 @@ class GroupCommit:
     def _write_batches(self) -> None:
         while True:
             with self._wake:
-                while not self._queue and not self._closed:
+                while not self._queue and not self._first and not self._closed:
                     self._wake.wait()
-                if not self._queue:
+                if not self._queue and not self._first:
                     return
-                batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+                # renewals first, but at most half a batch of them: a flood of renewals never starves releases
+                batch, self._first = self._first[:FIRST_AT_MOST], self._first[FIRST_AT_MOST:]
+                rest = BATCH - len(batch)
+                batch, self._queue = batch + self._queue[:rest], self._queue[rest:]
             error: KeystewardError | None = None
             again: list[Pending] = []
             try:

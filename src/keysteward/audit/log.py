@@ -183,14 +183,15 @@ class AuditLog:
         _check_details(fields.get("details") or {})
         return await self._group.wait_async(tenant_id, fields, None)
 
-    def commit(self, tenant_id: str, effect: Effect, *, writes: bool = True) -> int:
+    def commit(self, tenant_id: str, effect: Effect, *, writes: bool = True, first: bool = False) -> int:
         """Run ``effect`` and append the record it returns in one group-committed transaction (``writes``
-        False: the effect only reads, and runs without a savepoint)."""
-        return self._group.wait(self._group.enqueue(Pending(tenant_id, {}, effect=effect, writes=writes)))
+        False: the effect only reads, and runs without a savepoint; ``first``: ahead of the others waiting)."""
+        pending = Pending(tenant_id, {}, effect=effect, writes=writes, first=first)
+        return self._group.wait(self._group.enqueue(pending))
 
-    async def commit_async(self, tenant_id: str, effect: Effect, *, writes: bool = True) -> int:
+    async def commit_async(self, tenant_id: str, effect: Effect, *, writes: bool = True, first: bool = False) -> int:
         """:meth:`commit` for the event loop."""
-        return await self._group.wait_async(tenant_id, {}, effect, writes=writes)
+        return await self._group.wait_async(tenant_id, {}, effect, writes=writes, first=first)
 
     def close(self) -> None:
         self._group.close()

@@ -12,9 +12,9 @@ import hashlib
 import hmac
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 
 from keysteward.errors import NotFound
 from keysteward.store.models import Lease
@@ -23,6 +23,30 @@ ACTIVE, SUPERSEDED, ENDED, EXPIRED, REVOKED, SHRED = "active", "superseded", "en
 INCOMING, CANCELLED = "incoming", "cancelled"
 """A live migration's destination holds an ``incoming`` lease (never live) until the switchover makes it
 ``active`` and ends the source's in one transaction; a migration that fails first ``cancelled`` it."""
+
+
+# Statements of the release and renewal paths, built once and given their values at execution: one built
+# per call with its values inlined is walked value by value for SQLAlchemy's cache key, which cost more
+# than SQLite running it (these run one after another on the audit writer thread).
+_LIVE = (
+    select(Lease.__table__)
+    .where(Lease.volume_id == bindparam("volume_id"), Lease.state == ACTIVE)
+    .order_by(Lease.expires_at.desc())
+)
+_SUPERSEDE = (
+    update(Lease)
+    .where(Lease.volume_id == bindparam("v"), Lease.holder == bindparam("h"), Lease.state == ACTIVE)
+    .values(state=SUPERSEDED, ended_at=bindparam("at"))
+)
+_INSERT = insert(cast(Table, Lease.__table__))
+_BY_ID = select(Lease.__table__).where(Lease.id == bindparam("lease"))
+# (an UPDATE's bound names must not be its table's column names: SQLAlchemy keeps those for SET)
+_EXTEND = (
+    update(Lease)
+    .where(Lease.id == bindparam("lease"))
+    .values(renewed_at=bindparam("at"), expires_at=bindparam("until"))
+)
+_SET_STATE = update(Lease).where(Lease.id == bindparam("lease")).values(state=bindparam("to"), ended_at=bindparam("at"))
 
 
 @dataclass(frozen=True)
@@ -51,11 +75,7 @@ def aware(value: datetime) -> datetime:
 
 
 def live_holder(conn: Connection, volume_id: str, now: datetime) -> LeaseInfo | None:
-    rows = conn.execute(
-        select(Lease.__table__)
-        .where(Lease.volume_id == volume_id, Lease.state == ACTIVE)
-        .order_by(Lease.expires_at.desc())
-    ).all()
+    rows = conn.execute(_LIVE, {"volume_id": volume_id}).all()
     for row in rows:
         if aware(row.expires_at) > now:
             return _info(row)
@@ -76,39 +96,36 @@ def grant(
     state: str = ACTIVE,
 ) -> LeaseInfo:
     """A new lease for ``holder``; its own earlier active leases on the volume become superseded."""
-    conn.execute(
-        update(Lease)
-        .where(Lease.volume_id == volume_id, Lease.holder == holder, Lease.state == ACTIVE)
-        .values(state=SUPERSEDED, ended_at=now)
-    )
+    conn.execute(_SUPERSEDE, {"v": volume_id, "h": holder, "at": now})
     expires = now + timedelta(seconds=seconds)
     conn.execute(
-        insert(Lease).values(
-            id=lease_id,
-            tenant_id=tenant_id,
-            volume_id=volume_id,
-            holder=holder,
-            token_hash=token_hash(token),
-            state=state,
-            created_at=now,
-            renewed_at=now,
-            expires_at=expires,
-            facts=facts,
-        )
+        _INSERT,
+        {
+            "id": lease_id,
+            "tenant_id": tenant_id,
+            "volume_id": volume_id,
+            "holder": holder,
+            "token_hash": token_hash(token),
+            "state": state,
+            "created_at": now,
+            "renewed_at": now,
+            "expires_at": expires,
+            "facts": facts,
+        },
     )
     return LeaseInfo(lease_id, volume_id, holder, state, now, now, expires)
 
 
 def load(conn: Connection, lease_id: str, token: bytes) -> Any:
     """The lease row if ``token`` is its renewal token; an unknown lease and a wrong token look the same."""
-    row = conn.execute(select(Lease.__table__).where(Lease.id == lease_id)).first()
+    row = conn.execute(_BY_ID, {"lease": lease_id}).first()
     if row is None or not hmac.compare_digest(row.token_hash, token_hash(token)):
         raise NotFound("no such lease, or not this token", code="lease_not_found")
     return row
 
 
 def set_state(conn: Connection, lease_id: str, state: str, now: datetime) -> None:
-    conn.execute(update(Lease).where(Lease.id == lease_id).values(state=state, ended_at=now))
+    conn.execute(_SET_STATE, {"lease": lease_id, "to": state, "at": now})
 
 
 def switch_over(conn: Connection, incoming_id: str, source_id: str, now: datetime, seconds: int) -> bool:
@@ -136,7 +153,7 @@ def cancel_incoming(conn: Connection, lease_id: str, now: datetime) -> bool:
 
 def extend(conn: Connection, lease_id: str, now: datetime, seconds: int) -> datetime:
     expires = now + timedelta(seconds=seconds)
-    conn.execute(update(Lease).where(Lease.id == lease_id).values(renewed_at=now, expires_at=expires))
+    conn.execute(_EXTEND, {"lease": lease_id, "at": now, "until": expires})
     return expires
 
 

@@ -17,8 +17,9 @@ import struct
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Any, cast
 
-from sqlalchemy import Connection, delete
+from sqlalchemy import Connection, Table, bindparam, delete
 from sqlalchemy.dialects import postgresql, sqlite
 
 from keysteward.crypto.secret import wipe_bytearray
@@ -31,6 +32,17 @@ NONCE_SIZE = 41
 _HEAD = struct.Struct(">BQ")
 _TAG = 16
 _LABEL = b"release-nonce/v1"
+
+
+def _spend_statement(dialect: Any) -> Any:
+    """INSERT .. ON CONFLICT DO NOTHING RETURNING digest, built once per dialect with its values bound at
+    execution (one with inlined values is walked for SQLAlchemy's cache key on every release)."""
+    table = cast(Table, UsedNonce.__table__)
+    stmt = dialect.insert(table).values(digest=bindparam("digest"), expires_at=bindparam("expires_at"))
+    return stmt.on_conflict_do_nothing().returning(table.c.digest)
+
+
+_SPEND = {"postgresql": _spend_statement(postgresql), "sqlite": _spend_statement(sqlite)}
 
 
 def decode(text: str) -> bytes:
@@ -90,9 +102,8 @@ class Nonces:
     def spend(conn: Connection, raw: bytes, expires_at: datetime) -> None:
         """Record the nonce as used inside the caller's transaction; a second spend is ``nonce_replayed``."""
         digest = hashlib.sha256(raw).hexdigest()
-        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(UsedNonce).values(digest=digest, expires_at=expires_at).on_conflict_do_nothing()
-        if conn.execute(stmt.returning(UsedNonce.digest)).first() is None:  # spent before, here or elsewhere
+        stmt = _SPEND["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
+        if conn.execute(stmt, {"digest": digest, "expires_at": expires_at}).first() is None:  # spent before
             raise Denied("this nonce was already used; evidence is single-use", code="nonce_replayed")
 
     @staticmethod

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.attest.providers import ProviderTrust
@@ -142,16 +142,7 @@ class Registry:
         return volume_info(_Row(row), spec.key, version), dek_id
 
     def _select(self) -> Any:
-        return (
-            select(
-                Volume.__table__,
-                Key.name.label("key_name"),
-                DataKey.kek_version.label("key_version"),
-                DataKey.wrapped.label("wrapped"),
-            )
-            .join(Key, Key.id == Volume.key_id)
-            .join(DataKey, DataKey.id == Volume.dek_id)
-        )
+        return _select_volumes()
 
     def get(self, tenant_id: str, volume_id: str, conn: Connection | None = None) -> VolumeInfo:
         return self._get(tenant_id, volume_id, conn)[0]
@@ -161,12 +152,12 @@ class Registry:
             uuid.UUID(volume_id)
         except (ValueError, TypeError, AttributeError):
             raise NotFound("no such volume", code="volume_not_found") from None
-        stmt = self._select().where(Volume.tenant_id == tenant_id, Volume.id == volume_id)
+        values = {"t": tenant_id, "v": volume_id}
         if conn is None:
             with self.db.read() as c:
-                row = c.execute(stmt).first()
+                row = c.execute(_VOLUME_BY_ID, values).first()
         else:
-            row = conn.execute(stmt).first()
+            row = conn.execute(_VOLUME_BY_ID, values).first()
         if row is None:
             raise NotFound("no such volume", code="volume_not_found")
         return volume_info(row), row
@@ -307,12 +298,29 @@ class Registry:
     @staticmethod
     def instance_revocation(conn: Connection, tenant_id: str, holder: str) -> bool | None:
         """None if the instance is not revoked, else whether its volumes are to be shredded."""
-        row = conn.execute(
-            select(RevokedInstance.shred).where(
-                RevokedInstance.tenant_id == tenant_id, RevokedInstance.holder == holder
-            )
-        ).first()
+        row = conn.execute(_REVOCATION, {"t": tenant_id, "h": holder}).first()
         return None if row is None else bool(row.shred)
+
+
+def _select_volumes() -> Any:
+    return (
+        select(
+            Volume.__table__,
+            Key.name.label("key_name"),
+            DataKey.kek_version.label("key_version"),
+            DataKey.wrapped.label("wrapped"),
+        )
+        .join(Key, Key.id == Volume.key_id)
+        .join(DataKey, DataKey.id == Volume.dek_id)
+    )
+
+
+_VOLUME_BY_ID = _select_volumes().where(Volume.tenant_id == bindparam("t"), Volume.id == bindparam("v"))
+"""A release's volume read (each volume of a boot storm is read once): built once, values bound at execution."""
+_REVOCATION = select(RevokedInstance.shred).where(
+    RevokedInstance.tenant_id == bindparam("t"), RevokedInstance.holder == bindparam("h")
+)
+"""Built once, values bound at execution: every release and renewal reads it on the audit writer thread."""
 
 
 class _Row:

@@ -1,0 +1,78 @@
+"""Two server processes on one PostgreSQL: what one server's warm release path must never outrun.
+
+A release decided from what a server has cached (the volume, the tenant's providers, the warm key) is
+re-checked in the transaction that spends the nonce and writes the audit record. These attacks warm
+server A with releases, then change the state on server B, and ask A at once (no wait for any cache to
+expire): a volume revoked on B, an instance revoked on B, a lease granted on B (a clone asking A).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from keysteward.devcloud.provider import DevCloud
+from tests.e2e.test_release_attacks import ProcessManager
+from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
+from tests.integration.test_release_api import World, denied
+
+pytestmark = pytest.mark.e2e
+ACCOUNT = "111122223333"
+
+
+def two_servers(
+    tmp_path: Path, pg_url: str, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> tuple[World, World]:
+    """The same tenant seen through server A and through server B (its own port, the same database)."""
+    out = init_manager(tmp_path / "a", secret_registry, db_url=pg_url)
+    a = server_factory(tmp_path / "a")
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    text = (tmp_path / "a" / "keysteward.toml").read_text()
+    port_a = str(a.settings.server.listen_port)
+    (b_dir / "keysteward.toml").write_text(text.replace(f"listen_port = {port_a}", f"listen_port = {free_port()}"))
+    b = server_factory(b_dir)
+    on_a = World(ProcessManager(a, out.root_token.secret, secret_registry), DevCloud.init(tmp_path / "devcloud"))  # type: ignore[arg-type]
+    on_b = copy.copy(on_a)
+    on_b.m = ProcessManager(b, out.root_token.secret, secret_registry)  # type: ignore[assignment]
+    return on_a, on_b
+
+
+def test_a_warm_server_never_outruns_another_servers_revocation(
+    tmp_path: Path, pg_url: str, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    on_a, on_b = two_servers(tmp_path, pg_url, server_factory, secret_registry)
+    cloud = on_a.cloud
+    vm1, vm2, vm3 = (cloud.create(account=ACCOUNT, image_id="img-1") for _ in range(3))
+    vol1, secret1 = on_a.volume("v1", {"provider": "devcloud", "account": ACCOUNT})
+    vol2, _ = on_a.volume("v2", {"provider": "devcloud", "account": ACCOUNT})
+    vol3, _ = on_a.volume("v3", {"provider": "devcloud", "account": ACCOUNT})
+    for _ in range(3):  # A now has the volumes, the providers and the key cached: its releases are warm
+        got, lease1, token1 = on_a.released(vm1, vol1)
+        assert got == secret1
+        on_a.released(vm2, vol2)
+        on_a.released(vm3, vol3)
+
+    # a volume revoked on B: A's next release of it, at once, is denied and audited
+    assert on_b.call("POST", f"/v1/volumes/{vol1}/revoke", json={"shred": False, "reason": "t"}).status_code == 200
+    r, _ = on_a.release(vm1, vol1)
+    denied(r, "volume_revoked")
+    assert on_a.renew(lease1, token1).json()["action"] == "revoked"
+
+    # an instance revoked on B: A denies it at once
+    revoke = {"provider": "devcloud", "account": ACCOUNT, "instance_id": vm2.id, "reason": "t"}
+    assert on_b.call("POST", "/v1/instances/revoke", json=revoke).status_code in (200, 204)
+    r, _ = on_a.release(vm2, vol2)
+    denied(r, "instance_revoked")
+
+    # a lease granted on B is seen by A at once: a clone of vm3 asking A is a suspected clone
+    on_b.released(vm3, vol3)
+    r, _ = on_a.release(cloud.clone(vm3.id), vol3)
+    denied(r, "suspected_clone")
+
+    reasons = [(rec.get("outcome"), rec.get("reason")) for rec in on_b.audit() if rec["action"] == "volume.release"]
+    for reason in ("volume_revoked", "instance_revoked", "suspected_clone"):
+        assert ("denied", reason) in reasons

@@ -1,0 +1,85 @@
+"""The audit writer: a record marked ``first`` (a lease's renewal) goes into the next batch ahead of every
+other that waits (a boot storm's releases), and the others keep their order; an effect that is refused
+or fails in the database is undone by its savepoint while the rest of its batch commits."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection
+
+from keysteward.audit.group_commit import BATCH, FIRST_AT_MOST, GroupCommit, Pending
+from keysteward.errors import Denied, Unavailable
+from keysteward.store.db import Database
+
+
+def test_first_records_go_ahead_of_those_waiting(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/order.db")
+    appended: list[list[Any]] = []
+
+    def append(conn: Connection, records: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        appended.append([fields["n"] for _, fields in records])
+        return list(range(len(records)))
+
+    group = GroupCommit(db, append, check=lambda details: None)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(conn: Connection) -> dict[str, Any]:
+        holding.set()
+        assert release.wait(10)
+        return {"n": "held"}
+
+    try:
+        blocker = group.enqueue(Pending("t", {}, effect=hold))
+        assert holding.wait(10)  # the writer is inside the first batch: the rest wait in the queue
+        waiting = [group.enqueue(Pending("t", {"n": k})) for k in range(BATCH + 3)]
+        renewals = [group.enqueue(Pending("t", {"n": f"renew{k}"}, first=True)) for k in range(FIRST_AT_MOST + 2)]
+        release.set()
+        for pending in [blocker, *waiting, *renewals]:
+            group.wait(pending)
+    finally:
+        group.close()
+        db.dispose()
+    names = [f"renew{k}" for k in range(FIRST_AT_MOST + 2)]
+    assert appended[0] == ["held"]
+    # ahead of the BATCH + 3 that waited before them, but at most half a batch: the others are not starved
+    assert appended[1][:FIRST_AT_MOST] == names[:FIRST_AT_MOST]
+    assert appended[1][FIRST_AT_MOST:] == list(range(BATCH - FIRST_AT_MOST))
+    assert appended[2][:2] == names[FIRST_AT_MOST:]
+    assert appended[1][FIRST_AT_MOST:] + appended[2][2:] == list(range(BATCH + 3))  # in their order, none lost
+
+
+def test_a_refused_or_failed_effect_is_undone_and_the_batch_goes_on(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/undo.db")
+    with db.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x TEXT PRIMARY KEY)")
+    group = GroupCommit(db, lambda conn, records: list(range(len(records))), check=lambda details: None)
+
+    def writes(value: str, then: Exception | None = None) -> Any:
+        def effect(conn: Connection) -> dict[str, Any]:
+            conn.exec_driver_sql("INSERT INTO t (x) VALUES (?)", (value,))
+            if then is not None:
+                raise then
+            return {"n": value}
+
+        return effect
+
+    try:
+        kept = group.enqueue(Pending("t", {}, effect=writes("kept")))
+        refused = group.enqueue(Pending("t", {}, effect=writes("refused", Denied("no", code="no"))))
+        clash = group.enqueue(Pending("t", {}, effect=writes("kept")))  # the primary key clashes: a database error
+        after = group.enqueue(Pending("t", {}, effect=writes("after")))
+        group.wait(kept)
+        with pytest.raises(Denied):
+            group.wait(refused)
+        with pytest.raises(Unavailable):
+            group.wait(clash)
+        group.wait(after)
+    finally:
+        group.close()
+    with db.read() as conn:
+        assert sorted(r[0] for r in conn.exec_driver_sql("SELECT x FROM t").all()) == ["after", "kept"]
+    db.dispose()
