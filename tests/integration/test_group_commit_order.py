@@ -1,6 +1,6 @@
 """The audit writer: a record marked ``first`` (a lease's renewal) goes into the next batch ahead of every
-other that waits (a boot storm's releases), and the others keep their order; an effect that is refused
-or fails in the database is undone by its savepoint while the rest of its batch commits."""
+other that waits (a boot storm's releases), and the others keep their order. (An effect undone by its
+savepoint while the rest of its batch commits: tests/integration/test_audit_effect_savepoints.py.)"""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import Connection
 
 from keysteward.audit.group_commit import BATCH, FIRST_AT_MOST, GroupCommit, Pending
-from keysteward.errors import Denied, Unavailable
 from keysteward.store.db import Database
 
 
@@ -50,36 +48,3 @@ def test_first_records_go_ahead_of_those_waiting(tmp_path: Path) -> None:
     assert appended[1][FIRST_AT_MOST:] == list(range(BATCH - FIRST_AT_MOST))
     assert appended[2][:2] == names[FIRST_AT_MOST:]
     assert appended[1][FIRST_AT_MOST:] + appended[2][2:] == list(range(BATCH + 3))  # in their order, none lost
-
-
-def test_a_refused_or_failed_effect_is_undone_and_the_batch_goes_on(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path}/undo.db")
-    with db.write() as conn:
-        conn.exec_driver_sql("CREATE TABLE t (x TEXT PRIMARY KEY)")
-    group = GroupCommit(db, lambda conn, records: list(range(len(records))), check=lambda details: None)
-
-    def writes(value: str, then: Exception | None = None) -> Any:
-        def effect(conn: Connection) -> dict[str, Any]:
-            conn.exec_driver_sql("INSERT INTO t (x) VALUES (?)", (value,))
-            if then is not None:
-                raise then
-            return {"n": value}
-
-        return effect
-
-    try:
-        kept = group.enqueue(Pending("t", {}, effect=writes("kept")))
-        refused = group.enqueue(Pending("t", {}, effect=writes("refused", Denied("no", code="no"))))
-        clash = group.enqueue(Pending("t", {}, effect=writes("kept")))  # the primary key clashes: a database error
-        after = group.enqueue(Pending("t", {}, effect=writes("after")))
-        group.wait(kept)
-        with pytest.raises(Denied):
-            group.wait(refused)
-        with pytest.raises(Unavailable):
-            group.wait(clash)
-        group.wait(after)
-    finally:
-        group.close()
-    with db.read() as conn:
-        assert sorted(r[0] for r in conn.exec_driver_sql("SELECT x FROM t").all()) == ["after", "kept"]
-    db.dispose()

@@ -53,21 +53,6 @@ def _failure_code(exc: Exception) -> str:
     return "database_unavailable" if database else "audit_unavailable"
 
 
-@contextmanager
-def _savepoint(conn: Connection) -> Iterator[None]:
-    """One effect's savepoint, undone when it raises. Written as SQL: SQLAlchemy's ``begin_nested`` costs about
-    ten times the two statements in bookkeeping, once per effect on the writer's critical path. (An effect's
-    own ``begin_nested`` nests inside it as usual.)"""
-    conn.exec_driver_sql("SAVEPOINT ks_effect")
-    try:
-        yield
-    except BaseException:
-        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ks_effect")
-        conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
-        raise
-    conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
-
-
 Effect = Callable[[Connection], dict[str, Any]]
 """A change committed together with its audit record: it runs in the batch's transaction (under a
 savepoint) and returns the record's fields (or ``{}``: a routine change that needs no record). Raising a
