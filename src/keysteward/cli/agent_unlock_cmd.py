@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any
 
-from keysteward.cli.volume_args import HelpRequested, Opt, UsageError, Verb, parse_verb, print_error
+from keysteward.cli.volume_args import Opt, UsageError, Verb, exit_status, parse_verb
 from keysteward.errors import KeystewardError
 
 PROG = "keysteward agent"
@@ -128,25 +128,8 @@ VERB = Verb(
 
 def main(args: list[str]) -> int:
     """Run ``keysteward agent unlock ARGS``: every outcome an exit status, every failure one line on stderr."""
-    try:
-        return VERB.run(parse_verb(PROG, VERB, args)) or 0
-    except HelpRequested as exc:
-        sys.stdout.write(exc.text)
-        return exc.status
-    except UsageError as exc:
-        print_error(f"{exc.message} (see {exc.where} --help)")
-        return 2
-    except KeystewardError as exc:
-        print_error(f"{exc.message} ({exc.code})")
-        return 1
-    except OSError as exc:
-        print_error(f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": "))
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # a bug: still one line (never a traceback), the details for a debug log
-        import logging
+    return exit_status("agent unlock", lambda: VERB.run(parse_verb(PROG, VERB, args)), _os_error)
 
-        logging.getLogger(__name__).debug("unexpected error in keysteward agent unlock", exc_info=True)
-        print_error(f"unexpected {type(exc).__name__} (internal_error)")
-        return 1
+
+def _os_error(exc: OSError) -> str:
+    return f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".rstrip(": ")

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from keysteward.errors import KeystewardError
+
 WIDTH = 80
 INT_ERROR = "Input should be a valid integer, unable to parse string as an integer"
 
@@ -259,3 +261,33 @@ def print_error(message: str) -> None:
     prefix = "\x1b[31merror:\x1b[0m" if colour else "error:"
     sys.stderr.write(f"{prefix} {message}\n")
     sys.stderr.flush()
+
+
+def exit_status(name: str, run: Callable[[], int | None], os_error: Callable[[OSError], str]) -> int:
+    """Run a parsed command ``keysteward NAME``: every outcome an exit status, every failure one line on stderr
+    (``os_error`` words a file or system error), never a traceback."""
+    try:
+        return run() or 0
+    except HelpRequested as exc:
+        sys.stdout.write(exc.text)
+        return exc.status
+    except UsageError as exc:
+        print_error(f"{exc.message} (see {exc.where} --help)")
+        return 2
+    except KeystewardError as exc:
+        print_error(f"{exc.message} ({exc.code})")
+        return 1
+    except OSError as exc:
+        print_error(os_error(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except EOFError:
+        print_error("aborted")
+        return 1
+    except Exception as exc:  # a bug: still one line (its text may hold anything), the details in a debug log
+        import logging
+
+        logging.getLogger(__name__).debug("unexpected error in keysteward %s", name, exc_info=True)
+        print_error(f"unexpected {type(exc).__name__} (internal_error)")
+        return 1

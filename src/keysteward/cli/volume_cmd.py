@@ -23,9 +23,8 @@ from typing import Any
 
 from keysteward.cli import volume_kms
 from keysteward.cli.data_dir import server_defaults
-from keysteward.cli.volume_args import HelpRequested, Opt, UsageError, Verb, parse_group, print_error
+from keysteward.cli.volume_args import Opt, Verb, exit_status, parse_group
 from keysteward.cli.volume_files import fd_sink, open_input, open_output
-from keysteward.errors import KeystewardError
 from keysteward.volume.errors import io_error, option_error
 
 PROG = "keysteward volume"
@@ -337,31 +336,9 @@ def _run(args: list[str]) -> None:
 
 def main(args: list[str]) -> int:
     """Run ``keysteward volume ARGS``; every outcome is an exit status, every failure one line on stderr."""
-    try:
-        _run(args)
-    except HelpRequested as exc:
-        sys.stdout.write(exc.text)
-        return exc.status
-    except UsageError as exc:
-        print_error(f"{exc.message} (see {exc.where} --help)")
-        return 2
-    except KeystewardError as exc:
-        print_error(f"{exc.message} ({exc.code})")
-        return 1
-    except OSError as exc:
-        where = getattr(exc, "filename", None) or "a file"
-        error = io_error(exc, "use", where)
-        print_error(f"{error.message} ({error.code})")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except EOFError:
-        print_error("aborted")
-        return 1
-    except Exception as exc:  # a bug: still one line, and the details for a debug log
-        import logging
+    return exit_status("volume", lambda: _run(args), _os_error)
 
-        logging.getLogger(__name__).debug("unexpected error in keysteward volume", exc_info=True)
-        print_error(f"unexpected {type(exc).__name__}: {exc} (internal_error)")
-        return 1
-    return 0
+
+def _os_error(exc: OSError) -> str:
+    error = io_error(exc, "use", getattr(exc, "filename", None) or "a file")
+    return f"{error.message} ({error.code})"
