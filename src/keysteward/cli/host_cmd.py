@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -43,10 +43,8 @@ def check(config: Config, as_json: JsonFlag = False) -> None:
     emit(data, as_json, lambda d: fields(d))
 
 
-@app.command("enroll-tpm")
-def enroll_tpm(config: Config, as_json: JsonFlag = False) -> None:
-    """Enroll this host's (or KMIP hypervisor's) TPM attestation key; its certificate is its identity."""
-    from keysteward.agent.tpm_enroll import enroll
+def _tpm_machine(config: str) -> tuple[Any, str, Any]:
+    """This machine's host configuration (it must name a TPM), its tenant and the options to reach the manager."""
     from keysteward.agent.unlock import UnlockOptions
     from keysteward.errors import KeystewardError
     from keysteward.host.config import load_config
@@ -57,6 +55,15 @@ def enroll_tpm(config: Config, as_json: JsonFlag = False) -> None:
     tenant = _machine_tenant(settings.kms.cert_file)
     options = UnlockOptions(identity="host", client_cert=(settings.kms.cert_file, settings.kms.key_file),
                             ca_file=settings.kms.ca_file, timeout=settings.kms.timeout)  # fmt: skip
+    return settings, tenant, options
+
+
+@app.command("enroll-tpm")
+def enroll_tpm(config: Config, as_json: JsonFlag = False) -> None:
+    """Enroll this host's (or KMIP hypervisor's) TPM attestation key; its certificate is its identity."""
+    from keysteward.agent.tpm_enroll import enroll
+
+    settings, tenant, options = _tpm_machine(config)
     holder = enroll(settings.url, tenant, settings.tpm, options)
     emit({"holder": holder}, as_json, lambda d: console.print(f"TPM attestation key enrolled for {d['holder']}"))
 
@@ -68,16 +75,9 @@ def report_tpm(config: Config, as_json: JsonFlag = False) -> None:
     The key manager verifies it with the enrolled AK and keeps it as ``context.platform`` of this machine's KMIP
     operations for ``[kmip] platform_max_age`` seconds (docs/kmip.md): run it at boot and periodically."""
     from keysteward.agent.tpm_enroll import report_quote
-    from keysteward.agent.unlock import UnlockOptions, parse_pcrs
-    from keysteward.errors import KeystewardError
-    from keysteward.host.config import load_config
+    from keysteward.agent.unlock import parse_pcrs
 
-    settings = load_config(config)
-    if settings.tpm is None:
-        raise KeystewardError(f"{config} names no TPM ([tpm] tcti)", code="host_config")
-    tenant = _machine_tenant(settings.kms.cert_file)
-    options = UnlockOptions(identity="host", client_cert=(settings.kms.cert_file, settings.kms.key_file),
-                            ca_file=settings.kms.ca_file, timeout=settings.kms.timeout)  # fmt: skip
+    settings, tenant, options = _tpm_machine(config)
     done = report_quote(settings.url, tenant, settings.tpm, parse_pcrs(settings.tpm_pcrs), options)
     emit(done, as_json, lambda d: fields(d, ["holder", "platform"]))
 
