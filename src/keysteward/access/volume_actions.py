@@ -36,7 +36,7 @@ from keysteward.audit.refusals import escaped
 from keysteward.crypto import hpke
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
-from keysteward.formats.release_wire import PROTOCOL, TOKEN_SIZE, pack_secret, seal_info
+from keysteward.formats.release_wire import TOKEN_SIZE, pack_secret, seal_info
 from keysteward.keys.keystore import KeyStore
 from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision
@@ -374,20 +374,6 @@ class VolumeRelease(ActionHandler):
             volume.renew_seconds,
             volume.grace_seconds,
         )
-
-
-@dataclass(frozen=True)
-class Challenge:
-    protocol: str
-    nonce: str
-    expires_at: datetime
-    suites: tuple[str, ...]
-
-
-def challenge(nonces: Nonces) -> Challenge:
-    """A fresh nonce for a release, with the protocol and the HPKE suites a one-time key may use."""
-    nonce, expires_at = nonces.issue()
-    return Challenge(PROTOCOL, nonce, expires_at, tuple(hpke.SUITES))
 
 
 def register(

@@ -14,7 +14,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
-from keysteward.access import volume_actions
+from keysteward.access import challenge as challenges
 from keysteward.access.lease_actions import LeaseInputs, RenewAnswer, lease_tenant
 from keysteward.access.request import AccessRequest, Delivery, Resource
 from keysteward.access.resources import ReleaseInputs
@@ -39,7 +39,7 @@ LeaseId = Annotated[str, Path(max_length=64)]
 
 @router.post("/release/challenge")
 async def challenge(request: Request) -> ChallengeOut:
-    issued = volume_actions.challenge(services(request).nonces)
+    issued = challenges.challenge(services(request).nonces)
     return ChallengeOut(
         protocol=issued.protocol, nonce=issued.nonce, expires_at=issued.expires_at, suites=list(issued.suites)
     )
