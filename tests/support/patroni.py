@@ -105,6 +105,16 @@ class Node:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}{path}", timeout=timeout) as r:
             return json.loads(r.read() or b"null")
 
+    def post(self, path: str, body: dict[str, Any], timeout: float = 10.0) -> int:
+        """POST to this node's Patroni REST API (``/reinitialize``...); the HTTP status."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310 - http://127.0.0.1 only
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
 
 @dataclass
 class HaCluster:
