@@ -18,6 +18,7 @@ import threading
 from typing import Protocol
 
 from keysteward.errors import Unavailable
+from keysteward.formats import nbd
 from keysteward.volume.errors import VolumeRequestError
 from keysteward.volume.luks_volume import LuksVolume, Passphrase
 
@@ -244,3 +245,12 @@ class LuksExport:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("ro" if self.read_only else "rw")
         return f"<LuksExport {self.name!r} {self.size} bytes {state}>"
+
+
+def transmission_flags(export: Export) -> int:
+    """The NBD transmission flags an export is announced with."""
+    flags = nbd.TF_HAS_FLAGS | nbd.TF_SEND_FLUSH | nbd.TF_CAN_MULTI_CONN
+    if export.read_only:
+        return flags | nbd.TF_READ_ONLY
+    # Every connection writes through the same volume and one flush syncs the whole file: multi-conn is safe.
+    return flags | nbd.TF_SEND_FUA | nbd.TF_SEND_TRIM | nbd.TF_SEND_WRITE_ZEROES

@@ -7,13 +7,14 @@ module :mod:`keysteward.proxy.transmission`). Bytes come in and go out through
 :class:`~keysteward.proxy.wire.Wire`, the connection's transport.
 
 With ``tls`` set TLS is mandatory: before STARTTLS every option but STARTTLS and ABORT is refused with
-NBD_REP_ERR_TLS_REQD. The context must require a client certificate (``CERT_REQUIRED``), and ``clients``
-says, per export, which certificate names may see and open it (:func:`peer_names`: the subject common name,
-DNS and URI subject alternative names). ``NBD_OPT_LIST`` lists only those exports; ``NBD_OPT_INFO`` and
-``NBD_OPT_GO`` for any other answer NBD_REP_ERR_UNKNOWN exactly as for a name that does not exist (so a
-client cannot learn other exports' names), ``NBD_OPT_EXPORT_NAME`` drops the connection; each refusal is
-logged (peer address, certificate names, export) and passed to ``on_refused``. Without TLS (plaintext,
-allowed on loopback only by the config) there is no identity and every export is open to every client.
+NBD_REP_ERR_TLS_REQD. The context must require a client certificate (``CERT_REQUIRED``), and ``clients`` says,
+per export, which certificate names may see and open it (:func:`keysteward.proxy.peers.peer_names`: the
+subject common name, DNS and URI subject alternative names). ``NBD_OPT_LIST`` lists only those exports;
+``NBD_OPT_INFO`` and ``NBD_OPT_GO`` for any other answer NBD_REP_ERR_UNKNOWN exactly as for a name that does
+not exist (so a client cannot learn other exports' names), ``NBD_OPT_EXPORT_NAME`` drops the connection; each
+refusal is logged (peer address, certificate names, export) and passed to ``on_refused``. Without TLS
+(plaintext, allowed on loopback only by the config) there is no identity and every export is open to every
+client.
 
 A client that breaks the protocol (bad magic, unknown flags, over-long option, a write longer than the
 export's maximum, a handshake that stalls) loses its connection; every other client goes on. Bad
@@ -34,7 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from keysteward.errors import BadRequest
 from keysteward.formats import nbd
-from keysteward.proxy.export import Export
+from keysteward.proxy.export import Export, transmission_flags
+from keysteward.proxy.peers import peer_names
 from keysteward.proxy.revocations import Revocations, cert_ref
 from keysteward.proxy.transmission import Connection, Transmission
 from keysteward.proxy.wire import Closed, Wire
@@ -52,32 +54,6 @@ ClientPolicy = Callable[[str], Collection[str]]
 RefusalHook = Callable[[str, str], None]
 """(export name, or "" for a name that is not served; reason) of a refused open."""
 NAME_LOG_MAX = 80
-
-
-def peer_names(cert: Mapping[str, object] | None) -> frozenset[str]:
-    """The names a verified peer certificate (``SSLObject.getpeercert()``) carries: subject common names,
-    DNS names and URIs of its subject alternative names. Empty for no certificate."""
-    if not cert:
-        return frozenset()
-    names: set[str] = set()
-    subject = cert.get("subject", ())
-    for rdn in subject if isinstance(subject, tuple) else ():
-        for attribute in rdn if isinstance(rdn, tuple) else ():
-            if isinstance(attribute, tuple) and len(attribute) == 2 and attribute[0] == "commonName":
-                names.add(str(attribute[1]))
-    alt = cert.get("subjectAltName", ())
-    for entry in alt if isinstance(alt, tuple) else ():
-        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in ("DNS", "URI"):
-            names.add(str(entry[1]))
-    return frozenset(names)
-
-
-def _flags(export: Export) -> int:
-    flags = nbd.TF_HAS_FLAGS | nbd.TF_SEND_FLUSH | nbd.TF_CAN_MULTI_CONN
-    if export.read_only:
-        return flags | nbd.TF_READ_ONLY
-    # Every connection writes through the same volume and one flush syncs the whole file: multi-conn is safe.
-    return flags | nbd.TF_SEND_FUA | nbd.TF_SEND_TRIM | nbd.TF_SEND_WRITE_ZEROES
 
 
 class NbdServer:
@@ -244,7 +220,8 @@ class NbdServer:
                 export = self._open(conn, nbd.decode_export_name(data))
                 if export is None:
                     raise nbd.NbdProtocolError("NBD_OPT_EXPORT_NAME names no export", code="nbd_unknown_export")
-                wire.write(nbd.encode_export_name_reply(export.size, _flags(export), no_zeroes=conn.no_zeroes))
+                flags = transmission_flags(export)
+                wire.write(nbd.encode_export_name_reply(export.size, flags, no_zeroes=conn.no_zeroes))
                 await wire.drain()
                 return self._chosen(conn, export)
             if opt in (nbd.OPT_INFO, nbd.OPT_GO):
@@ -304,7 +281,7 @@ class NbdServer:
         if export is None:  # not served, or not to this client: the same answer
             await self._reply_option(conn, opt, nbd.REP_ERR_UNKNOWN, b"no such export")
             return None
-        infos = [nbd.encode_info_export(export.size, _flags(export))]
+        infos = [nbd.encode_info_export(export.size, transmission_flags(export))]
         if nbd.INFO_NAME in request.info_types:
             infos.append(nbd.encode_info_name(export.name))
         if nbd.INFO_DESCRIPTION in request.info_types and export.description:
