@@ -97,8 +97,8 @@ def _answer(handler: BaseHTTPRequestHandler, body: bytes, *, close: bool = False
     handler.end_headers()
     handler.wfile.write(body)
     handler.wfile.flush()
-    if close:  # drops the kept-alive connection without saying so (as an idle timeout does), before the
-        handler.connection.shutdown(socket.SHUT_RDWR)  # client reads the answer: no race with its next request
+    if close:  # drops the kept-alive connection without saying so (as an idle timeout does); the client's
+        handler.connection.shutdown(socket.SHUT_RDWR)  # next request may leave before the FIN arrives
         handler.close_connection = True
 
 
@@ -116,6 +116,29 @@ def test_an_idle_connection_the_server_dropped_is_made_again(http_server: Callab
         for _ in range(3):
             assert client.challenge().nonce == "AAAA"
     assert len(set(seen)) == 3  # a new connection each time, no failed request
+
+
+def test_a_request_that_meets_the_drop_on_a_kept_connection_is_asked_once_more(
+    http_server: Callable[[Handler], str],
+) -> None:
+    """The race the idle check cannot see: the server drops a kept-alive connection just as the client sends
+    on it. Played without timing: the server answers each connection's first request and hangs up on its
+    second without a byte. The client asks again on a new connection, once; a new connection that is
+    dropped too is LOST (above)."""
+    answered: dict[int, int] = {}
+
+    def first_only(h: BaseHTTPRequestHandler) -> None:
+        port = h.client_address[1]
+        if port in answered:
+            h.close_connection = True  # read the request, answer nothing
+            return
+        answered[port] = 1
+        _answer(h, CHALLENGE)
+
+    with AgentClient(http_server(first_only), one_shot=True, timeout=5) as client:
+        for _ in range(3):
+            assert client.challenge().nonce == "AAAA"
+    assert len(answered) == 3  # each challenge after the first met a drop and was answered on a new connection
 
 
 def test_no_answer_is_lost_and_a_big_answer_is_refused(http_server: Callable[[Handler], str]) -> None:

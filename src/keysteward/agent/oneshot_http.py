@@ -25,6 +25,9 @@ from urllib.parse import urlencode, urlsplit
 
 from keysteward.api_errors import transport_error
 
+_DROPPED_IDLE: Final = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+"""What a request on a connection the server closed meanwhile fails with, before any byte of an answer."""
+
 PROXY_VARIABLES: Final = ("https_proxy", "http_proxy", "all_proxy")
 """httpx honours these (any case); a one-shot client does not, so it is not used when one is set."""
 
@@ -71,21 +74,42 @@ class OneShotHttp:
         if body is not None:
             payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
             headers["content-type"] = "application/json"
+        kept = self._conn
         conn = self._connect()
         try:
-            if conn.sock is not None:
-                conn.sock.settimeout(self.timeout + extra_time)
-            conn.request(method, target, body=payload, headers=headers)
-            response = conn.getresponse()
-            content = response.read(limit + 1)
-            if not response.isclosed():  # an answer over the limit: the rest is not read, the connection dropped
-                self.close()
-            elif response.will_close:
-                self.close()
-            return response.status, response.reason, content
+            return self._exchange(conn, method, target, payload, headers, extra_time, limit)
+        except _DROPPED_IDLE as exc:
+            self.close()
+            if conn is not kept:  # a new connection dropped: nothing to ask again
+                raise transport_error(exc, self.url, self._code, not_sent=False) from exc
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise transport_error(exc, self.url, self._code, not_sent=False) from exc
+        # A kept-alive connection the server closed while idle, its FIN still in flight when _connect looked:
+        # no byte of an answer came back. Asked once more on a new connection. The agent's requests bear it: a
+        # challenge is safe, a release spends its nonce once (a second one applied is refused), a lease end
+        # is idempotent.
+        conn = self._connect()
+        try:
+            return self._exchange(conn, method, target, payload, headers, extra_time, limit)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise transport_error(exc, self.url, self._code, not_sent=False) from exc
+
+    def _exchange(
+        self, conn: http.client.HTTPConnection, method: str, target: str, payload: bytes | None,
+        headers: dict[str, str], extra_time: float, limit: int,
+    ) -> tuple[int, str, bytes]:  # fmt: skip
+        if conn.sock is not None:
+            conn.sock.settimeout(self.timeout + extra_time)
+        conn.request(method, target, body=payload, headers=headers)
+        response = conn.getresponse()
+        content = response.read(limit + 1)
+        if not response.isclosed():  # an answer over the limit: the rest is not read, the connection dropped
+            self.close()
+        elif response.will_close:
+            self.close()
+        return response.status, response.reason, content
 
     def _connect(self) -> http.client.HTTPConnection:
         """The open connection, or a new one (a failure here is ``not_sent``: no request left)."""
