@@ -41,6 +41,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from keysteward.errors import BadRequest
+from keysteward.http_head_hold import HeadHold
 
 __all__ = ["LOG_INTERVAL", "Limits", "Listener", "http_limits", "source_of"]
 
@@ -250,7 +251,7 @@ class _LimitedHttp(HttpToolsProtocol):
         self._ks_refused = False
         self._ks_timer: asyncio.TimerHandle | None = None
         self._ks_timer_kind = ""
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, HeadHold(transport, self.loop)))  # one send per answer
         self._ks_arm("head")  # a connection that sends nothing is late with its head as well
 
     # -- timers ----------------------------------------------------------------------------------------
