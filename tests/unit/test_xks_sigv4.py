@@ -114,3 +114,21 @@ def test_signed_headers_must_cover_host_and_date() -> None:
     good = dict(_signed())
     auth = good["authorization"].replace("SignedHeaders=host;x-amz-date", "SignedHeaders=x-amz-date")
     assert "SignedHeaders" in _refused([(k, v if k != "authorization" else auth) for k, v in _signed()])
+
+
+def test_the_kept_signing_key_is_that_secrets_days_and_regions_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signing key is derived once per secret, day and region: a request verified with one secret is
+    refused when the store's secret for that key id has changed, and a request of another day verifies."""
+    import botocore.auth
+
+    headers = _signed()
+    _verify(headers)  # derives and keeps the key of SECRET, today, REGION
+    assert "signature does not match" in _refused(headers, secrets={AKID: SECRET + "-rotated"})
+    _verify(_signed(secret=SECRET + "-rotated"), secrets={AKID: SECRET + "-rotated"})
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: yesterday.replace(tzinfo=None))
+    old = _signed()
+    assert old != headers
+    _verify(old, now=yesterday)
+    assert "signature does not match" in _refused(old, now=yesterday, secrets={AKID: SECRET + "-rotated"})
+    assert len({key for key in sigv4._SIGNING_KEYS if key[0] == SECRET}) >= 2  # one per day

@@ -27,10 +27,14 @@ from keysteward.store.db import Database, for_update
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
 
 _SCALARS = (str, int, float, bool, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 def _check_details(details: Mapping[str, Any]) -> None:
     """Audit details are plain metadata: refuse bytes and anything else that could carry a secret."""
+    types = _SCALAR_TYPES  # the common case, exact built-in types, without an ABC check per value
+    if all(type(k) is str and type(v) in types for k, v in details.items()):
+        return
     for key, value in details.items():
         if isinstance(value, Mapping):  # one level of named scalars: labels, verified claims
             if not all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in value.items()):

@@ -66,10 +66,6 @@ def access_key_id(headers: Sequence[tuple[str, str]]) -> str | None:
     return match.group(1) if match else None
 
 
-def _header(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
-    return [value for key, value in headers if key == name]
-
-
 def request_time(amz_date: str) -> datetime:
     if not _DATE_RE.fullmatch(amz_date):
         raise _fail("x-amz-date is not YYYYMMDDTHHMMSSZ")
@@ -80,11 +76,36 @@ def request_time(amz_date: str) -> datetime:
         raise _fail("x-amz-date is not a date") from None
 
 
+_SIGNING_KEYS: dict[tuple[str, str, str], bytes] = {}
+_SIGNING_KEYS_MAX = 256
+
+
+def _signing_key(secret: str, date: str, region: str) -> bytes:
+    """SigV4's key for one secret, day and region (HMAC chain ``AWS4`` + secret, date, region, service,
+    ``aws4_request``), kept as the SDKs keep it: it changes once a day, and deriving it is four HMACs a
+    call. The cache is bounded; it is emptied when full."""
+    known = (secret, date, region)
+    key = _SIGNING_KEYS.get(known)
+    if key is None:
+        key = ("AWS4" + secret).encode()
+        for part in (date, region, SERVICE, "aws4_request"):
+            key = hmac.digest(key, part.encode(), "sha256")
+        if len(_SIGNING_KEYS) >= _SIGNING_KEYS_MAX:
+            _SIGNING_KEYS.clear()
+        _SIGNING_KEYS[known] = key
+    return key
+
+
 class _Signer(SigV4Auth):  # type: ignore[misc]
-    """botocore's SigV4 with the body's hash computed once, here (it hashes the body itself otherwise)."""
+    """botocore's SigV4 canonicalisation with the body's hash computed once, here (it hashes the body
+    itself otherwise), and the signing key of :func:`_signing_key`."""
 
     def payload(self, request: AWSRequest) -> str:
         return str(request.context["payload_sha256"])
+
+    def signature(self, string_to_sign: str, request: AWSRequest) -> str:
+        key = _signing_key(self.credentials.secret_key, request.context["timestamp"][0:8], self._region_name)
+        return hmac.digest(key, string_to_sign.encode(), "sha256").hex()
 
 
 def verify(
@@ -101,11 +122,14 @@ def verify(
     """Verify one request; ``headers`` are (lower-case name, value) pairs as received, ``path`` the raw
     request target. ``secret_of(access_key_id)`` gives the secret of an active credential of the store,
     or None. Returns the parsed Authorization, or raises AuthenticationFailedException."""
-    auths = _header(headers, "authorization")
+    by_name: dict[str, list[str]] = {}
+    for key, value in headers:
+        by_name.setdefault(key, []).append(value)
+    auths = by_name.get("authorization", [])
     if len(auths) > 1:
         raise _fail("more than one Authorization header")
     auth = parse_authorization(auths[0] if auths else None)
-    dates = _header(headers, "x-amz-date")
+    dates = by_name.get("x-amz-date", [])
     if len(dates) != 1:
         raise _fail("the request needs exactly one x-amz-date header")
     moment = request_time(dates[0])
@@ -123,7 +147,7 @@ def verify(
     if any(name in SIGNED_HEADERS_BLACKLIST for name in signed):
         raise _fail("SignedHeaders names a header SigV4 never signs")
     body_hash = hashlib.sha256(body).hexdigest()
-    for claimed in _header(headers, "x-amz-content-sha256"):
+    for claimed in by_name.get("x-amz-content-sha256", ()):
         if claimed != body_hash:
             raise _fail("x-amz-content-sha256 is not the hash of the body")
     secret = secret_of(auth.access_key_id)
@@ -131,7 +155,7 @@ def verify(
         raise _fail("the access key id is not an active credential of this store")
     request = AWSRequest(method=method, url="https://xks.invalid" + path, data=body)
     for name in signed:
-        values = _header(headers, name)
+        values = by_name.get(name)
         if not values:
             raise _fail(f"signed header '{name}' is missing")
         for value in values:
