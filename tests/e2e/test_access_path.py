@@ -120,6 +120,10 @@ def test_policy_forbids_decrypt_outside_a_network_range(site: tuple) -> None:
         r = c.post("/decrypt", json={"ciphertext": pair["ciphertext"]})  # from 127.0.0.1
         assert r.status_code == 403 and r.json()["code"] == "forbidden_by_policy", r.text
         assert "decrypt-only-from-10" in r.json()["detail"]
+        # a caller on the host claiming an address inside the range is still where its TCP peer is
+        spoofed = {"X-Forwarded-For": "10.9.9.9", "X-Real-IP": "10.9.9.9", "Forwarded": "for=10.9.9.9"}
+        r = c.post("/decrypt", json={"ciphertext": pair["ciphertext"]}, headers=spoofed)
+        assert r.status_code == 403 and r.json()["code"] == "forbidden_by_policy", r.text
         # encrypt is not what the rule forbids: the built-in role grant still holds beside it
         assert c.post("/keys/orders/encrypt", json={"plaintext": "aGk="}).status_code == 200
 

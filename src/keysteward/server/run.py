@@ -265,6 +265,7 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
             "access_log": False,
             "log_config": None,  # uvicorn's own lines go through the process's JSON handler
             "timeout_keep_alive": 30,
+            "proxy_headers": False,  # the source is the TCP peer: X-Forwarded-For would let a local caller pick it
         }
         host, port = settings.server.listen_host, settings.server.listen_port
         ctx: ssl.SSLContext | None = None

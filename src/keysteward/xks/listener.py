@@ -54,6 +54,7 @@ class XksListener:
             access_log=False,
             timeout_keep_alive=30,
             lifespan="off",
+            proxy_headers=False,  # the audited, policy-checked source is the TCP peer, never X-Forwarded-For
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="xks-listener", daemon=True)
