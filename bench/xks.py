@@ -10,14 +10,13 @@ connections, 2 threads) with
 * ``POST {prefix}/kms/xks/v1/keys/bench-key/encrypt``: 4 KiB plaintext, 1 KiB AAD, and
 * ``POST {prefix}/kms/xks/v1/keys/bench-key/decrypt`` of a ciphertext made beforehand (same AAD).
 
-Each request is signed by botocore's ``SigV4Auth`` (service ``kms-xks-proxy``) just before its wrk
-run, and wrk sends that signed request again and again: within the 5-minute skew window the server
-verifies every copy in full (botocore canonicalisation, HMAC chain, constant-time compare), exactly as
-it would a fresh signature, then decides it with the tenant's Cedar policy and writes its audit record.
-The store's quota is lifted for the run (``KEYSTEWARD_XKS_QUOTA_TPS``), so the figure is the capacity.
-Every copy carries the same ``kmsRequestId``, so after the first the call's Cedar facts and decision come
-from the caches; real KMS calls each carry a new id and cost the facts and a Cedar evaluation more
-(docs/xks.md, "Left open").
+Each call is signed by botocore's ``SigV4Auth`` (service ``kms-xks-proxy``) just before its wrk run:
+6,000 calls per operation, each with its own ``kmsRequestId`` (as KMS sends them), which the wrk threads
+send in turn (:data:`REQUESTS_LUA`). Within the 5-minute skew window the server verifies every call in
+full (botocore canonicalisation, HMAC chain, constant-time compare), builds its Cedar facts (a call's id is
+back only seconds later, so never from the cache of the facts of the same second), decides it with the
+tenant's Cedar policy and writes its audit record. The store's quota is lifted for the run
+(``KEYSTEWARD_XKS_QUOTA_TPS``), so the figure is the capacity.
 
 The reference, measured in the same run, is the same AES-256-GCM (4 KiB, the spec's framed 1 KiB AAD)
 in-process on one thread: the ceiling without HTTP, TLS, SigV4, policy, database or audit.
@@ -46,6 +45,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -131,23 +131,66 @@ connection waits for it. The rate holds however long the answers take, as long a
 burst to catch up. LuaJIT (wrk's Lua) reads the monotonic clock through its FFI."""
 
 
+CALLS_PER_OP = 6000
+"""Distinct signed calls per operation (each with its own kmsRequestId), sent in turn by the wrk threads.
+At about 2,000 calls/s a call's id comes back after 3 s or more: a call's Cedar facts, which the server
+keeps within their second for the same id, are never an earlier call's (as with KMS, whose ids are unique)."""
+
+REQUESTS_LUA = """
+local calls_file = %(file)s
+local nthreads = %(threads)d
+local counter = 0
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+end
+function init(args)
+  calls = {}
+  local i = 0
+  for line in io.lines(calls_file) do
+    if i %% nthreads == id then calls[#calls + 1] = line end
+    i = i + 1
+  end
+  turn = 0
+end
+function request()
+  turn = turn %% #calls + 1
+  local auth, date, body = string.match(calls[turn], "^([^\t]*)\t([^\t]*)\t(.*)$")
+  local headers = {}
+  for k, v in pairs(wrk.headers) do headers[k] = v end
+  headers["Authorization"] = auth
+  headers["X-Amz-Date"] = date
+  return wrk.format("POST", nil, headers, body)
+end
+"""
+"""Each wrk thread sends its share of the calls file in turn: one signed call per line (Authorization,
+x-amz-date and the body, tab-separated); the other headers are the same for all."""
+
+
 def signed_script(
     path: Path, url: str, body: dict[str, Any], akid: str, secret: str, rate: float | None = None
 ) -> Path:
-    """A wrk script sending one botocore-signed request (valid for the 5-minute skew window); with ``rate``
-    the requests leave on a schedule of that many per second in all (:data:`PACED_LUA`), not as fast as
-    the answers come."""
+    """A wrk script sending :data:`CALLS_PER_OP` botocore-signed calls in turn (valid for the 5-minute skew
+    window), ``body`` with a fresh ``kmsRequestId`` each; with ``rate`` the calls leave on a schedule of
+    that many per second in all (:data:`PACED_LUA`), not as fast as the answers come."""
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    data = json.dumps(body, separators=(",", ":"))
     # wrk's own Host header leaves the port out: name it here, and sign what is sent
-    headers = {"Content-Type": "application/json", "Host": urlsplit(url).netloc}
-    request = AWSRequest(method="POST", url=url, data=data.encode(), headers=headers)
-    SigV4Auth(Credentials(akid, secret), "kms-xks-proxy", REGION).add_auth(request)
-    lines = ['wrk.method = "POST"', f"wrk.body = {lua_string(data)}"]
-    lines += [f"wrk.headers[ {lua_string(k)} ] = {lua_string(v)}" for k, v in request.headers.items()]
+    common = {"Content-Type": "application/json", "Host": urlsplit(url).netloc}
+    signer = SigV4Auth(Credentials(akid, secret), "kms-xks-proxy", REGION)
+    calls = path.with_suffix(".calls")
+    with calls.open("w") as out:
+        for _ in range(CALLS_PER_OP):
+            call = {**body, "requestMetadata": {**body["requestMetadata"], "kmsRequestId": str(uuid.uuid4())}}
+            data = json.dumps(call, separators=(",", ":"))
+            request = AWSRequest(method="POST", url=url, data=data.encode(), headers=dict(common))
+            signer.add_auth(request)
+            out.write(f"{request.headers['Authorization']}\t{request.headers['X-Amz-Date']}\t{data}\n")
+    lines = ['wrk.method = "POST"']
+    lines += [f"wrk.headers[ {lua_string(k)} ] = {lua_string(v)}" for k, v in common.items()]
+    lines.append(REQUESTS_LUA % {"file": lua_string(str(calls)), "threads": THREADS})
     if rate is not None:
         lines.append(PACED_LUA % {"interval": THREADS * 1000.0 / rate})
     path.write_text("\n".join(lines) + "\n")
