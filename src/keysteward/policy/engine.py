@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 import cedarpy
 
 from keysteward.lru import Lru
+from keysteward.policy.decision_key import decision_key, unread_kms_fields
 from keysteward.policy.errors import (
     PolicyInvalid,
     PolicyRequestInvalid,
@@ -54,8 +55,9 @@ MAX_VALID_FOR: Final = 30 * 86400
 ENTITY_CACHE_SIZE: Final = 4096
 SELECTED_SET_CACHE_SIZE: Final = 1024
 DECISION_CACHE_SIZE: Final = 4096
-"""Decisions remembered per compiled set, keyed by Cedar's exact inputs (which hold the time to the second):
-the same caller asking the same of the same key within a second is decided once (Cedar is deterministic)."""
+"""Decisions remembered per compiled set, keyed by Cedar's inputs (which hold the time to the second) less
+what no policy can read (:mod:`keysteward.policy.decision_key`): the same caller asking the same of the
+same key within a second is decided once (Cedar is deterministic)."""
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,127}")
 _GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _CEDAR_ID = re.compile(r"policy\d+")
@@ -177,6 +179,7 @@ class CompiledPolicySet:
             action: _Partition([p for p in policies if p.actions is None or action in p.actions]) for action in ACTIONS
         }
         self._decisions: Lru[tuple[str, ...], PolicyDecision] = Lru(DECISION_CACHE_SIZE)
+        self._unread_kms = unread_kms_fields(self.sources)
 
     @classmethod
     def compile(cls, sources: Mapping[str, str]) -> CompiledPolicySet:
@@ -206,9 +209,7 @@ class CompiledPolicySet:
 
     def evaluate(self, request: PolicyRequest) -> PolicyDecision:
         """Decide one request (see the module docstring for the outcomes)."""
-        principal, action, resource = request.cedar_uids
-        key = (principal["type"], principal["id"], action["id"], resource["type"], resource["id"],
-               request.cedar_entities, request.cedar_context)  # fmt: skip
+        key = decision_key(request, self._unread_kms)
         return self._decisions.get_or_make(key, lambda: self._decide(request))
 
     def _decide(self, request: PolicyRequest) -> PolicyDecision:

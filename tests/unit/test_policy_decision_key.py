@@ -1,0 +1,109 @@
+"""keysteward.policy.decision_key: an XKS call's kmsRequestId (new on every call) is left out of the decision
+cache's key only when no policy can read it, and a decision from the cache is always the one Cedar gives."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keysteward.policy.decision_key import unread_kms_fields
+from keysteward.policy.engine import CompiledPolicySet
+from keysteward.policy.facts import PolicyRequest
+
+pytestmark = pytest.mark.unit
+
+PERMIT = """
+@id("kms-uses-keys")
+permit (principal is Keysteward::CloudService, action in [Keysteward::Action::"encrypt",
+        Keysteward::Action::"decrypt"], resource);
+"""
+BY_OPERATION = """
+@id("no-reencrypt")
+forbid (principal is Keysteward::CloudService, action, resource)
+when { context has kms && context.kms.operation == "ReEncrypt" };
+@id("decrypt-only-for-ebs")
+forbid (principal is Keysteward::CloudService, action == Keysteward::Action::"decrypt", resource)
+unless { context has kms && context.kms has via_service && context.kms.via_service == "ebs" };
+"""
+BY_REQUEST_ID = """
+@id("no-test-requests")
+forbid (principal is Keysteward::CloudService, action, resource)
+when { context has kms && context.kms.request_id like "test-*" };
+"""
+NOW = datetime(2026, 12, 5, 12, 0, 0, tzinfo=UTC)
+
+
+def _call(request_id: str, operation: str = "Encrypt", action: str = "encrypt", **more: str) -> PolicyRequest:
+    return PolicyRequest(
+        tenant="acme",
+        action=action,
+        principal={"type": "CloudService", "name": "AKIDBENCH", "store": "acme/ebs"},
+        resource={"type": "Key", "name": "k1"},
+        identity={},
+        platform={},
+        time=NOW,
+        source_ip="10.0.0.7",
+        kms={"operation": operation, "request_id": request_id, **more},
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "unread"),
+    [
+        (PERMIT, {"operation", "request_id", "principal_arn", "key_arn", "via_service", "source_vpc", "source_vpce"}),
+        (PERMIT + BY_OPERATION, {"request_id", "principal_arn", "key_arn", "source_vpc", "source_vpce"}),
+        (PERMIT + BY_REQUEST_ID, {"operation", "principal_arn", "key_arn", "via_service", "source_vpc", "source_vpce"}),
+        (
+            PERMIT + '// forbid when context.kms.request_id == "x"\n',  # a name in a comment counts as read
+            {"operation", "principal_arn", "key_arn", "via_service", "source_vpc", "source_vpce"},
+        ),
+        ('permit (principal, action, resource) when { context["kms"]["request_id"] == "x" };', None),
+        ('permit (principal, action, resource) when { context.kms == {operation: "Encrypt"} };', set()),
+        ("permit (principal, action, resource) when { [context.kms].contains(context.kms) };", set()),
+        ("permit (principal, action, resource) when { context == context };", set()),
+        ('permit (principal, action, resource) when { context has "kms" && context.kms has "key_arn" };', None),
+    ],
+)
+def test_only_fields_no_policy_names_are_unread(text: str, unread: set[str] | None) -> None:
+    found = unread_kms_fields({"a.cedar": text})
+    if unread is None:  # named in a bracket or a quoted presence test: read
+        assert ("request_id" in text) == ("request_id" not in found)
+        assert ("key_arn" in text) == ("key_arn" not in found)
+    else:
+        assert found == unread
+
+
+def test_calls_that_differ_only_in_an_unread_request_id_are_decided_once() -> None:
+    unread = CompiledPolicySet.compile({"p.cedar": PERMIT + BY_OPERATION})
+    for n in range(50):
+        assert unread.evaluate(_call(f"r-{n}")).effect == "permit"
+    assert len(unread._decisions) == 1
+    read = CompiledPolicySet.compile({"p.cedar": PERMIT + BY_REQUEST_ID})
+    for n in range(50):
+        assert read.evaluate(_call(f"r-{n}")).effect == "permit"
+    assert read.evaluate(_call("test-1")).effect == "deny"  # the id this set reads still decides
+    assert len(read._decisions) == 51
+
+
+calls = st.builds(
+    lambda rid, op, action, via: _call(rid, op, action, **({"via_service": via} if via else {})),
+    st.sampled_from(["r-1", "r-2", "test-3", "test-4"]),
+    st.sampled_from(["Encrypt", "Decrypt", "ReEncrypt"]),
+    st.sampled_from(["encrypt", "decrypt"]),
+    st.sampled_from([None, "ebs", "s3"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([PERMIT, PERMIT + BY_OPERATION, PERMIT + BY_REQUEST_ID, PERMIT + BY_OPERATION + BY_REQUEST_ID]),
+       st.lists(calls, min_size=1, max_size=12))  # fmt: skip
+def test_a_remembered_decision_is_cedars(text: str, requests: list[Any]) -> None:
+    cached = CompiledPolicySet.compile({"p.cedar": text})
+    for request in requests:
+        fresh = CompiledPolicySet.compile({"p.cedar": text})._decide(request)
+        got = cached.evaluate(request)
+        assert (got.effect, got.policies) == (fresh.effect, fresh.policies)
