@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,19 +21,15 @@ from typing import Any, Final
 
 from keysteward.policy import fact_values as check
 from keysteward.policy.context_facts import host_facts as _host
+from keysteward.policy.context_facts import identity_facts, platform_facts
 from keysteward.policy.context_facts import kms_facts as _kms
-from keysteward.policy.schema import ACTIONS, PCR_BANKS, PCR_COUNT, TEE_KINDS, entity_type
+from keysteward.policy.schema import ACTIONS, entity_type
 
 MAX_GROUPS: Final = 64
-_PCR_NAME = re.compile(r"(sha1|sha256|sha384)_([0-9]{1,2})")
 _REQUEST_FIELDS: Final = frozenset(
     {"tenant", "action", "principal", "resource", "identity", "platform", "time", "source_ip", "encryption_context"}
 ) | {"kms", "host"}
-_IDENTITY_REQUIRED: Final = ("provider", "kind", "account", "instance_id")
-_IDENTITY_OPTIONAL: Final = ("image_id", "region", "zone")
 _INSTANCE_OPTIONAL: Final = ("image_id", "region", "zone")
-_TCB_FIELDS: Final = ("bootloader", "tee", "snp", "microcode")
-_PLATFORM_FIELDS: Final = frozenset({"tee", "debug", "measurement", "tcb", "chip_id", "vmpl", "secure_boot", "pcrs"})
 
 
 def _principal(raw: Any, tenant: str) -> dict[str, Any]:
@@ -125,62 +120,6 @@ def _resource(raw: Any, tenant: str) -> dict[str, Any]:
         "labels": check.tags(data.get("labels", {}), "resource.labels"),
         "binding": {k: check.text(v, f"resource.binding.{k}") for k, v in binding.items()},
     }
-
-
-def _identity(raw: Any) -> dict[str, Any]:
-    data = check.mapping(raw, "identity")
-    check.only(data, (*_IDENTITY_REQUIRED, *_IDENTITY_OPTIONAL, "launched_at"), "identity")
-    out: dict[str, Any] = {name: check.text(data.get(name), f"identity.{name}") for name in _IDENTITY_REQUIRED}
-    for name in _IDENTITY_OPTIONAL:
-        if data.get(name) is not None:
-            out[name] = check.text(data[name], f"identity.{name}", empty=True)
-    launched = data.get("launched_at")
-    if isinstance(launched, str):  # InstanceIdentity.claims() gives ISO 8601; policies compare unix seconds
-        launched = int(check.moment(launched, "identity.launched_at").timestamp())
-    if launched is not None:
-        out["launched_at"] = check.long_int(launched, "identity.launched_at")
-    return out
-
-
-def _pcrs(raw: Any) -> dict[str, str]:
-    """PCR values as ``{"sha256_7": hex}``; a nested ``{"sha256": {"7": hex}}`` is accepted and flattened."""
-    data = check.mapping(raw, "platform.pcrs")
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in PCR_BANKS and isinstance(value, Mapping):
-            flat.update({f"{key}_{index}": digest for index, digest in value.items()})
-        else:
-            flat[str(key)] = value
-    out = {}
-    for name, value in flat.items():
-        match = _PCR_NAME.fullmatch(name)
-        if match is None or int(match.group(2)) >= PCR_COUNT or str(int(match.group(2))) != match.group(2):
-            raise check.fail("platform.pcrs", f"has a bad PCR name {name[:64]!r} (want e.g. sha256_7)")
-        out[name] = check.hex_text(value, f"platform.pcrs.{name}", PCR_BANKS[match.group(1)])
-    return out
-
-
-def _platform(raw: Any) -> dict[str, Any]:
-    data = check.mapping(raw, "platform")
-    check.only(data, _PLATFORM_FIELDS, "platform")
-    if data.get("tee") not in TEE_KINDS:
-        raise check.fail("platform.tee", f"must be one of {', '.join(TEE_KINDS)}")
-    out: dict[str, Any] = {"tee": data["tee"]}
-    for name in ("debug", "secure_boot"):
-        if data.get(name) is not None:
-            out[name] = check.boolean(data[name], f"platform.{name}")
-    for name in ("measurement", "chip_id"):
-        if data.get(name) is not None:
-            out[name] = check.hex_text(data[name], f"platform.{name}")
-    if data.get("vmpl") is not None:
-        out["vmpl"] = check.long_int(data["vmpl"], "platform.vmpl", 0, 3)
-    if data.get("tcb") is not None:
-        tcb = check.mapping(data["tcb"], "platform.tcb")
-        check.only(tcb, _TCB_FIELDS, "platform.tcb")
-        out["tcb"] = {name: check.long_int(tcb.get(name), f"platform.tcb.{name}", 0, 255) for name in _TCB_FIELDS}
-    if data.get("pcrs") is not None:
-        out["pcrs"] = _pcrs(data["pcrs"])
-    return out
 
 
 def _uid(kind: str, ident: str) -> dict[str, str]:
@@ -296,7 +235,7 @@ class PolicyRequest:
             request["source_ip"] = {"__extn": {"fn": "ip", "arg": str(address)}}
         host: dict[str, bool] = {}
         if context_type in ("ReleaseContext", "HostContext"):
-            identity, platform = _identity(self.identity), _platform(self.platform)
+            identity, platform = identity_facts(self.identity), platform_facts(self.platform)
             if principal["type"] == "Instance" and any(
                 identity[k] != principal[k] for k in ("provider", "account", "instance_id")
             ):
@@ -308,7 +247,7 @@ class PolicyRequest:
         elif context_type == "KmipContext":  # the hypervisor's latest verified quote (release/platform_reports.py)
             if check.mapping(self.identity, "identity"):
                 raise check.fail("identity", f"applies to release and renew only, not to {self.action}")
-            identity, platform = {}, _platform(check.mapping(self.platform, "platform") or {"tee": "none"})
+            identity, platform = {}, platform_facts(check.mapping(self.platform, "platform") or {"tee": "none"})
             context = {"platform": platform, "request": request}
         elif context_type == "KeyUseContext":
             if check.mapping(self.identity, "identity") or check.mapping(self.platform, "platform"):
