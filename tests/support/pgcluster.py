@@ -1,6 +1,6 @@
 """A throw-away PostgreSQL 15 cluster on 127.0.0.1 (trust auth, fsync off), for the tests and the benches.
 
-No pytest here: the fixtures in tests/fixtures/postgres.py and bench/_common.py both start clusters with
+No pytest here: the fixtures in tests/fixtures/postgres.py and bench/_server.py both start clusters with
 :func:`start` and turn :class:`PgUnavailable` into their own kind of failure.
 """
 
