@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from keysteward.policy.decision_key import unread_kms_fields
 from keysteward.policy.engine import CompiledPolicySet
+from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.facts import PolicyRequest
 
 pytestmark = pytest.mark.unit
@@ -107,3 +108,31 @@ def test_a_remembered_decision_is_cedars(text: str, requests: list[Any]) -> None
         fresh = CompiledPolicySet.compile({"p.cedar": text})._decide(request)
         got = cached.evaluate(request)
         assert (got.effect, got.policies) == (fresh.effect, fresh.policies)
+
+
+@settings(max_examples=60, deadline=None)
+@given(calls, st.sampled_from(["r-9", "test-9"]), st.sampled_from([None, "ebs", "rds"]))
+def test_facts_with_another_kms_are_the_facts_made_afresh(first: PolicyRequest, rid: str, via: str | None) -> None:
+    kms = {"operation": first.kms["operation"], "request_id": rid, **({"via_service": via} if via else {})}
+    made = _call(rid, first.kms["operation"], first.action, **({"via_service": via} if via else {}))
+    rebound = first.with_kms(kms)
+    assert rebound == made and rebound.to_json() == made.to_json()
+    assert (rebound.cedar_context, rebound.cedar_entities, rebound.cedar_uids) == (
+        made.cedar_context, made.cedar_entities, made.cedar_uids,
+    )  # fmt: skip
+    assert first.kms["request_id"] != rid or first == made  # the first is unchanged
+
+
+@pytest.mark.parametrize(
+    "kms",
+    [{"operation": "Encrypt"}, {"operation": "Encrypt", "request_id": "x" * 3000}, {"request_id": "r", "bogus": "x"}],
+)
+def test_facts_with_bad_kms_are_refused_as_new_facts_would_be(kms: dict[str, str]) -> None:
+    with pytest.raises(PolicyRequestInvalid):
+        _call("r-1").with_kms(kms)
+    release = PolicyRequest(
+        tenant="acme", action="encrypt", principal={"type": "CloudService", "name": "A", "store": "s"},
+        resource={"type": "Key", "name": "k1"}, identity={}, platform={}, time=NOW,
+    )  # fmt: skip
+    with pytest.raises(PolicyRequestInvalid):
+        release.with_kms({"operation": "Encrypt", "request_id": "r"})  # no kms to begin with: not an XKS call

@@ -291,6 +291,22 @@ class PolicyRequest:
         object.__setattr__(self, "cedar_context", json.dumps(context, sort_keys=True))
         object.__setattr__(self, "context_values", check.freeze(context))
 
+    def with_kms(self, kms: Mapping[str, str]) -> PolicyRequest:
+        """This request with another ``context.kms``: an XKS call like an earlier one but for its
+        requestMetadata (a new kmsRequestId each call). Only ``kms`` is checked and rebuilt; the principal,
+        resource and entities are the earlier request's, already checked."""
+        if not self.kms:
+            raise check.fail("kms", f"applies to key uses only, not to {self.action}")
+        checked = _kms(kms)
+        context = check.thaw(self.context_values)
+        context["kms"] = checked
+        other = object.__new__(PolicyRequest)
+        other.__dict__.update(self.__dict__)
+        object.__setattr__(other, "kms", check.freeze(checked))
+        object.__setattr__(other, "cedar_context", json.dumps(context, sort_keys=True))
+        object.__setattr__(other, "context_values", check.freeze(context))
+        return other
+
     def to_json(self) -> dict[str, Any]:
         """The request as JSON data (``from_json`` reads it back to an equal request)."""
         out: dict[str, Any] = {
