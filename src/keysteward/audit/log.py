@@ -30,11 +30,21 @@ _SCALARS = (str, int, float, bool, type(None))
 _SCALAR_TYPES = frozenset(_SCALARS)
 
 
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    if kind in _SCALAR_TYPES:
+        return True
+    if kind is list or kind is tuple:
+        return all(type(v) in _SCALAR_TYPES for v in value)
+    if kind is dict:
+        return all(type(k) is str and type(v) in _SCALAR_TYPES for k, v in value.items())
+    return False
+
+
 def _check_details(details: Mapping[str, Any]) -> None:
     """Audit details are plain metadata: refuse bytes and anything else that could carry a secret."""
-    types = _SCALAR_TYPES  # the common case, exact built-in types, without an ABC check per value
-    if all(type(k) is str and type(v) in types for k, v in details.items()):
-        return
+    if all(type(k) is str and _plain(v) for k, v in details.items()):
+        return  # the common case, exact built-in types, without an ABC check per value
     for key, value in details.items():
         if isinstance(value, Mapping):  # one level of named scalars: labels, verified claims
             if not all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in value.items()):
