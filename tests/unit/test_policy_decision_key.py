@@ -3,14 +3,14 @@ cache's key only when no policy can read it, and a decision from the cache is al
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keysteward.policy.decision_key import unread_kms_fields
+from keysteward.policy.decision_key import unread_fields, unread_kms_fields
 from keysteward.policy.engine import CompiledPolicySet
 from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.facts import PolicyRequest
@@ -35,10 +35,17 @@ BY_REQUEST_ID = """
 forbid (principal is Keysteward::CloudService, action, resource)
 when { context has kms && context.kms.request_id like "test-*" };
 """
+BUSINESS_HOURS = """
+@id("working-hours-only")
+forbid (principal is Keysteward::CloudService, action, resource)
+unless { context.request.hour >= 8 && context.request.hour < 18 };
+"""
 NOW = datetime(2026, 12, 5, 12, 0, 0, tzinfo=UTC)
 
 
-def _call(request_id: str, operation: str = "Encrypt", action: str = "encrypt", **more: str) -> PolicyRequest:
+def _call(
+    request_id: str, operation: str = "Encrypt", action: str = "encrypt", at: datetime = NOW, **more: str
+) -> PolicyRequest:
     return PolicyRequest(
         tenant="acme",
         action=action,
@@ -46,7 +53,7 @@ def _call(request_id: str, operation: str = "Encrypt", action: str = "encrypt", 
         resource={"type": "Key", "name": "k1"},
         identity={},
         platform={},
-        time=NOW,
+        time=at,
         source_ip="10.0.0.7",
         kms={"operation": operation, "request_id": request_id, **more},
     )
@@ -91,16 +98,20 @@ def test_calls_that_differ_only_in_an_unread_request_id_are_decided_once() -> No
 
 
 calls = st.builds(
-    lambda rid, op, action, via: _call(rid, op, action, **({"via_service": via} if via else {})),
+    lambda rid, op, action, via, minutes: _call(
+        rid, op, action, NOW + timedelta(minutes=minutes), **({"via_service": via} if via else {})
+    ),
     st.sampled_from(["r-1", "r-2", "test-3", "test-4"]),
     st.sampled_from(["Encrypt", "Decrypt", "ReEncrypt"]),
     st.sampled_from(["encrypt", "decrypt"]),
     st.sampled_from([None, "ebs", "s3"]),
+    st.integers(0, 24 * 60 * 8),
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from([PERMIT, PERMIT + BY_OPERATION, PERMIT + BY_REQUEST_ID, PERMIT + BY_OPERATION + BY_REQUEST_ID]),
+@given(st.sampled_from([PERMIT, PERMIT + BY_OPERATION, PERMIT + BY_REQUEST_ID, PERMIT + BY_OPERATION + BY_REQUEST_ID,
+                        PERMIT + BUSINESS_HOURS, PERMIT + BY_REQUEST_ID + BUSINESS_HOURS]),
        st.lists(calls, min_size=1, max_size=12))  # fmt: skip
 def test_a_remembered_decision_is_cedars(text: str, requests: list[Any]) -> None:
     cached = CompiledPolicySet.compile({"p.cedar": text})
@@ -114,7 +125,7 @@ def test_a_remembered_decision_is_cedars(text: str, requests: list[Any]) -> None
 @given(calls, st.sampled_from(["r-9", "test-9"]), st.sampled_from([None, "ebs", "rds"]))
 def test_facts_with_another_kms_are_the_facts_made_afresh(first: PolicyRequest, rid: str, via: str | None) -> None:
     kms = {"operation": first.kms["operation"], "request_id": rid, **({"via_service": via} if via else {})}
-    made = _call(rid, first.kms["operation"], first.action, **({"via_service": via} if via else {}))
+    made = _call(rid, first.kms["operation"], first.action, first.time, **({"via_service": via} if via else {}))
     rebound = first.with_kms(kms)
     assert rebound == made and rebound.to_json() == made.to_json()
     assert (rebound.cedar_context, rebound.cedar_entities, rebound.cedar_uids) == (
@@ -136,3 +147,29 @@ def test_facts_with_bad_kms_are_refused_as_new_facts_would_be(kms: dict[str, str
     )  # fmt: skip
     with pytest.raises(PolicyRequestInvalid):
         release.with_kms({"operation": "Encrypt", "request_id": "r"})  # no kms to begin with: not an XKS call
+
+
+def test_the_time_is_left_out_only_when_no_policy_reads_it() -> None:
+    assert unread_fields({"p.cedar": PERMIT})["request"] == {"time", "hour", "weekday", "source_ip"}
+    assert unread_fields({"p.cedar": PERMIT + BUSINESS_HOURS})["request"] == {"time", "weekday", "source_ip"}
+    assert "request" not in unread_fields(
+        {"p.cedar": "permit (principal, action, resource) when { context.request == context.request };"}
+    )  # the record compared whole: every field counts
+    assert unread_fields({"p.cedar": "permit (principal, action, resource) when { context == context };"}) == {}
+
+
+def test_a_question_asked_again_later_is_decided_once_unless_the_time_is_read() -> None:
+    """A lease's renewals ask the same question every ten seconds: remembered when no policy reads the time;
+    decided again, and rightly, when one does."""
+    timeless = CompiledPolicySet.compile({"p.cedar": PERMIT})
+    for minute in range(0, 600, 7):
+        assert timeless.evaluate(_call("r-1", at=NOW + timedelta(minutes=minute))).effect == "permit"
+    assert len(timeless._decisions) == 1
+    hours = CompiledPolicySet.compile({"p.cedar": PERMIT + BUSINESS_HOURS})
+    effects = {
+        hour: hours.evaluate(_call("r-1", at=NOW.replace(hour=hour, minute=m))).effect
+        for hour in range(24)
+        for m in (0, 30)
+    }
+    assert {h for h, e in effects.items() if e == "permit"} == set(range(8, 18))
+    assert len(hours._decisions) == 24  # one per hour: the minutes are not read

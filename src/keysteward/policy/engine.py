@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import cedarpy
 
 from keysteward.lru import Lru
-from keysteward.policy.decision_key import decision_key, unread_kms_fields
+from keysteward.policy.decision_key import decision_key, unread_fields
 from keysteward.policy.errors import (
     PolicyInvalid,
     PolicyRequestInvalid,
@@ -54,10 +54,11 @@ MAX_QUORUM: Final = 32
 MAX_VALID_FOR: Final = 30 * 86400
 ENTITY_CACHE_SIZE: Final = 4096
 SELECTED_SET_CACHE_SIZE: Final = 1024
-DECISION_CACHE_SIZE: Final = 4096
-"""Decisions remembered per compiled set, keyed by Cedar's inputs (which hold the time to the second) less
-what no policy can read (:mod:`keysteward.policy.decision_key`): the same caller asking the same of the
-same key within a second is decided once (Cedar is deterministic)."""
+DECISION_CACHE_SIZE: Final = 16384
+"""Decisions remembered per compiled set, keyed by a digest of Cedar's inputs less what no policy can read
+(:mod:`keysteward.policy.decision_key`): the same question is decided once (Cedar is deterministic). When
+no policy reads the time, a lease's renewals ask the same question every time: a decision for each lease
+of a fleet of several thousand fits."""
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,127}")
 _GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _CEDAR_ID = re.compile(r"policy\d+")
@@ -178,8 +179,8 @@ class CompiledPolicySet:
         self._partitions = {
             action: _Partition([p for p in policies if p.actions is None or action in p.actions]) for action in ACTIONS
         }
-        self._decisions: Lru[tuple[str, ...], PolicyDecision] = Lru(DECISION_CACHE_SIZE)
-        self._unread_kms = unread_kms_fields(self.sources)
+        self._decisions: Lru[bytes, PolicyDecision] = Lru(DECISION_CACHE_SIZE)
+        self._unread = unread_fields(self.sources)
 
     @classmethod
     def compile(cls, sources: Mapping[str, str]) -> CompiledPolicySet:
@@ -209,7 +210,7 @@ class CompiledPolicySet:
 
     def evaluate(self, request: PolicyRequest) -> PolicyDecision:
         """Decide one request (see the module docstring for the outcomes)."""
-        key = decision_key(request, self._unread_kms)
+        key = decision_key(request, self._unread)
         return self._decisions.get_or_make(key, lambda: self._decide(request))
 
     def _decide(self, request: PolicyRequest) -> PolicyDecision:
