@@ -158,6 +158,13 @@ def test_the_time_is_left_out_only_when_no_policy_reads_it() -> None:
     assert unread_fields({"p.cedar": "permit (principal, action, resource) when { context == context };"}) == {}
 
 
+def test_a_set_says_whether_it_reads_the_time() -> None:
+    assert not CompiledPolicySet.compile({"p.cedar": PERMIT + BY_OPERATION}).reads_time
+    assert CompiledPolicySet.compile({"p.cedar": PERMIT + BUSINESS_HOURS}).reads_time
+    weekday = 'forbid (principal, action, resource) when { context.request.weekday == 7 };'
+    assert CompiledPolicySet.compile({"p.cedar": PERMIT + weekday}).reads_time
+
+
 def test_a_question_asked_again_later_is_decided_once_unless_the_time_is_read() -> None:
     """A lease's renewals ask the same question every ten seconds: remembered when no policy reads the time;
     decided again, and rightly, when one does."""

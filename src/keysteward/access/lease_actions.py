@@ -21,11 +21,12 @@ from sqlalchemy import Connection, bindparam, select
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Subject
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.errors import KeystewardError, NotFound
+from keysteward.lru import Lru
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.schema import RENEWAL_OF
-from keysteward.policy.store import PolicyStore
+from keysteward.policy.store import PolicyStore, PolicyVersion
 from keysteward.release import leases
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, DESTROYED, SHRED, actor_of
@@ -38,6 +39,8 @@ _VOLUME = (
     .where(Volume.id == bindparam("volume_id"))
 )
 """Built once, its value bound at execution: every renewal reads it on the audit writer thread."""
+RENEWAL_ANSWERS = 16384
+"""Renewal answers remembered per server process (by tenant, policy version and digest, and lease facts)."""
 _TENANT_OF = select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == bindparam("lease_id"))
 
 
@@ -58,6 +61,7 @@ class _LeaseAction(ActionHandler):
     def __init__(self, registry: Registry, policies: PolicyStore) -> None:
         self.registry = registry
         self.policies = policies
+        self._answers: Lru[tuple[str, int, str, str], _Asked] = Lru(RENEWAL_ANSWERS)
 
     def unknown_tenant(self) -> KeystewardError:
         return NotFound("no such lease, or not this token", code="lease_not_found")
@@ -143,6 +147,14 @@ class LeaseRenew(_LeaseAction):
         policy = self.policies.current(tenant_id)
         if facts is None:
             return _Asked(facts, policy.version, True, {})  # granted before renewals asked the policy
+        if policy.compiled.reads_time:
+            return self._decide(policy, facts, now)
+        # no policy reads the time: the answer depends on the lease's facts and the set alone, and a lease's
+        # renewals (every renew interval, for as long as it lives) ask the same question again
+        known = (tenant_id, policy.version, policy.digest, facts)
+        return self._answers.get_or_make(known, lambda: self._decide(policy, facts, now))
+
+    def _decide(self, policy: PolicyVersion, facts: str, now: datetime) -> _Asked:
         try:
             granted = json.loads(facts)
             granted["time"] = now.isoformat()

@@ -204,6 +204,11 @@ class CompiledPolicySet:
             raise PolicyInvalid.of(problems[:MAX_PROBLEMS])
         return cls(sources, policies)
 
+    @property
+    def reads_time(self) -> bool:
+        """Whether a policy of the set can read ``context.request.time``, ``hour`` or ``weekday``."""
+        return not {"time", "hour", "weekday"} <= self._unread.get("request", frozenset())
+
     def candidates(self, request: PolicyRequest) -> tuple[str, ...]:
         """The ids of the policies Cedar evaluates for ``request`` (the others cannot match it), for dry runs."""
         return tuple(policy.id for policy in self._partitions[request.action].select(request).by_cedar_id.values())
