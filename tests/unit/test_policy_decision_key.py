@@ -161,7 +161,7 @@ def test_the_time_is_left_out_only_when_no_policy_reads_it() -> None:
 def test_a_set_says_whether_it_reads_the_time() -> None:
     assert not CompiledPolicySet.compile({"p.cedar": PERMIT + BY_OPERATION}).reads_time
     assert CompiledPolicySet.compile({"p.cedar": PERMIT + BUSINESS_HOURS}).reads_time
-    weekday = 'forbid (principal, action, resource) when { context.request.weekday == 7 };'
+    weekday = "forbid (principal, action, resource) when { context.request.weekday == 7 };"
     assert CompiledPolicySet.compile({"p.cedar": PERMIT + weekday}).reads_time
 
 
