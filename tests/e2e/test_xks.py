@@ -10,12 +10,9 @@ import base64
 import hashlib
 import json
 import os
-import ssl
 import subprocess
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,142 +20,22 @@ from typing import Any
 import botocore.auth
 import httpx
 import pytest
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keysteward.crypto import x509ca
 from tests.e2e.test_secret_scan import _files, _forms, _scan
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
+from tests.support import xks_site
+from tests.support.xks_site import REGION, Xks, b64, decrypt_body, encrypt_body, error, meta, put_policy
 
 pytestmark = pytest.mark.e2e
-REGION = "eu-west-1"
-POLICY = """
-@id("kms-may-use-xks-keys")
-permit (
-  principal is Keysteward::CloudService,
-  action in [Keysteward::Action::"encrypt", Keysteward::Action::"decrypt", Keysteward::Action::"describe_key"],
-  resource
-);
-@id("refuse-reencrypt")
-forbid (principal is Keysteward::CloudService, action, resource)
-when { context has kms && context.kms.operation == "ReEncrypt" };
-@id("decrypt-only-for-ebs")
-forbid (principal is Keysteward::CloudService, action == Keysteward::Action::"decrypt", resource)
-unless { context has kms && context.kms has via_service && context.kms.via_service == "ebs" };
-"""
-
-
-@dataclass
-class Xks:
-    port: int
-    ca: str
-    prefix: str
-    akid: str
-    secret: str
-    region: str = REGION
-    cert: tuple[str, str] | None = None
-
-    def url(self, tail: str, prefix: str | None = None) -> str:
-        return f"https://127.0.0.1:{self.port}{self.prefix if prefix is None else prefix}/kms/xks/v1/{tail}"
-
-    def call(
-        self,
-        tail: str,
-        body: dict[str, Any] | bytes,
-        *,
-        prefix: str | None = None,
-        akid: str | None = None,
-        secret: str | None = None,
-        region: str | None = None,
-        method: str = "POST",
-        tamper: Callable[[dict[str, str], bytes], tuple[dict[str, str], bytes]] | None = None,
-    ) -> httpx.Response:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        request = AWSRequest(
-            method=method, url=self.url(tail, prefix), data=data, headers={"Content-Type": "application/json"}
-        )
-        creds = Credentials(akid or self.akid, secret or self.secret)
-        SigV4Auth(creds, "kms-xks-proxy", region or self.region).add_auth(request)
-        headers = dict(request.headers.items())
-        if tamper is not None:
-            headers, data = tamper(headers, data)
-        ctx = ssl.create_default_context(cafile=self.ca)
-        if self.cert is not None:
-            ctx.load_cert_chain(*self.cert)
-        with httpx.Client(verify=ctx, timeout=10) as client:
-            return client.request(method, request.url, headers=headers, content=data)
-
-
-def meta(operation: str, **more: str) -> dict[str, str]:
-    return {
-        "awsPrincipalArn": "arn:aws:iam::123456789012:role/ebs",
-        "kmsKeyArn": "arn:aws:kms:eu-west-1:1:key/x",
-        "kmsOperation": operation,
-        "kmsRequestId": str(uuid.uuid4()),
-        **more,
-    }
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def encrypt_body(plaintext: bytes, aad: bytes | None = None, **fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "requestMetadata": meta("GenerateDataKey", kmsViaService="ebs"),
-        "plaintext": b64(plaintext),
-        "encryptionAlgorithm": "AES_GCM",
-        **fields,
-    }
-    if aad is not None:
-        body["additionalAuthenticatedData"] = b64(aad)
-    return body
-
-
-def decrypt_body(enc: dict[str, str], aad: bytes | None = None, **metadata: str) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "requestMetadata": meta("Decrypt", **({"kmsViaService": "ebs"} | metadata)),
-        "encryptionAlgorithm": "AES_GCM",
-        **{k: enc[k] for k in ("ciphertext", "ciphertextMetadata", "initializationVector", "authenticationTag")},
-    }
-    if aad is not None:
-        body["additionalAuthenticatedData"] = b64(aad)
-    return body
-
-
-def error(r: httpx.Response) -> tuple[int, str]:
-    return r.status_code, r.json()["errorName"]
-
-
-@pytest.fixture
-def site(
-    tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
-) -> tuple[ServerProcess, str, Xks]:
-    out = init_manager(tmp_path / "ks", secret_registry)
-    port = free_port()
-    env = {"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", "KEYSTEWARD_AUDIT_REFUSAL_INTERVAL": "0.5"}
-    server = server_factory(tmp_path / "ks", env=env)
-    with server.http(out.root_token.secret) as c:
-        admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
-    store = server.cli_json("xks", "store", "create", "acme/ebs", "--region", REGION, token=admin)
-    assert store["uri_path"] == "/acme/ebs/kms/xks/v1"
-    secret_registry.secret(store["secret_access_key"].encode(), "xks secret access key")
-    server.cli_json("xks", "key", "create", "k1", "--store", "acme/ebs", "--usage", "both", token=admin)
-    xks = Xks(port, str(server.settings.server.tls_ca), "/acme/ebs", store["access_key_id"], store["secret_access_key"])
-    return server, admin, xks
-
-
-def put_policy(server: ServerProcess, admin: str) -> None:
-    with server.http(admin) as c:
-        r = c.put("/policy", json={"sources": {"xks.cedar": POLICY}})
-        assert r.status_code == 200, r.text
+site = xks_site.site  # the fixture
 
 
 def test_botocore_peer_metadata_encrypt_decrypt_under_the_tenant_policy(
-    site: tuple[ServerProcess, str, Xks], secret_registry: SecretRegistry
+    site: tuple[ServerProcess, str, Xks],
+    secret_registry: SecretRegistry,
 ) -> None:
     server, admin, xks = site
     health = xks.call("health", {"requestMetadata": {"kmsOperation": "KmsHealthCheck", "kmsRequestId": "h1"}})
@@ -257,33 +134,10 @@ def test_botocore_peer_metadata_encrypt_decrypt_under_the_tenant_policy(
     assert xks.call("keys/k1/metadata", {"requestMetadata": meta("DescribeKey")}).json()["keyStatus"] == "DISABLED"
 
 
-def test_a_forwarded_for_header_does_not_move_the_source_the_policy_sees(
+def test_authentication_and_bad_input(
     site: tuple[ServerProcess, str, Xks],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The attacker is a process on the key manager's host (or anything that reaches it through a local
-    relay) whose tenant policy only lets callers from 10.0.0.0/8 use the key. Its TCP peer is 127.0.0.1;
-    it claims 10.9.9.9 with X-Forwarded-For (which SigV4 does not sign). The source the policy checks and
-    the audit names is the TCP peer: refused."""
-    server, admin, xks = site
-    policy = """
-@id("from-the-vpc-only")
-permit (principal is Keysteward::CloudService, action, resource)
-when { context.request has source_ip && context.request.source_ip.isInRange(ip("%s")) };
-"""
-
-    def spoofed(headers: dict[str, str], data: bytes) -> tuple[dict[str, str], bytes]:
-        return {**headers, "X-Forwarded-For": "10.9.9.9", "Forwarded": "for=10.9.9.9"}, data
-
-    with server.http(admin) as c:
-        assert c.put("/policy", json={"sources": {"xks.cedar": policy % "10.0.0.0/8"}}).status_code == 200
-    refused = xks.call("keys/k1/encrypt", encrypt_body(b"x" * 32), tamper=spoofed)
-    assert error(refused) == (403, "AccessDeniedException"), refused.text
-    with server.http(admin) as c:  # the same call is permitted from where it really comes from
-        assert c.put("/policy", json={"sources": {"xks.cedar": policy % "127.0.0.0/8"}}).status_code == 200
-    assert xks.call("keys/k1/encrypt", encrypt_body(b"x" * 32), tamper=spoofed).status_code == 200
-
-
-def test_authentication_and_bad_input(site: tuple[ServerProcess, str, Xks], monkeypatch: pytest.MonkeyPatch) -> None:
     server, admin, xks = site
     put_policy(server, admin)
     body = encrypt_body(b"p" * 32)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tests.e2e.test_xks import POLICY, Xks, encrypt_body, error, put_policy, site  # noqa: F401 - the fixture
 from tests.fixtures.keysteward import ServerProcess
+from tests.support.xks_site import POLICY, Xks, encrypt_body, error, put_policy, site  # noqa: F401 - the fixture
 
 FORBID_GENERATE = """
 @id("no-generate-data-key")
