@@ -27,7 +27,7 @@ from keysteward.crypto import x509ca
 from tests.e2e.test_secret_scan import _files, _forms, _scan
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
 from tests.support import xks_site
-from tests.support.xks_site import REGION, Xks, b64, decrypt_body, encrypt_body, error, meta, put_policy
+from tests.support.xks_site import REGION, Xks, b64, decrypt_body, encrypt_body, error, meta, put_policy, start_site
 
 pytestmark = pytest.mark.e2e
 site = xks_site.site  # the fixture
@@ -368,16 +368,10 @@ def test_mtls_health_when_slow_and_when_sealed(
 def test_every_worker_serves_xks_and_sees_a_retired_credential(
     tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
 ) -> None:
-    out = init_manager(tmp_path / "ks", secret_registry)
-    port = free_port()
-    env = {"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", "KEYSTEWARD_SERVER_WORKERS": "2"}
-    server = server_factory(tmp_path / "ks", env=env)
-    with server.http(out.root_token.secret) as c:
-        admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
-    store = server.cli_json("xks", "store", "create", "w", "--region", REGION, token=admin)
-    server.cli_json("xks", "key", "create", "k1", "--store", "w", token=admin)
+    env = {"KEYSTEWARD_SERVER_WORKERS": "2"}
+    server, admin, xks = start_site(tmp_path, server_factory, secret_registry, env, prefix="w", usage=())
     put_policy(server, admin)
-    xks = Xks(port, str(server.settings.server.tls_ca), "/w", store["access_key_id"], store["secret_access_key"])
+    port = xks.port
     # both worker processes listen on the XKS port, each on its own socket
     listening = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True)
     assert len({line.split("pid=")[1].split(",")[0] for line in listening.stdout.splitlines()}) == 2, listening.stdout

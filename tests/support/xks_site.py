@@ -119,22 +119,35 @@ def error(r: httpx.Response) -> tuple[int, str]:
     return r.status_code, r.json()["errorName"]
 
 
+def start_site(
+    tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    secret_registry: SecretRegistry,
+    env: dict[str, str],
+    prefix: str = "acme/ebs",
+    usage: tuple[str, ...] = ("--usage", "both"),
+) -> tuple[ServerProcess, str, Xks]:
+    """A server with the XKS listener (``env`` added), tenant ``acme``, store ``prefix`` and key ``k1``."""
+    out = init_manager(tmp_path / "ks", secret_registry)
+    port = free_port()
+    server = server_factory(tmp_path / "ks", env={"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", **env})
+    with server.http(out.root_token.secret) as c:
+        admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
+    store = server.cli_json("xks", "store", "create", prefix, "--region", REGION, token=admin)
+    assert store["uri_path"] == f"/{prefix}/kms/xks/v1"
+    secret_registry.secret(store["secret_access_key"].encode(), "xks secret access key")
+    server.cli_json("xks", "key", "create", "k1", "--store", prefix, *usage, token=admin)
+    xks = Xks(
+        port, str(server.settings.server.tls_ca), f"/{prefix}", store["access_key_id"], store["secret_access_key"]
+    )
+    return server, admin, xks
+
+
 @pytest.fixture
 def site(
     tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
 ) -> tuple[ServerProcess, str, Xks]:
-    out = init_manager(tmp_path / "ks", secret_registry)
-    port = free_port()
-    env = {"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", "KEYSTEWARD_AUDIT_REFUSAL_INTERVAL": "0.5"}
-    server = server_factory(tmp_path / "ks", env=env)
-    with server.http(out.root_token.secret) as c:
-        admin = str(c.post("/tenants", json={"name": "acme"}).json()["admin_token"]["token"])
-    store = server.cli_json("xks", "store", "create", "acme/ebs", "--region", REGION, token=admin)
-    assert store["uri_path"] == "/acme/ebs/kms/xks/v1"
-    secret_registry.secret(store["secret_access_key"].encode(), "xks secret access key")
-    server.cli_json("xks", "key", "create", "k1", "--store", "acme/ebs", "--usage", "both", token=admin)
-    xks = Xks(port, str(server.settings.server.tls_ca), "/acme/ebs", store["access_key_id"], store["secret_access_key"])
-    return server, admin, xks
+    return start_site(tmp_path, server_factory, secret_registry, {"KEYSTEWARD_AUDIT_REFUSAL_INTERVAL": "0.5"})
 
 
 def put_policy(server: ServerProcess, admin: str) -> None:
