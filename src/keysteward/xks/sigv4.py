@@ -27,6 +27,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from keysteward.formats.xks_wire import XksError
+from keysteward.lru import Lru
 
 SERVICE = "kms-xks-proxy"
 _AUTH_RE = re.compile(
@@ -76,24 +77,21 @@ def request_time(amz_date: str) -> datetime:
         raise _fail("x-amz-date is not a date") from None
 
 
-_SIGNING_KEYS: dict[tuple[str, str, str], bytes] = {}
-_SIGNING_KEYS_MAX = 256
+_SIGNING_KEYS: Lru[tuple[str, str, str], bytes] = Lru(256)
 
 
 def _signing_key(secret: str, date: str, region: str) -> bytes:
     """SigV4's key for one secret, day and region (HMAC chain ``AWS4`` + secret, date, region, service,
     ``aws4_request``), kept as the SDKs keep it: it changes once a day, and deriving it is four HMACs a
-    call. The cache is bounded; it is emptied when full."""
-    known = (secret, date, region)
-    key = _SIGNING_KEYS.get(known)
-    if key is None:
+    call."""
+
+    def derive() -> bytes:
         key = ("AWS4" + secret).encode()
         for part in (date, region, SERVICE, "aws4_request"):
             key = hmac.digest(key, part.encode(), "sha256")
-        if len(_SIGNING_KEYS) >= _SIGNING_KEYS_MAX:
-            _SIGNING_KEYS.clear()
-        _SIGNING_KEYS[known] = key
-    return key
+        return key
+
+    return _SIGNING_KEYS.get_or_make((secret, date, region), derive)
 
 
 class _Signer(SigV4Auth):  # type: ignore[misc]
