@@ -66,11 +66,6 @@ def unread_fields(sources: Mapping[str, str]) -> dict[str, frozenset[str]]:
     return unread
 
 
-def unread_kms_fields(sources: Mapping[str, str]) -> frozenset[str]:
-    """The ``context.kms`` fields no policy of ``sources`` can read."""
-    return unread_fields(sources).get("kms", frozenset())
-
-
 def decision_key(request: PolicyRequest, unread: Unread) -> bytes:
     """A digest of Cedar's inputs for ``request``, without the ``unread`` fields."""
     principal, action, resource = request.cedar_uids
