@@ -13,7 +13,7 @@ generator takes no seed: Data Length 0, the client's bytes not used.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from keysteward.access.kmip_actions import KmipInputs
 from keysteward.access.kmip_mac import HMAC_HASHES, MacRequest
@@ -70,25 +70,24 @@ def _mac_request(payload: Item, verifying: bool) -> MacRequest:
     return MacRequest(data, algorithm, mac)
 
 
-async def mac(ops: Operations, session: Session, payload: Item) -> Item:
+async def _asked(ops: Operations, session: Session, payload: Item, action: str) -> tuple[str, Any]:
+    """The object's identifier and what the access path answered ``action`` (MAC or MACVerify)."""
     from keysteward.kmip.operations import uid_of
 
     uid = uid_of(session, payload)
-    request = _mac_request(payload, verifying=False)
-    done: bytes = await ops.access(session, "kmip.mac", KmipInputs(uid=uid, crypto=request,
-                                                                     request_id=session.batch_id))  # fmt: skip
+    request = _mac_request(payload, verifying=action == "kmip.mac_verify")
+    done = await ops.access(session, action, KmipInputs(uid=uid, crypto=request, request_id=session.batch_id))
     session.placeholder = uid
+    return uid, done
+
+
+async def mac(ops: Operations, session: Session, payload: Item) -> Item:
+    uid, done = await _asked(ops, session, payload, "kmip.mac")
     return t.struct_("ResponsePayload", t.text("UniqueIdentifier", uid), t.byte_string("MacData", done))
 
 
 async def mac_verify(ops: Operations, session: Session, payload: Item) -> Item:
-    from keysteward.kmip.operations import uid_of
-
-    uid = uid_of(session, payload)
-    request = _mac_request(payload, verifying=True)
-    valid: bool = await ops.access(session, "kmip.mac_verify", KmipInputs(uid=uid, crypto=request,
-                                                                            request_id=session.batch_id))  # fmt: skip
-    session.placeholder = uid
+    uid, valid = await _asked(ops, session, payload, "kmip.mac_verify")
     return t.struct_("ResponsePayload", t.text("UniqueIdentifier", uid),
                      t.enumeration("ValidityIndicator", VALID if valid else INVALID))  # fmt: skip
 
