@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keysteward.policy.decision_key import unread_fields
+from keysteward.policy.decision_key import decision_key, unread_fields
 from keysteward.policy.engine import CompiledPolicySet
 from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.facts import PolicyRequest
@@ -132,6 +132,31 @@ def test_facts_with_another_kms_are_the_facts_made_afresh(first: PolicyRequest, 
         made.cedar_context, made.cedar_entities, made.cedar_uids,
     )  # fmt: skip
     assert first.kms["request_id"] != rid or first == made  # the first is unchanged
+
+
+WHOLE = "permit (principal, action, resource) when { context == context };"
+SETS = [PERMIT, PERMIT + BY_OPERATION, PERMIT + BY_REQUEST_ID, PERMIT + BUSINESS_HOURS, WHOLE]
+
+
+@settings(max_examples=60, deadline=None)
+@given(calls, st.lists(st.tuples(st.sampled_from(["r-9", "test-9"]), st.sampled_from(["Encrypt", "ReEncrypt"])),
+                       min_size=1, max_size=4))  # fmt: skip
+def test_the_key_of_facts_with_another_kms_is_the_key_of_the_facts_made_afresh(
+    first: PolicyRequest, others: list[tuple[str, str]]
+) -> None:
+    """Requests made by ``with_kms`` share what the key is made of outside ``context.kms`` with the request
+    they came from (for every set asked about it): that part must never carry one request's kms into another's
+    key, and a second set must never get the first set's part."""
+    unreads = [unread_fields({"p.cedar": text}) for text in SETS]
+    keys_of_first = [decision_key(first, unread) for unread in unreads]
+    for rid, operation in others:
+        rebound = first.with_kms({"operation": operation, "request_id": rid})
+        afresh = [decision_key(_call(rid, operation, first.action, first.time), u) for u in unreads]  # one each
+        assert [decision_key(rebound, u) for u in unreads] == afresh
+    assert [decision_key(first, unread) for unread in unreads] == keys_of_first
+    assert len({decision_key(_call("a", "Encrypt"), u) for u in unreads[:1]} | {
+        decision_key(_call("b", "ReEncrypt"), u) for u in unreads[:1]}) == 1  # fmt: skip
+    assert decision_key(_call("a", "Encrypt"), unreads[1]) != decision_key(_call("b", "ReEncrypt"), unreads[1])
 
 
 @pytest.mark.parametrize(

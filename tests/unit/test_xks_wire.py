@@ -40,6 +40,22 @@ def test_integrity_value_reproduces_the_spec_example() -> None:
     assert body["ciphertextMetadata"] == "a2V5X3ZlcnNpb249MQ=="
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.binary(max_size=4400), st.binary(min_size=12, max_size=12), st.binary(min_size=16, max_size=16),
+       st.none() | st.binary(max_size=20), st.none() | st.binary(min_size=32, max_size=32))  # fmt: skip
+def test_answers_are_json_of_standard_base64_that_decodes_to_the_bytes(
+    data: bytes, iv: bytes, tag: bytes, meta: bytes | None, integrity: bytes | None
+) -> None:
+    """The answers are written without json.dumps: they must still be JSON objects of exactly the spec's
+    fields, each the standard base64 of its bytes (a bytearray plaintext too, as the decrypt hands it)."""
+    assert json.loads(wire.encode_decrypt(bytearray(data))) == {"plaintext": base64.b64encode(data).decode()}
+    result = wire.EncryptResult(ciphertext=data, iv=iv, tag=tag, ciphertext_metadata=meta)
+    body = json.loads(wire.encode_encrypt(result, integrity))
+    expected = {"ciphertext": data, "initializationVector": iv, "authenticationTag": tag,
+                "ciphertextMetadata": meta, "ciphertextDataIntegrityValue": integrity}  # fmt: skip
+    assert body == {k: base64.b64encode(v).decode() for k, v in expected.items() if v is not None}
+
+
 def test_aad_framing_keeps_aad_and_metadata_apart() -> None:
     assert wire.framed_aad(None, None) == b"\x00\x00\x00"
     assert wire.framed_aad(b"ab", b"m") == b"\x00\x02ab\x01m"

@@ -6,8 +6,9 @@ Each tenant has its own chain. A link is a canonical JSON *body*::
      "target": ..., "outcome": "ok" | "denied" | "error", "reason": <code or "">, "details": {...}}
 
 ``hash = sha256(body)`` and ``signature = Ed25519(b"keysteward-audit-v1" | tenant | seq | hash)``
-signs the chain head as of that link. Links written while the server is sealed carry no
-signature; the next signed link covers them through the chain.
+signs the chain head as of that link. The writer signs the last link of each commit (each tenant's
+lot in a batch), and links written while the server is sealed carry no signature: the next signed link
+covers them through the chain.
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward.audit import chain, checkpoint
 from keysteward.audit.group_commit import Effect, GroupCommit, Pending
 from keysteward.errors import KeystewardError, Unavailable
-from keysteward.store.db import Database, for_update
+from keysteward.store.db import Database
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -67,23 +67,35 @@ def _refuse(key: object) -> None:
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 
 
+class _ChainSql:
+    """The three statements of an append in the driver's own SQL (fixed text, bound values), run on the
+    transaction's connection. They run once or more per batch on the writer thread, where each cost about
+    40 µs in SQLAlchemy's execution layer (events, parameter processing, result set-up), under 10 µs here."""
+
+    def __init__(self, sqlite: bool) -> None:
+        if sqlite:  # BEGIN IMMEDIATE already holds the write lock: no FOR UPDATE
+            self.head = "SELECT seq, hash FROM audit_heads WHERE tenant_id = :tenant"
+            self.insert = (
+                "INSERT INTO audit_records (tenant_id, seq, body, hash, signature) "
+                "VALUES (:tenant_id, :seq, :body, :hash, :signature)"
+            )
+            self.move = "UPDATE audit_heads SET seq = :seq, hash = :hash WHERE tenant_id = :tenant"
+        else:
+            self.head = "SELECT seq, hash FROM audit_heads WHERE tenant_id = %(tenant)s FOR UPDATE"
+            self.insert = (
+                "INSERT INTO audit_records (tenant_id, seq, body, hash, signature) "
+                "VALUES (%(tenant_id)s, %(seq)s, %(body)s, %(hash)s, %(signature)s)"
+            )
+            self.move = "UPDATE audit_heads SET seq = %(seq)s, hash = %(hash)s WHERE tenant_id = %(tenant)s"
+
+
 class AuditLog:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._signer: Ed25519PrivateKey | None = None
         self._lock = threading.Lock()
         self._group = GroupCommit(db, self.append_many, check=_check_details)
-        # built once: constructing them per batch cost more CPU than running them (SQLAlchemy's compiled
-        # cache makes the execution cheap, not the construction)
-        self._head_of = for_update(
-            select(AuditHead.seq, AuditHead.hash).where(AuditHead.tenant_id == bindparam("b_tenant")), db
-        )
-        self._insert_records = insert(AuditRecord)
-        self._move_head = (
-            update(AuditHead)
-            .where(AuditHead.tenant_id == bindparam("b_tenant"))
-            .values(seq=bindparam("b_seq"), hash=bindparam("b_hash"))
-        )
+        self._sql = _ChainSql(db.is_sqlite)
         self.on_destroy: list[Callable[[str, int], None]] = []
         """Called with (tenant, seq) when a destroy record is appended (before its transaction commits)."""
 
@@ -123,7 +135,10 @@ class AuditLog:
         return self.append_many(conn, [(tenant_id, fields)])[0]
 
     def append_many(self, conn: Connection, entries: list[tuple[str, dict[str, Any]]]) -> list[int]:
-        """Append records in order; each tenant's head row is locked and moved once for the lot."""
+        """Append records in order; each tenant's head row is locked and moved once for the lot, and only the
+        lot's last link is signed: its signature covers the links before it through the chain (as the next
+        signed link covers those written while sealed), and one Ed25519 signature cost 45 µs of the writer's
+        time per record."""
         for _, fields in entries:
             _check_details(fields.get("details") or {})
         seqs = [0] * len(entries)
@@ -131,15 +146,20 @@ class AuditLog:
         for i, (tenant_id, _) in enumerate(entries):
             by_tenant.setdefault(tenant_id, []).append(i)
         signer = self._signer
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
         try:
             for tenant_id, indexes in by_tenant.items():
-                head = conn.execute(self._head_of, {"b_tenant": tenant_id}).one_or_none()
+                cursor.execute(self._sql.head, {"tenant": tenant_id})
+                head = cursor.fetchone()
                 if head is None:
                     self.ensure_head(conn, tenant_id)
                     seq, prev = 0, chain.GENESIS
                 else:
-                    seq, prev = head.seq, head.hash
+                    seq, prev = head
                 rows = []
+                last = indexes[-1]
                 for i in indexes:
                     fields = entries[i][1]
                     seq += 1
@@ -155,19 +175,25 @@ class AuditLog:
                         details=fields.get("details") or {},
                     )
                     prev = chain.link_hash(body)
-                    signature = chain.sign(signer, tenant_id, seq, prev) if signer is not None else None
+                    signature = chain.sign(signer, tenant_id, seq, prev) if signer is not None and i == last else None
                     rows.append(
                         {"tenant_id": tenant_id, "seq": seq, "body": body, "hash": prev, "signature": signature}
                     )
                     seqs[i] = seq
-                conn.execute(self._insert_records, rows)
+                cursor.executemany(self._sql.insert, rows)
                 destroyed = [seqs[i] for i in indexes if _is_destroy(entries[i][1].get("action", ""))]
-                conn.execute(self._move_head, {"b_tenant": tenant_id, "b_seq": seq, "b_hash": prev})
+                cursor.execute(self._sql.move, {"tenant": tenant_id, "seq": seq, "hash": prev})
                 if destroyed:
                     for callback in self.on_destroy:
                         callback(tenant_id, max(destroyed))
         except (SQLAlchemyError, KeystewardError) as exc:
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
+        except conn.dialect.loaded_dbapi.Error as exc:
+            if conn.dialect.is_disconnect(exc, raw, cursor):
+                conn.invalidate(exc)  # as SQLAlchemy does for its own statements: the pool drops this connection
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
+        finally:
+            cursor.close()
         return seqs
 
     def heads(self) -> list[tuple[str, int, str]]:

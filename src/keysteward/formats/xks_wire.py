@@ -284,21 +284,28 @@ def integrity_value(aad: bytes | None, result: EncryptResult) -> bytes:
     return hashlib.sha256(b"".join(parts)).digest()
 
 
+def _b64_json(fields: list[tuple[bytes, bytes | bytearray]]) -> bytes:
+    """A JSON object of base64 strings, written directly: base64's alphabet needs no JSON escape, and a
+    4 KiB answer cost more in ``json.dumps`` than in its AES-GCM."""
+    parts = [b'"' + name + b'":"' + binascii.b2a_base64(value, newline=False) + b'"' for name, value in fields]
+    return b"{" + b",".join(parts) + b"}"
+
+
 def encode_encrypt(result: EncryptResult, integrity: bytes | None) -> bytes:
-    out = {
-        "ciphertext": b64(result.ciphertext),
-        "initializationVector": b64(result.iv),
-        "authenticationTag": b64(result.tag),
-    }
+    fields: list[tuple[bytes, bytes | bytearray]] = [
+        (b"ciphertext", result.ciphertext),
+        (b"initializationVector", result.iv),
+        (b"authenticationTag", result.tag),
+    ]
     if result.ciphertext_metadata is not None:
-        out["ciphertextMetadata"] = b64(result.ciphertext_metadata)
+        fields.append((b"ciphertextMetadata", result.ciphertext_metadata))
     if integrity is not None:
-        out["ciphertextDataIntegrityValue"] = b64(integrity)
-    return json.dumps(out).encode()
+        fields.append((b"ciphertextDataIntegrityValue", integrity))
+    return _b64_json(fields)
 
 
 def encode_decrypt(plaintext: bytes | bytearray) -> bytes:
-    return json.dumps({"plaintext": b64(bytes(plaintext))}).encode()
+    return _b64_json([(b"plaintext", plaintext)])
 
 
 def encode_metadata(enabled: bool, usage: tuple[str, ...]) -> bytes:

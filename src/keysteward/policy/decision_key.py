@@ -68,15 +68,37 @@ def unread_fields(sources: Mapping[str, str]) -> dict[str, frozenset[str]]:
 
 def decision_key(request: PolicyRequest, unread: Unread) -> bytes:
     """A digest of Cedar's inputs for ``request``, without the ``unread`` fields."""
-    principal, action, resource = request.cedar_uids
-    context = request.cedar_context
     values = request.context_values
-    if any(record in values and not names.isdisjoint(values[record]) for record, names in unread.items()):
-        pruned = check.thaw(values)
-        for record, names in unread.items():
-            if record in pruned:
-                pruned[record] = {k: v for k, v in pruned[record].items() if k not in names}
-        context = json.dumps(pruned, sort_keys=True)
+    if not any(record in values and not names.isdisjoint(values[record]) for record, names in unread.items()):
+        principal, action, resource = request.cedar_uids
+        parts = (principal["type"], principal["id"], action["id"], resource["type"], resource["id"],
+                 request.cedar_entities, request.cedar_context)  # fmt: skip
+        return hashlib.blake2b("\x00".join(parts).encode(), digest_size=32).digest()
+    digest = _outside_kms(request, unread).copy()
+    kms = values.get("kms")
+    if kms is None:
+        digest.update(b"\x00-")  # no context.kms at all, which Cedar can tell from an empty one
+    else:
+        left_out = unread.get("kms", frozenset())
+        kept = {k: v for k, v in kms.items() if k not in left_out}
+        digest.update(b"\x00" + json.dumps(kept, sort_keys=True).encode())
+    return digest.digest()
+
+
+def _outside_kms(request: PolicyRequest, unread: Unread) -> hashlib.blake2b:
+    """The digest of Cedar's inputs but ``context.kms``, pruned, remembered with the request: the requests
+    :meth:`PolicyRequest.with_kms` makes from it share it, and differ from it only in ``context.kms``."""
+    remembered = request.memo.get(id(unread))
+    if remembered is not None and remembered[0] is unread:  # the mapping is held, so its id is not reused
+        held: hashlib.blake2b = remembered[1]
+        return held
+    pruned = {name: check.thaw(value) for name, value in request.context_values.items() if name != "kms"}
+    for record, names in unread.items():
+        if record in pruned and record != "kms":
+            pruned[record] = {k: v for k, v in pruned[record].items() if k not in names}
+    principal, action, resource = request.cedar_uids
     parts = (principal["type"], principal["id"], action["id"], resource["type"], resource["id"],
-             request.cedar_entities, context)  # fmt: skip
-    return hashlib.blake2b("\x00".join(parts).encode(), digest_size=32).digest()
+             request.cedar_entities, json.dumps(pruned, sort_keys=True), "")  # fmt: skip
+    digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=32)
+    request.memo[id(unread)] = (unread, digest)
+    return digest

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Final
 
 from keysteward.policy import fact_values as check
@@ -214,8 +215,12 @@ class PolicyRequest:
     """A host's hardware facts (VM actions only): ``context.host`` (see :data:`HOST_FACTS`)."""
     cedar_uids: tuple[dict[str, str], dict[str, str], dict[str, str]] = field(init=False, repr=False, compare=False)
     cedar_entities: str = field(init=False, repr=False, compare=False)
-    cedar_context: str = field(init=False, repr=False, compare=False)
     context_values: Mapping[str, Any] = field(init=False, repr=False, compare=False)
+    context_json: str | None = field(init=False, default=None, repr=False, compare=False)
+    """``context_values`` as Cedar's JSON, made when first asked for (:attr:`cedar_context`)."""
+    memo: dict[int, Any] = field(init=False, default_factory=dict, repr=False, compare=False)
+    """What readers derive from everything but ``context.kms`` (:mod:`keysteward.policy.decision_key`),
+    shared with the requests :meth:`with_kms` makes from this one, which differ from it only there."""
     source_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -288,8 +293,16 @@ class PolicyRequest:
         object.__setattr__(self, "source_address", address)
         object.__setattr__(self, "cedar_uids", uids)
         object.__setattr__(self, "cedar_entities", json.dumps(_entities(tenant, principal, resource), sort_keys=True))
-        object.__setattr__(self, "cedar_context", json.dumps(context, sort_keys=True))
         object.__setattr__(self, "context_values", check.freeze(context))
+
+    @property
+    def cedar_context(self) -> str:
+        """The context as Cedar's JSON (made once, when a decision is not remembered and Cedar is asked)."""
+        text = self.context_json
+        if text is None:
+            text = json.dumps(check.thaw(self.context_values), sort_keys=True)
+            object.__setattr__(self, "context_json", text)
+        return text
 
     def with_kms(self, kms: Mapping[str, str]) -> PolicyRequest:
         """This request with another ``context.kms``: an XKS call like an earlier one but for its
@@ -297,14 +310,14 @@ class PolicyRequest:
         resource and entities are the earlier request's, already checked."""
         if not self.kms:
             raise check.fail("kms", f"applies to key uses only, not to {self.action}")
-        checked = _kms(kms)
-        context = check.thaw(self.context_values)
-        context["kms"] = checked
+        kms_values = check.freeze(_kms(kms))
+        context = dict(self.context_values)
+        context["kms"] = kms_values
         other = object.__new__(PolicyRequest)
-        other.__dict__.update(self.__dict__)
-        object.__setattr__(other, "kms", check.freeze(checked))
-        object.__setattr__(other, "cedar_context", json.dumps(context, sort_keys=True))
-        object.__setattr__(other, "context_values", check.freeze(context))
+        other.__dict__.update(self.__dict__)  # ``memo`` too: it holds nothing of context.kms
+        object.__setattr__(other, "kms", kms_values)
+        object.__setattr__(other, "context_values", MappingProxyType(context))
+        object.__setattr__(other, "context_json", None)
         return other
 
     def to_json(self) -> dict[str, Any]:

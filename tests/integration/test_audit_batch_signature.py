@@ -1,0 +1,78 @@
+"""The audit writer signs the last link of each tenant's lot in a batch, not every link: the signature covers
+the links before it through the chain. Played on SQLite and PostgreSQL with the real AuditLog: the chains
+verify with a signed head, and an attacker with database access (without the audit key) who rewrites an
+unsigned link of a batch, and every hash after it, is caught at the batch's signed link."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select, update
+
+from keysteward.audit import chain
+from keysteward.audit.log import AuditLog
+from keysteward.store.db import Database
+from keysteward.store.models import AuditRecord
+
+pytestmark = pytest.mark.integration
+
+
+def _fields(n: int) -> dict[str, object]:
+    return {"actor": "xks:AKID", "action": "xks.decrypt", "target": "key:k", "details": {"n": n}}
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_batch_is_signed_at_its_last_link_and_a_rewrite_inside_it_is_caught(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = f"sqlite:///{tmp_path / 'k.db'}" if engine == "sqlite" else request.getfixturevalue("pg_url")
+    db = Database(url)
+    db.migrate()
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(db)
+    log.set_signer(key)
+    try:
+        with db.write() as conn:  # two batches; the first interleaves two tenants' records
+            first = log.append_many(conn, [("t1", _fields(1)), ("t2", _fields(1)), ("t1", _fields(2)),
+                                           ("t1", _fields(3)), ("t2", _fields(2))])  # fmt: skip
+        with db.write() as conn:
+            second = log.append_many(conn, [("t1", _fields(4)), ("t1", _fields(5))])
+        assert (first, second) == ([1, 1, 2, 3, 2], [4, 5])
+        t1, t2 = log.links("t1"), log.links("t2")
+        assert [link.signature is not None for link in t1] == [False, False, True, False, True]
+        assert [link.signature is not None for link in t2] == [False, True]
+        for links, tenant in ((t1, "t1"), (t2, "t2")):
+            report = chain.verify(links, key.public_key(), tenant_id=tenant)
+            chain.require_signed_head(report)
+            assert (report.records, report.unsigned_tail) == (len(links), 0)
+        assert [json.loads(link.body)["details"]["n"] for link in t1] == [1, 2, 3, 4, 5]
+
+        # the attacker rewrites record 2 of t1 (unsigned, inside the first batch) and rehashes 2 and 3 so the
+        # chain links up again; he cannot sign, so record 3 keeps the signature of the hash it had
+        forged, prev = [], t1[0].hash
+        for link in t1[1:3]:
+            body = json.loads(link.body)
+            body.update(prev=prev, **({"actor": "nobody"} if link.seq == 2 else {}))
+            text = chain.canonical(body)
+            forged.append(dataclasses.replace(link, body=text, hash=chain.link_hash(text)))
+            prev = forged[-1].hash
+        with db.write() as conn:
+            for link in forged:
+                conn.execute(
+                    update(AuditRecord)
+                    .where(AuditRecord.tenant_id == "t1", AuditRecord.seq == link.seq)
+                    .values(body=link.body, hash=link.hash)
+                )
+        with db.read() as conn:
+            assert conn.execute(select(AuditRecord.hash).where(AuditRecord.seq == 2, AuditRecord.tenant_id == "t1")
+                                ).scalar_one() == forged[0].hash  # fmt: skip
+        with pytest.raises(chain.ChainBroken) as caught:
+            chain.verify(log.links("t1"), key.public_key(), tenant_id="t1")
+        assert caught.value.seq == 3 and "signature" in caught.value.message
+    finally:
+        log.close()
+        db.dispose()
