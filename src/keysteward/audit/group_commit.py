@@ -122,18 +122,21 @@ class GroupCommit:
         self, tenant_id: str, fields: dict[str, Any], effect: Effect | None, *, writes: bool = True, first: bool = False
     ) -> int:
         loop = asyncio.get_running_loop()
-        committed: asyncio.Future[None] = loop.create_future()
+        committed: asyncio.Future[bool] = loop.create_future()
 
-        def wake() -> None:
+        def settle(in_time: bool) -> None:
             if not committed.done():
-                committed.set_result(None)
+                committed.set_result(in_time)
 
-        notify = lambda: loop.call_soon_threadsafe(wake)  # noqa: E731 - a callback made here for this loop
+        notify = lambda: loop.call_soon_threadsafe(settle, True)  # noqa: E731 - a callback made here for this loop
         pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes, first=first))
+        timer = loop.call_later(WAIT_SECONDS, settle, False)  # a timer handle, not asyncio.wait_for's extra task
         try:
-            await asyncio.wait_for(committed, WAIT_SECONDS)
-        except TimeoutError as exc:
-            raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
+            in_time = await committed
+        finally:
+            timer.cancel()
+        if not in_time:
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
         return pending.result()
 
     def enqueue(self, pending: Pending) -> Pending:

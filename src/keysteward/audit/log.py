@@ -94,7 +94,7 @@ class AuditLog:
         self.db = db
         self._signer: Ed25519PrivateKey | None = None
         self._lock = threading.Lock()
-        self._group = GroupCommit(db, self.append_many, check=_check_details)
+        self._group = GroupCommit(db, self._append_checked, check=_check_details)
         self._sql = _ChainSql(db.is_sqlite)
         self.on_destroy: list[Callable[[str, int], None]] = []
         """Called with (tenant, seq) when a destroy record is appended (before its transaction commits)."""
@@ -141,6 +141,11 @@ class AuditLog:
         time per record."""
         for _, fields in entries:
             _check_details(fields.get("details") or {})
+        return self._append_checked(conn, entries)
+
+    def _append_checked(self, conn: Connection, entries: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        """:meth:`append_many` of records whose details were checked when they were handed over (the writer's
+        batches: :meth:`record` checks them, and the group commit checks what each effect returns)."""
         seqs = [0] * len(entries)
         by_tenant: dict[str, list[int]] = {}
         for i, (tenant_id, _) in enumerate(entries):
