@@ -137,13 +137,16 @@ def _lease_request(request: Request, action: str, lease_id: str, token: bytes) -
 
 
 @router.post("/leases/{lease_id}/renew")
-def renew(lease_id: LeaseId, body: LeaseToken, request: Request) -> RenewOut:
-    answer: RenewAnswer = services(request).access.decide(
-        _lease_request(request, "lease.renew", lease_id, unb64(body.token))
-    )
+async def renew(lease_id: LeaseId, body: LeaseToken, request: Request) -> RenewOut:
+    """On the event loop, like a release: the lease's reads run in a thread, and the wait for the renewal's
+    audit commit holds none (a sync route held a worker thread for it, and a boot storm's cold releases
+    need those threads too)."""
+    asked = await anyio.to_thread.run_sync(_lease_request, request, "lease.renew", lease_id, unb64(body.token))
+    answer: RenewAnswer = await services(request).access.decide_async(asked)
     return RenewOut(action=answer.action, expires_at=answer.expires_at)
 
 
 @router.post("/leases/{lease_id}/end", status_code=204)
-def end(lease_id: LeaseId, body: LeaseToken, request: Request) -> None:
-    services(request).access.decide(_lease_request(request, "lease.end", lease_id, unb64(body.token)))
+async def end(lease_id: LeaseId, body: LeaseToken, request: Request) -> None:
+    asked = await anyio.to_thread.run_sync(_lease_request, request, "lease.end", lease_id, unb64(body.token))
+    await services(request).access.decide_async(asked)
