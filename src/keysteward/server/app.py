@@ -10,6 +10,7 @@ loopback peers, or any peer with a system-tenant token that may read the audit l
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -213,6 +214,15 @@ async def _send_413(send: Any, limit: int) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+def _no_native_telemetry() -> dict[str, Any]:
+    """FastAPI 0.16x's own OpenTelemetry layer off, where FastAPI has it: keysteward exports its metrics to
+    Prometheus itself, and the layer asked OpenTelemetry for its providers (reading the environment) on
+    every request."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def create_app(svc: Services) -> FastAPI:
     app = FastAPI(
         title="keysteward",
@@ -221,6 +231,7 @@ def create_app(svc: Services) -> FastAPI:
         openapi_url="/v1/openapi.json",
         docs_url="/v1/docs",
         redoc_url=None,
+        **_no_native_telemetry(),
     )
     app.state.services = svc
     seal = svc.settings.seal
