@@ -42,3 +42,26 @@ def test_a_write_that_finds_the_database_locked_is_unavailable_and_writes_nothin
     finally:
         other.close()
         db.dispose()
+
+
+def test_a_kept_write_connection_is_reused_and_replaced_after_a_failure(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}")
+    db.migrate()
+    try:
+        with db.write(keep=True) as conn:
+            conn.execute(text("CREATE TABLE probe (n INTEGER PRIMARY KEY)"))
+            first = conn
+        with db.write(keep=True) as conn:
+            conn.execute(text("INSERT INTO probe VALUES (1)"))
+            assert conn is first  # no checkout between the audit writer's batches
+        with pytest.raises(Exception, match="UNIQUE"):
+            with db.write(keep=True) as conn:
+                conn.execute(text("INSERT INTO probe VALUES (2)"))
+                conn.execute(text("INSERT INTO probe VALUES (1)"))  # fails: the whole transaction is undone
+        with db.write(keep=True) as conn:
+            assert conn is not first and first.closed  # a failure leaves nothing kept behind
+            conn.execute(text("INSERT INTO probe VALUES (3)"))
+        with db.read() as conn:
+            assert conn.execute(text("SELECT n FROM probe ORDER BY n")).scalars().all() == [1, 3]
+    finally:
+        db.dispose()

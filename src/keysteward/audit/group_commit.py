@@ -164,7 +164,7 @@ class GroupCommit:
             error: KeystewardError | None = None
             again: list[Pending] = []
             try:
-                with self.db.write() as conn:
+                with self.db.write(keep=True) as conn:
                     self._lock_heads(conn, batch)
                     recorded = self._run_effects(conn, batch, again)
                     seqs = self._append(conn, [(p.tenant_id, p.fields) for p in recorded])

@@ -67,6 +67,8 @@ class Database:
             raise ValueError("database_url must be sqlite:/// or postgresql+psycopg://")
         self._writer: Engine = self.engine.execution_options(ks_write=True)
         self._thread_lock = threading.Lock()
+        self._kept = threading.local()
+        """A thread's kept SQLite write connection (``write(keep=True)``)."""
         self._lock_file: int | None = None
         self._stop = threading.Event()
         if self.is_sqlite and self.engine.url.database not in (None, "", ":memory:"):
@@ -100,18 +102,36 @@ class Database:
             yield conn
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self, *, keep: bool = False) -> Iterator[Connection]:
+        """A write transaction. ``keep``: on SQLite, this thread keeps its connection for its next ``keep``
+        write (the audit writer's batches: a pool checkout and return cost a third of an empty transaction);
+        a PostgreSQL connection is always checked out per transaction, which the guard's deadline is for."""
+        if keep and self.is_sqlite:
+            with _translate(), self._write_lock():
+                conn = getattr(self._kept, "conn", None)
+                if conn is None or conn.closed or conn.invalidated:
+                    conn = self._kept.conn = self._writer.connect()
+                try:
+                    yield from self._transaction(conn)
+                except BaseException:
+                    self._kept.conn = None
+                    conn.close()  # after a failure, the next write starts on a fresh connection
+                    raise
+            return
         with _translate(), self._write_lock(), self._writer.connect() as conn:
-            raw = conn.connection.dbapi_connection
-            if self._guard is not None:
-                pg_ha.clear_notices(raw)
-            conn.info.pop(_AFTER_COMMIT, None)  # a pooled connection: nothing left from an earlier use
-            with conn.begin():
-                yield conn
-            if self._guard is not None and pg_ha.commit_was_cancelled(raw):
-                raise Unavailable(pg_ha.SYNC_CANCELLED, code="database_unavailable")
-            for hook in conn.info.pop(_AFTER_COMMIT, ()):
-                hook()
+            yield from self._transaction(conn)
+
+    def _transaction(self, conn: Connection) -> Iterator[Connection]:
+        raw = conn.connection.dbapi_connection
+        if self._guard is not None:
+            pg_ha.clear_notices(raw)
+        conn.info.pop(_AFTER_COMMIT, None)  # a pooled connection: nothing left from an earlier use
+        with conn.begin():
+            yield conn
+        if self._guard is not None and pg_ha.commit_was_cancelled(raw):
+            raise Unavailable(pg_ha.SYNC_CANCELLED, code="database_unavailable")
+        for hook in conn.info.pop(_AFTER_COMMIT, ()):
+            hook()
 
     @staticmethod
     def after_commit(conn: Connection, hook: Callable[[], None]) -> None:
