@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from keysteward.audit import chain
+from keysteward.audit.group_commit import Effect
 from keysteward.audit.log import AuditLog
+from keysteward.errors import Conflict
 from keysteward.store.db import Database
 from keysteward.store.models import AuditRecord
 
@@ -73,6 +78,65 @@ def test_a_batch_is_signed_at_its_last_link_and_a_rewrite_inside_it_is_caught(
         with pytest.raises(chain.ChainBroken) as caught:
             chain.verify(log.links("t1"), key.public_key(), tenant_id="t1")
         assert caught.value.seq == 3 and "signature" in caught.value.message
+    finally:
+        log.close()
+        db.dispose()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_an_append_undone_with_its_effect_leaves_no_gap_in_the_chain(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An effect that appends a record in the batch's transaction and is then refused is undone by its
+    savepoint, its record too: the heads the batch locked (and remembers) must not keep the undone move."""
+    url = f"sqlite:///{tmp_path / 'k.db'}" if engine == "sqlite" else request.getfixturevalue("pg_url")
+    db = Database(url)
+    db.migrate()
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(db)
+    log.set_signer(key)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(conn: Connection) -> dict[str, Any]:
+        holding.set()
+        assert release.wait(10)
+        return {"actor": "test", "action": "held"}
+
+    def plain(n: int) -> Effect:
+        return lambda conn: {"actor": "test", "action": f"plain.{n}"}
+
+    def appends_then_refuses(conn: Connection) -> dict[str, Any]:
+        log.append(conn, "t1", actor="test", action="inner.append")
+        raise Conflict("refused after its append", code="refused")
+
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, effect: Effect) -> None:
+        try:
+            outcomes[name] = log.commit("t1", effect)
+        except Conflict as exc:
+            outcomes[name] = exc
+
+    try:
+        log.record("t1", actor="test", action="first")
+        held = threading.Thread(target=run, args=("held", hold))
+        held.start()
+        assert holding.wait(10)  # the writer is inside a batch: the next three wait for one batch together
+        threads = [threading.Thread(target=run, args=item) for item in
+                   (("p1", plain(1)), ("refused", appends_then_refuses), ("p2", plain(2)))]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        release.set()
+        for thread in [held, *threads]:
+            thread.join(30)
+        assert isinstance(outcomes["refused"], Conflict)
+        links = log.links("t1")
+        report = chain.verify(links, key.public_key(), tenant_id="t1")
+        chain.require_signed_head(report)
+        actions = [json.loads(link.body)["action"] for link in links]
+        assert sorted(actions) == ["first", "held", "plain.1", "plain.2"] and report.records == 4
+        assert sorted([outcomes["p1"], outcomes["p2"]]) == [3, 4]
     finally:
         log.close()
         db.dispose()

@@ -24,6 +24,9 @@ from keysteward.store.db import Database, for_update
 from keysteward.store.models import AuditHead
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
+HEADS = "audit_heads"
+"""In :meth:`Database.transaction_info`: {tenant: (seq, hash)} of the chain heads this transaction holds
+locked, kept current by every append in it (PostgreSQL: the append then reads no head again)."""
 BATCH = 512
 FIRST_AT_MOST = BATCH // 2
 EFFECT_TRIES = 3
@@ -42,6 +45,7 @@ def _savepoint(conn: Connection) -> Iterator[None]:
     except BaseException:
         conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ks_effect")
         conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
+        Database.transaction_info(conn).pop(HEADS, None)  # an append the rollback undid may have moved them
         raise
     conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
 
@@ -202,11 +206,13 @@ class GroupCommit:
         if self.db.is_sqlite or not any(p.effect is not None for p in batch):
             return
         tenants = sorted({p.tenant_id for p in batch})
-        conn.execute(
-            for_update(select(AuditHead.tenant_id).where(AuditHead.tenant_id.in_(tenants)), self.db).order_by(
-                AuditHead.tenant_id
-            )
+        rows = conn.execute(
+            for_update(
+                select(AuditHead.tenant_id, AuditHead.seq, AuditHead.hash).where(AuditHead.tenant_id.in_(tenants)),
+                self.db,
+            ).order_by(AuditHead.tenant_id)
         ).all()
+        Database.transaction_info(conn)[HEADS] = {row.tenant_id: (row.seq, row.hash) for row in rows}
 
     def _run_effects(self, conn: Connection, batch: list[Pending], again: list[Pending]) -> list[Pending]:
         """Run each effect under its own savepoint; those that refuse are undone and left unrecorded.

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward.audit import chain, checkpoint
-from keysteward.audit.group_commit import Effect, GroupCommit, Pending
+from keysteward.audit.group_commit import HEADS, Effect, GroupCommit, Pending
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
@@ -153,11 +153,14 @@ class AuditLog:
         signer = self._signer
         raw = conn.connection.dbapi_connection
         assert raw is not None
+        locked: dict[str, tuple[int, str]] | None = Database.transaction_info(conn).get(HEADS)
         cursor = raw.cursor()
         try:
             for tenant_id, indexes in by_tenant.items():
-                cursor.execute(self._sql.head, {"tenant": tenant_id})
-                head = cursor.fetchone()
+                head = locked.get(tenant_id) if locked is not None else None
+                if head is None:  # not locked by this transaction's batch yet (a round trip on PostgreSQL)
+                    cursor.execute(self._sql.head, {"tenant": tenant_id})
+                    head = cursor.fetchone()
                 if head is None:
                     self.ensure_head(conn, tenant_id)
                     seq, prev = 0, chain.GENESIS
@@ -188,6 +191,8 @@ class AuditLog:
                 cursor.executemany(self._sql.insert, rows)
                 destroyed = [seqs[i] for i in indexes if _is_destroy(entries[i][1].get("action", ""))]
                 cursor.execute(self._sql.move, {"tenant": tenant_id, "seq": seq, "hash": prev})
+                if locked is not None:
+                    locked[tenant_id] = (seq, prev)
                 if destroyed:
                     for callback in self.on_destroy:
                         callback(tenant_id, max(destroyed))

@@ -33,6 +33,7 @@ from keysteward.store import pg_ha
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _AFTER_COMMIT = "keysteward.after_commit"
+_TRANSACTION = "keysteward.transaction"
 CHECKPOINT_SECONDS = 1.0
 TIMEOUT_SECONDS = 10.0
 """PostgreSQL: a statement (a commit waiting for a synchronous standby included) is cancelled after this."""
@@ -126,12 +127,23 @@ class Database:
         if self._guard is not None:
             pg_ha.clear_notices(raw)
         conn.info.pop(_AFTER_COMMIT, None)  # a pooled connection: nothing left from an earlier use
-        with conn.begin():
-            yield conn
+        conn.info.pop(_TRANSACTION, None)
+        try:
+            with conn.begin():
+                yield conn
+        finally:
+            conn.info.pop(_TRANSACTION, None)
         if self._guard is not None and pg_ha.commit_was_cancelled(raw):
             raise Unavailable(pg_ha.SYNC_CANCELLED, code="database_unavailable")
         for hook in conn.info.pop(_AFTER_COMMIT, ()):
             hook()
+
+    @staticmethod
+    def transaction_info(conn: Connection) -> dict[str, Any]:
+        """Scratch space that lives as long as the write transaction of ``conn`` (what it has learned, such
+        as the audit heads it locked); empty again in the next transaction."""
+        info: dict[str, Any] = conn.info.setdefault(_TRANSACTION, {})
+        return info
 
     @staticmethod
     def after_commit(conn: Connection, hook: Callable[[], None]) -> None:
