@@ -25,6 +25,7 @@ from tests.support.kmip_client import KmipConn, aes_256_template, batch_item, ui
 from keysteward.formats import kmip_ttlv as t
 
 SOURCE = Path(__file__).with_name("kmip_load.c")
+HEADER = Path(__file__).with_name("kmip_load_ttlv.h")
 THREADS = 16
 
 
@@ -35,7 +36,7 @@ def cache_dir() -> Path:
 
 def build() -> Path:
     """The compiled load generator, from the cache when its source is unchanged."""
-    source = SOURCE.read_bytes()
+    source = SOURCE.read_bytes() + HEADER.read_bytes()
     binary = cache_dir() / f"kmip_load-{hashlib.sha256(source).hexdigest()[:16]}"
     if binary.exists():
         return binary

@@ -162,25 +162,24 @@ async def run_fleet(
             await p.close()
 
 
-async def check_leases(world: World, agents: list[Agent]) -> dict[int, str]:
-    """Agents whose lease, as the server lists it, is not the one active, unexpired lease of its volume.
+async def check_leases(world: World, agents: list[Agent], ended: datetime) -> dict[int, str]:
+    """Agents whose lease, as the server lists it, was not the one live lease of its volume when the run
+    ``ended``: the renewals stop then, and a listing some seconds later may find a kept lease run out since
+    (state ``expired``, expiry after ``ended``), which is not a lost one.
 
     ``GET /v1/leases`` lists at most 1,000 leases, so each volume's leases are asked for on their own.
     """
     pool = HttpPool(world.server.url, world.server.ca_file, POOL, token=world.admin.token)
-    now = datetime.now(UTC)
     problems: dict[int, str] = {}
 
     async def one(agent: Agent) -> None:
         status, listed = await pool.request("GET", f"/v1/leases?volume={agent.volume_id}")
         if status != 200:
             raise BenchError(f"GET /v1/leases?volume={agent.volume_id} answered {status}: {listed}")
-        active = [x for x in listed if x["state"] == "active"]
-        mine = [x for x in active if x["id"] == agent.lease_id]
-        if len(active) != 1 or not mine:
-            problems[agent.index] = f"active leases {active}"
-        elif _utc(mine[0]["expires_at"]) <= now:
-            problems[agent.index] = f"lease expired at {mine[0]['expires_at']}"
+        live = [x for x in listed if x["state"] in ("active", "expired") and _utc(x["expires_at"]) > ended]
+        mine = [x for x in live if x["id"] == agent.lease_id]
+        if len(live) != 1 or not mine:
+            problems[agent.index] = f"leases live at the end {live} (listed: {[x['state'] for x in listed]})"
 
     try:
         await asyncio.gather(*(one(a) for a in agents))

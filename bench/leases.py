@@ -22,10 +22,11 @@ readable lines also say how late the loop started renewals and how much CPU the 
 renewal in the measured phase.
 
 Counted: renewals answered ``continue``; any other answer (``expired`` = the lease was lost),
-errors (non-200, broken connections). Checked after the run, through the API: every agent's lease is
-``active`` and unexpired (``GET /v1/leases?volume=``), and the audit log holds no ``suspected_clone``
-record. Then a clone of one instance (``DevCloud.clone``) asks for that instance's volume and must be
-denied ``suspected_clone`` with exactly one alarm audited, so "no false alarm" is not vacuous.
+errors (non-200, broken connections). Checked after the run, through the API: every agent's lease was
+the one live lease of its volume when the run ended (``GET /v1/leases?volume=``: active, or expired only
+since, as the renewals stopped), and the audit log holds no ``suspected_clone`` record. Then a clone of
+one instance (``DevCloud.clone``) asks for that instance's volume and must be denied ``suspected_clone``
+with exactly one alarm audited, so "no false alarm" is not vacuous.
 
 Figures: ``leases_lost`` (target 0), ``false_clone_alarms`` (target 0), ``renewals_per_s`` (reference:
 the schedule's rate N/10; ratio = achieved / scheduled) and ``renew_p99_ms`` (reference: the renewal
@@ -40,7 +41,9 @@ import asyncio
 import os
 import statistics
 import sys
+import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from _common import (
@@ -91,19 +94,37 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> list[dict[str, Any]]:
         return process_cpu_seconds(server_pids), process_cpu_seconds(pids), time.process_time(), busy, total
 
     stats, (server_cpu, db_cpu, own_cpu, busy, total) = asyncio.run(run_fleet(world, agents, args.duration, cpu))
+    ended = datetime.now(UTC)
 
     lost_by_answer = [a for a in agents if a.lost]
-    problems = asyncio.run(check_leases(world, agents))
-    lost = {a.index for a in lost_by_answer} | set(problems)
-    alarms = clone_alarms(world, seq0)
+    # the clone check below needs a live lease: the first agent whose lease the run kept renews at once, as
+    # it would go on doing. The run's renewals stopped at its end, and the checks next (5,000 lease listings,
+    # the audit log of 60,000 renewals) can take longer than a lease's 30 s: a holder picked after them had
+    # its lease run out meanwhile, and every agent was reported lost (seen once)
+    holder = next((a for a in agents if not a.lost and _renews(world, a)), None)
+    checking = threading.Event()
 
-    # prove the alarm works: a clone of the first agent that still holds its lease asks for that agent's volume
-    # (a lost lease is reported as leases_lost below; the clone check needs a live one)
-    # renewed first, as its agent would go on doing: the run's renewals stopped at its end, and the checks
-    # above take long enough at 5,000 agents for a lease to run out meanwhile
-    holder = next((a for a in agents if a.index not in lost and _renews(world, a)), None)
+    def keep_renewing(agent: Agent) -> None:  # every 5 s while the checks run, as its agent would
+        while not checking.wait(5) and _renews(world, agent):
+            pass
+
+    if holder is not None:
+        threading.Thread(target=keep_renewing, args=(holder,), daemon=True).start()
+    try:
+        problems = asyncio.run(check_leases(world, agents, ended))
+        lost = {a.index for a in lost_by_answer} | set(problems)
+        alarms = clone_alarms(world, seq0)
+    finally:
+        checking.set()
+
+    # prove the alarm works: a clone of that agent's instance asks for its volume
     if holder is None:
-        raise BenchError(f"every one of the {len(agents)} leases was lost; e.g. {sorted(problems.items())[:3]}")
+        raise BenchError(
+            f"every one of the {len(agents)} leases was lost: {len(lost_by_answer)} renewal(s) answered other than "
+            f"continue, e.g. {[a.lost for a in lost_by_answer[:3]]}; listing: {sorted(problems.items())[:3]}"
+        )
+    if not _renews(world, holder):  # again after the checks: the clone must meet a live lease
+        raise BenchError(f"agent {holder.index}'s lease could not be renewed after the checks")
     seq1 = world.admin.last_seq()
     clone = world.cloud.clone(holder.instance.id)
     status, answer, _ = world.release(clone, holder.volume_id)
@@ -165,7 +186,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> list[dict[str, Any]]:
         f"machine {busy / max(1.0, total):.0%} busy of {cores} cores"
     )
     say(
-        f"[{engine}]   after the run: {len(agents) - len(problems)} of {len(agents)} leases active and unexpired"
+        f"[{engine}]   after the run: {len(agents) - len(problems)} of {len(agents)} leases live when it ended"
+        " (and no other on their volumes)"
         + (f"; e.g. {sorted(problems.items())[:3]}" if problems else "")
         + f"; {len(lost_by_answer)} renewal(s) answered other than continue"
         + (f" (e.g. agent {lost_by_answer[0].index}: {lost_by_answer[0].lost})" if lost_by_answer else "")
