@@ -9,6 +9,7 @@ import dataclasses
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,71 +31,71 @@ def _fields(n: int) -> dict[str, object]:
     return {"actor": "xks:AKID", "action": "xks.decrypt", "target": "key:k", "details": {"n": n}}
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_a_batch_is_signed_at_its_last_link_and_a_rewrite_inside_it_is_caught(
-    engine: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    url = f"sqlite:///{tmp_path / 'k.db'}" if engine == "sqlite" else request.getfixturevalue("pg_url")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def signed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Database, AuditLog, Ed25519PrivateKey]]:
+    """A migrated database of each engine and its audit log with a signing key."""
+    url = f"sqlite:///{tmp_path / 'k.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     db = Database(url)
     db.migrate()
     key = Ed25519PrivateKey.generate()
     log = AuditLog(db)
     log.set_signer(key)
     try:
-        with db.write() as conn:  # two batches; the first interleaves two tenants' records
-            first = log.append_many(conn, [("t1", _fields(1)), ("t2", _fields(1)), ("t1", _fields(2)),
-                                           ("t1", _fields(3)), ("t2", _fields(2))])  # fmt: skip
-        with db.write() as conn:
-            second = log.append_many(conn, [("t1", _fields(4)), ("t1", _fields(5))])
-        assert (first, second) == ([1, 1, 2, 3, 2], [4, 5])
-        t1, t2 = log.links("t1"), log.links("t2")
-        assert [link.signature is not None for link in t1] == [False, False, True, False, True]
-        assert [link.signature is not None for link in t2] == [False, True]
-        for links, tenant in ((t1, "t1"), (t2, "t2")):
-            report = chain.verify(links, key.public_key(), tenant_id=tenant)
-            chain.require_signed_head(report)
-            assert (report.records, report.unsigned_tail) == (len(links), 0)
-        assert [json.loads(link.body)["details"]["n"] for link in t1] == [1, 2, 3, 4, 5]
-
-        # the attacker rewrites record 2 of t1 (unsigned, inside the first batch) and rehashes 2 and 3 so the
-        # chain links up again; he cannot sign, so record 3 keeps the signature of the hash it had
-        forged, prev = [], t1[0].hash
-        for link in t1[1:3]:
-            body = json.loads(link.body)
-            body.update(prev=prev, **({"actor": "nobody"} if link.seq == 2 else {}))
-            text = chain.canonical(body)
-            forged.append(dataclasses.replace(link, body=text, hash=chain.link_hash(text)))
-            prev = forged[-1].hash
-        with db.write() as conn:
-            for link in forged:
-                conn.execute(
-                    update(AuditRecord)
-                    .where(AuditRecord.tenant_id == "t1", AuditRecord.seq == link.seq)
-                    .values(body=link.body, hash=link.hash)
-                )
-        with db.read() as conn:
-            assert conn.execute(select(AuditRecord.hash).where(AuditRecord.seq == 2, AuditRecord.tenant_id == "t1")
-                                ).scalar_one() == forged[0].hash  # fmt: skip
-        with pytest.raises(chain.ChainBroken) as caught:
-            chain.verify(log.links("t1"), key.public_key(), tenant_id="t1")
-        assert caught.value.seq == 3 and "signature" in caught.value.message
+        yield db, log, key
     finally:
         log.close()
         db.dispose()
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_batch_is_signed_at_its_last_link_and_a_rewrite_inside_it_is_caught(
+    signed: tuple[Database, AuditLog, Ed25519PrivateKey],
+) -> None:
+    db, log, key = signed
+    with db.write() as conn:  # two batches; the first interleaves two tenants' records
+        first = log.append_many(conn, [("t1", _fields(1)), ("t2", _fields(1)), ("t1", _fields(2)),
+                                       ("t1", _fields(3)), ("t2", _fields(2))])  # fmt: skip
+    with db.write() as conn:
+        second = log.append_many(conn, [("t1", _fields(4)), ("t1", _fields(5))])
+    assert (first, second) == ([1, 1, 2, 3, 2], [4, 5])
+    t1, t2 = log.links("t1"), log.links("t2")
+    assert [link.signature is not None for link in t1] == [False, False, True, False, True]
+    assert [link.signature is not None for link in t2] == [False, True]
+    for links, tenant in ((t1, "t1"), (t2, "t2")):
+        report = chain.verify(links, key.public_key(), tenant_id=tenant)
+        chain.require_signed_head(report)
+        assert (report.records, report.unsigned_tail) == (len(links), 0)
+    assert [json.loads(link.body)["details"]["n"] for link in t1] == [1, 2, 3, 4, 5]
+
+    # the attacker rewrites record 2 of t1 (unsigned, inside the first batch) and rehashes 2 and 3 so the
+    # chain links up again; he cannot sign, so record 3 keeps the signature of the hash it had
+    forged, prev = [], t1[0].hash
+    for link in t1[1:3]:
+        body = json.loads(link.body)
+        body.update(prev=prev, **({"actor": "nobody"} if link.seq == 2 else {}))
+        text = chain.canonical(body)
+        forged.append(dataclasses.replace(link, body=text, hash=chain.link_hash(text)))
+        prev = forged[-1].hash
+    with db.write() as conn:
+        for link in forged:
+            conn.execute(
+                update(AuditRecord)
+                .where(AuditRecord.tenant_id == "t1", AuditRecord.seq == link.seq)
+                .values(body=link.body, hash=link.hash)
+            )
+    with db.read() as conn:
+        assert conn.execute(select(AuditRecord.hash).where(AuditRecord.seq == 2, AuditRecord.tenant_id == "t1")
+                            ).scalar_one() == forged[0].hash  # fmt: skip
+    with pytest.raises(chain.ChainBroken) as caught:
+        chain.verify(log.links("t1"), key.public_key(), tenant_id="t1")
+    assert caught.value.seq == 3 and "signature" in caught.value.message
+
+
 def test_an_append_undone_with_its_effect_leaves_no_gap_in_the_chain(
-    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+    signed: tuple[Database, AuditLog, Ed25519PrivateKey],
 ) -> None:
     """An effect that appends a record in the batch's transaction and is then refused is undone by its
     savepoint, its record too: the heads the batch locked (and remembers) must not keep the undone move."""
-    url = f"sqlite:///{tmp_path / 'k.db'}" if engine == "sqlite" else request.getfixturevalue("pg_url")
-    db = Database(url)
-    db.migrate()
-    key = Ed25519PrivateKey.generate()
-    log = AuditLog(db)
-    log.set_signer(key)
+    _, log, key = signed
     holding, release = threading.Event(), threading.Event()
 
     def hold(conn: Connection) -> dict[str, Any]:
@@ -117,26 +118,22 @@ def test_an_append_undone_with_its_effect_leaves_no_gap_in_the_chain(
         except Conflict as exc:
             outcomes[name] = exc
 
-    try:
-        log.record("t1", actor="test", action="first")
-        held = threading.Thread(target=run, args=("held", hold))
-        held.start()
-        assert holding.wait(10)  # the writer is inside a batch: the next three wait for one batch together
-        threads = [threading.Thread(target=run, args=item) for item in
-                   (("p1", plain(1)), ("refused", appends_then_refuses), ("p2", plain(2)))]  # fmt: skip
-        for thread in threads:
-            thread.start()
-        time.sleep(0.3)
-        release.set()
-        for thread in [held, *threads]:
-            thread.join(30)
-        assert isinstance(outcomes["refused"], Conflict)
-        links = log.links("t1")
-        report = chain.verify(links, key.public_key(), tenant_id="t1")
-        chain.require_signed_head(report)
-        actions = [json.loads(link.body)["action"] for link in links]
-        assert sorted(actions) == ["first", "held", "plain.1", "plain.2"] and report.records == 4
-        assert sorted([outcomes["p1"], outcomes["p2"]]) == [3, 4]
-    finally:
-        log.close()
-        db.dispose()
+    log.record("t1", actor="test", action="first")
+    held = threading.Thread(target=run, args=("held", hold))
+    held.start()
+    assert holding.wait(10)  # the writer is inside a batch: the next three wait for one batch together
+    threads = [threading.Thread(target=run, args=item) for item in
+               (("p1", plain(1)), ("refused", appends_then_refuses), ("p2", plain(2)))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    release.set()
+    for thread in [held, *threads]:
+        thread.join(30)
+    assert isinstance(outcomes["refused"], Conflict)
+    links = log.links("t1")
+    report = chain.verify(links, key.public_key(), tenant_id="t1")
+    chain.require_signed_head(report)
+    actions = [json.loads(link.body)["action"] for link in links]
+    assert sorted(actions) == ["first", "held", "plain.1", "plain.2"] and report.records == 4
+    assert sorted([outcomes["p1"], outcomes["p2"]]) == [3, 4]

@@ -5,6 +5,7 @@ savepoint while the rest of its batch commits: tests/integration/test_audit_effe
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,18 @@ from sqlalchemy import Connection
 
 from keysteward.audit.group_commit import BATCH, FIRST_AT_MOST, GroupCommit, Pending
 from keysteward.store.db import Database
+
+
+def held_batch() -> tuple[threading.Event, threading.Event, Callable[[Connection], dict[str, Any]]]:
+    """An effect that keeps the writer inside its batch: ``holding`` is set once it is, ``release`` lets it go."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(conn: Connection) -> dict[str, Any]:
+        holding.set()
+        assert release.wait(10)
+        return {"n": "held"}
+
+    return holding, release, hold
 
 
 def test_first_records_go_ahead_of_those_waiting(tmp_path: Path) -> None:
@@ -23,13 +36,7 @@ def test_first_records_go_ahead_of_those_waiting(tmp_path: Path) -> None:
         return list(range(len(records)))
 
     group = GroupCommit(db, append, check=lambda details: None)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold(conn: Connection) -> dict[str, Any]:
-        holding.set()
-        assert release.wait(10)
-        return {"n": "held"}
-
+    holding, release, hold = held_batch()
     try:
         blocker = group.enqueue(Pending("t", {}, effect=hold))
         assert holding.wait(10)  # the writer is inside the first batch: the rest wait in the queue

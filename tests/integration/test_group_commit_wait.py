@@ -5,7 +5,6 @@ the writer and the other callers unharmed."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from keysteward.audit import group_commit
 from keysteward.audit.group_commit import GroupCommit, Pending
 from keysteward.errors import Unavailable
 from keysteward.store.db import Database
+from tests.integration.test_group_commit_order import held_batch
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +31,7 @@ def test_a_coroutine_waits_for_its_commit_and_gives_up_when_it_does_not_come(
         return [len(appended) - len(records) + i + 1 for i in range(len(records))]
 
     group = GroupCommit(db, append, check=lambda details: None)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold(conn: Connection) -> dict[str, Any]:
-        holding.set()
-        assert release.wait(10)
-        return {"n": "held"}
+    holding, release, hold = held_batch()
 
     async def run() -> None:
         assert await group.wait_async("t", {"n": "a"}, None) == 1
