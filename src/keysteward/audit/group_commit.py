@@ -16,17 +16,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward.errors import KeystewardError, Unavailable
-from keysteward.store.db import Database, for_update
-from keysteward.store.models import AuditHead
+from keysteward.store.db import Database
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
-HEADS = "audit_heads"
-"""In :meth:`Database.transaction_info`: {tenant: (seq, hash)} of the chain heads this transaction holds
-locked, kept current by every append in it (PostgreSQL: the append then reads no head again)."""
 BATCH = 512
 FIRST_AT_MOST = BATCH // 2
 EFFECT_TRIES = 3
@@ -45,7 +41,7 @@ def _savepoint(conn: Connection) -> Iterator[None]:
     except BaseException:
         conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ks_effect")
         conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
-        Database.transaction_info(conn).pop(HEADS, None)  # an append the rollback undid may have moved them
+        Database.transaction_info(conn).clear()  # what the transaction learned, the rollback may have undone
         raise
     conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
 
@@ -106,10 +102,19 @@ Append = Callable[[Connection, list[tuple[str, dict[str, Any]]]], list[int]]
 class GroupCommit:
     """The writer thread and its queue (see the module doc)."""
 
-    def __init__(self, db: Database, append: Append, *, check: Callable[[Mapping[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        append: Append,
+        *,
+        check: Callable[[Mapping[str, Any]], None],
+        lock: Callable[[Connection, list[str]], None] | None = None,
+    ) -> None:
         self.db = db
         self._append = append
         self._check = check
+        self._lock = lock
+        """Locks the given tenants' chain heads in the batch's transaction (the chain's, handed in like ``append``)."""
         self._queue: list[Pending] = []
         self._first: list[Pending] = []
         self._wake = threading.Condition()
@@ -201,18 +206,12 @@ class GroupCommit:
 
         Every batch of a tenant then runs its effects while holding that tenant's head, so two servers'
         batches never hold each other's rows (volumes, leases) in opposite orders: no deadlock waits
-        (each costs PostgreSQL's deadlock_timeout, a second). SQLite's BEGIN IMMEDIATE already does this.
+        (each costs PostgreSQL's deadlock_timeout, a second). SQLite's BEGIN IMMEDIATE already does this:
+        there the lock does nothing.
         """
-        if self.db.is_sqlite or not any(p.effect is not None for p in batch):
+        if self._lock is None or not any(p.effect is not None for p in batch):
             return
-        tenants = sorted({p.tenant_id for p in batch})
-        rows = conn.execute(
-            for_update(
-                select(AuditHead.tenant_id, AuditHead.seq, AuditHead.hash).where(AuditHead.tenant_id.in_(tenants)),
-                self.db,
-            ).order_by(AuditHead.tenant_id)
-        ).all()
-        Database.transaction_info(conn)[HEADS] = {row.tenant_id: (row.seq, row.hash) for row in rows}
+        self._lock(conn, sorted({p.tenant_id for p in batch}))
 
     def _run_effects(self, conn: Connection, batch: list[Pending], again: list[Pending]) -> list[Pending]:
         """Run each effect under its own savepoint; those that refuse are undone and left unrecorded.

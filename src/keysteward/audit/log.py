@@ -12,7 +12,8 @@ hand their records (and changes) to one writer thread, which appends a whole bat
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +22,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward.audit import chain, checkpoint
-from keysteward.audit.group_commit import HEADS, Effect, GroupCommit, Pending
+from keysteward.audit.group_commit import Effect, GroupCommit, Pending
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
@@ -67,10 +68,34 @@ def _refuse(key: object) -> None:
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 
 
+_HEADS = "audit_heads"
+"""In :meth:`Database.transaction_info`: {tenant: (seq, hash)} of the chain heads the transaction holds locked."""
+
+
+@contextmanager
+def _driver(conn: Connection) -> Iterator[Any]:
+    """A cursor on the transaction's driver connection. A failure is ``audit_unavailable``, and a disconnect
+    invalidates the connection, as SQLAlchemy does for its own statements (the pool drops it)."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    cursor = raw.cursor()
+    try:
+        yield cursor
+    except (SQLAlchemyError, KeystewardError) as exc:
+        raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
+    except conn.dialect.loaded_dbapi.Error as exc:
+        if conn.dialect.is_disconnect(exc, raw, cursor):
+            conn.invalidate(exc)
+        raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
+    finally:
+        cursor.close()
+
+
 class _ChainSql:
-    """The three statements of an append in the driver's own SQL (fixed text, bound values), run on the
-    transaction's connection. They run once or more per batch on the writer thread, where each cost about
-    40 µs in SQLAlchemy's execution layer (events, parameter processing, result set-up), under 10 µs here."""
+    """The statements of an append (and, on PostgreSQL, of a batch's head lock) in the driver's own SQL (fixed
+    text, bound values), run on the transaction's connection. They run once or more per batch on the writer
+    thread, where each cost about 40 µs in SQLAlchemy's execution layer (events, parameter processing, result
+    set-up), under 10 µs here."""
 
     def __init__(self, sqlite: bool) -> None:
         if sqlite:  # BEGIN IMMEDIATE already holds the write lock: no FOR UPDATE
@@ -87,6 +112,10 @@ class _ChainSql:
                 "VALUES (%(tenant_id)s, %(seq)s, %(body)s, %(hash)s, %(signature)s)"
             )
             self.move = "UPDATE audit_heads SET seq = %(seq)s, hash = %(hash)s WHERE tenant_id = %(tenant)s"
+            self.lock = (
+                "SELECT tenant_id, seq, hash FROM audit_heads WHERE tenant_id = ANY(%(tenants)s) "
+                "ORDER BY tenant_id FOR UPDATE"
+            )
 
 
 class AuditLog:
@@ -94,7 +123,7 @@ class AuditLog:
         self.db = db
         self._signer: Ed25519PrivateKey | None = None
         self._lock = threading.Lock()
-        self._group = GroupCommit(db, self._append_checked, check=_check_details)
+        self._group = GroupCommit(db, self._append_checked, check=_check_details, lock=self.lock_heads)
         self._sql = _ChainSql(db.is_sqlite)
         self.on_destroy: list[Callable[[str, int], None]] = []
         """Called with (tenant, seq) when a destroy record is appended (before its transaction commits)."""
@@ -151,11 +180,8 @@ class AuditLog:
         for i, (tenant_id, _) in enumerate(entries):
             by_tenant.setdefault(tenant_id, []).append(i)
         signer = self._signer
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        locked: dict[str, tuple[int, str]] | None = Database.transaction_info(conn).get(HEADS)
-        cursor = raw.cursor()
-        try:
+        locked: dict[str, tuple[int, str]] | None = Database.transaction_info(conn).get(_HEADS)
+        with _driver(conn) as cursor:
             for tenant_id, indexes in by_tenant.items():
                 head = locked.get(tenant_id) if locked is not None else None
                 if head is None:  # not locked by this transaction's batch yet (a round trip on PostgreSQL)
@@ -196,15 +222,19 @@ class AuditLog:
                 if destroyed:
                     for callback in self.on_destroy:
                         callback(tenant_id, max(destroyed))
-        except (SQLAlchemyError, KeystewardError) as exc:
-            raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
-        except conn.dialect.loaded_dbapi.Error as exc:
-            if conn.dialect.is_disconnect(exc, raw, cursor):
-                conn.invalidate(exc)  # as SQLAlchemy does for its own statements: the pool drops this connection
-            raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
-        finally:
-            cursor.close()
         return seqs
+
+    def lock_heads(self, conn: Connection, tenants: list[str]) -> None:
+        """PostgreSQL: lock these tenants' chain heads, in one order, before a batch's effects run (see
+        :meth:`GroupCommit._lock_heads`), and keep what they hold for this transaction's appends, which then
+        read no head again; every append keeps that copy current. SQLite's BEGIN IMMEDIATE already
+        serialises writers, and its head reads cost no round trip."""
+        if self.db.is_sqlite:
+            return
+        with _driver(conn) as cursor:
+            cursor.execute(self._sql.lock, {"tenants": tenants})
+            rows = cursor.fetchall()
+        Database.transaction_info(conn)[_HEADS] = {tenant: (seq, hash_) for tenant, seq, hash_ in rows}
 
     def heads(self) -> list[tuple[str, int, str]]:
         """Every chain's committed head: (tenant, seq, hash), chains with no record left out."""

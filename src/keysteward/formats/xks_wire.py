@@ -19,7 +19,6 @@ Every refusal is an :class:`XksError` carrying the spec's error name and HTTP st
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
@@ -200,10 +199,6 @@ def b64decode(value: Any, name: str, *, max_size: int, error: str = "ValidationE
         too_big = "UnsupportedOperationException" if error == "ValidationException" else error
         raise XksError(too_big, f"{name} is larger than {max_size} bytes")
     return decoded
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _algorithm(data: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ never see the key unsealed.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Path, Request
@@ -136,17 +136,20 @@ def _lease_request(request: Request, action: str, lease_id: str, token: bytes) -
     )
 
 
+async def _lease_decision(request: Request, action: str, lease_id: str, token: bytes) -> Any:
+    """A lease's renewal or end on the event loop, like a release: the lease's reads run in a thread, and the
+    wait for the audit commit holds none (a sync route held a worker thread for it, and a boot storm's cold
+    releases need those threads too)."""
+    asked = await anyio.to_thread.run_sync(_lease_request, request, action, lease_id, token)
+    return await services(request).access.decide_async(asked)
+
+
 @router.post("/leases/{lease_id}/renew")
 async def renew(lease_id: LeaseId, body: LeaseToken, request: Request) -> RenewOut:
-    """On the event loop, like a release: the lease's reads run in a thread, and the wait for the renewal's
-    audit commit holds none (a sync route held a worker thread for it, and a boot storm's cold releases
-    need those threads too)."""
-    asked = await anyio.to_thread.run_sync(_lease_request, request, "lease.renew", lease_id, unb64(body.token))
-    answer: RenewAnswer = await services(request).access.decide_async(asked)
+    answer: RenewAnswer = await _lease_decision(request, "lease.renew", lease_id, unb64(body.token))
     return RenewOut(action=answer.action, expires_at=answer.expires_at)
 
 
 @router.post("/leases/{lease_id}/end", status_code=204)
 async def end(lease_id: LeaseId, body: LeaseToken, request: Request) -> None:
-    asked = await anyio.to_thread.run_sync(_lease_request, request, "lease.end", lease_id, unb64(body.token))
-    await services(request).access.decide_async(asked)
+    await _lease_decision(request, "lease.end", lease_id, unb64(body.token))
