@@ -1,6 +1,8 @@
 """The ``streaming_aead`` figure of bench/vm_state.py: keysteward's streaming AEAD over data in memory against
 one pyca AES-256-GCM call over the same bytes (the same run's reference), in GB per CPU-second of the measuring
 thread, best of the rounds; Google's Tink over the same key, when installed, for the text lines only.
+
+Not a bench itself: bench/vm_state.py is, and ends with its ``{"bench": "vm_state", "figures": [...]}`` line.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The benches' error and output, and what a run undoes: LIFO cleanup callbacks, temporary directories, a free
 port, and stopping the processes a bench started. Every name here is importable from bench/_common.py too.
+
+Not a bench itself: the benches that use it (through bench/_common.py) end with their
+``{"bench": NAME, "figures": [...]}`` line (:func:`_common.run_bench`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """CPU accounting for the benches, from /proc and getrusage: a process's children, the CPU seconds of
 processes, the machine's busy share, and the CPU of this process's children (wrk). Every name here is
 importable from bench/_common.py too.
+
+Not a bench itself: the benches that use it (through bench/_common.py) end with their
+``{"bench": NAME, "figures": [...]}`` line (:func:`_common.run_bench`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ reused. Before it is used, the
 requests the binary sends (``kmip_load --dump``) are compared byte for byte with keysteward's own TTLV
 codec's encoding of the same requests (:class:`KmipConn`'s ``encode``): a load generator that sent
 something else would measure something else.
+
+Not a bench itself: bench/kmip.py is, and ends with its ``{"bench": "kmip", "figures": [...]}`` line.
 """
 
 from __future__ import annotations

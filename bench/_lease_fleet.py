@@ -1,6 +1,8 @@
 """The simulated fleet of bench/leases.py: agents that release their volume once, then renew their lease in
 their own slot of the period; one asyncio run of the whole fleet and the renewals it saw; and the checks after
 it (each agent's lease as the server lists it, the audit log's suspected_clone alarms).
+
+Not a bench itself: bench/leases.py is, and ends with its ``{"bench": "leases", "figures": [...]}`` line.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The timed release runs of bench/release.py: the wrk Lua script in which each thread alternates a challenge
 and a release with its next unused pre-made body, one measured run of it, and the audit check after the runs.
+
+Not a bench itself: bench/release.py is, and ends with its ``{"bench": "release", "figures": [...]}`` line.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ importable from bench/_common.py too.
 
 Nothing here imports pytest or the test fixtures: the PostgreSQL helper mirrors tests/fixtures/postgres.py
 (both start clusters with tests/support/pgcluster.py).
+
+Not a bench itself: the benches that use it (through bench/_common.py) end with their
+``{"bench": NAME, "figures": [...]}`` line (:func:`_common.run_bench`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """A hypervisor host for bench/vm_state.py: a real keysteward server, a tenant with a VM, a real host agent.
 
-Not a bench itself. :func:`make_site` sets up what tests/e2e/test_vm_hosts.py sets up, minus the TPM (a host
-may run without one: the tenant has no policy that asks for a quote): a server process, tenant ``bench``, a
-tenant key, its CA, a host certificate for ``host-a``, a 4 MiB LUKS2 volume of the key manager as the VM's
-disk, ``keysteward vm create`` with the test guest's kernel and initramfs, and one ``keysteward host run``
-process (TCG, orders polled every ``POLL_SECONDS``). :func:`plain_vm` is the same guest under plain QEMU
+Not a bench itself: bench/vm_state.py and bench/migration.py are, and end with their
+``{"bench": NAME, "figures": [...]}`` line. :func:`make_site` sets up what tests/e2e/test_vm_hosts.py sets
+up, minus the TPM (a host may run without one: the tenant has no policy that asks for a quote): a server
+process, tenant ``bench``, a tenant key, its CA, a host certificate for ``host-a``, a 4 MiB LUKS2 volume of
+the key manager as the VM's disk, ``keysteward vm create`` with the test guest's kernel and initramfs, and
+one ``keysteward host run`` process (TCG, orders polled every ``POLL_SECONDS``). :func:`plain_vm` is the
+same guest under plain QEMU
 with an unencrypted raw disk file: the bench's reference.
 
 Serial lines are found by :func:`wait_line`, which polls the log every 5 ms (both sides the same way).

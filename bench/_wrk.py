@@ -1,6 +1,9 @@
 """wrk runs for the benches: Lua scripts (a string literal, a POST with a bearer token), running wrk and
 reading its output, one measured run with the CPU it cost, and the line that says where that CPU went.
 Every name here is importable from bench/_common.py too.
+
+Not a bench itself: the benches that use it (through bench/_common.py) end with their
+``{"bench": NAME, "figures": [...]}`` line (:func:`_common.run_bench`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ multi-URL client (tests/support/ha_load.py). Per run:
 retry_timeout 5 (and keysteward's database timeout 3 s), one run of 3 s per throughput phase, and
 compares ``failover_db_s`` with the same 35 s target. The figures are the median of ``--runs`` runs
 (default 3), each on a fresh cluster.
+
+The last line is the machine-readable result, printed by :func:`_common.run_bench`:
+``{"bench": "failover", "figures": [{"name", "value", "unit", "reference", "ratio", "target", "ok"}, ...]}``.
 """
 
 from __future__ import annotations
