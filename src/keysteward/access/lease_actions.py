@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +29,7 @@ from keysteward.policy.store import PolicyStore, PolicyVersion
 from keysteward.release import leases
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, DESTROYED, SHRED, actor_of
-from keysteward.store.models import DataKey, Lease, Tenant, Volume
+from keysteward.store.models import DataKey, Volume
 
 log = logging.getLogger("keysteward.release")
 _VOLUME = (
@@ -41,7 +40,6 @@ _VOLUME = (
 """Built once, its value bound at execution: every renewal reads it on the audit writer thread."""
 RENEWAL_ANSWERS = 16384
 """Renewal answers remembered per server process (by tenant, policy version and digest, and lease facts)."""
-_TENANT_OF = select(Tenant.name).join(Lease, Lease.tenant_id == Tenant.id).where(Lease.id == bindparam("lease_id"))
 
 
 @dataclass(frozen=True, repr=False)
@@ -66,16 +64,22 @@ class _LeaseAction(ActionHandler):
     def unknown_tenant(self) -> KeystewardError:
         return NotFound("no such lease, or not this token", code="lease_not_found")
 
-    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
+    def warm(self, request: AccessRequest, tenant_id: str) -> bool:
+        """A lease whose grant this process knows resolves without a read (so on the event loop: a renewal of
+        a live lease never waits for a worker thread behind a boot storm's releases)."""
         inputs: LeaseInputs = request.inputs
-        with self.registry.db.read() as conn:
-            row = leases.load(conn, inputs.lease_id, inputs.token)
-        if str(row.tenant_id) != tenant_id:
-            raise NotFound("no such lease, or not this token", code="lease_not_found")
-        state = self._state(inputs, row, now)
-        return Subject(tenant_id, actor_of(row.holder), f"volume:{row.volume_id}", None, state=state)
+        return self.registry.grants.cached(inputs.lease_id) is not None
 
-    def _state(self, inputs: LeaseInputs, row: Any, now: datetime) -> Any:
+    def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
+        """The token checked against the lease's grant; whether the lease is still live is for ``book``."""
+        inputs: LeaseInputs = request.inputs
+        grant = self.registry.grants.load(inputs.lease_id)
+        if not grant.opens(inputs.token) or grant.tenant_id != tenant_id:
+            raise NotFound("no such lease, or not this token", code="lease_not_found")
+        state = self._state(inputs, grant, now)
+        return Subject(tenant_id, actor_of(grant.holder), f"volume:{grant.volume_id}", None, state=state)
+
+    def _state(self, inputs: LeaseInputs, grant: leases.Grant, now: datetime) -> Any:
         return inputs
 
 
@@ -99,11 +103,11 @@ class LeaseRenew(_LeaseAction):
     action, cedar_action, delivery = "lease.renew", None, Delivery.NOTHING
     first = True  # ahead of new releases at the audit writer: renewals of live leases never queue behind a boot
 
-    def _state(self, inputs: LeaseInputs, row: Any, now: datetime) -> _Renewal:
+    def _state(self, inputs: LeaseInputs, grant: leases.Grant, now: datetime) -> _Renewal:
         """The policy is asked here, before the transaction (the audit writer runs every renewal's book one
         after another: Cedar there was half of its time); ``book`` asks again only if the lease's facts or
         the policy version changed in between."""
-        return _Renewal(inputs, self._ask(str(row.tenant_id), row.facts, now))
+        return _Renewal(inputs, self._ask(grant.tenant_id, grant.facts, now))
 
     def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
         renewal: _Renewal = subject.state
@@ -189,16 +193,9 @@ class LeaseEnd(_LeaseAction):
 
 
 def lease_tenant(registry: Registry, lease_id: str) -> str:
-    """The tenant name a lease belongs to (the renewal protocol names only the lease)."""
-    try:
-        uuid.UUID(lease_id)
-    except ValueError:
-        raise NotFound("no such lease, or not this token", code="lease_not_found") from None
-    with registry.db.read() as conn:
-        name = conn.execute(_TENANT_OF, {"lease_id": lease_id}).scalar_one_or_none()
-    if name is None:
-        raise NotFound("no such lease, or not this token", code="lease_not_found")
-    return str(name)
+    """The tenant name a lease belongs to (the renewal protocol names only the lease); it reads the
+    database unless the lease's grant is known (:meth:`Registry.grants`)."""
+    return registry.grants.load(lease_id).tenant
 
 
 def register(table: ActionTable, registry: Registry, policies: PolicyStore) -> None:

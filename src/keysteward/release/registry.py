@@ -49,6 +49,7 @@ class Registry:
         self.db = db
         self.keys = keys
         self.audit = audit
+        self.grants = leases.Grants(db)
         self._trusts: TtlCache[str, list[ProviderTrust]] = TtlCache(CACHE_SECONDS)
         self._volumes: TtlCache[tuple[str, str], tuple[VolumeInfo, str, bytes | None]] = TtlCache(CACHE_SECONDS)
         keys.on_shred.append(self._destroy_under_key)

@@ -137,10 +137,14 @@ def _lease_request(request: Request, action: str, lease_id: str, token: bytes) -
 
 
 async def _lease_decision(request: Request, action: str, lease_id: str, token: bytes) -> Any:
-    """A lease's renewal or end on the event loop, like a release: the lease's reads run in a thread, and the
-    wait for the audit commit holds none (a sync route held a worker thread for it, and a boot storm's cold
-    releases need those threads too)."""
-    asked = await anyio.to_thread.run_sync(_lease_request, request, action, lease_id, token)
+    """A lease's renewal or end on the event loop, like a release, and the wait for the audit commit holds no
+    thread. A lease this process has seen is known by its grant (what never changes about it), so its renewal
+    reads nothing before the transaction and takes no worker thread: it never queues behind a boot storm's
+    releases there. A lease not seen yet is read once, in a thread."""
+    if services(request).registry.grants.cached(lease_id) is not None:
+        asked = _lease_request(request, action, lease_id, token)
+    else:
+        asked = await anyio.to_thread.run_sync(_lease_request, request, action, lease_id, token)
     return await services(request).access.decide_async(asked)
 
 
