@@ -8,6 +8,16 @@ the moment the lock is free, where SQLite's own busy handler would sleep in step
 100 ms between tries. WAL checkpoints run in a background thread once a second instead of
 inside whichever commit crosses the threshold, so no request waits for one.
 
+SQLite's durability (``sqlite_synchronous``, default ``FULL``): a write transaction returns only once its
+WAL frames are on disk, but the ``fsync`` happens after the write lock is free. The connections run
+``synchronous=NORMAL`` (a commit writes its frames, no fsync) and :meth:`Database.write` fsyncs the WAL
+file after releasing the lock, before it returns and before its after-commit hooks run. The WAL is
+append-only between checkpoints (and a checkpoint syncs it first), so that fsync makes this transaction
+and every earlier one durable: what a caller is told was committed is on disk, as with ``FULL``, while
+the other server processes' transactions are no longer queued behind each fsync (the audit writers of
+two workers took turns holding the lock through every batch's fsync). ``NORMAL`` skips that fsync
+(a power loss may lose the last commits); ``EXTRA`` is SQLite's own, synced inside the lock.
+
 On PostgreSQL the URL may name several hosts (a Patroni cluster, see docs/ha.md and
 :mod:`keysteward.store.pg_ha`): connections go to the read-write one, dead pooled connections are
 replaced at checkout, a hung primary's connections are cut after ``timeout`` seconds, and a commit whose
@@ -17,6 +27,7 @@ synchronous replication wait was cancelled raises ``database_unavailable`` inste
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -31,6 +42,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from keysteward.errors import Unavailable
 from keysteward.store import pg_ha
 
+log = logging.getLogger("keysteward.store")
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _AFTER_COMMIT = "keysteward.after_commit"
 _TRANSACTION = "keysteward.transaction"
@@ -54,7 +66,7 @@ class Database:
                 pool_size=pool_size,
                 max_overflow=pool_size,
             )
-            _configure_sqlite(self.engine, sqlite_synchronous)
+            _configure_sqlite(self.engine, _connection_synchronous(url, sqlite_synchronous))
         elif url.startswith("postgresql"):
             self.engine = create_engine(
                 pg_ha.engine_url(url),
@@ -72,7 +84,11 @@ class Database:
         """A thread's kept SQLite write connection (``write(keep=True)``)."""
         self._lock_file: int | None = None
         self._stop = threading.Event()
+        self._wal: str | None = None
+        """The WAL file that :meth:`write` fsyncs after the lock is free (SQLite in ``FULL``), else None."""
         if self.is_sqlite and self.engine.url.database not in (None, "", ":memory:"):
+            if sqlite_synchronous.upper() == "FULL":
+                self._wal = f"{self.engine.url.database}-wal"
             path = f"{self.engine.url.database}.writelock"
             self._lock_file = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             threading.Thread(target=self._checkpoints, name="keysteward-checkpoint", daemon=True).start()
@@ -107,22 +123,45 @@ class Database:
         """A write transaction. ``keep``: on SQLite, this thread keeps its connection for its next ``keep``
         write (the audit writer's batches: a pool checkout and return cost a third of an empty transaction);
         a PostgreSQL connection is always checked out per transaction, which the guard's deadline is for."""
+        hooks: list[Callable[[], None]] = []
         if keep and self.is_sqlite:
             with _translate(), self._write_lock():
                 conn = getattr(self._kept, "conn", None)
                 if conn is None or conn.closed or conn.invalidated:
                     conn = self._kept.conn = self._writer.connect()
                 try:
-                    yield from self._transaction(conn)
+                    yield from self._transaction(conn, hooks)
                 except BaseException:
                     self._kept.conn = None
                     conn.close()  # after a failure, the next write starts on a fresh connection
                     raise
-            return
-        with _translate(), self._write_lock(), self._writer.connect() as conn:
-            yield from self._transaction(conn)
+        else:
+            with _translate(), self._write_lock(), self._writer.connect() as conn:
+                yield from self._transaction(conn, hooks)
+        self.sync()
+        for hook in hooks:
+            hook()
 
-    def _transaction(self, conn: Connection) -> Iterator[Connection]:
+    def sync(self) -> None:
+        """SQLite in ``FULL``: the WAL file (so every committed transaction) to disk; else nothing.
+
+        Run after the write lock is free (see the module doc). No WAL file means the last connection
+        closed it after a full checkpoint, which synced the database file first."""
+        if self._wal is None:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            log.error("the SQLite WAL could not be synced to disk (errno %s): commits may not be durable", exc.errno)
+            raise Unavailable("the database could not be synced to disk", code="database_unavailable") from None
+        finally:
+            os.close(fd)
+
+    def _transaction(self, conn: Connection, hooks: list[Callable[[], None]]) -> Iterator[Connection]:
         raw = conn.connection.dbapi_connection
         if self._guard is not None:
             pg_ha.clear_notices(raw)
@@ -135,8 +174,7 @@ class Database:
             conn.info.pop(_TRANSACTION, None)
         if self._guard is not None and pg_ha.commit_was_cancelled(raw):
             raise Unavailable(pg_ha.SYNC_CANCELLED, code="database_unavailable")
-        for hook in conn.info.pop(_AFTER_COMMIT, ()):
-            hook()
+        hooks.extend(conn.info.pop(_AFTER_COMMIT, ()))  # run by write(), once the commit is on disk
 
     @staticmethod
     def transaction_info(conn: Connection) -> dict[str, Any]:
@@ -172,6 +210,7 @@ class Database:
                 conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+        self.sync()
 
     def dispose(self) -> None:
         self._stop.set()
@@ -210,9 +249,16 @@ def for_update(stmt: Any, db: Database) -> Any:
     return stmt if db.is_sqlite else stmt.with_for_update()
 
 
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+def _connection_synchronous(url: str, synchronous: str) -> str:
+    """What SQLite's connections run for the setting: ``FULL`` is made by :meth:`Database.sync` after each
+    write, on ``NORMAL`` connections (an in-memory database has no WAL to sync: it stays ``FULL``)."""
     if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
         raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
+    in_memory = url in ("sqlite://", "sqlite:///:memory:")
+    return "NORMAL" if synchronous.upper() == "FULL" and not in_memory else synchronous.upper()
+
+
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
