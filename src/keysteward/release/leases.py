@@ -86,9 +86,10 @@ class Grant:
         return hmac.compare_digest(self.token_hash, token_hash(token))
 
 
-GRANTS_REMEMBERED = 65536
-"""Leases whose grant a server process keeps (about 300 bytes each): a fleet's renewals then read nothing
-before the audit writer's transaction, and need no worker thread on their way to it."""
+GRANTS_REMEMBERED = 32768
+"""Leases whose grant a server process keeps (about 1 KB each, most of it the policy facts: 35 MB at most):
+a fleet's renewals then read nothing before the audit writer's transaction, and need no worker thread on
+their way to it."""
 
 
 class Grants:
