@@ -46,6 +46,8 @@ RENEWAL_ANSWERS = 16384
 class LeaseInputs:
     lease_id: str
     token: bytes
+    grant: leases.Grant
+    """What the lease was granted with (``Registry.grants``): the front-end needed it for the tenant's name."""
 
 
 @dataclass(frozen=True)
@@ -65,21 +67,20 @@ class _LeaseAction(ActionHandler):
         return NotFound("no such lease, or not this token", code="lease_not_found")
 
     def warm(self, request: AccessRequest, tenant_id: str) -> bool:
-        """A lease whose grant this process knows resolves without a read (so on the event loop: a renewal of
-        a live lease never waits for a worker thread behind a boot storm's releases)."""
-        inputs: LeaseInputs = request.inputs
-        return self.registry.grants.cached(inputs.lease_id) is not None
+        """Always: the request carries the lease's grant, so resolving reads nothing (on the event loop, a
+        renewal of a live lease never waits for a worker thread behind a boot storm's releases)."""
+        return True
 
     def resolve(self, request: AccessRequest, tenant_id: str, now: datetime) -> Subject:
         """The token checked against the lease's grant; whether the lease is still live is for ``book``."""
         inputs: LeaseInputs = request.inputs
-        grant = self.registry.grants.load(inputs.lease_id)
+        grant = inputs.grant
         if not grant.opens(inputs.token) or grant.tenant_id != tenant_id:
             raise NotFound("no such lease, or not this token", code="lease_not_found")
-        state = self._state(inputs, grant, now)
+        state = self._state(inputs, now)
         return Subject(tenant_id, actor_of(grant.holder), f"volume:{grant.volume_id}", None, state=state)
 
-    def _state(self, inputs: LeaseInputs, grant: leases.Grant, now: datetime) -> Any:
+    def _state(self, inputs: LeaseInputs, now: datetime) -> Any:
         return inputs
 
 
@@ -103,11 +104,11 @@ class LeaseRenew(_LeaseAction):
     action, cedar_action, delivery = "lease.renew", None, Delivery.NOTHING
     first = True  # ahead of new releases at the audit writer: renewals of live leases never queue behind a boot
 
-    def _state(self, inputs: LeaseInputs, grant: leases.Grant, now: datetime) -> _Renewal:
+    def _state(self, inputs: LeaseInputs, now: datetime) -> _Renewal:
         """The policy is asked here, before the transaction (the audit writer runs every renewal's book one
         after another: Cedar there was half of its time); ``book`` asks again only if the lease's facts or
         the policy version changed in between."""
-        return _Renewal(inputs, self._ask(grant.tenant_id, grant.facts, now))
+        return _Renewal(inputs, self._ask(inputs.grant.tenant_id, inputs.grant.facts, now))
 
     def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
         renewal: _Renewal = subject.state
@@ -190,12 +191,6 @@ class LeaseEnd(_LeaseAction):
         leases.set_state(conn, row.id, leases.ENDED, now)
         subject.details["lease"] = row.id
         return Booked()
-
-
-def lease_tenant(registry: Registry, lease_id: str) -> str:
-    """The tenant name a lease belongs to (the renewal protocol names only the lease); it reads the
-    database unless the lease's grant is known (:meth:`Registry.grants`)."""
-    return registry.grants.load(lease_id).tenant
 
 
 def register(table: ActionTable, registry: Registry, policies: PolicyStore) -> None:

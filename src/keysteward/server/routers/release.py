@@ -15,7 +15,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 
 from keysteward.access import challenge as challenges
-from keysteward.access.lease_actions import LeaseInputs, RenewAnswer, lease_tenant
+from keysteward.access.lease_actions import LeaseInputs, RenewAnswer
 from keysteward.access.request import AccessRequest, Delivery, Resource
 from keysteward.access.resources import ReleaseInputs
 from keysteward.errors import Denied
@@ -124,28 +124,25 @@ async def _host(request: Request, tenant: str) -> str | None:
     return who.name
 
 
-def _lease_request(request: Request, action: str, lease_id: str, token: bytes) -> AccessRequest:
+async def _lease_decision(request: Request, action: str, lease_id: str, token: bytes) -> Any:
+    """A lease's renewal or end on the event loop, like a release, and the wait for the audit commit holds no
+    thread. The renewal protocol names only the lease: its grant (what never changes about it, with its
+    tenant) comes from what this process remembers, or is read once in a thread. So a renewal of a lease
+    seen before reads nothing before the transaction and takes no worker thread: it never queues behind a
+    boot storm's releases there."""
     svc = services(request)
-    return AccessRequest(
-        tenant=lease_tenant(svc.registry, lease_id),
+    grant = svc.registry.grants.cached(lease_id)
+    if grant is None:
+        grant = await anyio.to_thread.run_sync(svc.registry.grants.load, lease_id)
+    asked = AccessRequest(
+        tenant=grant.tenant,
         action=action,
         resource=Resource("Lease", lease_id),
         delivery=Delivery.NOTHING,
         context=request_context(request),
-        inputs=LeaseInputs(lease_id, token),
+        inputs=LeaseInputs(lease_id, token, grant),
     )
-
-
-async def _lease_decision(request: Request, action: str, lease_id: str, token: bytes) -> Any:
-    """A lease's renewal or end on the event loop, like a release, and the wait for the audit commit holds no
-    thread. A lease this process has seen is known by its grant (what never changes about it), so its renewal
-    reads nothing before the transaction and takes no worker thread: it never queues behind a boot storm's
-    releases there. A lease not seen yet is read once, in a thread."""
-    if services(request).registry.grants.cached(lease_id) is not None:
-        asked = _lease_request(request, action, lease_id, token)
-    else:
-        asked = await anyio.to_thread.run_sync(_lease_request, request, action, lease_id, token)
-    return await services(request).access.decide_async(asked)
+    return await svc.access.decide_async(asked)
 
 
 @router.post("/leases/{lease_id}/renew")
