@@ -31,7 +31,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,14 +59,22 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self._guard: pg_ha.Guard | None = None
+        self._wal: str | None = None
+        """The WAL file that :meth:`write` fsyncs after the lock is free (SQLite on disk in ``FULL``), else None."""
         if self.is_sqlite:
+            synchronous = sqlite_synchronous.upper()
+            if synchronous not in {"FULL", "NORMAL", "EXTRA"}:
+                raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
             self.engine = create_engine(
                 url,
                 connect_args={"check_same_thread": False, "timeout": 30},
                 pool_size=pool_size,
                 max_overflow=pool_size,
             )
-            _configure_sqlite(self.engine, _connection_synchronous(url, sqlite_synchronous))
+            if synchronous == "FULL" and _on_disk(self.engine):
+                self._wal = f"{self.engine.url.database}-wal"
+            # FULL on disk is made by Database.sync after each write, on NORMAL connections
+            _configure_sqlite(self.engine, "NORMAL" if self._wal else synchronous)
         elif url.startswith("postgresql"):
             self.engine = create_engine(
                 pg_ha.engine_url(url),
@@ -84,11 +92,7 @@ class Database:
         """A thread's kept SQLite write connection (``write(keep=True)``)."""
         self._lock_file: int | None = None
         self._stop = threading.Event()
-        self._wal: str | None = None
-        """The WAL file that :meth:`write` fsyncs after the lock is free (SQLite in ``FULL``), else None."""
-        if self.is_sqlite and self.engine.url.database not in (None, "", ":memory:"):
-            if sqlite_synchronous.upper() == "FULL":
-                self._wal = f"{self.engine.url.database}-wal"
+        if self.is_sqlite and _on_disk(self.engine):
             path = f"{self.engine.url.database}.writelock"
             self._lock_file = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             threading.Thread(target=self._checkpoints, name="keysteward-checkpoint", daemon=True).start()
@@ -123,21 +127,20 @@ class Database:
         """A write transaction. ``keep``: on SQLite, this thread keeps its connection for its next ``keep``
         write (the audit writer's batches: a pool checkout and return cost a third of an empty transaction);
         a PostgreSQL connection is always checked out per transaction, which the guard's deadline is for."""
-        hooks: list[Callable[[], None]] = []
         if keep and self.is_sqlite:
             with _translate(), self._write_lock():
                 conn = getattr(self._kept, "conn", None)
                 if conn is None or conn.closed or conn.invalidated:
                     conn = self._kept.conn = self._writer.connect()
                 try:
-                    yield from self._transaction(conn, hooks)
+                    hooks = yield from self._transaction(conn)
                 except BaseException:
                     self._kept.conn = None
                     conn.close()  # after a failure, the next write starts on a fresh connection
                     raise
         else:
             with _translate(), self._write_lock(), self._writer.connect() as conn:
-                yield from self._transaction(conn, hooks)
+                hooks = yield from self._transaction(conn)
         self.sync()
         for hook in hooks:
             hook()
@@ -161,7 +164,9 @@ class Database:
         finally:
             os.close(fd)
 
-    def _transaction(self, conn: Connection, hooks: list[Callable[[], None]]) -> Iterator[Connection]:
+    def _transaction(self, conn: Connection) -> Generator[Connection, None, list[Callable[[], None]]]:
+        """Yields the connection in its transaction; returns the after-commit hooks, for write() to run once
+        the commit is on disk."""
         raw = conn.connection.dbapi_connection
         if self._guard is not None:
             pg_ha.clear_notices(raw)
@@ -174,7 +179,8 @@ class Database:
             conn.info.pop(_TRANSACTION, None)
         if self._guard is not None and pg_ha.commit_was_cancelled(raw):
             raise Unavailable(pg_ha.SYNC_CANCELLED, code="database_unavailable")
-        hooks.extend(conn.info.pop(_AFTER_COMMIT, ()))  # run by write(), once the commit is on disk
+        hooks: list[Callable[[], None]] = conn.info.pop(_AFTER_COMMIT, [])
+        return hooks
 
     @staticmethod
     def transaction_info(conn: Connection) -> dict[str, Any]:
@@ -249,17 +255,12 @@ def for_update(stmt: Any, db: Database) -> Any:
     return stmt if db.is_sqlite else stmt.with_for_update()
 
 
-def _connection_synchronous(url: str, synchronous: str) -> str:
-    """What SQLite's connections run for the setting: ``FULL`` is made by :meth:`Database.sync` after each
-    write, on ``NORMAL`` connections (an in-memory database has no WAL to sync: it stays ``FULL``)."""
-    if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
-        raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
-    in_memory = url in ("sqlite://", "sqlite:///:memory:")
-    return "NORMAL" if synchronous.upper() == "FULL" and not in_memory else synchronous.upper()
+def _on_disk(engine: Engine) -> bool:
+    """A SQLite database in a file (not in memory): it has a WAL, a write lock file and checkpoints."""
+    return engine.url.database not in (None, "", ":memory:")
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
-
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
