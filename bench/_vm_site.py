@@ -6,8 +6,7 @@ up, minus the TPM (a host may run without one: the tenant has no policy that ask
 process, tenant ``bench``, a tenant key, its CA, a host certificate for ``host-a``, a 4 MiB LUKS2 volume of
 the key manager as the VM's disk, ``keysteward vm create`` with the test guest's kernel and initramfs, and
 one ``keysteward host run`` process (TCG, orders polled every ``POLL_SECONDS``). :func:`plain_vm` is the
-same guest under plain QEMU
-with an unencrypted raw disk file: the bench's reference.
+same guest under plain QEMU with an unencrypted raw disk file: the bench's reference.
 
 Serial lines are found by :func:`wait_line`, which polls the log every 5 ms (both sides the same way).
 """
