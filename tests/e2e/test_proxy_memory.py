@@ -14,18 +14,22 @@ break-glass keyslot:
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_proxy import (
+    PLAINTEXT,
+    QEMU_OK,
     VM1,
     ProxyProcess,
     QemuIoSession,
     Site,
     export_toml,
     make_site,
+    passphrase_volume,
     proxies,  # noqa: F401 - fixture
     sessions,  # noqa: F401 - fixture
     tls_toml,
@@ -73,4 +77,36 @@ def test_the_volume_key_is_in_the_proxy_only_and_gone_after_revocation(
     assert memory_holds(client.proc.pid, needles) == set()
     text = proxy.log.read_text() + proxy.status_file.read_text()
     assert key.hex() not in text
+    assert proxy.stop() == 0
+
+
+def test_the_native_data_plane_holds_the_key_only_while_its_export_is_served(
+    tmp_path: Path,
+    secret_registry: SecretRegistry,
+    proxies: list[ProxyProcess],  # noqa: F811
+    sessions: list[QemuIoSession],  # noqa: F811
+) -> None:
+    """Plaintext on loopback (how QEMU on the same host connects): the connection runs on the native loop, which
+    uses the volume's own cipher context. Removing the export (SIGHUP) while qemu-io stays connected ends the
+    loop and wipes the key; the client never held it."""
+    path, pass_file = passphrase_volume(tmp_path, "local-disk")
+    key = volume_key(path)
+    needles = {"volume key": key, "volume key (first half)": key[: len(key) // 2]}
+    proxy = ProxyProcess(tmp_path, PLAINTEXT, [export_toml("local-disk", path, pass_file=pass_file)], secret_registry)
+    proxies.append(proxy)
+    proxy.wait(lambda s: proxy.states() == {"local-disk": "open"})
+    client = QemuIoSession(proxy.port, "local-disk")
+    sessions.append(client)
+    client.ok("write -P 0x5a 0 1M")
+    client.ok("read -P 0x5a 0 1M")
+    assert "nbd native data plane" in proxy.log.read_text()
+    assert memory_holds(client.proc.pid, needles) == set()
+    assert memory_holds(proxy.proc.pid, needles) == set(needles)
+
+    proxy.write_config([])
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait(lambda s: proxy.states() == {}, timeout=10)
+    assert not QEMU_OK.search(client.run("read 0 4k"))  # its connection went with the export
+    assert memory_holds(proxy.proc.pid, needles) == set()
+    assert memory_holds(client.proc.pid, needles) == set()
     assert proxy.stop() == 0

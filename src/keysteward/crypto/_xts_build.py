@@ -62,6 +62,25 @@ int ks_xts_crypt(ks_xts *x, int encrypt, const unsigned char *in, unsigned char 
                  size_t n_sectors, size_t sector_size, uint64_t first_tweak, uint64_t tweak_step);
 void ks_xts_free(ks_xts *x);
 const char *ks_xts_backend(void);
+
+#define KS_PLANE_DISC ...
+#define KS_PLANE_HANDOFF ...
+#define KS_PLANE_CLOSED ...
+#define KS_PLANE_NOMEM ...
+#define KS_PLANE_SOCKET ...
+#define KS_PLANE_BUCKETS ...
+#define KS_PLANE_STAT_WORDS ...
+#define KS_PLANE_STATS ...
+
+typedef struct ks_nbd_plane ks_nbd_plane;
+
+int ks_plane_new(int sock, int fd, uint64_t data_offset, uint64_t size, uint64_t iv_tweak, uint32_t sector_size,
+                 uint32_t max_block, int read_only, int structured, ks_xts *xts, const double *bounds,
+                 int n_bounds, ks_nbd_plane **out);
+int ks_plane_serve(ks_nbd_plane *p, unsigned char *header_out);
+void ks_plane_take(ks_nbd_plane *p, uint64_t *out);
+void ks_plane_stop(ks_nbd_plane *p);
+void ks_plane_free(ks_nbd_plane *p);
 """
 
 _COMMON = r"""
@@ -678,11 +697,19 @@ def backend() -> str:
     return name
 
 
+def _nbd_plane_source() -> str:
+    """The native NBD data plane (src/keysteward/proxy/nbd_plane.c), compiled into this module so that it calls
+    ks_xts_crypt on the volume's own cipher contexts."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "proxy", "nbd_plane.c"), encoding="utf-8") as source:
+        return source.read()
+
+
 def make_ffibuilder(name: str) -> FFI:
     builder = FFI()
     builder.cdef(CDEF)
     body = {"openssl": _OPENSSL, "gcrypt": _GCRYPT_INIT + _GCRYPT, "vaes": _GCRYPT_INIT + _VAES}[name]
-    builder.set_source(MODULE, _COMMON + body, libraries=BACKENDS[name])
+    builder.set_source(MODULE, _COMMON + body + _nbd_plane_source(), libraries=BACKENDS[name])
     return builder
 
 

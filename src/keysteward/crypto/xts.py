@@ -295,6 +295,13 @@ class XtsCipher:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def native_handle(self) -> Any:
+        """The native context (a cffi ``ks_xts *``) for other code of the same extension (the NBD data plane),
+        or None on the reference path or once closed. Valid until :meth:`close`; the caller makes sure no
+        other thread uses this cipher meanwhile (:meth:`keysteward.volume.datapath.SectorIO.lend_native`)."""
+        return self._handle
+
     def encrypt(
         self,
         data: Buffer,

@@ -14,11 +14,14 @@ safe for that:
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Protocol
 
 from keysteward.errors import Unavailable
 from keysteward.formats import nbd
+from keysteward.volume.datapath import NativeTarget
 from keysteward.volume.errors import VolumeRequestError
 from keysteward.volume.luks_volume import LuksVolume, Passphrase
 
@@ -225,6 +228,19 @@ class LuksExport:
                 done += n
             if fua:
                 self.volume.flush()
+        finally:
+            self._leave()
+
+    @contextlib.contextmanager
+    def lend_native(self) -> Iterator[NativeTarget | None]:
+        """The volume lent to the native data plane (:mod:`keysteward.proxy.plane`) for one connection: counted
+        as a request in flight for the whole ``with`` block, so :meth:`close` waits for it before wiping the key
+        (the server shuts the connection's socket down first, which ends the block). None without the native
+        extension; :class:`ExportClosed` once closed."""
+        self._enter()
+        try:
+            with self.volume.lend_native() as target:
+                yield target
         finally:
             self._leave()
 

@@ -89,6 +89,24 @@ class ProxyMetrics:
         if moved is not None and nbytes > 0:
             moved.inc(nbytes)
 
+    def observe_many(
+        self, export: str, command: str, count: int, nbytes: int, seconds: float, buckets: list[int]
+    ) -> None:
+        """The NBD server's ``on_requests`` hook: ``count`` requests served by the native data plane since the
+        last call, ``buckets`` their count per bucket of :data:`LATENCY_BUCKETS` (and +Inf), as ``observe``
+        would have counted them one by one."""
+        children = self._children.get((export, command))
+        if children is None:
+            children = self._children_of(export, command)
+        requests, latency, moved = children
+        requests.inc(count)
+        latency._sum.inc(seconds)  # prometheus_client has no bulk observe: its per-bucket counters, as observe does
+        for bucket, n in zip(latency._buckets, buckets, strict=True):
+            if n:
+                bucket.inc(n)
+        if moved is not None and nbytes > 0:
+            moved.inc(nbytes)
+
     def _children_of(self, export: str, command: Any) -> _Children:
         name = command_name(command)
         moved = (

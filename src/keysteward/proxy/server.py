@@ -37,6 +37,7 @@ from keysteward.errors import BadRequest
 from keysteward.formats import nbd
 from keysteward.proxy.export import Export, transmission_flags
 from keysteward.proxy.peers import peer_names
+from keysteward.proxy.plane import BatchHook, Planes
 from keysteward.proxy.revocations import Revocations, cert_ref
 from keysteward.proxy.transmission import Connection, Transmission
 from keysteward.proxy.wire import Closed, Wire
@@ -81,18 +82,30 @@ class NbdServer:
         self._clients = clients
         self.default_export = default_export
         self.on_request: RequestHook | None = None
+        self.native = True
+        """Serve plaintext connections on the native data plane (:mod:`keysteward.proxy.plane`) when it is built."""
         self.on_refused: RefusalHook | None = None
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._pool = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="ks-nbd")
         self._data = Transmission(self._pool, self._observe)
+        self._planes = Planes(self._observe)
         self._stopped = False
         self._revocations = Revocations()
 
     @property
     def exports(self) -> Mapping[str, Export]:
         return dict(self._exports)
+
+    @property
+    def on_requests(self) -> BatchHook | None:
+        """Told of the requests the native data plane served, in batches (``on_request`` of each other one)."""
+        return self._planes.on_requests
+
+    @on_requests.setter
+    def on_requests(self, hook: BatchHook | None) -> None:
+        self._planes.on_requests = hook
 
     @property
     def tls(self) -> ssl.SSLContext | None:
@@ -130,7 +143,8 @@ class NbdServer:
     async def _serve(self, conn: Connection) -> None:
         try:
             if await asyncio.wait_for(self._handshake(conn), HANDSHAKE_TIMEOUT):
-                await self._data.serve(conn)
+                if not (self.native and await self._planes.serve(conn)):
+                    await self._data.serve(conn)
         except asyncio.CancelledError:
             pass  # dropped by set_exports / close_export / stop
         except (Closed, ConnectionError, ssl.SSLError) as exc:
@@ -318,6 +332,8 @@ class NbdServer:
     def _drop(conn: Connection, *, abort: bool) -> None:
         """Graceful: stop reading requests (in-flight ones finish), then close. Abort: close now."""
         conn.draining = True
+        if conn.plane is not None:
+            conn.plane.stop(abort=abort)
         if abort:
             conn.wire.close(abort=True)
         if conn.main is not None and (abort or conn.idle or conn.export is None):

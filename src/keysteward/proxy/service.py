@@ -179,6 +179,7 @@ class ProxyService:
             clients=self._clients,
         )  # fmt: skip
         server.on_request = self.metrics.observe
+        server.on_requests = self.metrics.observe_many
         server.on_refused = self.metrics.refused
         self.port = await server.start(self.config.listen_address, self.config.listen_port)
         self.server = server

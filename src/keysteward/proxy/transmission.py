@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from keysteward.errors import KeystewardError
 from keysteward.formats import nbd
@@ -64,6 +65,8 @@ class Connection:
         self.waiting = 0
         """Requests waiting for the budget (a release wakes them only if there are any)."""
         self.buffers = Buffers(wire.sent)
+        self.plane: Any = None
+        """The connection's :class:`keysteward.proxy.plane.Plane` when the native data plane serves it."""
 
 
 def _room(conn: Connection, nbytes: int) -> bool:
@@ -101,7 +104,7 @@ class Transmission:
             reserved = request.length if carries else 0
             if command == nbd.CMD_WRITE and not carries:  # its payload cannot be skipped at no cost: drop
                 raise nbd.NbdProtocolError(f"write of {request.length} bytes", code=nbd.TOO_LONG)
-            error = self._check(conn, export, request)
+            error = self.check(conn, export, request)
             if command == nbd.CMD_READ and not error and request.length <= INLINE_READ and _room(conn, reserved):
                 if self._read_inline(conn, export, request, started):  # done before anything else ran: no budget
                     if wire.pushing_back:
@@ -137,7 +140,7 @@ class Transmission:
                 conn.budget.notify_all()
 
     @staticmethod
-    def _check(conn: Connection, export: Export, request: nbd.Request) -> int:
+    def check(conn: Connection, export: Export, request: nbd.Request) -> int:
         """The protocol's error for a request that cannot be served as sent, or 0."""
         cmd, length = request.command, request.length
         if cmd not in (nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_FLUSH, nbd.CMD_TRIM, nbd.CMD_WRITE_ZEROES):
@@ -175,26 +178,6 @@ class Transmission:
         self._observe(export, request, error, started)
         return True
 
-    @staticmethod
-    def _call(export: Export, request: nbd.Request, buf: bytearray | None) -> None:
-        """The export's blocking call for ``request`` (in a worker thread): a read decrypts into ``buf``, a
-        write encrypts ``buf`` (its payload) in place and writes it."""
-        cmd, offset, length, fua = request.command, request.offset, request.length, bool(request.flags & 1)
-        if cmd == nbd.CMD_READ:
-            assert buf is not None
-            export.pread_into(offset, memoryview(buf))
-        elif cmd == nbd.CMD_WRITE:
-            assert buf is not None
-            export.pwrite_in_place(offset, memoryview(buf), fua)
-        elif cmd == nbd.CMD_FLUSH:
-            export.flush()
-        elif cmd == nbd.CMD_TRIM:
-            export.trim(offset, length)
-            if fua:
-                export.flush()
-        elif cmd == nbd.CMD_WRITE_ZEROES:
-            export.write_zeroes(offset, length, fua)
-
     async def _run(
         self,
         conn: Connection,
@@ -207,16 +190,7 @@ class Transmission:
     ) -> None:
         try:
             if not error:
-                try:
-                    await asyncio.get_running_loop().run_in_executor(self._pool, self._call, export, request, buf)
-                except ExportClosed:
-                    error = nbd.ESHUTDOWN
-                except KeystewardError as exc:
-                    log.warning("nbd request failed export=%s command=%s code=%s", export.name, request.name, exc.code)
-                    error = nbd.EIO
-                except Exception:
-                    log.exception("nbd request failed export=%s command=%s", export.name, request.name)
-                    error = nbd.EIO
+                error = await asyncio.get_running_loop().run_in_executor(self._pool, call_export, export, request, buf)
             if request.command == nbd.CMD_WRITE and buf is not None:
                 conn.buffers.give(buf)
                 buf = None
@@ -240,14 +214,49 @@ class Transmission:
 
     @staticmethod
     def _send_reply(conn: Connection, request: nbd.Request, error: int, data: memoryview | None) -> None:
-        handle = request.handle
-        if request.command == nbd.CMD_READ and conn.structured:
-            if error:
-                conn.wire.write(nbd.encode_structured_error(handle, error, f"{request.name} failed"))
-            else:
-                assert data is not None
-                conn.wire.write(nbd.encode_offset_data_header(handle, request.offset, len(data)), data)
-        elif error or data is None:
-            conn.wire.write(nbd.encode_simple_reply(handle, error))
-        else:
-            conn.wire.write(nbd.encode_simple_reply(handle), data)
+        conn.wire.write(*reply_parts(conn.structured, request, error, data))
+
+
+def call_export(export: Export, request: nbd.Request, buf: bytearray | None) -> int:
+    """The export's blocking call for ``request`` (in a worker thread); its NBD error, or 0. A read decrypts
+    into ``buf``, a write encrypts ``buf`` (its payload) in place and writes it."""
+    cmd, offset, length, fua = request.command, request.offset, request.length, bool(request.flags & 1)
+    try:
+        if cmd == nbd.CMD_READ:
+            assert buf is not None
+            export.pread_into(offset, memoryview(buf))
+        elif cmd == nbd.CMD_WRITE:
+            assert buf is not None
+            export.pwrite_in_place(offset, memoryview(buf), fua)
+        elif cmd == nbd.CMD_FLUSH:
+            export.flush()
+        elif cmd == nbd.CMD_TRIM:
+            export.trim(offset, length)
+            if fua:
+                export.flush()
+        elif cmd == nbd.CMD_WRITE_ZEROES:
+            export.write_zeroes(offset, length, fua)
+    except ExportClosed:
+        return nbd.ESHUTDOWN
+    except KeystewardError as exc:
+        log.warning("nbd request failed export=%s command=%s code=%s", export.name, request.name, exc.code)
+        return nbd.EIO
+    except Exception:
+        log.exception("nbd request failed export=%s command=%s", export.name, request.name)
+        return nbd.EIO
+    return 0
+
+
+def reply_parts(
+    structured: bool, request: nbd.Request, error: int, data: memoryview | None
+) -> tuple[bytes | memoryview, ...]:
+    """The reply to ``request`` as header and data (a successful read's ``data``), for one ``writev``."""
+    handle = request.handle
+    if request.command == nbd.CMD_READ and structured:
+        if error:
+            return (nbd.encode_structured_error(handle, error, f"{request.name} failed"),)
+        assert data is not None
+        return nbd.encode_offset_data_header(handle, request.offset, len(data)), data
+    if error or data is None:
+        return (nbd.encode_simple_reply(handle, error),)
+    return nbd.encode_simple_reply(handle), data

@@ -13,6 +13,7 @@ would otherwise be read as if it had come through TLS). The NBD session that dri
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -242,6 +243,24 @@ class Wire(asyncio.BufferedProtocol):
         if transport is None:
             raise Closed("the TLS handshake did not complete")
         self.transport = transport
+
+    def hand_off(self) -> socket.socket | None:
+        """The connection's socket, duplicated and blocking, for a thread that serves it from now on (the
+        native data plane); reading stays paused for good. None, and nothing changed, when it cannot be handed
+        over: bytes staged or queued, a TLS transport, or a transport without a socket."""
+        self.flush()
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._hi != self._lo or self._queued:
+            return None
+        if transport.get_write_buffer_size() or transport.get_extra_info("ssl_object") is not None:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        self._pause_reading()
+        handed = socket.socket(fileno=os.dup(sock.fileno()))
+        handed.setblocking(True)
+        return handed
 
     def peer_certificate(self) -> dict[str, object] | None:
         """The verified client certificate of the TLS connection (``getpeercert()``), or None."""

@@ -14,10 +14,11 @@ align it to 1 MiB).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.crypto.xts import XtsCipher
@@ -32,6 +33,19 @@ MAX_WORKERS = 2
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
+
+
+class NativeTarget(NamedTuple):
+    """What native code needs to serve a volume's payload (see :meth:`SectorIO.lend_native`)."""
+
+    cipher: Any
+    """The lent cipher's native context (cffi ``ks_xts *``)."""
+    fd: int
+    data_offset: int
+    payload_size: int
+    iv_tweak: int
+    sector_size: int
+
 
 Sink = Callable[[memoryview], None]
 """Receives decrypted payload bytes, in order; the view is only valid during the call."""
@@ -100,6 +114,22 @@ class SectorIO:
     def _release(self, cipher: XtsCipher) -> None:
         with self._lock:
             self._idle.append(cipher)
+
+    @contextlib.contextmanager
+    def lend_native(self) -> Iterator[NativeTarget | None]:
+        """A cipher of this volume, lent whole for the ``with`` block to native code that reads and writes
+        the device itself (the NBD data plane), with where the payload lies; None without the native
+        extension. The caller keeps :meth:`close` from running meanwhile (the export counts it in flight)."""
+        cipher = self._borrow()
+        try:
+            handle = cipher.native_handle
+            if handle is None:
+                yield None
+                return
+            g = self.geometry
+            yield NativeTarget(handle, self.device.fd, g.data_offset, g.payload_size, g.iv_tweak, g.sector_size)
+        finally:
+            self._release(cipher)
 
     def close(self) -> None:
         """Close every cipher (the native key schedules are wiped)."""

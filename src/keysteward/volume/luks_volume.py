@@ -9,12 +9,13 @@ key schedules. Payload offsets and lengths are bytes of the decrypted payload.
 
 from __future__ import annotations
 
+import contextlib
 from types import TracebackType
 
 from keysteward.crypto.secret import SecretBuffer, wipe_bytearray
 from keysteward.crypto.xts import XtsCipher
 from keysteward.formats import luks
-from keysteward.volume.datapath import Progress, ReadInto, SectorIO, Sink
+from keysteward.volume.datapath import NativeTarget, Progress, ReadInto, SectorIO, Sink
 from keysteward.volume.device import Device
 from keysteward.volume.header_io import Geometry, VolumeHeader, read_header
 from keysteward.volume.sizes import argon2_limit_kib
@@ -209,6 +210,10 @@ class LuksVolume:
     ) -> int:
         self._require_writable()
         return self._sectors.write_from(offset, read_into, length=length, progress=progress)
+
+    def lend_native(self) -> contextlib.AbstractContextManager[NativeTarget | None]:
+        """See :meth:`keysteward.volume.datapath.SectorIO.lend_native`."""
+        return self._sectors.lend_native()
 
     def flush(self) -> None:
         """fsync the device: what was written survives a power cut."""

@@ -1,0 +1,228 @@
+"""The native data plane (keysteward/proxy/plane.py and nbd_plane.c) against the Python transmission phase.
+
+The same requests, good and bad, go to two servers over two copies of one volume, one serving plaintext
+connections natively and one in Python: every reply must be the same bytes and the two volume files must
+end the same (the same ciphertext: same key, same tweaks). Then what only the native loop can get wrong:
+that it really serves (its thread runs, its counters reach the metrics), that a revocation in the middle
+of a stream of writes ends the connection and wipes the key, that garbage headers get the Python path's
+answers while another client goes on, and that a graceful stop answers the request in flight.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keysteward.crypto.xts import native_available
+from keysteward.formats import nbd
+from keysteward.proxy.export import LuksExport
+from keysteward.proxy.metrics import ProxyMetrics
+from keysteward.volume import LuksVolume
+from tests.support.nbd import MIB, PASSPHRASE, RawClient, ServerThread, make_volume
+
+pytestmark = pytest.mark.integration
+
+SIZE = 4 * MIB
+
+
+def test_the_native_extension_is_built() -> None:
+    assert native_available(), "keysteward.crypto._xts_native is not built: the native NBD plane cannot run"
+
+
+@pytest.fixture
+def twins(tmp_path: Path) -> Iterator[tuple[ServerThread, ServerThread, Path, Path]]:
+    """Two servers over byte-identical copies of one volume: native first, Python second."""
+    image = make_volume(tmp_path / "a.img", SIZE)
+    copy = tmp_path / "b.img"
+    shutil.copyfile(image, copy)
+    native = ServerThread({"vol": LuksExport.open("vol", str(image), PASSPHRASE)})
+    python = ServerThread({"vol": LuksExport.open("vol", str(copy), PASSPHRASE)})
+    python.server.native = False
+    with native, python:
+        yield native, python, image, copy
+
+
+def _raw_replies(port: int, structured: bool, requests: list[bytes], expect: list[int]) -> bytes:
+    """Send each request and read exactly ``expect[i]`` reply bytes for it (or to EOF when -1)."""
+    client = RawClient.connect(port)
+    client.open("vol", structured=structured)
+    out = bytearray()
+    for request, n in zip(requests, expect, strict=True):
+        client.send(request)
+        if n < 0:
+            client.sock.settimeout(5)
+            out += b"EOF" if client.closed_by_server() else b"OPEN"
+            break
+        out += client.recv_exactly(n)
+    client.close()
+    return bytes(out)
+
+
+def _req(command: int, offset: int, length: int, flags: int = 0, handle: int = 7) -> bytes:
+    return nbd.encode_request(command, handle, offset, length, flags)
+
+
+def _script(structured: bool) -> tuple[list[bytes], list[int]]:
+    """Requests (with payloads) and the size of each one's reply: the fast path and every hand-off."""
+    rng = random.Random(5)
+    data = rng.randbytes(256 * 1024)
+    simple, err_chunk = 16, 20 + 6 + len(b"read failed")
+    read_ok = (lambda n: 20 + 8 + n) if structured else (lambda n: 16 + n)
+    read_err = err_chunk if structured else simple
+    steps: list[tuple[bytes, int]] = [
+        (_req(nbd.CMD_WRITE, 0, len(data)) + data, simple),  # native write
+        (_req(nbd.CMD_READ, 0, len(data)), read_ok(len(data))),  # native read
+        (_req(nbd.CMD_WRITE, 8192, 4096, nbd.CMD_FLAG_FUA) + data[:4096], simple),  # FUA
+        (_req(nbd.CMD_FLUSH, 0, 0), simple),
+        (_req(nbd.CMD_READ, 100, 1000), read_ok(1000)),  # partial sectors: handed off
+        (_req(nbd.CMD_WRITE, 1000, 3000) + data[:3000], simple),
+        (_req(nbd.CMD_READ, 0, 8192), read_ok(8192)),
+        (_req(nbd.CMD_TRIM, 0, 4096), simple),
+        (_req(nbd.CMD_WRITE_ZEROES, 4096, 8192), simple),
+        (_req(nbd.CMD_READ, 0, 16384), read_ok(16384)),
+        (_req(nbd.CMD_READ, SIZE - 4096, 8192), read_err),  # past the end: EINVAL
+        (_req(nbd.CMD_WRITE, SIZE - 512, 1024) + data[:1024], simple),  # ENOSPC
+        (_req(nbd.CMD_READ, 0, 0), read_err),  # length 0: EINVAL
+        (_req(nbd.CMD_READ, 0, 4096, 1 << 9), read_err),  # an unknown flag
+        (_req(77, 0, 0), simple),  # an unknown command
+        (_req(nbd.CMD_READ, 0, 33 * MIB), read_err),  # over the maximum block
+        (_req(nbd.CMD_READ, 512, 512), read_ok(512)),  # inside a 4 KiB sector: handed off
+        (_req(nbd.CMD_READ, 4096, 4096, nbd.CMD_FLAG_DF | nbd.CMD_FLAG_FUA), read_ok(4096)),
+        (b"\x00" * 28, -1),  # bad magic: the connection is dropped
+    ]
+    return [s[0] for s in steps], [s[1] for s in steps]
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_every_reply_and_every_byte_on_disk_match_the_python_path(
+    twins: tuple[ServerThread, ServerThread, Path, Path], structured: bool
+) -> None:
+    native, python, image, copy = twins
+    counted: list[tuple[str, int]] = []
+    native.server.on_requests = lambda _export, command, n, *_rest: counted.append((command, n))
+    requests, expect = _script(structured)
+    got = _raw_replies(native.port, structured, requests, expect)
+    want = _raw_replies(python.port, structured, requests, expect)
+    assert got.endswith(b"EOF") and want.endswith(b"EOF")
+    assert got == want
+    deadline = time.monotonic() + 10
+    served = lambda: sum(n for command, n in counted if command in ("read", "write"))  # noqa: E731
+    while served() < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the loop's counters arrive when its connection ends
+    assert served() == 6, counted  # the native loop served the 4 reads and 2 writes of whole 4 KiB sectors
+    native.call(lambda: _flush(native))
+    python.call(lambda: _flush(python))
+    assert image.read_bytes() == copy.read_bytes()
+
+
+async def _flush(server: ServerThread) -> None:
+    for export in server.server.exports.values():
+        export.flush()
+
+
+def test_the_native_loop_serves_and_counts_into_the_metrics(tmp_path: Path) -> None:
+    metrics = ProxyMetrics()
+    export = LuksExport.open("vol", str(make_volume(tmp_path / "v.img", SIZE)), PASSPHRASE)
+    with ServerThread({"vol": export}) as server:
+        server.server.on_request = metrics.observe
+        server.server.on_requests = metrics.observe_many
+        client = RawClient.connect(server.port)
+        client.open("vol")
+        assert any(t.name == "ks-nbd-plane" for t in threading.enumerate())
+        for i in range(20):
+            client.write(i * 4096, bytes([i]) * 4096)
+        for i in range(20):
+            assert client.read(i * 4096, 4096) == bytes([i]) * 4096
+        client.read(10, 10)  # handed off: counted per request by on_request
+        client.disconnect()
+        deadline = time.monotonic() + 10
+        while any(t.name == "ks-nbd-plane" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    text = metrics.render().decode()
+    assert 'keysteward_proxy_requests_total{command="write",export="vol"} 20.0' in text
+    assert 'keysteward_proxy_requests_total{command="read",export="vol"} 21.0' in text
+    assert 'keysteward_proxy_written_bytes_total{export="vol"} 81920.0' in text
+    assert 'keysteward_proxy_read_bytes_total{export="vol"} 81930.0' in text
+    assert 'keysteward_proxy_request_seconds_count{command="write",export="vol"} 20.0' in text
+
+
+def test_revocation_in_a_stream_of_writes_ends_the_connection_and_wipes_the_key(tmp_path: Path) -> None:
+    export = LuksExport.open("vol", str(make_volume(tmp_path / "v.img", SIZE)), PASSPHRASE)
+    with ServerThread({"vol": export}) as server:
+        client = RawClient.connect(server.port)
+        client.open("vol")
+        stop, replies, failure = threading.Event(), [0], []
+
+        def stream() -> None:
+            payload = b"w" * 65536
+            try:
+                while not stop.is_set():
+                    client.write((replies[0] % 32) * 65536, payload)
+                    replies[0] += 1
+            except Exception as exc:  # the server dropped the connection: what must happen
+                failure.append(exc)
+
+        writer = threading.Thread(target=stream)
+        writer.start()
+        while replies[0] < 20:
+            time.sleep(0.01)
+        started = time.monotonic()
+        server.call(lambda: server.server.close_export("vol", "revoked"))
+        writer.join(10)
+        stop.set()
+        assert not writer.is_alive() and failure, "the writer was still served after the revocation"
+        assert time.monotonic() - started < 5
+        assert export.closed and export.volume._key is None
+        assert not any(t.name == "ks-nbd-plane" for t in threading.enumerate())
+
+
+def test_fuzzed_headers_get_the_python_answers_and_a_bystander_goes_on(tmp_path: Path) -> None:
+    image = make_volume(tmp_path / "v.img", SIZE)
+    export = LuksExport.open("vol", str(image), PASSPHRASE)
+    rng = random.Random(11)
+    with ServerThread({"vol": export}) as server:
+        bystander = RawClient.connect(server.port)
+        bystander.open("vol")
+        bystander.write(0, b"b" * 4096)
+        before = image.read_bytes()
+        for _ in range(40):
+            client = RawClient.connect(server.port)
+            client.open("vol", structured=rng.random() < 0.5)
+            client.sock.settimeout(5)
+            command = rng.choice([nbd.CMD_READ, nbd.CMD_FLUSH, nbd.CMD_TRIM, 9, 200, 65535])
+            flags = rng.choice([0, 0, 1 << rng.randrange(16)])
+            header = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, command, 1, rng.randrange(1 << 64),
+                                 rng.randrange(1 << 32))  # fmt: skip
+            if rng.random() < 0.2:
+                header = rng.randbytes(28)
+            client.send(header)
+            try:
+                magic = struct.unpack(">I", client.recv_exactly(4))[0]
+                assert magic in (nbd.SIMPLE_REPLY_MAGIC, nbd.STRUCTURED_REPLY_MAGIC)
+            except (ConnectionError, TimeoutError):
+                pass  # dropped: bad magic, or a read so large its reply is not worth waiting for
+            client.close()
+            assert bystander.read(0, 4096) == b"b" * 4096
+        assert image.read_bytes() == before  # nothing but reads and refusals: nothing on disk changed
+        bystander.disconnect()
+
+
+def test_a_graceful_stop_answers_the_request_in_flight(tmp_path: Path) -> None:
+    export = LuksExport.open("vol", str(make_volume(tmp_path / "v.img", SIZE)), PASSPHRASE)
+    server = ServerThread({"vol": export})
+    with server:
+        client = RawClient.connect(server.port)
+        client.open("vol")
+        client.write(0, b"s" * MIB)
+        handle = client.request(nbd.CMD_WRITE, MIB, MIB, payload=b"t" * MIB)
+    got, error, _ = client.reply()  # the server stopped gracefully: the write was answered first
+    assert (got, error) == (handle, 0)
+    with LuksVolume.open(str(tmp_path / "v.img"), PASSPHRASE) as volume:
+        assert volume.read(MIB, MIB) == b"t" * MIB
