@@ -19,7 +19,7 @@ from sqlalchemy import Connection, select, update
 
 from keysteward.audit import chain
 from keysteward.audit.group_commit import Effect
-from keysteward.audit.log import AuditLog
+from keysteward.audit.log import ROWS_PER_INSERT, AuditLog, prepare
 from keysteward.errors import Conflict
 from keysteward.store.db import Database
 from keysteward.store.models import AuditRecord
@@ -137,3 +137,23 @@ def test_an_append_undone_with_its_effect_leaves_no_gap_in_the_chain(
     actions = [json.loads(link.body)["action"] for link in links]
     assert sorted(actions) == ["first", "held", "plain.1", "plain.2"] and report.records == 4
     assert sorted([outcomes["p1"], outcomes["p2"]]) == [3, 4]
+
+
+def test_a_batch_larger_than_one_insert_statement_links_in_order_and_records_made_early_keep_their_place(
+    signed: tuple[Database, AuditLog, Ed25519PrivateKey],
+) -> None:
+    """SQLite inserts a lot in statements of :data:`ROWS_PER_INSERT` rows; records whose body parts were made
+    before the transaction (the group commit's ``prepare``) are joined to the chain where the lock puts them."""
+    db, log, key = signed
+    n = 2 * ROWS_PER_INSERT + 7
+    entries = [("t1", _fields(i)) for i in range(n)]
+    for _, fields in entries[::3]:  # a third made early, as the writer does before it takes the lock
+        prepare(fields)
+    with db.write() as conn:
+        seqs = log.append_many(conn, entries)
+    assert seqs == list(range(1, n + 1))
+    links = log.links("t1", limit=n + 1)
+    report = chain.verify(links, key.public_key(), tenant_id="t1")
+    chain.require_signed_head(report)
+    assert [json.loads(link.body)["details"]["n"] for link in links] == list(range(n))
+    assert all(chain.canonical(json.loads(link.body)) == link.body for link in links)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import random
+import string
 from collections.abc import Callable
 from typing import Any
 
@@ -506,3 +508,23 @@ def test_foreign_link_with_another_seq_is_named_by_its_position() -> None:
     links = build()
     links[4] = build(30, tenant="tenant-b")[25]
     assert broken_at(links) == 5
+
+
+def test_a_body_made_of_parts_is_the_canonical_json_of_its_fields() -> None:
+    """The writer makes a body's parts before it takes the lock and joins them with ``seq`` and ``prev`` under
+    it: the result must be exactly :func:`chain.canonical` of the whole record, whatever the values hold."""
+    rng = random.Random(7)
+
+    def text() -> str:
+        return "".join(rng.choice(string.printable + 'é€\u2028"\\\x00') for _ in range(rng.randrange(12)))
+
+    for _ in range(2000):
+        details = {
+            text(): rng.choice([text(), rng.randrange(-(10**12), 10**12), rng.random(), True, None, [1, "a"], {"z": 1}])
+            for _ in range(rng.randrange(5))
+        }
+        fields = {"ts": text(), "actor": text(), "action": text(), "target": text(),
+                  "outcome": rng.choice(sorted(chain.OUTCOMES)), "reason": text()}  # fmt: skip
+        seq, prev = rng.randrange(1, 10**9), f"{rng.getrandbits(256):064x}"
+        want = chain.canonical({"seq": seq, "prev": prev, "details": details, **fields})
+        assert chain.join_body(chain.body_parts(details=details, **fields), seq, prev) == want

@@ -109,12 +109,16 @@ class GroupCommit:
         *,
         check: Callable[[Mapping[str, Any]], None],
         lock: Callable[[Connection, list[str]], None] | None = None,
+        prepare: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.db = db
         self._append = append
         self._check = check
         self._lock = lock
         """Locks the given tenants' chain heads in the batch's transaction (the chain's, handed in like ``append``)."""
+        self._prepare = prepare
+        """Does a record's own work (its encoding) before the batch takes the write lock, so the lock is held
+        for less time; records that effects return are made inside the transaction and skip it."""
         self._queue: list[Pending] = []
         self._first: list[Pending] = []
         self._wake = threading.Condition()
@@ -173,6 +177,7 @@ class GroupCommit:
             error: KeystewardError | None = None
             again: list[Pending] = []
             try:
+                self._prepare_records(batch)
                 with self.db.write(keep=True) as conn:
                     self._lock_heads(conn, batch)
                     recorded = self._run_effects(conn, batch, again)
@@ -200,6 +205,13 @@ class GroupCommit:
                         pending.notify()
                     except RuntimeError:  # its event loop has closed: nobody is waiting any more
                         pass
+
+    def _prepare_records(self, batch: list[Pending]) -> None:
+        if self._prepare is None:
+            return
+        for pending in batch:
+            if pending.effect is None and pending.fields:
+                self._prepare(pending.fields)
 
     def _lock_heads(self, conn: Connection, batch: list[Pending]) -> None:
         """PostgreSQL: lock the batch's tenants' chain heads first, in one order, before any effect runs.
