@@ -1,13 +1,14 @@
 """The NBD proxy against nbdkit: nbdcopy sequential read and write, 4 KiB reads spread over the export.
 
-    python bench/nbd.py [--quick] [--size-mib N] [--rounds N] [--dir DIR]
+    python bench/nbd.py [--quick] [--size-mib N] [--rounds N] [--dir DIR] [--python-plane]
 
 Work: a file of random bytes (1 GiB; ``--quick``: 256 MiB), the same bytes in a LUKS2 volume
 (aes-xts-plain64, 512-bit key, 4096-byte sectors) and in a LUKS1 volume (512-byte sectors, what
 nbdkit's luks filter reads), all in one temporary directory, in the page cache. Servers, each its own
 process on loopback TCP:
 
-* keysteward: ``python -m tests.support.nbd serve`` (the proxy's NbdServer on uvloop, LuksExport);
+* keysteward: ``python -m tests.support.nbd serve`` (the proxy's NbdServer on uvloop, LuksExport; plaintext
+  connections on the native data plane, or with ``--python-plane`` on the Python path, to compare);
 * ``nbdkit file`` serving the plain file (and a plain copy target for writes): the reference;
 * ``nbdkit --filter=luks file`` serving the LUKS1 volume (nbdkit's own decrypting filter, in C).
 
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--dir", default=None)
+    parser.add_argument(
+        "--python-plane", action="store_true", help="serve plaintext on the Python path, not the native data plane"
+    )
     args = parser.parse_args()
     started = time.monotonic()
     size = (args.size_mib or (256 if args.quick else 1024)) * MIB
@@ -155,6 +159,7 @@ def main() -> None:
 
     ports = {k: free_port() for k in ("ks", "ks_tls", "file", "file_w", "file_tls", "file_w_tls", "luks")}
     serve = [sys.executable, "-m", "tests.support.nbd", "serve", "--passphrase-file", str(pw)]
+    serve += ["--python-plane"] if args.python_plane else []
     _start(cleanup, [*serve, "--export", f"vol={vol}", "--port", str(ports["ks"]), "--port-file", str(work / "p1")],
            ports["ks"], "keysteward")  # fmt: skip
     _start(cleanup, [*serve, "--export", f"vol={vol_tls}", "--port", str(ports["ks_tls"]), "--port-file",

@@ -350,6 +350,7 @@ async def _serve(args: argparse.Namespace) -> None:
         exports[name] = LuksExport.open(name, path, passphrase, read_only=args.read_only)
     tls = server_context(Pki(*(Path(p) for p in args.tls.split(",")))) if args.tls else None
     server = NbdServer(exports, tls=tls, allow_plaintext=tls is None, clients=lambda _name: (DEFAULT_CLIENT,))
+    server.native = not args.python_plane
     port = await server.start(args.host, args.port)
     if args.unix:
         await server.serve_unix(args.unix)
@@ -375,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port-file", required=True, help="written with the bound port once listening")
     serve.add_argument("--tls", default="", help="CA,SERVER_CERT,SERVER_KEY,CLIENT_DIR (make_pki's files)")
     serve.add_argument("--read-only", action="store_true")
+    serve.add_argument("--python-plane", action="store_true", help="no native data plane (bench/nbd.py compares)")
     args = parser.parse_args(argv)
     import uvloop
 
