@@ -297,9 +297,8 @@ class XtsCipher:
 
     @property
     def native_handle(self) -> Any:
-        """The native context (a cffi ``ks_xts *``) for other code of the same extension (the NBD data plane),
-        or None on the reference path or once closed. Valid until :meth:`close`; the caller makes sure no
-        other thread uses this cipher meanwhile (:meth:`keysteward.volume.datapath.SectorIO.lend_native`)."""
+        """The native context (cffi ``ks_xts *``) for native code of the same extension; None on the reference
+        path or once closed. Its lender keeps other threads off it (volume/cipher_pool.py)."""
         return self._handle
 
     def encrypt(

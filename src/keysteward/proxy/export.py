@@ -21,7 +21,7 @@ from typing import Protocol
 
 from keysteward.errors import Unavailable
 from keysteward.formats import nbd
-from keysteward.volume.datapath import NativeTarget
+from keysteward.volume.cipher_pool import NativeTarget
 from keysteward.volume.errors import VolumeRequestError
 from keysteward.volume.luks_volume import LuksVolume, Passphrase
 

@@ -38,7 +38,7 @@ from keysteward.formats import nbd
 from keysteward.proxy.export import Export, ExportClosed
 from keysteward.proxy.metrics import LATENCY_BUCKETS
 from keysteward.proxy.transmission import Connection, Observer, Transmission, call_export, reply_parts
-from keysteward.volume.datapath import NativeTarget
+from keysteward.volume.cipher_pool import NativeTarget
 
 log = logging.getLogger("keysteward.proxy")
 

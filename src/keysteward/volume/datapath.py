@@ -18,11 +18,10 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from keysteward.crypto.secret import SecretBuffer
-from keysteward.crypto.xts import XtsCipher
-from keysteward.formats.luks.errors import unsupported
+from keysteward.volume.cipher_pool import CipherPool, NativeTarget
 from keysteward.volume.device import Device
 from keysteward.volume.errors import VolumeRequestError
 from keysteward.volume.header_io import Geometry
@@ -33,18 +32,6 @@ MAX_WORKERS = 2
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
-
-
-class NativeTarget(NamedTuple):
-    """What native code needs to serve a volume's payload (see :meth:`SectorIO.lend_native`)."""
-
-    cipher: Any
-    """The lent cipher's native context (cffi ``ks_xts *``)."""
-    fd: int
-    data_offset: int
-    payload_size: int
-    iv_tweak: int
-    sector_size: int
 
 
 Sink = Callable[[memoryview], None]
@@ -79,64 +66,26 @@ def _fill(read_into: ReadInto, view: memoryview) -> int:
 class SectorIO:
     """Reads and writes the payload of one unlocked volume (see the module doc).
 
-    ``key`` stays owned by the caller. Ciphers made from it are pooled: a thread borrows one per
-    chunk, so concurrent chunks run on separate ciphers (as many as ever ran at once), all closed
-    (the native key schedules wiped) by :meth:`close`.
+    ``key`` stays owned by the caller; the ciphers made from it are pooled (:class:`CipherPool`).
     """
 
     def __init__(self, device: Device, geometry: Geometry, key: SecretBuffer, *, workers: int | None = None) -> None:
         self.device = device
         self.geometry = geometry
-        self._key = key
-        self._ciphers: list[XtsCipher] = []
-        self._idle: list[XtsCipher] = []
-        self._lock = threading.Lock()
+        self._ciphers = CipherPool(key, geometry)
         self._workers = max(1, workers if workers is not None else MAX_WORKERS)
-        self._release(self._borrow())  # fail early (bad key size, equal halves) in the caller's thread
 
     @property
     def payload_size(self) -> int:
         return self.geometry.payload_size
 
-    def _borrow(self) -> XtsCipher:
-        """A cipher no other thread is using (one call at a time per cipher runs in parallel)."""
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        try:
-            cipher = XtsCipher(self._key.view(), self.geometry.sector_size)
-        except ValueError as exc:
-            raise unsupported(f"the volume key cannot be used for aes-xts: {exc}") from exc
-        with self._lock:
-            self._ciphers.append(cipher)
-        return cipher
-
-    def _release(self, cipher: XtsCipher) -> None:
-        with self._lock:
-            self._idle.append(cipher)
-
-    @contextlib.contextmanager
-    def lend_native(self) -> Iterator[NativeTarget | None]:
-        """A cipher of this volume, lent whole for the ``with`` block to native code that reads and writes
-        the device itself (the NBD data plane), with where the payload lies; None without the native
-        extension. The caller keeps :meth:`close` from running meanwhile (the export counts it in flight)."""
-        cipher = self._borrow()
-        try:
-            handle = cipher.native_handle
-            if handle is None:
-                yield None
-                return
-            g = self.geometry
-            yield NativeTarget(handle, self.device.fd, g.data_offset, g.payload_size, g.iv_tweak, g.sector_size)
-        finally:
-            self._release(cipher)
+    def lend_native(self) -> contextlib.AbstractContextManager[NativeTarget | None]:
+        """See :meth:`CipherPool.lend_native` (this volume's device)."""
+        return self._ciphers.lend_native(self.device.fd)
 
     def close(self) -> None:
         """Close every cipher (the native key schedules are wiped)."""
-        with self._lock:
-            ciphers, self._ciphers, self._idle = self._ciphers, [], []
-        for cipher in ciphers:
-            cipher.close()
+        self._ciphers.close()
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -156,19 +105,13 @@ class SectorIO:
 
     def _decrypt_view(self, data: memoryview, pos: int, out: memoryview) -> None:
         """Decrypt ``data`` (whole sectors of the payload at offset ``pos``, aligned) into ``out``."""
-        cipher = self._borrow()
-        try:
+        with self._ciphers.cipher() as cipher:
             cipher.decrypt(data, pos // IV_UNIT, out=out, iv_shift=self.geometry.iv_tweak)
-        finally:
-            self._release(cipher)
 
     def _encrypt_to(self, pos: int, view: memoryview) -> None:
         """Encrypt ``view`` (whole sectors, in place) and write it at payload offset ``pos`` (aligned)."""
-        cipher = self._borrow()
-        try:
+        with self._ciphers.cipher() as cipher:
             cipher.encrypt(view, pos // IV_UNIT, out=view, iv_shift=self.geometry.iv_tweak)
-        finally:
-            self._release(cipher)
         self.device.pwrite(self.geometry.data_offset + pos, view)
 
     # -- reading -----------------------------------------------------------------------------------

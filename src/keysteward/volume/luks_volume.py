@@ -15,7 +15,8 @@ from types import TracebackType
 from keysteward.crypto.secret import SecretBuffer, wipe_bytearray
 from keysteward.crypto.xts import XtsCipher
 from keysteward.formats import luks
-from keysteward.volume.datapath import NativeTarget, Progress, ReadInto, SectorIO, Sink
+from keysteward.volume.cipher_pool import NativeTarget
+from keysteward.volume.datapath import Progress, ReadInto, SectorIO, Sink
 from keysteward.volume.device import Device
 from keysteward.volume.header_io import Geometry, VolumeHeader, read_header
 from keysteward.volume.sizes import argon2_limit_kib
