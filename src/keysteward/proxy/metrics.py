@@ -80,10 +80,7 @@ class ProxyMetrics:
         """The NBD server's ``on_request`` hook: one request of ``command`` on ``export``.
 
         The labelled children are looked up once per (export, command) and kept: this runs per request."""
-        children = self._children.get((export, command))
-        if children is None:
-            children = self._children_of(export, command)
-        requests, latency, moved = children
+        requests, latency, moved = self._children.get((export, command)) or self._children_of(export, command)
         requests.inc()
         latency.observe(seconds if seconds > 0 else 0.0)
         if moved is not None and nbytes > 0:
@@ -95,10 +92,7 @@ class ProxyMetrics:
         """The NBD server's ``on_requests`` hook: ``count`` requests served by the native data plane since the
         last call, ``buckets`` their count per bucket of :data:`LATENCY_BUCKETS` (and +Inf), as ``observe``
         would have counted them one by one."""
-        children = self._children.get((export, command))
-        if children is None:
-            children = self._children_of(export, command)
-        requests, latency, moved = children
+        requests, latency, moved = self._children.get((export, command)) or self._children_of(export, command)
         requests.inc(count)
         latency._sum.inc(seconds)  # prometheus_client has no bulk observe: its per-bucket counters, as observe does
         for bucket, n in zip(latency._buckets, buckets, strict=True):

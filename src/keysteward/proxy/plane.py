@@ -37,7 +37,7 @@ from keysteward.crypto.xts import native_available
 from keysteward.formats import nbd
 from keysteward.proxy.export import Export, ExportClosed
 from keysteward.proxy.metrics import LATENCY_BUCKETS
-from keysteward.proxy.transmission import Connection, Observer, Transmission, call_export, reply_parts
+from keysteward.proxy.transmission import Connection, Observer, admit, call_export, reply_parts
 from keysteward.volume.cipher_pool import NativeTarget
 
 log = logging.getLogger("keysteward.proxy")
@@ -182,10 +182,7 @@ class Planes:
         request = nbd.decode_request(header)  # bad magic: NbdProtocolError, the connection is dropped
         started = time.perf_counter()
         command = request.command
-        carries = command in (nbd.CMD_READ, nbd.CMD_WRITE) and request.length <= export.max_block
-        if command == nbd.CMD_WRITE and not carries:
-            raise nbd.NbdProtocolError(f"write of {request.length} bytes", code=nbd.TOO_LONG)
-        error = Transmission.check(conn, export, request)
+        carries, error = admit(conn, export, request)
         buf = bytearray(request.length) if carries else None
         if command == nbd.CMD_WRITE:
             assert buf is not None

@@ -100,11 +100,8 @@ class Transmission:
             command = request.command
             if command == nbd.CMD_DISC:
                 return
-            carries = command in (nbd.CMD_READ, nbd.CMD_WRITE) and request.length <= export.max_block
+            carries, error = admit(conn, export, request)
             reserved = request.length if carries else 0
-            if command == nbd.CMD_WRITE and not carries:  # its payload cannot be skipped at no cost: drop
-                raise nbd.NbdProtocolError(f"write of {request.length} bytes", code=nbd.TOO_LONG)
-            error = self.check(conn, export, request)
             if command == nbd.CMD_READ and not error and request.length <= INLINE_READ and _room(conn, reserved):
                 if self._read_inline(conn, export, request, started):  # done before anything else ran: no budget
                     if wire.pushing_back:
@@ -140,7 +137,7 @@ class Transmission:
                 conn.budget.notify_all()
 
     @staticmethod
-    def check(conn: Connection, export: Export, request: nbd.Request) -> int:
+    def _check(conn: Connection, export: Export, request: nbd.Request) -> int:
         """The protocol's error for a request that cannot be served as sent, or 0."""
         cmd, length = request.command, request.length
         if cmd not in (nbd.CMD_READ, nbd.CMD_WRITE, nbd.CMD_FLUSH, nbd.CMD_TRIM, nbd.CMD_WRITE_ZEROES):
@@ -215,6 +212,16 @@ class Transmission:
     @staticmethod
     def _send_reply(conn: Connection, request: nbd.Request, error: int, data: memoryview | None) -> None:
         conn.wire.write(*reply_parts(conn.structured, request, error, data))
+
+
+def admit(conn: Connection, export: Export, request: nbd.Request) -> tuple[bool, int]:
+    """Whether a payload buffer goes with ``request`` (a read's answer, a write's data), and the protocol's
+    error for it (0: serve it). A write longer than the export's maximum raises NbdProtocolError: its payload
+    cannot be skipped at no cost, so the connection is dropped."""
+    carries = request.command in (nbd.CMD_READ, nbd.CMD_WRITE) and request.length <= export.max_block
+    if request.command == nbd.CMD_WRITE and not carries:
+        raise nbd.NbdProtocolError(f"write of {request.length} bytes", code=nbd.TOO_LONG)
+    return carries, Transmission._check(conn, export, request)
 
 
 def call_export(export: Export, request: nbd.Request, buf: bytearray | None) -> int:
