@@ -6,12 +6,18 @@ end the same (the same ciphertext: same key, same tweaks). Then what only the na
 that it really serves (its thread runs, its counters reach the metrics), that a revocation in the middle
 of a stream of writes ends the connection and wipes the key, that garbage headers get the Python path's
 answers while another client goes on, and that a graceful stop answers the request in flight.
+
+Each runs in plaintext and over TLS, where the loop reads and writes through the session Python's ssl
+module negotiated (keysteward/proxy/tls_lend.py, nbd_tls.c); and over TLS, records that do not
+authenticate end only their own connection.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -22,37 +28,79 @@ import pytest
 
 from keysteward.crypto.xts import native_available
 from keysteward.formats import nbd
+from keysteward.proxy import tls_lend
 from keysteward.proxy.export import LuksExport
 from keysteward.proxy.metrics import ProxyMetrics
 from keysteward.volume import LuksVolume
-from tests.support.nbd import MIB, PASSPHRASE, RawClient, ServerThread, make_volume
+from tests.support.nbd import (
+    MIB,
+    PASSPHRASE,
+    Pki,
+    RawClient,
+    ServerThread,
+    client_context,
+    make_pki,
+    make_volume,
+    server_context,
+)
 
 pytestmark = pytest.mark.integration
 
 SIZE = 4 * MIB
+MODES = ["plaintext", "tls"]
 
 
 def test_the_native_extension_is_built() -> None:
     assert native_available(), "keysteward.crypto._xts_native is not built: the native NBD plane cannot run"
 
 
+def test_tls_sessions_can_be_lent_here() -> None:
+    ssl.create_default_context()  # the ssl module (and with it libssl) is loaded in every server
+    assert tls_lend.available(), "TLS connections would stay on the Python path: see keysteward.proxy.tls_lend"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+class Mode:
+    """Plaintext or TLS: the server's context and a client's."""
+
+    def __init__(self, name: str, pki: Pki) -> None:
+        self.tls = name == "tls"
+        self.pki = pki
+
+    def server(self, exports: dict[str, LuksExport]) -> ServerThread:
+        return ServerThread(exports, tls=server_context(self.pki) if self.tls else None)
+
+    def client(self, port: int, *, structured: bool = True) -> RawClient:
+        client = RawClient.connect(port)
+        client.open("vol", structured=structured, tls=client_context(self.pki) if self.tls else None)
+        return client
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest, pki: Pki) -> Mode:
+    return Mode(request.param, pki)
+
+
 @pytest.fixture
-def twins(tmp_path: Path) -> Iterator[tuple[ServerThread, ServerThread, Path, Path]]:
+def twins(tmp_path: Path, mode: Mode) -> Iterator[tuple[ServerThread, ServerThread, Path, Path]]:
     """Two servers over byte-identical copies of one volume: native first, Python second."""
     image = make_volume(tmp_path / "a.img", SIZE)
     copy = tmp_path / "b.img"
     shutil.copyfile(image, copy)
-    native = ServerThread({"vol": LuksExport.open("vol", str(image), PASSPHRASE)})
-    python = ServerThread({"vol": LuksExport.open("vol", str(copy), PASSPHRASE)})
+    native = mode.server({"vol": LuksExport.open("vol", str(image), PASSPHRASE)})
+    python = mode.server({"vol": LuksExport.open("vol", str(copy), PASSPHRASE)})
     python.server.native = False
     with native, python:
         yield native, python, image, copy
 
 
-def _raw_replies(port: int, structured: bool, requests: list[bytes], expect: list[int]) -> bytes:
+def _raw_replies(mode: Mode, port: int, structured: bool, requests: list[bytes], expect: list[int]) -> bytes:
     """Send each request and read exactly ``expect[i]`` reply bytes for it (or to EOF when -1)."""
-    client = RawClient.connect(port)
-    client.open("vol", structured=structured)
+    client = mode.client(port, structured=structured)
     out = bytearray()
     for request, n in zip(requests, expect, strict=True):
         client.send(request)
@@ -102,14 +150,14 @@ def _script(structured: bool) -> tuple[list[bytes], list[int]]:
 
 @pytest.mark.parametrize("structured", [True, False])
 def test_every_reply_and_every_byte_on_disk_match_the_python_path(
-    twins: tuple[ServerThread, ServerThread, Path, Path], structured: bool
+    twins: tuple[ServerThread, ServerThread, Path, Path], mode: Mode, structured: bool
 ) -> None:
     native, python, image, copy = twins
     counted: list[tuple[str, int]] = []
     native.server.on_requests = lambda _export, command, n, *_rest: counted.append((command, n))
     requests, expect = _script(structured)
-    got = _raw_replies(native.port, structured, requests, expect)
-    want = _raw_replies(python.port, structured, requests, expect)
+    got = _raw_replies(mode, native.port, structured, requests, expect)
+    want = _raw_replies(mode, python.port, structured, requests, expect)
     assert got.endswith(b"EOF") and want.endswith(b"EOF")
     assert got == want
     deadline = time.monotonic() + 10
@@ -127,14 +175,13 @@ async def _flush(server: ServerThread) -> None:
         export.flush()
 
 
-def test_the_native_loop_serves_and_counts_into_the_metrics(tmp_path: Path) -> None:
+def test_the_native_loop_serves_and_counts_into_the_metrics(tmp_path: Path, mode: Mode) -> None:
     metrics = ProxyMetrics()
     export = LuksExport.open("vol", str(make_volume(tmp_path / "v.img", SIZE)), PASSPHRASE)
-    with ServerThread({"vol": export}) as server:
+    with mode.server({"vol": export}) as server:
         server.server.on_request = metrics.observe
         server.server.on_requests = metrics.observe_many
-        client = RawClient.connect(server.port)
-        client.open("vol")
+        client = mode.client(server.port)
         assert any(t.name == "ks-nbd-plane" for t in threading.enumerate())
         for i in range(20):
             client.write(i * 4096, bytes([i]) * 4096)
@@ -153,11 +200,10 @@ def test_the_native_loop_serves_and_counts_into_the_metrics(tmp_path: Path) -> N
     assert 'keysteward_proxy_request_seconds_count{command="write",export="vol"} 20.0' in text
 
 
-def test_revocation_in_a_stream_of_writes_ends_the_connection_and_wipes_the_key(tmp_path: Path) -> None:
+def test_revocation_in_a_stream_of_writes_ends_the_connection_and_wipes_the_key(tmp_path: Path, mode: Mode) -> None:
     export = LuksExport.open("vol", str(make_volume(tmp_path / "v.img", SIZE)), PASSPHRASE)
-    with ServerThread({"vol": export}) as server:
-        client = RawClient.connect(server.port)
-        client.open("vol")
+    with mode.server({"vol": export}) as server:
+        client = mode.client(server.port)
         stop, replies, failure = threading.Event(), [0], []
 
         def stream() -> None:
@@ -183,18 +229,16 @@ def test_revocation_in_a_stream_of_writes_ends_the_connection_and_wipes_the_key(
         assert not any(t.name == "ks-nbd-plane" for t in threading.enumerate())
 
 
-def test_fuzzed_headers_get_the_python_answers_and_a_bystander_goes_on(tmp_path: Path) -> None:
+def test_fuzzed_headers_get_the_python_answers_and_a_bystander_goes_on(tmp_path: Path, mode: Mode) -> None:
     image = make_volume(tmp_path / "v.img", SIZE)
     export = LuksExport.open("vol", str(image), PASSPHRASE)
     rng = random.Random(11)
-    with ServerThread({"vol": export}) as server:
-        bystander = RawClient.connect(server.port)
-        bystander.open("vol")
+    with mode.server({"vol": export}) as server:
+        bystander = mode.client(server.port)
         bystander.write(0, b"b" * 4096)
         before = image.read_bytes()
-        for _ in range(40):
-            client = RawClient.connect(server.port)
-            client.open("vol", structured=rng.random() < 0.5)
+        for _ in range(40 if not mode.tls else 20):
+            client = mode.client(server.port, structured=rng.random() < 0.5)
             client.sock.settimeout(5)
             command = rng.choice([nbd.CMD_READ, nbd.CMD_FLUSH, nbd.CMD_TRIM, 9, 200, 65535])
             flags = rng.choice([0, 0, 1 << rng.randrange(16)])
@@ -214,15 +258,55 @@ def test_fuzzed_headers_get_the_python_answers_and_a_bystander_goes_on(tmp_path:
         bystander.disconnect()
 
 
-def test_a_graceful_stop_answers_the_request_in_flight(tmp_path: Path) -> None:
+def test_a_graceful_stop_answers_the_request_in_flight(tmp_path: Path, mode: Mode) -> None:
     export = LuksExport.open("vol", str(make_volume(tmp_path / "v.img", SIZE)), PASSPHRASE)
-    server = ServerThread({"vol": export})
+    server = mode.server({"vol": export})
     with server:
-        client = RawClient.connect(server.port)
-        client.open("vol")
+        client = mode.client(server.port)
         client.write(0, b"s" * MIB)
         handle = client.request(nbd.CMD_WRITE, MIB, MIB, payload=b"t" * MIB)
     got, error, _ = client.reply()  # the server stopped gracefully: the write was answered first
     assert (got, error) == (handle, 0)
     with LuksVolume.open(str(tmp_path / "v.img"), PASSPHRASE) as volume:
         assert volume.read(MIB, MIB) == b"t" * MIB
+
+
+def test_tls_records_that_do_not_authenticate_end_only_their_connection(tmp_path: Path, pki: Pki) -> None:
+    """The attacker on the path flips bits in a write's records, or injects records of his own: the session
+    refuses them, that connection ends, nothing reaches the disk, and the other client is served on."""
+    mode = Mode("tls", pki)
+    image = make_volume(tmp_path / "v.img", SIZE)
+    export = LuksExport.open("vol", str(image), PASSPHRASE)
+    rng = random.Random(3)
+    with mode.server({"vol": export}) as server:
+        bystander = mode.client(server.port)
+        bystander.write(0, b"b" * 65536)
+        before = image.read_bytes()
+        for attempt in range(6):
+            client = mode.client(server.port)
+            assert isinstance(client.sock, ssl.SSLSocket)
+            raw = socket.socket(fileno=client.sock.detach())  # the TCP stream under the session
+            raw.settimeout(5)
+            if attempt % 2:  # a record of the right shape whose ciphertext is noise
+                body = rng.randbytes(4096)
+                record = b"\x17\x03\x03" + struct.pack(">H", len(body)) + body
+            else:  # whatever the attacker likes, framing included
+                record = rng.randbytes(rng.randrange(1, 20000))
+            raw.sendall(record)
+            if not attempt % 2:
+                raw.shutdown(socket.SHUT_WR)  # a header may promise more than was sent: the rest never comes
+            try:
+                while raw.recv(65536):  # at most an alert, then the end
+                    pass
+                ended = True
+            except ConnectionError:
+                ended = True
+            except TimeoutError:
+                ended = False
+            raw.close()
+            assert ended, "the server kept a connection open after a record that does not authenticate"
+            assert bystander.read(0, 65536) == b"b" * 65536
+        assert image.read_bytes() == before
+        bystander.write(65536, b"c" * 4096)
+        assert bystander.read(65536, 4096) == b"c" * 4096
+        bystander.disconnect()

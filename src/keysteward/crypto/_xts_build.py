@@ -75,9 +75,13 @@ const char *ks_xts_backend(void);
 typedef struct ks_nbd_plane ks_nbd_plane;
 
 int ks_plane_new(int sock, int fd, uint64_t data_offset, uint64_t size, uint64_t iv_tweak, uint32_t sector_size,
-                 uint32_t max_block, int read_only, int structured, ks_xts *xts, const double *bounds,
+                 uint32_t max_block, int read_only, int structured, ks_xts *xts, void *ssl, const double *bounds,
                  int n_bounds, ks_nbd_plane **out);
 int ks_plane_serve(ks_nbd_plane *p, unsigned char *header_out);
+int ks_plane_recv(ks_nbd_plane *p, unsigned char *b, size_t n);
+int ks_plane_send(ks_nbd_plane *p, const unsigned char *b, size_t n);
+int ks_tls_load(unsigned long *version);
+int ks_tls_owned_by(void *ssl, void *ctx);
 void ks_plane_take(ks_nbd_plane *p, uint64_t *out);
 void ks_plane_stop(ks_nbd_plane *p);
 void ks_plane_free(ks_nbd_plane *p);
@@ -697,12 +701,18 @@ def backend() -> str:
     return name
 
 
+PLANE_SOURCES = ("nbd_plane.c", "nbd_tls.c")
+
+
 def _nbd_plane_source() -> str:
-    """The native NBD data plane (src/keysteward/proxy/nbd_plane.c), compiled into this module so that it calls
-    ks_xts_crypt on the volume's own cipher contexts."""
+    """The native NBD data plane (src/keysteward/proxy/nbd_plane.c and its TLS pump, nbd_tls.c), compiled into
+    this module so that it calls ks_xts_crypt on the volume's own cipher contexts."""
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "..", "proxy", "nbd_plane.c"), encoding="utf-8") as source:
-        return source.read()
+    parts = []
+    for name in PLANE_SOURCES:
+        with open(os.path.join(here, "..", "proxy", name), encoding="utf-8") as source:
+            parts.append(source.read())
+    return "\n".join(parts)
 
 
 def make_ffibuilder(name: str) -> FFI:

@@ -3,8 +3,9 @@
  * Compiled into keysteward.crypto._xts_native (src/keysteward/crypto/_xts_build.py appends this file to
  * the extension's source), so it calls ks_xts_crypt on the volume's own cipher context: the key is not
  * copied anywhere new. keysteward/proxy/plane.py drives it from one thread per connection and keeps
- * everything else in Python: the handshake, TLS, the decision which connections run here, revocation
- * (it shuts the socket down; the loop ends at its next recv or send), metrics and logging.
+ * everything else in Python: the handshake, the TLS handshake and client check, the decision which
+ * connections run here, revocation (it shuts the socket down; the loop ends at its next recv or send),
+ * metrics and logging. A TLS connection's records go through the session Python lent (nbd_tls.c).
  *
  * The loop serves the requests that are the data path, serially, with one reply each:
  *   - NBD_CMD_READ and NBD_CMD_WRITE of whole sectors inside the export, at most max_block bytes, with
@@ -50,6 +51,7 @@
 #define KS_NBD_REPLY_OFFSET_DATA 1u
 #define KS_NBD_REPLY_ERROR 32769u
 #define KS_NBD_REQUEST_SIZE 28
+#define KS_PLANE_TLS_IO (256 * 1024) /* the bounce buffer between the socket and a TLS session's BIOs */
 
 typedef struct ks_nbd_plane {
     int sock;
@@ -62,6 +64,8 @@ typedef struct ks_nbd_plane {
     uint32_t sector_size;
     uint32_t max_block;
     ks_xts *xts;
+    void *ssl;         /* a TLS session lent by Python (nbd_tls.c), or NULL: plaintext */
+    unsigned char *io; /* its bounce buffer */
     unsigned char *buf;
     size_t buf_size;
     int n_bounds;
@@ -175,19 +179,28 @@ static int ks_pwrite_all(int fd, const unsigned char *b, size_t n, uint64_t at)
     return 0;
 }
 
+static int ks_tls_recv_all(void *ssl, int sock, unsigned char *io, size_t io_size, unsigned char *b, size_t n);
+static int ks_tls_send_all(void *ssl, int sock, unsigned char *io, size_t io_size, struct iovec *iov, int count);
+static int ks_tls_load(unsigned long *version);
+
 static int ks_plane_new(int sock, int fd, uint64_t data_offset, uint64_t size, uint64_t iv_tweak,
                         uint32_t sector_size, uint32_t max_block, int read_only, int structured, ks_xts *xts,
-                        const double *bounds, int n_bounds, ks_nbd_plane **out)
+                        void *ssl, const double *bounds, int n_bounds, ks_nbd_plane **out)
 {
     ks_nbd_plane *p;
     int i;
     if (out == NULL || xts == NULL || sock < 0 || fd < 0 || sector_size < 512 || sector_size % 512 != 0
         || max_block < sector_size || n_bounds < 0 || n_bounds > KS_PLANE_BUCKETS - 1
-        || (n_bounds > 0 && bounds == NULL))
+        || (n_bounds > 0 && bounds == NULL) || (ssl != NULL && ks_tls_load(NULL) != 0))
         return KS_XTS_ERR_ARGUMENT;
     p = calloc(1, sizeof(*p));
     if (p == NULL)
         return KS_XTS_ERR_NOMEM;
+    if (ssl != NULL && (p->io = malloc(KS_PLANE_TLS_IO)) == NULL) {
+        free(p);
+        return KS_XTS_ERR_NOMEM;
+    }
+    p->ssl = ssl;
     p->sock = sock;
     p->fd = fd;
     p->data_offset = data_offset;
@@ -211,7 +224,37 @@ static void ks_plane_free(ks_nbd_plane *p)
     if (p == NULL)
         return;
     free(p->buf);
+    free(p->io);
     free(p);
+}
+
+/* The connection's bytes, plaintext or through its TLS session: 1 all n bytes, 0 closed, -1 an error. */
+static int ks_plane_recv_all(ks_nbd_plane *p, unsigned char *b, size_t n)
+{
+    if (p->ssl != NULL)
+        return ks_tls_recv_all(p->ssl, p->sock, p->io, KS_PLANE_TLS_IO, b, n);
+    return ks_recv_all(p->sock, b, n);
+}
+
+static int ks_plane_send_all(ks_nbd_plane *p, struct iovec *iov, int count)
+{
+    if (p->ssl != NULL)
+        return ks_tls_send_all(p->ssl, p->sock, p->io, KS_PLANE_TLS_IO, iov, count);
+    return ks_send_all(p->sock, iov, count);
+}
+
+/* For Python, while the loop is not running (a request it handed back): a write's payload in, a reply out. */
+static int ks_plane_recv(ks_nbd_plane *p, unsigned char *b, size_t n)
+{
+    return ks_plane_recv_all(p, b, n);
+}
+
+static int ks_plane_send(ks_nbd_plane *p, const unsigned char *b, size_t n)
+{
+    struct iovec iov[1];
+    iov[0].iov_base = (void *)b;
+    iov[0].iov_len = n;
+    return ks_plane_send_all(p, iov, 1);
 }
 
 static int ks_plane_room(ks_nbd_plane *p, size_t n)
@@ -282,7 +325,7 @@ static int ks_plane_reply(ks_nbd_plane *p, const unsigned char *handle, uint32_t
     memcpy(r + 8, handle, 8);
     iov[0].iov_base = r;
     iov[0].iov_len = sizeof(r);
-    return ks_send_all(p->sock, iov, 1);
+    return ks_plane_send_all(p, iov, 1);
 }
 
 static int ks_plane_read_reply(ks_nbd_plane *p, const unsigned char *handle, uint64_t offset, uint32_t length,
@@ -323,7 +366,7 @@ static int ks_plane_read_reply(ks_nbd_plane *p, const unsigned char *handle, uin
         iov[1].iov_len = length;
         n = 2;
     }
-    return ks_send_all(p->sock, iov, n);
+    return ks_plane_send_all(p, iov, n);
 }
 
 static uint32_t ks_plane_crypt(ks_nbd_plane *p, int encrypt, uint64_t offset, uint32_t length)
@@ -346,7 +389,7 @@ static int ks_plane_serve(ks_nbd_plane *p, unsigned char *header_out)
         int rc;
         if (__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST))
             return KS_PLANE_CLOSED;
-        rc = ks_recv_all(p->sock, h, sizeof(h));
+        rc = ks_plane_recv_all(p, h, sizeof(h));
         if (rc <= 0)
             return rc == 0 ? KS_PLANE_CLOSED : KS_PLANE_SOCKET;
         started = ks_now_ns();
@@ -380,7 +423,7 @@ static int ks_plane_serve(ks_nbd_plane *p, unsigned char *header_out)
             ks_plane_count(p, error ? 3 : 0, error ? 0 : length, started);
             continue;
         }
-        rc = ks_recv_all(p->sock, p->buf, length);
+        rc = ks_plane_recv_all(p, p->buf, length);
         if (rc <= 0)
             return rc == 0 ? KS_PLANE_CLOSED : KS_PLANE_SOCKET;
         error = ks_plane_crypt(p, 1, offset, length);

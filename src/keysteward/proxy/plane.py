@@ -1,15 +1,17 @@
-"""The native data plane: a plaintext NBD connection's transmission phase served by C, one thread each.
+"""The native data plane: an NBD connection's transmission phase served by C, one thread each.
 
-Plaintext connections (a Unix socket or loopback TCP: how QEMU on the same host reaches the proxy) to an
-export over a LUKS volume are handed, once the handshake chose the export, to the loop in
+Connections to an export over a LUKS volume, plaintext (a Unix socket or loopback TCP: how QEMU on the same
+host reaches the proxy) or TLS, are handed, once the handshake chose the export, to the loop in
 ``src/keysteward/proxy/nbd_plane.c`` (compiled into :mod:`keysteward.crypto._xts_native`). It receives a
 request, reads or writes the device with ``pread``/``pwrite``, runs XTS on the volume's own cipher context
 in the one buffer the payload lives in, and replies, with no interpreter and no GIL between, so a write
 costs about what it costs ``nbdkit file`` plus the cipher. Everything that is not the data path stays
 here, in Python, unchanged:
 
-- the handshake, TLS (a TLS connection stays on :mod:`keysteward.proxy.transmission`), which connections
-  may open which export;
+- the handshake, the TLS handshake and the client certificate's check, which connections may open which
+  export; a TLS connection's session is lent to the loop (:mod:`keysteward.proxy.tls_lend`, ``nbd_tls.c``),
+  which encrypts and decrypts its records with OpenSSL as the Python path would, and given back when the
+  loop ends (only then may the TLS transport close it); where it cannot be lent, the Python path serves;
 - every request the loop does not serve itself (trim, write zeroes, partial sectors, bad ranges, unknown
   commands or flags, bad magic) comes back here undecided and is answered by the same code as the Python
   path (:func:`~keysteward.proxy.transmission.call_export`, :func:`~keysteward.proxy.transmission.reply_parts`);
@@ -35,6 +37,7 @@ from typing import Any
 
 from keysteward.crypto.xts import native_available
 from keysteward.formats import nbd
+from keysteward.proxy import tls_lend
 from keysteward.proxy.export import Export, ExportClosed
 from keysteward.proxy.metrics import LATENCY_BUCKETS
 from keysteward.proxy.transmission import Connection, Observer, admit, call_export, reply_parts
@@ -62,11 +65,18 @@ def _native() -> Any:
 class Plane:
     """One connection on the native loop: its socket, the loop's state, the thread that runs it."""
 
-    def __init__(self, conn: Connection, export: Export, sock: socket.socket, lock: threading.Lock) -> None:
+    def __init__(
+        self, conn: Connection, export: Export, sock: socket.socket, lock: threading.Lock, session: int | None
+    ) -> None:
         self.conn = conn
         self.export = export
         self.sock = sock
         self.lock = lock
+        self.session = session
+        """The TLS session's ``SSL *`` (:mod:`keysteward.proxy.tls_lend`), or None: plaintext. Its ssl object
+        lives as long as the connection's transport, which stays open until the plane has ended."""
+        self.ssl_object = conn.wire.ssl_object
+        """Held so that the session outlives the loop whatever the transport does."""
         self.handle: Any = None
         """The loop's state (cffi ``ks_nbd_plane *``) while it runs; guarded by ``lock``."""
         self.stopping = False
@@ -98,24 +108,37 @@ class Planes:
         return native_available()
 
     async def serve(self, conn: Connection) -> bool:
-        """Serve ``conn``'s transmission phase natively; False (nothing done) when it cannot be: TLS, an
-        export not over a native cipher, bytes already staged or queued on the connection."""
+        """Serve ``conn``'s transmission phase natively; False (nothing done) when it cannot be: an export not
+        over a native cipher, a TLS session that cannot be lent, bytes already staged or queued."""
         export = conn.export
         lend = getattr(export, "lend_native", None)
-        if export is None or conn.tls or lend is None or not self.available() or len(self._live) >= MAX_PLANES:
+        if export is None or lend is None or not self.available() or len(self._live) >= MAX_PLANES:
+            return False
+        session = None
+        ssl_object = conn.wire.ssl_object
+        if ssl_object is not None and (session := tls_lend.session(ssl_object)) is None:
             return False
         sock = conn.wire.hand_off()
         if sock is None:
             return False
-        log.debug("nbd native data plane peer=%s export=%s", conn.peer, export.name)
+        log.debug("nbd native data plane peer=%s export=%s tls=%s", conn.peer, export.name, session is not None)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        plane = Plane(conn, export, sock, self.lock)
+        plane = Plane(conn, export, sock, self.lock, session)
         conn.plane = plane
         thread = threading.Thread(target=self._thread, args=(plane, loop, done), name="ks-nbd-plane", daemon=True)
         thread.start()
         self._schedule(loop)
-        await done
+        cancelled = False
+        while not done.done():  # the session is the loop's until its thread has ended, cancelled or not
+            try:
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                cancelled = True
+                plane.stop(abort=True)
+        conn.wire.take_back()
+        if cancelled:
+            raise asyncio.CancelledError
         return True
 
     def _thread(self, plane: Plane, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
@@ -147,7 +170,7 @@ class Planes:
                     rc = lib.ks_plane_serve(handle, header)
                     if rc != lib.KS_PLANE_HANDOFF or plane.stopping:
                         break
-                    if not self._handoff(plane, bytes(ffi.buffer(header))):
+                    if not self._handoff(plane, handle, bytes(ffi.buffer(header))):
                         break
                 if rc == lib.KS_PLANE_NOMEM:
                     log.error("nbd native plane out of memory peer=%s export=%s", plane.conn.peer, export.name)
@@ -165,7 +188,8 @@ class Planes:
         code = lib.ks_plane_new(
             plane.sock.fileno(), target.fd, target.data_offset, target.payload_size, target.iv_tweak,
             target.sector_size, export.max_block, int(export.read_only), int(plane.conn.structured),
-            target.cipher, bounds, len(LATENCY_BUCKETS), slot,
+            target.cipher, ffi.NULL if plane.session is None else ffi.cast("void *", plane.session), bounds,
+            len(LATENCY_BUCKETS), slot,
         )  # fmt: skip
         if code != 0:
             raise RuntimeError(f"the native NBD plane did not start (code {code})")
@@ -176,9 +200,11 @@ class Planes:
                 lib.ks_plane_stop(plane.handle)
         return slot[0]
 
-    def _handoff(self, plane: Plane, header: bytes) -> bool:
-        """Answer one request the loop did not serve, as the Python path would; False ends the connection."""
-        conn, export, sock = plane.conn, plane.export, plane.sock
+    def _handoff(self, plane: Plane, handle: Any, header: bytes) -> bool:
+        """Answer one request the loop did not serve, as the Python path would, through the loop's own reads
+        and writes (TLS or not); False ends the connection."""
+        conn, export = plane.conn, plane.export
+        module = _native()
         request = nbd.decode_request(header)  # bad magic: NbdProtocolError, the connection is dropped
         started = time.perf_counter()
         command = request.command
@@ -186,11 +212,14 @@ class Planes:
         buf = bytearray(request.length) if carries else None
         if command == nbd.CMD_WRITE:
             assert buf is not None
-            _recv_exactly(sock, memoryview(buf))
+            if module.lib.ks_plane_recv(handle, module.ffi.from_buffer(buf), len(buf)) != 1:
+                raise ConnectionError("the client went away inside a write's payload")
         if not error:
             error = call_export(export, request, buf)
         data = memoryview(buf) if buf is not None and command == nbd.CMD_READ and not error else None
-        sock.sendall(b"".join(reply_parts(conn.structured, request, error, data)))
+        reply = b"".join(reply_parts(conn.structured, request, error, data))
+        if module.lib.ks_plane_send(handle, reply, len(reply)) != 0:
+            raise ConnectionError("the reply could not be sent")
         self._observe(export, request, error, started)
         return True
 
@@ -234,12 +263,3 @@ class Planes:
 def _resolve(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_result(None)
-
-
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < view.nbytes:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("the client closed the connection inside a write's payload")
-        got += n

@@ -53,6 +53,12 @@ class Wire(asyncio.BufferedProtocol):
         """Replies written this turn of the event loop, not yet handed to the transport."""
         self._queued_bytes = 0
         self._flush_soon = False
+        self._raw: asyncio.Transport | None = None
+        """The plaintext transport under a TLS one (after STARTTLS)."""
+        self._lent = False
+        """The socket (and TLS session) is lent to the native data plane: nothing here may touch them."""
+        self._close_when_back: bool | None = None
+        """A close asked for while lent (abort or not), done by :meth:`take_back`."""
 
     # -- protocol callbacks ----------------------------------------------------------------------------
 
@@ -237,6 +243,7 @@ class Wire(asyncio.BufferedProtocol):
         if self.transport is None:
             raise Closed("the connection is closed")
         loop = asyncio.get_running_loop()
+        self._raw = self.transport
         transport = await loop.start_tls(
             self.transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout
         )
@@ -244,37 +251,63 @@ class Wire(asyncio.BufferedProtocol):
             raise Closed("the TLS handshake did not complete")
         self.transport = transport
 
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+
     def hand_off(self) -> socket.socket | None:
         """The connection's socket, duplicated and blocking, for a thread that serves it from now on (the
-        native data plane); reading stays paused for good. None, and nothing changed, when it cannot be handed
-        over: bytes staged or queued, a TLS transport, or a transport without a socket."""
+        native data plane, with the TLS session of :attr:`ssl_object` if there is one); reading stays paused
+        until :meth:`take_back`. None, and nothing changed, when it cannot be handed over: bytes staged or
+        queued, or a transport without a socket.
+
+        With TLS the transport under the session stops reading the socket too, and until :meth:`take_back`
+        nothing here touches the session (its BIOs are the plane's): a :meth:`close` waits for it."""
         self.flush()
-        transport = self.transport
+        transport, raw = self.transport, self._raw
         if transport is None or transport.is_closing() or self._hi != self._lo or self._queued:
             return None
-        if transport.get_write_buffer_size() or transport.get_extra_info("ssl_object") is not None:
+        tls = self.ssl_object is not None
+        if transport.get_write_buffer_size() or (tls and (raw is None or raw.get_write_buffer_size())):
             return None
         sock = transport.get_extra_info("socket")
         if sock is None:
             return None
         self._pause_reading()
+        if tls:
+            assert raw is not None
+            raw.pause_reading()
+            self._lent = True
         handed = socket.socket(fileno=os.dup(sock.fileno()))
         handed.setblocking(True)
         return handed
 
+    def take_back(self) -> None:
+        """The plane let go (its thread has ended): the TLS transport may read and close again."""
+        if not self._lent:
+            return
+        self._lent = False
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.resume_reading()  # what the session's transport reads now ends in close or EOF
+        if self._close_when_back is not None:
+            self.close(abort=self._close_when_back)
+
     def peer_certificate(self) -> dict[str, object] | None:
         """The verified client certificate of the TLS connection (``getpeercert()``), or None."""
-        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        ssl_object = self.ssl_object
         if ssl_object is None:
             return None
         cert = ssl_object.getpeercert()
         return dict(cert) if cert else None
 
     def peer_certificate_der(self) -> bytes | None:
-        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        ssl_object = self.ssl_object
         return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
 
     def close(self, abort: bool = False) -> None:
+        if self._lent:  # the TLS transport would write the session's BIOs under the plane's feet
+            self._close_when_back = abort or bool(self._close_when_back)
+            return
         if abort:
             self._queued, self._queued_bytes = [], 0
         else:

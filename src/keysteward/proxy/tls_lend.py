@@ -1,0 +1,96 @@
+"""A TLS connection's OpenSSL session, lent to the native data plane (``nbd_tls.c``) by address.
+
+Python's ssl module gives no access to its ``SSL *``, so it is read where CPython keeps it: an
+``ssl.SSLObject`` wraps a ``_ssl._SSLSocket``, whose C struct begins with the object header, a weak
+reference to its socket and then the ``SSL *``; an ``_ssl._SSLContext`` begins with the header and its
+``SSL_CTX *``. That layout has been the same from 3.7 to 3.13. What is read is not trusted: the session is
+lent only when
+
+- the interpreter has the object header this module counts with (not a free-threaded build),
+- ``_ssl`` is linked against ``libssl.so.3`` and the plane found that library already loaded, at the
+  version the ssl module reports (so both call the one copy of OpenSSL that made the session), and
+- ``SSL_get_SSL_CTX`` of the pointer read is the context's own ``SSL_CTX *``, read the same way.
+
+Otherwise :func:`session` answers None and the connection stays on the Python path, which serves it the
+same way, only slower. ``tests/integration/test_nbd_plane.py`` asserts that on the machines this project
+supports TLS connections are lent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import ssl
+import sys
+from typing import Any
+
+log = logging.getLogger("keysteward.proxy")
+
+_HEADER = 2 * ctypes.sizeof(ctypes.c_void_p)
+"""``PyObject_HEAD``: the reference count and the type."""
+_SSL_AT = _HEADER + ctypes.sizeof(ctypes.c_void_p)
+"""``PySSLSocket.ssl``, after ``PyObject *Socket``."""
+_CTX_AT = _HEADER
+"""``PySSLContext.ctx``."""
+_LIBSSL = b"libssl.so.3"
+
+
+def _native() -> Any:
+    from keysteward.crypto import _xts_native  # type: ignore[attr-defined]
+
+    return _xts_native
+
+
+@functools.cache
+def available() -> bool:
+    """Can sessions be lent in this process? (Decided once; the reason is logged when they cannot.)"""
+    reason = _unavailable()
+    if reason:
+        log.info("nbd TLS connections stay on the Python path: %s", reason)
+    return not reason
+
+
+def _unavailable() -> str:
+    import _ssl
+
+    if object.__basicsize__ != _HEADER or not (3, 7) <= sys.version_info[:2] <= (3, 13):
+        return f"an interpreter whose ssl objects this module does not know ({sys.version.split()[0]})"
+    try:
+        with open(_ssl.__file__, "rb") as lib:
+            linked = _LIBSSL in lib.read()
+    except (AttributeError, OSError):
+        linked = False
+    if not linked:
+        return "the ssl module is not linked against libssl.so.3"
+    try:
+        module = _native()
+    except ImportError:
+        return "the native extension is not built"
+    version = module.ffi.new("unsigned long *")
+    if module.lib.ks_tls_load(version) != 0:
+        return "libssl.so.3 is not loaded or lacks a function the plane calls"
+    if version[0] != ssl.OPENSSL_VERSION_NUMBER:
+        return f"libssl.so.3 is {version[0]:#x}, the ssl module says {ssl.OPENSSL_VERSION_NUMBER:#x}"
+    return ""
+
+
+def session(ssl_object: ssl.SSLObject) -> int | None:
+    """The ``SSL *`` of ``ssl_object`` as an address, checked against its context; None when it cannot be lent.
+    The caller keeps ``ssl_object`` alive, and keeps every other user away from it, while the address is used."""
+    if not available():
+        return None
+    inner = getattr(ssl_object, "_sslobj", None)
+    context = ssl_object.context
+    if inner is None or type(inner).__name__ != "_SSLSocket" or not isinstance(context, ssl.SSLContext):
+        return None
+    address = ctypes.c_void_p.from_address(id(inner) + _SSL_AT).value
+    ctx = ctypes.c_void_p.from_address(id(context) + _CTX_AT).value
+    if not address or not ctx:
+        return None
+    module = _native()
+    ffi = module.ffi
+    if not module.lib.ks_tls_owned_by(ffi.cast("void *", address), ffi.cast("void *", ctx)):
+        log.warning("nbd TLS session not lent: the SSL object read is not one of its context's")
+        return None
+    return address
