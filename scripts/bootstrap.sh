@@ -41,7 +41,7 @@ fi
 
 stamp=.venv/.keysteward-bootstrap
 # what the install depends on: the project metadata and the native extension's build script
-want="$(cat pyproject.toml setup.py src/keysteward/crypto/_xts_build.py src/keysteward/proxy/nbd_plane.c src/keysteward/proxy/nbd_tls.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py src/keysteward/crypto/_xts_build.py src/keysteward/crypto/native/*.c src/keysteward/proxy/*.c 2>/dev/null | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ]; then
   echo "bootstrap: .venv up to date"
 else

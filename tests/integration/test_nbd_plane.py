@@ -310,3 +310,34 @@ def test_tls_records_that_do_not_authenticate_end_only_their_connection(tmp_path
         bystander.write(65536, b"c" * 4096)
         assert bystander.read(65536, 4096) == b"c" * 4096
         bystander.disconnect()
+
+
+def test_requests_sent_behind_the_handshake_are_served_natively(tmp_path: Path, mode: Mode) -> None:
+    """A client that does not wait for the GO reply (its first requests arrive with it) is still handed
+    to the native loop, which reads the requests Python had received first, in order."""
+    export = LuksExport.open("vol", str(make_volume(tmp_path / "v.img", SIZE)), PASSPHRASE)
+    counted: list[tuple[str, int]] = []
+    with mode.server({"vol": export}) as server:
+        server.server.on_requests = lambda _export, command, n, *_rest: counted.append((command, n))
+        client = RawClient.connect(server.port)
+        client.greet()
+        if mode.tls:
+            client.starttls(client_context(mode.pki))
+        payloads = [bytes([i]) * 8192 for i in range(1, 9)]
+        burst = nbd.encode_option(nbd.OPT_GO, nbd.encode_info_request("vol", (nbd.INFO_BLOCK_SIZE,)))
+        for i, data in enumerate(payloads):
+            burst += _req(nbd.CMD_WRITE, i * 8192, len(data), handle=i) + data
+        burst += b"".join(_req(nbd.CMD_READ, i * 8192, 8192, handle=100 + i) for i in range(len(payloads)))
+        client.send(burst)
+        while client.option_reply().reply != nbd.REP_ACK:
+            pass
+        for i in range(len(payloads)):
+            assert client.reply() == (i, 0, b"")
+        for i, data in enumerate(payloads):
+            assert client._simple_read_reply(len(data)) == (100 + i, 0, data)
+        client.disconnect()
+        deadline = time.monotonic() + 10
+        while sum(n for _, n in counted) < 16 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    served = {command: sum(n for c, n in counted if c == command) for command in ("read", "write")}
+    assert served == {"read": 8, "write": 8}, counted  # all 16 by the native loop (it alone reports in batches)

@@ -22,6 +22,8 @@
  * zeroed) by ks_nbd_plane_take from another thread.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -66,6 +68,10 @@ typedef struct ks_nbd_plane {
     ks_xts *xts;
     void *ssl;         /* a TLS session lent by Python (nbd_tls.c), or NULL: plaintext */
     unsigned char *io; /* its bounce buffer */
+    unsigned char *pre; /* request bytes Python had received already when it handed the connection over */
+    size_t pre_len;
+    size_t pre_at;
+    int wake[2]; /* a pipe: ks_plane_stop writes it, the loop polls it between requests */
     unsigned char *buf;
     size_t buf_size;
     int n_bounds;
@@ -182,24 +188,33 @@ static int ks_pwrite_all(int fd, const unsigned char *b, size_t n, uint64_t at)
 static int ks_tls_recv_all(void *ssl, int sock, unsigned char *io, size_t io_size, unsigned char *b, size_t n);
 static int ks_tls_send_all(void *ssl, int sock, unsigned char *io, size_t io_size, struct iovec *iov, int count);
 static int ks_tls_load(unsigned long *version);
+static int ks_tls_input_pending(void *ssl);
+static void ks_plane_free(ks_nbd_plane *p);
 
 static int ks_plane_new(int sock, int fd, uint64_t data_offset, uint64_t size, uint64_t iv_tweak,
                         uint32_t sector_size, uint32_t max_block, int read_only, int structured, ks_xts *xts,
-                        void *ssl, const double *bounds, int n_bounds, ks_nbd_plane **out)
+                        void *ssl, const unsigned char *pre, size_t pre_len, const double *bounds, int n_bounds,
+                        ks_nbd_plane **out)
 {
     ks_nbd_plane *p;
     int i;
     if (out == NULL || xts == NULL || sock < 0 || fd < 0 || sector_size < 512 || sector_size % 512 != 0
         || max_block < sector_size || n_bounds < 0 || n_bounds > KS_PLANE_BUCKETS - 1
-        || (n_bounds > 0 && bounds == NULL) || (ssl != NULL && ks_tls_load(NULL) != 0))
+        || (n_bounds > 0 && bounds == NULL) || (ssl != NULL && ks_tls_load(NULL) != 0)
+        || (pre_len > 0 && pre == NULL))
         return KS_XTS_ERR_ARGUMENT;
     p = calloc(1, sizeof(*p));
     if (p == NULL)
         return KS_XTS_ERR_NOMEM;
-    if (ssl != NULL && (p->io = malloc(KS_PLANE_TLS_IO)) == NULL) {
-        free(p);
+    p->wake[0] = p->wake[1] = -1;
+    if ((ssl != NULL && (p->io = malloc(KS_PLANE_TLS_IO)) == NULL)
+        || (pre_len > 0 && (p->pre = malloc(pre_len)) == NULL) || pipe2(p->wake, O_CLOEXEC | O_NONBLOCK) != 0) {
+        ks_plane_free(p);
         return KS_XTS_ERR_NOMEM;
     }
+    if (pre_len > 0)
+        memcpy(p->pre, pre, pre_len);
+    p->pre_len = pre_len;
     p->ssl = ssl;
     p->sock = sock;
     p->fd = fd;
@@ -225,12 +240,26 @@ static void ks_plane_free(ks_nbd_plane *p)
         return;
     free(p->buf);
     free(p->io);
+    free(p->pre);
+    if (p->wake[0] >= 0)
+        close(p->wake[0]);
+    if (p->wake[1] >= 0)
+        close(p->wake[1]);
     free(p);
 }
 
 /* The connection's bytes, plaintext or through its TLS session: 1 all n bytes, 0 closed, -1 an error. */
 static int ks_plane_recv_all(ks_nbd_plane *p, unsigned char *b, size_t n)
 {
+    if (p->pre_at < p->pre_len) {
+        size_t k = p->pre_len - p->pre_at < n ? p->pre_len - p->pre_at : n;
+        memcpy(b, p->pre + p->pre_at, k);
+        p->pre_at += k;
+        b += k;
+        n -= k;
+        if (n == 0)
+            return 1;
+    }
     if (p->ssl != NULL)
         return ks_tls_recv_all(p->ssl, p->sock, p->io, KS_PLANE_TLS_IO, b, n);
     return ks_recv_all(p->sock, b, n);
@@ -293,11 +322,35 @@ static void ks_plane_take(ks_nbd_plane *p, uint64_t *out)
             out[i * KS_PLANE_STAT_WORDS + j] = __atomic_exchange_n(&p->stats[i][j], 0, __ATOMIC_RELAXED);
 }
 
-/* Ask the loop to end before its next request (the caller then shuts the socket down for reading, which
- * wakes a recv that waits for one; on Linux that alone would not stop a client that keeps sending). */
+/* Ask the loop to end before its next request: the request it serves now (its payload included) is
+ * answered first. A loop waiting for a request wakes at once. (To end it at once, the caller also shuts
+ * the socket down.) */
 static void ks_plane_stop(ks_nbd_plane *p)
 {
+    static const unsigned char one = 1;
     __atomic_store_n(&p->stop, 1, __ATOMIC_SEQ_CST);
+    if (write(p->wake[1], &one, 1) < 0) {
+        /* full (woken already) or closed: either way the loop sees the flag at its next request */
+    }
+}
+
+/* Between requests: 1 when a request's bytes are there to read (or the socket has news), 0 when stopped. */
+static int ks_plane_wait(ks_nbd_plane *p)
+{
+    struct pollfd f[2];
+    if (p->pre_at < p->pre_len || (p->ssl != NULL && ks_tls_input_pending(p->ssl)))
+        return !__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST);
+    f[0].fd = p->sock;
+    f[0].events = POLLIN;
+    f[1].fd = p->wake[0];
+    f[1].events = POLLIN;
+    for (;;) {
+        if (__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST))
+            return 0;
+        f[0].revents = f[1].revents = 0;
+        if (poll(f, 2, -1) >= 0 || errno != EINTR)
+            return !(f[1].revents & POLLIN) && !__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST);
+    }
 }
 
 /* Does the loop serve this request itself? (Everything else goes to Python, undecided.) */
@@ -387,7 +440,7 @@ static int ks_plane_serve(ks_nbd_plane *p, unsigned char *header_out)
         uint32_t flags, command, length, error = 0;
         uint64_t offset, started;
         int rc;
-        if (__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST))
+        if (!ks_plane_wait(p))
             return KS_PLANE_CLOSED;
         rc = ks_plane_recv_all(p, h, sizeof(h));
         if (rc <= 0)

@@ -23,6 +23,7 @@ typedef struct ks_tls_api {
     int (*ssl_read)(void *ssl, void *buf, int num);
     int (*ssl_write)(void *ssl, const void *buf, int num);
     int (*ssl_get_error)(const void *ssl, int ret);
+    int (*ssl_pending)(const void *ssl);
     void *(*ssl_get_rbio)(const void *ssl);
     void *(*ssl_get_wbio)(const void *ssl);
     void *(*ssl_get_ssl_ctx)(const void *ssl);
@@ -48,6 +49,7 @@ static int ks_tls_load(unsigned long *version)
         *(void **)&ks_tls.ssl_read = dlsym(lib, "SSL_read");
         *(void **)&ks_tls.ssl_write = dlsym(lib, "SSL_write");
         *(void **)&ks_tls.ssl_get_error = dlsym(lib, "SSL_get_error");
+        *(void **)&ks_tls.ssl_pending = dlsym(lib, "SSL_pending");
         *(void **)&ks_tls.ssl_get_rbio = dlsym(lib, "SSL_get_rbio");
         *(void **)&ks_tls.ssl_get_wbio = dlsym(lib, "SSL_get_wbio");
         *(void **)&ks_tls.ssl_get_ssl_ctx = dlsym(lib, "SSL_get_SSL_CTX");
@@ -56,7 +58,7 @@ static int ks_tls_load(unsigned long *version)
         *(void **)&ks_tls.bio_ctrl_pending = dlsym(lib, "BIO_ctrl_pending");
         *(void **)&ks_tls.err_clear_error = dlsym(lib, "ERR_clear_error");
         *(void **)&ks_tls.version_num = dlsym(lib, "OpenSSL_version_num");
-        if (!ks_tls.ssl_read || !ks_tls.ssl_write || !ks_tls.ssl_get_error || !ks_tls.ssl_get_rbio
+        if (!ks_tls.ssl_read || !ks_tls.ssl_write || !ks_tls.ssl_get_error || !ks_tls.ssl_pending || !ks_tls.ssl_get_rbio
             || !ks_tls.ssl_get_wbio || !ks_tls.ssl_get_ssl_ctx || !ks_tls.bio_read || !ks_tls.bio_write
             || !ks_tls.bio_ctrl_pending || !ks_tls.err_clear_error || !ks_tls.version_num)
             return -1; /* the handle stays open: the library was loaded before and stays loaded */
@@ -71,6 +73,13 @@ static int ks_tls_load(unsigned long *version)
 static int ks_tls_owned_by(void *ssl, void *ctx)
 {
     return ks_tls_ready && ssl != NULL && ctx != NULL && ks_tls.ssl_get_ssl_ctx(ssl) == ctx;
+}
+
+/* Does the session hold input already: decrypted bytes, or records in the read BIO? (Then a poll of the
+ * socket would wait for bytes that are already here.) */
+static int ks_tls_input_pending(void *ssl)
+{
+    return ks_tls.ssl_pending(ssl) > 0 || ks_tls.bio_ctrl_pending(ks_tls.ssl_get_rbio(ssl)) > 0;
 }
 
 /* Sends what SSL_write (or SSL_read: a key update's answer, an alert) left in the write BIO. */

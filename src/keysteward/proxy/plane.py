@@ -66,11 +66,16 @@ class Plane:
     """One connection on the native loop: its socket, the loop's state, the thread that runs it."""
 
     def __init__(
-        self, conn: Connection, export: Export, sock: socket.socket, lock: threading.Lock, session: int | None
+        self,
+        conn: Connection,
+        export: Export,
+        handed: tuple[socket.socket, bytes],
+        lock: threading.Lock,
+        session: int | None,
     ) -> None:
         self.conn = conn
         self.export = export
-        self.sock = sock
+        self.sock, self.staged = handed
         self.lock = lock
         self.session = session
         """The TLS session's ``SSL *`` (:mod:`keysteward.proxy.tls_lend`), or None: plaintext. Its ssl object
@@ -82,13 +87,16 @@ class Plane:
         self.stopping = False
 
     def stop(self, *, abort: bool) -> None:
-        """End the loop: abort at once, or (graceful) after the request it serves now is answered."""
+        """End the loop: abort at once (the socket is shut down), or (graceful) after the request it serves
+        now is answered, its payload received whole (the loop is woken if it waits for a request)."""
         with self.lock:
             self.stopping = True
             if self.handle is not None:
                 _native().lib.ks_plane_stop(self.handle)
+        if not abort:
+            return
         try:
-            self.sock.shutdown(socket.SHUT_RDWR if abort else socket.SHUT_RD)
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # closed already
 
@@ -118,13 +126,13 @@ class Planes:
         ssl_object = conn.wire.ssl_object
         if ssl_object is not None and (session := tls_lend.session(ssl_object)) is None:
             return False
-        sock = conn.wire.hand_off()
-        if sock is None:
+        handed = conn.wire.hand_off()
+        if handed is None:
             return False
         log.debug("nbd native data plane peer=%s export=%s tls=%s", conn.peer, export.name, session is not None)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        plane = Plane(conn, export, sock, self.lock, session)
+        plane = Plane(conn, export, handed, self.lock, session)
         conn.plane = plane
         thread = threading.Thread(target=self._thread, args=(plane, loop, done), name="ks-nbd-plane", daemon=True)
         thread.start()
@@ -168,10 +176,10 @@ class Planes:
             try:
                 while True:
                     rc = lib.ks_plane_serve(handle, header)
-                    if rc != lib.KS_PLANE_HANDOFF or plane.stopping:
+                    if rc != lib.KS_PLANE_HANDOFF:
                         break
-                    if not self._handoff(plane, handle, bytes(ffi.buffer(header))):
-                        break
+                    if not self._handoff(plane, handle, bytes(ffi.buffer(header))) or plane.stopping:
+                        break  # a graceful stop: the request handed back is answered first
                 if rc == lib.KS_PLANE_NOMEM:
                     log.error("nbd native plane out of memory peer=%s export=%s", plane.conn.peer, export.name)
             finally:
@@ -188,8 +196,8 @@ class Planes:
         code = lib.ks_plane_new(
             plane.sock.fileno(), target.fd, target.data_offset, target.payload_size, target.iv_tweak,
             target.sector_size, export.max_block, int(export.read_only), int(plane.conn.structured),
-            target.cipher, ffi.NULL if plane.session is None else ffi.cast("void *", plane.session), bounds,
-            len(LATENCY_BUCKETS), slot,
+            target.cipher, ffi.NULL if plane.session is None else ffi.cast("void *", plane.session),
+            plane.staged, len(plane.staged), bounds, len(LATENCY_BUCKETS), slot,
         )  # fmt: skip
         if code != 0:
             raise RuntimeError(f"the native NBD plane did not start (code {code})")

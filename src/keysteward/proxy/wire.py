@@ -255,17 +255,19 @@ class Wire(asyncio.BufferedProtocol):
     def ssl_object(self) -> ssl.SSLObject | None:
         return self.transport.get_extra_info("ssl_object") if self.transport is not None else None
 
-    def hand_off(self) -> socket.socket | None:
+    def hand_off(self) -> tuple[socket.socket, bytes] | None:
         """The connection's socket, duplicated and blocking, for a thread that serves it from now on (the
-        native data plane, with the TLS session of :attr:`ssl_object` if there is one); reading stays paused
-        until :meth:`take_back`. None, and nothing changed, when it cannot be handed over: bytes staged or
-        queued, or a transport without a socket.
+        native data plane, with the TLS session of :attr:`ssl_object` if there is one), and the bytes of
+        requests already received (the client need not wait for the handshake's last reply to send its
+        first requests): the thread reads those first. Reading stays paused until :meth:`take_back`. None,
+        and nothing changed, when it cannot be handed over: a reply still queued, a payload being received
+        into a target, or a transport without a socket.
 
         With TLS the transport under the session stops reading the socket too, and until :meth:`take_back`
         nothing here touches the session (its BIOs are the plane's): a :meth:`close` waits for it."""
         self.flush()
         transport, raw = self.transport, self._raw
-        if transport is None or transport.is_closing() or self._hi != self._lo or self._queued:
+        if transport is None or transport.is_closing() or self._queued or self._target is not None:
             return None
         tls = self.ssl_object is not None
         if transport.get_write_buffer_size() or (tls and (raw is None or raw.get_write_buffer_size())):
@@ -278,9 +280,11 @@ class Wire(asyncio.BufferedProtocol):
             assert raw is not None
             raw.pause_reading()
             self._lent = True
+        staged = bytes(self._view[self._lo : self._hi])
+        self._lo = self._hi = 0
         handed = socket.socket(fileno=os.dup(sock.fileno()))
         handed.setblocking(True)
-        return handed
+        return handed, staged
 
     def take_back(self) -> None:
         """The plane let go (its thread has ended): the TLS transport may read and close again."""
