@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from keysteward.crypto.xts import decrypt_sectors_reference
+from keysteward.crypto.xts_reference import decrypt_sectors_reference
 from keysteward.volume import LuksVolume
 from tests.integration.test_volume_tools import (
     CS_ARGON2_SMALL,

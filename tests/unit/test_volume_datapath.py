@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from keysteward.crypto.xts import decrypt_sectors_reference
+from keysteward.crypto.xts_reference import decrypt_sectors_reference
 from keysteward.formats import luks
 from keysteward.volume import LuksVolume, VolumeRequestError, datapath
 from keysteward.volume.device import Device

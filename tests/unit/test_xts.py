@@ -18,12 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keysteward.crypto import xts
-from keysteward.crypto.xts import (
-    XtsCipher,
-    decrypt_sectors_reference,
-    encrypt_sectors_reference,
-    native_available,
-)
+from keysteward.crypto.xts import XtsCipher, native_available
+from keysteward.crypto.xts_reference import decrypt_sectors_reference, encrypt_sectors_reference
 
 pytestmark = pytest.mark.unit
 

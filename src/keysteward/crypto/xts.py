@@ -26,39 +26,43 @@ Two implementations give the same bytes:
   library built by ``pip install`` (see ``_xts_build.py``): one C call per request, the key set
   once per :class:`XtsCipher`, only the IV changes between sectors, the GIL released during the
   call (use one :class:`XtsCipher` per thread to use several cores);
-* the reference path, :func:`encrypt_sectors_reference` / :func:`decrypt_sectors_reference`: one
-  pyca/cryptography ``Cipher(AES(key), XTS(tweak))`` per sector; slow, obviously correct, and what
-  :class:`XtsCipher` uses when the extension is missing (:func:`native_available` says which).
+* the reference path (:mod:`keysteward.crypto.xts_reference`, with the tweak arithmetic and the checks
+  both paths share): one pyca/cryptography ``Cipher(AES(key), XTS(tweak))`` per sector; slow, obviously
+  correct, and what :class:`XtsCipher` uses when the extension is missing (:func:`native_available`
+  says which).
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
 import importlib
-import operator
 import sys
 import threading
 from types import ModuleType, TracebackType
 from typing import Any, Final
 
 from keysteward.crypto.secret import SecretBuffer
+from keysteward.crypto.xts_reference import (
+    EQUAL_HALVES_ERROR,
+    KEY_SIZE_ERROR,
+    Buffer,
+    byte_view,
+    check_key,
+    first_tweak,
+    out_view,
+    reference_into,
+    sector_count,
+    tweak_step,
+)
 
-Buffer = bytes | bytearray | memoryview
-
-KEY_SIZES: Final = (32, 64)
-IV_UNIT: Final = 512
-MAX_SECTOR_SIZE: Final = 4096
-DM_CRYPT_SECTOR_SIZES: Final = (512, 1024, 2048, 4096)
-_TWEAK_LIMIT: Final = 1 << 64
 _NATIVE_MODULE: Final = "keysteward.crypto._xts_native"
 _OVERLAP: Final = 5
 
 # Native error codes (KS_XTS_* in _xts_build.py) -> messages. XtsCipher checks keys and arguments
 # before calling, and handles a partial overlap (5) itself; the rest is mapped for safety.
 _NATIVE_ERRORS: Final = {
-    1: "AES-XTS needs a 32-byte (AES-128) or 64-byte (AES-256) key",
-    2: "XTS key halves must differ",
+    1: KEY_SIZE_ERROR,
+    2: EQUAL_HALVES_ERROR,
     3: "out of memory in the AES-XTS extension",
     4: "invalid arguments to the AES-XTS extension",
     5: "out must not partially overlap data",
@@ -102,132 +106,6 @@ def _native_error(code: int) -> Exception:
     return MemoryError(message) if code == 3 else ValueError(message)
 
 
-# -- argument checks shared by both paths ------------------------------------------------------
-
-
-def _byte_view(data: Buffer, what: str) -> memoryview:
-    """A flat byte view of ``data`` (any C-contiguous buffer); raises TypeError for anything else."""
-    try:
-        view = memoryview(data)
-    except TypeError:
-        raise TypeError(f"{what} must be bytes, bytearray or memoryview, not {type(data).__name__}") from None
-    if not view.c_contiguous:
-        raise TypeError(f"{what} must be a contiguous buffer")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def _check_key(key: memoryview) -> None:
-    if key.nbytes not in KEY_SIZES:
-        raise ValueError(_NATIVE_ERRORS[1])
-    half = key.nbytes // 2
-    if hmac.compare_digest(key[:half], key[half:]):
-        raise ValueError(_NATIVE_ERRORS[2])
-
-
-def _tweak_step(sector_size: int, iv_large_sectors: bool) -> int:
-    """Validates ``sector_size``; returns how far each sector advances the tweak."""
-    if isinstance(sector_size, bool) or not isinstance(sector_size, int):
-        raise TypeError("sector_size must be an int")
-    if iv_large_sectors:
-        if not (16 <= sector_size <= MAX_SECTOR_SIZE and sector_size % 16 == 0):
-            raise ValueError(f"sector_size must be a multiple of 16 from 16 to {MAX_SECTOR_SIZE}, not {sector_size}")
-        return 1
-    if sector_size not in DM_CRYPT_SECTOR_SIZES:
-        raise ValueError(
-            f"sector_size must be one of {DM_CRYPT_SECTOR_SIZES} (dm-crypt's; the tweak counts {IV_UNIT}-byte "
-            f"units; see iv_large_sectors for other data units), not {sector_size}"
-        )
-    return sector_size // IV_UNIT
-
-
-def _first_tweak(first_sector: int, iv_shift: int, n_sectors: int, step: int) -> int:
-    first_sector = operator.index(first_sector)
-    iv_shift = operator.index(iv_shift)
-    if first_sector < 0 or iv_shift < 0:
-        raise ValueError("first_sector and iv_shift must not be negative")
-    first = first_sector + iv_shift
-    if first + max(n_sectors - 1, 0) * step >= _TWEAK_LIMIT:
-        raise ValueError("sector number beyond 2^64 - 1 (plain64 tweaks are 64-bit)")
-    return first
-
-
-def _sector_count(data: memoryview, sector_size: int) -> int:
-    if data.nbytes % sector_size:
-        raise ValueError(f"data length {data.nbytes} is not a multiple of the sector size {sector_size}")
-    return data.nbytes // sector_size
-
-
-def _out_view(out: bytearray | memoryview, length: int) -> memoryview:
-    view = _byte_view(out, "out")
-    if view.readonly:
-        raise TypeError("out must be a writable buffer")
-    if view.nbytes < length:
-        raise ValueError(f"out holds {view.nbytes} bytes, data needs {length}")
-    return view[:length]
-
-
-# -- reference path ----------------------------------------------------------------------------
-
-
-def _reference_into(
-    encrypt: bool, key: bytes, sector_size: int, src: memoryview, dst: memoryview, first: int, step: int
-) -> None:
-    """One pyca Cipher per sector; ``dst`` may be ``src`` itself (each sector is read before it is written)."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # the slow path only (~5 ms)
-
-    algorithm = algorithms.AES(key)
-    for offset in range(0, src.nbytes, sector_size):
-        tweak = (first + (offset // sector_size) * step).to_bytes(16, "little")
-        cipher = Cipher(algorithm, modes.XTS(tweak))
-        context = cipher.encryptor() if encrypt else cipher.decryptor()
-        dst[offset : offset + sector_size] = context.update(src[offset : offset + sector_size])
-
-
-def _reference(
-    encrypt: bool,
-    key: Buffer,
-    sector_size: int,
-    data: Buffer,
-    first_sector: int,
-    iv_shift: int,
-    iv_large_sectors: bool,
-) -> bytes:
-    key_view = _byte_view(key, "key")
-    _check_key(key_view)
-    step = _tweak_step(sector_size, iv_large_sectors)
-    src = _byte_view(data, "data")
-    first = _first_tweak(first_sector, iv_shift, _sector_count(src, sector_size), step)
-    result = bytearray(src.nbytes)
-    _reference_into(encrypt, bytes(key_view), sector_size, src, memoryview(result), first, step)
-    return bytes(result)
-
-
-def encrypt_sectors_reference(
-    key: Buffer,
-    sector_size: int,
-    data: Buffer,
-    first_sector: int,
-    iv_shift: int = 0,
-    *,
-    iv_large_sectors: bool = False,
-) -> bytes:
-    """Encrypt whole sectors with one pyca ``Cipher(AES, XTS(tweak))`` per sector (tweaks as in the module doc)."""
-    return _reference(True, key, sector_size, data, first_sector, iv_shift, iv_large_sectors)
-
-
-def decrypt_sectors_reference(
-    key: Buffer,
-    sector_size: int,
-    data: Buffer,
-    first_sector: int,
-    iv_shift: int = 0,
-    *,
-    iv_large_sectors: bool = False,
-) -> bytes:
-    """Decrypt whole sectors with one pyca ``Cipher(AES, XTS(tweak))`` per sector (tweaks as in the module doc)."""
-    return _reference(False, key, sector_size, data, first_sector, iv_shift, iv_large_sectors)
-
-
 # -- the cipher --------------------------------------------------------------------------------
 
 
@@ -258,9 +136,9 @@ class XtsCipher:
         iv_large_sectors: bool = False,
         native: bool | None = None,
     ) -> None:
-        key_view = _byte_view(key, "key")
-        _check_key(key_view)
-        self._step = _tweak_step(sector_size, iv_large_sectors)
+        key_view = byte_view(key, "key")
+        check_key(key_view)
+        self._step = tweak_step(sector_size, iv_large_sectors)
         self._sector_size = sector_size
         self._lock = threading.Lock()
         self._handle: Any = None
@@ -328,10 +206,10 @@ class XtsCipher:
     ) -> bytes | memoryview:
         if self._closed:  # checked again under the lock below, where it matters
             raise ValueError("XtsCipher is closed")
-        src = _byte_view(data, "data")
-        count = _sector_count(src, self._sector_size)
-        first = _first_tweak(first_sector, iv_shift, count, self._step)
-        dst = None if out is None else _out_view(out, src.nbytes)
+        src = byte_view(data, "data")
+        count = sector_count(src, self._sector_size)
+        first = first_tweak(first_sector, iv_shift, count, self._step)
+        dst = None if out is None else out_view(out, src.nbytes)
         if count == 0:
             return b"" if dst is None else dst
         if not self._use_native:
@@ -340,7 +218,7 @@ class XtsCipher:
                     raise ValueError("XtsCipher is closed")
                 key = bytes(self._key.view())
             result = bytearray(src.nbytes)  # then copied: out may overlap data in any way
-            _reference_into(encrypt, key, self._sector_size, src, memoryview(result), first, self._step)
+            reference_into(encrypt, key, self._sector_size, src, memoryview(result), first, self._step)
             if dst is None:
                 return bytes(result)
             dst[:] = result
