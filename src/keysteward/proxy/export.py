@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from keysteward.errors import Unavailable
@@ -270,3 +270,17 @@ def transmission_flags(export: Export) -> int:
         return flags | nbd.TF_READ_ONLY
     # Every connection writes through the same volume and one flush syncs the whole file: multi-conn is safe.
     return flags | nbd.TF_SEND_FUA | nbd.TF_SEND_TRIM | nbd.TF_SEND_WRITE_ZEROES
+
+
+def info_payloads(export: Export, info_types: Collection[int]) -> list[bytes]:
+    """The NBD_REP_INFO payloads that describe ``export`` to a client that asked for ``info_types``."""
+    infos = [nbd.encode_info_export(export.size, transmission_flags(export))]
+    if nbd.INFO_NAME in info_types:
+        infos.append(nbd.encode_info_name(export.name))
+    if nbd.INFO_DESCRIPTION in info_types and export.description:
+        infos.append(nbd.encode_info_description(export.description))
+    # An export that patches partial sectors itself accepts any alignment: advertising its sector size
+    # instead would make libnbd refuse (EINVAL, client side) the 512-byte requests FUSE and mkfs send.
+    minimum = 1 if getattr(export, "accepts_unaligned", False) else export.min_block
+    infos.append(nbd.encode_info_block_size(minimum, export.preferred_block, export.max_block))
+    return infos

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from keysteward.errors import BadRequest
 from keysteward.formats import nbd
-from keysteward.proxy.export import Export, transmission_flags
+from keysteward.proxy.export import Export, info_payloads, transmission_flags
 from keysteward.proxy.peers import peer_names
 from keysteward.proxy.plane import BatchHook, Planes
 from keysteward.proxy.revocations import Revocations, cert_ref
@@ -83,7 +83,7 @@ class NbdServer:
         self.default_export = default_export
         self.on_request: RequestHook | None = None
         self.native = True
-        """Serve plaintext connections on the native data plane (:mod:`keysteward.proxy.plane`) when it is built."""
+        """Serve connections on the native data plane (:mod:`keysteward.proxy.plane`) when it is built."""
         self.on_refused: RefusalHook | None = None
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
@@ -166,9 +166,7 @@ class NbdServer:
         await conn.wire.drain()
 
     def _lookup(self, name: str) -> Export | None:
-        if name == "" and self.default_export is not None:
-            name = self.default_export
-        export = self._exports.get(name)
+        export = self._exports.get(name or self.default_export or "")  # "": the default export, if any
         return None if export is None or getattr(export, "closed", False) else export
 
     def _allowed(self, conn: Connection, name: str) -> bool:
@@ -295,16 +293,7 @@ class NbdServer:
         if export is None:  # not served, or not to this client: the same answer
             await self._reply_option(conn, opt, nbd.REP_ERR_UNKNOWN, b"no such export")
             return None
-        infos = [nbd.encode_info_export(export.size, transmission_flags(export))]
-        if nbd.INFO_NAME in request.info_types:
-            infos.append(nbd.encode_info_name(export.name))
-        if nbd.INFO_DESCRIPTION in request.info_types and export.description:
-            infos.append(nbd.encode_info_description(export.description))
-        # An export that patches partial sectors itself accepts any alignment: advertising its sector size
-        # instead would make libnbd refuse (EINVAL, client side) the 512-byte requests FUSE and mkfs send.
-        minimum = 1 if getattr(export, "accepts_unaligned", False) else export.min_block
-        infos.append(nbd.encode_info_block_size(minimum, export.preferred_block, export.max_block))
-        for info in infos:
+        for info in info_payloads(export, request.info_types):
             await self._reply_option(conn, opt, nbd.REP_INFO, info)
         await self._reply_option(conn, opt, nbd.REP_ACK)
         return export
@@ -374,8 +363,7 @@ class NbdServer:
         export = self._exports.pop(name, None)
         if export is None:
             log.warning("nbd close_export: no export %s (reason=%s)", name, reason)
-            conns = [c for c in self._connections if c.export is not None and c.export.name == name]
-            for conn in conns:
+            for conn in [c for c in self._connections if c.export is not None and c.export.name == name]:
                 self._drop(conn, abort=True)
             return
         await self._retire(export, reason, abort=True, name=name)
