@@ -47,7 +47,9 @@ from tests.support.nbd import (
 pytestmark = pytest.mark.integration
 
 SIZE = 4 * MIB
-MODES = ["plaintext", "tls"]
+MODES = ["plaintext", "tls", "tls-asyncio"]
+"""``tls-asyncio``: TLS on asyncio's own event loop and TLS transport, as ``keysteward proxy serve`` runs them
+(``keysteward host`` and the other tests run uvloop's)."""
 
 
 def test_the_native_extension_is_built() -> None:
@@ -68,11 +70,12 @@ class Mode:
     """Plaintext or TLS: the server's context and a client's."""
 
     def __init__(self, name: str, pki: Pki) -> None:
-        self.tls = name == "tls"
+        self.tls = name.startswith("tls")
+        self.uvloop = name != "tls-asyncio"
         self.pki = pki
 
     def server(self, exports: dict[str, LuksExport]) -> ServerThread:
-        return ServerThread(exports, tls=server_context(self.pki) if self.tls else None)
+        return ServerThread(exports, tls=server_context(self.pki) if self.tls else None, uvloop=self.uvloop)
 
     def client(self, port: int, *, structured: bool = True) -> RawClient:
         client = RawClient.connect(port)
@@ -271,10 +274,11 @@ def test_a_graceful_stop_answers_the_request_in_flight(tmp_path: Path, mode: Mod
         assert volume.read(MIB, MIB) == b"t" * MIB
 
 
-def test_tls_records_that_do_not_authenticate_end_only_their_connection(tmp_path: Path, pki: Pki) -> None:
+@pytest.mark.parametrize("name", ["tls", "tls-asyncio"])
+def test_tls_records_that_do_not_authenticate_end_only_their_connection(tmp_path: Path, pki: Pki, name: str) -> None:
     """The attacker on the path flips bits in a write's records, or injects records of his own: the session
     refuses them, that connection ends, nothing reaches the disk, and the other client is served on."""
-    mode = Mode("tls", pki)
+    mode = Mode(name, pki)
     image = make_volume(tmp_path / "v.img", SIZE)
     export = LuksExport.open("vol", str(image), PASSPHRASE)
     rng = random.Random(3)

@@ -109,7 +109,8 @@ def client_context(pki: Pki, *, with_cert: bool = True) -> ssl.SSLContext:
 
 
 class ServerThread:
-    """An :class:`NbdServer` on a uvloop event loop of its own thread, listening on 127.0.0.1."""
+    """An :class:`NbdServer` on an event loop of its own thread, listening on 127.0.0.1: uvloop's, or with
+    ``uvloop=False`` asyncio's own (the one ``keysteward proxy serve`` runs on)."""
 
     def __init__(
         self,
@@ -119,6 +120,7 @@ class ServerThread:
         default_export: str | None = None,
         unix_path: str | None = None,
         clients: Mapping[str, Collection[str]] | None = None,
+        uvloop: bool = True,
     ) -> None:
         """With ``tls``, ``clients`` (export -> certificate names) says who may open what; by default every
         export names the client certificate of :func:`make_pki` (``host-1``) and nothing else."""
@@ -127,6 +129,7 @@ class ServerThread:
         self.server = NbdServer(exports, tls=tls, allow_plaintext=tls is None, default_export=default_export,
                                 clients=lambda name: self.clients.get(name, ()))  # fmt: skip
         self.unix_path = unix_path
+        self.uvloop = uvloop
         self.port = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -134,7 +137,7 @@ class ServerThread:
     def __enter__(self) -> ServerThread:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        loop = uvloop.new_event_loop() if self.uvloop else asyncio.new_event_loop()
         self.loop = loop
         started = threading.Event()
         failure: list[BaseException] = []

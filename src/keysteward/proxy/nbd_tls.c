@@ -1,7 +1,7 @@
 /* TLS for the native NBD data plane: the connection's own OpenSSL session, lent by Python's ssl module.
  *
  * Compiled into keysteward.crypto._xts_native after nbd_plane.c. A TLS connection's handshake, client
- * certificate check and option haggling stay in Python (uvloop's TLS transport over an ssl.SSLObject);
+ * certificate check and option haggling stay in Python (the event loop's TLS transport over an SSLObject);
  * once the export is chosen, keysteward/proxy/tls_lend.py lends the session (the SSLObject's SSL *, whose
  * BIOs are the two memory BIOs the transport pumps) to the plane's thread, and the transport stops
  * reading the socket. The plane then pumps those same BIOs itself: what recv brings goes into the read
