@@ -355,7 +355,7 @@ def test_close(path: str) -> None:
 
 
 def test_forcing_native_without_the_extension_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(xts, "_native_module", lambda: None)
+    monkeypatch.setattr(xts, "native_module", lambda: None)
     assert not native_available()
     with pytest.raises(RuntimeError, match="not built"):
         XtsCipher(KEY128, 512, native=True)

@@ -78,7 +78,7 @@ int ks_plane_new(int sock, int fd, uint64_t data_offset, uint64_t size, uint64_t
                  uint32_t max_block, int read_only, int structured, ks_xts *xts, void *ssl,
                  const unsigned char *pre, size_t pre_len, const double *bounds, int n_bounds, ks_nbd_plane **out);
 int ks_plane_serve(ks_nbd_plane *p, unsigned char *header_out);
-int ks_plane_recv(ks_nbd_plane *p, unsigned char *b, size_t n);
+int ks_plane_recv_all(ks_nbd_plane *p, unsigned char *b, size_t n);
 int ks_plane_send(ks_nbd_plane *p, const unsigned char *b, size_t n);
 int ks_tls_load(unsigned long *version);
 int ks_tls_owned_by(void *ssl, void *ctx);

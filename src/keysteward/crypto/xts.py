@@ -74,8 +74,9 @@ _NATIVE_ERRORS: Final = {
 
 
 @functools.cache
-def _native_module() -> ModuleType | None:
-    """The cffi extension, or None when it was not built or does not load (imported once, lazily).
+def native_module() -> ModuleType | None:
+    """The cffi extension, or None when it was not built or does not load (imported once, lazily). The NBD
+    data plane is compiled into it too (:mod:`keysteward.proxy.plane`, :mod:`keysteward.proxy.tls_lend`).
 
     CPython only: the allocating calls fill a fresh ``bytes`` in place (see :func:`_new_bytes`).
     """
@@ -89,12 +90,12 @@ def _native_module() -> ModuleType | None:
 
 def native_available() -> bool:
     """True when the native fast path is built and loads; :class:`XtsCipher` then uses it."""
-    return _native_module() is not None
+    return native_module() is not None
 
 
 def native_backend() -> str | None:
     """The crypto library the native path runs on (e.g. ``OpenSSL 3.0.x``), None without it."""
-    module = _native_module()
+    module = native_module()
     if module is None:
         return None
     ffi: Any = module.ffi
@@ -144,7 +145,7 @@ class XtsCipher:
         self._handle: Any = None
         self._key: SecretBuffer | None = None
         self._closed = False
-        module = None if native is False else _native_module()
+        module = None if native is False else native_module()
         if native is True and module is None:
             raise RuntimeError(f"the native AES-XTS extension ({_NATIVE_MODULE}) is not built")
         self._use_native = module is not None
@@ -235,7 +236,7 @@ class XtsCipher:
 
     def _native_crypt(self, encrypt: bool, src: memoryview, dst: Buffer, count: int, first: int) -> bool:
         """One native call over ``count`` sectors; False when ``dst`` partially overlaps ``src``."""
-        module = _native_module()
+        module = native_module()
         assert module is not None
         ffi: Any = module.ffi
         source = ffi.from_buffer(src)
@@ -259,7 +260,7 @@ class XtsCipher:
             handle, self._handle = self._handle, None
             key, self._key = self._key, None
         if handle is not None:
-            module = _native_module()
+            module = native_module()
             assert module is not None
             module.ffi.release(handle)  # runs ks_xts_free now instead of at garbage collection
         if key is not None:
@@ -284,6 +285,6 @@ def _new_bytes(size: int) -> bytes:
     On CPython ``bytes(size)`` (size >= 2) is a fresh object, like ``PyBytes_FromStringAndSize(NULL,
     size)`` in C, and the extension writes it before it is returned: one allocation and no copy,
     which is what keeps the allocating call near the speed of ``out=``. Other interpreters (PyPy
-    may move or copy bytes) never get here: :func:`_native_module` is CPython-only.
+    may move or copy bytes) never get here: :func:`native_module` is CPython-only.
     """
     return bytes(size)

@@ -272,12 +272,8 @@ static int ks_plane_send_all(ks_nbd_plane *p, struct iovec *iov, int count)
     return ks_send_all(p->sock, iov, count);
 }
 
-/* For Python, while the loop is not running (a request it handed back): a write's payload in, a reply out. */
-static int ks_plane_recv(ks_nbd_plane *p, unsigned char *b, size_t n)
-{
-    return ks_plane_recv_all(p, b, n);
-}
-
+/* For Python, while the loop is not running (a request it handed back), a reply out; the write's payload
+ * comes in through ks_plane_recv_all. */
 static int ks_plane_send(ks_nbd_plane *p, const unsigned char *b, size_t n)
 {
     struct iovec iov[1];

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from keysteward.crypto.xts import native_available
+from keysteward.crypto.xts import native_available, native_module
 from keysteward.formats import nbd
 from keysteward.proxy import tls_lend
 from keysteward.proxy.export import Export, ExportClosed
@@ -57,9 +57,10 @@ BatchHook = Callable[[str, str, int, int, float, list[int]], None]
 
 
 def _native() -> Any:
-    from keysteward.crypto import _xts_native  # type: ignore[attr-defined]
-
-    return _xts_native
+    """The extension the loop is compiled into (callers checked :meth:`Planes.available` first)."""
+    module = native_module()
+    assert module is not None, "the native extension is not built"
+    return module
 
 
 class Plane:
@@ -78,8 +79,7 @@ class Plane:
         self.sock, self.staged = handed
         self.lock = lock
         self.session = session
-        """The TLS session's ``SSL *`` (:mod:`keysteward.proxy.tls_lend`), or None: plaintext. Its ssl object
-        lives as long as the connection's transport, which stays open until the plane has ended."""
+        """The TLS session's ``SSL *`` (:mod:`keysteward.proxy.tls_lend`), or None: plaintext."""
         self.ssl_object = conn.wire.ssl_object
         """Held so that the session outlives the loop whatever the transport does."""
         self.handle: Any = None
@@ -117,7 +117,7 @@ class Planes:
 
     async def serve(self, conn: Connection) -> bool:
         """Serve ``conn``'s transmission phase natively; False (nothing done) when it cannot be: an export not
-        over a native cipher, a TLS session that cannot be lent, bytes already staged or queued."""
+        over a native cipher, a TLS session that cannot be lent, a reply still queued."""
         export = conn.export
         lend = getattr(export, "lend_native", None)
         if export is None or lend is None or not self.available() or len(self._live) >= MAX_PLANES:
@@ -220,7 +220,7 @@ class Planes:
         buf = bytearray(request.length) if carries else None
         if command == nbd.CMD_WRITE:
             assert buf is not None
-            if module.lib.ks_plane_recv(handle, module.ffi.from_buffer(buf), len(buf)) != 1:
+            if module.lib.ks_plane_recv_all(handle, module.ffi.from_buffer(buf), len(buf)) != 1:
                 raise ConnectionError("the client went away inside a write's payload")
         if not error:
             error = call_export(export, request, buf)

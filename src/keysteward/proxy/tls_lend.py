@@ -23,7 +23,8 @@ import functools
 import logging
 import ssl
 import sys
-from typing import Any
+
+from keysteward.crypto.xts import native_module
 
 log = logging.getLogger("keysteward.proxy")
 
@@ -34,12 +35,6 @@ _SSL_AT = _HEADER + ctypes.sizeof(ctypes.c_void_p)
 _CTX_AT = _HEADER
 """``PySSLContext.ctx``."""
 _LIBSSL = b"libssl.so.3"
-
-
-def _native() -> Any:
-    from keysteward.crypto import _xts_native  # type: ignore[attr-defined]
-
-    return _xts_native
 
 
 @functools.cache
@@ -63,9 +58,8 @@ def _unavailable() -> str:
         linked = False
     if not linked:
         return "the ssl module is not linked against libssl.so.3"
-    try:
-        module = _native()
-    except ImportError:
+    module = native_module()
+    if module is None:
         return "the native extension is not built"
     version = module.ffi.new("unsigned long *")
     if module.lib.ks_tls_load(version) != 0:
@@ -88,7 +82,8 @@ def session(ssl_object: ssl.SSLObject) -> int | None:
     ctx = ctypes.c_void_p.from_address(id(context) + _CTX_AT).value
     if not address or not ctx:
         return None
-    module = _native()
+    module = native_module()
+    assert module is not None  # available() said so
     ffi = module.ffi
     if not module.lib.ks_tls_owned_by(ffi.cast("void *", address), ffi.cast("void *", ctx)):
         log.warning("nbd TLS session not lent: the SSL object read is not one of its context's")
