@@ -5,11 +5,20 @@ whole batch in one write transaction (one fsync), each effect under its own save
 records, commits, and then releases every caller. No caller returns before its record is durable, and a
 failed batch fails all of its callers. The chain itself (hashes, signatures, heads) is
 :class:`keysteward.audit.log.AuditLog`'s, handed in as ``append``.
+
+On SQLite, records that coroutines wait for are committed on their own event loop instead: what one loop
+turn produced is one batch, run right after that turn, when the write lock is free at once (it is taken
+without waiting; while another writer holds it the loop tries again, and after :data:`INLINE_PATIENCE`
+hands the batch to the writer thread). A batch is a few hundred microseconds of SQLite work, less than the
+writer thread lost getting the GIL back from the busy loop after each statement while it held the
+cross-process write lock: that wait was most of an XKS call's latency. PostgreSQL keeps the thread (its
+statements are network round trips, which must not stop a loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +29,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward.errors import KeystewardError, Unavailable
-from keysteward.store.db import Database
+from keysteward.store.db import Database, WriteLockBusy
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 BATCH = 512
@@ -29,6 +38,10 @@ EFFECT_TRIES = 3
 _RETRYABLE = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, serialization failure
 log = logging.getLogger("keysteward.audit")
 WAIT_SECONDS = 30.0
+INLINE_RETRY = 0.0005
+"""Seconds between a loop's tries for a busy write lock."""
+INLINE_PATIENCE = 0.02
+"""Seconds a loop tries before it hands its batch to the writer thread (a long transaction holds the lock)."""
 
 
 @contextmanager
@@ -124,6 +137,10 @@ class GroupCommit:
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._closed = False
+        self._inline: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
+        """Each loop's records waiting for its next inline batch (touched only on that loop's thread)."""
+        self._handed: dict[asyncio.AbstractEventLoop, int] = {}
+        """Each loop's records handed to the writer thread and not committed yet (changed on the loop's thread)."""
 
     def wait(self, pending: Pending) -> int:
         assert pending.done is not None, "a pending record with a notify callback is waited for by wait_async"
@@ -141,8 +158,12 @@ class GroupCommit:
             if not committed.done():
                 committed.set_result(in_time)
 
-        notify = lambda: loop.call_soon_threadsafe(settle, True)  # noqa: E731 - a callback made here for this loop
-        pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes, first=first))
+        if self.db.can_try_write:
+            pending = Pending(tenant_id, fields, functools.partial(settle, True), effect, writes=writes, first=first)
+            self._add_inline(loop, pending)
+        else:
+            notify = functools.partial(loop.call_soon_threadsafe, settle, True)
+            pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes, first=first))
         timer = loop.call_later(WAIT_SECONDS, settle, False)  # a timer handle, not asyncio.wait_for's extra task
         try:
             in_time = await committed
@@ -151,6 +172,60 @@ class GroupCommit:
         if not in_time:
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
         return pending.result()
+
+    def _add_inline(self, loop: asyncio.AbstractEventLoop, pending: Pending) -> None:
+        if self._closed:
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
+        if self._handed.get(loop):  # behind records this loop handed to the thread: keep the loop's order
+            self._to_thread(loop, [pending])
+            return
+        waiting = self._inline.get(loop)
+        if waiting is None:
+            self._inline[loop] = [pending]
+            loop.call_soon(self._flush_inline, loop, loop.time())
+        else:
+            waiting.append(pending)
+
+    def _flush_inline(self, loop: asyncio.AbstractEventLoop, since: float) -> None:
+        """Commit what this loop's callers handed over since the last batch, on this loop (see the module doc)."""
+        waiting = self._inline.pop(loop, None)
+        if not waiting:
+            return
+        batch, rest = waiting[:BATCH], waiting[BATCH:]
+        try:
+            again, error = self._commit(batch, wait=False)
+        except WriteLockBusy:
+            if loop.time() - since < INLINE_PATIENCE and not self._closed:
+                self._inline[loop] = waiting
+                loop.call_later(INLINE_RETRY, self._flush_inline, loop, since)
+            else:
+                self._to_thread(loop, waiting)
+            return
+        if again:
+            self._to_thread(loop, again)
+        self._settle(batch, again, error)
+        if rest:
+            self._inline[loop] = rest + self._inline.get(loop, [])
+            loop.call_soon(self._flush_inline, loop, loop.time())
+
+    def _to_thread(self, loop: asyncio.AbstractEventLoop, waiting: list[Pending]) -> None:
+        """Hand records waiting on ``loop`` to the writer thread, which wakes them through the loop; until they
+        are committed, the loop's later records follow them there."""
+        self._handed[loop] = self._handed.get(loop, 0) + len(waiting)
+        for pending in waiting:
+            wake = pending.notify
+            assert wake is not None
+
+            def woken(wake: Callable[[], object] = wake) -> None:
+                self._handed[loop] -= 1
+                wake()
+
+            pending.notify = functools.partial(loop.call_soon_threadsafe, woken)
+            try:
+                self.enqueue(pending)
+            except Unavailable as exc:
+                pending.error = exc
+                self._notify(pending)
 
     def enqueue(self, pending: Pending) -> Pending:
         with self._wake:
@@ -174,37 +249,55 @@ class GroupCommit:
                 batch, self._first = self._first[:FIRST_AT_MOST], self._first[FIRST_AT_MOST:]
                 rest = BATCH - len(batch)
                 batch, self._queue = batch + self._queue[:rest], self._queue[rest:]
-            error: KeystewardError | None = None
-            again: list[Pending] = []
-            try:
-                self._prepare_records(batch)
-                with self.db.write(keep=True) as conn:
-                    self._lock_heads(conn, batch)
-                    recorded = self._run_effects(conn, batch, again)
-                    seqs = self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
-                for pending, seq in zip(recorded, seqs, strict=True):
-                    pending.seq = seq
-            except (SQLAlchemyError, KeystewardError) as exc:
-                error = Unavailable(_UNAVAILABLE, code=_failure_code(exc))
-                error.__cause__ = exc
-            except Exception as exc:  # noqa: BLE001 - whatever it was, every waiter must hear of it
-                error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
-                error.__cause__ = exc
-            if again and error is None:
+            again, error = self._commit(batch)
+            if again:
                 with self._wake:
                     self._queue[:0] = again  # first in the next transaction, once this one's locks are gone
-            for pending in batch:
-                if pending in again and error is None:
-                    continue
-                if error is not None:
-                    pending.error = error
-                if pending.done is not None:
-                    pending.done.set()
-                if pending.notify is not None:
-                    try:
-                        pending.notify()
-                    except RuntimeError:  # its event loop has closed: nobody is waiting any more
-                        pass
+            self._settle(batch, again, error)
+
+    def _commit(self, batch: list[Pending], *, wait: bool = True) -> tuple[list[Pending], KeystewardError | None]:
+        """Run one batch's transaction: the effects to run again in the next (none when the batch failed) and
+        the error every caller of a failed batch gets. ``wait`` False: :class:`WriteLockBusy` when another
+        writer holds the lock, before anything was done."""
+        again: list[Pending] = []
+        try:
+            self._prepare_records(batch)
+            with self.db.write(keep=True, wait=wait) as conn:
+                self._lock_heads(conn, batch)
+                recorded = self._run_effects(conn, batch, again)
+                seqs = self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
+            for pending, seq in zip(recorded, seqs, strict=True):
+                pending.seq = seq
+        except WriteLockBusy:
+            raise
+        except (SQLAlchemyError, KeystewardError) as exc:
+            error = Unavailable(_UNAVAILABLE, code=_failure_code(exc))
+            error.__cause__ = exc
+            return [], error
+        except Exception as exc:  # noqa: BLE001 - whatever it was, every waiter must hear of it
+            error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
+            error.__cause__ = exc
+            return [], error
+        return again, None
+
+    def _settle(self, batch: list[Pending], again: list[Pending], error: KeystewardError | None) -> None:
+        """Wake the batch's callers, except those whose effect runs again."""
+        for pending in batch:
+            if pending in again:
+                continue
+            if error is not None:
+                pending.error = error
+            self._notify(pending)
+
+    @staticmethod
+    def _notify(pending: Pending) -> None:
+        if pending.done is not None:
+            pending.done.set()
+        if pending.notify is not None:
+            try:
+                pending.notify()
+            except RuntimeError:  # its event loop has closed: nobody is waiting any more
+                pass
 
     def _prepare_records(self, batch: list[Pending]) -> None:
         if self._prepare is None:

@@ -91,7 +91,8 @@ def body_parts(fields: Mapping[str, Any]) -> chain.BodyParts:
 
 def prepare(fields: dict[str, Any]) -> None:
     """The group commit's hook, run for a record before its batch takes the write lock (see :data:`PREPARED`)."""
-    fields[PREPARED] = body_parts(fields)
+    if PREPARED not in fields:  # made already when a loop's batch waited for the lock before
+        fields[PREPARED] = body_parts(fields)
 
 
 @functools.cache

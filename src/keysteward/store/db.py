@@ -52,6 +52,10 @@ TIMEOUT_SECONDS = 10.0
 _READ_ONLY = "25006"  # a write reached a standby (a demoted primary): the cluster is failing over
 
 
+class WriteLockBusy(Exception):
+    """``Database.write(wait=False)``: another writer holds the lock; nothing was done."""
+
+
 class Database:
     def __init__(
         self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 20, timeout: float = TIMEOUT_SECONDS
@@ -105,17 +109,29 @@ class Database:
             except Exception:  # noqa: BLE001, S112 - the next round tries again; commits never depend on it
                 continue
 
+    @property
+    def can_try_write(self) -> bool:
+        """Whether ``write(wait=False)`` can tell a busy write lock at once (SQLite in a file: its lock file)."""
+        return self._lock_file is not None
+
     @contextmanager
-    def _write_lock(self) -> Iterator[None]:
+    def _write_lock(self, wait: bool = True) -> Iterator[None]:
         if self._lock_file is None:
             yield
             return
-        with self._thread_lock:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        if not self._thread_lock.acquire(blocking=wait):
+            raise WriteLockBusy
+        try:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WriteLockBusy from None
             try:
                 yield
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -123,12 +139,14 @@ class Database:
             yield conn
 
     @contextmanager
-    def write(self, *, keep: bool = False) -> Iterator[Connection]:
+    def write(self, *, keep: bool = False, wait: bool = True) -> Iterator[Connection]:
         """A write transaction. ``keep``: on SQLite, this thread keeps its connection for its next ``keep``
         write (the audit writer's batches: a pool checkout and return cost a third of an empty transaction);
-        a PostgreSQL connection is always checked out per transaction, which the guard's deadline is for."""
+        a PostgreSQL connection is always checked out per transaction, which the guard's deadline is for.
+        ``wait`` False (with :attr:`can_try_write`): raise :class:`WriteLockBusy`, before anything is done,
+        when another thread or process holds the write lock, instead of queueing for it."""
         if keep and self.is_sqlite:
-            with _translate(), self._write_lock():
+            with _translate(), self._write_lock(wait):
                 conn = getattr(self._kept, "conn", None)
                 if conn is None or conn.closed or conn.invalidated:
                     conn = self._kept.conn = self._writer.connect()
@@ -139,7 +157,7 @@ class Database:
                     conn.close()  # after a failure, the next write starts on a fresh connection
                     raise
         else:
-            with _translate(), self._write_lock(), self._writer.connect() as conn:
+            with _translate(), self._write_lock(wait), self._writer.connect() as conn:
                 hooks = yield from self._transaction(conn)
         self.sync()
         for hook in hooks:
