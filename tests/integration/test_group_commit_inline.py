@@ -43,7 +43,7 @@ def _hold_lock(db_path: Path, seconds: float) -> subprocess.Popen[str]:
 def _group(db: Database, committed: list[tuple[str, str]]) -> GroupCommit:
     def append(conn: Connection, records: list[tuple[str, dict[str, Any]]]) -> list[int]:
         start = len(committed)
-        for tenant, fields in records:
+        for _tenant, fields in records:
             conn.exec_driver_sql("INSERT INTO marks (n) VALUES (?)", (fields["n"],))
             committed.append((fields["n"], threading.current_thread().name))
         return [start + i + 1 for i in range(len(records))]

@@ -1,10 +1,7 @@
 """A TLS connection's OpenSSL session, lent to the native data plane (``nbd_tls.c``) by address.
 
-Python's ssl module gives no access to its ``SSL *``, so it is read where CPython keeps it: an
-``ssl.SSLObject`` wraps a ``_ssl._SSLSocket``, whose C struct begins with the object header, a weak
-reference to its socket and then the ``SSL *``; an ``_ssl._SSLContext`` begins with the header and its
-``SSL_CTX *``. That layout has been the same from 3.7 to 3.13. What is read is not trusted: the session is
-lent only when
+Python's ssl module gives no access to its ``SSL *``, so it is read where CPython keeps it
+(:mod:`keysteward.crypto.openssl_handles`). What is read is not trusted: the session is lent only when
 
 - the interpreter has the object header this module counts with (not a free-threaded build),
 - ``_ssl`` is linked against ``libssl.so.3`` and the plane found that library already loaded, at the
@@ -18,23 +15,14 @@ supports TLS connections are lent.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import ssl
-import sys
 
+from keysteward.crypto import openssl_handles
 from keysteward.crypto.xts import native_module
 
 log = logging.getLogger("keysteward.proxy")
-
-_HEADER = 2 * ctypes.sizeof(ctypes.c_void_p)
-"""``PyObject_HEAD``: the reference count and the type."""
-_SSL_AT = _HEADER + ctypes.sizeof(ctypes.c_void_p)
-"""``PySSLSocket.ssl``, after ``PyObject *Socket``."""
-_CTX_AT = _HEADER
-"""``PySSLContext.ctx``."""
-_LIBSSL = b"libssl.so.3"
 
 
 @functools.cache
@@ -47,17 +35,9 @@ def available() -> bool:
 
 
 def _unavailable() -> str:
-    import _ssl
-
-    if object.__basicsize__ != _HEADER or not (3, 7) <= sys.version_info[:2] <= (3, 13):
-        return f"an interpreter whose ssl objects this module does not know ({sys.version.split()[0]})"
-    try:
-        with open(_ssl.__file__, "rb") as lib:
-            linked = _LIBSSL in lib.read()
-    except (AttributeError, OSError):
-        linked = False
-    if not linked:
-        return "the ssl module is not linked against libssl.so.3"
+    problem = openssl_handles.layout_problem()
+    if problem:
+        return problem
     module = native_module()
     if module is None:
         return "the native extension is not built"
@@ -76,10 +56,10 @@ def session(ssl_object: ssl.SSLObject) -> int | None:
         return None
     inner = getattr(ssl_object, "_sslobj", None)
     context = ssl_object.context
-    if inner is None or type(inner).__name__ != "_SSLSocket" or not isinstance(context, ssl.SSLContext):
+    if inner is None or not isinstance(context, ssl.SSLContext):
         return None
-    address = ctypes.c_void_p.from_address(id(inner) + _SSL_AT).value
-    ctx = ctypes.c_void_p.from_address(id(context) + _CTX_AT).value
+    address = openssl_handles.socket_address(inner)
+    ctx = openssl_handles.context_address(context)
     if not address or not ctx:
         return None
     module = native_module()

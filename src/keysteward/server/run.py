@@ -30,7 +30,7 @@ from keysteward.kmip.operations import Operations
 from keysteward.kmip.trust import ClientTrust, trust_pins
 from keysteward.logs import json_logging
 from keysteward.netlimits import Limits, uvicorn_protocol
-from keysteward.server import datadir
+from keysteward.server import datadir, tls_tickets
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
 from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, bind, supervise
@@ -217,7 +217,7 @@ def xks_ssl_context(settings: Settings) -> ssl.SSLContext:
     return ctx
 
 
-def start_xks(settings: Settings, svc: Services) -> XksListener | None:
+def start_xks(settings: Settings, svc: Services, tickets: bytes | None = None) -> XksListener | None:
     """The XKS listener, when ``[xks] listen`` is set: in every worker, on a socket of its own (SO_REUSEPORT),
     each worker holding its share of the per-store quota."""
     if not settings.xks.listen:
@@ -229,13 +229,16 @@ def start_xks(settings: Settings, svc: Services) -> XksListener | None:
         sock = bind(*parse_listen(settings.xks.listen))
     except OSError as exc:
         raise BadRequest(f"cannot listen on {settings.xks.listen}: {exc.strerror}", code="xks_listen_failed") from None
-    listener = XksListener(app, sock, xks_ssl_context(settings), listener_limits(settings), ClientCertHttpToolsProtocol)
+    ctx = xks_ssl_context(settings)
+    tls_tickets.share(ctx, tickets, "xks")
+    listener = XksListener(app, sock, ctx, listener_limits(settings), ClientCertHttpToolsProtocol)
     listener.start()
     return listener
 
 
-def serve(settings: Settings, listen_fd: int | None = None) -> None:
-    """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes."""
+def serve(settings: Settings, listen_fd: int | None = None, tickets: bytes | None = None) -> None:
+    """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes. ``tickets``:
+    a worker's share of its supervisor's TLS ticket secret (:mod:`keysteward.server.tls_tickets`)."""
     json_logging(settings.server.log_level)
     if settings.server.workers > 1 and listen_fd is None:
         raise SystemExit(supervise(settings))
@@ -259,7 +262,7 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
     svc.checkpoints.start()
     xks: XksListener | None = None
     try:
-        xks = start_xks(settings, svc)
+        xks = start_xks(settings, svc, tickets)
         server_kw: dict[str, Any] = {
             "log_level": settings.server.log_level,
             "access_log": False,
@@ -271,10 +274,11 @@ def serve(settings: Settings, listen_fd: int | None = None) -> None:
         ctx: ssl.SSLContext | None = None
         if settings.server.tls:
             ctx = server_ssl_context(settings.server.tls_cert, settings.server.tls_key, svc.cas.trusted_pems())
+            tls_tickets.share(ctx, tickets, "rest")
             tls_ctx = ctx
             svc.cas.on_new_ca.append(lambda pem: add_client_ca(tls_ctx, pem))
             threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
-        kmip = start_kmip(svc, stop)
+        kmip = start_kmip(svc, stop, tickets)
         # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
         protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
@@ -295,7 +299,7 @@ def _stopped(_signum: int, _frame: object) -> None:
     """SIGTERM once the server has stopped: nothing more to do than let ``serve`` close its services."""
 
 
-def start_kmip(svc: Services, stop: threading.Event) -> KmipListener | None:
+def start_kmip(svc: Services, stop: threading.Event, tickets: bytes | None = None) -> KmipListener | None:
     """The KMIP listener when ``[kmip] listen`` is set: mutual TLS required, tenant CAs as trust anchors."""
     k = svc.settings.kmip
     if not k.listen:
@@ -316,6 +320,7 @@ def start_kmip(svc: Services, stop: threading.Event) -> KmipListener | None:
     ctx.verify_mode = ssl.CERT_REQUIRED
     if k.tls_ciphers:
         ctx.set_ciphers(k.tls_ciphers)
+    tls_tickets.share(ctx, tickets, "kmip")
     svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
     threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
     trust_pins(ctx, svc.kmip_pins, stop)  # trust mode C: pinned self-signed certificates (kmip/trust.py)
@@ -351,4 +356,5 @@ def _join_worker_seal(svc: Services) -> None:
 
 def worker_main() -> None:
     """Entry point of a worker process started by :func:`keysteward.server.supervisor.supervise`."""
-    serve(load(Path(os.environ["KEYSTEWARD_DATA_DIR"])), listen_fd=int(os.environ[WORKER_FD]))
+    tickets = tls_tickets.secret_from_supervisor()
+    serve(load(Path(os.environ["KEYSTEWARD_DATA_DIR"])), listen_fd=int(os.environ[WORKER_FD]), tickets=tickets)

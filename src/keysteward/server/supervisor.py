@@ -19,6 +19,7 @@ import time
 from types import FrameType
 
 from keysteward.errors import BadRequest
+from keysteward.server import tls_tickets
 from keysteward.settings import Settings
 from keysteward.store.db import Database
 from keysteward.store.models import Cluster
@@ -66,14 +67,17 @@ def supervise(settings: Settings) -> int:
         )
     sockets = [bind(settings.server.listen_host, settings.server.listen_port) for _ in range(count)]
     argv = [sys.executable, "-c", "from keysteward.server.run import worker_main; worker_main()"]
-    workers = [
-        subprocess.Popen(
-            argv,
-            env={**os.environ, "KEYSTEWARD_DATA_DIR": str(settings.data_dir), WORKER_FD: str(sock.fileno())},
-            pass_fds=(sock.fileno(),),
-        )
-        for sock in sockets
-    ]
+    secret = tls_tickets.new_secret()  # one per start: every worker resumes the sessions the others began
+    workers = []
+    for sock in sockets:
+        tickets = tls_tickets.pipe_for_worker(secret)
+        try:
+            env = {**os.environ, "KEYSTEWARD_DATA_DIR": str(settings.data_dir), WORKER_FD: str(sock.fileno())}
+            env[tls_tickets.TICKET_FD] = str(tickets)
+            workers.append(subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(), tickets)))
+        finally:
+            os.close(tickets)
+    del secret
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
