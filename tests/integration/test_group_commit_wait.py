@@ -47,7 +47,9 @@ def test_a_coroutine_waits_for_its_commit_and_gives_up_when_it_does_not_come(
         monkeypatch.setattr(group_commit, "WAIT_SECONDS", 10.0)
         waiting = asyncio.ensure_future(group.wait_async("t", {"n": "b"}, None))
         release.set()
-        assert await waiting == 5  # held, late, cancelled, b: the writer went on after both callers left
+        # the writer went on after both callers left; b, committed on this loop once the lock is free, may go
+        # ahead of the two the loop handed to the writer thread while the lock was held
+        assert await waiting in (3, 5)
         assert cancelled.cancelled()
         assert await asyncio.to_thread(group.wait, blocker) == 2
 
@@ -56,4 +58,5 @@ def test_a_coroutine_waits_for_its_commit_and_gives_up_when_it_does_not_come(
     finally:
         group.close()
         db.dispose()
-    assert appended == ["a", "held", "late", "cancelled", "b"]
+    assert appended[:2] == ["a", "held"] and sorted(appended[2:]) == ["b", "cancelled", "late"]
+    assert appended.index("late") < appended.index("cancelled")  # the thread keeps the order it was handed

@@ -139,8 +139,6 @@ class GroupCommit:
         self._closed = False
         self._inline: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
         """Each loop's records waiting for its next inline batch (touched only on that loop's thread)."""
-        self._handed: dict[asyncio.AbstractEventLoop, int] = {}
-        """Each loop's records handed to the writer thread and not committed yet (changed on the loop's thread)."""
 
     def wait(self, pending: Pending) -> int:
         assert pending.done is not None, "a pending record with a notify callback is waited for by wait_async"
@@ -176,9 +174,6 @@ class GroupCommit:
     def _add_inline(self, loop: asyncio.AbstractEventLoop, pending: Pending) -> None:
         if self._closed:
             raise Unavailable(_UNAVAILABLE, code="audit_unavailable")
-        if self._handed.get(loop):  # behind records this loop handed to the thread: keep the loop's order
-            self._to_thread(loop, [pending])
-            return
         waiting = self._inline.get(loop)
         if waiting is None:
             self._inline[loop] = [pending]
@@ -209,18 +204,10 @@ class GroupCommit:
             loop.call_soon(self._flush_inline, loop, loop.time())
 
     def _to_thread(self, loop: asyncio.AbstractEventLoop, waiting: list[Pending]) -> None:
-        """Hand records waiting on ``loop`` to the writer thread, which wakes them through the loop; until they
-        are committed, the loop's later records follow them there."""
-        self._handed[loop] = self._handed.get(loop, 0) + len(waiting)
+        """Hand records waiting on ``loop`` to the writer thread, which wakes them through the loop."""
         for pending in waiting:
-            wake = pending.notify
-            assert wake is not None
-
-            def woken(wake: Callable[[], object] = wake) -> None:
-                self._handed[loop] -= 1
-                wake()
-
-            pending.notify = functools.partial(loop.call_soon_threadsafe, woken)
+            if pending.notify is not None:
+                pending.notify = functools.partial(loop.call_soon_threadsafe, pending.notify)
             try:
                 self.enqueue(pending)
             except Unavailable as exc:
