@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Connection
 
 from keysteward.audit import group_commit
-from keysteward.audit.group_commit import GroupCommit
+from keysteward.audit.group_commit import BATCH, GroupCommit
 from keysteward.store.db import Database, WriteLockBusy
 
 pytestmark = pytest.mark.integration
@@ -121,3 +121,28 @@ def test_a_write_that_must_not_wait_finds_the_lock_busy_and_changes_nothing(tmp_
         conn.exec_driver_sql("INSERT INTO marks (n) VALUES ('now')")
     assert _marks(db) == ["now"]
     db.dispose()
+
+
+def test_a_loop_turn_of_more_than_a_batch_commits_renewals_first(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/first.db")
+    batches: list[list[str]] = []
+
+    def append(conn: Connection, records: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        batches.append([fields["n"] for _, fields in records])
+        return list(range(len(records)))
+
+    group = GroupCommit(db, append, check=lambda details: None)
+
+    async def run() -> None:
+        waiting = [group.wait_async("t", {"n": f"r{k}"}, None) for k in range(BATCH + 10)]
+        waiting += [group.wait_async("t", {"n": f"renew{k}"}, None, first=True) for k in range(3)]
+        await asyncio.gather(*waiting)
+
+    try:
+        asyncio.run(run())
+    finally:
+        group.close()
+        db.dispose()
+    assert len(batches) == 2 and len(batches[0]) == BATCH
+    assert batches[0][:3] == ["renew0", "renew1", "renew2"]  # ahead of the loop turn's releases
+    assert batches[0][3:] + batches[1] == [f"r{k}" for k in range(BATCH + 10)]  # the others in their order

@@ -186,6 +186,8 @@ class GroupCommit:
         waiting = self._inline.pop(loop, None)
         if not waiting:
             return
+        if len(waiting) > BATCH:  # renewals of live leases (``first``) in the first batch, the others in their order
+            waiting.sort(key=lambda pending: not pending.first)
         batch, rest = waiting[:BATCH], waiting[BATCH:]
         try:
             again, error = self._commit(batch, wait=False)
