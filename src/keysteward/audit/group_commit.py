@@ -201,8 +201,8 @@ class GroupCommit:
         if again:
             self._to_thread(loop, again)
         self._settle(batch, again, error)
-        if rest:
-            self._inline[loop] = rest + self._inline.get(loop, [])
+        if rest:  # nothing else was added meanwhile: waking callers only schedules their futures' callbacks
+            self._inline[loop] = rest
             loop.call_soon(self._flush_inline, loop, loop.time())
 
     def _to_thread(self, loop: asyncio.AbstractEventLoop, waiting: list[Pending]) -> None:
