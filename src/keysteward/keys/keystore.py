@@ -53,8 +53,9 @@ class KeyStore:
         self.cache = KekCache()
         # key rows and live versions seen recently, so envelope operations need no database read;
         # changes made here drop them at once, changes made by another server within STATE_TTL_SECONDS
-        self._refs: TtlCache[tuple[str, str], KeyRef] = TtlCache(STATE_TTL_SECONDS)
-        self._live_versions: TtlCache[tuple[str, int], bool] = TtlCache(STATE_TTL_SECONDS)
+        # (both read ahead while in use: see keysteward.ttlcache)
+        self._refs: TtlCache[tuple[str, str], KeyRef] = TtlCache(STATE_TTL_SECONDS, load=self._read_ref)
+        self._live_versions: TtlCache[tuple[str, int], bool] = TtlCache(STATE_TTL_SECONDS, load=self._read_live)
         self.on_shred: list[ShredHook] = []
         self.data = DataKeys(self)
         """The data keys stored under these keys (:mod:`keysteward.keys.data_keys`)."""
@@ -75,15 +76,29 @@ class KeyStore:
         hit = self._refs.get(cache_key)
         if hit is not None:
             return hit
+        ref = self._read_ref(cache_key)
+        if ref is not None:
+            self._refs.put(cache_key, ref)
+        return ref
+
+    def _read_ref(self, cache_key: tuple[str, str]) -> KeyRef | None:
+        tenant_id, which = cache_key
+        kind, _, value = which.partition(":")
         with self.db.read() as conn:
             stmt = select(Key.id, Key.name, Key.state, Key.primary_version).where(Key.tenant_id == tenant_id)
-            stmt = stmt.where(Key.name == name) if name is not None else stmt.where(Key.id == key_id)
+            stmt = stmt.where(Key.name == value) if kind == "name" else stmt.where(Key.id == value)
             row = conn.execute(stmt).first()
-        if row is None:
+        return None if row is None else KeyRef(row.id, row.name, row.state, row.primary_version)
+
+    def _read_live(self, live: tuple[str, int]) -> bool | None:
+        """True while the version is usable, else None; a destroyed version's KEK leaves the cache at once."""
+        key_id, version = live
+        with self.db.read() as conn:
+            row = conn.execute(_VERSION, {"k": key_id, "v": version}).first()
+        if row is None or row.state == DESTROYED or row.wrapped is None:
+            self.cache.evict(key_id, version)
             return None
-        ref = KeyRef(row.id, row.name, row.state, row.primary_version)
-        self._refs.put(cache_key, ref)
-        return ref
+        return True
 
     def is_warm(
         self, tenant_id: str, *, name: str | None = None, key_id: str | None = None, version: int | None = None

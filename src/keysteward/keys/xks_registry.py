@@ -106,9 +106,10 @@ class XksRegistry:
         self.root = root
         self.keys = keys
         self.audit = audit
-        self._stores: TtlCache[str, StoreRef] = TtlCache(STATE_TTL_SECONDS)
-        self._secrets: TtlCache[tuple[str, str], str] = TtlCache(STATE_TTL_SECONDS)
-        self._links: TtlCache[tuple[str, str], KeyLink] = TtlCache(STATE_TTL_SECONDS)
+        # read ahead while in use (keysteward.ttlcache): a busy store never waits for its own expiry
+        self._stores: TtlCache[str, StoreRef] = TtlCache(STATE_TTL_SECONDS, load=self._read_store)
+        self._secrets: TtlCache[tuple[str, str], str] = TtlCache(STATE_TTL_SECONDS, load=self._reread_secret)
+        self._links: TtlCache[tuple[str, str], KeyLink] = TtlCache(STATE_TTL_SECONDS, load=self._read_link)
         root.on_seal(self._secrets.clear)
 
     # -- the hot path ---------------------------------------------------------------------------
@@ -116,17 +117,19 @@ class XksRegistry:
         hit = self._stores.get(prefix)
         if hit is not None:
             return hit
+        ref = self._read_store(prefix)
+        if ref is not None:
+            self._stores.put(prefix, ref)
+        return ref
+
+    def _read_store(self, prefix: str) -> StoreRef | None:
         with self.db.read() as conn:
             row = conn.execute(
                 select(XksStore.prefix, XksStore.tenant_id, XksStore.region, Tenant.name)
                 .join(Tenant, Tenant.id == XksStore.tenant_id)
                 .where(XksStore.prefix == prefix)
             ).first()
-        if row is None:
-            return None
-        ref = StoreRef(row.prefix, row.tenant_id, row.name, row.region)
-        self._stores.put(prefix, ref)
-        return ref
+        return None if row is None else StoreRef(row.prefix, row.tenant_id, row.name, row.region)
 
     def warm(self, prefix: str, access_key_id: str | None) -> bool:
         """Whether :meth:`store` and :meth:`secret` would answer from memory right now."""
@@ -139,6 +142,17 @@ class XksRegistry:
         hit = self._secrets.get((store.prefix, access_key_id))
         if hit is not None:
             return hit
+        secret = self._read_secret(store, access_key_id)
+        if secret is not None:
+            self._secrets.put((store.prefix, access_key_id), secret)
+        return secret
+
+    def _reread_secret(self, cached: tuple[str, str]) -> str | None:
+        prefix, access_key_id = cached
+        store = self.store(prefix)
+        return None if store is None else self._read_secret(store, access_key_id)
+
+    def _read_secret(self, store: StoreRef, access_key_id: str) -> str | None:
         with self.db.read() as conn:
             row = conn.execute(
                 select(XksCredential.secret_wrapped).where(
@@ -151,11 +165,9 @@ class XksRegistry:
             return None
         opened = self.root.root().open(row.secret_wrapped, credential_aad(store.tenant_id, store.prefix, access_key_id))
         try:
-            secret = opened.decode("ascii")
+            return opened.decode("ascii")
         finally:
             opened[:] = bytes(len(opened))
-        self._secrets.put((store.prefix, access_key_id), secret)
-        return secret
 
     def cached_key(self, store: StoreRef, external_id: str) -> KeyLink | None:
         """:meth:`key` if it needs no database read now, else None."""
@@ -166,11 +178,14 @@ class XksRegistry:
         hit = self._links.get((store.prefix, external_id))
         if hit is not None:
             return hit
-        with self.db.read() as conn:
-            link = self._link(conn, store.prefix, external_id)
+        link = self._read_link((store.prefix, external_id))
         if link is not None:
             self._links.put((store.prefix, external_id), link)
         return link
+
+    def _read_link(self, cached: tuple[str, str]) -> KeyLink | None:
+        with self.db.read() as conn:
+            return self._link(conn, *cached)
 
     # -- administration -------------------------------------------------------------------------
     def _owned(self, conn: Connection, actor: Principal, prefix: str) -> XksStore:

@@ -76,7 +76,7 @@ class PolicyStore:
     def __init__(self, db: Database, audit: AuditLog) -> None:
         self.db = db
         self.audit = audit
-        self._cache: TtlCache[str, PolicyVersion] = TtlCache(CACHE_SECONDS)
+        self._cache: TtlCache[str, PolicyVersion] = TtlCache(CACHE_SECONDS, load=self._read_current)
         self._compiled: dict[str, CompiledPolicySet] = {}
         self._lock = threading.Lock()
         sources = default_sources()
@@ -98,6 +98,11 @@ class PolicyStore:
             found = self._load(conn, tenant_id, None)
         self._cache.put(tenant_id, found)
         return found
+
+    def _read_current(self, tenant_id: str) -> PolicyVersion:
+        """The cache's read ahead (keysteward.ttlcache)."""
+        with self.db.read() as conn:
+            return self._load(conn, tenant_id, None)
 
     def cached(self, tenant_id: str) -> PolicyVersion | None:
         return self._cache.get(tenant_id)

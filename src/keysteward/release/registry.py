@@ -50,8 +50,11 @@ class Registry:
         self.keys = keys
         self.audit = audit
         self.grants = leases.Grants(db)
-        self._trusts: TtlCache[str, list[ProviderTrust]] = TtlCache(CACHE_SECONDS)
-        self._volumes: TtlCache[tuple[str, str], tuple[VolumeInfo, str, bytes | None]] = TtlCache(CACHE_SECONDS)
+        # read ahead while in use (keysteward.ttlcache): a volume being released never waits for its own expiry
+        self._trusts: TtlCache[str, list[ProviderTrust]] = TtlCache(CACHE_SECONDS, load=self._read_trusts)
+        self._volumes: TtlCache[tuple[str, str], tuple[VolumeInfo, str, bytes | None]] = TtlCache(
+            CACHE_SECONDS, load=self._read_volume
+        )
         keys.on_shred.append(self._destroy_under_key)
 
     # -- providers ------------------------------------------------------------------------------
@@ -100,15 +103,18 @@ class Registry:
         cached = self._trusts.get(tenant_id)
         if cached is not None:
             return cached
+        trusts = self._read_trusts(tenant_id)
+        self._trusts.put(tenant_id, trusts)
+        return trusts
+
+    def _read_trusts(self, tenant_id: str) -> list[ProviderTrust]:
         with self.db.read() as conn:
             rows = conn.execute(
                 select(Provider.name, Provider.kind, Provider.certificates_pem, Provider.audience)
                 .where(Provider.tenant_id == tenant_id)
                 .order_by(Provider.name)
             ).all()
-        trusts = [ProviderTrust.from_pem(r.name, r.kind, r.certificates_pem, r.audience) for r in rows]
-        self._trusts.put(tenant_id, trusts)
-        return trusts
+        return [ProviderTrust.from_pem(r.name, r.kind, r.certificates_pem, r.audience) for r in rows]
 
     # -- volumes --------------------------------------------------------------------------------
     def insert_volume(
@@ -181,6 +187,13 @@ class Registry:
             cached = (info, row.key_id, row.wrapped)
             self._volumes.put((tenant_id, volume_id), cached)
         return cached
+
+    def _read_volume(self, cached: tuple[str, str]) -> tuple[VolumeInfo, str, bytes | None] | None:
+        try:
+            info, row = self._get(*cached)
+        except NotFound:
+            return None
+        return info, row.key_id, row.wrapped
 
     def find(self, actor: Principal, ref: str) -> VolumeInfo:
         """A volume by id or by name."""
