@@ -43,8 +43,10 @@ import argparse
 import base64
 import json
 import os
+import re
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -236,6 +238,7 @@ def run_engine(
 ) -> list[dict[str, Any]]:
     mark = cleanup.mark()
     warmup = 1.0 if args.quick else 3.0
+    server: Any = None
     try:
         port = free_port()
         env = {"KEYSTEWARD_XKS_LISTEN": f"127.0.0.1:{port}", "KEYSTEWARD_XKS_QUOTA_TPS": "1000000"}
@@ -284,6 +287,8 @@ def run_engine(
             runs.append(measure(op, signed_script(scripts / f"{op}.lua", f"{base}/{op}", body, akid, secret)))
     except BenchError:
         cleanup.failed = True  # before the unwind below removes the server log: print its warnings first
+        if server is not None:
+            say(failed_outcomes(server))
         raise
     finally:
         cleanup.unwind(mark)
@@ -336,6 +341,26 @@ def run_engine(
             ),
         ]
     return figures
+
+
+def failed_outcomes(server: Any) -> str:
+    """The XKS calls that did not answer ok, by operation and error name, as the workers that answer a few
+    /metrics requests count them (each worker keeps its own counts)."""
+    seen: dict[tuple[str, str], float] = {}
+    for _ in range(8):
+        req = urllib.request.Request(server.url + "/metrics")  # noqa: S310 - our https URL
+        try:
+            with urllib.request.urlopen(req, context=server._ssl, timeout=10) as resp:  # noqa: S310
+                text = resp.read().decode()
+        except OSError as exc:
+            return f"xks: the server's /metrics could not be read ({exc})"
+        for op, outcome, count in re.findall(
+            r'^keysteward_xks_request_seconds_count\{operation="([^"]+)",outcome="([^"]+)"\} (\S+)$', text, re.MULTILINE
+        ):
+            if outcome != "ok":
+                seen[(op, outcome)] = max(seen.get((op, outcome), 0.0), float(count))
+    listed = ", ".join(f"{op} {outcome}: {count:.0f}" for (op, outcome), count in sorted(seen.items()))
+    return f"xks: calls not answered ok, as the workers reached count them: {listed or 'none counted'}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

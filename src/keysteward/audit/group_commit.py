@@ -66,6 +66,15 @@ def _failure_code(exc: Exception) -> str:
     return "database_unavailable" if database else "audit_unavailable"
 
 
+def _log_failure(batch: list[Pending], exc: BaseException) -> None:
+    """Say that a batch failed, and why, by the error's type and SQLSTATE only (a database's message may quote
+    the values of the statement)."""
+    cause = exc.__cause__ if isinstance(exc, KeystewardError) and exc.__cause__ is not None else exc
+    driver = getattr(cause, "orig", cause)
+    state = getattr(driver, "sqlstate", None)
+    log.warning("an audit batch of %d records failed: %s (state %s)", len(batch), type(driver).__name__, state)
+
+
 Effect = Callable[[Connection], dict[str, Any]]
 """A change committed together with its audit record: it runs in the batch's transaction (under a
 savepoint) and returns the record's fields (or ``{}``: a routine change that needs no record). Raising a
@@ -260,10 +269,12 @@ class GroupCommit:
         except WriteLockBusy:
             raise
         except (SQLAlchemyError, KeystewardError) as exc:
+            _log_failure(batch, exc)
             error = Unavailable(_UNAVAILABLE, code=_failure_code(exc))
             error.__cause__ = exc
             return [], error
         except Exception as exc:  # noqa: BLE001 - whatever it was, every waiter must hear of it
+            _log_failure(batch, exc)
             error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
             error.__cause__ = exc
             return [], error
