@@ -219,16 +219,18 @@ def test_put_and_get() -> None:
     cache.clear()
 
 
-def test_put_replaces_and_wipes_the_old_entry() -> None:
+def test_a_second_put_of_a_version_keeps_the_first_copy_and_an_operation_using_it_goes_on() -> None:
+    """Two requests that both found the version missing (after a sweep) unwrap it and put it: the second must
+    not drop the key the first is using (that answered ``key_dropped`` to requests under load)."""
     cache = KekCache()
-    old_key, _ = _put(cache, KEY_ID, 1)
-    old_buf, _ = cache._entries[(KEY_ID, 1)]
-    new_key, _ = _put(cache, KEY_ID, 1)
-    assert cache.get(KEY_ID, 1) is new_key
-    assert old_buf.closed
-    with pytest.raises(Unavailable):
-        old_key.seal(b"x", b"aad")
-    new_key.seal(b"x", b"aad")
+    first, raw = _put(cache, KEY_ID, 1)
+    first_buf, _ = cache._entries[(KEY_ID, 1)]
+    sealed = first.seal(b"dek", b"aad")
+    again = bytearray(raw)
+    assert cache.put(KEY_ID, 1, again) is first
+    assert again == bytearray(32)  # the second copy is wiped, not kept
+    assert cache._entries[(KEY_ID, 1)][0] is first_buf and not first_buf.closed
+    assert first.open(sealed, b"aad") == b"dek"
     cache.clear()
 
 

@@ -73,16 +73,20 @@ class KekCache:
         return entry[1] if entry else None
 
     def put(self, key_id: str, version: int, material: bytearray) -> AeadKey:
+        """Keep ``material`` (zeroed here) as this version's KEK and return it, or the copy another thread put
+        first. A version's material never changes, so the first copy stays: replacing it dropped the key that
+        concurrent operations were using, and each of them failed with ``key_dropped`` (after a sweep, every
+        request that found the version gone unwrapped it and put its own copy)."""
         buf = SecretBuffer.from_bytes(material)
-        aead_key = AeadKey(buf.view())
         with self._lock:
-            old = self._entries.pop((key_id, version), None)
-            self._entries[(key_id, version)] = (buf, aead_key)
-            self._born[(key_id, version)] = time.monotonic()
-        if old is not None:
-            old[1].drop()
-            old[0].wipe()
-        return aead_key
+            kept = self._entries.get((key_id, version))
+            if kept is None:
+                aead_key = AeadKey(buf.view())
+                self._entries[(key_id, version)] = (buf, aead_key)
+                self._born[(key_id, version)] = time.monotonic()
+                return aead_key
+        buf.wipe()
+        return kept[1]
 
     def evict(self, key_id: str, version: int | None = None) -> None:
         with self._lock:
