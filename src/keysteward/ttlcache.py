@@ -86,10 +86,10 @@ class TtlCache(Generic[K, V]):
             self._epoch += 1  # newer than what a read ahead under way may bring back
             self._put(key, value)
 
-    def _put(self, key: K, value: V) -> None:
+    def _put(self, key: K, value: V, read_at: float | None = None) -> None:
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # a flood of distinct keys costs database reads, never memory
-        self._entries[key] = (time.monotonic() + self.ttl, value)
+        self._entries[key] = ((time.monotonic() if read_at is None else read_at) + self.ttl, value)
 
     def drop(self, key: K) -> None:
         with self._lock:
@@ -118,6 +118,7 @@ class TtlCache(Generic[K, V]):
     def _reread(self, key: K, epoch: int) -> None:
         assert self._load is not None
         value: Any = _FAILED
+        read_at = time.monotonic()  # the fresh value's life counts from before its read, however long it took
         try:
             value = self._load(key)
         except Exception as exc:  # noqa: BLE001 - the entry then simply expires, and its next reader reads it
@@ -129,7 +130,7 @@ class TtlCache(Generic[K, V]):
             if value is None:
                 self._entries.pop(key, None)  # gone (deleted, retired): its next reader finds out at once
             else:
-                self._put(key, value)
+                self._put(key, value, read_at)
 
 
 _FAILED = object()

@@ -118,3 +118,35 @@ def test_a_read_ahead_that_finds_nothing_drops_and_one_that_fails_leaves_the_ent
     assert failing.get("a") == "old"  # still inside its life: kept
     time.sleep(0.2 * AHEAD)
     assert failing.get("a") is None  # and then expired, as without read ahead
+
+
+def test_under_constant_use_a_value_changed_behind_the_cache_is_never_served_a_ttl_after_the_change() -> None:
+    """The attacker keeps a revoked credential's entry hot by using it without pause: read ahead must not let
+    the old value live on. Until the change, the entry never expires under its caller; after it, the old
+    value is gone within one time to live."""
+    ttl = 0.5
+    source = {"a": "valid"}
+    cache: TtlCache[str, str] = TtlCache(ttl, load=source.get)
+    cache.put("a", "valid")
+    started = time.monotonic()
+    misses_before = 0
+    revoked_at: float | None = None
+    last_stale: float | None = None
+    while time.monotonic() < started + 4 * ttl + 1.0:
+        asked = time.monotonic()
+        value = cache.get("a")
+        if value is None:  # the caller's own read, as every user of the cache does on a miss
+            if revoked_at is None:
+                misses_before += 1
+            value = source.get("a")
+            if value is not None:
+                cache.put("a", value)
+        if revoked_at is None and asked > started + 4 * ttl:
+            source.pop("a")  # revoked on another server
+            revoked_at = time.monotonic()
+        elif revoked_at is not None and value == "valid":
+            last_stale = asked
+    assert revoked_at is not None
+    assert misses_before == 0  # read ahead kept it warm through four lifetimes
+    assert last_stale is None or last_stale - revoked_at < ttl
+    assert cache.get("a") is None
