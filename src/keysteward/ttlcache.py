@@ -81,21 +81,6 @@ class TtlCache(Generic[K, V]):
             self._read_ahead(key)
         return hit[1]
 
-    def fetch(self, key: K) -> V | None:
-        """The value in memory, else ``load``'s, put in with its life counted from before its read, as a read
-        ahead's is; None when ``load`` finds nothing (nothing is kept then)."""
-        hit = self.get(key)
-        if hit is not None:
-            return hit
-        assert self._load is not None, "fetch needs a cache made with a load function"
-        read_at = time.monotonic()
-        value = self._load(key)
-        if value is not None:
-            with self._lock:
-                self._epoch += 1  # as put: newer than what a read ahead under way may bring back
-                self._put(key, value, read_at)
-        return value
-
     def put(self, key: K, value: V) -> None:
         with self._lock:
             self._epoch += 1  # newer than what a read ahead under way may bring back

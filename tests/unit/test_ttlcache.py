@@ -150,18 +150,3 @@ def test_under_constant_use_a_value_changed_behind_the_cache_is_never_served_a_t
     assert misses_before == 0  # read ahead kept it warm through four lifetimes
     assert last_stale is None or last_stale - revoked_at < ttl
     assert cache.get("a") is None
-
-
-def test_fetch_reads_on_a_miss_keeps_what_it_found_from_before_its_read_and_nothing_when_it_found_nothing() -> None:
-    reads: list[str] = []
-
-    def slow(key: str) -> str | None:
-        reads.append(key)
-        time.sleep(0.1)
-        return None if key == "gone" else f"value-of-{key}"
-
-    cache: TtlCache[str, str] = TtlCache(0.3, load=slow)
-    assert cache.fetch("a") == "value-of-a" and cache.fetch("a") == "value-of-a"
-    assert reads == ["a"]  # the second came from memory
-    assert cache._entries["a"][0] <= time.monotonic() + 0.3 - 0.09  # its life began before the 0.1 s read
-    assert cache.fetch("gone") is None and "gone" not in cache._entries

@@ -72,7 +72,14 @@ class KeyStore:
 
     def key_ref(self, tenant_id: str, *, name: str | None = None, key_id: str | None = None) -> KeyRef | None:
         """The key's id, state and primary version, from a short-lived cache or the database."""
-        return self._refs.fetch((tenant_id, f"name:{name}" if name is not None else f"id:{key_id}"))
+        cache_key = (tenant_id, f"name:{name}" if name is not None else f"id:{key_id}")
+        hit = self._refs.get(cache_key)
+        if hit is not None:
+            return hit
+        ref = self._read_ref(cache_key)
+        if ref is not None:
+            self._refs.put(cache_key, ref)
+        return ref
 
     def _read_ref(self, cache_key: tuple[str, str]) -> KeyRef | None:
         tenant_id, which = cache_key

@@ -108,13 +108,19 @@ class XksRegistry:
         self.audit = audit
         # read ahead while in use (keysteward.ttlcache): a busy store never waits for its own expiry
         self._stores: TtlCache[str, StoreRef] = TtlCache(STATE_TTL_SECONDS, load=self._read_store)
-        self._secrets: TtlCache[tuple[str, str], str] = TtlCache(STATE_TTL_SECONDS, load=self._read_secret)
+        self._secrets: TtlCache[tuple[str, str], str] = TtlCache(STATE_TTL_SECONDS, load=self._reread_secret)
         self._links: TtlCache[tuple[str, str], KeyLink] = TtlCache(STATE_TTL_SECONDS, load=self._read_link)
         root.on_seal(self._secrets.clear)
 
     # -- the hot path ---------------------------------------------------------------------------
     def store(self, prefix: str) -> StoreRef | None:
-        return self._stores.fetch(prefix)
+        hit = self._stores.get(prefix)
+        if hit is not None:
+            return hit
+        ref = self._read_store(prefix)
+        if ref is not None:
+            self._stores.put(prefix, ref)
+        return ref
 
     def _read_store(self, prefix: str) -> StoreRef | None:
         with self.db.read() as conn:
@@ -133,13 +139,20 @@ class XksRegistry:
 
     def secret(self, store: StoreRef, access_key_id: str) -> str | None:
         """The secret access key of an active credential of ``store``, or None (unknown, retired, another store's)."""
-        return self._secrets.fetch((store.prefix, access_key_id))
+        hit = self._secrets.get((store.prefix, access_key_id))
+        if hit is not None:
+            return hit
+        secret = self._read_secret(store, access_key_id)
+        if secret is not None:
+            self._secrets.put((store.prefix, access_key_id), secret)
+        return secret
 
-    def _read_secret(self, cached: tuple[str, str]) -> str | None:
+    def _reread_secret(self, cached: tuple[str, str]) -> str | None:
         prefix, access_key_id = cached
         store = self.store(prefix)
-        if store is None:
-            return None
+        return None if store is None else self._read_secret(store, access_key_id)
+
+    def _read_secret(self, store: StoreRef, access_key_id: str) -> str | None:
         with self.db.read() as conn:
             row = conn.execute(
                 select(XksCredential.secret_wrapped).where(
@@ -162,7 +175,13 @@ class XksRegistry:
 
     def key(self, store: StoreRef, external_id: str) -> KeyLink | None:
         """The external key (its ``state`` may be a second old: ask the key store for the current one)."""
-        return self._links.fetch((store.prefix, external_id))
+        hit = self._links.get((store.prefix, external_id))
+        if hit is not None:
+            return hit
+        link = self._read_link((store.prefix, external_id))
+        if link is not None:
+            self._links.put((store.prefix, external_id), link)
+        return link
 
     def _read_link(self, cached: tuple[str, str]) -> KeyLink | None:
         with self.db.read() as conn:

@@ -100,7 +100,12 @@ class Registry:
         self._trusts.drop_where(lambda tenant, _: tenant == actor.tenant_id)
 
     def trusts(self, tenant_id: str) -> list[ProviderTrust]:
-        return self._trusts.fetch(tenant_id) or []  # the loader always answers a list
+        cached = self._trusts.get(tenant_id)
+        if cached is not None:
+            return cached
+        trusts = self._read_trusts(tenant_id)
+        self._trusts.put(tenant_id, trusts)
+        return trusts
 
     def _read_trusts(self, tenant_id: str) -> list[ProviderTrust]:
         with self.db.read() as conn:
@@ -176,9 +181,11 @@ class Registry:
         The cache may lag another server's revocation by that second; the release transaction reads the
         volume's state again under a row lock, so a revoked or destroyed volume is never released.
         """
-        cached = self._volumes.fetch((tenant_id, volume_id))
+        cached = self._volumes.get((tenant_id, volume_id))
         if cached is None:
-            raise NotFound("no such volume", code="volume_not_found")
+            info, row = self._get(tenant_id, volume_id)
+            cached = (info, row.key_id, row.wrapped)
+            self._volumes.put((tenant_id, volume_id), cached)
         return cached
 
     def _read_volume(self, cached: tuple[str, str]) -> tuple[VolumeInfo, str, bytes | None] | None:
