@@ -76,3 +76,55 @@ def test_a_warm_server_never_outruns_another_servers_revocation(
     reasons = [(rec.get("outcome"), rec.get("reason")) for rec in on_b.audit() if rec["action"] == "volume.release"]
     for reason in ("volume_revoked", "instance_revoked", "suspected_clone"):
         assert ("denied", reason) in reasons
+
+
+def test_the_one_statement_release_grants_only_what_every_check_allows(
+    tmp_path: Path, pg_url: str, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    """On PostgreSQL a permitted release spends its nonce, checks and grants its lease in one statement
+    (release/admission.py): a nonce replayed on the other server, a clone, a revoked instance and a revoked
+    volume are each refused with no lease granted, and a holder asking again keeps one live lease."""
+    on_a, on_b = two_servers(tmp_path, pg_url, server_factory, secret_registry)
+    cloud = on_a.cloud
+    vm, other = (cloud.create(account=ACCOUNT, image_id="img-1") for _ in range(2))
+    vol, secret = on_a.volume("v1", {"provider": "devcloud", "account": ACCOUNT})
+    vol2, _ = on_a.volume("v2", {"provider": "devcloud", "account": ACCOUNT})
+
+    def live(volume_id: str) -> list[dict[str, object]]:
+        return [row for row in on_b.leases() if row["volume_id"] == volume_id and row["state"] == "active"]
+
+    got, first, _ = on_a.released(vm, vol)
+    assert got == secret
+    got, second, _ = on_b.released(vm, vol)  # the same holder again, on the other server: its first lease ends
+    assert got == secret and second != first
+    assert [row["id"] for row in live(vol)] == [second]
+
+    # a nonce spent on A, replayed (with fresh evidence over it) on B: refused, nothing granted
+    nonce = on_a.challenge()
+    r, _ = on_a.release(vm, vol, nonce=nonce)
+    assert r.status_code == 200, r.text
+    third = r.json()["lease"]["id"]
+    r, _ = on_b.release(vm, vol, nonce=nonce)
+    denied(r, "nonce_replayed")
+    assert [row["id"] for row in live(vol)] == [third]
+
+    # a clone asking while the holder's lease is live: refused, and the holder's lease is untouched
+    r, _ = on_b.release(cloud.clone(vm.id), vol)
+    denied(r, "suspected_clone")
+    assert [row["id"] for row in live(vol)] == [third]
+
+    # a revoked instance is refused on either server, and its live lease is not superseded by the refusal
+    on_a.released(other, vol2)
+    before = live(vol2)
+    revoke = {"provider": "devcloud", "account": ACCOUNT, "instance_id": other.id, "reason": "t"}
+    assert on_a.call("POST", "/v1/instances/revoke", json=revoke).status_code in (200, 204)
+    r, _ = on_b.release(other, vol2)
+    denied(r, "instance_revoked")
+    assert live(vol2) == before
+
+    # a revoked volume: refused, nothing granted
+    assert on_a.call("POST", f"/v1/volumes/{vol}/revoke", json={"shred": False, "reason": "t"}).status_code == 200
+    r, _ = on_b.release(vm, vol)
+    denied(r, "volume_revoked")
+    granted = [rec for rec in on_a.audit() if rec["action"] == "volume.release" and rec.get("outcome") != "denied"]
+    assert len(granted) == 4  # first, second, third and the other instance's: no refusal granted anything

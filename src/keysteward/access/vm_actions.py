@@ -96,6 +96,7 @@ class VmStart(VolumeRelease):
     """``vm.start`` (Cedar ``vm_start``): the VM's key and its disks' secrets to a permitted, attested host."""
 
     action, cedar_action, delivery = "vm.start", "vm_start", Delivery.SEALED
+    grants_with_checks = False  # its own checks and bookkeeping (the VM's disks): book grants the lease
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection
 
 from keysteward.access import lease_actions
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject, Unproven
@@ -42,25 +42,15 @@ from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.errors import PolicyRequestInvalid
 from keysteward.policy.store import PolicyStore, PolicyVersion
-from keysteward.release import leases
+from keysteward.release import admission, leases
 from keysteward.release.nonces import Nonces, decode
 from keysteward.release.platform import PlatformVerifier
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, DESTROYED, VM, VM_DISK, Caller, HostIdentity, VolumeInfo, actor_of
 from keysteward.settings import ReleaseSettings
-from keysteward.store.models import DataKey, Volume
 
 log = logging.getLogger("keysteward.release")
 SWEEP_SECONDS = 60.0
-_VOLUME_STATE = (
-    select(Volume.state, DataKey.wrapped.is_(None).label("shredded"))
-    .join(DataKey, DataKey.id == Volume.dek_id)
-    .where(Volume.id == bindparam("volume_id"))
-)
-_VOLUME_STATE_LOCKED = _VOLUME_STATE.with_for_update()
-"""The volume's state in the release's transaction (row-locked on PostgreSQL; SQLite's BEGIN IMMEDIATE
-already serialises writers): built once, its value bound at execution (SQLAlchemy
-walks a statement's inlined values for its cache key on every call, on the audit writer thread)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -89,12 +79,17 @@ class _Release:
     caller: Caller
     lease_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     token: bytearray = field(default_factory=lambda: bytearray(os.urandom(TOKEN_SIZE)))
+    granted: leases.LeaseInfo | None = None
+    """The lease granted by check's own statement (PostgreSQL, a plain permit): book has nothing left to do."""
 
 
 class VolumeRelease(ActionHandler):
     action, cedar_action, delivery = "volume.release", "release", Delivery.SEALED
     lease_state = leases.ACTIVE
     """The state of the lease a permit grants (a migration's destination gets an ``incoming`` one)."""
+    grants_with_checks = True
+    """A permit's lease is granted by the checks' own statement (see :mod:`keysteward.release.admission`);
+    False for a subclass whose checks or bookkeeping differ (its book grants the lease)."""
 
     def __init__(
         self,
@@ -250,19 +245,27 @@ class VolumeRelease(ActionHandler):
         now = datetime.now(UTC)
         if self._sweep_due():
             self.nonces.sweep(conn, now)
-        self.nonces.spend(conn, state.raw, state.expires)
-        stmt = _VOLUME_STATE if self.registry.db.is_sqlite else _VOLUME_STATE_LOCKED
-        row = conn.execute(stmt, {"volume_id": volume.id}).one()
-        if row.state == DESTROYED or row.shredded:
+        grant = None
+        if decision.effect == "permit" and self.grants_with_checks:
+            assert subject.facts is not None
+            facts = json.dumps(subject.facts.to_json(), sort_keys=True)
+            grant = admission.NewLease(state.lease_id, state.token, volume.lease_seconds, facts, self.lease_state)
+        state.granted = None
+        found = admission.read(
+            conn, raw_nonce=state.raw, nonce_expires=state.expires, volume_id=volume.id,
+            tenant_id=subject.tenant_id, holder=holder, now=now, grant=grant,
+        )  # fmt: skip
+        state.granted = found.granted
+        if found.state == DESTROYED or found.shredded:
             raise Denied("the volume's key was destroyed", code="volume_destroyed")
-        if row.state != ACTIVE:
+        if found.state != ACTIVE:
             raise Denied("the volume is revoked", code="volume_revoked")
-        if self.registry.instance_revocation(conn, subject.tenant_id, holder) is not None:
+        if found.revoked:
             raise Denied("this instance is revoked", code="instance_revoked")
         # An instance the policy permits, or one matching a pinned binding in all but its instance id,
         # while another instance holds a live lease has the clone's signature (a copy of the disk booted
         # as a new instance): alert. Others are simply not permitted.
-        live = leases.live_holder(conn, volume.id, now)
+        live = found.live
         clone_like = decision.effect != "deny" or volume.binding.mismatch(state.caller) == "instance_id"
         if live is not None and live.holder != holder and clone_like and not self.may_hold(subject, live):
             subject.alerts.append(
@@ -324,7 +327,7 @@ class VolumeRelease(ActionHandler):
             subject.details["approval"] = found
             if outcome == "denied":
                 raise Denied(f"an approver denied the release of volume '{state.volume.name}'", code="approval_denied")
-        lease = leases.grant(
+        lease = state.granted or leases.grant(
             conn,
             lease_id=state.lease_id,
             tenant_id=subject.tenant_id,

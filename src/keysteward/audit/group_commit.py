@@ -1,8 +1,11 @@
 """Group commit: concurrent callers' audit records, and the changes that go with them, in one transaction.
 
 Callers hand a record (or an effect: a change that returns its record) to one writer thread, which runs a
-whole batch in one write transaction (one fsync), each effect under its own savepoint, appends the
-records, commits, and then releases every caller. No caller returns before its record is durable, and a
+whole batch in one write transaction (one fsync), runs the effects, appends the records, commits, and
+then releases every caller. What one effect that refuses or fails wrote is undone alone: on SQLite each
+effect runs under its own savepoint; on PostgreSQL, where a savepoint is a round trip made while the batch
+holds its tenants' chain heads, a batch first runs without them and, if an effect raises, is rolled back
+and run again with them (see :meth:`GroupCommit._run_effects`). No caller returns before its record is durable, and a
 failed batch fails all of its callers. The chain itself (hashes, signatures, heads) is
 :class:`keysteward.audit.log.AuditLog`'s, handed in as ``append``.
 
@@ -21,6 +24,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -38,25 +42,49 @@ EFFECT_TRIES = 3
 _RETRYABLE = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, serialization failure
 log = logging.getLogger("keysteward.audit")
 WAIT_SECONDS = 30.0
+GUARDED_SECONDS = 1.0
+"""After a batch run without savepoints had to be rolled back and run again, how long the next batches run
+with them (an effect that keeps failing costs one batch run twice a second at most)."""
 INLINE_RETRY = 0.0005
 """Seconds between a loop's tries for a busy write lock."""
 INLINE_PATIENCE = 0.02
 """Seconds a loop tries before it hands its batch to the writer thread (a long transaction holds the lock)."""
 
 
-@contextmanager
-def _savepoint(conn: Connection) -> Iterator[None]:
-    """``conn.begin_nested()`` without its cost: SQLAlchemy compiles SAVEPOINT and RELEASE anew for each
-    one (a fifth of the writer's time in a release run); here they are fixed text run as they are."""
-    conn.exec_driver_sql("SAVEPOINT ks_effect")
-    try:
-        yield
-    except BaseException:
-        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ks_effect")
-        conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
-        Database.transaction_info(conn).clear()  # what the transaction learned, the rollback may have undone
-        raise
-    conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
+class _Savepoints:
+    """Each effect's savepoint, without ``conn.begin_nested()``'s cost (SQLAlchemy compiles SAVEPOINT and
+    RELEASE anew for each one: a fifth of the writer's time in a release run); here they are fixed text run as
+    they are. On PostgreSQL an effect's savepoint is released together with the next one's start, in one
+    round trip (the text has no parameters, so psycopg sends it by the simple protocol, which allows two
+    statements), and the batch's last is released by its commit: one round trip per effect, not two, while
+    the batch holds its tenants' chain heads."""
+
+    def __init__(self, conn: Connection, *, merge: bool) -> None:
+        self.conn = conn
+        self.merge = merge
+        self.open = False
+
+    @contextmanager
+    def effect(self) -> Iterator[None]:
+        if self.open:
+            self.conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect; SAVEPOINT ks_effect")
+        else:
+            self.conn.exec_driver_sql("SAVEPOINT ks_effect")
+        self.open = self.merge
+        try:
+            yield
+        except BaseException:
+            self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ks_effect")
+            if not self.merge:
+                self.conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
+            Database.transaction_info(self.conn).clear()  # what the transaction learned, the rollback may have undone
+            raise
+        if not self.merge:
+            self.conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
+
+
+class _Undo(Exception):
+    """An effect of a batch run without savepoints raised: the batch's transaction is rolled back whole."""
 
 
 def _failure_code(exc: Exception) -> str:
@@ -146,6 +174,7 @@ class GroupCommit:
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._closed = False
+        self._guarded_until = 0.0
         self._inline: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
         """Each loop's records waiting for its next inline batch (touched only on that loop's thread)."""
 
@@ -260,10 +289,13 @@ class GroupCommit:
         again: list[Pending] = []
         try:
             self._prepare_records(batch)
-            with self.db.write(keep=True, wait=wait) as conn:
-                self._lock_heads(conn, batch)
-                recorded = self._run_effects(conn, batch, again)
-                seqs = self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
+            guarded = self.db.is_sqlite or time.monotonic() < self._guarded_until
+            try:
+                recorded, seqs = self._transaction(batch, again, wait=wait, guarded=guarded)
+            except _Undo:  # rolled back whole: run it again, each effect under its savepoint
+                self._guarded_until = time.monotonic() + GUARDED_SECONDS
+                again.clear()
+                recorded, seqs = self._transaction(batch, again, wait=wait, guarded=True)
             for pending, seq in zip(recorded, seqs, strict=True):
                 pending.seq = seq
         except WriteLockBusy:
@@ -279,6 +311,14 @@ class GroupCommit:
             error.__cause__ = exc
             return [], error
         return again, None
+
+    def _transaction(
+        self, batch: list[Pending], again: list[Pending], *, wait: bool, guarded: bool
+    ) -> tuple[list[Pending], list[int]]:
+        with self.db.write(keep=True, wait=wait) as conn:
+            self._lock_heads(conn, batch)
+            recorded = self._run_effects(conn, batch, again, guarded=guarded)
+            return recorded, self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
 
     def _settle(self, batch: list[Pending], again: list[Pending], error: KeystewardError | None) -> None:
         """Wake the batch's callers, except those whose effect runs again."""
@@ -318,29 +358,44 @@ class GroupCommit:
             return
         self._lock(conn, sorted({p.tenant_id for p in batch}))
 
-    def _run_effects(self, conn: Connection, batch: list[Pending], again: list[Pending]) -> list[Pending]:
-        """Run each effect under its own savepoint; those that refuse are undone and left unrecorded.
+    def _run_effects(
+        self, conn: Connection, batch: list[Pending], again: list[Pending], *, guarded: bool
+    ) -> list[Pending]:
+        """Run each effect; those that refuse are undone and left unrecorded.
 
-        An effect that loses a deadlock or a serialization race on PostgreSQL (two servers' batches
-        locking rows in different orders) is undone and put in ``again``: it runs first in the next
-        transaction, after this one has let its locks go (at most :data:`EFFECT_TRIES` times in all).
+        ``guarded``: each effect that writes runs under its own savepoint, which undoes it alone when it raises
+        (the rest of the batch goes on). An effect that loses a deadlock or a serialization race on
+        PostgreSQL (two servers' batches locking rows in different orders) is undone and put in ``again``: it
+        runs first in the next transaction, after this one has let its locks go (at most
+        :data:`EFFECT_TRIES` times in all).
+
+        Not ``guarded`` (PostgreSQL, where each savepoint is a round trip made while the batch holds its
+        tenants' chain heads): no savepoints; the first effect that raises after it may have written, or
+        whose statement failed, raises :class:`_Undo` instead, and the batch's whole transaction is rolled
+        back and run again guarded (and the next batches too, for :data:`GUARDED_SECONDS`). Effects already
+        run again after a deadlock, so running them twice is safe; nothing of the first run is kept.
         """
         recorded = []
+        savepoints = _Savepoints(conn, merge=not self.db.is_sqlite) if guarded else None
         for pending in batch:
             pending.error = None
             if pending.effect is not None:
                 try:
-                    if pending.writes:
-                        with _savepoint(conn):
+                    if pending.writes and savepoints is not None:
+                        with savepoints.effect():
                             pending.fields = pending.effect(conn)
                             self._check(pending.fields.get("details") or {})
-                    else:  # nothing to undo: two statements (SAVEPOINT, RELEASE) fewer per record
+                    else:  # nothing to undo, or undone with the whole transaction: no savepoint's statements
                         pending.fields = pending.effect(conn)
                         self._check(pending.fields.get("details") or {})
                 except KeystewardError as exc:
+                    if pending.writes and savepoints is None:
+                        raise _Undo from None
                     pending.error = exc
                     continue
                 except SQLAlchemyError as exc:  # undone by its savepoint; the rest of the batch goes on
+                    if savepoints is None:
+                        raise _Undo from None
                     state = getattr(getattr(exc, "orig", None), "sqlstate", None)
                     pending.tries += 1
                     if state in _RETRYABLE and pending.tries < EFFECT_TRIES:

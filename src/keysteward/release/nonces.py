@@ -45,6 +45,15 @@ def _spend_statement(dialect: Any) -> Any:
 _SPEND = {"postgresql": _spend_statement(postgresql), "sqlite": _spend_statement(sqlite)}
 
 
+def digest_of(raw: bytes) -> str:
+    """What ``used_nonces`` keeps of a spent nonce."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def replayed() -> Denied:
+    return Denied("this nonce was already used; evidence is single-use", code="nonce_replayed")
+
+
 def decode(text: str) -> bytes:
     """The raw nonce from its base64url text; anything that is not one is ``nonce_invalid``."""
     if not isinstance(text, str) or len(text) > 64:
@@ -101,10 +110,9 @@ class Nonces:
     @staticmethod
     def spend(conn: Connection, raw: bytes, expires_at: datetime) -> None:
         """Record the nonce as used inside the caller's transaction; a second spend is ``nonce_replayed``."""
-        digest = hashlib.sha256(raw).hexdigest()
         stmt = _SPEND["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
-        if conn.execute(stmt, {"digest": digest, "expires_at": expires_at}).first() is None:  # spent before
-            raise Denied("this nonce was already used; evidence is single-use", code="nonce_replayed")
+        if conn.execute(stmt, {"digest": digest_of(raw), "expires_at": expires_at}).first() is None:  # spent before
+            raise replayed()
 
     @staticmethod
     def sweep(conn: Connection, now: datetime) -> int:

@@ -312,7 +312,7 @@ class Registry:
     @staticmethod
     def instance_revocation(conn: Connection, tenant_id: str, holder: str) -> bool | None:
         """None if the instance is not revoked, else whether its volumes are to be shredded."""
-        row = conn.execute(_REVOCATION, {"t": tenant_id, "h": holder}).first()
+        row = conn.execute(REVOCATION, {"t": tenant_id, "h": holder}).first()
         return None if row is None else bool(row.shred)
 
 
@@ -331,7 +331,7 @@ def _select_volumes() -> Any:
 
 _VOLUME_BY_ID = _select_volumes().where(Volume.tenant_id == bindparam("t"), Volume.id == bindparam("v"))
 """A release's volume read (each volume of a boot storm is read once): built once, values bound at execution."""
-_REVOCATION = select(RevokedInstance.shred).where(
+REVOCATION = select(RevokedInstance.shred).where(
     RevokedInstance.tenant_id == bindparam("t"), RevokedInstance.holder == bindparam("h")
 )
 """Built once, values bound at execution: every release and renewal reads it on the audit writer thread."""

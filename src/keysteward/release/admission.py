@@ -1,0 +1,130 @@
+"""What a release does in its transaction before it is decided: the nonce spent, the volume's state under a
+row lock, the caller's revocation, the volume's live lease, and (for a plain permit) the lease granted.
+
+On PostgreSQL this is one statement. Each statement is a round trip made while the batch holds the
+tenant's chain head, which every other server's releases of that tenant wait for: the six of a release
+(spend, volume, revocation, live lease, supersede, insert) were most of its time under that lock. The
+statement grants the lease only when every check below would pass (the same conditions, in SQL), so the
+caller's checks then find nothing to refuse; when one fails, nothing is granted and the caller refuses as
+before. Its reads share one snapshot, taken before its row lock; that is safe because every writer of a
+tenant's volumes, leases and revocations takes the tenant's chain head (a group-commit batch first, an
+administrative change at its append), so none can commit while this batch holds the head and waits.
+
+SQLite runs the steps one by one: they cost no round trip there, and SQLite has no data-modifying ``WITH``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, select, text
+
+from keysteward.release import leases
+from keysteward.release.nonces import Nonces, digest_of, replayed
+from keysteward.release.registry import Registry
+from keysteward.release.volumes import ACTIVE
+from keysteward.store.models import DataKey, Volume
+
+_VOLUME_STATE = (
+    select(Volume.state, DataKey.wrapped.is_(None).label("shredded"))
+    .join(DataKey, DataKey.id == Volume.dek_id)
+    .where(Volume.id == bindparam("volume_id"))
+)
+_IN_ONE_STATEMENT = text("""
+WITH spent AS (
+    INSERT INTO used_nonces (digest, expires_at) VALUES (:nonce_digest, :nonce_expires)
+    ON CONFLICT DO NOTHING RETURNING digest
+), volume AS (
+    SELECT volumes.state, data_keys.wrapped IS NULL AS shredded
+    FROM volumes JOIN data_keys ON data_keys.id = volumes.dek_id
+    WHERE volumes.id = :vol FOR UPDATE
+), found AS (
+    SELECT EXISTS (SELECT FROM spent) AS fresh, volume.state, volume.shredded,
+        (SELECT shred FROM revoked_instances WHERE tenant_id = :t AND holder = :h) AS revoked,
+        live.id AS lease_id, live.volume_id AS lease_volume_id, live.holder AS lease_holder,
+        live.state AS lease_state, live.created_at AS lease_created_at, live.renewed_at AS lease_renewed_at,
+        live.expires_at AS lease_expires_at
+    FROM volume LEFT JOIN LATERAL (
+        SELECT * FROM leases WHERE leases.volume_id = :vol AND leases.state = :lease_active AND leases.expires_at > :at
+        ORDER BY leases.expires_at DESC LIMIT 1
+    ) AS live ON true
+), grantable AS (
+    SELECT FROM found WHERE :grant AND fresh AND state = :volume_active AND NOT shredded AND revoked IS NULL
+        AND (lease_holder IS NULL OR lease_holder = :h)
+), superseded AS (
+    UPDATE leases SET state = :lease_superseded, ended_at = :at
+    WHERE volume_id = :vol AND holder = :h AND state = :lease_active AND EXISTS (SELECT FROM grantable)
+), granted AS (
+    INSERT INTO leases (id, tenant_id, volume_id, holder, token_hash, state, created_at, renewed_at, expires_at, facts)
+    SELECT :new_id, :t, :vol, :h, :new_token_hash, :new_state, :at, :at, :new_expires_at, :new_facts FROM grantable
+    RETURNING id
+)
+SELECT found.*, EXISTS (SELECT FROM granted) AS granted FROM found
+""")
+_LEASE = ("id", "volume_id", "holder", "state", "created_at", "renewed_at", "expires_at")
+
+
+@dataclass(frozen=True)
+class Admission:
+    state: str
+    """The volume's state."""
+    shredded: bool
+    revoked: bool
+    """The caller is revoked (``revoked_instances``)."""
+    live: leases.LeaseInfo | None
+    """The volume's live lease (any holder's), if there is one."""
+    granted: leases.LeaseInfo | None = None
+    """The lease granted with the checks (PostgreSQL, when asked for one and every check passed)."""
+
+
+@dataclass(frozen=True)
+class NewLease:
+    """The lease a plain permit grants, if every check passes."""
+
+    lease_id: str
+    token: bytes | bytearray
+    seconds: int
+    facts: str
+    state: str = leases.ACTIVE
+
+
+def read(
+    conn: Connection, *, raw_nonce: bytes, nonce_expires: datetime, volume_id: str, tenant_id: str, holder: str,
+    now: datetime, grant: NewLease | None = None,
+) -> Admission:  # fmt: skip
+    """Spend the nonce and read the rest in the caller's transaction (a nonce spent before raises
+    ``nonce_replayed``); with ``grant``, on PostgreSQL, also grant that lease when every check passes."""
+    if conn.dialect.name != "postgresql":
+        Nonces.spend(conn, raw_nonce, nonce_expires)
+        row = conn.execute(_VOLUME_STATE, {"volume_id": volume_id}).one()
+        revoked = Registry.instance_revocation(conn, tenant_id, holder) is not None
+        return Admission(row.state, bool(row.shredded), revoked, leases.live_holder(conn, volume_id, now))
+    new = grant or NewLease("", b"", 0, "")
+    expires = now + timedelta(seconds=new.seconds)
+    values: dict[str, Any] = {
+        "nonce_digest": digest_of(raw_nonce),
+        "nonce_expires": nonce_expires,
+        "vol": volume_id,
+        "t": tenant_id,
+        "h": holder,
+        "at": now,
+        "grant": grant is not None,
+        "volume_active": ACTIVE,
+        "lease_active": leases.ACTIVE,
+        "lease_superseded": leases.SUPERSEDED,
+        "new_id": new.lease_id,
+        "new_token_hash": leases.token_hash(new.token),
+        "new_state": new.state,
+        "new_expires_at": expires,
+        "new_facts": new.facts,
+    }
+    row = conn.execute(_IN_ONE_STATEMENT, values).one()
+    if not row.fresh:
+        raise replayed()
+    live = None
+    if row.lease_id is not None:
+        live = leases.LeaseInfo(*(getattr(row, f"lease_{name}") for name in _LEASE))
+    granted = leases.LeaseInfo(new.lease_id, volume_id, holder, new.state, now, now, expires) if row.granted else None
+    return Admission(row.state, bool(row.shredded), row.revoked is not None, live, granted)
