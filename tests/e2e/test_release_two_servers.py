@@ -9,8 +9,11 @@ expire): a volume revoked on B, an instance revoked on B, a lease granted on B (
 from __future__ import annotations
 
 import copy
+import functools
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,3 +131,50 @@ def test_the_one_statement_release_grants_only_what_every_check_allows(
     denied(r, "volume_revoked")
     granted = [rec for rec in on_a.audit() if rec["action"] == "volume.release" and rec.get("outcome") != "denied"]
     assert len(granted) == 4  # first, second, third and the other instance's: no refusal granted anything
+
+
+def test_concurrent_releases_batched_together_each_get_their_own_answer(
+    tmp_path: Path, pg_url: str, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    """Releases that arrive together are decided in one batch (on PostgreSQL their statements leave in one
+    pipeline): each instance opens its own volume's secret, while a clone and a replayed nonce arriving in
+    the same moment are refused, and each volume keeps one live lease."""
+    on_a, _ = two_servers(tmp_path, pg_url, server_factory, secret_registry)
+    cloud = on_a.cloud
+    vms = [cloud.create(account=ACCOUNT, image_id="img-1") for _ in range(10)]
+    volumes = [on_a.volume(f"c{i}", {"provider": "devcloud", "account": ACCOUNT}) for i in range(10)]
+    for vm, (vol, _) in zip(vms, volumes, strict=True):
+        on_a.released(vm, vol)  # each holds a lease: the clone below is one
+    spent = on_a.challenge()
+    r, _ = on_a.release(vms[1], volumes[1][0], nonce=spent)
+    assert r.status_code == 200, r.text
+    results: dict[str, Any] = {}
+    start = threading.Barrier(12)
+
+    def ask(name: str, call: Callable[[], Any]) -> None:
+        start.wait(10)
+        try:
+            results[name] = call()
+        except Exception as exc:
+            results[name] = exc
+
+    calls: dict[str, Callable[[], Any]] = {
+        f"vm{i}": functools.partial(on_a.released, vm, vol)
+        for i, (vm, (vol, _)) in enumerate(zip(vms, volumes, strict=True))
+    }
+    calls["clone"] = lambda: on_a.release(cloud.clone(vms[0].id), volumes[0][0])[0]
+    calls["replay"] = lambda: on_a.release(vms[2], volumes[2][0], nonce=spent)[0]
+    threads = [threading.Thread(target=ask, args=item) for item in calls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, (_, secret) in enumerate(volumes):
+        got = results[f"vm{i}"]
+        assert not isinstance(got, Exception), got
+        assert got[0] == secret
+    denied(results["clone"], "suspected_clone")
+    denied(results["replay"], "nonce_replayed")
+    active = [row for row in on_a.leases() if row["state"] == "active"]
+    assert sorted(row["volume_id"] for row in active) == sorted(vol for vol, _ in volumes)
+    assert {row["id"] for row in active} == {results[f"vm{i}"][1] for i in range(10)}
