@@ -136,9 +136,9 @@ def test_the_one_statement_release_grants_only_what_every_check_allows(
 def test_concurrent_releases_batched_together_each_get_their_own_answer(
     tmp_path: Path, pg_url: str, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
 ) -> None:
-    """Releases that arrive together are decided in one batch (on PostgreSQL their statements leave in one
-    pipeline): each instance opens its own volume's secret, while a clone and a replayed nonce arriving in
-    the same moment are refused, and each volume keeps one live lease."""
+    """Releases that arrive together are decided in one batch, on PostgreSQL without a savepoint each: each
+    instance opens its own volume's secret, while a clone and a replayed nonce arriving in the same moment are
+    refused, and each volume keeps one live lease."""
     on_a, _ = two_servers(tmp_path, pg_url, server_factory, secret_registry)
     cloud = on_a.cloud
     vms = [cloud.create(account=ACCOUNT, image_id="img-1") for _ in range(10)]

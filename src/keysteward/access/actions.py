@@ -10,7 +10,7 @@ denial" belong to :class:`~keysteward.access.service.AccessService` alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -122,12 +122,6 @@ class ActionHandler:
 
     def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
         """Step 3, in the transaction: nonce spent, revocations and resource state (raise Denied)."""
-
-    def ahead(self, subject: Subject, decision: PolicyDecision) -> Callable[[Connection], None] | None:
-        """A function that sends this step's first statement ahead of its effect, in a pipeline with its batch
-        neighbours' (see :meth:`keysteward.audit.group_commit.GroupCommit._run_effects`), for an action whose
-        effect then runs no other statement; None (the default): the effect runs its statements itself."""
-        return None
 
     def denial(self, policy: PolicyVersion, decision: PolicyDecision, subject: Subject) -> Denied:
         """The denial an operator can act on when the policy says no."""

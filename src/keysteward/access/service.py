@@ -16,6 +16,7 @@ and turn the result (or the :class:`~keysteward.errors.Denied` raised) back into
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,8 +59,6 @@ class _Step:
     failed: KeystewardError | None = None
     counted: tuple[str, str, Unproven] | None = None
     """(action, source, what) of an unproven caller's refusal, counted after its effect committed."""
-    ahead: Callable[[Connection], None] | None = None
-    """Sends the effect's statement ahead of it (see :meth:`ActionHandler.ahead`)."""
 
     @property
     def writes(self) -> bool:
@@ -109,9 +108,7 @@ class AccessService:
         if step.effect is _no_effect:
             return self._finish(step)
         try:
-            await self.audit.commit_async(
-                step.tenant_id, step.effect, writes=step.writes, first=step.first, ahead=step.ahead
-            )
+            await self.audit.commit_async(step.tenant_id, step.effect, writes=step.writes, first=step.first)
         except BaseException:
             self._discard(step)
             raise
@@ -121,7 +118,7 @@ class AccessService:
         if step.effect is _no_effect:
             return
         try:
-            self.audit.commit(step.tenant_id, step.effect, writes=step.writes, first=step.first, ahead=step.ahead)
+            self.audit.commit(step.tenant_id, step.effect, writes=step.writes, first=step.first)
         except BaseException:
             self._discard(step)
             raise
@@ -161,7 +158,6 @@ class AccessService:
         policy, decision = self._evaluate(tenant_id, subject)
         step = _Step(tenant_id, _no_effect, _Verdict(), handler, subject)
         step.effect = self._effect(step, policy, decision, now)
-        step.ahead = handler.ahead(subject, decision)
         if decision.effect != "deny" and handler.delivery is Delivery.OPERATION:
             try:
                 step.performed = handler.perform(subject)
@@ -200,7 +196,7 @@ class AccessService:
                 handler.check(conn, subject, decision)
                 if decision.effect == "deny":
                     assert policy is not None and subject.facts is not None
-                    details["request"] = subject.facts.canonical_json()
+                    details["request"] = json.dumps(subject.facts.to_json(), sort_keys=True)
                     raise handler.denial(policy, decision, subject)
                 if step.failed is not None:
                     return {**record, "outcome": "error", "reason": step.failed.code, "details": details}

@@ -13,11 +13,11 @@ Renewal and lease end are :mod:`keysteward.access.lease_actions`; registration (
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -81,8 +81,6 @@ class _Release:
     token: bytearray = field(default_factory=lambda: bytearray(os.urandom(TOKEN_SIZE)))
     granted: leases.LeaseInfo | None = None
     """The lease granted by check's own statement (PostgreSQL, a plain permit): book has nothing left to do."""
-    question: admission.Question | None = None
-    """What :meth:`VolumeRelease.check` asks, once made (sent ahead, or by check itself)."""
 
 
 class VolumeRelease(ActionHandler):
@@ -172,7 +170,6 @@ class VolumeRelease(ActionHandler):
         subject = Subject(tenant_id, actor_of(caller.key()), f"volume:{volume.id}", None, details=details, state=state)
         try:
             subject.facts = policy_request(request.tenant, request.context.address(), volume, caller, platform, now)
-            subject.facts.canonical_json()  # the lease keeps it: made now, not in the transaction
         except PolicyRequestInvalid as exc:
             log.warning("release facts did not make a policy request: %s", exc.code)
             denied = Denied(exc.message, code="policy_error")
@@ -242,42 +239,22 @@ class VolumeRelease(ActionHandler):
         return Refusal(tenant_id, denied, effect, unproven=unproven)
 
     # -- steps 3-4, in the transaction ----------------------------------------------------------------
-    def _question(self, subject: Subject, decision: PolicyDecision) -> admission.Question:
-        """What :meth:`check` asks the transaction; a plain permit's lease goes with it."""
-        state: _Release = subject.state
-        volume = state.volume
-        grant = None
-        if decision.effect == "permit" and self.grants_with_checks:
-            assert subject.facts is not None
-            grant = admission.NewLease(
-                state.lease_id, state.token, volume.lease_seconds, subject.facts.canonical_json(), self.lease_state
-            )
-        now = datetime.now(UTC)
-        return admission.Question(
-            state.raw, state.expires, volume.id, subject.tenant_id, state.caller.key(), now, grant
-        )
-
-    def ahead(self, subject: Subject, decision: PolicyDecision) -> Callable[[Connection], None] | None:
-        # a permit's or a denial's effect runs no statement after its question (an approval's does)
-        if not self.grants_with_checks or decision.effect not in ("permit", "deny"):
-            return None
-        state: _Release = subject.state
-
-        def ask(conn: Connection) -> None:
-            state.question = self._question(subject, decision)
-            admission.ask_ahead(conn, state.question)
-
-        return ask
-
     def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
         state: _Release = subject.state
         volume, holder = state.volume, state.caller.key()
-        question = state.question = state.question or self._question(subject, decision)
-        now = question.now
+        now = datetime.now(UTC)
         if self._sweep_due():
             self.nonces.sweep(conn, now)
+        grant = None
+        if decision.effect == "permit" and self.grants_with_checks:
+            assert subject.facts is not None
+            facts = json.dumps(subject.facts.to_json(), sort_keys=True)
+            grant = admission.NewLease(state.lease_id, state.token, volume.lease_seconds, facts, self.lease_state)
         state.granted = None
-        found = admission.read(conn, question)
+        found = admission.read(
+            conn, raw_nonce=state.raw, nonce_expires=state.expires, volume_id=volume.id,
+            tenant_id=subject.tenant_id, holder=holder, now=now, grant=grant,
+        )  # fmt: skip
         state.granted = found.granted
         if found.state == DESTROYED or found.shredded:
             raise Denied("the volume's key was destroyed", code="volume_destroyed")
@@ -345,7 +322,7 @@ class VolumeRelease(ActionHandler):
                 ttl=timedelta(seconds=self.settings.approval_ttl_seconds),
             )
             if isinstance(found, approvals.Waiting):
-                subject.details.update(approval=found.request_id, request=facts.canonical_json())
+                subject.details.update(approval=found.request_id, request=json.dumps(facts.to_json(), sort_keys=True))
                 return Booked(pending=found)
             subject.details["approval"] = found
             if outcome == "denied":
@@ -359,7 +336,7 @@ class VolumeRelease(ActionHandler):
             token=state.token,
             now=now,
             seconds=state.volume.lease_seconds,
-            facts=facts.canonical_json(),
+            facts=json.dumps(facts.to_json(), sort_keys=True),
             state=self.lease_state,
         )
         subject.details.update(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import threading
 import time
@@ -110,19 +109,10 @@ savepoint) and returns the record's fields (or ``{}``: a routine change that nee
 KeystewardError undoes the change and records nothing."""
 
 
-Ahead = Callable[[Connection], None]
-"""Sends an effect's statement before the effect runs (PostgreSQL, in a batch run without savepoints): the
-statements of consecutive effects that have one leave in one pipeline, one round trip for them all, and
-each effect then reads its answer without a round trip of its own. Only for an effect that runs no other
-statement after that one (else the order of statements would change)."""
-
-
 class Pending:
     """One record waiting for its batch: a thread waits on ``done``; a coroutine gets ``notify`` called."""
 
-    __slots__ = (
-        "ahead", "done", "effect", "error", "fields", "first", "notify", "seq", "tenant_id", "tries", "writes",
-    )  # fmt: skip
+    __slots__ = ("done", "effect", "error", "fields", "first", "notify", "seq", "tenant_id", "tries", "writes")
 
     def __init__(
         self,
@@ -133,10 +123,8 @@ class Pending:
         *,
         writes: bool = True,
         first: bool = False,
-        ahead: Ahead | None = None,
     ) -> None:
         self.tenant_id = tenant_id
-        self.ahead = ahead
         self.writes = writes
         self.first = first
         """True: taken into the next batch before every record that is not (a renewal of a live lease is not
@@ -197,14 +185,7 @@ class GroupCommit:
         return pending.result()
 
     async def wait_async(
-        self,
-        tenant_id: str,
-        fields: dict[str, Any],
-        effect: Effect | None,
-        *,
-        writes: bool = True,
-        first: bool = False,
-        ahead: Ahead | None = None,
+        self, tenant_id: str, fields: dict[str, Any], effect: Effect | None, *, writes: bool = True, first: bool = False
     ) -> int:
         loop = asyncio.get_running_loop()
         committed: asyncio.Future[bool] = loop.create_future()
@@ -214,13 +195,11 @@ class GroupCommit:
                 committed.set_result(in_time)
 
         if self.db.can_try_write:
-            pending = Pending(
-                tenant_id, fields, functools.partial(settle, True), effect, writes=writes, first=first, ahead=ahead
-            )
+            pending = Pending(tenant_id, fields, functools.partial(settle, True), effect, writes=writes, first=first)
             self._add_inline(loop, pending)
         else:
             notify = functools.partial(loop.call_soon_threadsafe, settle, True)
-            pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes, first=first, ahead=ahead))
+            pending = self.enqueue(Pending(tenant_id, fields, notify, effect, writes=writes, first=first))
         timer = loop.call_later(WAIT_SECONDS, settle, False)  # a timer handle, not asyncio.wait_for's extra task
         try:
             in_time = await committed
@@ -391,21 +370,14 @@ class GroupCommit:
         :data:`EFFECT_TRIES` times in all).
 
         Not ``guarded`` (PostgreSQL, where each savepoint is a round trip made while the batch holds its
-        tenants' chain heads): consecutive effects that can send their statement ahead (:data:`Ahead`) send
-        them in one pipeline first; no savepoints; the first effect that raises after it may have written, or
+        tenants' chain heads): no savepoints; the first effect that raises after it may have written, or
         whose statement failed, raises :class:`_Undo` instead, and the batch's whole transaction is rolled
         back and run again guarded (and the next batches too, for :data:`GUARDED_SECONDS`). Effects already
         run again after a deadlock, so running them twice is safe; nothing of the first run is kept.
         """
         recorded = []
         savepoints = _Savepoints(conn, merge=not self.db.is_sqlite) if guarded else None
-        sent: set[int] = set()
-        for index, pending in enumerate(batch):
-            if savepoints is None and not self.db.is_sqlite and pending.ahead is not None and id(pending) not in sent:
-                run = list(itertools.takewhile(lambda p: p.ahead is not None, batch[index:]))
-                if len(run) > 1:
-                    self._send_ahead(conn, run)
-                    sent.update(id(p) for p in run)
+        for pending in batch:
             pending.error = None
             if pending.effect is not None:
                 try:
@@ -437,19 +409,6 @@ class GroupCommit:
                     continue
             recorded.append(pending)
         return recorded
-
-    @staticmethod
-    def _send_ahead(conn: Connection, run: list[Pending]) -> None:
-        """Send the statements of ``run`` (consecutive effects, each with :data:`Ahead`) in one pipeline."""
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        try:
-            with raw.pipeline():
-                for pending in run:
-                    assert pending.ahead is not None
-                    pending.ahead(conn)
-        except Exception:  # noqa: BLE001 - the transaction is spoiled however it failed: undo it whole
-            raise _Undo from None
 
     def close(self) -> None:
         with self._wake:

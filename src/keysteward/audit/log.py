@@ -23,7 +23,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward.audit import chain, checkpoint
-from keysteward.audit.group_commit import Ahead, Effect, GroupCommit, Pending
+from keysteward.audit.group_commit import Effect, GroupCommit, Pending
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
@@ -323,20 +323,15 @@ class AuditLog:
         _check_details(fields.get("details") or {})
         return await self._group.wait_async(tenant_id, fields, None)
 
-    def commit(
-        self, tenant_id: str, effect: Effect, *, writes: bool = True, first: bool = False, ahead: Ahead | None = None
-    ) -> int:
+    def commit(self, tenant_id: str, effect: Effect, *, writes: bool = True, first: bool = False) -> int:
         """Run ``effect`` and append the record it returns in one group-committed transaction (``writes``
-        False: the effect only reads, and runs without a savepoint; ``first``: ahead of the others waiting;
-        ``ahead``: sends the effect's statement before it runs, with its neighbours', see :data:`Ahead`)."""
-        pending = Pending(tenant_id, {}, effect=effect, writes=writes, first=first, ahead=ahead)
+        False: the effect only reads, and runs without a savepoint; ``first``: ahead of the others waiting)."""
+        pending = Pending(tenant_id, {}, effect=effect, writes=writes, first=first)
         return self._group.wait(self._group.enqueue(pending))
 
-    async def commit_async(
-        self, tenant_id: str, effect: Effect, *, writes: bool = True, first: bool = False, ahead: Ahead | None = None
-    ) -> int:
+    async def commit_async(self, tenant_id: str, effect: Effect, *, writes: bool = True, first: bool = False) -> int:
         """:meth:`commit` for the event loop."""
-        return await self._group.wait_async(tenant_id, {}, effect, writes=writes, first=first, ahead=ahead)
+        return await self._group.wait_async(tenant_id, {}, effect, writes=writes, first=first)
 
     def close(self) -> None:
         self._group.close()

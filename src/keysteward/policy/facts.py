@@ -218,8 +218,6 @@ class PolicyRequest:
     context_values: Mapping[str, Any] = field(init=False, repr=False, compare=False)
     context_json: str | None = field(init=False, default=None, repr=False, compare=False)
     """``context_values`` as Cedar's JSON, made when first asked for (:attr:`cedar_context`)."""
-    request_json: str | None = field(init=False, default=None, repr=False, compare=False)
-    """:meth:`to_json` as sorted JSON text, made when first asked for (:meth:`canonical_json`)."""
     memo: dict[int, Any] = field(init=False, default_factory=dict, repr=False, compare=False)
     """What readers derive from everything but ``context.kms`` (:mod:`keysteward.policy.decision_key`),
     shared with the requests :meth:`with_kms` makes from this one, which differ from it only there."""
@@ -306,14 +304,6 @@ class PolicyRequest:
             object.__setattr__(self, "context_json", text)
         return text
 
-    def canonical_json(self) -> str:
-        """The whole request as JSON text with sorted keys, as a lease and an audit record keep it (made once)."""
-        text = self.request_json
-        if text is None:
-            text = json.dumps(self.to_json(), sort_keys=True)
-            object.__setattr__(self, "request_json", text)
-        return text
-
     def with_kms(self, kms: Mapping[str, str]) -> PolicyRequest:
         """This request with another ``context.kms``: an XKS call like an earlier one but for its
         requestMetadata (a new kmsRequestId each call). Only ``kms`` is checked and rebuilt; the principal,
@@ -328,7 +318,6 @@ class PolicyRequest:
         object.__setattr__(other, "kms", kms_values)
         object.__setattr__(other, "context_values", MappingProxyType(context))
         object.__setattr__(other, "context_json", None)
-        object.__setattr__(other, "request_json", None)
         return other
 
     def to_json(self) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from keysteward.release import leases
 from keysteward.release.nonces import Nonces, digest_of, replayed
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE
-from keysteward.store.db import Database
 from keysteward.store.models import DataKey, Volume
 
 _VOLUME_STATE = (
@@ -64,12 +63,7 @@ WITH spent AS (
 )
 SELECT found.*, EXISTS (SELECT FROM granted) AS granted FROM found
 """)
-_DRIVER_SQL: list[str] = []
-"""The same in the driver's own parameter style (made at the first use), for :func:`ask_ahead`'s raw cursor:
-in pipeline mode SQLAlchemy's result handling finds no result yet to read."""
 _LEASE = ("id", "volume_id", "holder", "state", "created_at", "renewed_at", "expires_at")
-_ASKED = "keysteward.release.asked"
-"""Transaction info: the cursors of the questions sent ahead in this transaction, by the question's id."""
 
 
 @dataclass(frozen=True)
@@ -96,81 +90,41 @@ class NewLease:
     state: str = leases.ACTIVE
 
 
-@dataclass(frozen=True)
-class Question:
-    """What one release asks its transaction: spend this nonce, then the checks (and ``grant``, on PostgreSQL)."""
-
-    raw_nonce: bytes
-    nonce_expires: datetime
-    volume_id: str
-    tenant_id: str
-    holder: str
-    now: datetime
-    grant: NewLease | None = None
-
-    def values(self) -> dict[str, Any]:
-        """The one statement's values (PostgreSQL)."""
-        new = self.grant or NewLease("", b"", 0, "")
-        return {
-            "nonce_digest": digest_of(self.raw_nonce),
-            "nonce_expires": self.nonce_expires,
-            "vol": self.volume_id,
-            "t": self.tenant_id,
-            "h": self.holder,
-            "at": self.now,
-            "grant": self.grant is not None,
-            "volume_active": ACTIVE,
-            "lease_active": leases.ACTIVE,
-            "lease_superseded": leases.SUPERSEDED,
-            "new_id": new.lease_id,
-            "new_token_hash": leases.token_hash(new.token),
-            "new_state": new.state,
-            "new_expires_at": self.now + timedelta(seconds=new.seconds),
-            "new_facts": new.facts,
-        }
-
-
-def read(conn: Connection, question: Question) -> Admission:
+def read(
+    conn: Connection, *, raw_nonce: bytes, nonce_expires: datetime, volume_id: str, tenant_id: str, holder: str,
+    now: datetime, grant: NewLease | None = None,
+) -> Admission:  # fmt: skip
     """Spend the nonce and read the rest in the caller's transaction (a nonce spent before raises
-    ``nonce_replayed``); with a ``grant``, on PostgreSQL, also grant that lease when every check passes. A
-    question :func:`ask_ahead` sent in this transaction is answered from what came back."""
-    q = question
+    ``nonce_replayed``); with ``grant``, on PostgreSQL, also grant that lease when every check passes."""
     if conn.dialect.name != "postgresql":
-        Nonces.spend(conn, q.raw_nonce, q.nonce_expires)
-        row = conn.execute(_VOLUME_STATE, {"volume_id": q.volume_id}).one()
-        revoked = Registry.instance_revocation(conn, q.tenant_id, q.holder) is not None
-        return Admission(row.state, bool(row.shredded), revoked, leases.live_holder(conn, q.volume_id, q.now))
-    asked = Database.transaction_info(conn).get(_ASKED)
-    cursor = asked.pop(id(q), None) if asked is not None else None
-    if cursor is not None:
-        names = [column.name for column in cursor.description]
-        found = dict(zip(names, cursor.fetchone(), strict=True))
-    else:
-        found = dict(conn.execute(_IN_ONE_STATEMENT, q.values()).one()._mapping)
-    return _answer(q, found)
-
-
-def ask_ahead(conn: Connection, question: Question) -> None:
-    """PostgreSQL, in the connection's pipeline (see :meth:`GroupCommit._run_effects`): send ``question``'s
-    statement now, for :func:`read` to answer from without a round trip of its own."""
-    raw = conn.connection.dbapi_connection
-    assert raw is not None
-    if not _DRIVER_SQL:
-        _DRIVER_SQL.append(str(_IN_ONE_STATEMENT.compile(dialect=conn.dialect)))
-    cursor = raw.cursor()
-    cursor.execute(_DRIVER_SQL[0], question.values())
-    Database.transaction_info(conn).setdefault(_ASKED, {})[id(question)] = cursor
-
-
-def _answer(q: Question, row: dict[str, Any]) -> Admission:
-    if not row["fresh"]:
+        Nonces.spend(conn, raw_nonce, nonce_expires)
+        row = conn.execute(_VOLUME_STATE, {"volume_id": volume_id}).one()
+        revoked = Registry.instance_revocation(conn, tenant_id, holder) is not None
+        return Admission(row.state, bool(row.shredded), revoked, leases.live_holder(conn, volume_id, now))
+    new = grant or NewLease("", b"", 0, "")
+    expires = now + timedelta(seconds=new.seconds)
+    values: dict[str, Any] = {
+        "nonce_digest": digest_of(raw_nonce),
+        "nonce_expires": nonce_expires,
+        "vol": volume_id,
+        "t": tenant_id,
+        "h": holder,
+        "at": now,
+        "grant": grant is not None,
+        "volume_active": ACTIVE,
+        "lease_active": leases.ACTIVE,
+        "lease_superseded": leases.SUPERSEDED,
+        "new_id": new.lease_id,
+        "new_token_hash": leases.token_hash(new.token),
+        "new_state": new.state,
+        "new_expires_at": expires,
+        "new_facts": new.facts,
+    }
+    row = conn.execute(_IN_ONE_STATEMENT, values).one()
+    if not row.fresh:
         raise replayed()
     live = None
-    if row["lease_id"] is not None:
-        live = leases.LeaseInfo(*(row[f"lease_{name}"] for name in _LEASE))
-    granted = None
-    if row["granted"]:
-        assert q.grant is not None
-        expires = q.now + timedelta(seconds=q.grant.seconds)
-        granted = leases.LeaseInfo(q.grant.lease_id, q.volume_id, q.holder, q.grant.state, q.now, q.now, expires)
-    return Admission(row["state"], bool(row["shredded"]), row["revoked"] is not None, live, granted)
+    if row.lease_id is not None:
+        live = leases.LeaseInfo(*(getattr(row, f"lease_{name}") for name in _LEASE))
+    granted = leases.LeaseInfo(new.lease_id, volume_id, holder, new.state, now, now, expires) if row.granted else None
+    return Admission(row.state, bool(row.shredded), row.revoked is not None, live, granted)
