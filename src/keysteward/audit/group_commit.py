@@ -25,13 +25,13 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from keysteward.audit.savepoints import Savepoints
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database, WriteLockBusy
 
@@ -49,38 +49,6 @@ INLINE_RETRY = 0.0005
 """Seconds between a loop's tries for a busy write lock."""
 INLINE_PATIENCE = 0.02
 """Seconds a loop tries before it hands its batch to the writer thread (a long transaction holds the lock)."""
-
-
-class _Savepoints:
-    """Each effect's savepoint, without ``conn.begin_nested()``'s cost (SQLAlchemy compiles SAVEPOINT and
-    RELEASE anew for each one: a fifth of the writer's time in a release run); here they are fixed text run as
-    they are. On PostgreSQL an effect's savepoint is released together with the next one's start, in one
-    round trip (the text has no parameters, so psycopg sends it by the simple protocol, which allows two
-    statements), and the batch's last is released by its commit: one round trip per effect, not two, while
-    the batch holds its tenants' chain heads."""
-
-    def __init__(self, conn: Connection, *, merge: bool) -> None:
-        self.conn = conn
-        self.merge = merge
-        self.open = False
-
-    @contextmanager
-    def effect(self) -> Iterator[None]:
-        if self.open:
-            self.conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect; SAVEPOINT ks_effect")
-        else:
-            self.conn.exec_driver_sql("SAVEPOINT ks_effect")
-        self.open = self.merge
-        try:
-            yield
-        except BaseException:
-            self.conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ks_effect")
-            if not self.merge:
-                self.conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
-            Database.transaction_info(self.conn).clear()  # what the transaction learned, the rollback may have undone
-            raise
-        if not self.merge:
-            self.conn.exec_driver_sql("RELEASE SAVEPOINT ks_effect")
 
 
 class _Undo(Exception):
@@ -376,7 +344,7 @@ class GroupCommit:
         run again after a deadlock, so running them twice is safe; nothing of the first run is kept.
         """
         recorded = []
-        savepoints = _Savepoints(conn, merge=not self.db.is_sqlite) if guarded else None
+        savepoints = Savepoints(conn, merge=not self.db.is_sqlite) if guarded else None
         for pending in batch:
             pending.error = None
             if pending.effect is not None:
