@@ -47,7 +47,8 @@ WITH spent AS (
         live.state AS lease_state, live.created_at AS lease_created_at, live.renewed_at AS lease_renewed_at,
         live.expires_at AS lease_expires_at
     FROM volume LEFT JOIN LATERAL (
-        SELECT * FROM leases WHERE leases.volume_id = :vol AND leases.state = :lease_active AND leases.expires_at > :at
+        SELECT id, volume_id, holder, state, created_at, renewed_at, expires_at FROM leases
+        WHERE leases.volume_id = :vol AND leases.state = :lease_active AND leases.expires_at > :at
         ORDER BY leases.expires_at DESC LIMIT 1
     ) AS live ON true
 ), grantable AS (
