@@ -68,10 +68,11 @@ def test_a_token_past_its_ttl_is_refused(site: tuple[ServerProcess, str], secret
     with server.http(made["token"]) as c:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            sent = datetime.now(UTC)  # the server checks the expiry after this instant
             answer = c.get("/whoami")
             now = datetime.now(UTC)
-            if answer.status_code == 200 and now > expires:
-                accepted_after_expiry.append(now)
+            if answer.status_code == 200 and sent > expires:
+                accepted_after_expiry.append(sent)
             if answer.status_code == 401:
                 refused_at = now
                 break
