@@ -1,9 +1,9 @@
 """AWS-shaped instance identity documents: JSON signed by a DER PKCS#7 SignedData, RSA PKCS#1 v1.5 SHA-256.
 
-The SignedData is parsed with asn1crypto and checked field by field (one signer, SHA-256, RSA, the
-content equal to the document, the messageDigest of the signed attributes); the signature itself is
-verified by pyca/cryptography against each registered certificate. The document is parsed only
-after its signature verified.
+The SignedData is read by :mod:`keysteward.formats.cms_signed_data` (a strict walk over asn1crypto's
+low-level BER/DER parser) and checked here (one signer, SHA-256, RSA, the content equal to the document,
+the messageDigest of the signed attributes); the signature itself is verified by pyca/cryptography
+against each registered certificate. The document is parsed only after its signature verified.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from asn1crypto import cms, core
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -25,11 +24,24 @@ from keysteward.attest._common import VerifiedClaims, b64_field, no_certificate_
 from keysteward.attest._fields import ident, nonce_field, timestamp
 from keysteward.attest.errors import EvidenceRejected
 from keysteward.attest.providers import ProviderTrust
+from keysteward.formats.cms_signed_data import (
+    CONTENT_TYPE,
+    DATA,
+    MESSAGE_DIGEST,
+    NotSignedData,
+    RawValue,
+    SignedAttributes,
+    oid,
+    parse_signed_data,
+)
 
 MAX_DOCUMENT: Final = 16 * 1024
 MAX_SIGNATURE: Final = 16 * 1024
-_RSA_SHA256: Final = frozenset({"rsassa_pkcs1v15", "sha256_rsa"})
-_PARSE_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, RecursionError)
+_SHA256: Final = oid("2.16.840.1.101.3.4.2.1")
+_RSA_SHA256: Final = frozenset({oid("1.2.840.113549.1.1.1"), oid("1.2.840.113549.1.1.11")})  # or sha256WithRSA
+_OID_VALUE: Final = (0, 0, 6)  # (class, constructed, tag) of a RawValue: universal primitive OBJECT IDENTIFIER
+_OCTET_STRING_VALUE: Final = (0, 0, 4)  # universal primitive OCTET STRING
+_PARSE_ERRORS: Final = (ValueError, TypeError)  # CmsError is a ValueError
 _WHERE: Final = "the identity document"
 
 
@@ -69,52 +81,40 @@ def _signed_data(der: bytes, document: bytes) -> _Signed:
 
 
 def _check_signed_data(der: bytes, document: bytes) -> _Signed:
-    info = cms.ContentInfo.load(der, strict=True)
-    if info["content_type"].native != "signed_data":
-        raise EvidenceRejected("the signature is not a PKCS#7 SignedData")
-    sd = info["content"]
-    digests = [a["algorithm"].native for a in sd["digest_algorithms"]]
-    if digests != ["sha256"]:
+    try:
+        sd = parse_signed_data(der)
+    except NotSignedData as exc:
+        raise EvidenceRejected("the signature is not a PKCS#7 SignedData") from exc
+    if sd.digest_algorithms != (_SHA256,):
         raise EvidenceRejected("the signature must use SHA-256 (and no other digest)")
-    encap = sd["encap_content_info"]
-    if encap["content_type"].native != "data":
+    if sd.content_type != DATA:
         raise EvidenceRejected("the signed content is not of type data")
-    content = encap["content"]
-    if not isinstance(content, core.Void):
-        content_bytes = content.native
-        if not isinstance(content_bytes, bytes) or not hmac.compare_digest(content_bytes, document):
-            raise EvidenceRejected("the document is not the one the signature covers")
-    signers = list(sd["signer_infos"])
-    if len(signers) != 1:
+    if sd.content is not None and not hmac.compare_digest(sd.content, document):
+        raise EvidenceRejected("the document is not the one the signature covers")
+    if len(sd.signer_infos) != 1:
         raise EvidenceRejected("the signature must have exactly one signer")
-    si = signers[0]
-    if si["digest_algorithm"]["algorithm"].native != "sha256":
+    si = sd.signer_infos[0]
+    if si.digest_algorithm != _SHA256:
         raise EvidenceRejected("the signer must use SHA-256")
-    if si["signature_algorithm"]["algorithm"].native not in _RSA_SHA256:
+    if si.signature_algorithm not in _RSA_SHA256:
         raise EvidenceRejected("the signer must use RSA PKCS#1 v1.5 with SHA-256")
-    signature = si["signature"].native
-    if not isinstance(signature, bytes):
-        raise EvidenceRejected("the signer has no signature value")
-    attrs = si["signed_attrs"]
-    if isinstance(attrs, core.Void):
-        return _Signed(document, signature)
-    _check_signed_attributes(attrs, document)
-    # RFC 5652 5.4: the signature covers the DER of the attributes with their SET tag, not the [0] tag
-    encoded = attrs.dump()
-    return _Signed(b"\x31" + encoded[1:], signature)
+    if si.signed_attributes is None:
+        return _Signed(document, si.signature)
+    _check_signed_attributes(si.signed_attributes, document)
+    return _Signed(si.signed_attributes.signed_bytes, si.signature)  # RFC 5652 5.4: the DER with the SET tag
 
 
-def _check_signed_attributes(attrs: Any, document: bytes) -> None:
-    found: dict[str, list[Any]] = {}
-    for attr in attrs:
-        found.setdefault(attr["type"].native, []).extend(attr["values"])
-    content_types = found.get("content_type", [])
-    digests = found.get("message_digest", [])
-    if len(content_types) != 1 or content_types[0].native != "data":
+def _check_signed_attributes(attrs: SignedAttributes, document: bytes) -> None:
+    found: dict[bytes, list[RawValue]] = {}
+    for attr_type, values in attrs.attributes:
+        found.setdefault(attr_type, []).extend(values)
+    content_types = found.get(CONTENT_TYPE, [])
+    digests = found.get(MESSAGE_DIGEST, [])
+    if len(content_types) != 1 or content_types[0] != (*_OID_VALUE, DATA):
         raise EvidenceRejected("the signed attributes must hold one content type, data")
-    if len(digests) != 1 or not isinstance(digests[0].native, bytes):
+    if len(digests) != 1 or digests[0][:3] != _OCTET_STRING_VALUE:
         raise EvidenceRejected("the signed attributes must hold one message digest")
-    if not hmac.compare_digest(digests[0].native, hashlib.sha256(document).digest()):
+    if not hmac.compare_digest(digests[0][3], hashlib.sha256(document).digest()):
         raise EvidenceRejected("the document does not match the digest it was signed with (altered document)")
 
 
