@@ -185,6 +185,9 @@ def test_the_native_loop_serves_and_counts_into_the_metrics(tmp_path: Path, mode
         server.server.on_request = metrics.observe
         server.server.on_requests = metrics.observe_many
         client = mode.client(server.port)
+        deadline = time.monotonic() + 10  # the server hands the session over just after the client's handshake
+        while not any(t.name == "ks-nbd-plane" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert any(t.name == "ks-nbd-plane" for t in threading.enumerate())
         for i in range(20):
             client.write(i * 4096, bytes([i]) * 4096)
