@@ -20,6 +20,7 @@ from keysteward.access.request import AccessRequest, Delivery, Resource
 from keysteward.access.resources import ReleaseInputs
 from keysteward.errors import Denied
 from keysteward.policy.approvals import Waiting
+from keysteward.release.nonces import Nonces
 from keysteward.server.deps import principal, request_context, services
 from keysteward.server.release_schemas import (
     ChallengeOut,
@@ -37,12 +38,18 @@ router = APIRouter(tags=["release"])
 LeaseId = Annotated[str, Path(max_length=64)]
 
 
-@router.post("/release/challenge")
-async def challenge(request: Request) -> ChallengeOut:
-    issued = challenges.challenge(services(request).nonces)
+def challenge_out(nonces: Nonces) -> ChallengeOut:
+    issued = challenges.challenge(nonces)
     return ChallengeOut(
         protocol=issued.protocol, nonce=issued.nonce, expires_at=issued.expires_at, suites=list(issued.suites)
     )
+
+
+@router.post("/release/challenge")
+async def challenge(request: Request) -> ChallengeOut:
+    """A fresh nonce. Served by :class:`keysteward.server.challenge_lane.ChallengeLane` in the app; this route
+    describes it (OpenAPI) and answers where the lane is not installed."""
+    return challenge_out(services(request).nonces)
 
 
 @router.post(
