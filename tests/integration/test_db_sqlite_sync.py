@@ -2,8 +2,7 @@
 
 A write transaction returns (and its after-commit hooks run) only after the WAL file holding its frames
 was fsynced, and that fsync happens once the cross-process write lock is free, so another process's
-writer is not held up by it; a write that asks not to wait (the audit batches) is answered after an
-fsync on the syncer thread instead. A failed fsync is ``database_unavailable`` and runs no hook. ``NORMAL``
+writer is not held up by it. A failed fsync is ``database_unavailable`` and runs no hook. ``NORMAL``
 skips the fsync; ``EXTRA`` keeps SQLite's own, inside the lock.
 """
 
@@ -11,9 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,110 +124,5 @@ def test_a_committed_write_survives_a_killed_process(path: Path) -> None:
     try:
         with db.read() as conn:
             assert conn.execute(text("SELECT n FROM probe")).scalars().all() == [42]
-    finally:
-        db.dispose()
-
-
-class _HeldFsyncs:
-    """os.fsync that waits until the test lets it go, and says which commits each fsync could cover."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-        self.go = threading.Event()
-        self.rows_at_start: list[int] = []
-        self._real = os.fsync
-
-    def __call__(self, fd: int) -> None:
-        self.rows_at_start.append(os.fstat(fd).st_size)
-        self.started.set()
-        assert self.go.wait(10), "the test never let the fsync go"
-        self._real(fd)
-
-
-def test_a_write_that_does_not_wait_for_its_fsync_is_answered_after_it(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``write(synced=...)`` returns at the commit; its answer, and its hooks before it, come after an fsync
-    that began after that commit. Writes committed while an fsync runs are answered by the next one."""
-    db = _ready(path)
-    try:
-        held = _HeldFsyncs()
-        monkeypatch.setattr(os, "fsync", held)
-        events: list[str] = []
-        answered = threading.Event()
-
-        def answer(name: str, last: bool = False) -> Callable[[Unavailable | None], None]:
-            def synced(failed: Unavailable | None) -> None:
-                events.append(f"{name} answered ({failed}) after {len(held.rows_at_start)} fsync(s)")
-                if last:
-                    answered.set()
-
-            return synced
-
-        with db.write(synced=answer("first")) as conn:
-            conn.execute(text("INSERT INTO probe VALUES (1)"))
-            Database.after_commit(conn, lambda: events.append("first's hook"))
-        assert held.started.wait(5)  # write() returned while its fsync is still under way
-        assert events == []
-        for n in (2, 3):  # committed during the first fsync: the first fsync began before them
-            with db.write(synced=answer(f"write {n}", last=n == 3)) as conn:
-                conn.execute(text("INSERT INTO probe VALUES (:n)"), {"n": n})
-        with db.read() as conn:  # committed, visible, not yet answered
-            assert conn.execute(text("SELECT count(*) FROM probe")).scalar() == 3
-        assert events == []
-        held.go.set()
-        assert answered.wait(5)
-        assert events == [
-            "first's hook",
-            "first answered (None) after 1 fsync(s)",
-            "write 2 answered (None) after 2 fsync(s)",
-            "write 3 answered (None) after 2 fsync(s)",
-        ]
-        assert held.rows_at_start[1] > held.rows_at_start[0]  # the second fsync saw the later commits' frames
-    finally:
-        db.dispose()
-
-
-def test_a_failed_fsync_after_a_write_that_did_not_wait_is_its_answer(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    db = _ready(path)
-    try:
-        monkeypatch.setattr(os, "fsync", _Fsyncs(Path(f"{path}.writelock"), fail=True))
-        ran: list[bool] = []
-        got: list[Unavailable | None] = []
-        answered = threading.Event()
-
-        def synced(failed: Unavailable | None) -> None:
-            got.append(failed)
-            answered.set()
-
-        with db.write(synced=synced) as conn:
-            conn.execute(text("INSERT INTO probe VALUES (1)"))
-            Database.after_commit(conn, lambda: ran.append(True))
-        assert answered.wait(5)
-        assert len(got) == 1 and isinstance(got[0], Unavailable) and got[0].code == "database_unavailable"
-        assert ran == [] and "Input/output" not in str(got[0])
-    finally:
-        db.dispose()
-
-
-def test_a_failed_transaction_is_raised_and_never_answered_later(path: Path) -> None:
-    db = _ready(path)
-    try:
-        got: list[Unavailable | None] = []
-        with pytest.raises(RuntimeError):
-            with db.write(synced=got.append) as conn:
-                conn.execute(text("INSERT INTO probe VALUES (1)"))
-                raise RuntimeError("the transaction fails")
-        with db.write(synced=got.append) as conn:  # the next write's fsync would have answered it
-            conn.execute(text("INSERT INTO probe VALUES (2)"))
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)
-        assert got == [None]
-        with db.read() as conn:
-            assert conn.execute(text("SELECT n FROM probe")).scalars().all() == [2]
     finally:
         db.dispose()

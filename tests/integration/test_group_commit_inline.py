@@ -5,7 +5,6 @@ gets its sequence number, in order, and the records are in the database once the
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import threading
@@ -18,7 +17,6 @@ from sqlalchemy import Connection
 
 from keysteward.audit import group_commit
 from keysteward.audit.group_commit import BATCH, GroupCommit
-from keysteward.errors import Unavailable
 from keysteward.store.db import Database, WriteLockBusy
 
 pytestmark = pytest.mark.integration
@@ -148,70 +146,3 @@ def test_a_loop_turn_of_more_than_a_batch_commits_renewals_first(tmp_path: Path)
     assert len(batches) == 2 and len(batches[0]) == BATCH
     assert batches[0][:3] == ["renew0", "renew1", "renew2"]  # ahead of the loop turn's releases
     assert batches[0][3:] + batches[1] == [f"r{k}" for k in range(BATCH + 10)]  # the others in their order
-
-
-def test_the_loop_goes_on_while_a_batch_is_synced_and_its_callers_wait_for_the_disk(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch committed on the loop leaves its WAL fsync to the syncer thread: the loop commits the next
-    batch meanwhile, and no caller is answered before an fsync that began after its commit has finished."""
-    path = tmp_path / "synced.db"
-    db = Database(f"sqlite:///{path}")
-    with db.write() as conn:
-        conn.exec_driver_sql("CREATE TABLE marks (n TEXT)")
-    committed: list[tuple[str, str]] = []
-    group = _group(db, committed)
-    go, fsyncing = threading.Event(), threading.Event()
-    real = os.fsync
-
-    def held_fsync(fd: int) -> None:
-        fsyncing.set()
-        assert go.wait(10)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", held_fsync)
-
-    async def run() -> None:
-        first = asyncio.ensure_future(group.wait_async("t", {"n": "first"}, None))
-        while not fsyncing.is_set():
-            await asyncio.sleep(0.005)
-        second = asyncio.ensure_future(group.wait_async("t", {"n": "second"}, None))
-        while len(committed) < 2:  # the loop is free: the next batch commits while the first is synced
-            await asyncio.sleep(0.005)
-        assert _marks(db) == ["first", "second"]
-        await asyncio.sleep(0.05)
-        assert not first.done() and not second.done()  # neither is on disk yet
-        go.set()
-        assert await asyncio.gather(first, second) == [1, 2]
-
-    try:
-        asyncio.run(run())
-    finally:
-        group.close()
-        db.dispose()
-
-
-def test_a_failed_fsync_fails_the_batch_it_would_have_made_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "unsynced.db"
-    db = Database(f"sqlite:///{path}")
-    with db.write() as conn:
-        conn.exec_driver_sql("CREATE TABLE marks (n TEXT)")
-    group = _group(db, [])
-
-    def failing_fsync(fd: int) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-
-    async def run() -> list[BaseException | int]:
-        return await asyncio.gather(*(group.wait_async("t", {"n": f"x{k}"}, None) for k in range(3)),
-                                    return_exceptions=True)  # fmt: skip
-
-    try:
-        answers = asyncio.run(run())
-    finally:
-        group.close()
-        db.dispose()
-    assert all(isinstance(a, Unavailable) and a.code == "database_unavailable" for a in answers), answers

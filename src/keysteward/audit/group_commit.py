@@ -15,9 +15,7 @@ without waiting; while another writer holds it the loop tries again, and after :
 hands the batch to the writer thread). A batch is a few hundred microseconds of SQLite work, less than the
 writer thread lost getting the GIL back from the busy loop after each statement while it held the
 cross-process write lock: that wait was most of an XKS call's latency. PostgreSQL keeps the thread (its
-statements are network round trips, which must not stop a loop). On SQLite a batch's callers are answered
-once the WAL's fsync, run on its own thread after the commit, has made it durable: neither the loop nor the
-writer thread waits for the disk (see :class:`keysteward.store.db.WalSyncer`).
+statements are network round trips, which must not stop a loop).
 """
 
 from __future__ import annotations
@@ -64,15 +62,6 @@ def _failure_code(exc: Exception) -> str:
     return "database_unavailable" if database else "audit_unavailable"
 
 
-def _batch_error(batch: list[Pending], exc: Exception) -> Unavailable:
-    """What every caller of a batch that failed with ``exc`` is told (the failure is logged here)."""
-    _log_failure(batch, exc)
-    database = isinstance(exc, (SQLAlchemyError, KeystewardError))
-    error = Unavailable(_UNAVAILABLE, code=_failure_code(exc) if database else "audit_unavailable")
-    error.__cause__ = exc
-    return error
-
-
 def _log_failure(batch: list[Pending], exc: BaseException) -> None:
     """Say that a batch failed, and why, by the error's type and SQLSTATE only (a database's message may quote
     the values of the statement)."""
@@ -82,8 +71,6 @@ def _log_failure(batch: list[Pending], exc: BaseException) -> None:
     log.warning("an audit batch of %d records failed: %s (state %s)", len(batch), type(driver).__name__, state)
 
 
-Settle = Callable[[list["Pending"], list["Pending"], KeystewardError | None], None]
-"""Answers a batch's callers (but those in the second list, whose effects run again) with its error or None."""
 Effect = Callable[[Connection], dict[str, Any]]
 """A change committed together with its audit record: it runs in the batch's transaction (under a
 savepoint) and returns the record's fields (or ``{}``: a routine change that needs no record). Raising a
@@ -209,7 +196,7 @@ class GroupCommit:
             waiting.sort(key=lambda pending: not pending.first)
         batch, rest = waiting[:BATCH], waiting[BATCH:]
         try:
-            again = self._commit(batch, functools.partial(self._settle_on, loop), wait=False)
+            again, error = self._commit(batch, wait=False)
         except WriteLockBusy:
             if loop.time() - since < INLINE_PATIENCE and not self._closed:
                 self._inline[loop] = waiting
@@ -219,6 +206,7 @@ class GroupCommit:
             return
         if again:
             self._to_thread(loop, again)
+        self._settle(batch, again, error)
         if rest:  # nothing else was added meanwhile: waking callers only schedules their futures' callbacks
             self._inline[loop] = rest
             loop.call_soon(self._flush_inline, loop, loop.time())
@@ -256,63 +244,49 @@ class GroupCommit:
                 batch, self._first = self._first[:FIRST_AT_MOST], self._first[FIRST_AT_MOST:]
                 rest = BATCH - len(batch)
                 batch, self._queue = batch + self._queue[:rest], self._queue[rest:]
-            again = self._commit(batch, self._settle)
+            again, error = self._commit(batch)
             if again:
                 with self._wake:
                     self._queue[:0] = again  # first in the next transaction, once this one's locks are gone
+            self._settle(batch, again, error)
 
-    def _commit(self, batch: list[Pending], settle: Settle, *, wait: bool = True) -> list[Pending]:
-        """Run one batch's transaction and return the effects to run again in the next (none when the batch
-        failed). The batch's callers are answered by ``settle``: once the commit is on disk (on SQLite the WAL's
-        fsync runs on its own thread, see :class:`keysteward.store.db.WalSyncer`, so this one goes on meanwhile),
-        or at once with the error every caller of a failed batch gets. ``wait`` False: :class:`WriteLockBusy`
-        when another writer holds the lock, before anything was done (and nothing is settled)."""
+    def _commit(self, batch: list[Pending], *, wait: bool = True) -> tuple[list[Pending], KeystewardError | None]:
+        """Run one batch's transaction: the effects to run again in the next (none when the batch failed) and
+        the error every caller of a failed batch gets. ``wait`` False: :class:`WriteLockBusy` when another
+        writer holds the lock, before anything was done."""
         again: list[Pending] = []
-
-        def synced(failed: Unavailable | None) -> None:
-            settle(batch, again, None if failed is None else _batch_error(batch, failed))
-
         try:
             self._prepare_records(batch)
             guarded = self.db.is_sqlite or time.monotonic() < self._guarded_until
             try:
-                self._transaction(batch, again, synced, wait=wait, guarded=guarded)
+                recorded, seqs = self._transaction(batch, again, wait=wait, guarded=guarded)
             except _Undo:  # rolled back whole: run it again, each effect under its savepoint
                 self._guarded_until = time.monotonic() + GUARDED_SECONDS
                 again.clear()
-                self._transaction(batch, again, synced, wait=wait, guarded=True)
+                recorded, seqs = self._transaction(batch, again, wait=wait, guarded=True)
+            for pending, seq in zip(recorded, seqs, strict=True):
+                pending.seq = seq
         except WriteLockBusy:
             raise
+        except (SQLAlchemyError, KeystewardError) as exc:
+            _log_failure(batch, exc)
+            error = Unavailable(_UNAVAILABLE, code=_failure_code(exc))
+            error.__cause__ = exc
+            return [], error
         except Exception as exc:  # noqa: BLE001 - whatever it was, every waiter must hear of it
-            settle(batch, [], _batch_error(batch, exc))
-            return []
-        return again
+            _log_failure(batch, exc)
+            error = Unavailable(_UNAVAILABLE, code="audit_unavailable")
+            error.__cause__ = exc
+            return [], error
+        return again, None
 
     def _transaction(
-        self,
-        batch: list[Pending],
-        again: list[Pending],
-        synced: Callable[[Unavailable | None], None],
-        *,
-        wait: bool,
-        guarded: bool,
-    ) -> None:
-        with self.db.write(keep=True, wait=wait, synced=synced) as conn:
+        self, batch: list[Pending], again: list[Pending], *, wait: bool, guarded: bool
+    ) -> tuple[list[Pending], list[int]]:
+        with self.db.write(keep=True, wait=wait) as conn:
             self._lock_heads(conn, batch)
             recorded = self._run_effects(conn, batch, again, guarded=guarded)
-            seqs = self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
-            for pending, seq in zip(recorded, seqs, strict=True):
-                pending.seq = seq  # read by its caller only once ``synced`` has answered it
-
-    def _settle_on(
-        self, loop: asyncio.AbstractEventLoop, batch: list[Pending], again: list[Pending], error: KeystewardError | None
-    ) -> None:
-        """:meth:`_settle` on ``loop``'s thread, from whichever thread learned the batch's outcome (an inline
-        batch's callers are woken by callbacks that only that loop may run)."""
-        try:
-            loop.call_soon_threadsafe(self._settle, batch, again, error)
-        except RuntimeError:  # the loop has closed: nobody is waiting any more
-            pass
+            return recorded, self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
 
     def _settle(self, batch: list[Pending], again: list[Pending], error: KeystewardError | None) -> None:
         """Wake the batch's callers, except those whose effect runs again."""

@@ -16,11 +16,7 @@ append-only between checkpoints (and a checkpoint syncs it first), so that fsync
 and every earlier one durable: what a caller is told was committed is on disk, as with ``FULL``, while
 the other server processes' transactions are no longer queued behind each fsync (the audit writers of
 two workers took turns holding the lock through every batch's fsync). ``NORMAL`` skips that fsync
-(a power loss may lose the last commits); ``EXTRA`` is SQLite's own, synced inside the lock. A writer that
-has more to commit (the audit batches, :mod:`keysteward.audit.group_commit`) passes ``synced=`` and does not
-wait for that fsync: :class:`WalSyncer`'s thread runs it and then answers the write, so an event loop that
-commits a batch goes on serving requests while the disk works, and the batches committed meanwhile share the
-next fsync. Their callers are still told only once their commit is on disk.
+(a power loss may lose the last commits); ``EXTRA`` is SQLite's own, synced inside the lock.
 
 On PostgreSQL the URL may name several hosts (a Patroni cluster, see docs/ha.md and
 :mod:`keysteward.store.pg_ha`): connections go to the read-write one, dead pooled connections are
@@ -58,52 +54,6 @@ _READ_ONLY = "25006"  # a write reached a standby (a demoted primary): the clust
 
 class WriteLockBusy(Exception):
     """``Database.write(wait=False)``: another writer holds the lock; nothing was done."""
-
-
-class WalSyncer:
-    """The thread that fsyncs the SQLite WAL for writes that do not wait for it (``Database.write(synced=...)``).
-
-    An fsync of the WAL makes every transaction committed before it began durable, so the writes that commit
-    while one fsync runs share the next: a writer (the audit batches of an event loop) goes on to its next
-    transaction instead of waiting for the disk, and each write is answered once it is on disk."""
-
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self._sync = sync
-        self._wake = threading.Condition()
-        self._waiting: list[tuple[list[Callable[[], None]], Callable[[Unavailable | None], None]]] = []
-        self._thread: threading.Thread | None = None
-
-    def then(self, hooks: list[Callable[[], None]], synced: Callable[[Unavailable | None], None]) -> None:
-        """After the next fsync (which begins after this call): the hooks, then ``synced``."""
-        with self._wake:
-            self._waiting.append((hooks, synced))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="keysteward-wal-sync", daemon=True)
-                self._thread.start()
-            self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting:
-                    self._wake.wait()
-                done, self._waiting = self._waiting, []
-            failed: Unavailable | None = None
-            try:
-                self._sync()
-            except Unavailable as exc:
-                failed = exc
-            for hooks, synced in done:
-                if failed is None:
-                    for hook in hooks:
-                        try:
-                            hook()
-                        except Exception:  # one hook's failure must not keep the others' answers
-                            log.exception("an after-commit hook failed")
-                try:
-                    synced(failed)
-                except Exception:  # the thread must go on answering the other writes
-                    log.exception("a write's answer after its fsync failed")
 
 
 class Database:
@@ -146,7 +96,6 @@ class Database:
         """A thread's kept SQLite write connection (``write(keep=True)``)."""
         self._lock_file: int | None = None
         self._stop = threading.Event()
-        self._syncer = WalSyncer(self.sync)
         if self.is_sqlite and _on_disk(self.engine):
             path = f"{self.engine.url.database}.writelock"
             self._lock_file = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -190,19 +139,12 @@ class Database:
             yield conn
 
     @contextmanager
-    def write(
-        self, *, keep: bool = False, wait: bool = True, synced: Callable[[Unavailable | None], None] | None = None
-    ) -> Iterator[Connection]:
+    def write(self, *, keep: bool = False, wait: bool = True) -> Iterator[Connection]:
         """A write transaction. ``keep``: on SQLite, this thread keeps its connection for its next ``keep``
         write (the audit writer's batches: a pool checkout and return cost a third of an empty transaction);
         a PostgreSQL connection is always checked out per transaction, which the guard's deadline is for.
         ``wait`` False (with :attr:`can_try_write`): raise :class:`WriteLockBusy`, before anything is done,
-        when another thread or process holds the write lock, instead of queueing for it.
-
-        ``synced``: return once committed, without waiting for the WAL's fsync; ``synced(None)`` is called
-        once the commit is on disk (from the syncer thread, after the after-commit hooks), or
-        ``synced(error)`` if the fsync failed. It is never called when the transaction fails: the failure
-        is raised here as always. Without a WAL to sync it is called here, before this returns."""
+        when another thread or process holds the write lock, instead of queueing for it."""
         if keep and self.is_sqlite:
             with _translate(), self._write_lock(wait):
                 conn = getattr(self._kept, "conn", None)
@@ -217,14 +159,9 @@ class Database:
         else:
             with _translate(), self._write_lock(wait), self._writer.connect() as conn:
                 hooks = yield from self._transaction(conn)
-        if synced is not None and self._wal is not None:
-            self._syncer.then(hooks, synced)
-            return
         self.sync()
         for hook in hooks:
             hook()
-        if synced is not None:
-            synced(None)
 
     def sync(self) -> None:
         """SQLite in ``FULL``: the WAL file (so every committed transaction) to disk; else nothing.
