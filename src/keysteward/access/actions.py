@@ -97,6 +97,9 @@ class ActionHandler:
     first: bool = False
     """True for an action that must not wait behind the others at the audit writer (a lease's renewal: a
     live lease that waits out its expiry behind a boot storm's releases is lost)."""
+    reads_many: bool = False
+    """True for an action whose steps may read many rows (KMIP Locate): a cold request of it goes to a thread even
+    on SQLite, where the others' few reads by key are made on the event loop (see AccessService.decide_async)."""
     audited_refusals: tuple[type[KeystewardError], ...] = (Denied,)
     """Errors ``check`` and ``book`` raise that are refusals, recorded as ``denied`` with their code (and what
     the step wrote before raising is kept). Other errors undo the step and write nothing."""

@@ -337,6 +337,7 @@ class KmipModifyAttributes(_KmipAction):
 
 class KmipLocate(_KmipAction):
     writes = False  # reads only (after the commit): no savepoint
+    reads_many = True  # every candidate object of the tenant: in a thread, never on a loop
     action, cedar_action = "kmip.locate", "kmip_locate"
     needs_object = False
 
