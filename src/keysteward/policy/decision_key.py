@@ -29,6 +29,15 @@ from keysteward.policy.schema import KMS_FIELDS
 
 PRUNABLE: Final = {"kms": KMS_FIELDS, "request": ("time", "hour", "weekday", "source_ip")}
 """The context records whose unread fields are left out of the key, and their fields."""
+ANONYMOUS: Final = {"KmipObject": "uid"}
+"""Resource types a set may tell apart by nothing but their id, and the attribute that holds the id: the
+KMIP object's. A set whose text has neither an entity literal of the type (``KmipObject::``) nor the
+attribute's name anywhere (``uid``) decides alike for two objects that differ only in their id: Cedar has
+no other way to reach an entity's id, and keysteward's facts refer to such an object nowhere but in its own
+entity. The key then leaves the id out, under ``unread["resource"]`` (KMIP: every Create makes a new object,
+and vCenter's Get, Activate and GetAttributes of it come on new connections, each a Cedar evaluation when
+the id was in the key). It is left in when the id is found anywhere else in the facts (a label holding it),
+and a decision with errors (whose messages may quote the id) is not remembered."""
 Unread = Mapping[str, frozenset[str]]
 
 _STRING = r'"(?:[^"\\]|\\.)*"'
@@ -63,7 +72,29 @@ def unread_fields(sources: Mapping[str, str]) -> dict[str, frozenset[str]]:
         names = frozenset(name for name in PRUNABLE[record] if name not in text)
         if names:
             unread[record] = names
+    anonymous = frozenset(
+        kind
+        for kind, attribute in ANONYMOUS.items()
+        if not re.search(r"\b" + kind + r"\s*::", text) and not re.search(r"\b" + attribute + r"\b", text)
+    )
+    if anonymous:
+        unread["resource"] = anonymous
     return unread
+
+
+def _resource_for_key(request: PolicyRequest, unread: Unread) -> tuple[str, str]:
+    """The resource's id and the entities' JSON as the key holds them: both without the id when the set
+    cannot tell the resource's objects apart by it (see :data:`ANONYMOUS`)."""
+    resource = request.cedar_uids[2]
+    entities = request.cedar_entities
+    kind = request.resource["type"]
+    if kind in unread.get("resource", ()):
+        held = request.resource.get(ANONYMOUS[kind])
+        needle = json.dumps(held)[1:-1] if isinstance(held, str) else ""
+        # its own two places, the entity's id and the attribute, and no other: else the id stays in the key
+        if needle and entities.count(needle) == 2:
+            return "", entities.replace(needle, "")
+    return resource["id"], entities
 
 
 def decision_key(request: PolicyRequest, unread: Unread) -> bytes:
@@ -71,8 +102,9 @@ def decision_key(request: PolicyRequest, unread: Unread) -> bytes:
     values = request.context_values
     if not any(record in values and not names.isdisjoint(values[record]) for record, names in unread.items()):
         principal, action, resource = request.cedar_uids
-        parts = (principal["type"], principal["id"], action["id"], resource["type"], resource["id"],
-                 request.cedar_entities, request.cedar_context)  # fmt: skip
+        resource_id, entities = _resource_for_key(request, unread)
+        parts = (principal["type"], principal["id"], action["id"], resource["type"], resource_id,
+                 entities, request.cedar_context)  # fmt: skip
         return hashlib.blake2b("\x00".join(parts).encode(), digest_size=32).digest()
     digest = _outside_kms(request, unread).copy()
     kms = values.get("kms")
@@ -97,8 +129,9 @@ def _outside_kms(request: PolicyRequest, unread: Unread) -> hashlib.blake2b:
         if record in pruned and record != "kms":
             pruned[record] = {k: v for k, v in pruned[record].items() if k not in names}
     principal, action, resource = request.cedar_uids
-    parts = (principal["type"], principal["id"], action["id"], resource["type"], resource["id"],
-             request.cedar_entities, json.dumps(pruned, sort_keys=True), "")  # fmt: skip
+    resource_id, entities = _resource_for_key(request, unread)
+    parts = (principal["type"], principal["id"], action["id"], resource["type"], resource_id,
+             entities, json.dumps(pruned, sort_keys=True), "")  # fmt: skip
     digest = hashlib.blake2b("\x00".join(parts).encode(), digest_size=32)
     request.memo[id(unread)] = (unread, digest)
     return digest

@@ -216,7 +216,12 @@ class CompiledPolicySet:
     def evaluate(self, request: PolicyRequest) -> PolicyDecision:
         """Decide one request (see the module docstring for the outcomes)."""
         key = decision_key(request, self._unread)
-        return self._decisions.get_or_make(key, lambda: self._decide(request))
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decide(request)
+            if not decision.errors or "resource" not in self._unread:  # errors may quote an id left out of the key
+                self._decisions.put(key, decision)
+        return decision
 
     def _decide(self, request: PolicyRequest) -> PolicyDecision:
         selected = self._partitions[request.action].select(request)
