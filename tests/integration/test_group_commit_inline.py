@@ -53,6 +53,13 @@ def _group(db: Database, committed: list[tuple[str, str]]) -> GroupCommit:
     return GroupCommit(db, append, check=lambda details: None)
 
 
+def _marks_db(path: Path) -> Database:
+    db = Database(f"sqlite:///{path}")
+    with db.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE marks (n TEXT)")
+    return db
+
+
 def _marks(db: Database) -> list[str]:
     with db.read() as conn:
         return [row[0] for row in conn.exec_driver_sql("SELECT n FROM marks ORDER BY rowid")]
@@ -60,9 +67,7 @@ def _marks(db: Database) -> list[str]:
 
 def test_records_commit_on_the_loop_and_wait_there_while_another_process_holds_the_lock(tmp_path: Path) -> None:
     path = tmp_path / "inline.db"
-    db = Database(f"sqlite:///{path}")
-    with db.write() as conn:
-        conn.exec_driver_sql("CREATE TABLE marks (n TEXT)")
+    db = _marks_db(path)
     committed: list[tuple[str, str]] = []
     group = _group(db, committed)
     assert db.can_try_write
@@ -122,9 +127,7 @@ def test_a_caller_told_the_record_could_not_be_written_is_never_committed_later(
     """A caller that gave up waiting (503, not carried out) while another process held the lock: its change
     and record are left out of the batch that runs once the lock is free, so what it was told stays true."""
     path = tmp_path / "abandoned.db"
-    db = Database(f"sqlite:///{path}")
-    with db.write() as conn:
-        conn.exec_driver_sql("CREATE TABLE marks (n TEXT)")
+    db = _marks_db(path)
     committed: list[tuple[str, str]] = []
     group = _group(db, committed)
     effects: list[str] = []

@@ -114,6 +114,11 @@ calls = st.builds(
                         PERMIT + BUSINESS_HOURS, PERMIT + BY_REQUEST_ID + BUSINESS_HOURS]),
        st.lists(calls, min_size=1, max_size=12))  # fmt: skip
 def test_a_remembered_decision_is_cedars(text: str, requests: list[Any]) -> None:
+    _each_as_cedar_decides(text, requests)
+
+
+def _each_as_cedar_decides(text: str, requests: list[PolicyRequest]) -> None:
+    """Asked in turn of one set (remembering), every request gets what a fresh set's Cedar gives it."""
     cached = CompiledPolicySet.compile({"p.cedar": text})
     for request in requests:
         fresh = CompiledPolicySet.compile({"p.cedar": text})._decide(request)
@@ -268,8 +273,4 @@ kmip_gets = st.builds(
 @given(st.sampled_from([KMIP_PERMIT, KMIP_PERMIT + BY_UID, KMIP_PERMIT + BY_LITERAL]),
        st.lists(kmip_gets, min_size=1, max_size=12))  # fmt: skip
 def test_a_remembered_kmip_decision_is_cedars(text: str, requests: list[Any]) -> None:
-    cached = CompiledPolicySet.compile({"p.cedar": text})
-    for request in requests:
-        fresh = CompiledPolicySet.compile({"p.cedar": text})._decide(request)
-        got = cached.evaluate(request)
-        assert (got.effect, got.policies) == (fresh.effect, fresh.policies)
+    _each_as_cedar_decides(text, requests)
