@@ -219,7 +219,8 @@ class CompiledPolicySet:
         decision = self._decisions.get(key)
         if decision is None:
             decision = self._decide(request)
-            if not decision.errors or "resource" not in self._unread:  # errors may quote an id left out of the key
+            # errors may quote the resource's id, when the key left it out
+            if not decision.errors or request.resource["type"] not in self._unread.get("resource", ()):
                 self._decisions.put(key, decision)
         return decision
 
