@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, select, update
 
 from keysteward.audit import chain
-from keysteward.audit.group_commit import Effect
 from keysteward.audit.log import ROWS_PER_INSERT, AuditLog, prepare
+from keysteward.audit.pending import Effect
 from keysteward.errors import Conflict
 from keysteward.store.db import Database
 from keysteward.store.models import AuditRecord

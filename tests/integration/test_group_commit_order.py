@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from keysteward.audit.group_commit import BATCH, FIRST_AT_MOST, GroupCommit, Pending
+from keysteward.audit.group_commit import BATCH, FIRST_AT_MOST, GroupCommit
+from keysteward.audit.pending import Pending
 from keysteward.store.db import Database
 
 

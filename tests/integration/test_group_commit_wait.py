@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import Connection
 
 from keysteward.audit import group_commit
-from keysteward.audit.group_commit import GroupCommit, Pending
+from keysteward.audit.group_commit import GroupCommit
+from keysteward.audit.pending import Pending
 from keysteward.errors import Unavailable
 from keysteward.store.db import Database
 from tests.integration.test_group_commit_order import held_batch

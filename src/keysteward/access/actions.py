@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from keysteward.access.request import AccessRequest, Delivery
-from keysteward.audit.group_commit import Effect
+from keysteward.audit.pending import Effect
 from keysteward.errors import Denied, KeystewardError, NotFound
 from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision

@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from keysteward.audit.pending import Effect, Pending
 from keysteward.audit.savepoints import Savepoints
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database, WriteLockBusy
@@ -75,64 +76,6 @@ def _log_failure(batch: list[Pending], exc: BaseException) -> None:
     driver = getattr(cause, "orig", cause)
     state = getattr(driver, "sqlstate", None)
     log.warning("an audit batch of %d records failed: %s (state %s)", len(batch), type(driver).__name__, state)
-
-
-Effect = Callable[[Connection], dict[str, Any]]
-"""A change committed together with its audit record: it runs in the batch's transaction (under a
-savepoint) and returns the record's fields (or ``{}``: a routine change that needs no record). Raising a
-KeystewardError undoes the change and records nothing."""
-
-
-class Pending:
-    """One record waiting for its batch: a thread waits on ``done``; a coroutine gets ``notify`` called."""
-
-    __slots__ = (
-        "abandoned",
-        "done",
-        "effect",
-        "error",
-        "fields",
-        "first",
-        "notify",
-        "seq",
-        "tenant_id",
-        "tries",
-        "writes",
-    )
-
-    def __init__(
-        self,
-        tenant_id: str,
-        fields: dict[str, Any],
-        notify: Callable[[], object] | None = None,
-        effect: Effect | None = None,
-        *,
-        writes: bool = True,
-        first: bool = False,
-    ) -> None:
-        self.tenant_id = tenant_id
-        self.writes = writes
-        self.first = first
-        """True: taken into the next batch before every record that is not (a renewal of a live lease is not
-        kept waiting behind a boot storm's new releases)."""
-        """False: the effect reads but never writes, so it runs without a savepoint of its own."""
-        self.fields = fields
-        self.done = threading.Event() if notify is None else None
-        """What a waiting thread waits on; a coroutine is woken by ``notify`` and needs none (an Event costs
-        more to make than the rest of the record's hand-over)."""
-        self.notify = notify
-        self.effect = effect
-        self.seq = 0
-        self.tries = 0
-        self.error: KeystewardError | None = None
-        self.abandoned = False
-        """Its caller stopped waiting (and was told the request was not carried out): a batch not yet started
-        leaves it out."""
-
-    def result(self) -> int:
-        if self.error is not None:
-            raise self.error
-        return self.seq
 
 
 Append = Callable[[Connection, list[tuple[str, dict[str, Any]]]], list[int]]

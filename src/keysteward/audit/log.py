@@ -23,7 +23,8 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from keysteward.audit import chain, checkpoint
-from keysteward.audit.group_commit import Effect, GroupCommit, Pending
+from keysteward.audit.group_commit import GroupCommit
+from keysteward.audit.pending import Effect, Pending
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
