@@ -31,9 +31,9 @@ from keysteward.errors import BadRequest, Forbidden
 from keysteward.identity.principal import Permission, Principal
 from keysteward.ratelimit import FailureLimiter
 from keysteward.server import problems
-from keysteward.server.challenge_lane import ChallengeLane
 from keysteward.server.deps import principal
 from keysteward.server.migration_metrics import MigrationMetrics
+from keysteward.server.release_lanes import ChallengeLane, ReleaseLane
 from keysteward.server.routers import (
     attest,
     audit,
@@ -277,9 +277,10 @@ def create_app(svc: Services) -> FastAPI:
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # outermost last: headers on every answer (413s and sealed refusals too), the sealed guard before routing
-    # and before the challenge's own lane (a boot storm's cheapest and most frequent request)
-    challenge_route = next(r for r in release.router.routes if getattr(r, "endpoint", None) is release.challenge)
-    app.add_middleware(ChallengeLane, nonces=svc.nonces, route=challenge_route)
+    # and before the lanes of a boot storm's two requests (the challenge and the release)
+    routes = {getattr(r, "endpoint", None): r for r in release.router.routes}
+    app.add_middleware(ReleaseLane, svc=svc, route=routes[release.release])
+    app.add_middleware(ChallengeLane, nonces=svc.nonces, route=routes[release.challenge])
     app.add_middleware(SealedGuard, sealed=lambda: svc.root.sealed)
     app.add_middleware(Metrics, requests=requests, latency=latency)
     app.add_middleware(BodyLimit, limit=svc.settings.server.max_body_bytes)

@@ -48,17 +48,28 @@ def problem(status: int, code: str, title: str, detail: str, instance: str = "",
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
+def for_error(request: Request, exc: KeystewardError) -> JSONResponse:
+    """The problem answer to one of keysteward's errors."""
+    if exc.status >= 500:
+        log.warning("%s %s -> %s", request.method, request.url.path, exc.diagnostics())
+    if isinstance(exc, Denied):  # a release decision, not a fault: agents read "decision"
+        return problem(exc.status, exc.code, exc.title, exc.message, request.url.path, decision="denied")
+    response = problem(exc.status, exc.code, exc.title, exc.message, request.url.path)
+    if isinstance(exc, RateLimited) and exc.retry_after > 0:
+        response.headers["retry-after"] = str(exc.retry_after)
+    return response
+
+
+def for_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The problem answer to a failure nobody foresaw: its type goes to the log, nothing of it to the client."""
+    log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    return problem(500, "internal_error", "Internal error", "the server failed; see its log", request.url.path)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(KeystewardError)
     async def _keysteward(request: Request, exc: KeystewardError) -> JSONResponse:
-        if exc.status >= 500:
-            log.warning("%s %s -> %s", request.method, request.url.path, exc.diagnostics())
-        if isinstance(exc, Denied):  # a release decision, not a fault: agents read "decision"
-            return problem(exc.status, exc.code, exc.title, exc.message, request.url.path, decision="denied")
-        response = problem(exc.status, exc.code, exc.title, exc.message, request.url.path)
-        if isinstance(exc, RateLimited) and exc.retry_after > 0:
-            response.headers["retry-after"] = str(exc.retry_after)
-        return response
+        return for_error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -77,5 +88,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        return problem(500, "internal_error", "Internal error", "the server failed; see its log", request.url.path)
+        return for_unexpected(request, exc)

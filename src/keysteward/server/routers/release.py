@@ -32,6 +32,7 @@ from keysteward.server.release_schemas import (
     RenewOut,
 )
 from keysteward.server.schemas import b64, unb64
+from keysteward.server.services import Services
 from keysteward.server.tls import client_cert_der
 
 router = APIRouter(tags=["release"])
@@ -47,7 +48,7 @@ def challenge_out(nonces: Nonces) -> ChallengeOut:
 
 @router.post("/release/challenge")
 async def challenge(request: Request) -> ChallengeOut:
-    """A fresh nonce. Served by :class:`keysteward.server.challenge_lane.ChallengeLane` in the app; this route
+    """A fresh nonce. Served by :class:`keysteward.server.release_lanes.ChallengeLane` in the app; this route
     describes it (OpenAPI) and answers where the lane is not installed."""
     return challenge_out(services(request).nonces)
 
@@ -61,7 +62,18 @@ async def challenge(request: Request) -> ChallengeOut:
     },
 )
 async def release(body: ReleaseIn, request: Request) -> ReleasedOut | JSONResponse:
-    svc = services(request)
+    """A volume's key, sealed to the requester. Served by :class:`keysteward.server.release_lanes.ReleaseLane`
+    in the app (through :func:`release_answer`, as here); this route describes it and answers what the lane
+    passes on (a body that does not validate, which is refused here as everywhere)."""
+    answer = await release_answer(services(request), request, body)
+    if isinstance(answer, PendingOut):
+        return JSONResponse(answer.model_dump(mode="json"), status_code=202)
+    return answer
+
+
+async def release_answer(svc: Services, request: Request, body: ReleaseIn) -> ReleasedOut | PendingOut:
+    """The access path's decision on a release, as the protocol answers it: released, or pending approval
+    (answered with 202). A refusal raises."""
     decided = await svc.access.decide_async(
         AccessRequest(
             tenant=body.tenant,
@@ -75,20 +87,19 @@ async def release(body: ReleaseIn, request: Request) -> ReleasedOut | JSONRespon
                 nonce=body.nonce,
                 suite=body.suite,
                 public_key=unb64(body.public_key),
-                host=await _host(request, body.tenant),
+                host=await _host(svc, request, body.tenant),
                 on_behalf_of=body.on_behalf_of,
                 requested_by=await _person(request, body.tenant),
             ),
         )
     )
     if isinstance(decided, Waiting):
-        pending = PendingOut(
+        return PendingOut(
             request_id=decided.request_id,
             expires_at=decided.expires_at,
             poll_after_seconds=svc.settings.release.approval_poll_seconds,
             approvers=[{"group": g, "quorum": q} for g, q in decided.groups],
         )
-        return JSONResponse(pending.model_dump(mode="json"), status_code=202)
     return ReleasedOut(
         suite=decided.suite,
         sealed=b64(decided.sealed),
@@ -114,13 +125,13 @@ async def _person(request: Request, tenant: str) -> str | None:
     return who.person or None
 
 
-async def _host(request: Request, tenant: str) -> str | None:
+async def _host(svc: Services, request: Request, tenant: str) -> str | None:
     """The name of the tenant's host that presented its client certificate, or None (an instance, which
     proves itself by its evidence; an agent's certificate adds nothing to that)."""
     der = client_cert_der(request)
     if not der:
         return None
-    cas = services(request).cas
+    cas = svc.cas
     who = cas.seen(der)
     if who is None:
         who = await anyio.to_thread.run_sync(cas.authenticate, der)
