@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, DateTime, LargeBinary, Table, bindparam, insert, select, update
 
 from keysteward.errors import NotFound
 from keysteward.lru import Lru
+from keysteward.store.driver import DriverStatement
 from keysteward.store.models import Lease, Tenant
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ _SUPERSEDE = (
     .where(Lease.volume_id == bindparam("v"), Lease.holder == bindparam("h"), Lease.state == ACTIVE)
     .values(state=SUPERSEDED, ended_at=bindparam("at"))
 )
-_INSERT = insert(cast(Table, Lease.__table__))
 _GRANTED = (
     "id",
     "tenant_id",
@@ -56,12 +56,25 @@ _GRANTED = (
     "expires_at",
     "facts",
 )
+_UTC = DateTime(timezone=True)
+_SQLITE_SUPERSEDE = DriverStatement(
+    "UPDATE leases SET state = :superseded, ended_at = :at WHERE volume_id = :v AND holder = :h AND state = :active",
+    {"at": _UTC},
+)
+_SQLITE_INSERT = DriverStatement(
+    "INSERT INTO leases (id, tenant_id, volume_id, holder, token_hash, state, created_at, renewed_at, expires_at,"
+    " facts) VALUES (:id, :tenant_id, :volume_id, :holder, :token_hash, :state, :created_at, :renewed_at,"
+    " :expires_at, :facts)",
+    {"token_hash": LargeBinary(), "created_at": _UTC, "renewed_at": _UTC, "expires_at": _UTC},
+)
+"""SQLite: :data:`_SUPERSEDE` and the insert of a lease, run on the driver's connection
+(:mod:`keysteward.store.driver`)."""
 _SUPERSEDE_AND_INSERT = (
     insert(cast(Table, Lease.__table__))
     .values({name: bindparam(f"new_{name}") for name in _GRANTED})
     .add_cte(_SUPERSEDE.cte("superseded"))
 )
-"""PostgreSQL: :data:`_SUPERSEDE` then :data:`_INSERT` in one statement (one round trip fewer while the batch
+"""PostgreSQL: :data:`_SUPERSEDE` then the insert in one statement (one round trip fewer while the batch
 holds the tenant's chain head; the new row is not among those the UPDATE sees). Its values are named
 ``new_*``: one named as a column would also be SET by the UPDATE."""
 _BY_ID = select(Lease.__table__).where(Lease.id == bindparam("lease"))
@@ -194,8 +207,8 @@ def grant(
     if conn.dialect.name == "postgresql":
         conn.execute(_SUPERSEDE_AND_INSERT, {**supersede, **{f"new_{name}": value for name, value in row.items()}})
     else:
-        conn.execute(_SUPERSEDE, supersede)
-        conn.execute(_INSERT, row)
+        _SQLITE_SUPERSEDE.rows(conn, {**supersede, "superseded": SUPERSEDED, "active": ACTIVE})
+        _SQLITE_INSERT.rows(conn, row)
     return LeaseInfo(lease_id, volume_id, holder, state, now, now, expires)
 
 
