@@ -1,20 +1,24 @@
-"""Fixed statements run on SQLite's own connection, past SQLAlchemy's execution.
+"""Fixed statements run on the driver's own connection, past SQLAlchemy's execution.
 
-For a short statement on a local file, SQLAlchemy's execution (the execution context, the compiled-cache
-lookup, events, the result wrapping) costs several times what sqlite3 takes to run it: in a release's
-transaction, a tenth of the server's CPU went to that for its statements, against a fortieth for
-sqlite3 itself. A :class:`DriverStatement` is fixed SQL text with named parameters, run by the sqlite3
-connection of the caller's SQLAlchemy connection, inside its transaction. What SQLAlchemy would do with
-the values is kept: each parameter and result column goes through its column type's own processor (a
-datetime is stored in the very form SQLAlchemy stores it, and read back as SQLAlchemy reads it), and a
-driver error is wrapped as SQLAlchemy wraps it (a busy database is an ``OperationalError``, which
-:class:`keysteward.store.db.Database` answers with ``database_unavailable``).
+For a short statement, SQLAlchemy's execution (the execution context, the compiled-cache lookup, events,
+the result wrapping) costs several times what the driver takes to run it: on SQLite, in a release's
+transaction, a tenth of the server's CPU went to that for its statements, against a fortieth for sqlite3
+itself; on PostgreSQL it was most of the audit writer thread's Python time for a release's one statement.
+A :class:`DriverStatement` is fixed SQL text with named parameters (``:name``), run by the driver
+connection (sqlite3, psycopg) of the caller's SQLAlchemy connection, inside its transaction. What
+SQLAlchemy would do with the values is kept: each parameter and result column goes through its column
+type's own processor for that dialect (on SQLite a datetime is stored in the very form SQLAlchemy stores
+it, and read back as SQLAlchemy reads it), a driver error is wrapped as SQLAlchemy wraps it (a busy
+SQLite database is an ``OperationalError``, which :class:`keysteward.store.db.Database` answers with
+``database_unavailable``; a PostgreSQL error keeps its SQLSTATE for the group commit's retries), and a
+connection the error shows dead is invalidated, so the pool drops it.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection
@@ -22,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeEngine
 
 Processor = Callable[[Any], Any] | None
+_NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
 
 class DriverStatement:
@@ -36,36 +41,55 @@ class DriverStatement:
         self.sql = sql
         self._binds = dict(binds or {})
         self._columns = tuple(columns)
-        self._ready: tuple[dict[str, Processor], tuple[Processor, ...]] | None = None
+        self._made: dict[str, _Made] = {}
 
     def rows(self, conn: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        """The statement's result rows (none for a statement without RETURNING)."""
-        if conn.dialect.name != "sqlite":
-            raise ValueError("a DriverStatement runs on SQLite only")
-        binds, columns = self._processors(conn)
-        params = {name: _apply(binds.get(name), value) for name, value in values.items()}
+        """The statement's result rows (none for a statement that returns none)."""
+        made = self._made.get(conn.dialect.name) or self._make(conn)
+        params = {name: _apply(made.binds.get(name), value) for name, value in values.items()}
         raw = conn.connection.dbapi_connection
         assert raw is not None
+        cursor = raw.cursor()
         try:
-            fetched: list[tuple[Any, ...]] = raw.execute(self.sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(self.sql, params, exc, sqlite3.Error) from exc
-        if not any(columns):
+            cursor.execute(made.sql, params)
+            fetched: list[tuple[Any, ...]] = list(cursor.fetchall()) if cursor.description is not None else []
+        except conn.dialect.loaded_dbapi.Error as exc:
+            invalidated = conn.dialect.is_disconnect(exc, raw, cursor)
+            if invalidated:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(
+                self.sql, params, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=invalidated
+            ) from exc
+        finally:
+            cursor.close()
+        if not any(made.columns):
             return fetched
-        return [tuple(_apply(p, v) for p, v in zip(columns, row, strict=False)) for row in fetched]
+        return [tuple(_apply(p, v) for p, v in zip(made.columns, row, strict=False)) for row in fetched]
 
-    def _processors(self, conn: Connection) -> tuple[dict[str, Processor], tuple[Processor, ...]]:
-        if self._ready is None:  # one dialect per process: SQLite's
-            dialect = conn.dialect
-            binds: dict[str, Processor] = {
-                name: kind.dialect_impl(dialect).bind_processor(dialect) for name, kind in self._binds.items()
-            }
-            columns: tuple[Processor, ...] = tuple(
+    def _make(self, conn: Connection) -> _Made:
+        dialect = conn.dialect
+        sql = self.sql
+        if dialect.paramstyle == "pyformat":  # psycopg: %(name)s
+            sql = _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
+        made = _Made(
+            sql,
+            {name: kind.dialect_impl(dialect).bind_processor(dialect) for name, kind in self._binds.items()},
+            tuple(
                 None if kind is None else kind.dialect_impl(dialect).result_processor(dialect, None)
                 for kind in self._columns
-            )
-            self._ready = binds, columns
-        return self._ready
+            ),
+        )
+        self._made[dialect.name] = made
+        return made
+
+
+@dataclass(frozen=True)
+class _Made:
+    """A statement as one dialect's driver runs it."""
+
+    sql: str
+    binds: dict[str, Processor]
+    columns: tuple[Processor, ...]
 
 
 def _apply(processor: Processor, value: Any) -> Any:
