@@ -81,6 +81,14 @@ class _Release:
     token: bytearray = field(default_factory=lambda: bytearray(os.urandom(TOKEN_SIZE)))
     granted: leases.LeaseInfo | None = None
     """The lease granted by check's own statement (PostgreSQL, a plain permit): book has nothing left to do."""
+    facts_json: str | None = None
+    """The policy request the lease is granted on, as the lease keeps it: made once, by check or book."""
+
+    def lease_facts(self, subject: Subject) -> str:
+        if self.facts_json is None:
+            assert subject.facts is not None
+            self.facts_json = json.dumps(subject.facts.to_json(), sort_keys=True)
+        return self.facts_json
 
 
 class VolumeRelease(ActionHandler):
@@ -247,8 +255,7 @@ class VolumeRelease(ActionHandler):
             self.nonces.sweep(conn, now)
         grant = None
         if decision.effect == "permit" and self.grants_with_checks:
-            assert subject.facts is not None
-            facts = json.dumps(subject.facts.to_json(), sort_keys=True)
+            facts = state.lease_facts(subject)
             grant = admission.NewLease(state.lease_id, state.token, volume.lease_seconds, facts, self.lease_state)
         state.granted = None
         found = admission.read(
@@ -336,7 +343,7 @@ class VolumeRelease(ActionHandler):
             token=state.token,
             now=now,
             seconds=state.volume.lease_seconds,
-            facts=json.dumps(facts.to_json(), sort_keys=True),
+            facts=state.lease_facts(subject),
             state=self.lease_state,
         )
         subject.details.update(
