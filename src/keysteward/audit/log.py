@@ -27,6 +27,7 @@ from keysteward.audit.group_commit import GroupCommit
 from keysteward.audit.pending import Effect, Pending
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database
+from keysteward.store.driver import driver_cursor
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -109,21 +110,13 @@ _HEADS = "audit_heads"
 
 @contextmanager
 def _driver(conn: Connection) -> Iterator[Any]:
-    """A cursor on the transaction's driver connection. A failure is ``audit_unavailable``, and a disconnect
-    invalidates the connection, as SQLAlchemy does for its own statements (the pool drops it)."""
-    raw = conn.connection.dbapi_connection
-    assert raw is not None
-    cursor = raw.cursor()
+    """A cursor on the transaction's driver connection (:func:`keysteward.store.driver.driver_cursor`, which
+    invalidates a dead connection). A failure is ``audit_unavailable``."""
     try:
-        yield cursor
+        with driver_cursor(conn) as cursor:
+            yield cursor
     except (SQLAlchemyError, KeystewardError) as exc:
         raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
-    except conn.dialect.loaded_dbapi.Error as exc:
-        if conn.dialect.is_disconnect(exc, raw, cursor):
-            conn.invalidate(exc)
-        raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
-    finally:
-        cursor.close()
 
 
 @contextmanager

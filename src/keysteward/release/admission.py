@@ -27,16 +27,11 @@ from sqlalchemy import Connection, DateTime
 from sqlalchemy.exc import NoResultFound
 
 from keysteward.release import leases
-from keysteward.release.nonces import digest_of, replayed
+from keysteward.release.nonces import Nonces, digest_of, replayed
 from keysteward.release.volumes import ACTIVE
 from keysteward.store.driver import DriverStatement
 
 _UTC = DateTime(timezone=True)
-_SQLITE_SPEND = DriverStatement(
-    "INSERT INTO used_nonces (digest, expires_at) VALUES (:digest, :expires_at)"
-    " ON CONFLICT DO NOTHING RETURNING digest",
-    {"expires_at": _UTC},
-)
 _SQLITE_READ = DriverStatement(
     """
 SELECT volumes.state, data_keys.wrapped IS NULL,
@@ -116,8 +111,7 @@ def read(
     """Spend the nonce and read the rest in the caller's transaction (a nonce spent before raises
     ``nonce_replayed``); with ``grant``, on PostgreSQL, also grant that lease when every check passes."""
     if conn.dialect.name != "postgresql":
-        if not _SQLITE_SPEND.rows(conn, {"digest": digest_of(raw_nonce), "expires_at": nonce_expires}):
-            raise replayed()
+        Nonces.spend(conn, raw_nonce, nonce_expires)
         rows = _SQLITE_READ.rows(conn, {"vol": volume_id, "t": tenant_id, "h": holder, "lease_active": leases.ACTIVE})
         if not rows:
             raise NoResultFound("the volume is gone")

@@ -17,14 +17,13 @@ import struct
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, delete
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, DateTime, delete
 
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Denied
 from keysteward.keys.root import RootOfTrust
+from keysteward.store.driver import DriverStatement
 from keysteward.store.models import UsedNonce
 
 VERSION = 1
@@ -34,15 +33,12 @@ _TAG = 16
 _LABEL = b"release-nonce/v1"
 
 
-def _spend_statement(dialect: Any) -> Any:
-    """INSERT .. ON CONFLICT DO NOTHING RETURNING digest, built once per dialect with its values bound at
-    execution (one with inlined values is walked for SQLAlchemy's cache key on every release)."""
-    table = cast(Table, UsedNonce.__table__)
-    stmt = dialect.insert(table).values(digest=bindparam("digest"), expires_at=bindparam("expires_at"))
-    return stmt.on_conflict_do_nothing().returning(table.c.digest)
-
-
-_SPEND = {"postgresql": _spend_statement(postgresql), "sqlite": _spend_statement(sqlite)}
+_SPEND = DriverStatement(
+    "INSERT INTO used_nonces (digest, expires_at) VALUES (:digest, :expires_at)"
+    " ON CONFLICT DO NOTHING RETURNING digest",
+    {"expires_at": DateTime(timezone=True)},
+)
+"""Run on the driver's connection (:mod:`keysteward.store.driver`): every release spends one."""
 
 
 def digest_of(raw: bytes) -> str:
@@ -110,8 +106,7 @@ class Nonces:
     @staticmethod
     def spend(conn: Connection, raw: bytes, expires_at: datetime) -> None:
         """Record the nonce as used inside the caller's transaction; a second spend is ``nonce_replayed``."""
-        stmt = _SPEND["postgresql" if conn.dialect.name == "postgresql" else "sqlite"]
-        if conn.execute(stmt, {"digest": digest_of(raw), "expires_at": expires_at}).first() is None:  # spent before
+        if not _SPEND.rows(conn, {"digest": digest_of(raw), "expires_at": expires_at}):  # spent before
             raise replayed()
 
     @staticmethod

@@ -39,16 +39,14 @@ _JSON = b"application/json"
 _HEADERS = (b"content-type", _JSON)
 
 
-async def _answer(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    head = headers if headers is not None else [_HEADERS]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*head, (b"content-length", str(len(body)).encode())],
-        }
-    )
+async def _send(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _answer(send: Any, status: int, body: bytes) -> None:
+    """A JSON answer, as the routes' models give it."""
+    await _send(send, status, [_HEADERS, (b"content-length", str(len(body)).encode())], body)
 
 
 class ChallengeLane:
@@ -95,19 +93,15 @@ class ReleaseLane:
         request = Request(scope, receive)
         try:
             answer = await release_answer(self.svc, request, asked)
-        except KeystewardError as exc:
-            await self._problem(send, problems.for_error(request, exc))
-            return
-        except Exception as exc:  # noqa: BLE001 - answered as the app's handler of the unforeseen answers it
-            await self._problem(send, problems.for_unexpected(request, exc))
+        except Exception as exc:  # noqa: BLE001 - answered as the app's exception handlers answer it
+            if isinstance(exc, KeystewardError):
+                response = problems.for_error(request, exc)
+            else:
+                response = problems.for_unexpected(request, exc)
+            await _send(send, response.status_code, response.raw_headers, bytes(response.body))
             return
         status = 202 if isinstance(answer, PendingOut) else 200
         await _answer(send, status, answer.model_dump_json().encode())
-
-    @staticmethod
-    async def _problem(send: Any, response: Any) -> None:
-        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
 
 
 async def _read_body(receive: Any) -> tuple[bytes, bool]:

@@ -3,7 +3,7 @@
 For a short statement, SQLAlchemy's execution (the execution context, the compiled-cache lookup, events,
 the result wrapping) costs several times what the driver takes to run it: on SQLite, in a release's
 transaction, a tenth of the server's CPU went to that for its statements, against a fortieth for sqlite3
-itself; on PostgreSQL it was most of the audit writer thread's Python time for a release's one statement.
+itself; on PostgreSQL it was 45% of the audit writer thread's Python time for a release's one statement.
 A :class:`DriverStatement` is fixed SQL text with named parameters (``:name``), run by the driver
 connection (sqlite3, psycopg) of the caller's SQLAlchemy connection, inside its transaction. What
 SQLAlchemy would do with the values is kept: each parameter and result column goes through its column
@@ -11,13 +11,15 @@ type's own processor for that dialect (on SQLite a datetime is stored in the ver
 it, and read back as SQLAlchemy reads it), a driver error is wrapped as SQLAlchemy wraps it (a busy
 SQLite database is an ``OperationalError``, which :class:`keysteward.store.db.Database` answers with
 ``database_unavailable``; a PostgreSQL error keeps its SQLSTATE for the group commit's retries), and a
-connection the error shows dead is invalidated, so the pool drops it.
+connection the error shows dead is invalidated, so the pool drops it. :func:`driver_cursor` is that
+cursor and that error handling, for code that runs its own statements there (the audit log's appends).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,21 +49,9 @@ class DriverStatement:
         """The statement's result rows (none for a statement that returns none)."""
         made = self._made.get(conn.dialect.name) or self._make(conn)
         params = {name: _apply(made.binds.get(name), value) for name, value in values.items()}
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        cursor = raw.cursor()
-        try:
+        with driver_cursor(conn, self.sql) as cursor:
             cursor.execute(made.sql, params)
             fetched: list[tuple[Any, ...]] = list(cursor.fetchall()) if cursor.description is not None else []
-        except conn.dialect.loaded_dbapi.Error as exc:
-            invalidated = conn.dialect.is_disconnect(exc, raw, cursor)
-            if invalidated:
-                conn.invalidate(exc)
-            raise DBAPIError.instance(
-                self.sql, params, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=invalidated
-            ) from exc
-        finally:
-            cursor.close()
         if not any(made.columns):
             return fetched
         return [tuple(_apply(p, v) for p, v in zip(made.columns, row, strict=False)) for row in fetched]
@@ -81,6 +71,27 @@ class DriverStatement:
         )
         self._made[dialect.name] = made
         return made
+
+
+@contextmanager
+def driver_cursor(conn: Connection, statement: str = "") -> Iterator[Any]:
+    """A cursor of the driver connection under ``conn``, in its transaction. A driver error raised while it is
+    used becomes SQLAlchemy's ``DBAPIError`` for it (naming ``statement``, never the values), and a connection
+    the error shows dead is invalidated first, as SQLAlchemy does for its own statements."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    cursor = raw.cursor()
+    try:
+        yield cursor
+    except conn.dialect.loaded_dbapi.Error as exc:
+        invalidated = conn.dialect.is_disconnect(exc, raw, cursor)
+        if invalidated:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            statement, None, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=invalidated
+        ) from exc
+    finally:
+        cursor.close()
 
 
 @dataclass(frozen=True)
