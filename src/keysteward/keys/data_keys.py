@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, DateTime, LargeBinary, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.crypto.secret import SecretBuffer
@@ -22,13 +22,19 @@ from keysteward.identity.principal import Principal, check_name
 from keysteward.keys.model import DataKeyInfo
 from keysteward.keys.wrapping import dek_aad
 from keysteward.store.db import checkpoint
+from keysteward.store.driver import DriverStatement
 from keysteward.store.models import DataKey
 
 if TYPE_CHECKING:
     from keysteward.keys.keystore import KeyStore
 
 
-_INSERT = insert(cast(Table, DataKey.__table__))  # built once: one with values inlined is walked per call
+_INSERT = DriverStatement(
+    "INSERT INTO data_keys (id, tenant_id, key_id, name, kek_version, wrapped, created_at) "
+    "VALUES (:id, :tenant_id, :key_id, :name, :kek_version, :wrapped, :created_at)",
+    binds={"wrapped": LargeBinary(), "created_at": DateTime(timezone=True)},
+)
+"""On the driver's connection (keysteward/store/driver.py): a KMIP Create makes one per object."""
 
 
 class DataKeys:
@@ -59,8 +65,8 @@ class DataKeys:
         try:
             wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
             try:  # no savepoint of its own: a clash spoils the caller's transaction, which never goes on after it
-                conn.execute(
-                    _INSERT,
+                _INSERT.rows(
+                    conn,
                     {
                         "id": dek_id,
                         "tenant_id": tenant_id,

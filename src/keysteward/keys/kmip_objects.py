@@ -15,17 +15,19 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, DateTime, LargeBinary, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import TypeEngine
 
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import Conflict, Denied
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import KeyStore
+from keysteward.store.driver import DriverStatement
 from keysteward.store.frontend_models import KmipObject
-from keysteward.store.models import DataKey, Key
+from keysteward.store.models import Key
 from keysteward.ttlcache import TtlCache
 
 DEFAULT_KEK = "kmip"
@@ -39,24 +41,46 @@ FETCH_GRANULARITY = timedelta(hours=1)
 """``last_get_at`` is written when it is older than this: the stale-key report counts days, and a Get that
 writes nothing but its audit record costs the writer far less."""
 
-# built once: a statement's construction and cache-key walk cost more than the SQLite read itself
-_BY_ID = select(KmipObject.__table__).where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
-_WITH_WRAPPED = (
-    select(KmipObject.__table__, DataKey.key_id.label("kek_id"), DataKey.kek_version, DataKey.wrapped)
-    .outerjoin(DataKey, DataKey.id == KmipObject.data_key_id)
-    .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
+# fixed statements on the driver's connection (keysteward/store/driver.py): for these one-row statements,
+# SQLAlchemy's execution cost several times what the database took to run them
+_UTC = DateTime(timezone=True)
+_RECORD_TYPES: tuple[TypeEngine[Any] | None, ...] = (None,) * 8 + (_UTC,) * 3
+"""The result types of a record's eleven columns, in :class:`KmipRecord`'s order."""
+_BY_ID = DriverStatement(
+    """
+SELECT kmip_objects.id, kmip_objects.tenant_id, kmip_objects.object_type, kmip_objects.state, kmip_objects.name,
+    kmip_objects.data_key_id, kmip_objects.attributes, kmip_objects.created_by, kmip_objects.created_at,
+    kmip_objects.updated_at, kmip_objects.last_get_at
+FROM kmip_objects WHERE kmip_objects.tenant_id = :t AND kmip_objects.id = :u
+""",
+    columns=_RECORD_TYPES,
 )
-_INSERT = insert(cast(Table, KmipObject.__table__))
-_SAVE = (
-    update(KmipObject)
-    .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
-    .values(state=bindparam("state"), name=bindparam("name"), attributes=bindparam("attributes"),
-            updated_at=bindparam("updated_at"))
-)  # fmt: skip
-_FETCHED = (
-    update(KmipObject)
-    .where(KmipObject.tenant_id == bindparam("t"), KmipObject.id == bindparam("u"))
-    .values(last_get_at=bindparam("now"))
+_WITH_WRAPPED = DriverStatement(
+    """
+SELECT kmip_objects.id, kmip_objects.tenant_id, kmip_objects.object_type, kmip_objects.state, kmip_objects.name,
+    kmip_objects.data_key_id, kmip_objects.attributes, kmip_objects.created_by, kmip_objects.created_at,
+    kmip_objects.updated_at, kmip_objects.last_get_at,
+    data_keys.key_id, data_keys.kek_version, data_keys.wrapped
+FROM kmip_objects LEFT OUTER JOIN data_keys ON data_keys.id = kmip_objects.data_key_id
+WHERE kmip_objects.tenant_id = :t AND kmip_objects.id = :u
+""",
+    columns=(*_RECORD_TYPES, None, None, LargeBinary()),
+)
+"""The record, and its material's KEK id, KEK version and wrapped bytes (NULL without material)."""
+_INSERT = DriverStatement(
+    "INSERT INTO kmip_objects (id, tenant_id, object_type, state, name, data_key_id, attributes, created_by, "
+    "created_at, updated_at) VALUES (:id, :tenant_id, :object_type, :state, :name, :data_key_id, :attributes, "
+    ":created_by, :created_at, :updated_at)",
+    binds={"created_at": _UTC, "updated_at": _UTC},
+)
+_SAVE = DriverStatement(
+    "UPDATE kmip_objects SET state = :state, name = :name, attributes = :attributes, updated_at = :updated_at "
+    "WHERE kmip_objects.tenant_id = :t AND kmip_objects.id = :u",
+    binds={"updated_at": _UTC},
+)
+_FETCHED = DriverStatement(
+    "UPDATE kmip_objects SET last_get_at = :now WHERE kmip_objects.tenant_id = :t AND kmip_objects.id = :u",
+    binds={"now": _UTC},
 )
 
 
@@ -99,6 +123,13 @@ def _record(row: Any) -> KmipRecord:
         row.id, row.tenant_id, row.object_type, row.state, row.name, row.data_key_id, row.attributes,
         row.created_by, created, updated, _utc(row.last_get_at),
     )  # fmt: skip
+
+
+def _record_of(row: tuple[Any, ...]) -> KmipRecord:
+    """A record from the first eleven columns of a driver statement's row (:data:`_BY_ID`'s)."""
+    created, updated = _utc(row[8]), _utc(row[9])
+    assert created is not None and updated is not None
+    return KmipRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], created, updated, _utc(row[10]))
 
 
 def _utc(value: datetime | None) -> datetime | None:  # SQLite hands back naive datetimes
@@ -157,7 +188,7 @@ class KmipObjects:
             record.data_key_id = dek_id
         if describe is not None:
             record.attributes = describe(digest)
-        conn.execute(_INSERT, {
+        _INSERT.rows(conn, {
             "id": record.uid, "tenant_id": record.tenant_id, "object_type": record.object_type, "state": record.state,
             "name": record.name, "data_key_id": record.data_key_id, "attributes": record.attributes,
             "created_by": record.created_by, "created_at": record.created_at, "updated_at": record.updated_at,
@@ -167,16 +198,17 @@ class KmipObjects:
     def get(self, tenant_id: str, uid: str, conn: Connection | None = None) -> KmipRecord | None:
         """The record as stored now (in ``conn``'s transaction when given)."""
         if conn is not None:
-            row = conn.execute(_BY_ID, {"t": tenant_id, "u": uid}).first()
+            rows = _BY_ID.rows(conn, {"t": tenant_id, "u": uid})
         else:
             with self.keys.db.read() as c:
-                row = c.execute(_WITH_WRAPPED, {"t": tenant_id, "u": uid}).first()
-        if row is None:
+                rows = _WITH_WRAPPED.rows(c, {"t": tenant_id, "u": uid})
+        if not rows:
             self._recent.drop((tenant_id, uid))
             return None
-        record = _record(row)
+        row = rows[0]
+        record = _record_of(row)
         if conn is None:
-            self._remember(record, (row.kek_id, row.kek_version) if row.kek_id is not None else None)
+            self._remember(record, (row[11], row[12]) if row[11] is not None else None)
         return record
 
     def recent(self, tenant_id: str, uid: str) -> KmipRecord | None:
@@ -202,20 +234,22 @@ class KmipObjects:
         """The record as of ``conn``'s transaction (None when it is gone) and its material's wrapped row (None:
         it has none). Raises :class:`Stale` when the record is not the one the decision was made on: another
         request changed it meanwhile, here or on another server."""
-        row = conn.execute(_WITH_WRAPPED, {"t": decided.tenant_id, "u": decided.uid}).first()
-        if row is None:
+        rows = _WITH_WRAPPED.rows(conn, {"t": decided.tenant_id, "u": decided.uid})
+        if not rows:
             return None, None
-        record = _record(row)
+        row = rows[0]
+        record = _record_of(row)
         if record.updated_at != decided.updated_at or record.state != decided.state:
             self.forget(decided.tenant_id, decided.uid)
             raise Stale()
-        if record.data_key_id is None or row.kek_id is None:
+        kek_id, kek_version, wrapped = row[11:14]
+        if record.data_key_id is None or kek_id is None:
             return record, None
-        return record, Wrapped(row.kek_id, row.kek_version, record.data_key_id, row.wrapped)
+        return record, Wrapped(kek_id, kek_version, record.data_key_id, wrapped)
 
     def save(self, conn: Connection, record: KmipRecord, now: datetime) -> None:
         record.updated_at = now
-        conn.execute(_SAVE, {"t": record.tenant_id, "u": record.uid, "state": record.state, "name": record.name,
+        _SAVE.rows(conn, {"t": record.tenant_id, "u": record.uid, "state": record.state, "name": record.name,
                              "attributes": record.attributes, "updated_at": now})  # fmt: skip
         self.forget(record.tenant_id, record.uid)  # the transaction may still fail: the next request reads
 
@@ -223,7 +257,7 @@ class KmipObjects:
         """Note a Get (to :data:`FETCH_GRANULARITY`): what the stale-key report reads."""
         if record.last_get_at is not None and now - record.last_get_at < FETCH_GRANULARITY:
             return
-        conn.execute(_FETCHED, {"t": record.tenant_id, "u": record.uid, "now": now})
+        _FETCHED.rows(conn, {"t": record.tenant_id, "u": record.uid, "now": now})
         record.last_get_at = now
 
     def shred(self, conn: Connection, record: KmipRecord) -> None:
