@@ -24,7 +24,7 @@ from sqlalchemy import Connection
 
 from keysteward.access.actions import ActionTable, Subject
 from keysteward.access.kmip_actions import KmipInputs, _KmipAction
-from keysteward.access.kmip_attributes import Attributes
+from keysteward.access.kmip_attributes import Attributes, parsed
 from keysteward.access.request import Delivery
 from keysteward.errors import BadRequest, Conflict, Denied
 from keysteward.formats.kmip_enums import (
@@ -109,7 +109,7 @@ class _KmipCrypto(_KmipAction):
         record = state.record
         if record.state != "Active":
             raise Conflict(f"only an active key is used, not a {record.state} one", code="kmip_wrong_state")
-        held = Attributes.from_json(record.attributes)
+        held = parsed(record.attributes)  # shared: only read here
         algorithm = held.first("Cryptographic Algorithm")
         if record.object_type != "SymmetricKey" or algorithm is None or algorithm.value not in _ALGORITHMS:
             raise BadRequest(

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.hmac import HMAC
 
 from keysteward.access.actions import ActionTable, Subject
 from keysteward.access.kmip_actions import _KmipAction
-from keysteward.access.kmip_attributes import Attributes
+from keysteward.access.kmip_attributes import parsed
 from keysteward.access.request import Delivery
 from keysteward.errors import BadRequest, Conflict
 from keysteward.formats.kmip_enums import CRYPTOGRAPHIC_ALGORITHM, CRYPTOGRAPHIC_USAGE_MASK
@@ -54,7 +54,7 @@ def _usable(subject: Subject, states: tuple[str, ...], mask_bit: int) -> tuple[A
     record = subject.state.record
     if record.state not in states:
         raise Conflict(f"a {record.state} key is not used for this", code="kmip_wrong_state")
-    attributes = Attributes.from_json(record.attributes)
+    attributes = parsed(record.attributes)  # shared: only read here
     algorithm = attributes.first("Cryptographic Algorithm")
     if record.object_type != "SymmetricKey" or algorithm is None or algorithm.value not in HMAC_HASHES:
         raise BadRequest("MAC and MACVerify use HMAC keys", code="kmip_invalid_field")

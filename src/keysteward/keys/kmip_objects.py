@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeEngine
 
 from keysteward.crypto.secret import SecretBuffer
-from keysteward.errors import Conflict, Denied
+from keysteward.errors import Conflict, Denied, NotFound
 from keysteward.identity.principal import Principal
 from keysteward.keys.keystore import KeyStore
 from keysteward.store.driver import DriverStatement
@@ -67,6 +67,11 @@ WHERE kmip_objects.tenant_id = :t AND kmip_objects.id = :u
     columns=(*_RECORD_TYPES, None, None, LargeBinary()),
 )
 """The record, and its material's KEK id, KEK version and wrapped bytes (NULL without material)."""
+_MATERIAL = DriverStatement(
+    "SELECT key_id, kek_version, wrapped FROM data_keys WHERE tenant_id = :t AND id = :d",
+    columns=(None, None, LargeBinary()),
+)
+"""An object's material as stored now: its KEK id, KEK version and wrapped bytes (NULL once shredded)."""
 _INSERT = DriverStatement(
     "INSERT INTO kmip_objects (id, tenant_id, object_type, state, name, data_key_id, attributes, created_by, "
     "created_at, updated_at) VALUES (:id, :tenant_id, :object_type, :state, :name, :data_key_id, :attributes, "
@@ -274,10 +279,17 @@ class KmipObjects:
         return self.keys.data.open(tenant_id, wrapped.kek_id, wrapped.kek_version, wrapped.data_key_id, wrapped.wrapped)
 
     def material(self, record: KmipRecord) -> SecretBuffer:
-        """The plaintext material in a locked buffer (the caller wipes it); refused once shredded."""
+        """The plaintext material in a locked buffer (the caller wipes it); refused once shredded. The wrapped
+        row is read now; it is opened as :meth:`open` does, with the cached KEK and key state (the decrypt
+        path's one-second rule)."""
         if record.data_key_id is None:
             raise Conflict("this object has no material", code="kmip_no_material")
-        return self.keys.data.unwrap(record.tenant_id, record.data_key_id)
+        with self.keys.db.read() as conn:
+            rows = _MATERIAL.rows(conn, {"t": record.tenant_id, "d": record.data_key_id})
+        if not rows:
+            raise NotFound("no such data key", code="data_key_not_found")
+        kek_id, kek_version, wrapped = rows[0]
+        return self.open(record.tenant_id, Wrapped(kek_id, kek_version, record.data_key_id, wrapped))
 
     def candidates(
         self, tenant_id: str, *, object_type: str | None, state: str | None, name: str | None
