@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import functools
 import ipaddress
 import logging
 import ssl
@@ -77,10 +78,16 @@ def source_of(peer: Any) -> str:
     """The key a peer's connections are counted under: its IPv4 address, its IPv6 /64, or ``local``."""
     if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
         return "local"  # a Unix socket
+    return _source_of_host(peer[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _source_of_host(host: str) -> str:
+    """:func:`source_of` for an address text (remembered: parsing one cost a connection more than counting it)."""
     try:
-        address = ipaddress.ip_address(peer[0].split("%", 1)[0])
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return peer[0][:64]
+        return host[:64]
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)

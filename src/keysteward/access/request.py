@@ -9,6 +9,7 @@ the action's handler.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,10 +49,15 @@ class RequestContext:
 
     def address(self) -> str | None:
         """``source`` as an IP address for the policy's ``context.request.source_ip``, or None."""
-        try:
-            return str(ipaddress.ip_address(self.source)) if self.source else None
-        except ValueError:
-            return None
+        return _address(self.source) if self.source else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(source: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(source))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, repr=False)

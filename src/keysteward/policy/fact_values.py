@@ -7,6 +7,7 @@ checked request immutable and back. Pure functions, used by :mod:`keysteward.pol
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -94,6 +95,18 @@ def moment(value: Any, path: str) -> datetime:
 
 def address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address as Cedar's ``ip()`` reads it: an IPv4 client seen by a dual-stack socket becomes IPv4."""
+    if isinstance(value, str):
+        return _address_text(value)
+    return _address(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_text(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """:func:`_address` of a text, remembered (addresses are immutable; a refusal is not remembered)."""
+    return _address(value)
+
+
+def _address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         address = ipaddress.ip_address(value)
     except ValueError:
