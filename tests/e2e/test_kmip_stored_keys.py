@@ -10,7 +10,9 @@
   names none; a usage mask without Encrypt, a Protect Stop Date past; bad Cryptographic Parameters;
 - Usage Limits counted down by Encrypt in the audit record's transaction, refused once spent, malformed
   limits refused at Create;
-- ChaCha20-Poly1305 with a full and a truncated tag, tampering, nonces and tags of the wrong size.
+- ChaCha20-Poly1305 with a full and a truncated tag, tampering, nonces and tags of the wrong size;
+- the tenant's KMIP KEK disabled, then destroyed: Encrypt, Decrypt and Get of an Active key refused at once,
+  each audited with its reason.
 """
 
 from __future__ import annotations
@@ -251,3 +253,33 @@ def test_chacha20_poly1305(site: KmipSite, secret_registry: SecretRegistry) -> N
         assert short.reason == "InvalidField"
         assert c.one("Decrypt", uid(kid), aead, t.byte_string("Data", b"x"), t.byte_string("IvCounterNonce", bytes(12)),
                      t.byte_string("AuthenticatedEncryptionTag", bytes(8))).reason == "InvalidField"  # fmt: skip
+
+
+def test_the_tenants_kmip_kek_disabled_or_destroyed_ends_every_use_at_once(site: KmipSite) -> None:
+    """The tenant's KMIP KEK (key ``kmip``) holds every object's material: disabled, Encrypt, Decrypt and Get
+    of an Active key are refused on the next request (the server that made the change forgets its cached
+    state at once), enabled again they are served; destroyed, the material is crypto-shredded and no use of
+    the key comes back, whichever way it is asked."""
+    cert = site.issue("esx-1")[:2]
+    block = bytes(range(16))
+    ecb = t.struct_("CryptographicParameters", t.enumeration("BlockCipherMode", 2), t.enumeration("PaddingMethod", 1))
+    with KmipConn(site.port, site.tls(cert)) as c, site.server.http(site.admin) as admin:
+        kid = c.one("Create", *_aes()).uid()
+        sealed = c.one("Encrypt", uid(kid), ecb, t.byte_string("Data", block))
+        assert sealed.ok
+        data = sealed.payload.first("Data")  # type: ignore[union-attr]
+        assert admin.post("/keys/kmip/disable").status_code == 200
+        for operation, *fields in (("Encrypt", ecb, t.byte_string("Data", block)), ("Decrypt", ecb, data), ("Get",)):
+            assert c.one(operation, uid(kid), *fields).reason == "PermissionDenied", operation  # type: ignore[arg-type]
+        assert admin.post("/keys/kmip/enable").status_code == 200
+        assert c.one("Decrypt", uid(kid), ecb, data).payload.first("Data").value == block  # type: ignore[union-attr]
+        assert admin.post("/keys/kmip/disable").status_code == 200
+        assert admin.post("/keys/kmip/destroy").status_code == 200, "the KEK is destroyed with its data keys"
+        for operation, *fields in (("Encrypt", ecb, t.byte_string("Data", block)), ("Decrypt", ecb, data), ("Get",)):
+            assert c.one(operation, uid(kid), *fields).reason == "PermissionDenied", operation  # type: ignore[arg-type]
+    records = site.server.cli_json("audit", "list", "--actor", "cert:acme/hypervisor/esx-1", token=site.admin)
+    refused = [r for r in records if r["action"] in ("kmip.encrypt", "kmip.decrypt", "kmip.get") and r.get("reason")]
+    assert [(r["action"], r["reason"]) for r in refused] == [
+        ("kmip.encrypt", "key_disabled"), ("kmip.decrypt", "key_disabled"), ("kmip.get", "key_disabled"),
+        ("kmip.encrypt", "data_key_shredded"), ("kmip.decrypt", "data_key_shredded"), ("kmip.get", "data_key_shredded"),
+    ]  # fmt: skip

@@ -23,7 +23,7 @@ from keysteward.access.kmip_attributes import Attributes, check_export, initial_
 from keysteward.access.principals import policy_principal
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.crypto.secret import SecretBuffer
-from keysteward.errors import Conflict, Denied, KeystewardError
+from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
 from keysteward.formats.kmip_enums import HASHING_ALGORITHM, KEY_FORMAT_TYPE, REVOCATION_REASON_CODE
 from keysteward.formats.kmip_tags import TAGS
 from keysteward.formats.kmip_ttlv import Item, ItemType
@@ -260,7 +260,8 @@ class KmipRegister(KmipCreate):
 
 class KmipGet(_KmipAction):
     """Get: the material's wrapped row is read in the transaction that decided it, and unwrapped after the
-    commit with the cached KEK (a Get that loses the race with a Destroy finds it shredded there)."""
+    commit with the cached KEK. Material shredded, or a KEK disabled or destroyed, is found in the transaction
+    and refused there, so the audit record says so (it once said ``ok`` for a Get refused at delivery)."""
 
     action, cedar_action = "kmip.get", "kmip_get"
     delivery = Delivery.CHANNEL
@@ -279,6 +280,11 @@ class KmipGet(_KmipAction):
         if record.state in ("Destroyed", "DestroyedCompromised"):
             raise _refuse("kmip_destroyed", "the object was destroyed")
         check_export(record.attributes, wrapped=self.delivery is Delivery.OPERATION)
+        if state.wrapped is not None:  # what would stop its delivery is a refusal, audited as one
+            try:
+                self.objects.openable(subject.tenant_id, state.wrapped)
+            except (Conflict, NotFound) as exc:
+                raise _refuse(exc.code or "kmip_no_material", exc.message) from None
         self.objects.fetched(conn, record, now)
         return record, state.wrapped
 

@@ -123,14 +123,20 @@ class DataKeys:
             ).all()
         return [DataKeyInfo(r.id, r.name, key_name, r.kek_version, r.created_at, bool(r.shredded)) for r in rows]
 
-    def open(self, tenant_id: str, key_id: str, kek_version: int, dek_id: str, wrapped: bytes | None) -> SecretBuffer:
-        """A data key from its wrapped form (read by the caller), with the cached KEK and key state."""
+    def openable(self, tenant_id: str, key_id: str, wrapped: bytes | None) -> None:
+        """Raise what :meth:`open` raises for a data key that cannot be opened now: crypto-shredded, or its key
+        unknown, disabled or destroyed (the cached key state)."""
         if wrapped is None:
             raise Conflict("this data key was crypto-shredded", code="data_key_shredded")
         ref = self.keys.key_ref(tenant_id, key_id=key_id)
         if ref is None:
             raise NotFound("no such data key", code="data_key_not_found")
         self.keys.require_enabled(ref)
+
+    def open(self, tenant_id: str, key_id: str, kek_version: int, dek_id: str, wrapped: bytes | None) -> SecretBuffer:
+        """A data key from its wrapped form (read by the caller), with the cached KEK and key state."""
+        self.openable(tenant_id, key_id, wrapped)
+        assert wrapped is not None
         kek = self.keys.usable_kek(tenant_id, key_id, kek_version)
         return SecretBuffer.from_bytes(kek.open(wrapped, dek_aad(tenant_id, key_id, kek_version, dek_id)))
 

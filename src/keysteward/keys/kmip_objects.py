@@ -273,6 +273,11 @@ class KmipObjects:
     def after_shred(self) -> None:
         self.keys.data.after_shred()
 
+    def openable(self, tenant_id: str, wrapped: Wrapped) -> None:
+        """Raise what :meth:`open` would for material that cannot be opened now (shredded, its KEK disabled or
+        destroyed): checked in a Get's transaction, so its audit record says it was refused."""
+        self.keys.data.openable(tenant_id, wrapped.kek_id, wrapped.wrapped)
+
     def open(self, tenant_id: str, wrapped: Wrapped) -> SecretBuffer:
         """The plaintext material of a row read by :meth:`wrapped`, unwrapped with the cached KEK (the caller
         wipes it); refused once shredded."""
