@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,8 +44,11 @@ writes nothing but its audit record costs the writer far less."""
 # fixed statements on the driver's connection (keysteward/store/driver.py): for these one-row statements,
 # SQLAlchemy's execution cost several times what the database took to run them
 _UTC = DateTime(timezone=True)
+_RECORD_COLUMNS = ("id", "tenant_id", "object_type", "state", "name", "data_key_id", "attributes", "created_by",
+                   "created_at", "updated_at", "last_get_at")  # fmt: skip
+"""A record's eleven columns, in :class:`KmipRecord`'s order (the statements below spell them out)."""
 _RECORD_TYPES: tuple[TypeEngine[Any] | None, ...] = (None,) * 8 + (_UTC,) * 3
-"""The result types of a record's eleven columns, in :class:`KmipRecord`'s order."""
+"""Their result types."""
 _BY_ID = DriverStatement(
     """
 SELECT kmip_objects.id, kmip_objects.tenant_id, kmip_objects.object_type, kmip_objects.state, kmip_objects.name,
@@ -121,17 +124,8 @@ class Wrapped:
     wrapped: bytes | None
 
 
-def _record(row: Any) -> KmipRecord:
-    created, updated = _utc(row.created_at), _utc(row.updated_at)
-    assert created is not None and updated is not None
-    return KmipRecord(
-        row.id, row.tenant_id, row.object_type, row.state, row.name, row.data_key_id, row.attributes,
-        row.created_by, created, updated, _utc(row.last_get_at),
-    )  # fmt: skip
-
-
-def _record_of(row: tuple[Any, ...]) -> KmipRecord:
-    """A record from the first eleven columns of a driver statement's row (:data:`_BY_ID`'s)."""
+def _record(row: Sequence[Any]) -> KmipRecord:
+    """A record from the first eleven columns of a row, in :data:`_RECORD_COLUMNS`' order (:data:`_BY_ID`'s)."""
     created, updated = _utc(row[8]), _utc(row[9])
     assert created is not None and updated is not None
     return KmipRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], created, updated, _utc(row[10]))
@@ -211,7 +205,7 @@ class KmipObjects:
             self._recent.drop((tenant_id, uid))
             return None
         row = rows[0]
-        record = _record_of(row)
+        record = _record(row)
         if conn is None:
             self._remember(record, (row[11], row[12]) if row[11] is not None else None)
         return record
@@ -243,7 +237,7 @@ class KmipObjects:
         if not rows:
             return None, None
         row = rows[0]
-        record = _record_of(row)
+        record = _record(row)
         if record.updated_at != decided.updated_at or record.state != decided.state:
             self.forget(decided.tenant_id, decided.uid)
             raise Stale()
@@ -300,7 +294,8 @@ class KmipObjects:
         self, tenant_id: str, *, object_type: str | None, state: str | None, name: str | None
     ) -> list[KmipRecord]:
         """Records matching the indexed filters, oldest first, at most :data:`MAX_LOCATE_SCAN`."""
-        stmt = select(KmipObject.__table__).where(KmipObject.tenant_id == tenant_id)
+        table = KmipObject.__table__
+        stmt = select(*(table.c[column] for column in _RECORD_COLUMNS)).where(KmipObject.tenant_id == tenant_id)
         if object_type is not None:
             stmt = stmt.where(KmipObject.object_type == object_type)
         if state is not None:
