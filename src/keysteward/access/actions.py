@@ -24,6 +24,7 @@ from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.facts import PolicyRequest
 from keysteward.policy.store import PolicyVersion
+from keysteward.store.driver import Fetch
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Subject:
     """Handler-private: the loaded resource, the spent nonce, the one-time key..."""
     alerts: list[dict[str, Any]] = field(default_factory=list)
     """Alerts the transaction raised (a suspected clone), sent after the commit."""
+    fetched: list[Any] | None = None
+    """In the transaction: the rows of the statement :meth:`ActionHandler.prefetch` gave, when the batch sent
+    it ahead (the checks then run on them instead of running it); None otherwise."""
 
 
 @dataclass
@@ -125,6 +129,12 @@ class ActionHandler:
 
     def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
         """Step 3, in the transaction: nonce spent, revocations and resource state (raise Denied)."""
+
+    def prefetch(self, subject: Subject, decision: PolicyDecision) -> Fetch | None:
+        """The one statement that is all :meth:`check` and :meth:`book` write for this decision, which the
+        audit batch may send ahead with others (then ``subject.fetched`` holds its rows when they run), or
+        None (the default): they run their own statements."""
+        return None
 
     def denial(self, policy: PolicyVersion, decision: PolicyDecision, subject: Subject) -> Denied:
         """The denial an operator can act on when the policy says no."""

@@ -34,6 +34,7 @@ from keysteward.errors import KeystewardError, NotFound
 from keysteward.identity.tenants import NO_TENANT_ID, Tenants
 from keysteward.policy.engine import PolicyDecision
 from keysteward.policy.store import PolicyStore, PolicyVersion
+from keysteward.store.driver import Fetch
 
 log = logging.getLogger("keysteward.access")
 NO_QUESTION = PolicyDecision("permit", (), None, (), "permitted")
@@ -171,7 +172,7 @@ class AccessService:
                 step.performed = handler.perform(subject)
             except KeystewardError as exc:
                 step.failed = exc
-        step.effect = self._effect(handler, subject, step.verdict, step.failed, policy, decision, now)
+        step.effect = _Effect(handler, subject, step.verdict, step.failed, policy, decision, now)
         return step
 
     def _evaluate(self, tenant_id: str, subject: Subject) -> tuple[PolicyVersion | None, PolicyDecision]:
@@ -186,52 +187,6 @@ class AccessService:
             if other.effect == "deny" or (other.effect == "approval" and decision.effect == "permit"):
                 decision = other
         return policy, decision
-
-    @staticmethod
-    def _effect(
-        handler: ActionHandler,
-        subject: Subject,
-        verdict: _Verdict,
-        failed: KeystewardError | None,
-        policy: PolicyVersion | None,
-        decision: PolicyDecision,
-        now: datetime,
-    ) -> Callable[[Connection], dict[str, Any]]:
-        """Step 4 as the audit log's effect: it runs in the batch transaction and returns the record.
-
-        The effect holds what it needs, never the step that holds it: a step and its effect referring to each
-        other were a reference cycle per request, which only the cyclic garbage collector freed, in pauses
-        of 5-10 ms on the event loop every second or so under load (and a full collection of about 100 ms)."""
-
-        def effect(conn: Connection) -> dict[str, Any]:
-            subject.alerts.clear()  # an effect may run again after a deadlock
-            details = dict(subject.details)
-            record = {"actor": subject.actor, "action": handler.action, "target": subject.target}
-            try:
-                if policy is not None:
-                    details.update(policy_version=policy.version, policies=list(decision.policies))
-                handler.check(conn, subject, decision)
-                if decision.effect == "deny":
-                    assert policy is not None and subject.facts is not None
-                    details["request"] = json.dumps(subject.facts.to_json(), sort_keys=True)
-                    raise handler.denial(policy, decision, subject)
-                if failed is not None:
-                    return {**record, "outcome": "error", "reason": failed.code, "details": details}
-                booked = handler.book(conn, subject, decision, now)
-            except handler.audited_refusals as exc:
-                verdict.denied, verdict.booked = exc, None
-                details.update(subject.details)
-                return {**record, "outcome": "denied", "reason": exc.code, "details": details}
-            verdict.denied, verdict.booked = None, booked
-            record["target"] = subject.target  # the bookkeeping may name what it made (policy:v7)
-            if booked.quiet:
-                return {}
-            details.update(subject.details)
-            if booked.pending is not None:
-                return {**record, "outcome": "pending", "reason": "approval_required", "details": details}
-            return {**record, "details": details}
-
-        return effect
 
     def _finish(self, step: _Step) -> Any:
         verdict = step.verdict
@@ -260,6 +215,73 @@ class AccessService:
         if booked.pending is not None:
             return booked.pending
         return step.handler.deliver(step.subject, booked, step.performed)
+
+
+class _Effect:
+    """Step 4 as the audit log's effect: it runs in the batch transaction and returns the record.
+
+    The effect holds what it needs, never the step that holds it: a step and its effect referring to each
+    other were a reference cycle per request, which only the cyclic garbage collector freed, in pauses
+    of 5-10 ms on the event loop every second or so under load (and a full collection of about 100 ms).
+
+    It is :class:`~keysteward.audit.pending.Prefetching`: when the handler says its checks and bookkeeping
+    write with one statement (:meth:`ActionHandler.prefetch`), the batch may send that statement ahead and
+    run the effect on its rows."""
+
+    __slots__ = ("decision", "failed", "handler", "now", "policy", "subject", "verdict")
+
+    def __init__(
+        self,
+        handler: ActionHandler,
+        subject: Subject,
+        verdict: _Verdict,
+        failed: KeystewardError | None,
+        policy: PolicyVersion | None,
+        decision: PolicyDecision,
+        now: datetime,
+    ) -> None:
+        self.handler, self.subject, self.verdict, self.failed = handler, subject, verdict, failed
+        self.policy, self.decision, self.now = policy, decision, now
+
+    def __call__(self, conn: Connection) -> dict[str, Any]:
+        return self._run(conn, None)
+
+    def prefetch(self) -> Fetch | None:
+        return None if self.failed is not None else self.handler.prefetch(self.subject, self.decision)
+
+    def fetched(self, conn: Connection, rows: list[Any]) -> dict[str, Any]:
+        return self._run(conn, rows)
+
+    def _run(self, conn: Connection, rows: list[Any] | None) -> dict[str, Any]:
+        handler, subject, verdict = self.handler, self.subject, self.verdict
+        decision, policy = self.decision, self.policy
+        subject.alerts.clear()  # an effect may run again after a deadlock
+        subject.fetched = rows
+        details = dict(subject.details)
+        record = {"actor": subject.actor, "action": handler.action, "target": subject.target}
+        try:
+            if policy is not None:
+                details.update(policy_version=policy.version, policies=list(decision.policies))
+            handler.check(conn, subject, decision)
+            if decision.effect == "deny":
+                assert policy is not None and subject.facts is not None
+                details["request"] = json.dumps(subject.facts.to_json(), sort_keys=True)
+                raise handler.denial(policy, decision, subject)
+            if self.failed is not None:
+                return {**record, "outcome": "error", "reason": self.failed.code, "details": details}
+            booked = handler.book(conn, subject, decision, self.now)
+        except handler.audited_refusals as exc:
+            verdict.denied, verdict.booked = exc, None
+            details.update(subject.details)
+            return {**record, "outcome": "denied", "reason": exc.code, "details": details}
+        verdict.denied, verdict.booked = None, booked
+        record["target"] = subject.target  # the bookkeeping may name what it made (policy:v7)
+        if booked.quiet:
+            return {}
+        details.update(subject.details)
+        if booked.pending is not None:
+            return {**record, "outcome": "pending", "reason": "approval_required", "details": details}
+        return {**record, "details": details}
 
 
 def _no_effect(conn: Connection) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from keysteward.attest.identity import InstanceIdentity, verify_identity
 from keysteward.audit.refusals import escaped
 from keysteward.crypto import hpke
 from keysteward.crypto.secret import wipe_bytearray
-from keysteward.errors import Conflict, Denied, KeystewardError, NotFound
+from keysteward.errors import Conflict, Denied, KeystewardError, NotFound, Unavailable
 from keysteward.formats.release_wire import TOKEN_SIZE, pack_secret, seal_info
 from keysteward.keys.keystore import KeyStore
 from keysteward.policy import approvals
@@ -48,6 +48,7 @@ from keysteward.release.platform import PlatformVerifier
 from keysteward.release.registry import Registry
 from keysteward.release.volumes import ACTIVE, DESTROYED, VM, VM_DISK, Caller, HostIdentity, VolumeInfo, actor_of
 from keysteward.settings import ReleaseSettings
+from keysteward.store.driver import Fetch
 
 log = logging.getLogger("keysteward.release")
 SWEEP_SECONDS = 60.0
@@ -83,6 +84,8 @@ class _Release:
     """The lease granted by check's own statement (PostgreSQL, a plain permit): book has nothing left to do."""
     facts_json: str | None = None
     """The policy request the lease is granted on, as the lease keeps it: made once, by check or book."""
+    checked_at: datetime | None = None
+    """When :meth:`VolumeRelease.prefetch` made the admission's statement (the checks' time for its rows)."""
 
     def lease_facts(self, subject: Subject) -> str:
         if self.facts_json is None:
@@ -128,6 +131,10 @@ class VolumeRelease(ActionHandler):
             return False
         volume, key_id, _ = cached
         return self.keys.is_warm(tenant_id, key_id=key_id, version=volume.key_version)
+
+    def _sweep_peek(self) -> bool:
+        """Whether :meth:`_sweep_due` would say yes, without moving the next sweep."""
+        return time.monotonic() >= self._next_sweep
 
     def _sweep_due(self) -> bool:
         """Whether this transaction should also forget expired spent nonces (about once a minute)."""
@@ -247,21 +254,36 @@ class VolumeRelease(ActionHandler):
         return Refusal(tenant_id, denied, effect, unproven=unproven)
 
     # -- steps 3-4, in the transaction ----------------------------------------------------------------
-    def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
+    def prefetch(self, subject: Subject, decision: PolicyDecision) -> Fetch | None:
+        """A plain permit's or a denial's checks and lease are the admission's one statement (PostgreSQL;
+        not when the nonce sweep is due, which is a statement of its own)."""
+        if not self.grants_with_checks or decision.effect not in ("permit", "deny") or self._sweep_peek():
+            return None
         state: _Release = subject.state
-        volume, holder = state.volume, state.caller.key()
-        now = datetime.now(UTC)
-        if self._sweep_due():
-            self.nonces.sweep(conn, now)
+        state.checked_at = datetime.now(UTC)
+        return admission.statement(**self._admission(subject, decision, state.checked_at))
+
+    def _admission(self, subject: Subject, decision: PolicyDecision, now: datetime) -> dict[str, Any]:
+        state: _Release = subject.state
         grant = None
         if decision.effect == "permit" and self.grants_with_checks:
             facts = state.lease_facts(subject)
-            grant = admission.NewLease(state.lease_id, state.token, volume.lease_seconds, facts, self.lease_state)
+            grant = admission.NewLease(state.lease_id, state.token, state.volume.lease_seconds, facts, self.lease_state)
+        return {"raw_nonce": state.raw, "nonce_expires": state.expires, "volume_id": state.volume.id,
+                "tenant_id": subject.tenant_id, "holder": state.caller.key(), "now": now, "grant": grant}  # fmt: skip
+
+    def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
+        state: _Release = subject.state
+        volume, holder = state.volume, state.caller.key()
+        if subject.fetched is None:
+            now = datetime.now(UTC)
+            if self._sweep_due():
+                self.nonces.sweep(conn, now)
+        else:  # the batch ran the admission's statement ahead, made by prefetch at checked_at
+            assert state.checked_at is not None
+            now = state.checked_at
         state.granted = None
-        found = admission.read(
-            conn, raw_nonce=state.raw, nonce_expires=state.expires, volume_id=volume.id,
-            tenant_id=subject.tenant_id, holder=holder, now=now, grant=grant,
-        )  # fmt: skip
+        found = admission.read(conn, **self._admission(subject, decision, now), rows=subject.fetched)
         state.granted = found.granted
         if found.state == DESTROYED or found.shredded:
             raise Denied("the volume's key was destroyed", code="volume_destroyed")
@@ -334,6 +356,10 @@ class VolumeRelease(ActionHandler):
             subject.details["approval"] = found
             if outcome == "denied":
                 raise Denied(f"an approver denied the release of volume '{state.volume.name}'", code="approval_denied")
+        if state.granted is None and subject.fetched is not None:
+            # a statement sent ahead of this one saw no lease of this; none is granted after it either: the
+            # batch runs again, each effect on its own (a KeystewardError in a batch without savepoints)
+            raise Unavailable("the lease was not granted with the checks", code="database_unavailable")
         lease = state.granted or leases.grant(
             conn,
             lease_id=state.lease_id,

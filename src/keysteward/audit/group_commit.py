@@ -33,16 +33,17 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from keysteward.audit.pending import Effect, Pending
+from keysteward.audit.pending import Effect, Pending, Prefetching
 from keysteward.audit.savepoints import Savepoints
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database, WriteLockBusy
+from keysteward.store.driver import Fetch
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 BATCH = 512
@@ -79,6 +80,8 @@ def _log_failure(batch: list[Pending], exc: BaseException) -> None:
 
 
 Append = Callable[[Connection, list[tuple[str, dict[str, Any]]]], list[int]]
+Lock = Callable[[Connection, list[str], Sequence[Fetch]], list[list[Any]]]
+"""Locks the given tenants' chain heads, then runs the given statements in the same round trip: their rows."""
 
 
 class GroupCommit:
@@ -90,14 +93,15 @@ class GroupCommit:
         append: Append,
         *,
         check: Callable[[Mapping[str, Any]], None],
-        lock: Callable[[Connection, list[str]], None] | None = None,
+        lock: Lock | None = None,
         prepare: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.db = db
         self._append = append
         self._check = check
         self._lock = lock
-        """Locks the given tenants' chain heads in the batch's transaction (the chain's, handed in like ``append``)."""
+        """Locks the given tenants' chain heads in the batch's transaction (the chain's, handed in like ``append``),
+        and runs the effects' prefetched statements with the lock."""
         self._prepare = prepare
         """Does a record's own work (its encoding) before the batch takes the write lock, so the lock is held
         for less time; records that effects return are made inside the transaction and skip it."""
@@ -256,7 +260,9 @@ class GroupCommit:
         self, batch: list[Pending], again: list[Pending], *, wait: bool, guarded: bool
     ) -> tuple[list[Pending], list[int]]:
         with self.db.write(keep=True, wait=wait) as conn:
-            self._lock_heads(conn, batch)
+            for pending in batch:
+                pending.fetched = None  # what an earlier run of this batch prefetched was rolled back
+            self._lock_heads(conn, batch, prefetch=not guarded)
             recorded = self._run_effects(conn, batch, again, guarded=guarded)
             return recorded, self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
 
@@ -286,17 +292,44 @@ class GroupCommit:
             if pending.effect is None and pending.fields:
                 self._prepare(pending.fields)
 
-    def _lock_heads(self, conn: Connection, batch: list[Pending]) -> None:
+    def _lock_heads(self, conn: Connection, batch: list[Pending], *, prefetch: bool) -> None:
         """PostgreSQL: lock the batch's tenants' chain heads first, in one order, before any effect runs.
 
         Every batch of a tenant then runs its effects while holding that tenant's head, so two servers'
         batches never hold each other's rows (volumes, leases) in opposite orders: no deadlock waits
         (each costs PostgreSQL's deadlock_timeout, a second). SQLite's BEGIN IMMEDIATE already does this:
         there the lock does nothing.
+
+        ``prefetch`` (a batch run without savepoints): the statements of the effects at the head of the batch
+        that say they are all their effect writes (:class:`~keysteward.audit.pending.Prefetching`: a release's
+        one statement) leave in the lock's pipeline, and each effect then runs on its rows. Each was a round
+        trip, and a wait for the GIL its event loop held, made while holding the head that the other servers'
+        batches of the tenant wait for. Only a run from the head of the batch: a later statement then runs
+        after the earlier effects' work as it would have, and an effect with other writes (an approval's
+        bookkeeping) ends the run, since a statement sent before them would not see what they write. A
+        statement that fails rolls the batch back and runs it again, each effect on its own (``_Undo``).
         """
         if self._lock is None or not any(p.effect is not None for p in batch):
             return
-        self._lock(conn, sorted({p.tenant_id for p in batch}))
+        statements: list[Fetch] = []
+        takers: list[Pending] = []
+        for pending in batch if prefetch else ():
+            if pending.effect is None:
+                continue  # a plain record: nothing of it runs before the append
+            ask = getattr(pending.effect, "prefetch", None)
+            wanted = ask() if ask is not None else None
+            if wanted is None:
+                break
+            statements.append(wanted)
+            takers.append(pending)
+        try:
+            fetched = self._lock(conn, sorted({p.tenant_id for p in batch}), statements)
+        except SQLAlchemyError:
+            if not statements:
+                raise
+            raise _Undo from None
+        for pending, rows in zip(takers, fetched, strict=True):
+            pending.fetched = rows
 
     def _run_effects(
         self, conn: Connection, batch: list[Pending], again: list[Pending], *, guarded: bool
@@ -326,7 +359,11 @@ class GroupCommit:
                             pending.fields = pending.effect(conn)
                             self._check(pending.fields.get("details") or {})
                     else:  # nothing to undo, or undone with the whole transaction: no savepoint's statements
-                        pending.fields = pending.effect(conn)
+                        fetched, pending.fetched = pending.fetched, None
+                        if fetched is None:
+                            pending.fields = pending.effect(conn)
+                        else:
+                            pending.fields = cast(Prefetching, pending.effect).fetched(conn, fetched)
                         self._check(pending.fields.get("details") or {})
                 except KeystewardError as exc:
                     if pending.writes and savepoints is None:

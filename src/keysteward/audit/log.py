@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +27,7 @@ from keysteward.audit.group_commit import GroupCommit
 from keysteward.audit.pending import Effect, Pending
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database
-from keysteward.store.driver import driver_cursor
+from keysteward.store.driver import DriverStatement, Fetch, driver_cursor, pipelined
 from keysteward.store.models import AuditHead, AuditRecord, Cluster
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -153,10 +153,12 @@ class _ChainSql:
                 "VALUES (%(tenant_id)s, %(seq)s, %(body)s, %(hash)s, %(signature)s)"
             )
             self.move = "UPDATE audit_heads SET seq = %(seq)s, hash = %(hash)s WHERE tenant_id = %(tenant)s"
-            self.lock = (
-                "SELECT tenant_id, seq, hash FROM audit_heads WHERE tenant_id = ANY(%(tenants)s) "
-                "ORDER BY tenant_id FOR UPDATE"
-            )
+
+
+_LOCK = DriverStatement(
+    "SELECT tenant_id, seq, hash FROM audit_heads WHERE tenant_id = ANY(:tenants) ORDER BY tenant_id FOR UPDATE"
+)
+"""PostgreSQL: a batch's tenants' chain heads, locked in one order (:meth:`AuditLog.lock_heads`)."""
 
 
 class AuditLog:
@@ -278,17 +280,24 @@ class AuditLog:
             part = rows[start : start + ROWS_PER_INSERT]
             cursor.execute(_multi_insert(len(part)), [value for row in part for value in row])
 
-    def lock_heads(self, conn: Connection, tenants: list[str]) -> None:
+    def lock_heads(self, conn: Connection, tenants: list[str], then: Sequence[Fetch] = ()) -> list[list[Any]]:
         """PostgreSQL: lock these tenants' chain heads, in one order, before a batch's effects run (see
         :meth:`GroupCommit._lock_heads`), and keep what they hold for this transaction's appends, which then
         read no head again; every append keeps that copy current. SQLite's BEGIN IMMEDIATE already
-        serialises writers, and its head reads cost no round trip."""
+        serialises writers, and its head reads cost no round trip.
+
+        ``then``: statements of the batch's effects to run right after the lock, in the same pipeline (one
+        round trip for the lock and all of them): their rows, in order."""
         if self.db.is_sqlite:
-            return
-        with _driver(conn) as cursor:
-            cursor.execute(self._sql.lock, {"tenants": tenants})
-            rows = cursor.fetchall()
+            return [statement.rows(conn, values) for statement, values in then]
+        try:
+            rows, *fetched = pipelined(conn, [(_LOCK, {"tenants": tenants}), *then])
+        except SQLAlchemyError as exc:
+            if then:
+                raise  # the group commit runs the batch again, its effects one at a time
+            raise Unavailable(_UNAVAILABLE, code="audit_unavailable") from exc
         Database.transaction_info(conn)[_HEADS] = {tenant: (seq, hash_) for tenant, seq, hash_ in rows}
+        return fetched
 
     def heads(self) -> list[tuple[str, int, str]]:
         """Every chain's committed head: (tenant, seq, hash), chains with no record left out."""

@@ -8,16 +8,30 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 
 from keysteward.errors import KeystewardError
+from keysteward.store.driver import Fetch
 
 Effect = Callable[[Connection], dict[str, Any]]
 """A change committed together with its audit record: it runs in the batch's transaction (under a
 savepoint) and returns the record's fields (or ``{}``: a routine change that needs no record). Raising a
 KeystewardError undoes the change and records nothing."""
+
+
+class Prefetching(Protocol):
+    """An effect whose writes may all be one statement, which the batch can send with others ahead of it
+    (:meth:`keysteward.audit.group_commit.GroupCommit._lock_heads`)."""
+
+    def __call__(self, conn: Connection) -> dict[str, Any]: ...
+
+    def prefetch(self) -> Fetch | None:
+        """That statement and its values, when it is all this effect writes this time; else None."""
+
+    def fetched(self, conn: Connection, rows: list[Any]) -> dict[str, Any]:
+        """The effect, run on the rows its statement returned (it runs no statement of its own before them)."""
 
 
 class Pending:
@@ -28,6 +42,7 @@ class Pending:
         "done",
         "effect",
         "error",
+        "fetched",
         "fields",
         "first",
         "notify",
@@ -62,6 +77,8 @@ class Pending:
         self.seq = 0
         self.tries = 0
         self.error: KeystewardError | None = None
+        self.fetched: list[Any] | None = None
+        """The rows of the effect's prefetched statement, in the batch run that sent it."""
         self.abandoned = False
         """Its caller stopped waiting (and was told the request was not carried out): a batch not yet started
         leaves it out."""

@@ -12,6 +12,11 @@ is safe because every writer of a tenant's volumes, leases and revocations takes
 group-commit batch first, an administrative change at its append), so none can commit while this batch
 holds the head and waits.
 
+A group-commit batch may send this statement ahead, with its chain-head lock and the statements of the
+releases after it, in one round trip (:func:`statement`; see
+:meth:`keysteward.audit.group_commit.GroupCommit._lock_heads`): it runs in the same transaction, after the
+same lock, in the same order, so it reads what it would have read.
+
 SQLite has no data-modifying ``WITH``: it spends the nonce, then reads the rest in one statement, both on
 the driver's connection too (no round trip to save there, but SQLAlchemy's execution cost more than
 SQLite's).
@@ -29,7 +34,7 @@ from sqlalchemy.exc import NoResultFound
 from keysteward.release import leases
 from keysteward.release.nonces import Nonces, digest_of, replayed
 from keysteward.release.volumes import ACTIVE
-from keysteward.store.driver import DriverStatement
+from keysteward.store.driver import DriverStatement, Fetch
 
 _UTC = DateTime(timezone=True)
 _SQLITE_READ = DriverStatement(
@@ -104,22 +109,12 @@ class NewLease:
     state: str = leases.ACTIVE
 
 
-def read(
-    conn: Connection, *, raw_nonce: bytes, nonce_expires: datetime, volume_id: str, tenant_id: str, holder: str,
-    now: datetime, grant: NewLease | None = None,
-) -> Admission:  # fmt: skip
-    """Spend the nonce and read the rest in the caller's transaction (a nonce spent before raises
-    ``nonce_replayed``); with ``grant``, on PostgreSQL, also grant that lease when every check passes."""
-    if conn.dialect.name != "postgresql":
-        Nonces.spend(conn, raw_nonce, nonce_expires)
-        rows = _SQLITE_READ.rows(conn, {"vol": volume_id, "t": tenant_id, "h": holder, "lease_active": leases.ACTIVE})
-        if not rows:
-            raise NoResultFound("the volume is gone")
-        state, shredded, revoked = rows[0][:3]
-        live = next((_lease(*row[3:]) for row in rows if row[3] is not None and leases.aware(row[9]) > now), None)
-        return Admission(state, bool(shredded), revoked is not None, live)
+def statement(
+    *, raw_nonce: bytes, nonce_expires: datetime, volume_id: str, tenant_id: str, holder: str, now: datetime,
+    grant: NewLease | None = None,
+) -> Fetch:  # fmt: skip
+    """PostgreSQL: the one statement :func:`read` runs, for a batch to send ahead (then ``read`` takes its rows)."""
     new = grant or NewLease("", b"", 0, "")
-    expires = now + timedelta(seconds=new.seconds)
     values: dict[str, Any] = {
         "nonce_digest": digest_of(raw_nonce),
         "nonce_expires": nonce_expires,
@@ -134,17 +129,44 @@ def read(
         "new_id": new.lease_id,
         "new_token_hash": leases.token_hash(new.token),
         "new_state": new.state,
-        "new_expires_at": expires,
+        "new_expires_at": now + timedelta(seconds=new.seconds),
         "new_facts": new.facts,
     }
-    rows = _IN_ONE_STATEMENT.rows(conn, values)
+    return _IN_ONE_STATEMENT, values
+
+
+def read(
+    conn: Connection, *, raw_nonce: bytes, nonce_expires: datetime, volume_id: str, tenant_id: str, holder: str,
+    now: datetime, grant: NewLease | None = None, rows: list[Any] | None = None,
+) -> Admission:  # fmt: skip
+    """Spend the nonce and read the rest in the caller's transaction (a nonce spent before raises
+    ``nonce_replayed``); with ``grant``, on PostgreSQL, also grant that lease when every check passes.
+    ``rows``: what :func:`statement`, made with the same values, returned in this transaction (run ahead)."""
+    if conn.dialect.name != "postgresql":
+        Nonces.spend(conn, raw_nonce, nonce_expires)
+        rows = _SQLITE_READ.rows(conn, {"vol": volume_id, "t": tenant_id, "h": holder, "lease_active": leases.ACTIVE})
+        if not rows:
+            raise NoResultFound("the volume is gone")
+        state, shredded, revoked = rows[0][:3]
+        live = next((_lease(*row[3:]) for row in rows if row[3] is not None and leases.aware(row[9]) > now), None)
+        return Admission(state, bool(shredded), revoked is not None, live)
+    if rows is None:
+        sql, values = statement(
+            raw_nonce=raw_nonce, nonce_expires=nonce_expires, volume_id=volume_id, tenant_id=tenant_id,
+            holder=holder, now=now, grant=grant,
+        )  # fmt: skip
+        rows = sql.rows(conn, values)
     if not rows:
         raise NoResultFound("the volume is gone")
     fresh, state, shredded, revoked, *lease, was_granted = rows[0]
     if not fresh:
         raise replayed()
     live = leases.LeaseInfo(*lease) if lease[0] is not None else None
-    granted = leases.LeaseInfo(new.lease_id, volume_id, holder, new.state, now, now, expires) if was_granted else None
+    granted = None
+    if was_granted:
+        assert grant is not None
+        expires = now + timedelta(seconds=grant.seconds)
+        granted = leases.LeaseInfo(grant.lease_id, volume_id, holder, grant.state, now, now, expires)
     return Admission(state, bool(shredded), revoked is not None, live, granted)
 
 

@@ -13,6 +13,7 @@ SQLite database is an ``OperationalError``, which :class:`keysteward.store.db.Da
 ``database_unavailable``; a PostgreSQL error keeps its SQLSTATE for the group commit's retries), and a
 connection the error shows dead is invalidated, so the pool drops it. :func:`driver_cursor` is that
 cursor and that error handling, for code that runs its own statements there (the audit log's appends).
+:func:`pipelined` runs several statements in one PostgreSQL pipeline: one round trip for all of them.
 """
 
 from __future__ import annotations
@@ -48,13 +49,9 @@ class DriverStatement:
     def rows(self, conn: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """The statement's result rows (none for a statement that returns none)."""
         made = self._made.get(conn.dialect.name) or self._make(conn)
-        params = {name: _apply(made.binds.get(name), value) for name, value in values.items()}
         with driver_cursor(conn, self.sql) as cursor:
-            cursor.execute(made.sql, params)
-            fetched: list[tuple[Any, ...]] = list(cursor.fetchall()) if cursor.description is not None else []
-        if not any(made.columns):
-            return fetched
-        return [tuple(_apply(p, v) for p, v in zip(made.columns, row, strict=False)) for row in fetched]
+            cursor.execute(made.sql, made.params(values))
+            return made.result(cursor)
 
     def _make(self, conn: Connection) -> _Made:
         dialect = conn.dialect
@@ -73,6 +70,31 @@ class DriverStatement:
         return made
 
 
+Fetch = tuple[DriverStatement, Mapping[str, Any]]
+"""A statement and its values, to be run with others by :func:`pipelined`."""
+
+
+def pipelined(conn: Connection, statements: Sequence[Fetch]) -> list[list[tuple[Any, ...]]]:
+    """Each statement's rows, the statements run in order in the caller's transaction. On PostgreSQL they
+    leave in one pipeline: one round trip for all of them (and for the ``BEGIN`` before them, when they open
+    the transaction) instead of one each. A statement that fails aborts the rest of the pipeline; the error
+    is raised as :meth:`DriverStatement.rows` raises it, and the transaction is left failed."""
+    if conn.dialect.name != "postgresql" or len(statements) < 2:
+        return [statement.rows(conn, values) for statement, values in statements]
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    made = [statement._made.get("postgresql") or statement._make(conn) for statement, _ in statements]
+    cursors = [raw.cursor() for _ in statements]
+    try:
+        with _translated(conn, raw, statements[0][0].sql), raw.pipeline():
+            for cursor, how, (_, values) in zip(cursors, made, statements, strict=True):
+                cursor.execute(how.sql, how.params(values))
+        return [how.result(cursor) for how, cursor in zip(made, cursors, strict=True)]
+    finally:
+        for cursor in cursors:
+            cursor.close()
+
+
 @contextmanager
 def driver_cursor(conn: Connection, statement: str = "") -> Iterator[Any]:
     """A cursor of the driver connection under ``conn``, in its transaction. A driver error raised while it is
@@ -82,7 +104,17 @@ def driver_cursor(conn: Connection, statement: str = "") -> Iterator[Any]:
     assert raw is not None
     cursor = raw.cursor()
     try:
-        yield cursor
+        with _translated(conn, raw, statement, cursor):
+            yield cursor
+    finally:
+        cursor.close()
+
+
+@contextmanager
+def _translated(conn: Connection, raw: Any, statement: str, cursor: Any = None) -> Iterator[None]:
+    """A driver error as SQLAlchemy's ``DBAPIError`` (see :func:`driver_cursor`)."""
+    try:
+        yield
     except conn.dialect.loaded_dbapi.Error as exc:
         invalidated = conn.dialect.is_disconnect(exc, raw, cursor)
         if invalidated:
@@ -90,8 +122,6 @@ def driver_cursor(conn: Connection, statement: str = "") -> Iterator[Any]:
         raise DBAPIError.instance(
             statement, None, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=invalidated
         ) from exc
-    finally:
-        cursor.close()
 
 
 @dataclass(frozen=True)
@@ -101,6 +131,15 @@ class _Made:
     sql: str
     binds: dict[str, Processor]
     columns: tuple[Processor, ...]
+
+    def params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: _apply(self.binds.get(name), value) for name, value in values.items()}
+
+    def result(self, cursor: Any) -> list[tuple[Any, ...]]:
+        fetched: list[tuple[Any, ...]] = list(cursor.fetchall()) if cursor.description is not None else []
+        if not any(self.columns):
+            return fetched
+        return [tuple(_apply(p, v) for p, v in zip(self.columns, row, strict=False)) for row in fetched]
 
 
 def _apply(processor: Processor, value: Any) -> Any:
