@@ -85,6 +85,7 @@ class Database:
                 pool_size=pool_size,
                 max_overflow=pool_size,
                 pool_recycle=300,
+                pool_use_lifo=True,  # the last used, whose prepared statements are warm (see read)
                 connect_args=pg_ha.connect_args(timeout),
             )
             self._guard = pg_ha.Guard(self.engine, timeout)
@@ -135,8 +136,15 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
+        """A connection for reads. On PostgreSQL its transaction ends with a ``COMMIT`` (nothing to commit: the
+        same as a rollback for a transaction that only read), because a ``ROLLBACK`` makes psycopg forget the
+        connection's prepared statements and ``DEALLOCATE ALL`` of them on the server; the pool's connections
+        serve the audit writer too, whose statements were then parsed and planned again on each connection
+        (40% of PostgreSQL's CPU in a release run). A read that raises is rolled back as before."""
         with _translate(), self.engine.connect() as conn:
             yield conn
+            if self._guard is not None and conn.in_transaction():
+                conn.commit()
 
     @contextmanager
     def write(self, *, keep: bool = False, wait: bool = True) -> Iterator[Connection]:
