@@ -26,9 +26,10 @@ from sqlalchemy import Connection
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Subject
 from keysteward.access.admin_actions import VolumeDestroy, VolumeRevoke, authenticated
 from keysteward.access.principals import policy_principal
+from keysteward.access.release_state import Released, ReleaseState
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.access.resources import ReleaseInputs
-from keysteward.access.volume_actions import Released, VolumeRelease, _Release
+from keysteward.access.volume_actions import VolumeRelease
 from keysteward.attest.binding import canonical_hardware, host_binding
 from keysteward.attest.errors import EvidenceRejected
 from keysteward.crypto import hpke
@@ -78,7 +79,7 @@ class VmReleased(Released):
 
 
 @dataclass
-class _VmRelease(_Release):
+class _VmRelease(ReleaseState):
     vm: VmInfo | None = None
     disks: list[tuple[VolumeInfo, str, bytes | None]] = field(default_factory=list)
 

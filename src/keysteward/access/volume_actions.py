@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,6 +23,7 @@ from sqlalchemy import Connection
 
 from keysteward.access import lease_actions
 from keysteward.access.actions import ActionHandler, ActionTable, Booked, Refusal, Subject, Unproven
+from keysteward.access.release_state import Released, ReleaseState
 from keysteward.access.request import AccessRequest, Delivery
 from keysteward.access.resources import ReleaseInputs, policy_request
 from keysteward.access.volume_create import VolumeCreate
@@ -36,7 +34,7 @@ from keysteward.audit.refusals import escaped
 from keysteward.crypto import hpke
 from keysteward.crypto.secret import wipe_bytearray
 from keysteward.errors import Conflict, Denied, KeystewardError, NotFound, Unavailable
-from keysteward.formats.release_wire import TOKEN_SIZE, pack_secret, seal_info
+from keysteward.formats.release_wire import pack_secret, seal_info
 from keysteward.keys.keystore import KeyStore
 from keysteward.policy import approvals
 from keysteward.policy.engine import PolicyDecision
@@ -52,46 +50,6 @@ from keysteward.store.driver import Fetch
 
 log = logging.getLogger("keysteward.release")
 SWEEP_SECONDS = 60.0
-
-
-@dataclass(frozen=True, repr=False)
-class Released:
-    suite: str
-    sealed: bytes
-    key_version: int
-    lease: leases.LeaseInfo
-    lease_seconds: int
-    renew_seconds: int
-    grace_seconds: int | None
-
-    def __repr__(self) -> str:
-        return f"Released(lease={self.lease.id}, version={self.key_version})"
-
-
-@dataclass
-class _Release:
-    inputs: ReleaseInputs
-    tenant: str
-    raw: bytes
-    expires: datetime
-    volume: VolumeInfo
-    key_id: str
-    wrapped: bytes | None
-    caller: Caller
-    lease_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    token: bytearray = field(default_factory=lambda: bytearray(os.urandom(TOKEN_SIZE)))
-    granted: leases.LeaseInfo | None = None
-    """The lease granted by check's own statement (PostgreSQL, a plain permit): book has nothing left to do."""
-    facts_json: str | None = None
-    """The policy request the lease is granted on, as the lease keeps it: made once, by check or book."""
-    checked_at: datetime | None = None
-    """When :meth:`VolumeRelease.prefetch` made the admission's statement (the checks' time for its rows)."""
-
-    def lease_facts(self, subject: Subject) -> str:
-        if self.facts_json is None:
-            assert subject.facts is not None
-            self.facts_json = json.dumps(subject.facts.to_json(), sort_keys=True)
-        return self.facts_json
 
 
 class VolumeRelease(ActionHandler):
@@ -174,7 +132,7 @@ class VolumeRelease(ActionHandler):
         except EvidenceRejected as exc:  # the caller is proven by now: its own record
             denied = Denied(exc.message, code=exc.code)
             raise self._refusal(request, tenant_id, denied, spent, (caller, volume)) from None
-        state = _Release(inputs, request.tenant, raw, expires, volume, key_id, wrapped, caller)
+        state = ReleaseState(inputs, request.tenant, raw, expires, volume, key_id, wrapped, caller)
         details: dict[str, Any] = {"instance": caller.claims(), "volume": volume.name}
         if request.context.source:
             details["source"] = request.context.source[:64]
@@ -259,12 +217,12 @@ class VolumeRelease(ActionHandler):
         not when the nonce sweep is due, which is a statement of its own)."""
         if not self.grants_with_checks or decision.effect not in ("permit", "deny") or self._sweep_peek():
             return None
-        state: _Release = subject.state
-        state.checked_at = datetime.now(UTC)
-        return admission.statement(**self._admission(subject, decision, state.checked_at))
+        state: ReleaseState = subject.state
+        state.admitted = self._admission(subject, decision, datetime.now(UTC))
+        return admission.statement(**state.admitted)
 
     def _admission(self, subject: Subject, decision: PolicyDecision, now: datetime) -> dict[str, Any]:
-        state: _Release = subject.state
+        state: ReleaseState = subject.state
         grant = None
         if decision.effect == "permit" and self.grants_with_checks:
             facts = state.lease_facts(subject)
@@ -273,17 +231,19 @@ class VolumeRelease(ActionHandler):
                 "tenant_id": subject.tenant_id, "holder": state.caller.key(), "now": now, "grant": grant}  # fmt: skip
 
     def check(self, conn: Connection, subject: Subject, decision: PolicyDecision) -> None:
-        state: _Release = subject.state
+        state: ReleaseState = subject.state
         volume, holder = state.volume, state.caller.key()
         if subject.fetched is None:
             now = datetime.now(UTC)
             if self._sweep_due():
                 self.nonces.sweep(conn, now)
-        else:  # the batch ran the admission's statement ahead, made by prefetch at checked_at
-            assert state.checked_at is not None
-            now = state.checked_at
+            admitted = self._admission(subject, decision, now)
+        else:  # the batch ran the admission's statement ahead, made by prefetch with these arguments
+            assert state.admitted is not None
+            admitted = state.admitted
+            now = admitted["now"]
         state.granted = None
-        found = admission.read(conn, **self._admission(subject, decision, now), rows=subject.fetched)
+        found = admission.read(conn, **admitted, rows=subject.fetched)
         state.granted = found.granted
         if found.state == DESTROYED or found.shredded:
             raise Denied("the volume's key was destroyed", code="volume_destroyed")
@@ -320,7 +280,7 @@ class VolumeRelease(ActionHandler):
         return False
 
     def denial(self, policy: PolicyVersion, decision: PolicyDecision, subject: Subject) -> Denied:
-        state: _Release = subject.state
+        state: ReleaseState = subject.state
         if policy.version == 0 and decision.reason == "no_permit":
             mismatch = state.volume.binding.mismatch(state.caller) or "binding"
             return Denied(f"the instance does not match the volume's binding ({mismatch})", code="not_bound")
@@ -329,7 +289,7 @@ class VolumeRelease(ActionHandler):
         return super().denial(policy, decision, subject)
 
     def book(self, conn: Connection, subject: Subject, decision: PolicyDecision, now: datetime) -> Booked:
-        state: _Release = subject.state
+        state: ReleaseState = subject.state
         facts = subject.facts
         assert facts is not None
         holder = state.caller.key()
@@ -379,7 +339,7 @@ class VolumeRelease(ActionHandler):
 
     # -- step 5 -------------------------------------------------------------------------------------
     def deliver(self, subject: Subject, booked: Booked, performed: Any) -> Released:
-        state: _Release = subject.state
+        state: ReleaseState = subject.state
         volume = state.volume
         try:
             try:
