@@ -62,24 +62,10 @@ def test_a_session_begun_at_one_worker_resumes_at_the_other(site: KmipSite) -> N
     assert resumed == 40
 
 
-def _served_by_every_worker(site: KmipSite, ctx: ssl.SSLContext) -> None:
-    """Each worker trusts a new tenant CA about a second after ``ca init`` (its refresh loop): wait until new
-    connections are served eight times in a row, as bench/kmip.py does."""
-    deadline, in_a_row = time.monotonic() + 15, 0
-    while in_a_row < 8:
-        assert time.monotonic() < deadline, "the workers never began serving the tenant's hypervisors"
-        try:
-            with KmipConn(site.port, ctx) as c:
-                in_a_row = in_a_row + 1 if c.one("DiscoverVersions").ok else 0
-        except (ssl.SSLError, ConnectionError, OSError):
-            in_a_row = 0
-            time.sleep(0.2)
-
-
 def test_kmip_clients_resume_on_every_connection_until_their_certificate_is_revoked(site: KmipSite) -> None:
     cert, key, _ = site.issue("esx-1")
     ctx = site.tls((cert, key))
-    _served_by_every_worker(site, ctx)
+    site.wait_served(ctx)
     with KmipConn(site.port, ctx) as c:
         assert c.one("Create", *aes_256_template()).ok
         session = c.sock.session

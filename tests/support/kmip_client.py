@@ -16,9 +16,14 @@ STATUS = {number: name for name, number in RESULT_STATUS.items()}
 
 class KmipConn:
     def __init__(
-        self, port: int, ctx: ssl.SSLContext, version: tuple[int, int] = (1, 4), session: ssl.SSLSession | None = None
+        self,
+        port: int,
+        ctx: ssl.SSLContext,
+        version: tuple[int, int] = (1, 4),
+        session: ssl.SSLSession | None = None,
+        timeout: float = 20,
     ) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock = ctx.wrap_socket(raw, session=session)
         self.version = version
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,21 @@ class KmipSite:
         if cert is not None:
             ctx.load_cert_chain(str(cert[0]), str(cert[1]))
         return ctx
+
+    def wait_served(self, ctx: ssl.SSLContext) -> None:
+        """Each worker trusts a new tenant CA about a second after ``ca init`` (its refresh loop): wait until new
+        connections are served eight times in a row, as bench/kmip.py does."""
+        from tests.support.kmip_client import KmipConn
+
+        deadline, in_a_row = time.monotonic() + 15, 0
+        while in_a_row < 8:
+            assert time.monotonic() < deadline, "the workers never began serving the tenant's hypervisors"
+            try:
+                with KmipConn(self.port, ctx) as c:
+                    in_a_row = in_a_row + 1 if c.one("DiscoverVersions").ok else 0
+            except (TimeoutError, ssl.SSLError, ConnectionError, OSError):
+                in_a_row = 0
+                time.sleep(0.2)
 
     def pykmip(self, cert: tuple[Path, Path]) -> Any:
         """PyKMIP 0.11's ProxyKmipClient on this listener (TLS 1.2, as its docs configure it)."""

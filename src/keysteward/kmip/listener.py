@@ -238,12 +238,22 @@ class KmipConnection(asyncio.Protocol):
 class KmipListener:
     """The listener on its own thread and event loop, beside the REST server's."""
 
-    def __init__(self, server: KmipServer, host: str, port: int, tls: ssl.SSLContext, limits: Limits) -> None:
+    def __init__(
+        self,
+        server: KmipServer,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        limits: Limits,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """``sock``: the listening socket a server's workers share (``server/supervisor.py``); a single
+        process binds its own."""
         self.server = server
         self.tls = tls
         self.limits = limits
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.create_server((host, port), family=family, reuse_port=True, backlog=512)
+        self.sock = sock if sock is not None else socket.create_server((host, port), family=family, backlog=512)
         self.port = self.sock.getsockname()[1]
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopped: asyncio.Event | None = None

@@ -33,7 +33,7 @@ from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir, tls_tickets
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
-from keysteward.server.supervisor import SEAL_SIGNAL, WORKER_FD, bind, supervise
+from keysteward.server.supervisor import KMIP_FD, SEAL_SIGNAL, WORKER_FD, bind, supervise
 from keysteward.server.tls import ClientCertHttpToolsProtocol, add_client_ca, server_ssl_context
 from keysteward.settings import CONFIG_NAME, Settings, load, render
 from keysteward.store.db import Database
@@ -236,9 +236,12 @@ def start_xks(settings: Settings, svc: Services, tickets: bytes | None = None) -
     return listener
 
 
-def serve(settings: Settings, listen_fd: int | None = None, tickets: bytes | None = None) -> None:
+def serve(
+    settings: Settings, listen_fd: int | None = None, tickets: bytes | None = None, kmip_fd: int | None = None
+) -> None:
     """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes. ``tickets``:
-    a worker's share of its supervisor's TLS ticket secret (:mod:`keysteward.server.tls_tickets`)."""
+    a worker's share of its supervisor's TLS ticket secret (:mod:`keysteward.server.tls_tickets`); ``kmip_fd``:
+    the KMIP listening socket the supervisor bound for all its workers."""
     json_logging(settings.server.log_level)
     if settings.server.workers > 1 and listen_fd is None:
         raise SystemExit(supervise(settings))
@@ -278,7 +281,7 @@ def serve(settings: Settings, listen_fd: int | None = None, tickets: bytes | Non
             tls_ctx = ctx
             svc.cas.on_new_ca.append(lambda pem: add_client_ca(tls_ctx, pem))
             threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
-        kmip = start_kmip(svc, stop, tickets)
+        kmip = start_kmip(svc, stop, tickets, None if kmip_fd is None else socket.socket(fileno=kmip_fd))
         # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
         protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
@@ -299,8 +302,11 @@ def _stopped(_signum: int, _frame: object) -> None:
     """SIGTERM once the server has stopped: nothing more to do than let ``serve`` close its services."""
 
 
-def start_kmip(svc: Services, stop: threading.Event, tickets: bytes | None = None) -> KmipListener | None:
-    """The KMIP listener when ``[kmip] listen`` is set: mutual TLS required, tenant CAs as trust anchors."""
+def start_kmip(
+    svc: Services, stop: threading.Event, tickets: bytes | None = None, sock: socket.socket | None = None
+) -> KmipListener | None:
+    """The KMIP listener when ``[kmip] listen`` is set: mutual TLS required, tenant CAs as trust anchors.
+    ``sock``: a worker's listening socket, shared with the other workers (else the listener binds its own)."""
     k = svc.settings.kmip
     if not k.listen:
         return None
@@ -328,7 +334,7 @@ def start_kmip(svc: Services, stop: threading.Event, tickets: bytes | None = Non
     operations = Operations(svc.kmip, k.max_locate_items)
     bounds = KmipLimits(k.max_message_bytes, k.idle_timeout, k.read_timeout)
     server = KmipServer(operations, trust.authenticate, trust.seen, bounds)
-    listener = KmipListener(server, host, port, ctx, limits)
+    listener = KmipListener(server, host, port, ctx, limits, sock)
     listener.start()
     svc.kmip_metrics = server.metrics.registry
     return listener
@@ -357,4 +363,10 @@ def _join_worker_seal(svc: Services) -> None:
 def worker_main() -> None:
     """Entry point of a worker process started by :func:`keysteward.server.supervisor.supervise`."""
     tickets = tls_tickets.secret_from_supervisor()
-    serve(load(Path(os.environ["KEYSTEWARD_DATA_DIR"])), listen_fd=int(os.environ[WORKER_FD]), tickets=tickets)
+    kmip_fd = os.environ.get(KMIP_FD)
+    serve(
+        load(Path(os.environ["KEYSTEWARD_DATA_DIR"])),
+        listen_fd=int(os.environ[WORKER_FD]),
+        tickets=tickets,
+        kmip_fd=None if kmip_fd is None else int(kmip_fd),
+    )

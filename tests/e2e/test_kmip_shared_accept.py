@@ -1,0 +1,87 @@
+"""With several workers the KMIP port is one listening socket that every worker accepts from
+(``bind_shared`` in keysteward/server/supervisor.py), against a real ``keysteward server start`` with two
+workers:
+
+- both workers hold the same listening socket, and it is the only one on the port;
+- a worker that hangs strands no new connection: with one worker stopped, every new connection is answered
+  by the other. With a socket per worker (SO_REUSEPORT) the kernel would queue about half of them at the
+  stopped worker, where they would wait until it ran again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.keysteward import SecretRegistry, ServerProcess
+from tests.support.kmip_client import KmipConn
+from tests.support.kmip_site import KmipSite, make_kmip_site
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def site(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry) -> KmipSite:
+    return make_kmip_site(tmp_path, server_factory, secret_registry, env={"KEYSTEWARD_SERVER_WORKERS": "2"})
+
+
+def _workers(site: KmipSite) -> list[int]:
+    assert site.server.proc is not None
+    pid = site.server.proc.pid
+    workers = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert len(workers) == 2
+    return workers
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """The inodes of the sockets listening on ``port`` (IPv4), from /proc/net/tcp."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def test_the_workers_accept_from_one_socket(site: KmipSite) -> None:
+    listening = _listening_inodes(site.port)
+    assert len(listening) == 1, "one listening socket on the KMIP port, not one per worker"
+    for pid in _workers(site):
+        assert listening <= _socket_inodes(pid), f"worker {pid} does not hold the KMIP listening socket"
+
+
+def test_a_hung_worker_strands_no_new_connection(site: KmipSite) -> None:
+    cert, key, _ = site.issue("esx-1")
+    ctx = site.tls((cert, key))
+    site.wait_served(ctx)
+    stopped = _workers(site)[0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        answered = 0
+        for _ in range(24):
+            try:
+                with KmipConn(site.port, ctx, timeout=5) as c:
+                    answered += c.one("DiscoverVersions").ok
+            except TimeoutError:
+                pass
+        assert answered == 24, f"{24 - answered} of 24 new connections waited for the stopped worker"
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    with KmipConn(site.port, ctx) as c:  # and the stopped worker serves again
+        assert c.one("DiscoverVersions").ok
