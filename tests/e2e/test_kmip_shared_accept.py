@@ -3,6 +3,7 @@
 workers:
 
 - both workers hold the same listening socket, and it is the only one on the port;
+- a socket number left in the supervisor's own environment is never taken for the KMIP socket;
 - a worker that hangs strands no new connection: with one worker stopped, every new connection is answered
   by the other. With a socket per worker (SO_REUSEPORT) the kernel would queue about half of them at the
   stopped worker, where they would wait until it ran again.
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.keysteward import SecretRegistry, ServerProcess
+from keysteward.server.supervisor import KMIP_FD
+from tests.fixtures.keysteward import SecretRegistry, ServerProcess, init_manager
 from tests.support.kmip_client import KmipConn
 from tests.support.kmip_site import KmipSite, make_kmip_site
 
@@ -59,6 +62,19 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
+def _wait_stopped(pid: int) -> None:
+    """Until every thread of ``pid`` is stopped (a signal is delivered after ``kill`` returns)."""
+    deadline = time.monotonic() + 10
+    while True:
+        states = [
+            (task / "stat").read_text().rpartition(")")[2].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()
+        ]
+        if all(state == "T" for state in states):
+            return
+        assert time.monotonic() < deadline, f"worker {pid} did not stop: {states}"
+        time.sleep(0.01)
+
+
 def test_the_workers_accept_from_one_socket(site: KmipSite) -> None:
     listening = _listening_inodes(site.port)
     assert len(listening) == 1, "one listening socket on the KMIP port, not one per worker"
@@ -73,10 +89,11 @@ def test_a_hung_worker_strands_no_new_connection(site: KmipSite) -> None:
     stopped = _workers(site)[0]
     os.kill(stopped, signal.SIGSTOP)
     try:
+        _wait_stopped(stopped)
         answered = 0
         for _ in range(24):
             try:
-                with KmipConn(site.port, ctx, timeout=5) as c:
+                with KmipConn(site.port, ctx, timeout=10) as c:
                     answered += c.one("DiscoverVersions").ok
             except TimeoutError:
                 pass
@@ -85,3 +102,13 @@ def test_a_hung_worker_strands_no_new_connection(site: KmipSite) -> None:
         os.kill(stopped, signal.SIGCONT)
     with KmipConn(site.port, ctx) as c:  # and the stopped worker serves again
         assert c.one("DiscoverVersions").ok
+
+
+def test_a_socket_number_left_in_the_environment_is_not_taken_for_the_kmip_socket(
+    tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    out = init_manager(tmp_path / "ks", secret_registry)
+    env = {"KEYSTEWARD_SERVER_WORKERS": "2", KMIP_FD: "0"}  # no [kmip] listen: the workers get no KMIP socket
+    server = server_factory(tmp_path / "ks", env=env)
+    with server.http(out.root_token.secret) as c:
+        assert c.get("/health").status_code == 200

@@ -113,6 +113,7 @@ def supervise(settings: Settings) -> int:
         try:
             env = {**os.environ, "KEYSTEWARD_DATA_DIR": str(settings.data_dir), WORKER_FD: str(sock.fileno())}
             env[tls_tickets.TICKET_FD] = str(tickets)
+            env.pop(KMIP_FD, None)  # only this supervisor's socket: never a number left in its own environment
             if kmip is not None:
                 env[KMIP_FD] = str(kmip.fileno())
             workers.append(subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(), tickets, *shared)))
