@@ -1,5 +1,5 @@
 """With several workers the KMIP port is one listening socket that every worker accepts from
-(``bind_shared`` in keysteward/server/supervisor.py), against a real ``keysteward server start`` with two
+(``bind(shared=True)`` in keysteward/server/supervisor.py), against a real ``keysteward server start`` with two
 workers:
 
 - both workers hold the same listening socket, and it is the only one on the port;

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 
-from keysteward.errors import KeystewardError
+from keysteward.errors import BadRequest, KeystewardError
 from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_tags import TAG_NAMES
 from keysteward.identity.principal import Principal
@@ -292,8 +292,8 @@ class KmipListener:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:5696`` for IPv6)."""
+    """``HOST:PORT`` (``[::1]:5696`` for IPv6); anything else is a bad setting."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise ValueError("kmip.listen is HOST:PORT")
+        raise BadRequest("setting kmip.listen must be HOST:PORT", code="bad_setting")
     return host.strip("[]"), int(port)

@@ -312,10 +312,7 @@ def start_kmip(
         return None
     if not svc.settings.server.tls:
         raise BadRequest("the KMIP listener needs TLS: server.tls must be true", code="bad_setting")
-    try:
-        host, port = parse_kmip_listen(k.listen)
-    except ValueError:
-        raise BadRequest("setting kmip.listen must be HOST:PORT", code="bad_setting") from None
+    host, port = parse_kmip_listen(k.listen)
     limits = Limits(
         max_connections=k.max_connections,
         max_connections_per_source=k.max_connections_per_source,
