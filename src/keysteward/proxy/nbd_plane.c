@@ -318,9 +318,9 @@ static void ks_plane_take(ks_nbd_plane *p, uint64_t *out)
             out[i * KS_PLANE_STAT_WORDS + j] = __atomic_exchange_n(&p->stats[i][j], 0, __ATOMIC_RELAXED);
 }
 
-/* Ask the loop to end before its next request: the request it serves now (its payload included) is
- * answered first. A loop waiting for a request wakes at once. (To end it at once, the caller also shuts
- * the socket down.) */
+/* Ask the loop to end once the client's requests that reached the server are answered: the one it serves
+ * now (its payload included) and those whose bytes are already there to read. A loop waiting for a request
+ * wakes at once. (To end it at once, the caller also shuts the socket down.) */
 static void ks_plane_stop(ks_nbd_plane *p)
 {
     static const unsigned char one = 1;
@@ -330,22 +330,31 @@ static void ks_plane_stop(ks_nbd_plane *p)
     }
 }
 
-/* Between requests: 1 when a request's bytes are there to read (or the socket has news), 0 when stopped. */
+/* Between requests: 1 when a request's bytes are there to read (or the socket has news), 0 when stopped
+ * and nothing the client sent before is left unread. A request sent before the stop but not yet read is
+ * in flight for the client: closing with it unread would also reset the connection, losing the replies
+ * already sent. */
 static int ks_plane_wait(ks_nbd_plane *p)
 {
     struct pollfd f[2];
     if (p->pre_at < p->pre_len || (p->ssl != NULL && ks_tls_input_pending(p->ssl)))
-        return !__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST);
+        return 1;
     f[0].fd = p->sock;
     f[0].events = POLLIN;
     f[1].fd = p->wake[0];
     f[1].events = POLLIN;
     for (;;) {
-        if (__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST))
-            return 0;
+        int stopping = __atomic_load_n(&p->stop, __ATOMIC_SEQ_CST);
         f[0].revents = f[1].revents = 0;
-        if (poll(f, 2, -1) >= 0 || errno != EINTR)
-            return !(f[1].revents & POLLIN) && !__atomic_load_n(&p->stop, __ATOMIC_SEQ_CST);
+        if (poll(f, stopping ? 1 : 2, stopping ? 0 : -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return 0;
+        }
+        if (f[0].revents)
+            return 1;
+        if (stopping)
+            return 0;
     }
 }
 

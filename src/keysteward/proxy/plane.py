@@ -15,8 +15,9 @@ here, in Python, unchanged:
 - every request the loop does not serve itself (trim, write zeroes, partial sectors, bad ranges, unknown
   commands or flags, bad magic) comes back here undecided and is answered by the same code as the Python
   path (:func:`~keysteward.proxy.transmission.call_export`, :func:`~keysteward.proxy.transmission.reply_parts`);
-- revocation and reload: :meth:`Plane.stop` shuts the socket down (abort: both ways; graceful: reading
-  only, so the request being served is answered first), which ends the loop at its next ``recv`` or ``send``;
+- revocation and reload: :meth:`Plane.stop` shuts the socket down (abort: both ways, which ends the loop at
+  its next ``recv`` or ``send``); graceful, it lets the loop answer the request it serves and those already
+  received, then end;
   the export counts the connection as a request in flight (:meth:`~keysteward.proxy.export.LuksExport.lend_native`),
   so ``close`` wipes the key only after the loop has let go of it;
 - metrics: the loop counts requests, bytes and a latency histogram per command; :meth:`Planes.collect`
@@ -87,8 +88,8 @@ class Plane:
         self.stopping = False
 
     def stop(self, *, abort: bool) -> None:
-        """End the loop: abort at once (the socket is shut down), or (graceful) after the request it serves
-        now is answered, its payload received whole (the loop is woken if it waits for a request)."""
+        """End the loop: abort at once (the socket is shut down), or (graceful) once the request it serves now
+        and those whose bytes have already arrived are answered (the loop is woken if it waits for one)."""
         with self.lock:
             self.stopping = True
             if self.handle is not None:
@@ -178,8 +179,8 @@ class Planes:
                     rc = lib.ks_plane_serve(handle, header)
                     if rc != lib.KS_PLANE_HANDOFF:
                         break
-                    if not self._handoff(plane, handle, bytes(ffi.buffer(header))) or plane.stopping:
-                        break  # a graceful stop: the request handed back is answered first
+                    if not self._handoff(plane, handle, bytes(ffi.buffer(header))):
+                        break  # stopping: the loop's next wait ends it once nothing the client sent is left
                 if rc == lib.KS_PLANE_NOMEM:
                     log.error("nbd native plane out of memory peer=%s export=%s", plane.conn.peer, export.name)
             finally:

@@ -87,9 +87,11 @@ class Transmission:
         """Requests until NBD_CMD_DISC, a drop or a protocol error (raised); replies as they are done."""
         export, wire = conn.export, conn.wire
         assert export is not None
-        while not conn.draining:
+        while True:
             header = wire.staged(nbd.REQUEST_SIZE)  # a burst of requests is decoded without awaiting each
             if header is None:
+                if conn.draining:  # a graceful drop: the requests already received were served, end here
+                    return
                 conn.idle = True
                 try:
                     header = await wire.read_exactly(nbd.REQUEST_SIZE)
