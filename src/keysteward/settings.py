@@ -268,3 +268,13 @@ def render(settings: Settings) -> str:
                 lines.append(f"{key} = {json.dumps(str(value), ensure_ascii=False)}")  # a valid TOML basic string
         lines.append("")
     return "\n".join(lines)
+
+
+def listen_address(value: str, setting: str) -> tuple[str, int]:
+    """The ``(host, port)`` of a listener's ``HOST:PORT`` setting (``[::1]:5696`` for IPv6); anything else is
+    a bad ``setting``."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"setting {setting} must be HOST:PORT", code="bad_setting")
+    return host, int(port)

@@ -222,3 +222,20 @@ def test_workers_refuse_shamir(tmp_path: Path, secret_registry: SecretRegistry) 
     result = subprocess.run([KEYSTEWARD, "server", "start"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "workers_need_auto_unseal" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "setting", "workers"),
+    [("KEYSTEWARD_KMIP_LISTEN", "kmip.listen", "1"), ("KEYSTEWARD_KMIP_LISTEN", "kmip.listen", "2"),
+     ("KEYSTEWARD_XKS_LISTEN", "xks.listen", "1"), ("KEYSTEWARD_XKS_LISTEN", "xks.listen", "2")],
+)  # fmt: skip
+def test_a_bad_listen_address_stops_the_start_and_names_its_setting(
+    tmp_path: Path, secret_registry: SecretRegistry, variable: str, setting: str, workers: str
+) -> None:
+    init_manager(tmp_path / "ks", secret_registry)
+    env = {**os.environ, "KEYSTEWARD_DATA_DIR": str(tmp_path / "ks"), "KEYSTEWARD_SERVER_WORKERS": workers,
+           "KEYSTEWARD_SERVER_LISTEN_PORT": str(free_port()), variable: "127.0.0.1:5696x"}  # fmt: skip
+    result = subprocess.run([KEYSTEWARD, "server", "start"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"setting {setting} must be HOST:PORT" in result.stderr and "bad_setting" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 
-from keysteward.errors import BadRequest, KeystewardError
+from keysteward.errors import KeystewardError
 from keysteward.formats import kmip_ttlv as t
 from keysteward.formats.kmip_tags import TAG_NAMES
 from keysteward.identity.principal import Principal
@@ -289,11 +289,3 @@ class KmipListener:
         if loop is not None and stopped is not None and not loop.is_closed():
             loop.call_soon_threadsafe(stopped.set)
         self.thread.join(5)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:5696`` for IPv6); anything else is a bad setting."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise BadRequest("setting kmip.listen must be HOST:PORT", code="bad_setting")
-    return host.strip("[]"), int(port)

@@ -25,7 +25,6 @@ from keysteward.identity.principal import SYSTEM_TENANT
 from keysteward.identity.tenants import NewToken, Tenants
 from keysteward.keys import root as root_module
 from keysteward.kmip.listener import KmipLimits, KmipListener, KmipServer
-from keysteward.kmip.listener import parse_listen as parse_kmip_listen
 from keysteward.kmip.operations import Operations
 from keysteward.kmip.trust import ClientTrust, trust_pins
 from keysteward.logs import json_logging
@@ -35,10 +34,10 @@ from keysteward.server.app import create_app
 from keysteward.server.services import Services
 from keysteward.server.supervisor import KMIP_FD, SEAL_SIGNAL, WORKER_FD, bind, supervise
 from keysteward.server.tls import ClientCertHttpToolsProtocol, add_client_ca, server_ssl_context
-from keysteward.settings import CONFIG_NAME, Settings, load, render
+from keysteward.settings import CONFIG_NAME, Settings, listen_address, load, render
 from keysteward.store.db import Database
 from keysteward.xks.app import XksApp
-from keysteward.xks.listener import XksListener, parse_listen
+from keysteward.xks.listener import XksListener
 
 log = logging.getLogger("keysteward.server")
 CA_REFRESH_SECONDS = 1.0
@@ -226,7 +225,7 @@ def start_xks(settings: Settings, svc: Services, tickets: bytes | None = None) -
     xks_settings = dataclasses.replace(settings.xks, quota_tps=settings.xks.quota_tps / share)
     app = XksApp(svc.xks, svc.access, svc.xks_crypto.probe, xks_settings, svc.xks_metrics, svc.refusals)
     try:
-        sock = bind(*parse_listen(settings.xks.listen))
+        sock = bind(*listen_address(settings.xks.listen, "xks.listen"))
     except OSError as exc:
         raise BadRequest(f"cannot listen on {settings.xks.listen}: {exc.strerror}", code="xks_listen_failed") from None
     ctx = xks_ssl_context(settings)
@@ -312,7 +311,7 @@ def start_kmip(
         return None
     if not svc.settings.server.tls:
         raise BadRequest("the KMIP listener needs TLS: server.tls must be true", code="bad_setting")
-    host, port = parse_kmip_listen(k.listen)
+    host, port = listen_address(k.listen, "kmip.listen")
     limits = Limits(
         max_connections=k.max_connections,
         max_connections_per_source=k.max_connections_per_source,

@@ -20,7 +20,7 @@ from types import FrameType
 
 from keysteward.errors import BadRequest
 from keysteward.server import tls_tickets
-from keysteward.settings import Settings
+from keysteward.settings import Settings, listen_address
 from keysteward.store.db import Database
 from keysteward.store.models import Cluster
 
@@ -72,10 +72,8 @@ def _kmip_socket(settings: Settings) -> socket.socket | None:
     """The shared KMIP socket when ``[kmip] listen`` is set; a bad address or a port in use fails the start."""
     if not settings.kmip.listen:
         return None
-    from keysteward.kmip.listener import parse_listen
-
     try:
-        return bind(*parse_listen(settings.kmip.listen), shared=True)
+        return bind(*listen_address(settings.kmip.listen, "kmip.listen"), shared=True)
     except OSError as exc:
         problem = f"cannot listen on {settings.kmip.listen}: {exc.strerror}"
         raise BadRequest(problem, code="kmip_listen_failed") from None
@@ -89,6 +87,8 @@ def supervise(settings: Settings) -> int:
             "would need its own unseal; run one process per server and add servers on PostgreSQL instead",
             code="workers_need_auto_unseal",
         )
+    if settings.xks.listen:  # each worker binds its own XKS socket: a bad address fails here, not in each
+        listen_address(settings.xks.listen, "xks.listen")
     sockets = [bind(settings.server.listen_host, settings.server.listen_port) for _ in range(count)]
     kmip = _kmip_socket(settings)
     shared = () if kmip is None else (kmip.fileno(),)

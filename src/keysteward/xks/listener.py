@@ -23,15 +23,6 @@ from keysteward.netlimits import Limits, uvicorn_protocol
 log = logging.getLogger("keysteward.xks")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``."""
-    host, sep, port = value.strip().rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadRequest("setting xks.listen must be HOST:PORT", code="bad_setting")
-    return host, int(port)
-
-
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     """uvloop's loop, as the REST and KMIP listeners have: its C transports and TLS layer cost about half of
     the CPU of asyncio's pure-Python ones per XKS call."""
