@@ -166,6 +166,8 @@ class _Guard(asyncio.Protocol):
         self.raw: asyncio.Transport | None = None
         self.inner: asyncio.Protocol | None = None
         self.connected = False
+        self.on_lost: Callable[[], None] | None = None
+        """Called once the connection is gone (keysteward.server.accept_balance counts connections so)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.raw is not None:  # the TLS transport, once the handshake is done
@@ -221,6 +223,8 @@ class _Guard(asyncio.Protocol):
             self.inner.connection_lost(exc)
             self.inner = None
         self._leave()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def pause_writing(self) -> None:
         if self.inner is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from keysteward.server.supervisor import KMIP_FD
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, init_manager
 from tests.support.kmip_client import KmipConn
 from tests.support.kmip_site import KmipSite, make_kmip_site
+from tests.support.workers import listening_inodes, socket_inodes, wait_stopped, worker_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -34,52 +34,14 @@ def site(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_re
 
 def _workers(site: KmipSite) -> list[int]:
     assert site.server.proc is not None
-    pid = site.server.proc.pid
-    workers = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    assert len(workers) == 2
-    return workers
-
-
-def _listening_inodes(port: int) -> set[str]:
-    """The inodes of the sockets listening on ``port`` (IPv4), from /proc/net/tcp."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "0A":  # 0A: LISTEN
-            inodes.add(fields[9])
-    return inodes
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    return inodes
-
-
-def _wait_stopped(pid: int) -> None:
-    """Until every thread of ``pid`` is stopped (a signal is delivered after ``kill`` returns)."""
-    deadline = time.monotonic() + 10
-    while True:
-        states = [
-            (task / "stat").read_text().rpartition(")")[2].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()
-        ]
-        if all(state == "T" for state in states):
-            return
-        assert time.monotonic() < deadline, f"worker {pid} did not stop: {states}"
-        time.sleep(0.01)
+    return worker_pids(site.server.proc.pid)
 
 
 def test_the_workers_accept_from_one_socket(site: KmipSite) -> None:
-    listening = _listening_inodes(site.port)
+    listening = listening_inodes(site.port)
     assert len(listening) == 1, "one listening socket on the KMIP port, not one per worker"
     for pid in _workers(site):
-        assert listening <= _socket_inodes(pid), f"worker {pid} does not hold the KMIP listening socket"
+        assert listening <= socket_inodes(pid), f"worker {pid} does not hold the KMIP listening socket"
 
 
 def test_a_hung_worker_strands_no_new_connection(site: KmipSite) -> None:
@@ -89,7 +51,7 @@ def test_a_hung_worker_strands_no_new_connection(site: KmipSite) -> None:
     stopped = _workers(site)[0]
     os.kill(stopped, signal.SIGSTOP)
     try:
-        _wait_stopped(stopped)
+        wait_stopped(stopped)
         answered = 0
         for _ in range(24):
             try:

@@ -16,6 +16,7 @@ from keysteward.identity.principal import Principal
 from keysteward.server.run import build_services
 from keysteward.settings import load
 from tests.fixtures.keysteward import KEYSTEWARD, SecretRegistry, ServerProcess, free_port, init_manager
+from tests.support.workers import wait_all_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -197,11 +198,16 @@ def test_workers_share_a_socket_and_seal_together(
     with server.http(admin) as c:
         c.post("/keys", json={"name": "k"})
         ct = c.post("/keys/k/encrypt", json={"plaintext": "aGVsbG8="}).json()["ciphertext"]
+    wait_all_serving(server)
     processes = set()
-    for _ in range(60):  # new connections land on both workers
-        with server.http(admin) as c:
+    held = [server.http(admin) for _ in range(8)]
+    try:
+        for c in held:  # connections held open land on both workers (the one holding the fewest takes the next)
             assert c.post("/decrypt", json={"ciphertext": ct}).status_code == 200
             processes.add(c.get("/health").json()["process"])
+    finally:
+        for c in held:
+            c.close()
     assert len(processes) == 2
     with server.http(out.root_token.secret) as c:
         assert c.post("/sys/seal").json()["sealed"] is True

@@ -22,6 +22,7 @@ import pytest
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess
 from tests.support.kmip_client import KmipConn, aes_256_template
 from tests.support.kmip_site import KmipSite, make_kmip_site
+from tests.support.workers import wait_all_serving
 
 pytestmark = pytest.mark.e2e
 REVOCATION_SECONDS = 1.0 + 2.0
@@ -34,31 +35,45 @@ def site(tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_re
 
 
 def _health(site: KmipSite, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSocket]:
-    """GET /v1/health on a new connection (resuming ``session`` when given): the answering process and the socket."""
+    """GET /v1/health on a new connection (resuming ``session`` when given): the answering process and the socket,
+    still open."""
     raw = socket.create_connection(("127.0.0.1", site.server.settings.server.listen_port), timeout=20)
     sock = ctx.wrap_socket(raw, session=session)
-    sock.sendall(b"GET /v1/health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+    sock.sendall(b"GET /v1/health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
     answer = b""
-    while chunk := sock.recv(65536):
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection before its answer"
         answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head[:80]
+    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    length = int(fields[b"content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection inside the answer"
+        body += chunk
     return int(json.loads(body)["process"]), sock
 
 
 def test_a_session_begun_at_one_worker_resumes_at_the_other(site: KmipSite) -> None:
+    wait_all_serving(site.server)
     ctx = site.tls(None)
     first, sock = _health(site, ctx, None)
     session = sock.session
     sock.close()
     assert session is not None
-    processes, resumed = {first}, 0
-    for _ in range(40):
-        process, sock = _health(site, ctx, session)
-        processes.add(process)
-        resumed += sock.session_reused
-        sock.close()
-    assert len(processes) == 2, "the kernel spread 40 connections over one worker only"
+    processes, resumed, held = {first}, 0, []
+    try:
+        for _ in range(40):  # kept open, so the worker holding the fewest takes the next one
+            process, sock = _health(site, ctx, session)
+            held.append(sock)
+            processes.add(process)
+            resumed += sock.session_reused
+    finally:
+        for sock in held:
+            sock.close()
+    assert len(processes) == 2, "40 connections held open all went to one worker"
     assert resumed == 40
 
 

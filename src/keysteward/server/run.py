@@ -30,6 +30,7 @@ from keysteward.kmip.trust import ClientTrust, trust_pins
 from keysteward.logs import json_logging
 from keysteward.netlimits import Limits, uvicorn_protocol
 from keysteward.server import datadir, tls_tickets
+from keysteward.server.accept_balance import BOARD_FD, WORKER_INDEX, BalancedServer, Board
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
 from keysteward.server.supervisor import KMIP_FD, SEAL_SIGNAL, WORKER_FD, bind, supervise
@@ -236,11 +237,17 @@ def start_xks(settings: Settings, svc: Services, tickets: bytes | None = None) -
 
 
 def serve(
-    settings: Settings, listen_fd: int | None = None, tickets: bytes | None = None, kmip_fd: int | None = None
+    settings: Settings,
+    listen_fd: int | None = None,
+    tickets: bytes | None = None,
+    kmip_fd: int | None = None,
+    board: Board | None = None,
 ) -> None:
     """Serve in this process; with ``server.workers`` > 1, supervise that many worker processes. ``tickets``:
     a worker's share of its supervisor's TLS ticket secret (:mod:`keysteward.server.tls_tickets`); ``kmip_fd``:
-    the KMIP listening socket the supervisor bound for all its workers."""
+    the KMIP listening socket the supervisor bound for all its workers; ``board``: where the workers count the
+    REST connections each holds, so that the one holding the fewest accepts the next (with ``listen_fd``
+    then a socket shared by all the workers: :mod:`keysteward.server.accept_balance`)."""
     json_logging(settings.server.log_level)
     if settings.server.workers > 1 and listen_fd is None:
         raise SystemExit(supervise(settings))
@@ -283,7 +290,12 @@ def serve(
         kmip = start_kmip(svc, stop, tickets, None if kmip_fd is None else socket.socket(fileno=kmip_fd))
         # the TLS handshake runs in the limits layer (counted, timed), not in uvicorn: see keysteward.netlimits
         protocol = uvicorn_protocol(ClientCertHttpToolsProtocol, limits, tls=ctx)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw))
+        config = uvicorn.Config(app, host=host, port=port, http=cast(Any, protocol), **server_kw)
+        if listen_fd is not None and board is not None:
+            server: uvicorn.Server = BalancedServer(config, socket.socket(fileno=listen_fd), board)
+            listen_fd = None
+        else:
+            server = uvicorn.Server(config)
         # uvicorn stops on SIGTERM and then raises it again for the handler it found: with the default one the
         # process would die there, before the close below writes the counted refusals and the last checkpoints
         signal.signal(signal.SIGTERM, _stopped)
@@ -365,4 +377,5 @@ def worker_main() -> None:
         listen_fd=int(os.environ[WORKER_FD]),
         tickets=tickets,
         kmip_fd=None if kmip_fd is None else int(kmip_fd),
+        board=Board(int(os.environ[BOARD_FD]), int(os.environ[WORKER_INDEX])),
     )

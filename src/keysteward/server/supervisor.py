@@ -2,7 +2,8 @@
 
 The supervisor binds the sockets, migrates the database once, and starts ``workers`` processes
 that each unseal on their own (so only the auto-unsealing seals, pkcs11 and dev, may run more
-than one) and serve the same socket. A seal on any worker reaches every worker: the worker
+than one) and accept from the same sockets (the REST one balanced by connections held:
+:mod:`keysteward.server.accept_balance`). A seal on any worker reaches every worker: the worker
 signals the supervisor (SIGUSR1), which passes the signal on to all of them. If a worker dies,
 the supervisor stops the rest and exits non-zero, for systemd to restart the whole server.
 """
@@ -20,6 +21,7 @@ from types import FrameType
 
 from keysteward.errors import BadRequest
 from keysteward.server import tls_tickets
+from keysteward.server.accept_balance import BOARD_FD, WORKER_INDEX, new_board
 from keysteward.settings import Settings, listen_address
 from keysteward.store.db import Database
 from keysteward.store.models import Cluster
@@ -50,20 +52,21 @@ def _seal_type(settings: Settings) -> str:
 def bind(host: str, port: int, *, shared: bool = False) -> socket.socket:
     """A listening socket for the workers to inherit.
 
-    Not ``shared`` (the REST port): one per worker, with SO_REUSEPORT, so the kernel spreads connections
-    evenly over them by a hash of their addresses. ``shared`` (the KMIP port): one socket that every worker
-    accepts from. vCenter opens a new connection for almost every KMIP operation, and the hash hands each to
-    a worker whether it is busy or not; on one socket, whichever worker's event loop is free accepts it
-    first. Measured on two workers (a new connection per operation, 16 clients, six runs alternating with a
-    socket per worker): 531 against 416 operations/s and a p99 of 53 against 95 ms in the medians. A worker
-    that hangs strands no new connection either: the others go on accepting."""
+    Not ``shared``: one per process that listens on the port, with SO_REUSEPORT (XKS's listener). ``shared``
+    (the REST and KMIP ports of several workers): one socket that every worker accepts from. On the REST
+    port the worker holding the fewest connections accepts (keysteward.server.accept_balance). On the KMIP
+    port, whichever worker's event loop is free accepts: vCenter opens a new connection for almost every
+    operation, and with a socket per worker the kernel's hash of the addresses handed each to a worker
+    whether it was busy or not. Measured on two workers (a new connection per operation, 16 clients, six
+    runs alternating with a socket per worker): 531 against 416 operations/s and a p99 of 53 against 95 ms
+    in the medians. A worker that hangs strands no new connection either: the others go on accepting."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if not shared:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(512 if shared else 2048)
+    sock.listen(4096)  # a boot storm's agents connect at once; the kernel caps it at net.core.somaxconn
     sock.set_inheritable(True)
     return sock
 
@@ -89,22 +92,23 @@ def supervise(settings: Settings) -> int:
         )
     if settings.xks.listen:  # each worker binds its own XKS socket: a bad address fails here, not in each
         listen_address(settings.xks.listen, "xks.listen")
-    sockets = [bind(settings.server.listen_host, settings.server.listen_port) for _ in range(count)]
+    rest = bind(settings.server.listen_host, settings.server.listen_port, shared=True)
+    board = new_board(count)
     kmip = _kmip_socket(settings)
-    shared = () if kmip is None else (kmip.fileno(),)
+    shared = (rest.fileno(), board, *(() if kmip is None else (kmip.fileno(),)))
     # only this supervisor's KMIP socket: never a number left in its own environment
-    inherited = {name: value for name, value in os.environ.items() if name != KMIP_FD}
+    inherited = {name: value for name, value in os.environ.items() if name not in (KMIP_FD, BOARD_FD)}
     if kmip is not None:
         inherited[KMIP_FD] = str(kmip.fileno())
     argv = [sys.executable, "-c", "from keysteward.server.run import worker_main; worker_main()"]
     secret = tls_tickets.new_secret()  # one per start: every worker resumes the sessions the others began
     workers = []
-    for sock in sockets:
+    for index in range(count):
         tickets = tls_tickets.pipe_for_worker(secret)
         try:
-            env = {**inherited, "KEYSTEWARD_DATA_DIR": str(settings.data_dir), WORKER_FD: str(sock.fileno())}
-            env[tls_tickets.TICKET_FD] = str(tickets)
-            workers.append(subprocess.Popen(argv, env=env, pass_fds=(sock.fileno(), tickets, *shared)))
+            env = {**inherited, "KEYSTEWARD_DATA_DIR": str(settings.data_dir), WORKER_FD: str(rest.fileno())}
+            env.update({BOARD_FD: str(board), WORKER_INDEX: str(index), tls_tickets.TICKET_FD: str(tickets)})
+            workers.append(subprocess.Popen(argv, env=env, pass_fds=(tickets, *shared)))
         finally:
             os.close(tickets)
     del secret
@@ -134,8 +138,8 @@ def supervise(settings: Settings) -> int:
                 w.wait(15)
             except subprocess.TimeoutExpired:
                 w.kill()
-        for sock in sockets:
-            sock.close()
+        rest.close()
+        os.close(board)
         if kmip is not None:
             kmip.close()
     return 0 if stopping and all(w.returncode in (0, -signal.SIGTERM) for w in workers) else 1
