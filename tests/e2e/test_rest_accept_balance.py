@@ -12,8 +12,11 @@ workers:
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -106,3 +109,34 @@ def test_a_hung_worker_strands_no_new_connection(server: ServerProcess) -> None:
         for client in clients:
             client.close()
     assert processes == {stopped, running}
+
+
+def test_a_burst_of_connections_is_spread_while_the_workers_are_busy_with_its_handshakes(
+    server: ServerProcess,
+) -> None:
+    """250 agents connect at once from one address. Both workers are busy with handshakes, so connections
+    wait past the 20 ms after which any worker takes one; it must still take one at a time, or one worker
+    would end up with the burst and refuse what passes its 128 connections per source."""
+    ctx = ssl.create_default_context(cafile=server.settings.server.tls_ca)
+    port = server.settings.server.listen_port
+
+    async def burst() -> list[int | str]:
+        async def one() -> tuple[int | str, asyncio.StreamWriter | None]:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+                writer.write(b"GET /v1/health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                return json.loads(await reader.readexactly(length))["process"], writer
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                return type(exc).__name__, None
+
+        answers = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(250))), 120)
+        for _, writer in answers:  # all held until every one has answered
+            if writer is not None:
+                writer.close()
+        return [process for process, _ in answers]
+
+    answered = Counter(asyncio.run(burst()))
+    assert set(answered) == set(_workers(server)), f"not every connection was served: {dict(answered)}"
+    assert max(answered.values()) <= 128

@@ -96,7 +96,10 @@ class Acceptor:
                 if now - self._waiting_since < OVERDUE:
                     self._hold()
                     return
-                # overdue: the worker that should take it does not (busy, or hung); take all that wait
+                # overdue: the worker that should take it does not (busy, or hung). Take one, and the next
+                # only once it is overdue in turn: a worker busy with a burst of handshakes would otherwise
+                # lose the whole burst to this one
+                self._waiting_since = now
             try:
                 conn, _peer = self._sock.accept()
             except (BlockingIOError, InterruptedError):
