@@ -89,13 +89,8 @@ def _one_batch(db: Database, log: AuditLog, effects: list[Any]) -> list[Any]:
 
 
 @pytest.fixture
-def db(pg_url: str) -> Any:
-    database = Database(pg_url)
-    database.migrate()
-    with database.write() as conn:
-        conn.execute(insert(Tenant).values(id="a", name="a", created_at=datetime.now(UTC)))
-    yield database
-    database.dispose()
+def db(pg_db_with_tenant: Database) -> Database:
+    return pg_db_with_tenant
 
 
 def test_a_leading_run_of_statements_goes_ahead_and_each_sees_the_writes_before_it(db: Database) -> None:

@@ -8,31 +8,23 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, insert, text
+from sqlalchemy import Connection, text
 
 from keysteward.audit.group_commit import GroupCommit
 from keysteward.audit.log import AuditLog, prepare
 from keysteward.errors import Unavailable
 from keysteward.store.db import Database
-from keysteward.store.models import Tenant
 
 pytestmark = pytest.mark.integration
 WRITER = "keysteward-audit"
 
 
 @pytest.fixture
-def db(pg_url: str) -> Iterator[Database]:
-    database = Database(pg_url)
-    database.migrate()
-    with database.write() as conn:
-        conn.execute(insert(Tenant).values(id="a", name="a", created_at=datetime.now(UTC)))
-    yield database
-    database.dispose()
+def db(pg_db_with_tenant: Database) -> Database:
+    return pg_db_with_tenant
 
 
 def _group(db: Database, threads: list[str], *, fail: set[str] | None = None) -> GroupCommit:
