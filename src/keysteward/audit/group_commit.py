@@ -2,38 +2,26 @@
 
 Callers hand a record (or an effect: a change that returns its record) to one writer thread, which runs a
 whole batch in one write transaction (one fsync), runs the effects, appends the records, commits, and
-then releases every caller. What one effect that refuses or fails wrote is undone alone: on SQLite each
-effect runs under its own savepoint; on PostgreSQL, where a savepoint is a round trip made while the batch
-holds its tenants' chain heads, a batch first runs without them and, if an effect raises, is rolled back
-and run again with them (see :meth:`GroupCommit._run_effects`). No caller returns before its record is durable, and a
+then releases every caller. What one effect that refuses or fails wrote is undone alone
+(:mod:`keysteward.audit.batch_effects`). No caller returns before its record is durable, and a
 failed batch fails all of its callers. The chain itself (hashes, signatures, heads) is
 :class:`keysteward.audit.log.AuditLog`'s, handed in as ``append``.
 
-On SQLite, records that coroutines wait for are committed on their own event loop instead: what one loop
-turn produced is one batch, run right after that turn, when the write lock is free at once (it is taken
-without waiting; while another writer holds it the loop serves on and tries again every
-:data:`INLINE_RETRY`, for as long as the callers wait). A batch is a few hundred microseconds of SQLite
-work, less than the writer thread lost getting the GIL back from the busy loop after each statement while
-it held the cross-process write lock: that wait was most of an XKS call's latency.
+Records that coroutines wait for are committed on their own event loop instead: what one loop turn produced
+is one batch, run right after that turn. On the writer thread each statement (SQLite) or round trip
+(PostgreSQL) also waited for the GIL its busy loop held, and that wait was most of a request's commit.
 
-Such a batch never goes to the writer thread, however long the lock stays taken. It once did after 20 ms,
-and that fed on itself: the thread, starved of the GIL by its own loop, held the lock ten times longer than
-the loop would have, so the other workers' loops waited past 20 ms too and handed their batches to their
-own starved threads. Under a release storm on two workers, 63% of the batches' work ran on the threads;
-keeping every batch on its loop gave 525 releases/s against 354-468 and a p99 of 83 ms against 112-134 in
-the same hour. A thread waiting for the lock gains nothing a retry does not: the lock is held by a
-transaction, which ends.
+- SQLite: the write lock is taken without waiting; while another writer holds it the loop serves on and
+  tries again every :data:`INLINE_RETRY`, for as long as the callers wait. Such a batch never goes to the
+  thread, however long the lock stays taken: a thread starved of the GIL by its own loop held the lock far
+  longer than the loop would have, and that fed on itself across the workers.
+- PostgreSQL: a batch is two pipelined round trips, and stops its loop for them. So the loop's batches go
+  to the thread as soon as one of them fails or takes longer than :data:`INLINE_SLOW` (a failing over or
+  hung primary, a lagging synchronous standby), and come back once a batch there commits within that: a
+  database that turns slow stops a loop for one batch, bounded by the connection deadline of
+  :mod:`keysteward.store.pg_ha`, not for every batch.
 
-On PostgreSQL a loop's batch runs on the loop too, while the database answers fast: a batch is two round
-trips (the chain-head lock with the effects' statements, then the appends with the COMMIT, each one
-pipeline), and on the writer thread each of them also waited for the GIL its busy loop held, and the
-batch's own Python work was cut into the loop's switch intervals. Under a release storm on two workers the
-callers' wait for their commit was 10 ms at the median and 35 ms at p99 through the thread, 5-6 ms and 16-17
-ms on the loop. A batch on the loop stops it for its round trips, so the loop goes back to the thread as
-soon as one of its batches fails or takes longer than :data:`INLINE_SLOW` (a failing over or hung primary,
-a lagging synchronous standby), and comes back once a batch on the thread commits within that again: a
-database that turns slow stops a loop for one batch, bounded by the connection deadline of
-:mod:`keysteward.store.pg_ha`, not for every batch.
+The measurements behind both are in docs/operations.md, "Audit log" and the sessions after it.
 """
 
 from __future__ import annotations
@@ -43,23 +31,20 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from keysteward.audit.pending import Effect, Pending, Prefetching
-from keysteward.audit.savepoints import Savepoints
+from keysteward.audit.batch_effects import Lock, Undo, lock_heads, run_effects
+from keysteward.audit.pending import Effect, Pending
 from keysteward.errors import KeystewardError, Unavailable
 from keysteward.store.db import Database, WriteLockBusy
-from keysteward.store.driver import Fetch
 
 _UNAVAILABLE = "the audit record could not be written, so the request was not carried out"
 BATCH = 512
 FIRST_AT_MOST = BATCH // 2
-EFFECT_TRIES = 3
-_RETRYABLE = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, serialization failure
 log = logging.getLogger("keysteward.audit")
 WAIT_SECONDS = 30.0
 GUARDED_SECONDS = 1.0
@@ -69,15 +54,10 @@ INLINE_RETRY = 0.0005
 """Seconds between a loop's tries for a busy write lock."""
 INLINE_SLOW = 0.05
 """PostgreSQL: seconds a batch may take on its loop; one slower (or failed) sends the next batches to the writer
-thread until one commits there within this again. Well above a healthy batch: under a release storm on two
-workers batches took 2.5 ms at the median and at most 26 ms on the loop, and with 10 ms here one in a hundred
-went to the thread, where the batches after it took 8 ms at the median and up to 43 ms."""
+thread until one commits there within this again. Well above a healthy batch (docs/operations.md, eighth
+session)."""
 SLOW_LOG = 1.0
 """PostgreSQL: a batch on its loop that took this long (or failed) is logged (a shorter one only moves batches)."""
-
-
-class _Undo(Exception):
-    """An effect of a batch run without savepoints raised: the batch's transaction is rolled back whole."""
 
 
 def _failure_code(exc: Exception) -> str:
@@ -97,8 +77,6 @@ def _log_failure(batch: list[Pending], exc: BaseException) -> None:
 
 
 Append = Callable[[Connection, list[tuple[str, dict[str, Any]]]], list[int]]
-Lock = Callable[[Connection, list[str], Sequence[Fetch]], list[list[Any]]]
-"""Locks the given tenants' chain heads, then runs the given statements in the same round trip: their rows."""
 
 
 class GroupCommit:
@@ -270,7 +248,7 @@ class GroupCommit:
             guarded = self.db.is_sqlite or time.monotonic() < self._guarded_until
             try:
                 recorded, seqs = self._transaction(batch, again, wait=wait, guarded=guarded)
-            except _Undo:  # rolled back whole: run it again, each effect under its savepoint
+            except Undo:  # rolled back whole: run it again, each effect under its savepoint
                 self._guarded_until = time.monotonic() + GUARDED_SECONDS
                 again.clear()
                 recorded, seqs = self._transaction(batch, again, wait=wait, guarded=True)
@@ -296,8 +274,8 @@ class GroupCommit:
         with self.db.write(keep=True, wait=wait) as conn:
             for pending in batch:
                 pending.fetched = None  # what an earlier run of this batch prefetched was rolled back
-            self._lock_heads(conn, batch, prefetch=not guarded)
-            recorded = self._run_effects(conn, batch, again, guarded=guarded)
+            lock_heads(self._lock, conn, batch, prefetch=not guarded)
+            recorded = run_effects(conn, batch, again, guarded=guarded, sqlite=self.db.is_sqlite, check=self._check)
             return recorded, self._append(conn, [(p.tenant_id, p.fields) for p in recorded])
 
     def _settle(self, batch: list[Pending], again: list[Pending], error: KeystewardError | None) -> None:
@@ -325,101 +303,6 @@ class GroupCommit:
         for pending in batch:
             if pending.effect is None and pending.fields:
                 self._prepare(pending.fields)
-
-    def _lock_heads(self, conn: Connection, batch: list[Pending], *, prefetch: bool) -> None:
-        """PostgreSQL: lock the batch's tenants' chain heads first, in one order, before any effect runs.
-
-        Every batch of a tenant then runs its effects while holding that tenant's head, so two servers'
-        batches never hold each other's rows (volumes, leases) in opposite orders: no deadlock waits
-        (each costs PostgreSQL's deadlock_timeout, a second). SQLite's BEGIN IMMEDIATE already does this:
-        there the lock does nothing.
-
-        ``prefetch`` (a batch run without savepoints): the statements of the effects at the head of the batch
-        that say they are all their effect writes (:class:`~keysteward.audit.pending.Prefetching`: a release's
-        one statement) leave in the lock's pipeline, and each effect then runs on its rows. Each was a round
-        trip, and a wait for the GIL its event loop held, made while holding the head that the other servers'
-        batches of the tenant wait for. Only a run from the head of the batch: a later statement then runs
-        after the earlier effects' work as it would have, and an effect with other writes (an approval's
-        bookkeeping) ends the run, since a statement sent before them would not see what they write. A
-        statement that fails rolls the batch back and runs it again, each effect on its own (``_Undo``).
-        """
-        if self._lock is None or not any(p.effect is not None for p in batch):
-            return
-        statements: list[Fetch] = []
-        takers: list[Pending] = []
-        for pending in batch if prefetch else ():
-            if pending.effect is None:
-                continue  # a plain record: nothing of it runs before the append
-            ask = getattr(pending.effect, "prefetch", None)
-            wanted = ask() if ask is not None else None
-            if wanted is None:
-                break
-            statements.append(wanted)
-            takers.append(pending)
-        try:
-            fetched = self._lock(conn, sorted({p.tenant_id for p in batch}), statements)
-        except SQLAlchemyError:
-            if not statements:
-                raise
-            raise _Undo from None
-        for pending, rows in zip(takers, fetched, strict=True):
-            pending.fetched = rows
-
-    def _run_effects(
-        self, conn: Connection, batch: list[Pending], again: list[Pending], *, guarded: bool
-    ) -> list[Pending]:
-        """Run each effect; those that refuse are undone and left unrecorded.
-
-        ``guarded``: each effect that writes runs under its own savepoint, which undoes it alone when it raises
-        (the rest of the batch goes on). An effect that loses a deadlock or a serialization race on
-        PostgreSQL (two servers' batches locking rows in different orders) is undone and put in ``again``: it
-        runs first in the next transaction, after this one has let its locks go (at most
-        :data:`EFFECT_TRIES` times in all).
-
-        Not ``guarded`` (PostgreSQL, where each savepoint is a round trip made while the batch holds its
-        tenants' chain heads): no savepoints; the first effect that raises after it may have written, or
-        whose statement failed, raises :class:`_Undo` instead, and the batch's whole transaction is rolled
-        back and run again guarded (and the next batches too, for :data:`GUARDED_SECONDS`). Effects already
-        run again after a deadlock, so running them twice is safe; nothing of the first run is kept.
-        """
-        recorded = []
-        savepoints = Savepoints(conn, merge=not self.db.is_sqlite) if guarded else None
-        for pending in batch:
-            pending.error = None
-            if pending.effect is not None:
-                try:
-                    if pending.writes and savepoints is not None:
-                        with savepoints.effect():
-                            pending.fields = pending.effect(conn)
-                            self._check(pending.fields.get("details") or {})
-                    else:  # nothing to undo, or undone with the whole transaction: no savepoint's statements
-                        fetched, pending.fetched = pending.fetched, None
-                        if fetched is None:
-                            pending.fields = pending.effect(conn)
-                        else:
-                            pending.fields = cast(Prefetching, pending.effect).fetched(conn, fetched)
-                        self._check(pending.fields.get("details") or {})
-                except KeystewardError as exc:
-                    if pending.writes and savepoints is None:
-                        raise _Undo from None
-                    pending.error = exc
-                    continue
-                except SQLAlchemyError as exc:  # undone by its savepoint; the rest of the batch goes on
-                    if savepoints is None:
-                        raise _Undo from None
-                    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
-                    pending.tries += 1
-                    if state in _RETRYABLE and pending.tries < EFFECT_TRIES:
-                        again.append(pending)
-                        continue
-                    log.warning("a change failed in the database (%s, state %s)", type(exc).__name__, state)
-                    pending.error = Unavailable("the database refused the change", code="database_unavailable")
-                    pending.error.__cause__ = exc
-                    continue
-                if not pending.fields:
-                    continue
-            recorded.append(pending)
-        return recorded
 
     def close(self) -> None:
         with self._wake:

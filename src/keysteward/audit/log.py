@@ -282,8 +282,8 @@ class AuditLog:
 
     def lock_heads(self, conn: Connection, tenants: list[str], then: Sequence[Fetch] = ()) -> list[list[Any]]:
         """PostgreSQL: lock these tenants' chain heads, in one order, before a batch's effects run (see
-        :meth:`GroupCommit._lock_heads`), and keep what they hold for this transaction's appends, which then
-        read no head again; every append keeps that copy current. SQLite's BEGIN IMMEDIATE already
+        :func:`keysteward.audit.batch_effects.lock_heads`), and keep what they hold for this transaction's
+        appends, which then read no head again; every append keeps that copy current. SQLite's BEGIN IMMEDIATE already
         serialises writers, and its head reads cost no round trip.
 
         ``then``: statements of the batch's effects to run right after the lock, in the same pipeline (one

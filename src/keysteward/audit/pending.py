@@ -23,7 +23,7 @@ KeystewardError undoes the change and records nothing."""
 
 class Prefetching(Protocol):
     """An effect whose writes may all be one statement, which the batch can send with others ahead of it
-    (:meth:`keysteward.audit.group_commit.GroupCommit._lock_heads`)."""
+    (:meth:`keysteward.audit.batch_effects.lock_heads`)."""
 
     def __call__(self, conn: Connection) -> dict[str, Any]: ...
 

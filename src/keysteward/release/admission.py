@@ -14,7 +14,7 @@ holds the head and waits.
 
 A group-commit batch may send this statement ahead, with its chain-head lock and the statements of the
 releases after it, in one round trip (:func:`statement`; see
-:meth:`keysteward.audit.group_commit.GroupCommit._lock_heads`): it runs in the same transaction, after the
+:meth:`keysteward.audit.batch_effects.lock_heads`): it runs in the same transaction, after the
 same lock, in the same order, so it reads what it would have read.
 
 SQLite has no data-modifying ``WITH``: it spends the nonce, then reads the rest in one statement, both on
