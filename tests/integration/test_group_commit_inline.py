@@ -200,3 +200,32 @@ def test_a_loop_turn_of_more_than_a_batch_commits_renewals_first(tmp_path: Path)
     assert len(batches) == 2 and len(batches[0]) == BATCH
     assert batches[0][:3] == ["renew0", "renew1", "renew2"]  # ahead of the loop turn's releases
     assert batches[0][3:] + batches[1] == [f"r{k}" for k in range(BATCH + 10)]  # the others in their order
+
+
+def test_callers_of_the_next_loop_turn_join_the_batch(tmp_path: Path) -> None:
+    """A batch waits one more loop turn: requests whose data came in with the first caller's reach their commit
+    a turn later, and share its transaction and fsync (batches of one turn held half as many records)."""
+    db = Database(f"sqlite:///{tmp_path}/turns.db")
+    batches: list[list[str]] = []
+
+    def append(conn: Connection, records: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        batches.append([fields["n"] for _, fields in records])
+        return list(range(len(records)))
+
+    group = GroupCommit(db, append, check=lambda details: None)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        first = [loop.create_task(group.wait_async("t", {"n": f"a{k}"}, None)) for k in range(3)]
+        await asyncio.sleep(0)  # the three hand their records over in this turn
+        second = [loop.create_task(group.wait_async("t", {"n": f"b{k}"}, None)) for k in range(3)]
+        await asyncio.sleep(0)  # these in the next one
+        third = [loop.create_task(group.wait_async("t", {"n": f"c{k}"}, None)) for k in range(2)]
+        await asyncio.gather(*first, *second, *third)
+
+    try:
+        asyncio.run(run())
+    finally:
+        group.close()
+        db.dispose()
+    assert batches == [["a0", "a1", "a2", "b0", "b1", "b2"], ["c0", "c1"]]
