@@ -58,9 +58,7 @@ class DataKeys:
         """
         check_name("data key", name)
         dek_id = str(uuid.uuid4())
-        row = self.keys.key_row(conn, tenant_id, key_name)
-        self.keys.require_enabled(row)
-        kek = self.keys.kek(conn, tenant_id, row.id, row.primary_version)
+        row, kek = self.keys.primary(conn, tenant_id, key_name)
         dek = SecretBuffer.from_bytes(bytearray(os.urandom(size) if material is None else material))
         try:
             wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
