@@ -115,10 +115,13 @@ class Item(NamedTuple):
         return None
 
     def walk(self) -> Iterator[Item]:
-        yield self
-        if self.type is ItemType.STRUCTURE:
-            for item in self.items:
-                yield from item.walk()
+        """This item and every item inside it, depth first, in order (one generator, not one per level)."""
+        stack = [self]
+        while stack:
+            item = stack.pop()
+            yield item
+            if item.type is ItemType.STRUCTURE:
+                stack.extend(reversed(item.items))
 
 
 def tag_of(tag: str | int) -> int:

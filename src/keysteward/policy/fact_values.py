@@ -119,11 +119,16 @@ def _address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return address
 
 
+_SCALARS: Final = frozenset({str, int, bool, float, type(None)})
+
+
 def freeze(value: Any) -> Any:
+    """``value`` immutable: its dicts read-only mappings, its lists tuples (scalars pass without a call: a
+    policy request freezes dozens of them)."""
     if isinstance(value, dict):
-        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+        return MappingProxyType({k: v if type(v) in _SCALARS else freeze(v) for k, v in value.items()})
     if isinstance(value, list):
-        return tuple(freeze(v) for v in value)
+        return tuple(v if type(v) in _SCALARS else freeze(v) for v in value)
     return value
 
 
