@@ -317,7 +317,7 @@ class KmipModifyAttributes(_KmipAction):
         name, value = inputs.template[0]
         if name in ("Activation Date", "Cryptographic Usage Mask") and record.state != "PreActive":
             raise _refuse("kmip_wrong_state", f"'{name}' changes only while the object is pre-active")
-        attributes = Attributes.from_json(record.attributes)
+        attributes = Attributes.copy_of(record.attributes)
         index = inputs.index
         if inputs.current is not None:
             held = attributes.values.get(name, [])

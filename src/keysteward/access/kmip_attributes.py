@@ -146,6 +146,12 @@ class Attributes:
         raw = json.loads(text or "{}")
         return cls({name: [ttlv.decode_item(binascii.unhexlify(v)) for v in values] for name, values in raw.items()})
 
+    @classmethod
+    def copy_of(cls, text: str) -> Attributes:
+        """The stored attributes ``text``, to change: a copy of the shared :func:`parsed` ones (items are
+        immutable, so copying the lists is enough), decoded again only when this process has not yet."""
+        return cls({name: list(values) for name, values in parsed(text).values.items()})
+
     def to_json(self) -> str:
         return json.dumps(
             {n: [ttlv.encode(v).hex() for v in vs] for n, vs in self.values.items() if vs}, sort_keys=True

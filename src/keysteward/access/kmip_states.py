@@ -31,7 +31,7 @@ class KmipActivate(_KmipAction):
         assert record is not None
         if record.state != "PreActive":
             raise _refuse("kmip_wrong_state", f"only a pre-active object is activated, not a {record.state} one")
-        attributes = Attributes.from_json(record.attributes)
+        attributes = Attributes.copy_of(record.attributes)
         _set_dates(attributes, now, "Activation Date", "Last Change Date")
         record.state, record.attributes = "Active", attributes.to_json()
         self.objects.save(conn, record, now)
@@ -47,7 +47,7 @@ class KmipRevoke(_KmipAction):
         assert record is not None
         if record.state in ("Destroyed", "DestroyedCompromised"):
             raise _refuse("kmip_wrong_state", "the object was destroyed")
-        attributes = Attributes.from_json(record.attributes)
+        attributes = Attributes.copy_of(record.attributes)
         code = Item(TAGS["RevocationReasonCode"], ItemType.ENUMERATION, inputs.revocation_code)
         reason = Item(TAGS["AttributeValue"], ItemType.STRUCTURE, (code,))
         attributes.set("Revocation Reason", reason)
@@ -77,7 +77,7 @@ class KmipDestroy(_KmipAction):
         if record.state in ("Destroyed", "DestroyedCompromised"):
             raise _refuse("kmip_destroyed", "the object was destroyed already")
         self.objects.shred(conn, record)
-        attributes = Attributes.from_json(record.attributes)
+        attributes = Attributes.copy_of(record.attributes)
         _set_dates(attributes, now, "Destroy Date", "Last Change Date")
         record.state = "DestroyedCompromised" if record.state == "Compromised" else "Destroyed"
         record.attributes = attributes.to_json()
