@@ -245,3 +245,29 @@ def test_a_client_sending_ahead_is_answered_in_order(site: KmipSite) -> None:
         [item] = answer.all("BatchItem")
         assert item.first("UniqueBatchItemId").value == i.to_bytes(4, "big")  # type: ignore[union-attr]
         assert item.first("ResultStatus").value == 0  # type: ignore[union-attr]
+
+
+def test_an_idle_connection_is_closed_and_a_busy_one_is_not(
+    tmp_path: Path, server_factory: Callable[..., ServerProcess], secret_registry: SecretRegistry
+) -> None:
+    """Deadlines are kept by one sweep of the listener's connections (a quarter of the shorter timeout), not a
+    timer each: a connection that asked once and then waits past ``idle_timeout`` is closed; one that keeps
+    asking, each time within it, is served all along."""
+    site = make_kmip_site(tmp_path, server_factory, secret_registry, env={"KEYSTEWARD_KMIP_IDLE_TIMEOUT": "1"})
+    ctx = site.tls(site.issue("esx-1")[:2])
+    with KmipConn(site.port, ctx) as busy, KmipConn(site.port, ctx) as idle:
+        key = _create(busy)
+        assert idle.one("Get", uid(key)).ok
+        started = time.monotonic()
+        while time.monotonic() - started < 3:  # three idle timeouts: the busy one asks every 0.3 s
+            assert busy.one("Get", uid(key)).ok
+            time.sleep(0.3)
+        idle.sock.settimeout(2)
+        try:
+            closed = idle.sock.recv(1) == b""
+        except TimeoutError:
+            closed = False  # still open: no sweep closed it
+        except (ConnectionError, OSError):
+            closed = True
+        assert closed
+        assert busy.one("Get", uid(key)).ok
