@@ -188,7 +188,9 @@ def frame_length(header: bytes, bounds: Bounds = DEFAULT_BOUNDS) -> int:
     """From a message's first 8 bytes, its whole length; refuses a non-structure or one over the bound."""
     if len(header) < HEADER:
         raise TtlvError("truncated", "a TTLV message starts with 8 bytes of header")
-    word, length = (int(v) for v in _HEAD.unpack_from(header))
+    word: int
+    length: int
+    word, length = _HEAD.unpack_from(header)
     _check_tag(word >> 8)
     if word & 0xFF != ItemType.STRUCTURE:
         raise TtlvError("bad_type", "a KMIP message is a structure")
