@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +178,9 @@ def test_a_write_that_must_not_wait_finds_the_lock_busy_and_changes_nothing(tmp_
     db.dispose()
 
 
-def test_a_loop_turn_of_more_than_a_batch_commits_renewals_first(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path}/first.db")
+def _batches_of(path: Path, run: Callable[[GroupCommit], Coroutine[Any, Any, None]]) -> list[list[str]]:
+    """The batches a group commit made of the records ``run`` handed it, each as its records' ``n``."""
+    db = Database(f"sqlite:///{path}")
     batches: list[list[str]] = []
 
     def append(conn: Connection, records: list[tuple[str, dict[str, Any]]]) -> list[int]:
@@ -186,17 +188,21 @@ def test_a_loop_turn_of_more_than_a_batch_commits_renewals_first(tmp_path: Path)
         return list(range(len(records)))
 
     group = GroupCommit(db, append, check=lambda details: None)
+    try:
+        asyncio.run(run(group))
+    finally:
+        group.close()
+        db.dispose()
+    return batches
 
-    async def run() -> None:
+
+def test_a_loop_turn_of_more_than_a_batch_commits_renewals_first(tmp_path: Path) -> None:
+    async def run(group: GroupCommit) -> None:
         waiting = [group.wait_async("t", {"n": f"r{k}"}, None) for k in range(BATCH + 10)]
         waiting += [group.wait_async("t", {"n": f"renew{k}"}, None, first=True) for k in range(3)]
         await asyncio.gather(*waiting)
 
-    try:
-        asyncio.run(run())
-    finally:
-        group.close()
-        db.dispose()
+    batches = _batches_of(tmp_path / "first.db", run)
     assert len(batches) == 2 and len(batches[0]) == BATCH
     assert batches[0][:3] == ["renew0", "renew1", "renew2"]  # ahead of the loop turn's releases
     assert batches[0][3:] + batches[1] == [f"r{k}" for k in range(BATCH + 10)]  # the others in their order
@@ -205,16 +211,8 @@ def test_a_loop_turn_of_more_than_a_batch_commits_renewals_first(tmp_path: Path)
 def test_callers_of_the_next_loop_turn_join_the_batch(tmp_path: Path) -> None:
     """A batch waits one more loop turn: requests whose data came in with the first caller's reach their commit
     a turn later, and share its transaction and fsync (batches of one turn held half as many records)."""
-    db = Database(f"sqlite:///{tmp_path}/turns.db")
-    batches: list[list[str]] = []
 
-    def append(conn: Connection, records: list[tuple[str, dict[str, Any]]]) -> list[int]:
-        batches.append([fields["n"] for _, fields in records])
-        return list(range(len(records)))
-
-    group = GroupCommit(db, append, check=lambda details: None)
-
-    async def run() -> None:
+    async def run(group: GroupCommit) -> None:
         loop = asyncio.get_running_loop()
         first = [loop.create_task(group.wait_async("t", {"n": f"a{k}"}, None)) for k in range(3)]
         await asyncio.sleep(0)  # the three hand their records over in this turn
@@ -223,9 +221,4 @@ def test_callers_of_the_next_loop_turn_join_the_batch(tmp_path: Path) -> None:
         third = [loop.create_task(group.wait_async("t", {"n": f"c{k}"}, None)) for k in range(2)]
         await asyncio.gather(*first, *second, *third)
 
-    try:
-        asyncio.run(run())
-    finally:
-        group.close()
-        db.dispose()
-    assert batches == [["a0", "a1", "a2", "b0", "b1", "b2"], ["c0", "c1"]]
+    assert _batches_of(tmp_path / "turns.db", run) == [["a0", "a1", "a2", "b0", "b1", "b2"], ["c0", "c1"]]
