@@ -147,8 +147,12 @@ class Deadlines:
             now = loop.time()
             late = [c for c in self.open if c.deadline is not None and c.deadline <= now]
             for connection in late:
-                self.metrics.refused("timeout")
-                connection._close()
+                try:
+                    self.metrics.refused("timeout")
+                    connection._close()
+                except Exception:  # one connection's failure never ends the sweep: the others' deadlines stay
+                    log.exception("a late KMIP connection could not be closed")
+                    self.open.discard(connection)
 
 
 class KmipConnection(asyncio.Protocol):

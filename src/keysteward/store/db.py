@@ -123,17 +123,20 @@ class Database:
                     raw = conn.connection.dbapi_connection
                     assert raw is not None
                     cur = raw.cursor()  # the driver's own: no transaction around a checkpoint
-                    cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    frames = (cur.fetchone() or (0, -1))[1]
-                    if frames > 0 and frames != last:  # -1: another process's checkpoint; same: nothing new
-                        with self._write_lock():
-                            cur.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
-                            try:
-                                cur.execute("PRAGMA wal_checkpoint(RESTART)")
-                                cur.fetchone()
-                            finally:
-                                cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                    last = frames
+                    try:
+                        cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        frames = (cur.fetchone() or (0, -1))[1]
+                        if frames > 0 and frames != last:  # -1: another process's checkpoint; same: nothing new
+                            with self._write_lock():
+                                cur.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+                                try:
+                                    cur.execute("PRAGMA wal_checkpoint(RESTART)")
+                                    cur.fetchone()
+                                finally:
+                                    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                        last = frames
+                    finally:
+                        cur.close()
             except Exception:  # noqa: BLE001, S112 - the next round tries again; commits never depend on it
                 continue
 
