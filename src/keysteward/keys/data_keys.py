@@ -19,13 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from keysteward.crypto.secret import SecretBuffer
 from keysteward.errors import Conflict, NotFound
 from keysteward.identity.principal import Principal, check_name
-from keysteward.keys.model import DataKeyInfo
+from keysteward.keys.model import DataKeyInfo, KeyRef
 from keysteward.keys.wrapping import dek_aad
 from keysteward.store.db import checkpoint
 from keysteward.store.driver import DriverStatement
 from keysteward.store.models import DataKey
 
 if TYPE_CHECKING:
+    from keysteward.crypto.aead import AeadKey
     from keysteward.keys.keystore import KeyStore
 
 
@@ -35,6 +36,14 @@ _INSERT = DriverStatement(
     binds={"wrapped": LargeBinary(), "created_at": DateTime(timezone=True)},
 )
 """On the driver's connection (keysteward/store/driver.py): a KMIP Create makes one per object."""
+_PRIMARY = DriverStatement(
+    "SELECT k.id, k.name, k.state, k.primary_version, v.state, v.wrapped FROM keys k "
+    "LEFT JOIN key_versions v ON v.key_id = k.id AND v.version = k.primary_version "
+    "WHERE k.tenant_id = :t AND k.name = :n",
+    columns=(None, None, None, None, None, LargeBinary()),
+)
+"""A key and its primary version in one statement: a KMIP Create read them with two statements through
+SQLAlchemy, a twentieth of its server's interpreter time."""
 
 
 class DataKeys:
@@ -58,7 +67,7 @@ class DataKeys:
         """
         check_name("data key", name)
         dek_id = str(uuid.uuid4())
-        row, kek = self.keys.primary(conn, tenant_id, key_name)
+        row, kek = self._primary(conn, tenant_id, key_name)
         dek = SecretBuffer.from_bytes(bytearray(os.urandom(size) if material is None else material))
         try:
             wrapped = kek.seal(dek.view(), dek_aad(tenant_id, row.id, row.primary_version, dek_id))
@@ -83,6 +92,17 @@ class DataKeys:
             dek.wipe()
             raise
         return dek_id, row.primary_version, dek
+
+    def _primary(self, conn: Connection, tenant_id: str, name: str) -> tuple[KeyRef, AeadKey]:
+        """An enabled key and its primary version's KEK, or the error :meth:`KeyStore.key_row`,
+        :meth:`KeyStore.require_enabled` or :meth:`KeyStore.kek` would raise, in that order."""
+        rows = _PRIMARY.rows(conn, {"t": tenant_id, "n": name})
+        if not rows:
+            raise NotFound(f"no key '{name}'", code="key_not_found")
+        key_id, key_name, state, version, version_state, wrapped = rows[0]
+        ref = KeyRef(key_id, key_name, state, version)
+        self.keys.require_enabled(ref)
+        return ref, self.keys.open_kek(tenant_id, key_id, version, version_state, wrapped)
 
     def create(self, actor: Principal, key_name: str, name: str) -> DataKeyInfo:
         with self.keys.db.write() as conn:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, LargeBinary, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from keysteward.audit.log import AuditLog
@@ -25,7 +25,6 @@ from keysteward.keys.model import KeyInfo, KeyRef, VersionInfo
 from keysteward.keys.root import RootOfTrust
 from keysteward.keys.wrapping import KekCache, kek_aad
 from keysteward.store.db import Database, checkpoint, for_update
-from keysteward.store.driver import DriverStatement
 from keysteward.store.models import DataKey, Key, KeyVersion, RotationJob
 from keysteward.ttlcache import TtlCache
 
@@ -44,14 +43,6 @@ _KEY_BY_NAME = select(Key.__table__).where(Key.tenant_id == bindparam("t"), Key.
 _VERSION = select(KeyVersion.state, KeyVersion.wrapped).where(
     KeyVersion.key_id == bindparam("k"), KeyVersion.version == bindparam("v")
 )
-_PRIMARY = DriverStatement(
-    "SELECT k.id, k.name, k.state, k.primary_version, v.state, v.wrapped FROM keys k "
-    "LEFT JOIN key_versions v ON v.key_id = k.id AND v.version = k.primary_version "
-    "WHERE k.tenant_id = :t AND k.name = :n",
-    columns=(None, None, None, None, None, LargeBinary()),
-)
-"""A key and its primary version, in one statement on the driver (keysteward/store/driver.py): a KMIP Create
-read them with two statements through SQLAlchemy, a twentieth of its server's interpreter time."""
 
 
 class KeyStore:
@@ -200,21 +191,11 @@ class KeyStore:
     def kek(self, conn: Connection, tenant_id: str, key_id: str, version: int) -> AeadKey:
         """The usable KEK version, or an error naming why not (destroyed, unknown)."""
         row = conn.execute(_VERSION, {"k": key_id, "v": version}).first()
-        return self._usable(tenant_id, key_id, version, None if row is None else row.state, None if row is None
-                            else row.wrapped)  # fmt: skip
+        state, wrapped = (None, None) if row is None else (row.state, row.wrapped)
+        return self.open_kek(tenant_id, key_id, version, state, wrapped)
 
-    def primary(self, conn: Connection, tenant_id: str, name: str) -> tuple[KeyRef, AeadKey]:
-        """An enabled key and its primary version's KEK, or the error :meth:`key_row`, :meth:`require_enabled`
-        or :meth:`kek` would raise."""
-        rows = _PRIMARY.rows(conn, {"t": tenant_id, "n": name})
-        if not rows:
-            raise NotFound(f"no key '{name}'", code="key_not_found")
-        key_id, key_name, state, version, version_state, wrapped = rows[0]
-        ref = KeyRef(key_id, key_name, state, version)
-        self.require_enabled(ref)
-        return ref, self._usable(tenant_id, key_id, version, version_state, wrapped)
-
-    def _usable(self, tenant_id: str, key_id: str, version: int, state: str | None, wrapped: bytes | None) -> AeadKey:
+    def open_kek(self, tenant_id: str, key_id: str, version: int, state: str | None, wrapped: bytes | None) -> AeadKey:
+        """:meth:`kek` of a version read by the caller (``state`` None: there is no such version)."""
         if state is None:
             raise NotFound(f"key version {version} does not exist", code="key_version_not_found")
         if state == DESTROYED or wrapped is None:
