@@ -10,9 +10,8 @@ failed batch fails all of its callers. The chain itself (hashes, signatures, hea
 Records that coroutines wait for are committed on their own event loop instead: what two loop turns produced
 is one batch, run right after the second. On the writer thread each statement (SQLite) or round trip
 (PostgreSQL) also waited for the GIL its busy loop held, and that wait was most of a request's commit. The
-second turn lets the requests whose data arrived with the first one's join its batch: batches of one turn
-held 1.8 KMIP operations on average under the KMIP bench's load, of two turns 3.5, and each batch's
-transaction, pages and fsync are shared by its records.
+second turn lets the requests whose data arrived with the first one's join its batch, which shares one
+transaction, its pages and one fsync among its records.
 
 - SQLite: the write lock is taken without waiting; while another writer holds it the loop serves on and
   tries again every :data:`INLINE_RETRY`, for as long as the callers wait. Such a batch never goes to the
