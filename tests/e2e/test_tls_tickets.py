@@ -1,9 +1,11 @@
-"""TLS session tickets shared by a server's workers (keysteward/server/tls_tickets.py), against a real
-``keysteward server start`` with two workers:
+"""TLS sessions shared by a server's workers, against a real ``keysteward server start`` with two workers: the
+REST port's tickets (keysteward/server/tls_tickets.py), KMIP's sessions held in the workers' shared store
+(keysteward/server/tls_sessions.py):
 
 - a session begun at one worker resumes at the other: every one of 40 new REST connections resumes, and
   /health shows both workers answered them (with each worker's own keys about half would not);
-- a KMIP client (vCenter's habit: a new connection per operation) resumes on every connection;
+- a KMIP client (vCenter's habit: a new connection per operation) resumes on every connection, with TLS 1.2
+  (by session id: the KMIP port issues no ticket) and TLS 1.3;
 - a ticket from the REST port resumes nothing at the KMIP port: without a certificate that handshake fails;
 - a resumed session does not outlive its certificate: after ``ca revoke`` the resumed connections are refused.
 """
@@ -77,14 +79,19 @@ def test_a_session_begun_at_one_worker_resumes_at_the_other(site: KmipSite) -> N
     assert resumed == 40
 
 
-def test_kmip_clients_resume_on_every_connection_until_their_certificate_is_revoked(site: KmipSite) -> None:
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_kmip_clients_resume_on_every_connection_until_their_certificate_is_revoked(
+    site: KmipSite, version: ssl.TLSVersion
+) -> None:
     cert, key, _ = site.issue("esx-1")
     ctx = site.tls((cert, key))
+    ctx.maximum_version = version
     site.wait_served(ctx)
     with KmipConn(site.port, ctx) as c:
         assert c.one("Create", *aes_256_template()).ok
         session = c.sock.session
     assert session is not None
+    assert session.has_ticket == (version == ssl.TLSVersion.TLSv1_3)  # TLS 1.3's names a session held here
     resumed = 0
     for _ in range(30):
         with KmipConn(site.port, ctx, session=session) as c:

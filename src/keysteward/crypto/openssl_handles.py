@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import sys
+from typing import Any
 
 HEADER = 2 * ctypes.sizeof(ctypes.c_void_p)
 """``PyObject_HEAD``: the reference count and the type."""
@@ -22,6 +24,7 @@ SSL_AT = HEADER + ctypes.sizeof(ctypes.c_void_p)
 CTX_AT = HEADER
 """``PySSLContext.ctx``."""
 LIBSSL = b"libssl.so.3"
+log = logging.getLogger("keysteward.server")
 
 
 @functools.cache
@@ -62,3 +65,26 @@ def libssl() -> ctypes.CDLL | None:
         return ctypes.CDLL(LIBSSL.decode(), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
     except OSError:
         return None
+
+
+def checked_context(ctx: object) -> tuple[int, ctypes.CDLL] | None:
+    """The ``SSL_CTX *`` of ``ctx`` with the ``libssl`` to call, once the options OpenSSL reports at that
+    address are the context's own; None (logged) when the pointer cannot be read or is not the context's."""
+    address, lib = context_address(ctx), libssl()
+    if address is None or lib is None:
+        log.info("an OpenSSL context is out of reach: %s", layout_problem() or "no libssl")
+        return None
+    get_options = lib.SSL_CTX_get_options
+    get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+    if get_options(address) != int(getattr(ctx, "options", -1)):
+        log.warning("an OpenSSL context is out of reach: the address read is not the context's")
+        return None
+    return address, lib
+
+
+def context_control(lib: ctypes.CDLL) -> Any:
+    """``SSL_CTX_ctrl``, typed: (ctx, command, long argument, pointer argument) -> long."""
+    control = lib.SSL_CTX_ctrl
+    control.restype = ctypes.c_long
+    control.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    return control

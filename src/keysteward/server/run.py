@@ -29,7 +29,7 @@ from keysteward.kmip.operations import Operations
 from keysteward.kmip.trust import ClientTrust, trust_pins
 from keysteward.logs import json_logging
 from keysteward.netlimits import Limits, uvicorn_protocol
-from keysteward.server import datadir, tls_tickets
+from keysteward.server import datadir, tls_sessions, tls_tickets
 from keysteward.server.accept_balance import BOARD_FD, WORKER_INDEX, BalancedServer, Board
 from keysteward.server.app import create_app
 from keysteward.server.services import Services
@@ -334,7 +334,9 @@ def start_kmip(
     ctx.verify_mode = ssl.CERT_REQUIRED
     if k.tls_ciphers:
         ctx.set_ciphers(k.tls_ciphers)
-    tls_tickets.share(ctx, tickets, "kmip")
+    # vCenter resumes a session on each new connection: held sessions cost no certificate decode, tickets do
+    if not tls_sessions.hold_sessions(ctx, tls_sessions.store_from_supervisor(tickets, "kmip")):
+        tls_tickets.share(ctx, tickets, "kmip")
     svc.cas.on_new_ca.append(lambda pem: add_client_ca(ctx, pem))
     threading.Thread(target=_refresh_cas, args=(svc, ctx, stop), daemon=True).start()
     trust_pins(ctx, svc.kmip_pins, stop)  # trust mode C: pinned self-signed certificates (kmip/trust.py)

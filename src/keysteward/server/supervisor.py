@@ -20,7 +20,7 @@ import time
 from types import FrameType
 
 from keysteward.errors import BadRequest
-from keysteward.server import tls_tickets
+from keysteward.server import tls_sessions, tls_tickets
 from keysteward.server.accept_balance import BOARD_FD, WORKER_INDEX, new_board
 from keysteward.settings import Settings, listen_address
 from keysteward.store.db import Database
@@ -95,11 +95,15 @@ def supervise(settings: Settings) -> int:
     rest = bind(settings.server.listen_host, settings.server.listen_port, shared=True)
     board = new_board(count)
     kmip = _kmip_socket(settings)
-    shared = (rest.fileno(), board, *(() if kmip is None else (kmip.fileno(),)))
-    # only this supervisor's KMIP socket: never a number left in its own environment
-    inherited = {name: value for name, value in os.environ.items() if name not in (KMIP_FD, BOARD_FD)}
-    if kmip is not None:
-        inherited[KMIP_FD] = str(kmip.fileno())
+    shared: tuple[int, ...] = (rest.fileno(), board)
+    # only this supervisor's KMIP socket and session store: never a number left in its own environment
+    own = (KMIP_FD, BOARD_FD, tls_sessions.STORE_FD)
+    inherited = {name: value for name, value in os.environ.items() if name not in own}
+    sessions: int | None = None
+    if kmip is not None:  # with the store of its TLS sessions, which every worker resumes (tls_sessions.py)
+        sessions = tls_sessions.new_store()
+        shared += (kmip.fileno(), sessions)
+        inherited.update({KMIP_FD: str(kmip.fileno()), tls_sessions.STORE_FD: str(sessions)})
     argv = [sys.executable, "-c", "from keysteward.server.run import worker_main; worker_main()"]
     secret = tls_tickets.new_secret()  # one per start: every worker resumes the sessions the others began
     workers = []
@@ -112,6 +116,8 @@ def supervise(settings: Settings) -> int:
         finally:
             os.close(tickets)
     del secret
+    if sessions is not None:
+        os.close(sessions)  # each worker maps the store and closes its descriptor
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -80,19 +80,12 @@ def share(ctx: ssl.SSLContext, secret: bytes | None, listener: str) -> bool:
     secret or the context cannot be reached safely (see :mod:`keysteward.crypto.openssl_handles`)."""
     if secret is None:
         return False
-    address = openssl_handles.context_address(ctx)
-    lib = openssl_handles.libssl()
-    if address is None or lib is None:
-        log.info("TLS tickets stay per worker on %s: %s", listener, openssl_handles.layout_problem() or "no libssl")
+    found = openssl_handles.checked_context(ctx)
+    if found is None:
+        log.info("TLS tickets stay per worker on %s", listener)
         return False
-    get_options = lib.SSL_CTX_get_options
-    get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
-    if get_options(address) != int(ctx.options):  # not this context's SSL_CTX after all
-        log.warning("TLS tickets stay per worker on %s: the context read is not the listener's", listener)
-        return False
-    control = lib.SSL_CTX_ctrl
-    control.restype = ctypes.c_long
-    control.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    address, lib = found
+    control = openssl_handles.context_control(lib)
     keys = ctypes.create_string_buffer(ticket_keys(secret, listener), _KEYS_BYTES)
     try:
         done = bool(control(address, _SET_TICKET_KEYS, _KEYS_BYTES, keys) == 1)
