@@ -103,8 +103,8 @@ SOURCES = {
 }
 """Each backend's C source, in order, under src/keysteward/crypto/."""
 PLANE_SOURCES = ("../proxy/nbd_io.c", "../proxy/nbd_plane.c", "../proxy/nbd_tls.c")
-"""The native NBD data plane (its plain I/O, its loop, its TLS pump), compiled into this module so that it calls ks_xts_crypt on
-the volume's own cipher contexts."""
+"""The native NBD data plane (its plain I/O, its loop, its TLS pump), compiled into this module so that it
+calls ks_xts_crypt on the volume's own cipher contexts."""
 
 
 def _read(names: tuple[str, ...]) -> str:
