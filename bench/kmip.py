@@ -55,11 +55,10 @@ from _common import (
     say,
     stop_process,
 )
-from tests.support.kmip_client import KmipConn, Result, aes_256_template, batch_item, uid
+from tests.support.kmip_client import KmipConn, Result, aes_256_template, batch_item, uid, wait_served
 
 from keysteward.crypto import x509csr
 from keysteward.formats import kmip_ttlv as t
-from keysteward.server.run import CA_REFRESH_SECONDS
 
 BENCH = "kmip"
 PROCESSES, THREADS = 4, 4  # the Python client's (--python-client)
@@ -229,23 +228,9 @@ def start_pykmip(cleanup: Cleanup, work: Path, files: dict[str, str]) -> tuple[i
 
 
 def wait_trusted(port: int, files: dict[str, str]) -> None:
-    """Until every keysteward worker serves the client: a worker learns a new tenant CA from the database
-    within about a second (the one that made it at once) and refuses the client's handshake meanwhile. Eight
-    served in a row can all be the worker that made the CA, so one refresh period more follows them: without
-    it, 4 of 27 runs of a TLS 1.3 new-connection load lost 17 to 31 connections within their first second
-    (the other worker refused the client's certificate, which TLS 1.3 shows the client only at its first
-    read)."""
-    deadline, in_a_row = time.monotonic() + 30, 0
-    while in_a_row < 8:  # new connections, spread over the workers by SO_REUSEPORT
-        try:
-            with KmipConn(port, _context(files)) as conn:
-                in_a_row = in_a_row + 1 if conn.one("DiscoverVersions").ok else 0
-        except OSError:
-            in_a_row = 0
-            if time.monotonic() > deadline:
-                raise BenchError("the keysteward KMIP listener did not accept the client within 30 s") from None
-            time.sleep(0.2)
-    time.sleep(CA_REFRESH_SECONDS + 0.5)
+    """Until every keysteward worker serves the client (:func:`tests.support.kmip_client.wait_served`)."""
+    if not wait_served(port, _context(files), 30):
+        raise BenchError("the keysteward KMIP listener did not accept the client within 30 s")
 
 
 def work(args: argparse.Namespace) -> Any:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import ssl
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keysteward.server.run import CA_REFRESH_SECONDS
 from tests.fixtures.keysteward import SecretRegistry, ServerProcess, free_port, init_manager
 
 
@@ -51,21 +49,10 @@ class KmipSite:
         return ctx
 
     def wait_served(self, ctx: ssl.SSLContext) -> None:
-        """Each worker trusts a new tenant CA about a second after ``ca init`` (its refresh loop): wait until new
-        connections are served eight times in a row, then one refresh period more (the eight may all have been
-        the worker that made the CA), as bench/kmip.py does."""
-        from tests.support.kmip_client import KmipConn
+        """Until every worker serves ``ctx``'s client (a new tenant CA reaches each within about a second)."""
+        from tests.support.kmip_client import wait_served
 
-        deadline, in_a_row = time.monotonic() + 15, 0
-        while in_a_row < 8:
-            assert time.monotonic() < deadline, "the workers never began serving the tenant's hypervisors"
-            try:
-                with KmipConn(self.port, ctx) as c:
-                    in_a_row = in_a_row + 1 if c.one("DiscoverVersions").ok else 0
-            except (TimeoutError, ssl.SSLError, ConnectionError, OSError):
-                in_a_row = 0
-                time.sleep(0.2)
-        time.sleep(CA_REFRESH_SECONDS + 0.5)
+        assert wait_served(self.port, ctx, 15), "the workers never began serving the tenant's hypervisors"
 
     def pykmip(self, cert: tuple[Path, Path]) -> Any:
         """PyKMIP 0.11's ProxyKmipClient on this listener (TLS 1.2, as its docs configure it)."""
