@@ -40,11 +40,10 @@ import struct
 import weakref
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keysteward.crypto import openssl_handles
+from keysteward.server import tls_tickets
 
 log = logging.getLogger("keysteward.server")
 
@@ -81,8 +80,7 @@ def new_store(slots: int = SLOTS) -> int:
 
 def store_key(secret: bytes, listener: str) -> bytes:
     """The AES-256 key that seals one listener's sessions in the store."""
-    info = b"keysteward tls session store v1 " + listener.encode()
-    return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(secret)
+    return tls_tickets.derived(secret, "session store", listener, 32)
 
 
 class SessionStore:

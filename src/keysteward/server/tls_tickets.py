@@ -69,10 +69,15 @@ def secret_from_supervisor() -> bytes | None:
     return secret if len(secret) == SECRET_BYTES else None
 
 
+def derived(secret: bytes, purpose: str, listener: str, size: int) -> bytes:
+    """``size`` bytes for one ``purpose`` of one listener, from the supervisor's secret (HKDF-SHA256)."""
+    info = f"keysteward tls {purpose} v1 {listener}".encode()
+    return HKDF(hashes.SHA256(), size, salt=None, info=info).derive(secret)
+
+
 def ticket_keys(secret: bytes, listener: str) -> bytes:
     """The 80 bytes of ticket keys of one listener."""
-    hkdf = HKDF(hashes.SHA256(), _KEYS_BYTES, salt=None, info=b"keysteward tls ticket keys v1 " + listener.encode())
-    return hkdf.derive(secret)
+    return derived(secret, "ticket keys", listener, _KEYS_BYTES)
 
 
 def share(ctx: ssl.SSLContext, secret: bytes | None, listener: str) -> bool:
