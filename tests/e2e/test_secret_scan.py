@@ -34,14 +34,25 @@ def _files(places: list[Path]) -> list[Path]:
     return out
 
 
+CHUNK = 1 << 18
+"""Each file is searched a cache-sized window at a time, every needle in one window before the next: one
+pass of the whole file per needle read it from memory each time, 3.5 times slower (1,500 needles in 100 MB:
+58 s against 17), and the scan of a whole run once passed its 300 s timeout."""
+
+
 def _scan(files: list[Path], needles: list[tuple[bytes, str]]) -> list[str]:
     found = []
+    longest = max((len(needle) for needle, _ in needles), default=1)
     for path in files:
         try:
             data = path.read_bytes()
         except OSError:
             continue
-        found += [f"{label} in {path}" for needle, label in needles if needle in data]
+        hits: set[int] = set()
+        for start in range(0, len(data), CHUNK):
+            window = data[start : start + CHUNK + longest - 1]  # overlapping: a needle across the edge is whole
+            hits.update(i for i, (needle, _) in enumerate(needles) if i not in hits and needle in window)
+        found += [f"{label} in {path}" for i, (_, label) in enumerate(needles) if i in hits]
     return found
 
 

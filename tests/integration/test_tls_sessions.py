@@ -74,6 +74,7 @@ def workers(pki: dict[str, Path], request: pytest.FixtureRequest) -> Iterator[li
         made.append(Worker(ctx, listening.getsockname()[1], store))
     yield made
     for listening in sockets:
+        listening.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept (a close alone does not)
         listening.close()
     os.close(fd)
 
